@@ -1,0 +1,45 @@
+//! `director`: the front door of a pool of IMAP/POP3 (later LMTP, ManageSieve) backends that
+//! share one mailbox store. Every user is sent to one backend and kept there.
+//!
+//! # Layout
+//!
+//! The flow of one session, and the file that holds each step:
+//!
+//! - `listener` accepts connections (optional PROXY header: `proxy_protocol`, implicit TLS:
+//!   `tls`) and hands each one to its protocol's front end.
+//! - `imap::frontend`, `pop3::frontend`: the pre-authentication dialogue (grammar in
+//!   `imap::command`, `pop3::command`; SASL decoding in `sasl`). It ends in a [`decision::Decision`]:
+//!   who the user is, their credentials and the client's identity.
+//! - `login` turns a decision into a logged-in backend connection: `routing` picks the backend
+//!   (`sticky` record first, then the `ring`, keyed by `user_hash`), `backend` knows where it
+//!   listens, and `imap::backend_login` / `pop3::backend_login` speak the protocol to it.
+//! - `relay` copies bytes both ways until one side closes or the session is kicked; `sessions`
+//!   knows every live session by user and backend.
+//! - `state` is the one trait for shared state (backends, weights, sticky records);
+//!   `local_state` is its in-memory implementation.
+//! - `config` (YAML, parsed only in `yaml`) and `resolve` (DNS names of backends) build it all
+//!   at start; `stream` wraps plain and TLS sockets in one type.
+
+pub mod backend;
+pub mod backend_login;
+pub mod config;
+pub mod decision;
+pub mod frontend;
+pub mod imap;
+pub mod listener;
+pub mod local_state;
+pub mod login;
+pub mod pop3;
+pub mod proxy_protocol;
+pub mod relay;
+pub mod resolve;
+pub mod ring;
+pub mod routing;
+pub mod sasl;
+pub mod sessions;
+pub mod state;
+pub mod sticky;
+pub mod stream;
+pub mod tls;
+pub mod user_hash;
+pub mod yaml;

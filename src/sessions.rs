@@ -1,0 +1,162 @@
+//! Every live session of this director, by user and backend, so that a session can be found,
+//! counted and kicked. Local to one director (the sticky records are what directors share).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::decision::Protocol;
+
+/// What is known about one live session.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub protocol: Protocol,
+    pub username: String,
+    pub user_hash: u32,
+    /// The backend's socket address the session is relayed to.
+    pub backend: SocketAddr,
+    pub started: Instant,
+}
+
+struct Entry {
+    info: SessionInfo,
+    /// Woken to end the session (kick, move).
+    kick: Arc<Notify>,
+}
+
+/// Called when a session ends, with its info: lets the state refresh the sticky record.
+pub type EndHook = Arc<dyn Fn(&SessionInfo) + Send + Sync>;
+
+/// The registry of live sessions.
+#[derive(Clone, Default)]
+pub struct Sessions {
+    inner: Arc<Mutex<HashMap<u64, Entry>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Sessions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a session; it stays registered until the returned guard is dropped, which
+    /// then calls `on_end` (if any).
+    pub fn register(
+        &self,
+        protocol: Protocol,
+        username: &str,
+        user_hash: u32,
+        backend: SocketAddr,
+        on_end: Option<EndHook>,
+    ) -> SessionGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let info = SessionInfo {
+            id,
+            protocol,
+            username: username.to_owned(),
+            user_hash,
+            backend,
+            started: Instant::now(),
+        };
+        let kick = Arc::new(Notify::new());
+        self.inner.lock().unwrap().insert(
+            id,
+            Entry {
+                info: info.clone(),
+                kick: kick.clone(),
+            },
+        );
+        SessionGuard {
+            sessions: self.clone(),
+            info,
+            kick,
+            on_end,
+        }
+    }
+
+    /// All live sessions.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        self.inner.lock().unwrap().values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Live sessions of users with this hash.
+    pub fn count_user(&self, user_hash: u32) -> usize {
+        let map = self.inner.lock().unwrap();
+        map.values().filter(|e| e.info.user_hash == user_hash).count()
+    }
+
+    /// Live sessions relayed to this backend address (any protocol port on that IP).
+    pub fn count_backend_ip(&self, ip: std::net::IpAddr) -> usize {
+        let map = self.inner.lock().unwrap();
+        map.values().filter(|e| e.info.backend.ip() == ip).count()
+    }
+
+    /// Ends every session of users with this hash; returns how many were told to end.
+    pub fn kick_user(&self, user_hash: u32) -> usize {
+        let map = self.inner.lock().unwrap();
+        let mut n = 0;
+        for e in map.values().filter(|e| e.info.user_hash == user_hash) {
+            e.kick.notify_one();
+            n += 1;
+        }
+        n
+    }
+}
+
+/// A registered live session. Dropping it unregisters the session.
+pub struct SessionGuard {
+    sessions: Sessions,
+    info: SessionInfo,
+    kick: Arc<Notify>,
+    on_end: Option<EndHook>,
+}
+
+impl SessionGuard {
+    pub fn info(&self) -> &SessionInfo {
+        &self.info
+    }
+
+    /// Completes when the session is kicked. A kick that came before this is awaited still
+    /// counts (`Notify` keeps one permit).
+    pub async fn kicked(&self) {
+        self.kick.notified().await
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.sessions.inner.lock().unwrap().remove(&self.info.id);
+        if let Some(hook) = &self.on_end {
+            hook(&self.info);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn register_kick_and_drop() {
+        let s = Sessions::new();
+        let ended = Arc::new(AtomicU64::new(0));
+        let e2 = ended.clone();
+        let hook: EndHook = Arc::new(move |_| {
+            e2.fetch_add(1, Ordering::SeqCst);
+        });
+        let addr: SocketAddr = "127.0.0.2:143".parse().unwrap();
+        let g = s.register(Protocol::Imap, "alice", 7, addr, Some(hook));
+        assert_eq!(s.count_user(7), 1);
+        assert_eq!(s.count_backend_ip(addr.ip()), 1);
+        assert_eq!(s.kick_user(7), 1);
+        g.kicked().await; // the permit stored by the kick completes this at once
+        drop(g);
+        assert_eq!(s.count_user(7), 0);
+        assert_eq!(ended.load(Ordering::SeqCst), 1);
+    }
+}
