@@ -1,1 +1,59 @@
-//! TODO
+//! A backend (Dovecot: mail host): an address, a weight, a tag, and two separate states, the
+//! one people set (admin) and the one the health checker sets. The checker never overrides an
+//! admin's decision.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::config::BackendSettings;
+use crate::decision::Protocol;
+
+/// What an administrator decided about a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    Up,
+    /// Takes no users at all (Dovecot's `director down`).
+    Down,
+    /// Drained for maintenance: weight 0 for new users (a later issue adds allowed test users).
+    Maintenance,
+}
+
+/// What the health checker found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    Down,
+}
+
+/// One backend: one IP address (a host name that resolves to several is several backends).
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub ip: IpAddr,
+    /// The name as configured (a DNS name or the IP), for people and TLS server names.
+    pub host: String,
+    /// Points on the ring (Dovecot's vhost count). 0: no new users, existing ones stay.
+    pub weight: u32,
+    /// The pool this backend belongs to; users of a tag only go to backends of that tag.
+    pub tag: String,
+    pub admin: AdminState,
+    pub health: Health,
+    /// Ports, TLS and forwarding.
+    pub settings: Arc<BackendSettings>,
+}
+
+impl Backend {
+    /// Whether users who already have a record on this backend may keep using it.
+    pub fn serves_existing(&self) -> bool {
+        self.admin != AdminState::Down && self.health == Health::Up
+    }
+
+    /// Whether the ring may send new users here.
+    pub fn takes_new_users(&self) -> bool {
+        self.admin == AdminState::Up && self.health == Health::Up && self.weight > 0
+    }
+
+    /// Where this backend listens for `protocol`.
+    pub fn address(&self, protocol: Protocol) -> SocketAddr {
+        SocketAddr::new(self.ip, self.settings.port(protocol))
+    }
+}

@@ -1,1 +1,500 @@
-//! TODO
+//! The configuration file: its structure, defaults and checks. Every error names the field
+//! (`backends[2].weight: 1200 is above the maximum 1000`). `config.yaml.example` documents
+//! every option with its default; keep the two in step.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::backend_login::Forward;
+use crate::decision::Protocol;
+use crate::network::Network;
+use crate::user_hash::UserHash;
+
+/// The largest weight a backend may have (Dovecot's vhost count; 100 is the default).
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// A configuration that cannot be used. The text names the field and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(field: impl fmt::Display, message: impl fmt::Display) -> ConfigError {
+    ConfigError(format!("{field}: {message}"))
+}
+
+/// A duration written as `15m`, `2s`, `1h 30m` (humantime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!("{s:?} is not a duration like 30s or 15m: {e}"))
+            })
+    }
+}
+
+impl From<HumanDuration> for Duration {
+    fn from(d: HumanDuration) -> Duration {
+        d.0
+    }
+}
+
+fn secs(n: u64) -> HumanDuration {
+    HumanDuration(Duration::from_secs(n))
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// What is hashed to place a user on the ring (Dovecot's `director_username_hash`).
+    #[serde(default = "default_username_hash")]
+    pub username_hash: String,
+    /// How long a user's sticky record outlives the user's last session.
+    #[serde(default = "default_user_expire")]
+    pub user_expire: HumanDuration,
+    /// Refuse plaintext logins on connections that are neither TLS nor trusted.
+    #[serde(default = "yes")]
+    pub disable_plaintext_auth: bool,
+    /// Clients in these networks may log in in plaintext (Dovecot's `login_trusted_networks`).
+    #[serde(default)]
+    pub trusted_networks: Vec<Network>,
+    /// Text of the greeting after `* OK` / `+OK`.
+    #[serde(default = "default_greeting")]
+    pub greeting: String,
+    /// Certificate and key for TLS listeners and STARTTLS.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Settings every backend has unless it overrides them.
+    #[serde(default)]
+    pub backend_defaults: BackendDefaults,
+    pub backends: Vec<BackendConfig>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_username_hash() -> String {
+    "%Lu".into()
+}
+fn default_user_expire() -> HumanDuration {
+    secs(15 * 60)
+}
+fn default_greeting() -> String {
+    "Director ready.".into()
+}
+
+/// PEM files for the director's own TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// TLS on a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerTls {
+    /// Plaintext only.
+    None,
+    /// Plaintext with STARTTLS/STLS offered (needs `tls`).
+    Starttls,
+    /// TLS from the first byte (ports 993/995; needs `tls`).
+    Implicit,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub protocol: ProtocolName,
+    pub address: SocketAddr,
+    /// Default: `starttls` when `tls` is configured, else `none`.
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Expect a PROXY protocol (v1 or v2) header on every connection.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+/// A protocol name in the configuration. Only IMAP and POP3 are served so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProtocolName {
+    Imap,
+    Pop3,
+}
+
+impl From<ProtocolName> for Protocol {
+    fn from(p: ProtocolName) -> Protocol {
+        match p {
+            ProtocolName::Imap => Protocol::Imap,
+            ProtocolName::Pop3 => Protocol::Pop3,
+        }
+    }
+}
+
+/// Limits that protect the director.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub preauth_timeout: HumanDuration,
+    pub max_line_length: usize,
+    pub max_literal_size: usize,
+    pub max_auth_failures: u32,
+    pub auth_failure_delay: HumanDuration,
+    pub max_bad_commands: u32,
+    /// Connections served at once, all listeners together.
+    pub max_connections: usize,
+    /// After one side of a relayed session closes, how long the other may still send.
+    pub close_linger: HumanDuration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            preauth_timeout: secs(60),
+            max_line_length: 8192,
+            max_literal_size: 8192,
+            max_auth_failures: 3,
+            auth_failure_delay: secs(2),
+            max_bad_commands: 10,
+            max_connections: 10_000,
+            close_linger: secs(10),
+        }
+    }
+}
+
+/// Ports of a backend, per protocol.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Ports {
+    pub imap: Option<u16>,
+    pub pop3: Option<u16>,
+    pub lmtp: Option<u16>,
+    pub sieve: Option<u16>,
+}
+
+impl Ports {
+    fn get(&self, p: Protocol) -> Option<u16> {
+        match p {
+            Protocol::Imap => self.imap,
+            Protocol::Pop3 => self.pop3,
+            Protocol::Lmtp => self.lmtp,
+            Protocol::Sieve => self.sieve,
+        }
+    }
+}
+
+/// TLS from the director to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendTls {
+    None,
+    Starttls,
+    Implicit,
+}
+
+/// How the backend learns the client's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardName {
+    /// IMAP `ID`, POP3 `XCLIENT`, when the backend advertises them.
+    Auto,
+    /// A PROXY protocol v2 header (the backend's listener needs `haproxy = yes`).
+    ProxyV2,
+    None,
+}
+
+impl From<ForwardName> for Forward {
+    fn from(f: ForwardName) -> Forward {
+        match f {
+            ForwardName::Auto => Forward::Auto,
+            ForwardName::ProxyV2 => Forward::ProxyV2,
+            ForwardName::None => Forward::None,
+        }
+    }
+}
+
+/// Backend settings that `backend_defaults` sets for all and a backend may override.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendDefaults {
+    pub ports: Ports,
+    pub tls: BackendTls,
+    /// CA certificates that backend certificates are verified against.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `false` accepts any backend certificate (private network, self-signed).
+    pub tls_verify: bool,
+    pub forward: ForwardName,
+    pub connect_timeout: HumanDuration,
+    /// Time allowed for each reply during the backend login.
+    pub login_timeout: HumanDuration,
+}
+
+impl Default for BackendDefaults {
+    fn default() -> Self {
+        BackendDefaults {
+            ports: Ports::default(),
+            tls: BackendTls::None,
+            tls_ca_file: None,
+            tls_verify: true,
+            forward: ForwardName::Auto,
+            connect_timeout: secs(5),
+            login_timeout: secs(30),
+        }
+    }
+}
+
+/// One backend entry. `host` may be a DNS name: each address it resolves to is a backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub host: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub tag: String,
+    #[serde(default)]
+    pub ports: Ports,
+    pub tls: Option<BackendTls>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_verify: Option<bool>,
+    /// Name the backend certificate must carry; default: `host`.
+    pub tls_server_name: Option<String>,
+    pub forward: Option<ForwardName>,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+/// A backend's settings after `backend_defaults` were applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSettings {
+    pub ports: Ports,
+    pub tls: BackendTls,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_verify: bool,
+    pub tls_server_name: String,
+    pub forward: Forward,
+    pub connect_timeout: Duration,
+    pub login_timeout: Duration,
+}
+
+impl BackendSettings {
+    /// The backend's port for `protocol`.
+    pub fn port(&self, protocol: Protocol) -> u16 {
+        self.ports
+            .get(protocol)
+            .unwrap_or(protocol.default_backend_port())
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Config::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = crate::yaml::from_str(text).map_err(|e| err(e.path, e.message))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The parsed `username_hash` template.
+    pub fn user_hash(&self) -> UserHash {
+        UserHash::new(&self.username_hash).expect("checked by validate")
+    }
+
+    /// The settings of `backends[index]` with defaults applied.
+    pub fn backend_settings(&self, index: usize) -> BackendSettings {
+        let b = &self.backends[index];
+        let d = &self.backend_defaults;
+        let ports = Ports {
+            imap: b.ports.imap.or(d.ports.imap),
+            pop3: b.ports.pop3.or(d.ports.pop3),
+            lmtp: b.ports.lmtp.or(d.ports.lmtp),
+            sieve: b.ports.sieve.or(d.ports.sieve),
+        };
+        BackendSettings {
+            ports,
+            tls: b.tls.unwrap_or(d.tls),
+            tls_ca_file: b.tls_ca_file.clone().or_else(|| d.tls_ca_file.clone()),
+            tls_verify: b.tls_verify.unwrap_or(d.tls_verify),
+            tls_server_name: b.tls_server_name.clone().unwrap_or_else(|| b.host.clone()),
+            forward: b.forward.unwrap_or(d.forward).into(),
+            connect_timeout: d.connect_timeout.into(),
+            login_timeout: d.login_timeout.into(),
+        }
+    }
+
+    /// The TLS mode of `listeners[index]` with its default applied.
+    pub fn listener_tls(&self, index: usize) -> ListenerTls {
+        self.listeners[index].tls.unwrap_or(if self.tls.is_some() {
+            ListenerTls::Starttls
+        } else {
+            ListenerTls::None
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        UserHash::new(&self.username_hash).map_err(|e| err("username_hash", e))?;
+        if self.user_expire.0.is_zero() {
+            return Err(err("user_expire", "must be longer than 0s"));
+        }
+        if self.listeners.is_empty() {
+            return Err(err("listeners", "at least one listener is needed"));
+        }
+        let mut addresses = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if !addresses.insert(l.address) {
+                return Err(err(
+                    format_args!("listeners[{i}].address"),
+                    format_args!("{} is used by another listener", l.address),
+                ));
+            }
+            if self.listener_tls(i) != ListenerTls::None && self.tls.is_none() {
+                return Err(err(
+                    format_args!("listeners[{i}].tls"),
+                    "needs the top-level `tls` (cert and key files)",
+                ));
+            }
+        }
+        let l = &self.limits;
+        let positive = [
+            ("limits.preauth_timeout", l.preauth_timeout.0.is_zero()),
+            ("limits.max_line_length", l.max_line_length < 512),
+            ("limits.max_literal_size", l.max_literal_size < 512),
+            ("limits.max_auth_failures", l.max_auth_failures == 0),
+            ("limits.max_bad_commands", l.max_bad_commands == 0),
+            ("limits.max_connections", l.max_connections == 0),
+        ];
+        for (field, bad) in positive {
+            if bad {
+                return Err(err(
+                    field,
+                    "is too small (durations must be > 0, lengths >= 512, counts >= 1)",
+                ));
+            }
+        }
+        if self.backend_defaults.connect_timeout.0.is_zero() {
+            return Err(err(
+                "backend_defaults.connect_timeout",
+                "must be longer than 0s",
+            ));
+        }
+        if self.backend_defaults.login_timeout.0.is_zero() {
+            return Err(err(
+                "backend_defaults.login_timeout",
+                "must be longer than 0s",
+            ));
+        }
+        if self.backends.is_empty() {
+            return Err(err("backends", "at least one backend is needed"));
+        }
+        let mut hosts = HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.host.trim().is_empty() {
+                return Err(err(format_args!("backends[{i}].host"), "is empty"));
+            }
+            if !hosts.insert(b.host.to_ascii_lowercase()) {
+                return Err(err(
+                    format_args!("backends[{i}].host"),
+                    format_args!("{} is listed twice", b.host),
+                ));
+            }
+            if b.weight > MAX_WEIGHT {
+                return Err(err(
+                    format_args!("backends[{i}].weight"),
+                    format_args!("{} is above the maximum {MAX_WEIGHT}", b.weight),
+                ));
+            }
+            let s = self.backend_settings(i);
+            for p in [s.ports.imap, s.ports.pop3, s.ports.lmtp, s.ports.sieve] {
+                if p == Some(0) {
+                    return Err(err(
+                        format_args!("backends[{i}].ports"),
+                        "port 0 is not a port",
+                    ));
+                }
+            }
+            if s.tls != BackendTls::None && s.tls_verify && s.tls_ca_file.is_none() {
+                return Err(err(
+                    format_args!("backends[{i}].tls_ca_file"),
+                    "TLS to the backend is verified but no CA file is set (set tls_ca_file, or tls_verify: false)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "listeners:\n  - protocol: imap\n    address: 127.0.0.1:1143\nbackends:\n  - host: 10.0.0.1\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.username_hash, "%Lu");
+        assert_eq!(c.user_expire.0, Duration::from_secs(900));
+        assert_eq!(c.backends[0].weight, 100);
+        assert_eq!(c.backend_settings(0).port(Protocol::Imap), 143);
+        assert_eq!(c.backend_settings(0).port(Protocol::Pop3), 110);
+        assert_eq!(c.listener_tls(0), ListenerTls::None);
+        assert!(c.disable_plaintext_auth);
+    }
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text).unwrap_err().0
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = error_of(&MINIMAL.replace("host: 10.0.0.1", "host: 10.0.0.1\n    weight: 1200"));
+        assert_eq!(e, "backends[0].weight: 1200 is above the maximum 1000");
+        let e = error_of(&format!("{MINIMAL}bogus: 1\n"));
+        assert!(e.starts_with("bogus: unknown field `bogus`"), "{e}");
+        let e = error_of(&MINIMAL.replace("host: 10.0.0.1", "host: 10.0.0.1\n    wieght: 5"));
+        assert!(
+            e.starts_with("backends[0].wieght: unknown field `wieght`"),
+            "{e}"
+        );
+        let e = error_of(&format!("{MINIMAL}user_expire: soon\n"));
+        assert!(
+            e.starts_with("user_expire: \"soon\" is not a duration"),
+            "{e}"
+        );
+        let e = error_of(&format!("{MINIMAL}username_hash: \"%x\"\n"));
+        assert!(e.starts_with("username_hash: "), "{e}");
+        let e = error_of(&MINIMAL.replace("protocol: imap", "protocol: imap\n    tls: implicit"));
+        assert!(e.starts_with("listeners[0].tls: needs"), "{e}");
+        let e = error_of(&MINIMAL.replace("protocol: imap", "protocol: smtp"));
+        assert!(
+            e.starts_with("listeners[0].protocol: unknown variant `smtp`"),
+            "{e}"
+        );
+        let e = error_of(&format!("{MINIMAL}trusted_networks: [10.0.0.0/40]\n"));
+        assert!(e.starts_with("trusted_networks[0]: "), "{e}");
+    }
+}

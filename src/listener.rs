@@ -1,1 +1,203 @@
-//! TODO
+//! A listening socket and the life of each connection on it: PROXY header, implicit TLS, the
+//! protocol's front end, the relay, and the one log line at the end.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::config::ListenerTls;
+use crate::decision::{ClientIdentity, Protocol};
+use crate::frontend::{Established, FrontendContext, PreauthLimits};
+use crate::login::Login;
+use crate::network::{any_contains, Network};
+use crate::relay::relay;
+use crate::stream::ClientStream;
+
+/// Settings every listener shares.
+pub struct ListenerShared {
+    pub login: Login,
+    /// For implicit TLS and STARTTLS; `None` when no certificate is configured.
+    pub tls: Option<TlsAcceptor>,
+    pub trusted_networks: Vec<Network>,
+    pub disable_plaintext_auth: bool,
+    pub limits: PreauthLimits,
+    pub greeting: String,
+    /// After one side of a relayed session closes, how long the other may still send.
+    pub close_linger: Duration,
+    /// Caps connections served at once, all listeners together.
+    pub connections: Arc<Semaphore>,
+}
+
+/// One bound listening socket.
+pub struct Listener {
+    pub protocol: Protocol,
+    pub tls: ListenerTls,
+    pub proxy_protocol: bool,
+    pub socket: TcpListener,
+}
+
+impl Listener {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.socket
+            .local_addr()
+            .expect("bound socket has an address")
+    }
+
+    /// Accepts connections until `shutdown` turns true.
+    pub async fn serve(self, shared: Arc<ListenerShared>, mut shutdown: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        loop {
+            let permit = tokio::select! {
+                p = shared.connections.clone().acquire_owned() => p.expect("semaphore never closes"),
+                _ = shutdown.changed() => return,
+            };
+            let (tcp, peer) = tokio::select! {
+                r = this.socket.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(listener = %this.local_addr(), error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let shared = shared.clone();
+            let this = this.clone();
+            tokio::spawn(async move {
+                this.handle(tcp, peer, &shared).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn handle(&self, mut tcp: TcpStream, peer: SocketAddr, shared: &ListenerShared) {
+        let _ = tcp.set_nodelay(true);
+        let started = Instant::now();
+        let local = tcp.local_addr().unwrap_or(peer);
+        let mut identity = ClientIdentity {
+            client: peer,
+            local,
+            session_id: new_session_id(),
+        };
+        if self.proxy_protocol {
+            match crate::proxy_protocol::read_header(&mut tcp, shared.limits.timeout).await {
+                Ok(h) => {
+                    identity.client = h.source.unwrap_or(peer);
+                    identity.local = h.destination.unwrap_or(local);
+                }
+                Err(e) => {
+                    warn!(peer = %peer, error = %e, "bad PROXY protocol header; connection closed");
+                    return;
+                }
+            }
+        }
+        let mut client = ClientStream::Plain(tcp);
+        if self.tls == ListenerTls::Implicit {
+            let acceptor = shared.tls.as_ref().expect("checked by config");
+            match tokio::time::timeout(shared.limits.timeout, client.start_tls(acceptor)).await {
+                Ok(Ok(s)) => client = s,
+                Ok(Err(e)) => {
+                    debug!(client = %identity.client, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+        let ctx = FrontendContext {
+            starttls: match self.tls {
+                ListenerTls::Starttls => shared.tls.clone(),
+                _ => None,
+            },
+            disable_plaintext_auth: shared.disable_plaintext_auth,
+            trusted: any_contains(&shared.trusted_networks, identity.client.ip()),
+            limits: shared.limits.clone(),
+            identity: identity.clone(),
+            greeting: shared.greeting.clone(),
+        };
+        let result = match self.protocol {
+            Protocol::Imap => crate::imap::frontend::run(client, ctx, &shared.login).await,
+            Protocol::Pop3 => crate::pop3::frontend::run(client, ctx, &shared.login).await,
+            other => {
+                warn!("{other} listeners are not supported yet");
+                return;
+            }
+        };
+        let established = match result {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                debug!(session = %identity.session_id, client = %identity.client, "disconnected before login");
+                return;
+            }
+            Err(e) => {
+                debug!(session = %identity.session_id, client = %identity.client, error = %e, "pre-login I/O error");
+                return;
+            }
+        };
+        let Established {
+            mut client,
+            client_leftover,
+            backend,
+            username,
+        } = established;
+        let mut backend_stream = backend.stream;
+        let kick_message: &[u8] = match self.protocol {
+            Protocol::Imap => b"* BYE Disconnected by the director.\r\n",
+            _ => b"-ERR Disconnected by the director.\r\n",
+        };
+        let session = backend.session;
+        let stats = relay(
+            &mut client,
+            client_leftover,
+            &mut backend_stream,
+            backend.leftover,
+            session.kicked(),
+            kick_message,
+            shared.close_linger,
+        )
+        .await;
+        let backend_addr = session.info().backend;
+        drop(session);
+        info!(
+            session = %identity.session_id,
+            protocol = %self.protocol,
+            user = %username,
+            client = %identity.client,
+            backend = %backend_addr,
+            duration = ?started.elapsed(),
+            bytes_in = stats.client_to_backend,
+            bytes_out = stats.backend_to_client,
+            end = ?stats.end,
+            "session ended"
+        );
+    }
+}
+
+/// A session id unique within this process and unlikely to repeat across restarts.
+pub fn new_session_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.finish()
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{:08x}{:08x}",
+        (start >> 32) as u32,
+        (start as u32).wrapping_add(n as u32)
+    )
+}

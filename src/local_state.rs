@@ -1,1 +1,125 @@
-//! TODO
+//! The in-memory [`State`]: one director's backends and sticky records.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::backend::{AdminState, Backend, Health};
+use crate::config::MAX_WEIGHT;
+use crate::state::{BackendSet, State, StateError};
+use crate::sticky::{StickyRecord, StickyTable};
+
+/// State held in this process.
+pub struct LocalState {
+    /// Read on every login without locking; replaced whole on a change.
+    backends: ArcSwap<BackendSet>,
+    /// Serialises changes to the backend set (read-modify-swap).
+    change: Mutex<()>,
+    sticky: Mutex<StickyTable>,
+}
+
+impl LocalState {
+    pub fn new(backends: Vec<Backend>, user_expire: Duration) -> Self {
+        LocalState {
+            backends: ArcSwap::from_pointee(BackendSet::new(backends)),
+            change: Mutex::new(()),
+            sticky: Mutex::new(StickyTable::new(user_expire)),
+        }
+    }
+
+    /// Applies `f` to a copy of the backends and swaps the result in.
+    fn modify(
+        &self,
+        f: impl FnOnce(&mut Vec<Backend>) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let _guard = self.change.lock().unwrap();
+        let mut list: Vec<Backend> = self.backends.load().backends.values().cloned().collect();
+        f(&mut list)?;
+        self.backends.store(Arc::new(BackendSet::new(list)));
+        Ok(())
+    }
+
+    fn modify_one(&self, ip: IpAddr, f: impl FnOnce(&mut Backend)) -> Result<(), StateError> {
+        self.modify(|list| {
+            let b = list
+                .iter_mut()
+                .find(|b| b.ip == ip)
+                .ok_or(StateError::NoSuchBackend(ip))?;
+            f(b);
+            Ok(())
+        })
+    }
+}
+
+impl State for LocalState {
+    fn backends(&self) -> Arc<BackendSet> {
+        self.backends.load_full()
+    }
+
+    fn upsert_backend(&self, backend: Backend) {
+        let _ = self.modify(|list| {
+            list.retain(|b| b.ip != backend.ip);
+            list.push(backend);
+            Ok(())
+        });
+    }
+
+    fn remove_backend(&self, ip: IpAddr) -> Result<(), StateError> {
+        self.modify(|list| {
+            let before = list.len();
+            list.retain(|b| b.ip != ip);
+            if list.len() == before {
+                return Err(StateError::NoSuchBackend(ip));
+            }
+            Ok(())
+        })
+    }
+
+    fn set_weight(&self, ip: IpAddr, weight: u32) -> Result<(), StateError> {
+        if weight > MAX_WEIGHT {
+            return Err(StateError::WeightTooLarge(weight));
+        }
+        self.modify_one(ip, |b| b.weight = weight)
+    }
+
+    fn set_admin(&self, ip: IpAddr, admin: AdminState) -> Result<(), StateError> {
+        self.modify_one(ip, |b| b.admin = admin)
+    }
+
+    fn set_health(&self, ip: IpAddr, health: Health) -> Result<(), StateError> {
+        self.modify_one(ip, |b| b.health = health)
+    }
+
+    fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord> {
+        self.sticky.lock().unwrap().get(hash, now)
+    }
+
+    fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> IpAddr {
+        self.sticky.lock().unwrap().bind(hash, proposed, now)
+    }
+
+    fn rebind(&self, hash: u32, backend: IpAddr, now: Instant) {
+        self.sticky.lock().unwrap().set(hash, backend, now)
+    }
+
+    fn session_started(&self, hash: u32, backend: IpAddr, now: Instant) {
+        self.sticky
+            .lock()
+            .unwrap()
+            .session_started(hash, backend, now)
+    }
+
+    fn session_ended(&self, hash: u32, now: Instant) {
+        self.sticky.lock().unwrap().session_ended(hash, now)
+    }
+
+    fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)> {
+        self.sticky.lock().unwrap().live(now)
+    }
+
+    fn purge_expired(&self, now: Instant) -> usize {
+        self.sticky.lock().unwrap().purge(now)
+    }
+}

@@ -1,1 +1,190 @@
-//! TODO
+//! Backend login: the one place a front end's [`Decision`] becomes a logged-in backend
+//! connection. Route the user, connect (PROXY header, implicit TLS), run the protocol's login
+//! dialogue with the user's own credentials (the director checks no password: the backend
+//! does), register the session. If the chosen backend cannot be reached and the user has no
+//! live session, the next backend in ring order is tried and the record follows.
+//!
+//! A later issue plugs authentication at the director and master-user logins in here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use crate::backend::Backend;
+use crate::backend_login::{
+    BackendError, BackendLoginRequest, BackendLoginResult, Forward, StartTls,
+};
+use crate::config::BackendTls;
+use crate::decision::{Decision, Protocol};
+use crate::frontend::{Authenticator, BackendLink, LoginFailure};
+use crate::routing::Router;
+use crate::sessions::{EndHook, Sessions};
+use crate::stream::BackendStream;
+
+/// What clients are told when no backend can take them.
+pub const UNAVAILABLE_TEXT: &str = "Account is temporarily unavailable.";
+
+/// TLS material for backends, prepared once at start.
+#[derive(Clone, Default)]
+pub struct BackendTlsContext {
+    /// Connectors by (CA file, verify), built at start from the configuration.
+    pub connectors: Vec<(Option<std::path::PathBuf>, bool, tokio_rustls::TlsConnector)>,
+}
+
+impl BackendTlsContext {
+    fn connector(&self, backend: &Backend) -> Option<tokio_rustls::TlsConnector> {
+        let s = &backend.settings;
+        self.connectors
+            .iter()
+            .find(|(ca, verify, _)| *ca == s.tls_ca_file && *verify == s.tls_verify)
+            .map(|(_, _, c)| c.clone())
+    }
+}
+
+/// The [`Authenticator`] that front ends call.
+#[derive(Clone)]
+pub struct Login {
+    pub router: Router,
+    pub sessions: Sessions,
+    pub tls: Arc<BackendTlsContext>,
+}
+
+impl Login {
+    /// Connects to `backend` and logs in. `Err` means the backend could not be used at all.
+    async fn try_backend(
+        &self,
+        backend: &Backend,
+        decision: &Decision,
+    ) -> Result<BackendLoginResult, BackendError> {
+        let settings = &backend.settings;
+        let addr = backend.address(decision.protocol);
+        let tcp = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| BackendError::Timeout(settings.connect_timeout))??;
+        let _ = tcp.set_nodelay(true);
+        let mut tcp = tcp;
+        if settings.forward == Forward::ProxyV2 {
+            let header =
+                crate::proxy_protocol::encode_v2(decision.identity.client, decision.identity.local);
+            tcp.write_all(&header).await?;
+        }
+        let tls = match settings.tls {
+            BackendTls::None => None,
+            _ => {
+                let connector = self
+                    .tls
+                    .connector(backend)
+                    .ok_or_else(|| BackendError::Protocol("no TLS connector configured".into()))?;
+                let server_name = crate::tls::server_name(&settings.tls_server_name)
+                    .map_err(|e| BackendError::Protocol(e.to_string()))?;
+                Some(StartTls {
+                    connector,
+                    server_name,
+                })
+            }
+        };
+        let mut stream = BackendStream::Plain(tcp);
+        let mut starttls = None;
+        match (settings.tls, tls) {
+            (BackendTls::Implicit, Some(t)) => {
+                stream = tokio::time::timeout(
+                    settings.login_timeout,
+                    stream.start_tls(&t.connector, t.server_name),
+                )
+                .await
+                .map_err(|_| BackendError::Timeout(settings.login_timeout))??;
+            }
+            (BackendTls::Starttls, t) => starttls = t,
+            _ => {}
+        }
+        let req = BackendLoginRequest {
+            credentials: &decision.credentials,
+            identity: &decision.identity,
+            forward: settings.forward,
+            starttls,
+            reply_timeout: settings.login_timeout,
+        };
+        match decision.protocol {
+            Protocol::Imap => crate::imap::backend_login::login(stream, &req).await,
+            Protocol::Pop3 => crate::pop3::backend_login::login(stream, &req).await,
+            other => Err(BackendError::Protocol(format!(
+                "{other} logins are not supported yet"
+            ))),
+        }
+    }
+}
+
+impl Authenticator for Login {
+    async fn login(&self, decision: &Decision) -> Result<BackendLink, LoginFailure> {
+        let user = &decision.credentials.username;
+        let session_id = &decision.identity.session_id;
+        let route = self.router.route(user, "").map_err(|e| {
+            warn!(session = %session_id, user = %user, error = %e, "no backend for login");
+            LoginFailure::Unavailable {
+                message: UNAVAILABLE_TEXT.into(),
+            }
+        })?;
+        let hash = route.user_hash;
+        let mut candidates = vec![route.backend.clone()];
+        candidates.extend(route.fallbacks.iter().cloned());
+        for (attempt, backend) in candidates.iter().enumerate() {
+            if attempt > 0 && self.sessions.count_user(hash) > 0 {
+                // The user is live on its backend through another session: moving it now
+                // could put it on two backends at once.
+                break;
+            }
+            let addr: SocketAddr = backend.address(decision.protocol);
+            match self.try_backend(backend, decision).await {
+                Ok(BackendLoginResult::LoggedIn {
+                    stream,
+                    success_text,
+                    leftover,
+                }) => {
+                    let state = self.router.state().clone();
+                    if attempt > 0 {
+                        info!(session = %session_id, user = %user, from = %route.backend.ip, to = %backend.ip,
+                              "user moved: its backend could not be reached");
+                        state.rebind(hash, backend.ip, Instant::now());
+                    }
+                    state.session_started(hash, backend.ip, Instant::now());
+                    let hook: EndHook =
+                        Arc::new(move |info| state.session_ended(info.user_hash, Instant::now()));
+                    let session =
+                        self.sessions
+                            .register(decision.protocol, user, hash, addr, Some(hook));
+                    info!(session = %session_id, user = %user, backend = %addr, reason = %route.reason, "logged in");
+                    return Ok(BackendLink {
+                        stream,
+                        success_text,
+                        leftover,
+                        session,
+                    });
+                }
+                Ok(BackendLoginResult::AuthFailed { message }) => {
+                    info!(session = %session_id, user = %user, backend = %addr, "backend refused the credentials");
+                    return Err(LoginFailure::AuthFailed { message });
+                }
+                Ok(BackendLoginResult::TempFailed { message }) => {
+                    warn!(session = %session_id, user = %user, backend = %addr, reply = %message, "backend login temporarily failed");
+                    return Err(LoginFailure::Unavailable { message });
+                }
+                Err(BackendError::Unsendable(why)) => {
+                    info!(session = %session_id, user = %user, "credentials cannot be sent: {why}");
+                    return Err(LoginFailure::AuthFailed {
+                        message: "Authentication failed.".into(),
+                    });
+                }
+                Err(e) => {
+                    warn!(session = %session_id, user = %user, backend = %addr, error = %e, "backend unusable for login");
+                }
+            }
+        }
+        Err(LoginFailure::Unavailable {
+            message: UNAVAILABLE_TEXT.into(),
+        })
+    }
+}

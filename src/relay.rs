@@ -1,1 +1,320 @@
-//! TODO
+//! The byte relay between a logged-in client and its backend: copies both ways, untouched,
+//! counting bytes, until both sides have closed, the other side lingers too long after one
+//! closed, or the session is kicked.
+//!
+//! Idle sessions are the common case (IMAP IDLE), so a direction holds a buffer only while it
+//! has bytes in flight: the buffer is dropped whenever a read finds nothing to read.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Size of a direction's buffer while data flows.
+const BUF_SIZE: usize = 16 * 1024;
+
+/// How a relayed session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// The client closed first (the backend then closed, or lingered too long).
+    ClientClosed,
+    /// The backend closed first.
+    BackendClosed,
+    /// The session was kicked.
+    Kicked,
+    /// A read or write failed; which side and why.
+    Error(String),
+}
+
+/// What a relay did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayStats {
+    pub client_to_backend: u64,
+    pub backend_to_client: u64,
+    pub end: RelayEnd,
+}
+
+/// One direction of the copy.
+struct Direction {
+    /// Present only while bytes are in flight.
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    /// The reader reached end of stream.
+    eof: bool,
+    /// The writer was shut down after `eof`: this direction is finished.
+    done: bool,
+    /// Bytes were written since the last flush.
+    dirty: bool,
+    bytes: u64,
+}
+
+impl Direction {
+    fn new(initial: Vec<u8>) -> Self {
+        let end = initial.len();
+        Direction {
+            buf: (!initial.is_empty()).then(|| initial.into_boxed_slice()),
+            start: 0,
+            end,
+            eof: false,
+            done: false,
+            dirty: false,
+            bytes: 0,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            // Write out what is buffered.
+            while self.start < self.end {
+                let buf = self.buf.as_ref().expect("buffer holds the bytes in flight");
+                let n = ready!(writer.as_mut().poll_write(cx, &buf[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.bytes += n as u64;
+                self.dirty = true;
+            }
+            if self.eof {
+                if self.dirty {
+                    ready!(writer.as_mut().poll_flush(cx))?;
+                    self.dirty = false;
+                }
+                ready!(writer.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                self.buf = None;
+                return Poll::Ready(Ok(()));
+            }
+            // Read more.
+            let buf = self
+                .buf
+                .get_or_insert_with(|| vec![0u8; BUF_SIZE].into_boxed_slice());
+            let mut read_buf = ReadBuf::new(buf);
+            match reader.as_mut().poll_read(cx, &mut read_buf) {
+                Poll::Ready(Ok(())) => {
+                    let n = read_buf.filled().len();
+                    self.start = 0;
+                    self.end = n;
+                    if n == 0 {
+                        self.eof = true;
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Idle: give the buffer back and push out what was written.
+                    self.buf = None;
+                    self.start = 0;
+                    self.end = 0;
+                    if self.dirty {
+                        match writer.as_mut().poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.dirty = false,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Relays between `client` and `backend` until the session ends. `client_leftover` goes to
+/// the backend first and `backend_leftover` to the client first (bytes read during login).
+/// `kicked` completes when the session must end; `kick_message` is then written to the client
+/// (e.g. IMAP `* BYE ...`). After one side closes, the other has `linger` to finish.
+pub async fn relay<C, B>(
+    client: &mut C,
+    client_leftover: Vec<u8>,
+    backend: &mut B,
+    backend_leftover: Vec<u8>,
+    kicked: impl std::future::Future<Output = ()>,
+    kick_message: &[u8],
+    linger: Duration,
+) -> RelayStats
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut up = Direction::new(client_leftover);
+    let mut down = Direction::new(backend_leftover);
+    let mut first_end: Option<RelayEnd> = None;
+    let mut error: Option<String> = None;
+    tokio::pin!(kicked);
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let kicked_flag = poll_fn(|cx| {
+        if let Poll::Ready(()) = kicked.as_mut().poll(cx) {
+            return Poll::Ready(true);
+        }
+        if let Some(d) = deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+        }
+        if !up.done {
+            // A client that vanishes mid-write is an error too.
+            if let Poll::Ready(r) =
+                up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *backend))
+            {
+                match r {
+                    Ok(()) => {
+                        first_end.get_or_insert(RelayEnd::ClientClosed);
+                    }
+                    Err(e) => {
+                        error = Some(format!("client to backend: {e}"));
+                        return Poll::Ready(false);
+                    }
+                }
+            }
+        }
+        if !down.done {
+            if let Poll::Ready(r) =
+                down.poll_copy(cx, Pin::new(&mut *backend), Pin::new(&mut *client))
+            {
+                match r {
+                    Ok(()) => {
+                        first_end.get_or_insert(RelayEnd::BackendClosed);
+                    }
+                    Err(e) => {
+                        error = Some(format!("backend to client: {e}"));
+                        return Poll::Ready(false);
+                    }
+                }
+            }
+        }
+        if up.done && down.done {
+            return Poll::Ready(false);
+        }
+        if first_end.is_some() && deadline.is_none() {
+            let mut d = Box::pin(tokio::time::sleep(linger));
+            if d.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+            deadline = Some(d);
+        }
+        Poll::Pending
+    })
+    .await;
+    let end = if kicked_flag {
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = client.write_all(kick_message).await;
+            let _ = client.flush().await;
+        })
+        .await;
+        RelayEnd::Kicked
+    } else if let Some(e) = error {
+        RelayEnd::Error(e)
+    } else {
+        first_end.unwrap_or(RelayEnd::ClientClosed)
+    };
+    RelayStats {
+        client_to_backend: up.bytes,
+        backend_to_client: down.bytes,
+        end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn copies_both_ways_with_leftovers_and_ends_on_close() {
+        let (mut client_far, mut client_near) = tokio::io::duplex(64);
+        let (mut backend_far, mut backend_near) = tokio::io::duplex(64);
+        let task = tokio::spawn(async move {
+            relay(
+                &mut client_near,
+                b"a1 NOOP\r\n".to_vec(),
+                &mut backend_near,
+                b"* 1 EXISTS\r\n".to_vec(),
+                std::future::pending(),
+                b"",
+                Duration::from_secs(5),
+            )
+            .await
+        });
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = big.clone();
+        let writer = tokio::spawn(async move {
+            client_far.write_all(&big).await.unwrap();
+            client_far
+        });
+        let mut got = vec![0u8; 9 + expected.len()];
+        backend_far.read_exact(&mut got).await.unwrap();
+        let mut client_far = writer.await.unwrap();
+        let big = expected;
+        assert_eq!(&got[..9], b"a1 NOOP\r\n");
+        assert_eq!(&got[9..], &big[..]);
+        backend_far.write_all(b"a1 OK\r\n").await.unwrap();
+        let mut got = vec![0u8; 12 + 7];
+        client_far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"* 1 EXISTS\r\na1 OK\r\n");
+        drop(client_far);
+        // The backend sees end of stream and closes in turn.
+        let mut rest = Vec::new();
+        backend_far.read_to_end(&mut rest).await.unwrap();
+        drop(backend_far);
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, RelayEnd::ClientClosed);
+        assert_eq!(stats.client_to_backend, 9 + big.len() as u64);
+        assert_eq!(stats.backend_to_client, 19);
+    }
+
+    #[tokio::test]
+    async fn kick_writes_message_and_ends() {
+        let (mut client_far, mut client_near) = tokio::io::duplex(64);
+        let (_backend_far, mut backend_near) = tokio::io::duplex(64);
+        let stats = relay(
+            &mut client_near,
+            Vec::new(),
+            &mut backend_near,
+            Vec::new(),
+            async {},
+            b"* BYE kicked\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(stats.end, RelayEnd::Kicked);
+        drop(client_near);
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"* BYE kicked\r\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn linger_ends_a_half_closed_session() {
+        let (client_far, mut client_near) = tokio::io::duplex(64);
+        let (_backend_far, mut backend_near) = tokio::io::duplex(64);
+        drop(client_far);
+        let stats = relay(
+            &mut client_near,
+            Vec::new(),
+            &mut backend_near,
+            Vec::new(),
+            std::future::pending(),
+            b"",
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(stats.end, RelayEnd::ClientClosed);
+    }
+}

@@ -39,7 +39,7 @@ fn ip_cmp(a: &IpAddr, b: &IpAddr) -> Ordering {
 impl Ring {
     /// Builds the ring from `(ip, weight)` pairs of the backends that may take new users
     /// (up, not drained). Weight 0 adds no points.
-    pub fn build<'a>(backends: impl IntoIterator<Item = (IpAddr, u32)>) -> Ring {
+    pub fn build(backends: impl IntoIterator<Item = (IpAddr, u32)>) -> Ring {
         let mut points = Vec::new();
         for (ip, weight) in backends {
             let prefix = ip.to_string();
@@ -134,7 +134,11 @@ mod tests {
 
     #[test]
     fn candidates_start_with_lookup_and_cover_all() {
-        let ring = Ring::build([(ip("10.0.0.1"), 10), (ip("10.0.0.2"), 10), (ip("10.0.0.3"), 10)]);
+        let ring = Ring::build([
+            (ip("10.0.0.1"), 10),
+            (ip("10.0.0.2"), 10),
+            (ip("10.0.0.3"), 10),
+        ]);
         for hash in [1, 77, u32::MAX, 0x8000_0000] {
             let c = ring.candidates(hash);
             assert_eq!(c.len(), 3);

@@ -39,7 +39,11 @@ pub fn parse_plain(decoded: &[u8]) -> Result<Credentials, SaslError> {
     if authcid.is_empty() {
         return Err(SaslError::EmptyUser);
     }
-    let username = if authzid.is_empty() { authcid.clone() } else { authzid };
+    let username = if authzid.is_empty() {
+        authcid.clone()
+    } else {
+        authzid
+    };
     Ok(Credentials {
         username,
         auth_username: authcid,
@@ -77,11 +81,17 @@ mod tests {
         // callers must reject such a password first; but alice/secret round-trips.
         let c2 = Credentials::plain("alice", "secret");
         let enc = encode_plain(&c2);
-        assert_eq!(parse_plain(&decode_base64(enc.as_bytes()).unwrap()).unwrap(), c2);
+        assert_eq!(
+            parse_plain(&decode_base64(enc.as_bytes()).unwrap()).unwrap(),
+            c2
+        );
         assert!(parse_plain(b"\0alice\0p\0w").is_err());
         let _ = c;
         let m = parse_plain(b"bob\0master\0pw").unwrap();
-        assert_eq!((m.username.as_str(), m.auth_username.as_str()), ("bob", "master"));
+        assert_eq!(
+            (m.username.as_str(), m.auth_username.as_str()),
+            ("bob", "master")
+        );
     }
 
     #[test]

@@ -81,13 +81,20 @@ impl Sessions {
 
     /// All live sessions.
     pub fn list(&self) -> Vec<SessionInfo> {
-        self.inner.lock().unwrap().values().map(|e| e.info.clone()).collect()
+        self.inner
+            .lock()
+            .unwrap()
+            .values()
+            .map(|e| e.info.clone())
+            .collect()
     }
 
     /// Live sessions of users with this hash.
     pub fn count_user(&self, user_hash: u32) -> usize {
         let map = self.inner.lock().unwrap();
-        map.values().filter(|e| e.info.user_hash == user_hash).count()
+        map.values()
+            .filter(|e| e.info.user_hash == user_hash)
+            .count()
     }
 
     /// Live sessions relayed to this backend address (any protocol port on that IP).

@@ -1,1 +1,103 @@
-//! TODO
+//! The shared state of a director: backends (with weights and states), the rings built from
+//! them, and the sticky records. One trait, so that the in-memory implementation
+//! (`local_state`) can later be joined by one that several directors share (etcd).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::{AdminState, Backend, Health};
+use crate::ring::Ring;
+use crate::sticky::StickyRecord;
+
+/// An immutable view of the backends and their rings, rebuilt on every change and swapped in
+/// atomically: routing reads it without locking.
+#[derive(Debug, Clone, Default)]
+pub struct BackendSet {
+    /// Every backend, by IP.
+    pub backends: BTreeMap<IpAddr, Backend>,
+    /// One ring per tag, over the backends of that tag that take new users.
+    pub rings: BTreeMap<String, Ring>,
+}
+
+impl BackendSet {
+    /// Builds the set and its rings.
+    pub fn new(backends: impl IntoIterator<Item = Backend>) -> Self {
+        let backends: BTreeMap<IpAddr, Backend> = backends.into_iter().map(|b| (b.ip, b)).collect();
+        let mut by_tag: BTreeMap<String, Vec<(IpAddr, u32)>> = BTreeMap::new();
+        for b in backends.values() {
+            let points = by_tag.entry(b.tag.clone()).or_default();
+            if b.takes_new_users() {
+                points.push((b.ip, b.weight));
+            }
+        }
+        let rings = by_tag
+            .into_iter()
+            .map(|(tag, points)| (tag, Ring::build(points)))
+            .collect();
+        BackendSet { backends, rings }
+    }
+
+    pub fn get(&self, ip: IpAddr) -> Option<&Backend> {
+        self.backends.get(&ip)
+    }
+
+    /// The ring for `tag` (empty if no backend has that tag).
+    pub fn ring(&self, tag: &str) -> Option<&Ring> {
+        self.rings.get(tag)
+    }
+}
+
+/// Why a state change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("no backend {0}")]
+    NoSuchBackend(IpAddr),
+    #[error("weight {0} is above the maximum {max}", max = crate::config::MAX_WEIGHT)]
+    WeightTooLarge(u32),
+}
+
+/// The director's shared state.
+pub trait State: Send + Sync {
+    /// The current backends and rings.
+    fn backends(&self) -> Arc<BackendSet>;
+
+    /// Adds a backend, or replaces the one with the same IP (keeping nobody's record from
+    /// moving: records are untouched).
+    fn upsert_backend(&self, backend: Backend);
+
+    /// Removes a backend. Records pointing to it stop binding their users.
+    fn remove_backend(&self, ip: IpAddr) -> Result<(), StateError>;
+
+    /// Changes a backend's weight. Users with records stay; new users follow the new ring.
+    fn set_weight(&self, ip: IpAddr, weight: u32) -> Result<(), StateError>;
+
+    /// Sets what an administrator decided.
+    fn set_admin(&self, ip: IpAddr, admin: AdminState) -> Result<(), StateError>;
+
+    /// Sets what the health checker found.
+    fn set_health(&self, ip: IpAddr, health: Health) -> Result<(), StateError>;
+
+    /// The live record of a user hash.
+    fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord>;
+
+    /// The backend the user is bound to: its live record's, or `proposed`, which is recorded.
+    fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> IpAddr;
+
+    /// Points the user's record at `backend`. Callers must make sure the user has no live
+    /// session elsewhere first (a user is never on two backends at once).
+    fn rebind(&self, hash: u32, backend: IpAddr, now: Instant);
+
+    /// A session started on `backend`: the record is kept alive until it ends.
+    fn session_started(&self, hash: u32, backend: IpAddr, now: Instant);
+
+    /// A session ended: the record's `user_expire` clock starts when none are left.
+    fn session_ended(&self, hash: u32, now: Instant);
+
+    /// Every live record.
+    fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)>;
+
+    /// Drops expired records; returns how many.
+    fn purge_expired(&self, now: Instant) -> usize;
+}

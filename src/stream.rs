@@ -30,8 +30,12 @@ impl ClientStream {
     /// client sent after the STARTTLS command: they were not protected by TLS.
     pub async fn start_tls(self, acceptor: &TlsAcceptor) -> io::Result<ClientStream> {
         match self {
-            ClientStream::Plain(tcp) => Ok(ClientStream::Tls(Box::new(acceptor.accept(tcp).await?))),
-            _ => Err(io::Error::other("TLS is already active or impossible on this connection")),
+            ClientStream::Plain(tcp) => {
+                Ok(ClientStream::Tls(Box::new(acceptor.accept(tcp).await?)))
+            }
+            _ => Err(io::Error::other(
+                "TLS is already active or impossible on this connection",
+            )),
         }
     }
 }

@@ -164,12 +164,18 @@ mod tests {
     #[test]
     fn expands_dovecot_variables() {
         let u = "Alice.Smith@Example.COM";
-        assert_eq!(UserHash::new("%Lu").unwrap().expand(u), "alice.smith@example.com");
+        assert_eq!(
+            UserHash::new("%Lu").unwrap().expand(u),
+            "alice.smith@example.com"
+        );
         assert_eq!(UserHash::new("%u").unwrap().expand(u), u);
         assert_eq!(UserHash::new("%Ln").unwrap().expand(u), "alice.smith");
         assert_eq!(UserHash::new("%Ld").unwrap().expand(u), "example.com");
         assert_eq!(UserHash::new("%Ld").unwrap().expand("bob"), "");
-        assert_eq!(UserHash::new("%{L:username}").unwrap().expand(u), "alice.smith");
+        assert_eq!(
+            UserHash::new("%{L:username}").unwrap().expand(u),
+            "alice.smith"
+        );
         assert_eq!(UserHash::new("x%%%n").unwrap().expand(u), "x%Alice.Smith");
     }
 

@@ -1,0 +1,181 @@
+//! The running director: built from a [`Config`], it binds the listeners, resolves the
+//! backends, and serves until told to stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, info};
+
+use crate::backend::{AdminState, Backend, Health};
+use crate::config::{BackendTls, Config, ConfigError, ListenerTls};
+use crate::decision::Protocol;
+use crate::frontend::PreauthLimits;
+use crate::listener::{Listener, ListenerShared};
+use crate::local_state::LocalState;
+use crate::login::{BackendTlsContext, Login};
+use crate::routing::Router;
+use crate::sessions::Sessions;
+use crate::state::State;
+
+/// A director ready to serve.
+pub struct Director {
+    pub state: Arc<LocalState>,
+    pub sessions: Sessions,
+    pub router: Router,
+    listeners: Vec<Listener>,
+    shared: Arc<ListenerShared>,
+    user_expire: Duration,
+}
+
+/// Resolves the configured backends: a host name with several addresses is several backends.
+pub async fn resolve_backends(config: &Config) -> Result<Vec<Backend>, ConfigError> {
+    let mut out: Vec<Backend> = Vec::new();
+    for (i, b) in config.backends.iter().enumerate() {
+        let ips = crate::resolve::resolve_host(&b.host)
+            .await
+            .map_err(|e| ConfigError(format!("backends[{i}].host: {e}")))?;
+        let settings = Arc::new(config.backend_settings(i));
+        for ip in ips {
+            if out.iter().any(|o| o.ip == ip) {
+                return Err(ConfigError(format!(
+                    "backends[{i}].host: {} resolves to {ip}, which another backend already has",
+                    b.host
+                )));
+            }
+            out.push(Backend {
+                ip,
+                host: b.host.clone(),
+                weight: b.weight,
+                tag: b.tag.clone(),
+                admin: AdminState::Up,
+                health: Health::Up,
+                settings: settings.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Builds the TLS connectors the backends need.
+fn backend_tls(config: &Config) -> Result<BackendTlsContext, ConfigError> {
+    let mut ctx = BackendTlsContext::default();
+    for i in 0..config.backends.len() {
+        let s = config.backend_settings(i);
+        if s.tls == BackendTls::None
+            || ctx
+                .connectors
+                .iter()
+                .any(|(ca, v, _)| *ca == s.tls_ca_file && *v == s.tls_verify)
+        {
+            continue;
+        }
+        let connector = crate::tls::connector(s.tls_ca_file.as_deref(), s.tls_verify)
+            .map_err(|e| ConfigError(format!("backends[{i}].tls_ca_file: {e}")))?;
+        ctx.connectors
+            .push((s.tls_ca_file.clone(), s.tls_verify, connector));
+    }
+    Ok(ctx)
+}
+
+impl Director {
+    /// Loads TLS material, resolves backends and binds every listener.
+    pub async fn build(config: &Config) -> Result<Director, ConfigError> {
+        let backends = resolve_backends(config).await?;
+        let user_expire: Duration = config.user_expire.into();
+        let state = Arc::new(LocalState::new(backends, user_expire));
+        let router = Router::new(state.clone() as Arc<dyn State>, config.user_hash());
+        let sessions = Sessions::new();
+        let tls = match &config.tls {
+            Some(files) => Some(crate::tls::acceptor(
+                crate::tls::server_config(&files.cert, &files.key)
+                    .map_err(|e| ConfigError(format!("tls: {e}")))?,
+            )),
+            None => None,
+        };
+        let login = Login {
+            router: router.clone(),
+            sessions: sessions.clone(),
+            tls: Arc::new(backend_tls(config)?),
+        };
+        let l = &config.limits;
+        let shared = Arc::new(ListenerShared {
+            login,
+            tls,
+            trusted_networks: config.trusted_networks.clone(),
+            disable_plaintext_auth: config.disable_plaintext_auth,
+            limits: PreauthLimits {
+                timeout: l.preauth_timeout.into(),
+                max_line: l.max_line_length,
+                max_literal: l.max_literal_size,
+                max_auth_failures: l.max_auth_failures,
+                auth_failure_delay: l.auth_failure_delay.into(),
+                max_bad_commands: l.max_bad_commands,
+            },
+            greeting: config.greeting.clone(),
+            close_linger: l.close_linger.into(),
+            connections: Arc::new(Semaphore::new(l.max_connections)),
+        });
+        let mut listeners = Vec::new();
+        for (i, lc) in config.listeners.iter().enumerate() {
+            let socket = TcpListener::bind(lc.address).await.map_err(|e| {
+                ConfigError(format!(
+                    "listeners[{i}].address: cannot listen on {}: {e}",
+                    lc.address
+                ))
+            })?;
+            listeners.push(Listener {
+                protocol: lc.protocol.into(),
+                tls: config.listener_tls(i),
+                proxy_protocol: lc.proxy_protocol,
+                socket,
+            });
+        }
+        Ok(Director {
+            state,
+            sessions,
+            router,
+            listeners,
+            shared,
+            user_expire,
+        })
+    }
+
+    /// The bound address of every listener, with its protocol and TLS mode (listeners on
+    /// port 0 get an ephemeral port).
+    pub fn listen_addrs(&self) -> Vec<(Protocol, ListenerTls, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|l| (l.protocol, l.tls, l.local_addr()))
+            .collect()
+    }
+
+    /// Serves until `shutdown` completes. Sessions already relayed are left to end by
+    /// themselves (the process exit ends them).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (tx, rx) = watch::channel(false);
+        for l in self.listeners {
+            info!(protocol = %l.protocol, address = %l.local_addr(), tls = ?l.tls, "listening");
+            tokio::spawn(l.serve(self.shared.clone(), rx.clone()));
+        }
+        let state = self.state.clone();
+        let every = (self.user_expire / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let sweeper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let n = state.purge_expired(Instant::now());
+                if n > 0 {
+                    debug!(expired = n, "sticky records expired");
+                }
+            }
+        });
+        shutdown.await;
+        let _ = tx.send(true);
+        sweeper.abort();
+        info!("listeners closed");
+    }
+}
