@@ -106,8 +106,9 @@ impl Session {
             client: Some(client),
             buf: Vec::new(),
             parser: CommandParser::new(max_line, max_literal),
-            // `+ 2`: a SASL response line of `max_literal` bytes with its CRLF.
-            buffer_cap: max_line.max(2) + max_literal,
+            // `+ 2`: room for a SASL response line of `max_literal` bytes and its CRLF, and
+            // for the byte past a limit that shows it was crossed.
+            buffer_cap: max_line + max_literal + 2,
             bad_commands: 0,
             auth_failures: 0,
             ctx,
@@ -639,14 +640,15 @@ mod tests {
         }
     }
 
-    /// The test's side of the connection.
-    struct Client {
-        reader: BufReader<TcpStream>,
+    /// The test's side of the connection (plain, or TLS after STARTTLS).
+    struct Client<S = TcpStream> {
+        reader: BufReader<S>,
     }
 
-    impl Client {
+    impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
         async fn send(&mut self, data: &[u8]) {
             self.reader.get_mut().write_all(data).await.unwrap();
+            self.reader.get_mut().flush().await.unwrap();
         }
 
         /// The next line, without CRLF; `None` at end of stream.
@@ -1040,6 +1042,141 @@ mod tests {
         c.expect("a BAD TLS support isn't enabled.").await;
         drop(c);
         assert!(session.await.unwrap().unwrap().is_none());
+    }
+
+    /// A CA and a certificate for "localhost" signed by it, made with openssl in a temporary
+    /// directory: (server acceptor, client connector).
+    fn tls_pair() -> (tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector) {
+        use std::process::Command;
+        use tokio_rustls::rustls;
+        let dir = std::env::temp_dir().join(format!("director-imap-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("leaf.ext"),
+            "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "openssl {args:?}");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-subj", "/CN=Test CA", "-days", "2"],
+                &["-keyout", "ca.key", "-out", "ca.pem"],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-subj", "/CN=localhost"],
+                &["-keyout", "leaf.key", "-out", "leaf.csr"],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "leaf.pem",
+        ]);
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        let certs = |name: &str| {
+            rustls_pemfile::certs(&mut read(name).as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+        };
+        let key = rustls_pemfile::private_key(&mut read("leaf.key").as_slice())
+            .unwrap()
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs("leaf.pem"), key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(certs("ca.pem").remove(0)).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let _ = std::fs::remove_dir_all(&dir);
+        (
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            tokio_rustls::TlsConnector::from(Arc::new(client)),
+        )
+    }
+
+    #[tokio::test]
+    async fn starttls_discards_injected_commands_and_enables_login() {
+        let (acceptor, connector) = tls_pair();
+        let (mut c, session, auth, greeting) = start(|ctx| {
+            ctx.starttls = Some(acceptor);
+            ctx.disable_plaintext_auth = true;
+        })
+        .await;
+        let plain_caps =
+            "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS LOGINDISABLED";
+        assert_eq!(
+            greeting,
+            format!("* OK [CAPABILITY {plain_caps}] Director ready.")
+        );
+        // A man in the middle appends a command after STARTTLS, in the same packet.
+        c.send(b"a STARTTLS\r\nx LOGIN mallory secret\r\n").await;
+        c.expect("a OK Begin TLS negotiation now.").await;
+        assert!(c.reader.buffer().is_empty());
+        let tcp = c.reader.into_inner();
+        let tls = connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let mut c = Client {
+            reader: BufReader::new(tls),
+        };
+        c.send(b"b CAPABILITY\r\n").await;
+        c.expect(&format!("* CAPABILITY {CAPS}")).await;
+        c.expect("b OK Pre-login capabilities listed, post-login capabilities have more.")
+            .await;
+        c.send(b"c STARTTLS\r\n").await;
+        c.expect("c BAD TLS is already active.").await;
+        c.send(b"d LOGIN alice secret\r\n").await;
+        c.expect("d OK [CAPABILITY IMAP4rev1 IDLE] Logged in").await;
+        let est = established(session).await;
+        assert!(est.client.is_tls());
+        let decisions = auth.decisions();
+        assert_eq!(decisions.len(), 1, "the injected LOGIN ran");
+        assert_eq!(decisions[0].credentials.username, "alice");
+        assert!(decisions[0].secured);
     }
 
     #[test]
