@@ -1,1 +1,866 @@
-//! TODO
+//! The grammar of IMAP commands before login (RFC 9051 / RFC 3501 syntax, with LITERAL+ from
+//! RFC 7888). No I/O: a [`CommandParser`] is shown the front of the session's read buffer and
+//! says whether a whole command is there, whether the client waits for a continuation
+//! (`+ Ready for literal data`), or what was wrong.
+//!
+//! Parsing runs in two steps. *Framing* finds where a command ends: its line, and for each line
+//! that ends in a literal header (`{n}` or `{n+}`) the `n` bytes of the literal and the line
+//! after it. Framing keeps its position between calls, so a command that arrives one byte at a
+//! time is scanned once, and it enforces the limits before anything is buffered beyond them.
+//! *Grammar* then reads the tag, the command name and the arguments of the framed bytes. A
+//! grammar error consumes the whole framed command, literals included, so the session stays in
+//! step with the client.
+
+use std::fmt;
+
+/// The commands a front end answers before login. Anything else is kept by name, so the
+/// session can answer "Unknown command".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandName {
+    Capability,
+    Noop,
+    Logout,
+    Id,
+    Starttls,
+    Login,
+    Authenticate,
+    /// Any other command name, upper-cased.
+    Other(String),
+}
+
+impl CommandName {
+    /// Recognises a command name, case-insensitively.
+    pub fn from_atom(atom: &str) -> CommandName {
+        let upper = atom.to_ascii_uppercase();
+        match upper.as_str() {
+            "CAPABILITY" => CommandName::Capability,
+            "NOOP" => CommandName::Noop,
+            "LOGOUT" => CommandName::Logout,
+            "ID" => CommandName::Id,
+            "STARTTLS" => CommandName::Starttls,
+            "LOGIN" => CommandName::Login,
+            "AUTHENTICATE" => CommandName::Authenticate,
+            _ => CommandName::Other(upper),
+        }
+    }
+
+    /// The upper-case name, as used in replies ("Error in IMAP command LOGIN: ...").
+    pub fn as_str(&self) -> &str {
+        match self {
+            CommandName::Capability => "CAPABILITY",
+            CommandName::Noop => "NOOP",
+            CommandName::Logout => "LOGOUT",
+            CommandName::Id => "ID",
+            CommandName::Starttls => "STARTTLS",
+            CommandName::Login => "LOGIN",
+            CommandName::Authenticate => "AUTHENTICATE",
+            CommandName::Other(name) => name,
+        }
+    }
+}
+
+impl fmt::Display for CommandName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One argument of a command.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Arg {
+    /// A bare word (ASCII only), e.g. a mechanism name or a base64 initial response.
+    Atom(String),
+    /// A quoted string, escapes removed. Any byte but CR, LF and NUL.
+    Quoted(Vec<u8>),
+    /// A literal (`{n}` or `{n+}`): any bytes.
+    Literal(Vec<u8>),
+    /// The atom `NIL` (any case).
+    Nil,
+    /// A parenthesised list, e.g. the parameters of ID.
+    List(Vec<Arg>),
+}
+
+impl Arg {
+    /// The value of an `astring` (atom, quoted string or literal; `NIL` is the string "NIL"
+    /// there). `None` for a list.
+    pub fn astring(&self) -> Option<&[u8]> {
+        match self {
+            Arg::Atom(atom) => Some(atom.as_bytes()),
+            Arg::Quoted(bytes) | Arg::Literal(bytes) => Some(bytes),
+            Arg::Nil => Some(b"NIL"),
+            Arg::List(_) => None,
+        }
+    }
+
+    /// The value of an `nstring`: `Some(None)` for NIL, `None` for an atom or a list (which
+    /// an nstring cannot be).
+    pub fn nstring(&self) -> Option<Option<&[u8]>> {
+        match self {
+            Arg::Nil => Some(None),
+            Arg::Quoted(bytes) | Arg::Literal(bytes) => Some(Some(bytes)),
+            Arg::Atom(_) | Arg::List(_) => None,
+        }
+    }
+}
+
+// Arguments may hold passwords: show their shape and length, never their bytes.
+impl fmt::Debug for Arg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arg::Atom(atom) => write!(f, "Atom(<{} bytes>)", atom.len()),
+            Arg::Quoted(bytes) => write!(f, "Quoted(<{} bytes>)", bytes.len()),
+            Arg::Literal(bytes) => write!(f, "Literal(<{} bytes>)", bytes.len()),
+            Arg::Nil => f.write_str("Nil"),
+            Arg::List(items) => f.debug_tuple("List").field(items).finish(),
+        }
+    }
+}
+
+/// A complete command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// The client's tag, echoed in the tagged reply. Only tag characters (ASCII, no space).
+    pub tag: String,
+    pub name: CommandName,
+    pub args: Vec<Arg>,
+}
+
+/// Why bytes from the client are not a command. The session answers `BAD` (tagged when the
+/// tag could be read, else untagged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    /// Bytes to drop from the front of the buffer before parsing again.
+    pub consumed: usize,
+    /// The tag, if the line started with a valid one.
+    pub tag: Option<String>,
+    /// The command name, if it could be read.
+    pub command: Option<CommandName>,
+    /// A response code for the BAD reply, e.g. `TOOBIG`.
+    pub code: Option<&'static str>,
+    /// What was wrong, for the client ("Missing arguments.").
+    pub message: String,
+    /// The session cannot find the start of the next command (a line or a non-synchronising
+    /// literal over the limits): it must say `* BYE` and close.
+    pub fatal: bool,
+}
+
+/// What [`CommandParser::parse`] found at the front of the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parse {
+    /// No complete command yet: read more bytes, append them and call again.
+    Incomplete,
+    /// The client announced a synchronising literal and waits for `+ Ready for literal
+    /// data\r\n` before sending it: send that, then call again (reading more if that returns
+    /// `Incomplete`). Returned once per synchronising literal.
+    NeedContinuation,
+    /// A complete command; drop `consumed` bytes from the front of the buffer.
+    Command { consumed: usize, command: Command },
+    /// Not a command; see [`ParseError`].
+    Error(ParseError),
+}
+
+/// Where framing stands in the command at the front of the buffer.
+#[derive(Debug, Clone, Copy, Default)]
+struct Framing {
+    /// Start of the line being framed (0, or just after a literal's bytes).
+    line_start: usize,
+    /// Where to look for the line's LF next: bytes before it were seen and hold none.
+    search_from: usize,
+    /// Total literal bytes announced so far in this command (not counted as line length).
+    literal_bytes: usize,
+    /// `Some(end)` while waiting for a literal's bytes, which end at `end`.
+    literal_end: Option<usize>,
+}
+
+/// The streaming command parser of one session.
+///
+/// Contract: the caller passes its whole read buffer each time, only appends to it between
+/// calls that return [`Parse::Incomplete`] or [`Parse::NeedContinuation`], and drops exactly
+/// `consumed` bytes from the front after a command or an error (or calls [`reset`] when it
+/// throws the buffer away, e.g. at STARTTLS).
+///
+/// [`reset`]: CommandParser::reset
+#[derive(Debug, Clone)]
+pub struct CommandParser {
+    /// Longest command accepted, in bytes, literal contents excluded, CRLFs included.
+    max_line: usize,
+    /// Largest total of literal bytes in one command.
+    max_literal: usize,
+    /// Position in the command at the front of the buffer, kept between calls.
+    framing: Framing,
+}
+
+impl CommandParser {
+    /// A parser that accepts command lines up to `max_line` bytes (literal contents excluded)
+    /// and literals up to `max_literal` bytes in total per command. A session's buffer then
+    /// never needs more than `max_line + max_literal` bytes.
+    pub fn new(max_line: usize, max_literal: usize) -> Self {
+        CommandParser {
+            max_line,
+            max_literal,
+            framing: Framing::default(),
+        }
+    }
+
+    /// Forgets the partly framed command: the buffer was emptied.
+    pub fn reset(&mut self) {
+        self.framing = Framing::default();
+    }
+
+    /// Looks at the front of `buf` (the session's read buffer).
+    pub fn parse(&mut self, buf: &[u8]) -> Parse {
+        let end = match self.frame(buf) {
+            Ok(Some(end)) => end,
+            Ok(None) => return Parse::Incomplete,
+            Err(FrameStop::Continuation) => return Parse::NeedContinuation,
+            Err(FrameStop::Error(error)) => {
+                self.reset();
+                return Parse::Error(error);
+            }
+        };
+        self.reset();
+        let mut cursor = Cursor {
+            bytes: &buf[..end],
+            pos: 0,
+        };
+        match cursor.command() {
+            Ok(command) => Parse::Command {
+                consumed: end,
+                command,
+            },
+            Err(failure) => Parse::Error(ParseError {
+                consumed: end,
+                tag: failure.tag,
+                command: failure.command,
+                code: None,
+                message: failure.message.to_owned(),
+                fatal: false,
+            }),
+        }
+    }
+
+    /// Advances framing over `buf`. `Ok(Some(end))`: a whole command is `buf[..end]`.
+    fn frame(&mut self, buf: &[u8]) -> Result<Option<usize>, FrameStop> {
+        loop {
+            let f = &mut self.framing;
+            if let Some(end) = f.literal_end {
+                if buf.len() < end {
+                    return Ok(None);
+                }
+                f.literal_end = None;
+                f.line_start = end;
+                f.search_from = end;
+            }
+            let Some(lf) = memchr_lf(&buf[f.search_from..]).map(|i| f.search_from + i) else {
+                f.search_from = buf.len();
+                if buf.len() - f.literal_bytes > self.max_line {
+                    return Err(FrameStop::Error(too_long(buf)));
+                }
+                return Ok(None);
+            };
+            let line_end = lf + 1;
+            if line_end - f.literal_bytes > self.max_line {
+                return Err(FrameStop::Error(too_long(buf)));
+            }
+            let line = strip_eol(&buf[f.line_start..line_end]);
+            let Some((size, sync)) = literal_header(line) else {
+                return Ok(Some(line_end));
+            };
+            let total = size
+                .checked_add(f.literal_bytes)
+                .filter(|total| *total <= self.max_literal);
+            let Some(total) = total else {
+                let mut cursor = Cursor { bytes: buf, pos: 0 };
+                let (tag, command) = cursor.tag_and_name();
+                return Err(FrameStop::Error(ParseError {
+                    // A synchronising literal was not sent: the client waits for `+`, so
+                    // dropping the line keeps us in step. A non-synchronising one is on its
+                    // way, and skipping it is not worth the trouble.
+                    consumed: if sync { line_end } else { buf.len() },
+                    tag,
+                    command,
+                    code: Some("TOOBIG"),
+                    message: "Literal too large.".to_owned(),
+                    fatal: !sync,
+                }));
+            };
+            f.literal_bytes = total;
+            f.literal_end = Some(line_end + size);
+            if sync {
+                // Even if the bytes are already here (a client that did not wait), so that
+                // the dialogue does not depend on how the bytes were cut into reads.
+                return Err(FrameStop::Continuation);
+            }
+        }
+    }
+}
+
+/// Why framing stopped without a whole command.
+enum FrameStop {
+    Continuation,
+    Error(ParseError),
+}
+
+fn too_long(buf: &[u8]) -> ParseError {
+    let mut cursor = Cursor { bytes: buf, pos: 0 };
+    let (tag, command) = cursor.tag_and_name();
+    ParseError {
+        consumed: buf.len(),
+        tag,
+        command,
+        code: None,
+        message: "Too long command line.".to_owned(),
+        fatal: true,
+    }
+}
+
+fn memchr_lf(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().position(|b| *b == b'\n')
+}
+
+/// A line without its LF or CRLF.
+fn strip_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// If `line` (without CRLF) ends in a literal header `{n}` or `{n+}`: its size and whether it
+/// is synchronising. A size too large for `usize` is reported as `usize::MAX`.
+fn literal_header(line: &[u8]) -> Option<(usize, bool)> {
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|b| *b == b'{')?;
+    let inner = &inner[open + 1..];
+    let (digits, sync) = match inner.strip_suffix(b"+") {
+        Some(digits) => (digits, false),
+        None => (inner, true),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let size = digits.iter().try_fold(0usize, |n, d| {
+        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
+    });
+    Some((size.unwrap_or(usize::MAX), sync))
+}
+
+/// Deepest nesting of parenthesised lists accepted (ID needs one level).
+const MAX_LIST_DEPTH: usize = 8;
+
+/// A grammar error inside a framed command.
+struct Failure {
+    tag: Option<String>,
+    command: Option<CommandName>,
+    message: &'static str,
+}
+
+/// Reads the grammar of one framed command (whose literals are known to be complete).
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    /// The tag and the command name, as far as they can be read (for error replies).
+    fn tag_and_name(&mut self) -> (Option<String>, Option<CommandName>) {
+        let Some(tag) = self.take_while(is_tag_char) else {
+            return (None, None);
+        };
+        if self.at_eol() {
+            return (Some(tag), None);
+        }
+        if self.peek() != Some(b' ') {
+            return (None, None);
+        }
+        self.pos += 1;
+        let name = self
+            .take_while(is_atom_char)
+            .map(|n| CommandName::from_atom(&n));
+        (Some(tag), name)
+    }
+
+    fn command(&mut self) -> Result<Command, Failure> {
+        let (tag, name) = self.tag_and_name();
+        let fail = |message| Failure {
+            tag: tag.clone(),
+            command: name.clone(),
+            message,
+        };
+        let Some(tag) = tag.clone() else {
+            return Err(fail("Invalid tag."));
+        };
+        let Some(name) = name.clone() else {
+            return Err(fail("Missing command name."));
+        };
+        let mut args = Vec::new();
+        loop {
+            match self.peek() {
+                Some(b' ') => {
+                    self.pos += 1;
+                    args.push(self.arg(0).map_err(fail)?);
+                }
+                _ if self.at_eol() => break,
+                _ => return Err(fail("Unexpected characters after arguments.")),
+            }
+        }
+        Ok(Command { tag, name, args })
+    }
+
+    /// Whether the cursor stands on the final LF or CRLF.
+    fn at_eol(&self) -> bool {
+        matches!(&self.bytes[self.pos..], b"\n" | b"\r\n")
+    }
+
+    /// Whether the cursor stands on an LF or CRLF (the end of a literal header's line).
+    fn eat_eol(&mut self) -> bool {
+        let rest = &self.bytes[self.pos..];
+        if rest.starts_with(b"\r\n") {
+            self.pos += 2;
+            true
+        } else if rest.starts_with(b"\n") {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn take_while(&mut self, accept: fn(u8) -> bool) -> Option<String> {
+        let start = self.pos;
+        while self.peek().is_some_and(accept) {
+            self.pos += 1;
+        }
+        // Only ASCII characters are accepted, so this cannot fail.
+        let word = std::str::from_utf8(&self.bytes[start..self.pos]).ok()?;
+        (!word.is_empty()).then(|| word.to_owned())
+    }
+
+    fn arg(&mut self, depth: usize) -> Result<Arg, &'static str> {
+        match self.peek() {
+            Some(b'"') => self.quoted(),
+            Some(b'{') => self.literal(),
+            Some(b'(') => self.list(depth),
+            _ => match self.take_while(is_atom_char) {
+                Some(atom) if atom.eq_ignore_ascii_case("NIL") => Ok(Arg::Nil),
+                Some(atom) => Ok(Arg::Atom(atom)),
+                None if self.at_eol() || self.peek().is_none() => Err("Missing argument."),
+                None => Err("Invalid characters in argument."),
+            },
+        }
+    }
+
+    fn quoted(&mut self) -> Result<Arg, &'static str> {
+        self.pos += 1;
+        let mut value = Vec::new();
+        loop {
+            let Some(byte) = self.peek() else {
+                return Err("Missing '\"'.");
+            };
+            self.pos += 1;
+            match byte {
+                b'"' => return Ok(Arg::Quoted(value)),
+                b'\\' => match self.peek() {
+                    Some(escaped @ (b'"' | b'\\')) => {
+                        self.pos += 1;
+                        value.push(escaped);
+                    }
+                    _ => return Err("Invalid escape in quoted string."),
+                },
+                b'\r' | b'\n' => return Err("Missing '\"'."),
+                0 => return Err("NUL in quoted string."),
+                other => value.push(other),
+            }
+        }
+    }
+
+    fn literal(&mut self) -> Result<Arg, &'static str> {
+        self.pos += 1;
+        let start = self.pos;
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.pos += 1;
+        }
+        let size: usize = std::str::from_utf8(&self.bytes[start..self.pos])
+            .ok()
+            .and_then(|digits| digits.parse().ok())
+            .ok_or("Invalid literal size.")?;
+        if self.peek() == Some(b'+') {
+            self.pos += 1;
+        }
+        if self.peek() != Some(b'}') {
+            return Err("Invalid literal.");
+        }
+        self.pos += 1;
+        if !self.eat_eol() {
+            return Err("Literal header not at the end of the line.");
+        }
+        // Framing checked that the literal's bytes are all here; stay safe anyway.
+        let end = self
+            .pos
+            .checked_add(size)
+            .filter(|end| *end <= self.bytes.len());
+        let end = end.ok_or("Truncated literal.")?;
+        let value = self.bytes[self.pos..end].to_vec();
+        self.pos = end;
+        Ok(Arg::Literal(value))
+    }
+
+    fn list(&mut self, depth: usize) -> Result<Arg, &'static str> {
+        if depth >= MAX_LIST_DEPTH {
+            return Err("Lists nested too deeply.");
+        }
+        self.pos += 1;
+        let mut items = Vec::new();
+        if self.peek() == Some(b')') {
+            self.pos += 1;
+            return Ok(Arg::List(items));
+        }
+        loop {
+            items.push(self.arg(depth + 1)?);
+            match self.peek() {
+                Some(b' ') => self.pos += 1,
+                Some(b')') => {
+                    self.pos += 1;
+                    return Ok(Arg::List(items));
+                }
+                _ => return Err("Missing ')'."),
+            }
+        }
+    }
+}
+
+/// ATOM-CHAR plus `]` (ASTRING-CHAR) and the list wildcards `%` `*`, which some commands use.
+fn is_atom_char(b: u8) -> bool {
+    b > 0x20 && b < 0x7f && !matches!(b, b'(' | b')' | b'{' | b'"' | b'\\')
+}
+
+/// Characters allowed in a tag: ASTRING-CHAR except `+`, and not the wildcards.
+fn is_tag_char(b: u8) -> bool {
+    is_atom_char(b) && !matches!(b, b'+' | b'%' | b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a session would do with each parse result, for comparing runs.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Event {
+        Continuation,
+        Command(Command),
+        Error {
+            tag: Option<String>,
+            code: Option<&'static str>,
+            fatal: bool,
+        },
+    }
+
+    /// Feeds `script` to a parser `chunk` bytes at a time, as a session reads it, and records
+    /// what the session would see. Stops at a fatal error.
+    fn replay(script: &[u8], chunk: usize, max_line: usize, max_literal: usize) -> Vec<Event> {
+        let cap = max_line + max_literal;
+        let mut parser = CommandParser::new(max_line, max_literal);
+        let mut buf = Vec::new();
+        let mut events = Vec::new();
+        let mut sent = 0;
+        while sent < script.len() {
+            // Like a session: never read more than the buffer's room.
+            let room = cap - buf.len();
+            assert!(room > 0, "the parser let the buffer fill up");
+            let take = chunk.min(room).min(script.len() - sent);
+            buf.extend_from_slice(&script[sent..sent + take]);
+            sent += take;
+            loop {
+                match parser.parse(&buf) {
+                    Parse::Incomplete => break,
+                    Parse::NeedContinuation => events.push(Event::Continuation),
+                    Parse::Command { consumed, command } => {
+                        assert!(consumed > 0 && consumed <= buf.len());
+                        buf.drain(..consumed);
+                        events.push(Event::Command(command));
+                    }
+                    Parse::Error(e) => {
+                        assert!(e.consumed > 0 && e.consumed <= buf.len());
+                        buf.drain(..e.consumed);
+                        events.push(Event::Error {
+                            tag: e.tag,
+                            code: e.code,
+                            fatal: e.fatal,
+                        });
+                        if e.fatal {
+                            return events;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(buf.is_empty(), "bytes left over: {buf:?}");
+        events
+    }
+
+    /// Replays `script` in chunks of 1, 2, 4, … 512 bytes and checks that every run sees the
+    /// same events; returns them.
+    fn replay_all(script: &[u8], max_line: usize, max_literal: usize) -> Vec<Event> {
+        let whole = replay(script, script.len().max(1), max_line, max_literal);
+        let mut chunk = 1;
+        while chunk <= 512 {
+            let events = replay(script, chunk, max_line, max_literal);
+            assert_eq!(events, whole, "chunks of {chunk} bytes");
+            chunk *= 2;
+        }
+        whole
+    }
+
+    fn commands(script: &[u8]) -> Vec<Event> {
+        replay_all(script, 1024, 1024)
+    }
+
+    fn cmd(tag: &str, name: CommandName, args: Vec<Arg>) -> Event {
+        Event::Command(Command {
+            tag: tag.to_owned(),
+            name,
+            args,
+        })
+    }
+
+    fn atom(s: &str) -> Arg {
+        Arg::Atom(s.to_owned())
+    }
+
+    fn quoted(s: &[u8]) -> Arg {
+        Arg::Quoted(s.to_vec())
+    }
+
+    fn literal(s: &[u8]) -> Arg {
+        Arg::Literal(s.to_vec())
+    }
+
+    fn error(tag: Option<&str>) -> Event {
+        Event::Error {
+            tag: tag.map(str::to_owned),
+            code: None,
+            fatal: false,
+        }
+    }
+
+    #[test]
+    fn atoms_and_case_insensitive_names() {
+        let events = commands(
+            b"a1 CAPABILITY\r\na2 noop\r\nA3 LoGiN alice secret\r\n\
+              a4 authenticate PLAIN AGFsaWNlAHNlY3JldA==\r\na5 logout\nx starttls\r\n",
+        );
+        assert_eq!(
+            events,
+            vec![
+                cmd("a1", CommandName::Capability, vec![]),
+                cmd("a2", CommandName::Noop, vec![]),
+                cmd(
+                    "A3",
+                    CommandName::Login,
+                    vec![atom("alice"), atom("secret")]
+                ),
+                cmd(
+                    "a4",
+                    CommandName::Authenticate,
+                    vec![atom("PLAIN"), atom("AGFsaWNlAHNlY3JldA==")]
+                ),
+                cmd("a5", CommandName::Logout, vec![]),
+                cmd("x", CommandName::Starttls, vec![]),
+            ]
+        );
+    }
+
+    #[test]
+    fn quoted_strings_with_escapes() {
+        let events =
+            commands(b"a LOGIN \"al ice\" \"p\\\"w\\\\d\"\r\nb LOGIN \"\" \"\xc3\xa9\"\r\n");
+        assert_eq!(
+            events,
+            vec![
+                cmd(
+                    "a",
+                    CommandName::Login,
+                    vec![quoted(b"al ice"), quoted(b"p\"w\\d")]
+                ),
+                cmd(
+                    "b",
+                    CommandName::Login,
+                    vec![quoted(b""), quoted("é".as_bytes())]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn synchronising_literals_wait_for_continuation() {
+        let events = commands(b"a LOGIN {5}\r\nalice {6}\r\nsecret\r\nb NOOP\r\n");
+        assert_eq!(
+            events,
+            vec![
+                Event::Continuation,
+                Event::Continuation,
+                cmd(
+                    "a",
+                    CommandName::Login,
+                    vec![literal(b"alice"), literal(b"secret")]
+                ),
+                cmd("b", CommandName::Noop, vec![]),
+            ]
+        );
+    }
+
+    #[test]
+    fn non_synchronising_literals() {
+        let events = commands(b"a LOGIN {5+}\r\nalice {0+}\r\n\r\n");
+        assert_eq!(
+            events,
+            vec![cmd(
+                "a",
+                CommandName::Login,
+                vec![literal(b"alice"), literal(b"")]
+            )]
+        );
+    }
+
+    #[test]
+    fn literal_holding_crlf_nul_and_quotes() {
+        let events = commands(b"a LOGIN alice {22+}\r\np\"w\r\nb LOGOUT\r\n\0\\{3}\r\n\r\n");
+        assert_eq!(
+            events,
+            vec![cmd(
+                "a",
+                CommandName::Login,
+                vec![atom("alice"), literal(b"p\"w\r\nb LOGOUT\r\n\0\\{3}\r\n")]
+            )]
+        );
+    }
+
+    #[test]
+    fn id_with_list_and_nil() {
+        let events = commands(
+            b"i1 ID (\"name\" \"mutt\" \"version\" NIL)\r\ni2 ID NIL\r\ni3 id ()\r\n\
+              i4 ID (\"os\" {5}\r\nLinux)\r\n",
+        );
+        assert_eq!(
+            events,
+            vec![
+                cmd(
+                    "i1",
+                    CommandName::Id,
+                    vec![Arg::List(vec![
+                        quoted(b"name"),
+                        quoted(b"mutt"),
+                        quoted(b"version"),
+                        Arg::Nil
+                    ])]
+                ),
+                cmd("i2", CommandName::Id, vec![Arg::Nil]),
+                cmd("i3", CommandName::Id, vec![Arg::List(vec![])]),
+                Event::Continuation,
+                cmd(
+                    "i4",
+                    CommandName::Id,
+                    vec![Arg::List(vec![quoted(b"os"), literal(b"Linux")])]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_command_and_syntax_errors() {
+        let events = commands(
+            b"a SELECT INBOX\r\n\r\n* LOGIN a b\r\nb\r\nc LOGIN \"open\r\n\
+              d LOGIN a  b\r\ne LOGIN \"a\\x\" b\r\nf LOGIN (a b\r\ng NOOP\r\n",
+        );
+        assert_eq!(
+            events,
+            vec![
+                cmd(
+                    "a",
+                    CommandName::Other("SELECT".into()),
+                    vec![atom("INBOX")]
+                ),
+                error(None),
+                error(None),
+                error(Some("b")),
+                error(Some("c")),
+                error(Some("d")),
+                error(Some("e")),
+                error(Some("f")),
+                cmd("g", CommandName::Noop, vec![]),
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_error_before_a_literal_skips_the_literal() {
+        // The bad command's literal must not be read as a command.
+        let events = commands(b"a LOGIN \"x {10+}\r\nb LOGOUT\r\n\r\nc NOOP\r\n");
+        assert_eq!(
+            events,
+            vec![error(Some("a")), cmd("c", CommandName::Noop, vec![])]
+        );
+    }
+
+    #[test]
+    fn too_long_line_is_fatal() {
+        let mut script = b"a LOGIN ".to_vec();
+        script.extend(std::iter::repeat_n(b'x', 200));
+        script.extend_from_slice(b" y\r\nb NOOP\r\n");
+        let events = replay_all(&script, 64, 64);
+        assert_eq!(
+            events,
+            vec![Event::Error {
+                tag: Some("a".into()),
+                code: None,
+                fatal: true
+            }]
+        );
+        // A line exactly at the limit is fine.
+        let events = replay_all(b"a NOOP\r\n", 8, 0);
+        assert_eq!(events, vec![cmd("a", CommandName::Noop, vec![])]);
+    }
+
+    #[test]
+    fn too_big_literals() {
+        // Synchronising: the client has not sent it; answer and go on.
+        let events = replay_all(b"a LOGIN {100}\r\nb NOOP\r\n", 64, 64);
+        let toobig = |fatal| Event::Error {
+            tag: Some("a".into()),
+            code: Some("TOOBIG"),
+            fatal,
+        };
+        assert_eq!(
+            events,
+            vec![toobig(false), cmd("b", CommandName::Noop, vec![])]
+        );
+        // Non-synchronising: its bytes are coming, the session must close.
+        let mut script = b"a LOGIN {100+}\r\n".to_vec();
+        script.extend(std::iter::repeat_n(b'x', 100));
+        script.extend_from_slice(b"\r\n");
+        assert_eq!(replay_all(&script, 64, 64), vec![toobig(true)]);
+        // Two literals that each fit but together do not.
+        let mut script = b"a LOGIN {40}\r\n".to_vec();
+        script.extend(std::iter::repeat_n(b'x', 40));
+        script.extend_from_slice(b" {40}\r\nb NOOP\r\n");
+        assert_eq!(
+            replay_all(&script, 64, 64),
+            vec![
+                Event::Continuation,
+                toobig(false),
+                cmd("b", CommandName::Noop, vec![])
+            ]
+        );
+        // A size that does not fit in usize.
+        let events = replay_all(b"a LOGIN {99999999999999999999999}\r\n", 64, 64);
+        assert_eq!(events, vec![toobig(false)]);
+    }
+
+    #[test]
+    fn arguments_never_show_in_debug_output() {
+        let arg = quoted(b"hunter2");
+        assert!(!format!("{arg:?}").contains("hunter2"));
+    }
+}
