@@ -461,3 +461,580 @@ fn printable(text: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinHandle;
+    use tokio_rustls::rustls;
+
+    use super::*;
+    use crate::decision::ClientIdentity;
+    use crate::frontend::{BackendLink, PreauthLimits};
+    use crate::sessions::Sessions;
+    use crate::stream::BackendStream;
+
+    /// What the fake authenticator answers to the next login.
+    enum Answer {
+        Ok(&'static str),
+        AuthFailed(&'static str),
+        Unavailable(&'static str),
+    }
+
+    /// Records every decision and answers from a script (a refused login once it runs out).
+    #[derive(Default)]
+    struct FakeAuth {
+        answers: Mutex<VecDeque<Answer>>,
+        decisions: Mutex<Vec<Decision>>,
+        /// Keeps the fake backends' listeners open while the test runs.
+        backends: Mutex<Vec<TcpListener>>,
+    }
+
+    impl FakeAuth {
+        fn new(answers: impl IntoIterator<Item = Answer>) -> Arc<Self> {
+            Arc::new(FakeAuth {
+                answers: Mutex::new(answers.into_iter().collect()),
+                ..FakeAuth::default()
+            })
+        }
+
+        fn decisions(&self) -> Vec<Decision> {
+            self.decisions.lock().unwrap().clone()
+        }
+    }
+
+    impl Authenticator for FakeAuth {
+        async fn login(&self, decision: &Decision) -> Result<BackendLink, LoginFailure> {
+            self.decisions.lock().unwrap().push(decision.clone());
+            let answer = self.answers.lock().unwrap().pop_front();
+            match answer {
+                Some(Answer::Ok(text)) => {
+                    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    let addr = listener.local_addr().unwrap();
+                    let stream = TcpStream::connect(addr).await.unwrap();
+                    self.backends.lock().unwrap().push(listener);
+                    let user = &decision.credentials.username;
+                    Ok(BackendLink {
+                        stream: BackendStream::Plain(stream),
+                        success_text: text.into(),
+                        leftover: Vec::new(),
+                        session: Sessions::new().register(Protocol::Pop3, user, 0, addr, None),
+                    })
+                }
+                Some(Answer::Unavailable(message)) => Err(LoginFailure::Unavailable {
+                    message: message.into(),
+                }),
+                Some(Answer::AuthFailed(message)) => Err(LoginFailure::AuthFailed {
+                    message: message.into(),
+                }),
+                None => Err(LoginFailure::AuthFailed {
+                    message: String::new(),
+                }),
+            }
+        }
+    }
+
+    fn context() -> FrontendContext {
+        FrontendContext {
+            starttls: None,
+            disable_plaintext_auth: false,
+            trusted: false,
+            limits: PreauthLimits {
+                auth_failure_delay: Duration::from_millis(1),
+                timeout: Duration::from_secs(30),
+                ..PreauthLimits::default()
+            },
+            identity: ClientIdentity {
+                client: "192.0.2.7:50123".parse().unwrap(),
+                local: "198.51.100.1:110".parse().unwrap(),
+                session_id: "dir-1".into(),
+            },
+            greeting: "Director ready.".into(),
+        }
+    }
+
+    /// What `run` returned, in a form tests can compare.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Outcome {
+        Established { username: String, leftover: Vec<u8> },
+        NoSession,
+        Error,
+    }
+
+    /// The test's end of the connection.
+    struct Client {
+        rd: BufReader<OwnedReadHalf>,
+        wr: OwnedWriteHalf,
+        session: JoinHandle<Outcome>,
+    }
+
+    impl Client {
+        /// Connects a client to a front end running `ctx` against `auth`.
+        async fn start(ctx: FrontendContext, auth: &Arc<FakeAuth>) -> Client {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let sock = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let auth = auth.clone();
+            // Spawned, which also proves the front end's future is `Send`.
+            let session = tokio::spawn(async move {
+                match run(ClientStream::Plain(server), ctx, &*auth).await {
+                    Ok(Some(est)) => Outcome::Established {
+                        username: est.username,
+                        leftover: est.client_leftover,
+                    },
+                    Ok(None) => Outcome::NoSession,
+                    Err(_) => Outcome::Error,
+                }
+            });
+            let (rd, wr) = sock.into_split();
+            Client {
+                rd: BufReader::new(rd),
+                wr,
+                session,
+            }
+        }
+
+        /// Connects and reads the greeting.
+        async fn greeted(ctx: FrontendContext, auth: &Arc<FakeAuth>) -> Client {
+            let mut client = Client::start(ctx, auth).await;
+            client.expect("+OK Director ready.").await;
+            client
+        }
+
+        async fn send(&mut self, bytes: &[u8]) {
+            self.wr.write_all(bytes).await.unwrap();
+        }
+
+        /// Reads one reply line, which must end in CRLF; `None` at end of stream.
+        async fn line(&mut self) -> Option<String> {
+            let mut line = String::new();
+            if self.rd.read_line(&mut line).await.unwrap() == 0 {
+                return None;
+            }
+            let line = line.strip_suffix("\r\n").expect("reply ends in CRLF");
+            Some(line.to_owned())
+        }
+
+        async fn expect(&mut self, want: &str) {
+            assert_eq!(self.line().await.as_deref(), Some(want));
+        }
+
+        async fn expect_lines(&mut self, want: &[&str]) {
+            for line in want {
+                self.expect(line).await;
+            }
+        }
+
+        /// Sends `command` (CRLF added) and expects `reply`.
+        async fn command(&mut self, command: &str, reply: &str) {
+            self.send(format!("{command}\r\n").as_bytes()).await;
+            self.expect(reply).await;
+        }
+
+        /// Expects the server to close, and returns what the session came to.
+        async fn finish(mut self) -> Outcome {
+            assert_eq!(self.line().await, None, "connection should be closed");
+            self.session.await.unwrap()
+        }
+    }
+
+    fn b64(raw: &[u8]) -> String {
+        sasl::encode_base64(raw)
+    }
+
+    const FULL_CAPA: &[&str] = &[
+        "+OK",
+        "CAPA",
+        "TOP",
+        "UIDL",
+        "RESP-CODES",
+        "PIPELINING",
+        "AUTH-RESP-CODE",
+        "USER",
+        "SASL PLAIN LOGIN",
+        ".",
+    ];
+
+    #[tokio::test]
+    async fn greeting_capa_noop_quit() {
+        let auth = FakeAuth::new([]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.send(b"capa\r\n").await;
+        c.expect_lines(FULL_CAPA).await;
+        c.command("NOOP", "+OK").await;
+        c.command("QUIT", "+OK Logging out").await;
+        assert_eq!(c.finish().await, Outcome::NoSession);
+        assert!(auth.decisions().is_empty());
+    }
+
+    #[tokio::test]
+    async fn plaintext_disallowed_on_an_insecure_connection() {
+        let auth = FakeAuth::new([Answer::Ok("Logged in.")]);
+        let mut ctx = context();
+        ctx.disable_plaintext_auth = true;
+        let mut c = Client::greeted(ctx, &auth).await;
+        c.send(b"CAPA\r\n").await;
+        c.expect_lines(&[
+            "+OK",
+            "CAPA",
+            "TOP",
+            "UIDL",
+            "RESP-CODES",
+            "PIPELINING",
+            "AUTH-RESP-CODE",
+            ".",
+        ])
+        .await;
+        c.command("USER alice", PLAINTEXT_DISALLOWED).await;
+        c.command("PASS secret", PLAINTEXT_DISALLOWED).await;
+        c.command("AUTH PLAIN AGFsaWNlAHB3", PLAINTEXT_DISALLOWED)
+            .await;
+        c.send(b"AUTH\r\n").await;
+        c.expect_lines(&["+OK", "."]).await;
+        c.command("QUIT", "+OK Logging out").await;
+        assert_eq!(c.finish().await, Outcome::NoSession);
+        assert!(auth.decisions().is_empty());
+
+        // From a trusted network it is allowed.
+        let mut ctx = context();
+        ctx.disable_plaintext_auth = true;
+        ctx.trusted = true;
+        let mut c = Client::greeted(ctx, &auth).await;
+        c.send(b"CAPA\r\n").await;
+        c.expect_lines(FULL_CAPA).await;
+        c.command("USER alice", "+OK").await;
+        c.command("PASS secret", "+OK Logged in.").await;
+    }
+
+    #[tokio::test]
+    async fn user_pass_logs_in_with_spaces_in_the_password() {
+        let auth = FakeAuth::new([Answer::Ok("Logged in.")]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.command("USER alice", "+OK").await;
+        c.command("PASS  correct horse ", "+OK Logged in.").await;
+        assert_eq!(
+            c.session.await.unwrap(),
+            Outcome::Established {
+                username: "alice".into(),
+                leftover: Vec::new()
+            }
+        );
+        let decisions = auth.decisions();
+        assert_eq!(decisions.len(), 1);
+        let d = &decisions[0];
+        assert_eq!(d.protocol, Protocol::Pop3);
+        assert_eq!(
+            d.credentials,
+            Credentials::plain("alice", " correct horse ")
+        );
+        assert_eq!(d.identity, context().identity);
+        assert!(!d.secured);
+    }
+
+    #[tokio::test]
+    async fn pass_needs_user() {
+        let auth = FakeAuth::new([]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.command("PASS secret", "-ERR No username given.").await;
+        assert!(auth.decisions().is_empty());
+    }
+
+    #[tokio::test]
+    async fn auth_plain_with_initial_response() {
+        let auth = FakeAuth::new([Answer::Ok("Logged in.")]);
+        let mut c = Client::greeted(context(), &auth).await;
+        let ir = b64(b"\0alice\0secret");
+        c.command(&format!("AUTH PLAIN {ir}"), "+OK Logged in.")
+            .await;
+        assert!(matches!(
+            c.session.await.unwrap(),
+            Outcome::Established { .. }
+        ));
+        assert_eq!(
+            auth.decisions()[0].credentials,
+            Credentials::plain("alice", "secret")
+        );
+    }
+
+    #[tokio::test]
+    async fn auth_plain_with_a_continuation_and_authzid() {
+        let auth = FakeAuth::new([Answer::Ok("Logged in.")]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.command("auth plain", "+ ").await;
+        c.command(&b64(b"bob\0master\0pw"), "+OK Logged in.").await;
+        assert_eq!(
+            c.session.await.unwrap(),
+            Outcome::Established {
+                username: "bob".into(),
+                leftover: Vec::new()
+            }
+        );
+        let creds = &auth.decisions()[0].credentials;
+        assert_eq!(
+            (creds.username.as_str(), creds.auth_username.as_str()),
+            ("bob", "master")
+        );
+    }
+
+    #[tokio::test]
+    async fn auth_login() {
+        let auth = FakeAuth::new([Answer::Ok("Logged in.")]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.command("AUTH LOGIN", "+ VXNlcm5hbWU6").await;
+        c.command(&b64(b"alice"), "+ UGFzc3dvcmQ6").await;
+        c.command(&b64(b"secret"), "+OK Logged in.").await;
+        assert!(matches!(
+            c.session.await.unwrap(),
+            Outcome::Established { .. }
+        ));
+        assert_eq!(
+            auth.decisions()[0].credentials,
+            Credentials::plain("alice", "secret")
+        );
+    }
+
+    #[tokio::test]
+    async fn auth_cancel_list_and_unknown_mechanism() {
+        let auth = FakeAuth::new([]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.command("AUTH PLAIN", "+ ").await;
+        c.command("*", "-ERR Authentication aborted by client.")
+            .await;
+        c.command("AUTH LOGIN", "+ VXNlcm5hbWU6").await;
+        c.command("*", "-ERR Authentication aborted by client.")
+            .await;
+        c.send(b"AUTH\r\n").await;
+        c.expect_lines(&["+OK", "PLAIN", "LOGIN", "."]).await;
+        c.command(
+            "AUTH CRAM-MD5",
+            "-ERR Unsupported authentication mechanism.",
+        )
+        .await;
+        c.command("NOOP", "+OK").await;
+        assert!(auth.decisions().is_empty());
+    }
+
+    #[tokio::test]
+    async fn failed_login_then_success() {
+        let auth = FakeAuth::new([
+            Answer::AuthFailed("Authentication failed."),
+            Answer::Ok("Logged in."),
+        ]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.command("USER alice", "+OK").await;
+        c.command("PASS wrong", "-ERR [AUTH] Authentication failed.")
+            .await;
+        c.command("PASS right", "+OK Logged in.").await;
+        assert!(matches!(
+            c.session.await.unwrap(),
+            Outcome::Established { .. }
+        ));
+        assert_eq!(auth.decisions().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn too_many_failures_close_after_a_delay_each() {
+        let auth = FakeAuth::new([Answer::AuthFailed("Password mismatch\r\n+OK fake")]);
+        let mut ctx = context();
+        ctx.limits.auth_failure_delay = Duration::from_secs(2);
+        ctx.limits.max_auth_failures = 3;
+        let mut c = Client::greeted(ctx, &auth).await;
+        c.command("USER alice", "+OK").await;
+        let started = tokio::time::Instant::now();
+        // The backend's text cannot add a line of its own.
+        c.command("PASS a", "-ERR [AUTH] Password mismatch  +OK fake")
+            .await;
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        c.command("PASS b", "-ERR [AUTH] Authentication failed.")
+            .await;
+        c.command("PASS c", "-ERR [AUTH] Authentication failed.")
+            .await;
+        assert_eq!(c.finish().await, Outcome::NoSession);
+        assert_eq!(auth.decisions().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn unavailable_is_not_an_auth_failure() {
+        let auth = FakeAuth::new([
+            Answer::Unavailable("No backend available."),
+            Answer::Unavailable(""),
+            Answer::Ok("Logged in."),
+        ]);
+        let mut ctx = context();
+        ctx.limits.max_auth_failures = 1;
+        let mut c = Client::greeted(ctx, &auth).await;
+        c.command("USER alice", "+OK").await;
+        c.command("PASS pw", "-ERR [SYS/TEMP] No backend available.")
+            .await;
+        c.command(
+            "PASS pw",
+            "-ERR [SYS/TEMP] Temporary failure, try again later.",
+        )
+        .await;
+        c.command("PASS pw", "+OK Logged in.").await;
+    }
+
+    #[tokio::test]
+    async fn unknown_commands_until_too_many() {
+        let auth = FakeAuth::new([]);
+        let mut ctx = context();
+        ctx.limits.max_bad_commands = 3;
+        let mut c = Client::greeted(ctx, &auth).await;
+        c.command("APOP alice 0123456789abcdef", "-ERR Unknown command.")
+            .await;
+        c.command("", "-ERR Unknown command.").await;
+        c.command("STAT", "-ERR Too many invalid commands.").await;
+        assert_eq!(c.finish().await, Outcome::NoSession);
+    }
+
+    #[tokio::test]
+    async fn bad_usernames_are_refused() {
+        let auth = FakeAuth::new([]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.send(b"USER \xff\xfe\r\n").await;
+        c.expect("-ERR Invalid characters in argument.").await;
+        c.command("USER ", "-ERR No username given.").await;
+        c.command(
+            &format!("AUTH PLAIN {}", b64(b"\0\0pw")),
+            "-ERR [AUTH] Authentication failed.",
+        )
+        .await;
+        c.command(
+            &format!("AUTH PLAIN {}", b64(b"\0\xff\0pw")),
+            "-ERR [AUTH] Authentication failed.",
+        )
+        .await;
+        c.command("AUTH PLAIN !!!", "-ERR Invalid base64 data in response.")
+            .await;
+        c.command("AUTH LOGIN", "+ VXNlcm5hbWU6").await;
+        c.command("=", "+ UGFzc3dvcmQ6").await;
+        c.command("=", "-ERR [AUTH] Authentication failed.").await;
+        assert!(auth.decisions().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pipelined_commands_after_login_are_handed_over() {
+        let auth = FakeAuth::new([Answer::Ok("Logged in.")]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nLIST\r\n")
+            .await;
+        c.expect_lines(&["+OK", "+OK Logged in."]).await;
+        assert_eq!(
+            c.session.await.unwrap(),
+            Outcome::Established {
+                username: "alice".into(),
+                leftover: b"STAT\r\nLIST\r\n".to_vec()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn over_long_lines_close_the_connection() {
+        let auth = FakeAuth::new([]);
+        let mut ctx = context();
+        ctx.limits.max_line = 64;
+        let mut c = Client::greeted(ctx, &auth).await;
+        c.send(format!("USER {}", "a".repeat(100)).as_bytes()).await;
+        c.expect("-ERR Input line too long.").await;
+        assert_eq!(c.finish().await, Outcome::NoSession);
+
+        // A SASL response is capped by max_literal.
+        let mut ctx = context();
+        ctx.limits.max_literal = 16;
+        let mut c = Client::greeted(ctx, &auth).await;
+        c.command("AUTH PLAIN", "+ ").await;
+        c.command(&"A".repeat(40), "-ERR Input line too long.")
+            .await;
+        assert_eq!(c.finish().await, Outcome::NoSession);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inactivity_ends_the_dialogue() {
+        let auth = FakeAuth::new([]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.command("USER alice", "+OK").await;
+        let started = tokio::time::Instant::now();
+        c.expect("-ERR Disconnected for inactivity.").await;
+        assert!(started.elapsed() >= Duration::from_secs(29));
+        assert_eq!(c.finish().await, Outcome::NoSession);
+    }
+
+    #[tokio::test]
+    async fn client_leaving_is_no_session() {
+        let auth = FakeAuth::new([]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.send(b"USER alice\r\nPASS").await;
+        c.expect("+OK").await;
+        c.wr.shutdown().await.unwrap();
+        assert_eq!(c.finish().await, Outcome::NoSession);
+    }
+
+    /// A TLS acceptor without a certificate: enough to offer STLS and start a handshake,
+    /// which then fails.
+    fn acceptor() -> tokio_rustls::TlsAcceptor {
+        #[derive(Debug)]
+        struct NoCertificate;
+        impl rustls::server::ResolvesServerCert for NoCertificate {
+            fn resolve(
+                &self,
+                _: rustls::server::ClientHello<'_>,
+            ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+                None
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(NoCertificate));
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
+    #[tokio::test]
+    async fn stls_offered_only_when_configured() {
+        let auth = FakeAuth::new([]);
+        let mut c = Client::greeted(context(), &auth).await;
+        c.command("STLS", "-ERR TLS support isn't enabled.").await;
+
+        let mut ctx = context();
+        ctx.starttls = Some(acceptor());
+        ctx.disable_plaintext_auth = true;
+        let mut c = Client::greeted(ctx, &auth).await;
+        c.send(b"CAPA\r\n").await;
+        c.expect_lines(&[
+            "+OK",
+            "CAPA",
+            "TOP",
+            "UIDL",
+            "RESP-CODES",
+            "PIPELINING",
+            "AUTH-RESP-CODE",
+            "STLS",
+            ".",
+        ])
+        .await;
+    }
+
+    #[tokio::test]
+    async fn commands_pipelined_after_stls_are_discarded() {
+        let auth = FakeAuth::new([Answer::Ok("Logged in.")]);
+        let mut ctx = context();
+        ctx.starttls = Some(acceptor());
+        let mut c = Client::greeted(ctx, &auth).await;
+        c.send(b"STLS\r\nUSER alice\r\nPASS secret\r\n").await;
+        c.expect("+OK Begin TLS negotiation now.").await;
+        // No reply to USER or PASS: they were thrown away, and the handshake then fails
+        // on the client's silence.
+        c.wr.shutdown().await.unwrap();
+        assert_eq!(c.finish().await, Outcome::Error);
+        assert!(auth.decisions().is_empty());
+    }
+}
