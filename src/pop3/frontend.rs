@@ -1037,4 +1037,169 @@ mod tests {
         assert_eq!(c.finish().await, Outcome::Error);
         assert!(auth.decisions().is_empty());
     }
+
+    /// A P-256 key made for these tests (`openssl genpkey -algorithm EC`), base64 PKCS#8.
+    const TEST_KEY: &str = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgzXfATwBL5DEnJj1i\
+                            tM9QtoAd0J4xMKtYpvg1oR0clfOhRANCAASdx+NasDsci0SI/Hga81zpgCue9370\
+                            791OIv/w+p9snJHOsMkXxJp+dhWFqf5QiHgJddLVvrPHNTbslUsTmtm7";
+
+    /// A TLS acceptor that completes handshakes: it signs with [`TEST_KEY`] and presents a
+    /// placeholder certificate, which only [`trusting_connector`] accepts.
+    fn working_acceptor() -> tokio_rustls::TlsAcceptor {
+        #[derive(Debug)]
+        struct TestKey(Arc<rustls::sign::CertifiedKey>);
+        impl rustls::server::ResolvesServerCert for TestKey {
+            fn resolve(
+                &self,
+                _: rustls::server::ClientHello<'_>,
+            ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+                Some(self.0.clone())
+            }
+        }
+        let der = sasl::decode_base64(TEST_KEY.as_bytes()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(der.into());
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
+        let cert = rustls::pki_types::CertificateDer::from(b"placeholder".to_vec());
+        let certified = rustls::sign::CertifiedKey::new(vec![cert], signer);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(TestKey(Arc::new(certified))));
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// A TLS client that accepts any certificate and signature (tests only).
+    fn trusting_connector() -> tokio_rustls::TlsConnector {
+        use rustls::client::danger::{
+            HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+        };
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        use rustls::{DigitallySignedStruct, SignatureScheme};
+
+        #[derive(Debug)]
+        struct TrustAnything;
+        impl ServerCertVerifier for TrustAnything {
+            fn verify_server_cert(
+                &self,
+                _: &CertificateDer<'_>,
+                _: &[CertificateDer<'_>],
+                _: &ServerName<'_>,
+                _: &[u8],
+                _: UnixTime,
+            ) -> Result<ServerCertVerified, rustls::Error> {
+                Ok(ServerCertVerified::assertion())
+            }
+            fn verify_tls12_signature(
+                &self,
+                _: &[u8],
+                _: &CertificateDer<'_>,
+                _: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, rustls::Error> {
+                Ok(HandshakeSignatureValid::assertion())
+            }
+            fn verify_tls13_signature(
+                &self,
+                _: &[u8],
+                _: &CertificateDer<'_>,
+                _: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, rustls::Error> {
+                Ok(HandshakeSignatureValid::assertion())
+            }
+            fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+                rustls::crypto::ring::default_provider()
+                    .signature_verification_algorithms
+                    .supported_schemes()
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(TrustAnything))
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    /// Reads one CRLF-terminated line a byte at a time, so that nothing after it (the TLS
+    /// handshake) is consumed.
+    async fn read_line_exactly<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
+        let mut line = Vec::new();
+        while !line.ends_with(b"\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(
+                stream.read(&mut byte).await.unwrap(),
+                1,
+                "unexpected end of stream"
+            );
+            line.push(byte[0]);
+        }
+        line.truncate(line.len() - 2);
+        String::from_utf8(line).unwrap()
+    }
+
+    #[tokio::test]
+    async fn stls_discards_pipelined_commands_and_secures_the_login() {
+        let auth = FakeAuth::new([Answer::Ok("Logged in.")]);
+        let mut ctx = context();
+        ctx.starttls = Some(working_acceptor());
+        ctx.disable_plaintext_auth = true;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut sock = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let auth2 = auth.clone();
+        let session = tokio::spawn(async move {
+            let est = run(ClientStream::Plain(server), ctx, &*auth2)
+                .await
+                .unwrap();
+            est.map(|e| (e.client.is_tls(), e.username))
+        });
+
+        assert_eq!(read_line_exactly(&mut sock).await, "+OK Director ready.");
+        // An attacker in the middle appends commands after STLS, in the clear.
+        sock.write_all(b"STLS\r\nUSER mallory\r\nQUIT\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_line_exactly(&mut sock).await,
+            "+OK Begin TLS negotiation now."
+        );
+        let name = rustls::pki_types::ServerName::try_from("director.example").unwrap();
+        let mut tls = trusting_connector().connect(name, sock).await.unwrap();
+
+        // Neither USER nor QUIT was executed: PASS has no user, the session is alive.
+        tls.write_all(b"PASS secret\r\n").await.unwrap();
+        assert_eq!(read_line_exactly(&mut tls).await, "-ERR No username given.");
+        // Over TLS, plaintext logins are allowed and STLS is no longer offered.
+        tls.write_all(b"CAPA\r\n").await.unwrap();
+        let mut capa = Vec::new();
+        loop {
+            let line = read_line_exactly(&mut tls).await;
+            if line == "." {
+                break;
+            }
+            capa.push(line);
+        }
+        assert!(capa.contains(&"USER".to_owned()));
+        assert!(!capa.contains(&"STLS".to_owned()));
+        tls.write_all(b"STLS\r\n").await.unwrap();
+        assert_eq!(
+            read_line_exactly(&mut tls).await,
+            "-ERR TLS is already active."
+        );
+
+        tls.write_all(b"USER alice\r\nPASS secret\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_line_exactly(&mut tls).await, "+OK");
+        assert_eq!(read_line_exactly(&mut tls).await, "+OK Logged in.");
+        assert_eq!(session.await.unwrap(), Some((true, "alice".to_owned())));
+        let decisions = auth.decisions();
+        assert_eq!(decisions.len(), 1);
+        assert!(decisions[0].secured);
+    }
 }
