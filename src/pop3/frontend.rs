@@ -69,8 +69,8 @@ enum Step {
     Continue,
     /// End the dialogue without a session (the reply has been sent).
     Close,
-    /// A login succeeded.
-    Established(Established),
+    /// A login succeeded. (Boxed: the other steps are empty.)
+    Established(Box<Established>),
 }
 
 /// What reading a line gave.
@@ -114,7 +114,7 @@ impl<A: Authenticator> Session<'_, A> {
             match self.execute(command).await? {
                 Step::Continue => {}
                 Step::Close => return Ok(None),
-                Step::Established(established) => return Ok(Some(established)),
+                Step::Established(established) => return Ok(Some(*established)),
             }
         }
     }
@@ -318,12 +318,12 @@ impl<A: Authenticator> Session<'_, A> {
                 };
                 self.send(&reply).await?;
                 tracing::debug!(session = %self.ctx.identity.session_id, user = %username, "pop3: logged in");
-                Ok(Step::Established(Established {
+                Ok(Step::Established(Box::new(Established {
                     client: self.take_stream()?,
                     client_leftover: std::mem::take(&mut self.buf),
                     backend: link,
                     username,
-                }))
+                })))
             }
             Err(LoginFailure::AuthFailed { message }) => {
                 tracing::debug!(session = %self.ctx.identity.session_id, user = %username, "pop3: login failed");
