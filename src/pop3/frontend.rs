@@ -75,6 +75,7 @@ enum Step {
 
 /// What reading a line gave.
 enum Input<T> {
+    /// A whole line (or the command it holds).
     Got(T),
     /// The client closed the connection.
     Closed,
@@ -85,6 +86,7 @@ enum Input<T> {
 /// One client's pre-authentication state.
 struct Session<'a, A> {
     ctx: FrontendContext,
+    /// Turns credentials into a backend connection; the only judge of passwords.
     auth: &'a A,
     /// `None` only while a TLS handshake is running (it takes the plain stream), or if that
     /// handshake failed.
@@ -93,7 +95,9 @@ struct Session<'a, A> {
     buf: Vec<u8>,
     /// The name given by `USER`, for the next `PASS`.
     user: Option<String>,
+    /// Logins refused so far; at `limits.max_auth_failures` the client is sent away.
     auth_failures: u32,
+    /// Invalid commands so far; at `limits.max_bad_commands` the client is sent away.
     bad_commands: u32,
 }
 
