@@ -31,6 +31,8 @@ const MIN_HEADER_LEN: usize = 15;
 /// Address block sizes of version 2 for each family that carries addresses.
 const V2_INET_LEN: usize = 12;
 const V2_INET6_LEN: usize = 36;
+/// The version 2 transport number of STREAM (TCP); the only one with client addresses.
+const V2_STREAM: u8 = 1;
 
 /// What a PROXY header says about the connection.
 ///
@@ -273,16 +275,15 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     let fam = buf[13];
     // The address block is followed by TLVs, which the director has no use for.
     let block = &buf[V2_PREFIX_LEN..total];
-    const STREAM: u8 = 1;
     let header = match (is_proxy, fam >> 4, fam & 0x0f) {
         // LOCAL: a health check or the load balancer's own connection; no client behind it.
         (false, _, _) => ProxyHeader::UNKNOWN,
-        (true, 1, STREAM) => {
+        (true, 1, V2_STREAM) => {
             let b = v2_block(block, V2_INET_LEN, "IPv4")?;
             let ip = |at: usize| IpAddr::from([b[at], b[at + 1], b[at + 2], b[at + 3]]);
             v2_header(ip(0), ip(4), &b[8..])
         }
-        (true, 2, STREAM) => {
+        (true, 2, V2_STREAM) => {
             let b = v2_block(block, V2_INET6_LEN, "IPv6")?;
             let ip = |at: usize| {
                 let bytes: [u8; 16] = b[at..at + 16].try_into().expect("16 bytes");
@@ -321,6 +322,7 @@ fn v2_header(src: IpAddr, dst: IpAddr, ports: &[u8]) -> ProxyHeader {
 ///
 /// When one address is IPv4 and the other IPv6, the IPv4 one is sent as an IPv4-mapped IPv6
 /// address (`::ffff:a.b.c.d`), since a header has a single family.
+#[must_use]
 pub fn encode_v2(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
     let mut out = Vec::with_capacity(V2_PREFIX_LEN + V2_INET6_LEN);
     out.extend_from_slice(&V2_SIGNATURE);
