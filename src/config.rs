@@ -498,3 +498,37 @@ mod tests {
         assert!(e.starts_with("trusted_networks[0]: "), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped example parses, and its defaults are the code's defaults.
+    #[test]
+    fn example_matches_defaults() {
+        let text = include_str!("../config.yaml.example");
+        let c = Config::parse(text).unwrap();
+        let l = Limits::default();
+        assert_eq!(c.limits.preauth_timeout, l.preauth_timeout);
+        assert_eq!(c.limits.max_line_length, l.max_line_length);
+        assert_eq!(c.limits.max_literal_size, l.max_literal_size);
+        assert_eq!(c.limits.max_auth_failures, l.max_auth_failures);
+        assert_eq!(c.limits.auth_failure_delay, l.auth_failure_delay);
+        assert_eq!(c.limits.max_bad_commands, l.max_bad_commands);
+        assert_eq!(c.limits.max_connections, l.max_connections);
+        assert_eq!(c.limits.close_linger, l.close_linger);
+        let d = BackendDefaults::default();
+        assert_eq!(c.backend_defaults.tls, d.tls);
+        assert_eq!(c.backend_defaults.tls_verify, d.tls_verify);
+        assert_eq!(c.backend_defaults.forward, d.forward);
+        assert_eq!(c.backend_defaults.connect_timeout, d.connect_timeout);
+        assert_eq!(c.backend_defaults.login_timeout, d.login_timeout);
+        assert_eq!(c.username_hash, default_username_hash());
+        assert_eq!(c.user_expire, default_user_expire());
+        assert_eq!(c.greeting, default_greeting());
+        assert!(c.disable_plaintext_auth);
+        for p in [Protocol::Imap, Protocol::Pop3, Protocol::Lmtp, Protocol::Sieve] {
+            assert_eq!(c.backend_settings(0).port(p), p.default_backend_port());
+        }
+    }
+}
