@@ -162,6 +162,8 @@ pub struct Pool {
     pub tls: TlsFiles,
     /// The pool's temporary directory.
     dir: PathBuf,
+    /// Kills the backends should this process die without dropping the pool.
+    watchdog: Watchdog,
 }
 
 /// One Dovecot backend of a [`Pool`].
@@ -232,7 +234,13 @@ impl Pool {
                 master: Mutex::new(None),
             });
         }
-        let pool = Pool { backends, tls, dir };
+        let watchdog = Watchdog::spawn(&dir);
+        let pool = Pool {
+            backends,
+            tls,
+            dir,
+            watchdog,
+        };
         // Start all first, then wait: the masters come up in parallel.
         for b in &pool.backends {
             b.spawn();
@@ -297,6 +305,7 @@ impl Drop for Pool {
         for b in &self.backends {
             b.kill();
         }
+        self.watchdog.disarm();
         remove_unless_kept(&self.dir);
     }
 }
@@ -508,6 +517,8 @@ pub struct RefDirector {
     dir: PathBuf,
     /// The running master.
     master: Mutex<Option<Child>>,
+    /// Kills the director should this process die without dropping it.
+    watchdog: Watchdog,
 }
 
 /// What the director says about one user (one `USER-LOOKUP` answer).
@@ -544,6 +555,7 @@ impl RefDirector {
             ip,
             username_hash: username_hash.to_owned(),
             config,
+            watchdog: Watchdog::spawn(&dir),
             dir,
             master: Mutex::new(None),
         };
@@ -678,7 +690,58 @@ impl Drop for RefDirector {
             signal(pid, "KILL");
             let _ = child.wait();
         }
+        self.watchdog.disarm();
         remove_unless_kept(&self.dir);
+    }
+}
+
+/// A shell loop that outlives this process only to clean up after it: if the test process
+/// dies without running destructors (SIGKILL, Ctrl-C), it kills every Dovecot master whose
+/// `master.pid` lies under the directory (checking that the pid still runs a config from
+/// there), their children, and removes the directory unless kept.
+struct Watchdog {
+    child: Mutex<Option<Child>>,
+}
+
+const WATCHDOG_SCRIPT: &str = r#"
+while kill -0 "$1" 2>/dev/null; do sleep 1; done
+for f in $(find "$2" -name master.pid 2>/dev/null); do
+  p=$(cat "$f")
+  if tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF "$2/"; then
+    kill -STOP "$p"; pkill -KILL -P "$p"; kill -KILL "$p"
+  fi
+done
+[ "$3" = 1 ] || rm -rf "$2"
+"#;
+
+impl Watchdog {
+    fn spawn(dir: &Path) -> Watchdog {
+        let keep = std::env::var(KEEP_ENV).unwrap_or_default();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(WATCHDOG_SCRIPT)
+            .arg("dovecot-watchdog")
+            .arg(std::process::id().to_string())
+            .arg(dir)
+            .arg(keep)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok();
+        Watchdog {
+            child: Mutex::new(child),
+        }
+    }
+
+    /// Ends the watchdog (and its `sleep`): the owner cleaned up itself.
+    fn disarm(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            signal(child.id(), "STOP");
+            kill_children(child.id(), "KILL");
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
