@@ -28,8 +28,8 @@
 //! - With `login_trusted_networks = 127.0.0.0/8`: IMAP `ID ("x-originating-ip" "A"
 //!   "x-originating-port" "P")` before `LOGIN`, and POP3 `XCLIENT ADDR=A PORT=P` (the greeting
 //!   then shows `+OK [XCLIENT]`, the answer is `+OK Updated`), make Dovecot log `rip=A`. On the
-//!   `haproxy = yes` ports a `PROXY TCP4 ...` line sets both `rip` and `lip` from the header; a
-//!   greeting comes only after the header (`haproxy_timeout` is 3 s).
+//!   `haproxy = yes` ports a `PROXY TCP4 ...` line sets both `rip` and `lip` from the header; without
+//!   one no greeting comes, and Dovecot closes the connection after `haproxy_timeout` (3 s).
 //! - Timings here (2 shared cores): `Pool::start(2)` about 0.15 s, `start(8)` 0.4 s; `kill` 15
 //!   ms; `start` again 70 ms; `stop` (graceful SIGTERM) 1.1 s, which is why `Drop` kills.
 //! - Users: passwd-file `user:{PLAIN}password::::::`; the password may hold `"`, `\`, `{3}`
