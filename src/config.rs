@@ -365,7 +365,7 @@ impl Config {
         }
         let mut addresses = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
-            if !addresses.insert(l.address) {
+            if l.address.port() != 0 && !addresses.insert(l.address) {
                 return Err(err(
                     format_args!("listeners[{i}].address"),
                     format_args!("{} is used by another listener", l.address),
@@ -527,7 +527,12 @@ mod example_tests {
         assert_eq!(c.user_expire, default_user_expire());
         assert_eq!(c.greeting, default_greeting());
         assert!(c.disable_plaintext_auth);
-        for p in [Protocol::Imap, Protocol::Pop3, Protocol::Lmtp, Protocol::Sieve] {
+        for p in [
+            Protocol::Imap,
+            Protocol::Pop3,
+            Protocol::Lmtp,
+            Protocol::Sieve,
+        ] {
             assert_eq!(c.backend_settings(0).port(p), p.default_backend_port());
         }
     }

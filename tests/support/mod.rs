@@ -1,3 +1,5 @@
 //! Shared helpers of the integration tests.
 
+pub mod client;
+pub mod director;
 pub mod dovecot;

@@ -1,0 +1,45 @@
+//! The thinnest whole path: an IMAP and a POP3 login through the director land on the ring's
+//! backend of a real Dovecot pool.
+
+mod support;
+
+use support::client::{imap_login, Conn};
+use support::director::{DirectorOptions, TestDirector};
+use support::dovecot::{user, Pool, PASSWORD};
+
+#[test]
+fn imap_login_lands_on_the_rings_backend_and_sticks() {
+    let pool = Pool::start(3);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    for i in 1..=6 {
+        let u = user(i);
+        let expected_ip = d.router.route(&u, "").unwrap().backend.ip;
+        let expected = pool.by_ip(expected_ip).unwrap().name.clone();
+        let (mut c1, b1) = imap_login(d.imap, &u, PASSWORD);
+        assert_eq!(b1, expected, "{u}");
+        let (mut c2, b2) = imap_login(d.imap, &u, PASSWORD);
+        assert_eq!(b2, expected, "{u} second session");
+        let r = c1.imap("a2", "LOGOUT");
+        assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
+        let r = c2.imap("a2", "SELECT INBOX");
+        assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
+    }
+}
+
+#[test]
+fn pop3_user_pass_login() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let mut c = Conn::connect(d.pop3);
+    assert!(c.line().starts_with("+OK"));
+    c.send(format!("USER {}\r\n", user(1)).as_bytes());
+    assert!(c.line().starts_with("+OK"));
+    c.send(format!("PASS {PASSWORD}\r\n").as_bytes());
+    let ok = c.line();
+    assert!(ok.starts_with("+OK"), "{ok}");
+    c.send(b"STAT\r\n");
+    let stat = c.line();
+    assert!(stat.starts_with("+OK 0 0"), "{stat}");
+    c.send(b"QUIT\r\n");
+    assert!(c.line().starts_with("+OK"));
+}

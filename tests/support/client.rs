@@ -1,0 +1,132 @@
+//! Minimal blocking IMAP and POP3 clients for tests, plus a curl runner. They send exactly the
+//! bytes a test gives them, so tests can split commands across TCP writes or send garbage.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+/// A raw line-oriented connection.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    /// Connects and sets a 20 s read timeout.
+    pub fn connect(addr: SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Conn {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
+    }
+
+    /// Sends bytes as they are.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+        self.writer.flush().unwrap();
+    }
+
+    /// Sends bytes in pieces of `chunk` bytes with a short pause between, so that the
+    /// receiver sees them in separate TCP reads.
+    pub fn send_split(&mut self, bytes: &[u8], chunk: usize) {
+        for piece in bytes.chunks(chunk) {
+            self.send(piece);
+            std::thread::sleep(Duration::from_millis(3));
+        }
+    }
+
+    /// One line, without CRLF. Empty string at end of stream.
+    pub fn line(&mut self) -> String {
+        let mut buf = Vec::new();
+        self.reader.read_until(b'\n', &mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf)
+            .trim_end_matches(['\r', '\n'])
+            .to_owned()
+    }
+
+    /// Exactly `n` bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        self.reader.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    /// Lines up to and including the first that starts with `tag ` (IMAP tagged reply).
+    pub fn until_tagged(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let l = self.line();
+            if l.is_empty() {
+                panic!("connection closed while waiting for {tag}; got {lines:?}");
+            }
+            let done = l.starts_with(&format!("{tag} "));
+            lines.push(l);
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    /// Sends `tag command\r\n` and returns the reply lines up to the tagged one.
+    pub fn imap(&mut self, tag: &str, command: &str) -> Vec<String> {
+        self.send(format!("{tag} {command}\r\n").as_bytes());
+        self.until_tagged(tag)
+    }
+
+    /// Whether the peer has closed (reads end of stream within the timeout).
+    pub fn closed(&mut self) -> bool {
+        let mut buf = Vec::new();
+        matches!(self.reader.read_to_end(&mut buf), Ok(_))
+    }
+
+    /// After an IMAP login: which backend this session is on (`x-backend` of `ID NIL`).
+    pub fn imap_backend(&mut self) -> String {
+        let lines = self.imap("zid", "ID NIL");
+        let id = lines
+            .iter()
+            .find(|l| l.starts_with("* ID"))
+            .unwrap_or_else(|| panic!("no ID reply: {lines:?}"));
+        let start = id.find("\"x-backend\" \"").expect("x-backend in ID") + 13;
+        id[start..].split('"').next().unwrap().to_owned()
+    }
+}
+
+/// Connects to an IMAP director, logs in with LOGIN (quoted), and returns the connection
+/// and the name of the backend it landed on.
+pub fn imap_login(addr: SocketAddr, user: &str, password: &str) -> (Conn, String) {
+    let mut c = Conn::connect(addr);
+    let greeting = c.line();
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let reply = c.imap("a1", &format!("LOGIN {} {}", quote(user), quote(password)));
+    assert!(
+        reply.last().unwrap().starts_with("a1 OK"),
+        "login {user}: {reply:?}"
+    );
+    let backend = c.imap_backend();
+    (c, backend)
+}
+
+/// An IMAP quoted string.
+pub fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Runs curl with `args` (plus -s -S and a timeout); returns (success, stdout, stderr).
+pub fn curl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "-m", "30"])
+        .args(args)
+        .output()
+        .expect("run curl (is it installed? run ./scripts/test)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,166 @@
+//! A director under test: built from YAML over a [`Pool`], run in-process on its own thread
+//! and runtime (so tests stay plain blocking code), listening on ephemeral ports.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use director::config::{Config, ListenerTls};
+use director::decision::Protocol;
+use director::local_state::LocalState;
+use director::routing::Router;
+use director::server::Director;
+use director::sessions::Sessions;
+
+use super::dovecot::{Pool, IMAP_PORT, LMTP_PORT, POP3_PORT, SIEVE_PORT};
+
+/// What a test may change in the director's configuration.
+#[derive(Debug, Clone)]
+pub struct DirectorOptions {
+    /// One weight per pool backend (default 100 each). Shorter lists leave the rest at 100.
+    pub weights: Vec<u32>,
+    /// YAML lines added to every backend entry (indented by the caller's `    `), e.g.
+    /// `    forward: proxy_v2\n    ports: {imap: 11143, pop3: 11110}\n`.
+    pub backend_extra: String,
+    /// YAML added at the top level (e.g. `user_expire: 2s\n`).
+    pub extra: String,
+    /// Whether listeners expect a PROXY header.
+    pub proxy_protocol: bool,
+    /// `trusted_networks` (default 127.0.0.0/8, so plaintext logins work without TLS).
+    pub trusted_networks: Vec<String>,
+}
+
+impl Default for DirectorOptions {
+    fn default() -> Self {
+        DirectorOptions {
+            weights: Vec::new(),
+            backend_extra: String::new(),
+            extra: String::new(),
+            proxy_protocol: false,
+            trusted_networks: vec!["127.0.0.0/8".into()],
+        }
+    }
+}
+
+/// The YAML configuration for a director over `pool`.
+pub fn config_yaml(pool: &Pool, o: &DirectorOptions) -> String {
+    let mut y = String::new();
+    y += &format!("trusted_networks: [{}]\n", o.trusted_networks.join(", "));
+    y += &format!(
+        "tls:\n  cert: {}\n  key: {}\n",
+        pool.tls.cert.display(),
+        pool.tls.key.display()
+    );
+    y += &format!(
+        "limits:\n  auth_failure_delay: 100ms\n  preauth_timeout: 20s\nbackend_defaults:\n  ports: {{imap: {IMAP_PORT}, pop3: {POP3_PORT}, lmtp: {LMTP_PORT}, sieve: {SIEVE_PORT}}}\n  tls_ca_file: {}\n  connect_timeout: 2s\n  login_timeout: 10s\n",
+        pool.tls.ca.display()
+    );
+    y += "listeners:\n";
+    for (proto, tls) in [
+        ("imap", "starttls"),
+        ("imap", "implicit"),
+        ("pop3", "starttls"),
+        ("pop3", "implicit"),
+    ] {
+        y += &format!(
+            "  - {{protocol: {proto}, address: 127.0.0.1:0, tls: {tls}, proxy_protocol: {}}}\n",
+            o.proxy_protocol
+        );
+    }
+    y += "backends:\n";
+    for (i, b) in pool.backends.iter().enumerate() {
+        let w = o.weights.get(i).copied().unwrap_or(100);
+        y += &format!("  - host: {}\n    weight: {w}\n{}", b.ip, o.backend_extra);
+    }
+    y += &o.extra;
+    y
+}
+
+/// A running director. Dropping it stops it (sessions still relayed end with the thread).
+pub struct TestDirector {
+    /// Plain IMAP listener (STARTTLS offered).
+    pub imap: SocketAddr,
+    /// IMAP with implicit TLS.
+    pub imaps: SocketAddr,
+    /// Plain POP3 listener (STLS offered).
+    pub pop3: SocketAddr,
+    /// POP3 with implicit TLS.
+    pub pop3s: SocketAddr,
+    pub state: Arc<LocalState>,
+    pub sessions: Sessions,
+    pub router: Router,
+    /// The configuration it runs with.
+    pub yaml: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestDirector {
+    /// Starts a director over `pool` with `options`.
+    pub fn start(pool: &Pool, options: &DirectorOptions) -> TestDirector {
+        Self::start_yaml(&config_yaml(pool, options))
+    }
+
+    /// Starts a director from configuration text (listeners on port 0).
+    pub fn start_yaml(yaml: &str) -> TestDirector {
+        let config = Config::parse(yaml).unwrap_or_else(|e| panic!("test config: {e}\n{yaml}"));
+        let (tx, rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let d = Director::build(&config).await.expect("director builds");
+                tx.send((
+                    d.listen_addrs(),
+                    d.state.clone(),
+                    d.sessions.clone(),
+                    d.router.clone(),
+                ))
+                .unwrap();
+                d.run(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            });
+            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+        });
+        let (addrs, state, sessions, router) = rx.recv().expect("director started");
+        let find = |p: Protocol, t: ListenerTls| {
+            addrs
+                .iter()
+                .find(|(pp, tt, _)| *pp == p && *tt == t)
+                .map(|(_, _, a)| *a)
+                .expect("listener")
+        };
+        TestDirector {
+            imap: find(Protocol::Imap, ListenerTls::Starttls),
+            imaps: find(Protocol::Imap, ListenerTls::Implicit),
+            pop3: find(Protocol::Pop3, ListenerTls::Starttls),
+            pop3s: find(Protocol::Pop3, ListenerTls::Implicit),
+            state,
+            sessions,
+            router,
+            yaml: yaml.to_owned(),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TestDirector {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
