@@ -22,11 +22,12 @@ pub struct PreauthLimits {
     pub max_line: usize,
     /// Largest literal (IMAP `{n}`) or SASL response accepted before login.
     pub max_literal: usize,
-    /// Failed logins allowed on one connection; the next one closes it.
+    /// Failed logins on one connection: the one that reaches this count is answered, then
+    /// the connection is closed.
     pub max_auth_failures: u32,
     /// Pause before answering a failed login, to slow down password guessing.
     pub auth_failure_delay: Duration,
-    /// Invalid commands allowed before the connection is closed.
+    /// Invalid commands on one connection: the one that reaches this count closes it.
     pub max_bad_commands: u32,
 }
 

@@ -1,0 +1,233 @@
+//! Benchmarks of the director against a direct connection to the same real Dovecot backend:
+//! login latency, relay throughput (a large FETCH) and memory per idle (IDLE) session.
+//! Run with `./scripts/bench` (release build); it prints the figures for BENCHMARKS.md.
+//!
+//! Environment: BENCH_LOGINS (default 300), BENCH_IDLE (default 1000),
+//! BENCH_MESSAGE_MIB (default 20), BENCH_FETCHES (default 5).
+
+#[path = "../tests/support/dovecot.rs"]
+mod dovecot;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn env(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Imap {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Imap {
+    fn connect(addr: SocketAddr) -> Imap {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut c = Imap {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        };
+        let g = c.line();
+        assert!(g.starts_with("* OK"), "greeting {g}");
+        c
+    }
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.r.read_line(&mut l).unwrap();
+        l
+    }
+    fn cmd(&mut self, tag: &str, c: &str) -> String {
+        write!(self.w, "{tag} {c}\r\n").unwrap();
+        loop {
+            let l = self.line();
+            assert!(!l.is_empty(), "closed during {c}");
+            if l.starts_with(&format!("{tag} ")) {
+                return l;
+            }
+        }
+    }
+    fn login(&mut self, user: &str) {
+        let r = self.cmd("a", &format!("LOGIN {user} {}", dovecot::PASSWORD));
+        assert!(r.starts_with("a OK"), "{r}");
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn logins(addr: SocketAddr, n: usize) -> Duration {
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let mut c = Imap::connect(addr);
+        c.login(&dovecot::user(1 + i % 100));
+        c.cmd("z", "LOGOUT");
+        times.push(t.elapsed());
+    }
+    median(times)
+}
+
+fn fetch(addr: SocketAddr, user: &str, size: usize, n: usize) -> Duration {
+    let mut best = Duration::MAX;
+    for _ in 0..n {
+        let mut c = Imap::connect(addr);
+        c.login(user);
+        c.cmd("s", "SELECT INBOX");
+        let t = Instant::now();
+        write!(c.w, "f FETCH 1 BODY.PEEK[]\r\n").unwrap();
+        let head = c.line();
+        assert!(head.contains(&format!("{{{size}}}")), "{head}");
+        let mut buf = vec![0u8; size];
+        c.r.read_exact(&mut buf).unwrap();
+        loop {
+            if c.line().starts_with("f ") {
+                break;
+            }
+        }
+        best = best.min(t.elapsed());
+        c.cmd("z", "LOGOUT");
+    }
+    best
+}
+
+fn main() {
+    let n_logins = env("BENCH_LOGINS", 300);
+    let n_idle = env("BENCH_IDLE", 1000);
+    let mib = env("BENCH_MESSAGE_MIB", 20);
+    let n_fetch = env("BENCH_FETCHES", 5);
+    let pool = dovecot::Pool::start(1);
+    let backend = pool.backend(0).imap();
+    let port = free_port();
+    let cfg = pool.dir().join("bench-director.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "trusted_networks: [127.0.0.0/8]\nlisteners:\n  - {{protocol: imap, address: 127.0.0.1:{port}}}\n\
+             backend_defaults:\n  ports: {{imap: {}}}\nbackends:\n  - host: {}\n",
+            dovecot::IMAP_PORT,
+            pool.backend(0).ip
+        ),
+    )
+    .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .join("director");
+    let mut child: Child = Command::new(&bin)
+        .args(["serve", "-c"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+    let director: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(director).is_err() {
+        assert!(Instant::now() < deadline, "director did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    println!("# director benchmark ({} logins, {} idle sessions, {mib} MiB message)", n_logins, n_idle);
+    // Warm up both paths.
+    logins(backend, 10);
+    logins(director, 10);
+    let direct = logins(backend, n_logins);
+    let via = logins(director, n_logins);
+    println!(
+        "login+logout median: direct {:.2} ms, director {:.2} ms, ratio {:.2}",
+        direct.as_secs_f64() * 1e3,
+        via.as_secs_f64() * 1e3,
+        via.as_secs_f64() / direct.as_secs_f64()
+    );
+
+    // A large message, appended directly.
+    let user = dovecot::user(150);
+    let size = mib * 1024 * 1024;
+    let mut body = b"Subject: bench\r\n\r\n".to_vec();
+    while body.len() < size {
+        body.extend_from_slice(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789ab\r\n");
+    }
+    body.truncate(size - 2);
+    body.extend_from_slice(b"\r\n");
+    let mut c = Imap::connect(backend);
+    c.login(&user);
+    write!(c.w, "p APPEND INBOX {{{size}+}}\r\n").unwrap();
+    c.w.write_all(&body).unwrap();
+    c.w.write_all(b"\r\n").unwrap();
+    loop {
+        let l = c.line();
+        if l.starts_with("p ") {
+            assert!(l.starts_with("p OK"), "{l}");
+            break;
+        }
+    }
+    c.cmd("z", "LOGOUT");
+    let direct = fetch(backend, &user, size, n_fetch);
+    let via = fetch(director, &user, size, n_fetch);
+    let rate = |d: Duration| mib as f64 / d.as_secs_f64();
+    println!(
+        "FETCH {mib} MiB (best of {n_fetch}): direct {:.0} MiB/s, director {:.0} MiB/s, time ratio {:.2}",
+        rate(direct),
+        rate(via),
+        via.as_secs_f64() / direct.as_secs_f64()
+    );
+
+    // Idle sessions: logged in and in IDLE.
+    let pid = child.id();
+    let mut warm: Vec<Imap> = Vec::new();
+    for i in 0..20 {
+        let mut c = Imap::connect(director);
+        c.login(&dovecot::user(1 + i % 100));
+        warm.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss_kib(pid);
+    let mut idle: Vec<Imap> = Vec::with_capacity(n_idle);
+    for i in 0..n_idle {
+        let mut c = Imap::connect(director);
+        c.login(&dovecot::user(1 + i % 200));
+        write!(c.w, "i IDLE\r\n").unwrap();
+        let l = c.line();
+        assert!(l.starts_with('+'), "IDLE: {l}");
+        idle.push(c);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rss_kib(pid);
+    println!(
+        "idle sessions: director RSS {before} KiB with 20 sessions, {after} KiB with {} more in IDLE: {:.1} KiB per idle session",
+        n_idle,
+        (after.saturating_sub(before)) as f64 / n_idle as f64
+    );
+    drop(idle);
+    drop(warm);
+    let _ = child.kill();
+    let _ = child.wait();
+}
