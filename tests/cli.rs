@@ -116,6 +116,12 @@ fn check_config_names_what_is_wrong() {
             format!("{GOOD}limits:\n  preauth_timeout: 10 parsecs\n"),
             "limits.preauth_timeout: \"10 parsecs\" is not a duration",
         ),
+        (
+            // `.invalid` never resolves (RFC 6761); check-config resolves every host.
+            "unresolvable.yaml",
+            GOOD.replace("host: 127.0.0.2", "host: no-such-host.invalid"),
+            "backends[1].host: backend host \"no-such-host.invalid\"",
+        ),
     ];
     for (file, yaml, expected) in cases {
         let path = write(&dir, file, &yaml);

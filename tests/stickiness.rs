@@ -6,6 +6,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -70,6 +71,7 @@ fn logout(d: &TestDirector, mut c: Conn, username: &str) {
 }
 
 /// Waits until `username` has no live record (polling: the exact moment is not the point).
+/// It asks the state, not the backends: a login to find out would refresh the record.
 fn wait_until_expired(d: &TestDirector, username: &str, within: Duration) {
     let hash = d.router.hash(username);
     let deadline = Instant::now() + within;
@@ -332,16 +334,17 @@ fn record_with_a_live_session_never_expires() {
     logout(&d, c, &u);
 }
 
-/// Twenty simultaneous first logins of one user all reach the same backend.
+/// Twenty simultaneous first logins of one user all reach the same backend; also while the
+/// ring keeps changing under them, so that only the user's record can keep them together.
 #[test]
 fn concurrent_first_logins_agree_on_one_backend() {
     let pool = Pool::start(3);
     let d = TestDirector::start(&pool, &DirectorOptions::default());
     let threads = 20;
-    for i in [190, 191, 192] {
+    for (i, flip_ring) in [(190, false), (191, false), (192, true), (193, true)] {
         let u = user(i);
         assert!(d.state.record(d.router.hash(&u), Instant::now()).is_none());
-        let barrier = Arc::new(Barrier::new(threads));
+        let barrier = Arc::new(Barrier::new(threads + 1));
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 let (barrier, u, addr) = (barrier.clone(), u.clone(), d.imap);
@@ -357,15 +360,38 @@ fn concurrent_first_logins_agree_on_one_backend() {
                 })
             })
             .collect();
+        // The ring's first choice for the user is switched off and on while the logins run.
+        let target = ring_answer(&d, &u);
+        let done = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (state, done) = (d.state.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut flips = 0;
+                while flip_ring && !done.load(Ordering::Relaxed) {
+                    state.set_weight(target, 0).unwrap();
+                    std::thread::sleep(Duration::from_micros(300));
+                    state.set_weight(target, 100).unwrap();
+                    std::thread::sleep(Duration::from_micros(300));
+                    flips += 1;
+                }
+                flips
+            })
+        };
+        barrier.wait();
         let results: Vec<(Conn, String)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        done.store(true, Ordering::Relaxed);
+        let flips = flipper.join().unwrap();
         let mut landed: BTreeMap<&str, usize> = BTreeMap::new();
         for (_, b) in &results {
             *landed.entry(b.as_str()).or_default() += 1;
         }
-        println!("{u}: {landed:?}");
+        println!("{u}: {landed:?}, ring flipped {flips} times");
         assert_eq!(landed.len(), 1, "{u} reached several backends: {landed:?}");
         let record = d.state.record(d.router.hash(&u), Instant::now()).unwrap();
         assert_eq!(&name(&pool, record.backend), results[0].1.as_str());
         assert_eq!(record.sessions as usize, threads);
+        if flip_ring {
+            assert!(flips > 0);
+        }
     }
 }
