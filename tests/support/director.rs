@@ -31,6 +31,9 @@ pub struct DirectorOptions {
     pub proxy_protocol: bool,
     /// `trusted_networks` (default 127.0.0.0/8, so plaintext logins work without TLS).
     pub trusted_networks: Vec<String>,
+    /// How many of the pool's backends (the first ones) the configuration lists; `None`: all.
+    /// The others are left for a test to add at run time (`state.upsert_backend`).
+    pub configured_backends: Option<usize>,
 }
 
 impl Default for DirectorOptions {
@@ -41,6 +44,7 @@ impl Default for DirectorOptions {
             extra: String::new(),
             proxy_protocol: false,
             trusted_networks: vec!["127.0.0.0/8".into()],
+            configured_backends: None,
         }
     }
 }
@@ -71,7 +75,8 @@ pub fn config_yaml(pool: &Pool, o: &DirectorOptions) -> String {
         );
     }
     y += "backends:\n";
-    for (i, b) in pool.backends.iter().enumerate() {
+    let listed = o.configured_backends.unwrap_or(pool.backends.len());
+    for (i, b) in pool.backends.iter().enumerate().take(listed) {
         let w = o.weights.get(i).copied().unwrap_or(100);
         y += &format!("  - host: {}\n    weight: {w}\n{}", b.ip, o.backend_extra);
     }
