@@ -155,7 +155,10 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    println!("# director benchmark ({} logins, {} idle sessions, {mib} MiB message)", n_logins, n_idle);
+    println!(
+        "# director benchmark ({} logins, {} idle sessions, {mib} MiB message)",
+        n_logins, n_idle
+    );
     // Warm up both paths.
     logins(backend, 10);
     logins(director, 10);
@@ -173,7 +176,9 @@ fn main() {
     let size = mib * 1024 * 1024;
     let mut body = b"Subject: bench\r\n\r\n".to_vec();
     while body.len() < size {
-        body.extend_from_slice(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789ab\r\n");
+        body.extend_from_slice(
+            b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789ab\r\n",
+        );
     }
     body.truncate(size - 2);
     body.extend_from_slice(b"\r\n");

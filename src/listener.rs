@@ -121,9 +121,16 @@ impl Listener {
             identity: identity.clone(),
             greeting: shared.greeting.clone(),
         };
+        // The pre-login futures (front end and backend login, with their read buffers) are
+        // boxed so that their memory is freed when the relay starts: an idle relayed session
+        // then holds only the relay's small state.
         let result = match self.protocol {
-            Protocol::Imap => crate::imap::frontend::run(client, ctx, &shared.login).await,
-            Protocol::Pop3 => crate::pop3::frontend::run(client, ctx, &shared.login).await,
+            Protocol::Imap => {
+                Box::pin(crate::imap::frontend::run(client, ctx, &shared.login)).await
+            }
+            Protocol::Pop3 => {
+                Box::pin(crate::pop3::frontend::run(client, ctx, &shared.login)).await
+            }
             other => {
                 warn!("{other} listeners are not supported yet");
                 return;
