@@ -57,11 +57,20 @@ impl Conn {
         buf
     }
 
-    /// Everything the peer sends until it closes (or the read timeout passes).
-    pub fn rest(&mut self) -> Vec<u8> {
+    /// Everything the peer sends until it closes the connection (a reset counts as closing),
+    /// or `None` if it is still open after `timeout`.
+    pub fn until_closed(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        self.writer.set_read_timeout(Some(timeout)).unwrap();
         let mut buf = Vec::new();
-        let _ = self.reader.read_to_end(&mut buf);
-        buf
+        let result = self.reader.read_to_end(&mut buf);
+        self.writer
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        match result {
+            Ok(_) => Some(buf),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(buf),
+            Err(_) => None,
+        }
     }
 
     /// Sends a POP3 command line (CRLF added) and returns the status line.
