@@ -129,7 +129,7 @@ impl Conn {
     /// Whether the peer has closed (reads end of stream within the timeout).
     pub fn closed(&mut self) -> bool {
         let mut buf = Vec::new();
-        matches!(self.reader.read_to_end(&mut buf), Ok(_))
+        self.reader.read_to_end(&mut buf).is_ok()
     }
 
     /// After an IMAP login: which backend this session is on (`x-backend` of `ID NIL`).
