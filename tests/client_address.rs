@@ -272,3 +272,18 @@ fn malformed_proxy_header_closes_without_a_greeting() {
     // A good header still works on the same listeners.
     let _c = imap_via_proxy(d.imap, &v1_header(143), &user(49));
 }
+
+#[test]
+fn forwarding_survives_starttls_to_the_backend() {
+    // ID and XCLIENT are sent after STARTTLS/STLS, on the protected connection.
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &options("    tls: starttls\n"));
+    let (ui, up) = (user(50), user(51));
+    let _imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
+    let _pop3 = pop3_via_proxy(d.pop3, &v1_header(110), &up);
+    for (u, service) in [(&ui, "imap-login"), (&up, "pop3-login")] {
+        let line = wait_login(home(&pool, &d, u), service, u);
+        assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+        assert!(line.split(", ").any(|f| f == "TLS"), "{line}");
+    }
+}
