@@ -41,10 +41,13 @@ pub async fn login(
         reply_timeout: req.reply_timeout,
     };
 
-    match conn.reply().await? {
-        Reply::Ok(_) => {}
+    // Dovecot announces XCLIENT in its greeting (`+OK [XCLIENT] ...`), not in CAPA.
+    let greeting_xclient = match conn.reply().await? {
+        Reply::Ok(text) => split_code(&text)
+            .0
+            .is_some_and(|c| c.eq_ignore_ascii_case("XCLIENT")),
         Reply::Err(text) => return Ok(BackendLoginResult::TempFailed { message: text }),
-    }
+    };
 
     let mut caps = conn.capabilities().await?;
 
@@ -72,7 +75,7 @@ pub async fn login(
         caps = conn.capabilities().await?;
     }
 
-    if req.forward == Forward::Auto && caps.xclient {
+    if req.forward == Forward::Auto && (caps.xclient || greeting_xclient) {
         let line = xclient_line(req.identity.client, &req.identity.session_id);
         if let Reply::Err(text) = conn.command(line.as_bytes()).await? {
             return Err(BackendError::Protocol(format!(
@@ -529,6 +532,23 @@ mod tests {
         let backend = dovecot_like(CAPA_PLAIN, "+OK Logged in.\r\n").await;
         let (_, seen) = run(backend, &alice(), Forward::Auto).await;
         assert!(!seen.iter().any(|l| l.starts_with("XCLIENT")));
+
+        // Advertised the way Dovecot 2.3 does it, in the greeting's response code.
+        let backend = fake_backend("+OK [XCLIENT] Dovecot ready.\r\n", |line| {
+            match line.split(' ').next().unwrap_or_default() {
+                "CAPA" => CAPA_PLAIN.to_owned(),
+                "XCLIENT" => "+OK Updated\r\n".to_owned(),
+                "AUTH" => "+OK Logged in.\r\n".to_owned(),
+                _ => "-ERR Unknown command.\r\n".to_owned(),
+            }
+        })
+        .await;
+        let (result, seen) = run(backend, &alice(), Forward::Auto).await;
+        assert_eq!(result, logged_in("Logged in."));
+        assert_eq!(
+            seen[1],
+            "XCLIENT ADDR=192.0.2.7 PORT=50123 SESSION=dir-1a2b TTL=4"
+        );
 
         // Advertised but another way of forwarding is configured: not sent.
         let backend = dovecot_like(CAPA_XCLIENT, "+OK Logged in.\r\n").await;

@@ -50,6 +50,53 @@ impl Conn {
             .to_owned()
     }
 
+    /// One line as sent, CRLF included. Empty at end of stream.
+    pub fn raw_line(&mut self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        self.reader.read_until(b'\n', &mut buf).unwrap_or(0);
+        buf
+    }
+
+    /// Everything the peer sends until it closes the connection (a reset counts as closing),
+    /// or `None` if it is still open after `timeout`.
+    pub fn until_closed(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        self.writer.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = Vec::new();
+        let result = self.reader.read_to_end(&mut buf);
+        self.writer
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        match result {
+            Ok(_) => Some(buf),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(buf),
+            Err(_) => None,
+        }
+    }
+
+    /// Sends a POP3 command line (CRLF added) and returns the status line.
+    pub fn pop3(&mut self, command: &str) -> String {
+        self.send(format!("{command}\r\n").as_bytes());
+        self.line()
+    }
+
+    /// The body of a POP3 multi-line reply (after its status line), up to the terminating
+    /// `.`, with dot-stuffing undone: for `RETR`, the message as stored.
+    pub fn pop3_body(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let line = self.raw_line();
+            assert!(
+                !line.is_empty(),
+                "connection closed in a multi-line reply; got {:?}",
+                String::from_utf8_lossy(&body)
+            );
+            if line == b".\r\n" {
+                return body;
+            }
+            body.extend_from_slice(line.strip_prefix(b".").unwrap_or(&line));
+        }
+    }
+
     /// Exactly `n` bytes.
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         let mut buf = vec![0; n];
@@ -82,7 +129,7 @@ impl Conn {
     /// Whether the peer has closed (reads end of stream within the timeout).
     pub fn closed(&mut self) -> bool {
         let mut buf = Vec::new();
-        matches!(self.reader.read_to_end(&mut buf), Ok(_))
+        self.reader.read_to_end(&mut buf).is_ok()
     }
 
     /// After an IMAP login: which backend this session is on (`x-backend` of `ID NIL`).
@@ -110,6 +157,46 @@ pub fn imap_login(addr: SocketAddr, user: &str, password: &str) -> (Conn, String
     );
     let backend = c.imap_backend();
     (c, backend)
+}
+
+/// Connects to a POP3 server, logs in with USER/PASS and returns the connection.
+pub fn pop3_login(addr: SocketAddr, user: &str, password: &str) -> Conn {
+    let mut c = Conn::connect(addr);
+    let greeting = c.line();
+    assert!(greeting.starts_with("+OK"), "{greeting}");
+    let r = c.pop3(&format!("USER {user}"));
+    assert!(r.starts_with("+OK"), "USER {user}: {r}");
+    let r = c.pop3(&format!("PASS {password}"));
+    assert!(r.starts_with("+OK"), "PASS for {user}: {r}");
+    c
+}
+
+/// Logs in to the IMAP server at `addr` (a backend or the director) and APPENDs `message`
+/// (CRLF line ends) to the user's INBOX.
+pub fn imap_append(addr: SocketAddr, user: &str, password: &str, message: &[u8]) {
+    let mut c = Conn::connect(addr);
+    let greeting = c.line();
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let r = c.imap("a1", &format!("LOGIN {} {}", quote(user), quote(password)));
+    assert!(
+        r.last().unwrap().starts_with("a1 OK"),
+        "login {user}: {r:?}"
+    );
+    c.send(format!("a2 APPEND INBOX {{{}}}\r\n", message.len()).as_bytes());
+    let go = c.line();
+    assert!(go.starts_with('+'), "APPEND continuation: {go}");
+    c.send(message);
+    c.send(b"\r\n");
+    let r = c.until_tagged("a2");
+    assert!(r.last().unwrap().starts_with("a2 OK"), "APPEND: {r:?}");
+    let r = c.imap("a3", "LOGOUT");
+    assert!(r.last().unwrap().starts_with("a3 OK"), "{r:?}");
+}
+
+/// Base64 (standard alphabet, padded), as SASL wants it.
+pub fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// An IMAP quoted string.

@@ -34,6 +34,10 @@ pub struct DirectorOptions {
     /// How many of the pool's backends (the first ones) the configuration lists; `None`: all.
     /// The others are left for a test to add at run time (`state.upsert_backend`).
     pub configured_backends: Option<usize>,
+    /// `backend_defaults.connect_timeout` (default `2s`).
+    pub connect_timeout: String,
+    /// `backend_defaults.login_timeout` (default `10s`).
+    pub login_timeout: String,
 }
 
 impl Default for DirectorOptions {
@@ -45,6 +49,8 @@ impl Default for DirectorOptions {
             proxy_protocol: false,
             trusted_networks: vec!["127.0.0.0/8".into()],
             configured_backends: None,
+            connect_timeout: "2s".into(),
+            login_timeout: "10s".into(),
         }
     }
 }
@@ -59,8 +65,10 @@ pub fn config_yaml(pool: &Pool, o: &DirectorOptions) -> String {
         pool.tls.key.display()
     );
     y += &format!(
-        "limits:\n  auth_failure_delay: 100ms\n  preauth_timeout: 20s\nbackend_defaults:\n  ports: {{imap: {IMAP_PORT}, pop3: {POP3_PORT}, lmtp: {LMTP_PORT}, sieve: {SIEVE_PORT}}}\n  tls_ca_file: {}\n  connect_timeout: 2s\n  login_timeout: 10s\n",
-        pool.tls.ca.display()
+        "limits:\n  auth_failure_delay: 100ms\n  preauth_timeout: 20s\nbackend_defaults:\n  ports: {{imap: {IMAP_PORT}, pop3: {POP3_PORT}, lmtp: {LMTP_PORT}, sieve: {SIEVE_PORT}}}\n  tls_ca_file: {}\n  connect_timeout: {}\n  login_timeout: {}\n",
+        pool.tls.ca.display(),
+        o.connect_timeout,
+        o.login_timeout
     );
     y += "listeners:\n";
     for (proto, tls) in [

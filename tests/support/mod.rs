@@ -3,3 +3,4 @@
 pub mod client;
 pub mod director;
 pub mod dovecot;
+pub mod logs;

@@ -1,0 +1,190 @@
+//! A backend that is dead or hung when a user logs in, against real Dovecot: a user with no
+//! session goes to the next backend in ring order and stays there; with nowhere to go the
+//! client is told to try later (IMAP `NO [UNAVAILABLE]`, POP3 `-ERR [SYS/TEMP]`), not that
+//! its password is wrong, and may try again on the same connection.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use director::routing::RouteReason;
+use support::client::{imap_login, pop3_login, quote, Conn};
+use support::director::{DirectorOptions, TestDirector};
+use support::dovecot::{user, Pool, PASSWORD};
+use support::logs::{login_lines, wait_login};
+
+/// Connects to the director's IMAP listener and reads the greeting.
+fn imap_connect(d: &TestDirector) -> Conn {
+    let mut c = Conn::connect(d.imap);
+    assert!(c.line().starts_with("* OK"));
+    c
+}
+
+/// Connects to the director's POP3 listener and reads the greeting.
+fn pop3_connect(d: &TestDirector) -> Conn {
+    let mut c = Conn::connect(d.pop3);
+    assert!(c.line().starts_with("+OK"));
+    c
+}
+
+fn imap_login_line(u: &str) -> String {
+    format!("LOGIN {} {}", quote(u), quote(PASSWORD))
+}
+
+/// USER + PASS on an open POP3 connection; the reply to PASS.
+fn pop3_user_pass(c: &mut Conn, u: &str) -> String {
+    assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
+    c.pop3(&format!("PASS {PASSWORD}"))
+}
+
+#[test]
+fn dead_backend_sends_a_new_user_to_the_next_in_ring_order_and_it_sticks() {
+    let pool = Pool::start(3);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    // Two users whose ring backend is the same one: one for IMAP, one for POP3.
+    let first = d.router.route(&user(50), "").unwrap();
+    let dead = first.backend.ip;
+    let other = (51..200)
+        .map(user)
+        .find(|u| d.router.route(u, "").unwrap().backend.ip == dead)
+        .expect("another user on the same backend");
+    let (ui, up) = (user(50), other);
+    let next_i = pool.by_ip(first.fallbacks[0].ip).unwrap();
+    let next_p = pool
+        .by_ip(d.router.route(&up, "").unwrap().fallbacks[0].ip)
+        .unwrap();
+    let dead = pool.by_ip(dead).unwrap();
+    dead.kill();
+
+    let (mut imap, backend) = imap_login(d.imap, &ui, PASSWORD);
+    assert_eq!(backend, next_i.name, "IMAP login after {} died", dead.name);
+    let mut pop3 = pop3_login(d.pop3, &up, PASSWORD);
+    wait_login(next_p, "pop3-login", &up);
+    for u in [&ui, &up] {
+        let route = d.router.route(u, "").unwrap();
+        assert_eq!(route.reason, RouteReason::Sticky, "{u}");
+        assert_ne!(
+            route.backend.ip, dead.ip,
+            "{u}: record still on the dead backend"
+        );
+    }
+    assert!(imap.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+    assert!(pop3.pop3("QUIT").starts_with("+OK"));
+
+    // The dead backend comes back; the users stay where they were moved, in both protocols.
+    dead.start();
+    let (_imap, backend) = imap_login(d.imap, &ui, PASSWORD);
+    assert_eq!(backend, next_i.name, "{ui}'s next login");
+    let (_imap2, backend) = imap_login(d.imap, &up, PASSWORD);
+    assert_eq!(backend, next_p.name, "{up}'s next login (IMAP after POP3)");
+    let _pop3 = pop3_login(d.pop3, &ui, PASSWORD);
+    wait_login(next_i, "pop3-login", &ui);
+    for u in [&ui, &up] {
+        assert!(login_lines(&dead.log(), "imap-login", u).is_empty(), "{u}");
+        assert!(login_lines(&dead.log(), "pop3-login", u).is_empty(), "{u}");
+    }
+}
+
+#[test]
+fn all_backends_dead_is_unavailable_and_a_retry_works_once_one_is_back() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    for b in &pool.backends {
+        b.kill();
+    }
+    let (ui, up) = (user(60), user(61));
+    let mut imap = imap_connect(&d);
+    let r = imap.imap("a", &imap_login_line(&ui));
+    assert!(r.last().unwrap().starts_with("a NO [UNAVAILABLE]"), "{r:?}");
+    let r = imap.imap("b", "NOOP");
+    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    let mut pop3 = pop3_connect(&d);
+    let e = pop3_user_pass(&mut pop3, &up);
+    assert!(e.starts_with("-ERR [SYS/TEMP]"), "{e}");
+    assert!(pop3.pop3("NOOP").starts_with("+OK"));
+    // More tries than max_auth_failures (3): a temporary failure is not a failed login.
+    for _ in 0..3 {
+        let r = imap.imap("c", &imap_login_line(&ui));
+        assert!(r.last().unwrap().starts_with("c NO [UNAVAILABLE]"), "{r:?}");
+        let e = pop3_user_pass(&mut pop3, &up);
+        assert!(e.starts_with("-ERR [SYS/TEMP]"), "{e}");
+    }
+
+    let back = pool.backend(0);
+    back.start();
+    let r = imap.imap("d", &imap_login_line(&ui));
+    assert!(r.last().unwrap().starts_with("d OK"), "{r:?}");
+    assert_eq!(imap.imap_backend(), back.name);
+    let ok = pop3_user_pass(&mut pop3, &up);
+    assert!(ok.starts_with("+OK"), "{ok}");
+    assert!(pop3.pop3("STAT").starts_with("+OK"));
+    wait_login(back, "pop3-login", &up);
+}
+
+/// The backend timeouts of these tests.
+fn short_timeouts() -> DirectorOptions {
+    DirectorOptions {
+        connect_timeout: "1s".into(),
+        login_timeout: "1s".into(),
+        ..DirectorOptions::default()
+    }
+}
+
+/// How long a login against a hung backend may take: the 1 s login timeout plus slack for a
+/// debug build on a busy machine.
+const HUNG_LIMIT: Duration = Duration::from_secs(4);
+
+#[test]
+fn hung_only_backend_is_unavailable_within_the_timeout() {
+    let pool = Pool::start(1);
+    let d = TestDirector::start(&pool, &short_timeouts());
+    let b = pool.backend(0);
+    let (ui, up) = (user(70), user(71));
+    let mut imap = imap_connect(&d);
+    let mut pop3 = pop3_connect(&d);
+    b.pause();
+
+    let t = Instant::now();
+    let r = imap.imap("a", &imap_login_line(&ui));
+    let took = t.elapsed();
+    assert!(r.last().unwrap().starts_with("a NO [UNAVAILABLE]"), "{r:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < HUNG_LIMIT,
+        "{took:?}"
+    );
+    let t = Instant::now();
+    let e = pop3_user_pass(&mut pop3, &up);
+    let took = t.elapsed();
+    assert!(e.starts_with("-ERR [SYS/TEMP]"), "{e}");
+    assert!(
+        took >= Duration::from_millis(900) && took < HUNG_LIMIT,
+        "{took:?}"
+    );
+
+    b.resume();
+    let r = imap.imap("b", &imap_login_line(&ui));
+    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    assert_eq!(imap.imap_backend(), b.name);
+    let ok = pop3_user_pass(&mut pop3, &up);
+    assert!(ok.starts_with("+OK"), "{ok}");
+}
+
+#[test]
+fn hung_backend_sends_a_new_user_to_the_next_in_ring_order() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &short_timeouts());
+    let u = user(72);
+    let route = d.router.route(&u, "").unwrap();
+    let hung = pool.by_ip(route.backend.ip).unwrap();
+    let next = pool.by_ip(route.fallbacks[0].ip).unwrap();
+    hung.pause();
+    let t = Instant::now();
+    let (_c, backend) = imap_login(d.imap, &u, PASSWORD);
+    let took = t.elapsed();
+    hung.resume();
+    assert_eq!(backend, next.name);
+    assert!(took < HUNG_LIMIT, "{took:?}");
+    // And it stays there once the hung backend answers again.
+    let (_c2, backend) = imap_login(d.imap, &u, PASSWORD);
+    assert_eq!(backend, next.name);
+}

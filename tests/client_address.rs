@@ -1,0 +1,289 @@
+//! The real client address, end to end: a load balancer tells the director who the client is
+//! with a PROXY header (v1 or v2), and the director tells the Dovecot backend, which logs it as
+//! `rip=`. Forwarding is IMAP `ID` / POP3 `XCLIENT` (`forward: auto`), a PROXY v2 header to
+//! Dovecot's `haproxy = yes` listeners (`forward: proxy_v2`), or nothing (`forward: none`).
+//! The director's session id travels too (`x-session-id`, `XCLIENT SESSION=`), so one session
+//! has one id in both programs' logs.
+
+mod support;
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use support::client::{quote, Conn};
+use support::director::{DirectorOptions, TestDirector};
+use support::dovecot::{user, Backend, Pool, PASSWORD};
+use support::logs::{field, wait_login, wait_until, LOG_WAIT};
+
+/// The client address the load balancer reports (TEST-NET-1: nothing real has it).
+const CLIENT_IP: &str = "192.0.2.55";
+const CLIENT_PORT: u16 = 40001;
+
+/// A PROXY v1 header from the client `192.0.2.55:40001` to `127.0.0.1:port`.
+fn v1_header(port: u16) -> Vec<u8> {
+    format!("PROXY TCP4 {CLIENT_IP} 127.0.0.1 {CLIENT_PORT} {port}\r\n").into_bytes()
+}
+
+/// The same as a binary PROXY v2 header (written out here by hand, from the spec).
+fn v2_header(port: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x21); // version 2, command PROXY
+    h.push(0x11); // AF_INET, STREAM
+    h.extend_from_slice(&12u16.to_be_bytes());
+    h.extend_from_slice(&CLIENT_IP.parse::<Ipv4Addr>().unwrap().octets());
+    h.extend_from_slice(&Ipv4Addr::LOCALHOST.octets());
+    h.extend_from_slice(&CLIENT_PORT.to_be_bytes());
+    h.extend_from_slice(&port.to_be_bytes());
+    h
+}
+
+/// Listeners expect a PROXY header, and the reported client may log in in plaintext.
+fn options(backend_extra: &str) -> DirectorOptions {
+    DirectorOptions {
+        proxy_protocol: true,
+        trusted_networks: vec!["127.0.0.0/8".into(), "192.0.2.0/24".into()],
+        backend_extra: backend_extra.into(),
+        ..DirectorOptions::default()
+    }
+}
+
+/// Sends `header`, then logs in over IMAP as `u` and checks the session works.
+fn imap_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
+    let mut c = Conn::connect(addr);
+    c.send(header);
+    let greeting = c.line();
+    assert!(greeting.starts_with("* OK"), "{greeting:?}");
+    let r = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
+    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
+    let r = c.imap("b", "SELECT INBOX");
+    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    c
+}
+
+/// Sends `header`, then logs in over POP3 as `u` and checks the session works.
+fn pop3_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
+    let mut c = Conn::connect(addr);
+    c.send(header);
+    let greeting = c.line();
+    assert!(greeting.starts_with("+OK"), "{greeting:?}");
+    assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
+    let ok = c.pop3(&format!("PASS {PASSWORD}"));
+    assert!(ok.starts_with("+OK"), "{ok}");
+    assert!(c.pop3("STAT").starts_with("+OK"));
+    c
+}
+
+/// The backend the director sends `u` to.
+fn home<'a>(pool: &'a Pool, d: &TestDirector, u: &str) -> &'a Backend {
+    pool.by_ip(d.router.route(u, "").unwrap().backend.ip)
+        .unwrap()
+}
+
+// --- What the director itself logs, to compare session ids. ---
+
+/// Everything the director logged in this test process (all tests share it).
+static DIRECTOR_LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        DIRECTOR_LOG.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends the director's log (it runs in-process) to [`DIRECTOR_LOG`].
+fn capture_director_log() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        tracing_subscriber::fmt()
+            .with_writer(|| Capture)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .init();
+    });
+}
+
+/// The session id the director logged for the login of `u` (one login per user per test).
+fn director_session_id(u: &str) -> String {
+    wait_until(
+        &format!("the director's login line for {u}"),
+        LOG_WAIT,
+        || {
+            let log = String::from_utf8_lossy(&DIRECTOR_LOG.lock().unwrap()).into_owned();
+            let user_field = format!(" user={u} ");
+            log.lines()
+                .find(|l| l.contains("logged in") && l.contains(&user_field))
+                .and_then(|l| field(l, "session"))
+        },
+    )
+}
+
+// --- The tests. ---
+
+#[test]
+fn imap_id_forwards_the_proxy_v1_client_and_the_session_id() {
+    capture_director_log();
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &options(""));
+    let u = user(40);
+    let mut c = imap_via_proxy(d.imap, &v1_header(143), &u);
+    let line = wait_login(home(&pool, &d, &u), "imap-login", &u);
+    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    // x-connected-ip: the address the client connected to, as the header says.
+    assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
+    // x-session-id: Dovecot adopts the director's id for the session.
+    let session = field(&line, "session").expect("session= in the login line");
+    assert_eq!(session, director_session_id(&u), "{line}");
+    assert!(c.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+}
+
+#[test]
+fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
+    capture_director_log();
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &options(""));
+    let u = user(41);
+    let mut c = pop3_via_proxy(d.pop3, &v2_header(110), &u);
+    let line = wait_login(home(&pool, &d, &u), "pop3-login", &u);
+    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    let session = field(&line, "session").expect("session= in the login line");
+    assert_eq!(session, director_session_id(&u), "{line}");
+    assert!(c.pop3("QUIT").starts_with("+OK"));
+}
+
+#[test]
+fn imap_v2_header_in_and_pop3_v1_header_in_with_forward_auto() {
+    // The other pairings of header version and protocol.
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &options(""));
+    let (ui, up) = (user(42), user(43));
+    let _imap = imap_via_proxy(d.imap, &v2_header(143), &ui);
+    let _pop3 = pop3_via_proxy(d.pop3, &v1_header(110), &up);
+    let line = wait_login(home(&pool, &d, &ui), "imap-login", &ui);
+    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    let line = wait_login(home(&pool, &d, &up), "pop3-login", &up);
+    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+}
+
+#[test]
+fn proxy_v2_to_dovecot_haproxy_listeners() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(
+        &pool,
+        &options("    forward: proxy_v2\n    ports: {imap: 11143, pop3: 11110}\n"),
+    );
+    let (ui, up) = (user(44), user(45));
+    let mut imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
+    let mut pop3 = pop3_via_proxy(d.pop3, &v2_header(110), &up);
+    let line = wait_login(home(&pool, &d, &ui), "imap-login", &ui);
+    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
+    let line = wait_login(home(&pool, &d, &up), "pop3-login", &up);
+    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
+    assert!(imap.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+    assert!(pop3.pop3("QUIT").starts_with("+OK"));
+}
+
+#[test]
+fn forward_none_keeps_the_client_address_from_the_backend() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &options("    forward: none\n"));
+    let (ui, up) = (user(46), user(47));
+    let _imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
+    let _pop3 = pop3_via_proxy(d.pop3, &v2_header(110), &up);
+    for (u, service) in [(&ui, "imap-login"), (&up, "pop3-login")] {
+        let line = wait_login(home(&pool, &d, u), service, u);
+        let rip = field(&line, "rip").expect("rip= in the login line");
+        assert_ne!(rip, CLIENT_IP, "{line}");
+        assert!(
+            rip.starts_with("127."),
+            "the director's own address: {line}"
+        );
+    }
+}
+
+#[test]
+fn without_a_proxy_header_the_director_forwards_the_tcp_peer() {
+    // The control: no PROXY listener, forward auto. Dovecot logs the test client's address.
+    let pool = Pool::start(1);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let u = user(48);
+    let _c = imap_via_proxy(d.imap, b"", &u);
+    let line = wait_login(pool.backend(0), "imap-login", &u);
+    assert_eq!(field(&line, "rip").as_deref(), Some("127.0.0.1"), "{line}");
+}
+
+#[test]
+fn malformed_proxy_header_closes_without_a_greeting() {
+    let pool = Pool::start(1);
+    let d = TestDirector::start(&pool, &options(""));
+    let mut bad_version = v2_header(143);
+    bad_version[12] = 0x31;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "missing port",
+            b"PROXY TCP4 192.0.2.55 127.0.0.1 40001\r\n".to_vec(),
+        ),
+        (
+            "bad address",
+            b"PROXY TCP4 192.0.2.555 127.0.0.1 40001 143\r\n".to_vec(),
+        ),
+        (
+            "IPv6 in TCP4",
+            b"PROXY TCP4 2001:db8::1 127.0.0.1 40001 143\r\n".to_vec(),
+        ),
+        (
+            "unknown family",
+            b"PROXY UDP4 192.0.2.55 127.0.0.1 40001 143\r\n".to_vec(),
+        ),
+        (
+            "no header, IMAP at once",
+            b"a LOGIN user0001 secret\r\n".to_vec(),
+        ),
+        ("HTTP", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("v2, version 3", bad_version),
+        (
+            "too long",
+            [b"PROXY ".as_slice(), &[b'x'; 200], b"\r\n"].concat(),
+        ),
+    ];
+    for addr in [d.imap, d.pop3] {
+        for (what, bytes) in &cases {
+            let mut c = Conn::connect(addr);
+            c.send(bytes);
+            let got = c
+                .until_closed(Duration::from_secs(5))
+                .unwrap_or_else(|| panic!("{what} on {addr}: the connection stays open"));
+            assert!(
+                got.is_empty(),
+                "{what} on {addr}: the director answered {:?}",
+                String::from_utf8_lossy(&got)
+            );
+        }
+    }
+    // A good header still works on the same listeners.
+    let _c = imap_via_proxy(d.imap, &v1_header(143), &user(49));
+}
+
+#[test]
+fn forwarding_survives_starttls_to_the_backend() {
+    // ID and XCLIENT are sent after STARTTLS/STLS, on the protected connection.
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &options("    tls: starttls\n"));
+    let (ui, up) = (user(50), user(51));
+    let _imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
+    let _pop3 = pop3_via_proxy(d.pop3, &v1_header(110), &up);
+    for (u, service) in [(&ui, "imap-login"), (&up, "pop3-login")] {
+        let line = wait_login(home(&pool, &d, u), service, u);
+        assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+        assert!(line.split(", ").any(|f| f == "TLS"), "{line}");
+    }
+}

@@ -1,0 +1,279 @@
+//! POP3 through the director against real Dovecot backends: every way a client logs in, what
+//! it sees before login, and that it reaches the right mailbox on the shared store.
+
+mod support;
+
+use director::state::State;
+
+use support::client::{base64, curl, imap_append, imap_login, pop3_login, Conn};
+use support::director::{DirectorOptions, TestDirector};
+use support::dovecot::{user, Pool, PoolOptions, PASSWORD};
+use support::logs::{login_lines, wait_login};
+
+/// A message with CRLF line ends, a line that must be dot-stuffed on the wire, and a body
+/// that names `tag` so that two messages differ.
+fn message(tag: &str) -> Vec<u8> {
+    format!(
+        "From: sender@example.org\r\nTo: someone@example.org\r\nSubject: {tag}\r\n\r\n\
+         Hello {tag}.\r\n.A line that starts with a dot.\r\n..and one with two.\r\nBye.\r\n"
+    )
+    .into_bytes()
+}
+
+/// Connects to the director's POP3 listener and reads the greeting.
+fn connect(d: &TestDirector) -> Conn {
+    let mut c = Conn::connect(d.pop3);
+    let greeting = c.line();
+    assert_eq!(greeting, "+OK Director ready.");
+    c
+}
+
+/// After a login: the mailbox answers, and QUIT ends the session.
+fn assert_logged_in_then_quit(c: &mut Conn) {
+    let stat = c.pop3("STAT");
+    assert!(stat.starts_with("+OK 0 0"), "{stat}");
+    let quit = c.pop3("QUIT");
+    assert!(quit.starts_with("+OK"), "{quit}");
+    assert!(c.closed(), "the connection stays open after QUIT");
+}
+
+#[test]
+fn capa_before_login_offers_user_sasl_and_stls() {
+    let pool = Pool::start(1);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let mut c = connect(&d);
+    assert_eq!(c.pop3("CAPA"), "+OK");
+    let mut caps = Vec::new();
+    loop {
+        let l = c.line();
+        assert!(!l.is_empty(), "CAPA not terminated: {caps:?}");
+        if l == "." {
+            break;
+        }
+        caps.push(l);
+    }
+    for expected in ["USER", "STLS", "SASL PLAIN LOGIN"] {
+        assert!(caps.iter().any(|c| c == expected), "{expected} in {caps:?}");
+    }
+    // CAPA is a pre-login command of the director: no backend saw anything.
+    assert!(login_lines(&pool.backend(0).log(), "pop3-login", &user(1)).is_empty());
+    assert_logged_in_then_quit(&mut pop3_login(d.pop3, &user(1), PASSWORD));
+}
+
+#[test]
+fn user_pass_login() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let mut c = connect(&d);
+    assert!(c.pop3(&format!("USER {}", user(2))).starts_with("+OK"));
+    let ok = c.pop3(&format!("PASS {PASSWORD}"));
+    assert!(ok.starts_with("+OK"), "{ok}");
+    assert_logged_in_then_quit(&mut c);
+}
+
+#[test]
+fn auth_plain_with_initial_response() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let mut c = connect(&d);
+    let response = base64(format!("\0{}\0{PASSWORD}", user(3)).as_bytes());
+    let ok = c.pop3(&format!("AUTH PLAIN {response}"));
+    assert!(ok.starts_with("+OK"), "{ok}");
+    assert_logged_in_then_quit(&mut c);
+}
+
+#[test]
+fn auth_plain_with_continuation() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let mut c = connect(&d);
+    let go = c.pop3("AUTH PLAIN");
+    assert!(go.starts_with('+') && !go.starts_with("+OK"), "{go}");
+    let ok = c.pop3(&base64(format!("\0{}\0{PASSWORD}", user(4)).as_bytes()));
+    assert!(ok.starts_with("+OK"), "{ok}");
+    assert_logged_in_then_quit(&mut c);
+}
+
+#[test]
+fn auth_login() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let mut c = connect(&d);
+    assert_eq!(c.pop3("AUTH LOGIN"), format!("+ {}", base64(b"Username:")));
+    assert_eq!(
+        c.pop3(&base64(user(5).as_bytes())),
+        format!("+ {}", base64(b"Password:"))
+    );
+    let ok = c.pop3(&base64(PASSWORD.as_bytes()));
+    assert!(ok.starts_with("+OK"), "{ok}");
+    assert_logged_in_then_quit(&mut c);
+}
+
+/// Dovecot settings that take away its brute-force slow-down (a 2 s delay on each failed
+/// login, and anvil's penalty that grows to 15 s per client address, which here is always
+/// 127.0.0.1): a test of failed logins then takes milliseconds instead of ~16 s. What the
+/// client is told does not change.
+const NO_AUTH_PENALTY: &str =
+    "auth_failure_delay = 0\nservice anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n";
+
+#[test]
+fn wrong_password_is_an_auth_error_and_a_retry_succeeds() {
+    let pool = Pool::start_with(PoolOptions {
+        backends: 2,
+        extra_config: NO_AUTH_PENALTY.into(),
+    });
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let u = user(6);
+    let mut c = connect(&d);
+    assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
+    let refused = c.pop3("PASS not-the-password");
+    assert!(refused.starts_with("-ERR [AUTH] "), "{refused}");
+    // The same with SASL: still [AUTH], not a temporary failure.
+    let refused = c.pop3(&format!(
+        "AUTH PLAIN {}",
+        base64(format!("\0{u}\0nope").as_bytes())
+    ));
+    assert!(refused.starts_with("-ERR [AUTH] "), "{refused}");
+    assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
+    let ok = c.pop3(&format!("PASS {PASSWORD}"));
+    assert!(ok.starts_with("+OK"), "{ok}");
+    assert_logged_in_then_quit(&mut c);
+}
+
+#[test]
+fn unknown_command_is_an_error_and_quit_says_goodbye() {
+    let pool = Pool::start(1);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let mut c = connect(&d);
+    let e = c.pop3("FROBNICATE now");
+    assert!(e.starts_with("-ERR"), "{e}");
+    assert!(c.pop3("NOOP").starts_with("+OK"), "still usable");
+    let e = c.pop3("PASS before-user");
+    assert!(e.starts_with("-ERR"), "{e}");
+    let bye = c.pop3("QUIT");
+    assert!(bye.starts_with("+OK"), "{bye}");
+    assert!(c.closed());
+    // After login, unknown commands are the backend's to answer, and the session goes on.
+    let mut c = pop3_login(d.pop3, &user(7), PASSWORD);
+    let e = c.pop3("FROBNICATE");
+    assert!(e.starts_with("-ERR"), "{e}");
+    assert_logged_in_then_quit(&mut c);
+}
+
+#[test]
+fn message_stored_through_another_backend_is_retrieved_byte_exact() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let u = user(8);
+    let home_ip = d.router.route(&u, "").unwrap().backend.ip;
+    let home = pool.by_ip(home_ip).unwrap();
+    let other = pool.backends.iter().find(|b| b.ip != home_ip).unwrap();
+    // Straight to the backend the director does not use for this user: the store is shared.
+    let first = message("first");
+    imap_append(other.imap(), &u, PASSWORD, &first);
+    // And one through the director, over IMAP.
+    let second = message("second");
+    imap_append(d.imap, &u, PASSWORD, &second);
+
+    let mut c = pop3_login(d.pop3, &u, PASSWORD);
+    let total = first.len() + second.len();
+    assert_eq!(c.pop3("STAT"), format!("+OK 2 {total}"));
+    assert!(c.pop3("LIST").starts_with("+OK"));
+    let list = String::from_utf8(c.pop3_body()).unwrap();
+    assert_eq!(list, format!("1 {}\r\n2 {}\r\n", first.len(), second.len()));
+    assert_eq!(c.pop3("LIST 2"), format!("+OK 2 {}", second.len()));
+    for (n, expected) in [(1, &first), (2, &second)] {
+        assert!(c.pop3(&format!("RETR {n}")).starts_with("+OK"));
+        let got = c.pop3_body();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(expected),
+            "RETR {n}"
+        );
+    }
+    assert!(c.pop3("QUIT").starts_with("+OK"));
+    // The POP3 session ran on the user's own backend, not on the one the mail came through.
+    wait_login(home, "pop3-login", &u);
+    assert!(login_lines(&other.log(), "pop3-login", &u).is_empty());
+}
+
+#[test]
+fn curl_lists_and_retrieves() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let u = user(9);
+    let (first, second) = (message("one"), message("two"));
+    imap_append(pool.backend(0).imap(), &u, PASSWORD, &first);
+    imap_append(pool.backend(1).imap(), &u, PASSWORD, &second);
+    let login = format!("{u}:{PASSWORD}");
+    let (ok, out, err) = curl(&[&format!("pop3://{}/", d.pop3), "-u", &login]);
+    assert!(ok, "curl LIST: {err}");
+    assert_eq!(out, format!("1 {}\r\n2 {}\r\n", first.len(), second.len()));
+    for (n, expected) in [(1, &first), (2, &second)] {
+        let (ok, out, err) = curl(&[&format!("pop3://{}/{n}", d.pop3), "-u", &login]);
+        assert!(ok, "curl RETR {n}: {err}");
+        assert_eq!(out.as_bytes(), expected.as_slice(), "curl RETR {n}");
+    }
+    // A wrong password is a login failure curl reports, not a hang.
+    let (ok, _, err) = curl(&[&format!("pop3://{}/", d.pop3), "-u", &format!("{u}:bad")]);
+    assert!(!ok, "curl with a wrong password succeeded");
+    assert!(
+        err.contains("67") || err.to_lowercase().contains("login"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pop3_and_imap_sessions_of_a_user_share_one_backend() {
+    let pool = Pool::start(3);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    for i in 10..16 {
+        let u = user(i);
+        let ring = pool
+            .by_ip(d.router.route(&u, "").unwrap().backend.ip)
+            .unwrap();
+        let (mut imap, mut pop3);
+        if i % 2 == 0 {
+            pop3 = pop3_login(d.pop3, &u, PASSWORD);
+            // The ring would now send new users elsewhere; this user has a record.
+            d.state.set_weight(ring.ip, 0).unwrap();
+            let (c, backend) = imap_login(d.imap, &u, PASSWORD);
+            imap = c;
+            assert_eq!(backend, ring.name, "{u}: IMAP after POP3");
+        } else {
+            let (c, backend) = imap_login(d.imap, &u, PASSWORD);
+            imap = c;
+            assert_eq!(backend, ring.name, "{u}: IMAP first");
+            d.state.set_weight(ring.ip, 0).unwrap();
+            pop3 = pop3_login(d.pop3, &u, PASSWORD);
+        }
+        // Dovecot saw the POP3 login of this user on the same backend, and on no other.
+        wait_login(ring, "pop3-login", &u);
+        for b in pool.backends.iter().filter(|b| b.ip != ring.ip) {
+            assert!(
+                login_lines(&b.log(), "pop3-login", &u).is_empty(),
+                "{u} on {}",
+                b.name
+            );
+            assert!(
+                login_lines(&b.log(), "imap-login", &u).is_empty(),
+                "{u} on {}",
+                b.name
+            );
+        }
+        let sessions: Vec<_> = d
+            .sessions
+            .list()
+            .into_iter()
+            .filter(|s| s.username == u)
+            .collect();
+        assert_eq!(sessions.len(), 2, "{sessions:?}");
+        assert!(
+            sessions.iter().all(|s| s.backend.ip() == ring.ip),
+            "{sessions:?}"
+        );
+        assert!(pop3.pop3("QUIT").starts_with("+OK"));
+        assert!(imap.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+        d.state.set_weight(ring.ip, 100).unwrap();
+    }
+}

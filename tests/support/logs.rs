@@ -1,0 +1,64 @@
+//! Reading what the backends logged. Dovecot writes its log asynchronously (through the log
+//! process), so a line about a login that just succeeded may appear a moment later: the
+//! helpers here poll.
+//!
+//! Dovecot 2.3 logs a login as
+//! `... imap-login: Info: Login: user=<user0001>, method=PLAIN, rip=192.0.2.55, lip=127.0.0.1,
+//! mpid=1234, TLS, session=<...>`.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use super::dovecot::Backend;
+
+/// How long a log line may take to appear.
+pub const LOG_WAIT: Duration = Duration::from_secs(5);
+
+/// Calls `f` every 20 ms until it returns `Some`, for at most `timeout`; panics naming `what`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("waited {timeout:?} in vain for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The lines of `log` that record a successful login of `user` by `service` (`imap-login`,
+/// `pop3-login`).
+pub fn login_lines(log: &str, service: &str, user: &str) -> Vec<String> {
+    let needle = format!("Login: user=<{user}>");
+    log.lines()
+        .filter(|l| l.contains(&format!("{service}: ")) && l.contains(&needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until `backend` has logged `n` logins of `user` by `service`, and returns them.
+pub fn wait_logins(backend: &Backend, service: &str, user: &str, n: usize) -> Vec<String> {
+    wait_until(
+        &format!("{n} {service} login(s) of {user} in {}'s log", backend.name),
+        LOG_WAIT,
+        || {
+            let lines = login_lines(&backend.log(), service, user);
+            (lines.len() >= n).then_some(lines)
+        },
+    )
+}
+
+/// Waits for the first login of `user` by `service` on `backend` and returns its line.
+pub fn wait_login(backend: &Backend, service: &str, user: &str) -> String {
+    wait_logins(backend, service, user, 1).remove(0)
+}
+
+/// The value of `key=` in a Dovecot log line (`rip`, `lip`, `session` without its `<>`).
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let value = line[start..].split([',', ' ']).next()?;
+    Some(value.trim_matches(['<', '>']).to_owned())
+}
