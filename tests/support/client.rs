@@ -50,6 +50,48 @@ impl Conn {
             .to_owned()
     }
 
+    /// One line as raw bytes, CRLF included. Empty at end of stream.
+    pub fn raw_line(&mut self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        self.reader.read_until(b'\n', &mut buf).unwrap_or(0);
+        buf
+    }
+
+    /// Reads a line and panics unless it is an IMAP continuation request (`+ ...`); returns it.
+    pub fn continuation(&mut self) -> String {
+        let l = self.line();
+        assert!(
+            l == "+" || l.starts_with("+ "),
+            "expected a continuation request, got {l:?}"
+        );
+        l
+    }
+
+    /// Like [`Conn::until_tagged`], but reads literals (`{n}` at the end of a line) as bytes:
+    /// returns the lines (each literal shown as its `{n}` announcement only) and the
+    /// literals in order.
+    pub fn until_tagged_with_literals(&mut self, tag: &str) -> (Vec<String>, Vec<Vec<u8>>) {
+        let mut lines = Vec::new();
+        let mut literals = Vec::new();
+        loop {
+            let raw = self.raw_line();
+            if raw.is_empty() {
+                panic!("connection closed while waiting for {tag}; got {lines:?}");
+            }
+            let l = String::from_utf8_lossy(&raw)
+                .trim_end_matches(['\r', '\n'])
+                .to_owned();
+            if let Some(n) = literal_size(&l) {
+                literals.push(self.bytes(n));
+            }
+            let done = l.starts_with(&format!("{tag} "));
+            lines.push(l);
+            if done {
+                return (lines, literals);
+            }
+        }
+    }
+
     /// Exactly `n` bytes.
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         let mut buf = vec![0; n];
@@ -82,7 +124,18 @@ impl Conn {
     /// Whether the peer has closed (reads end of stream within the timeout).
     pub fn closed(&mut self) -> bool {
         let mut buf = Vec::new();
-        matches!(self.reader.read_to_end(&mut buf), Ok(_))
+        self.reader.read_to_end(&mut buf).is_ok()
+    }
+
+    /// Whether the peer has ended the connection within the read timeout: end of stream, or
+    /// a reset (a server that closes with unread input makes the kernel send RST). Unlike
+    /// [`Conn::closed`], a reset counts as ended; a timeout does not.
+    pub fn ended(&mut self) -> bool {
+        let mut buf = Vec::new();
+        match self.reader.read_to_end(&mut buf) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
     }
 
     /// After an IMAP login: which backend this session is on (`x-backend` of `ID NIL`).
@@ -110,6 +163,19 @@ pub fn imap_login(addr: SocketAddr, user: &str, password: &str) -> (Conn, String
     );
     let backend = c.imap_backend();
     (c, backend)
+}
+
+/// The size announced by an IMAP literal at the end of `line` (`{n}` or `{n+}`), if any.
+pub fn literal_size(line: &str) -> Option<usize> {
+    let inner = line.strip_suffix('}')?;
+    let open = inner.rfind('{')?;
+    inner[open + 1..].trim_end_matches('+').parse().ok()
+}
+
+/// Base64 (standard alphabet, padded), for SASL responses.
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// An IMAP quoted string.
