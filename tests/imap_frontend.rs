@@ -117,6 +117,10 @@ fn login_with_atoms_and_quoted_strings_with_escapes() {
     let (mut c, _) = connect(&d);
     let reply = c.imap("a", &format!("login \"{}\" {PASSWORD}", user(4)));
     assert_logged_in(&mut c, &reply, &pool, &d, &user(4), "lower-case login");
+    // User names hash lower-cased (`%Lu`): an upper-case login lands with the lower-case one.
+    let (mut c, _) = connect(&d);
+    let reply = c.imap("a", &format!("LOGIN USER0004 {PASSWORD}"));
+    assert_logged_in(&mut c, &reply, &pool, &d, &user(4), "upper-case user name");
 }
 
 #[test]

@@ -312,27 +312,43 @@ fn commands_pipelined_with_the_login_are_answered() {
         a.extend_from_slice(b"\r\nf NOOP\r\n");
         a
     };
-    let logins = [
-        format!("a LOGIN {u} {PASSWORD}\r\n"),
-        format!(
+    // Each login as the pieces a client sends, waiting for `+` between them; the commands
+    // are appended to the last piece.
+    let plain = b64(format!("\0{u}\0{PASSWORD}").as_bytes());
+    let logins: Vec<Vec<String>> = vec![
+        vec![format!("a LOGIN {u} {PASSWORD}\r\n")],
+        vec![format!(
             "a LOGIN {{{}+}}\r\n{u} {{{}+}}\r\n{PASSWORD}\r\n",
             u.len(),
             PASSWORD.len()
-        ),
-        format!(
-            "a AUTHENTICATE PLAIN {}\r\n",
-            b64(format!("\0{u}\0{PASSWORD}").as_bytes())
-        ),
+        )],
+        vec![
+            format!("a LOGIN {u} {{{}}}\r\n", PASSWORD.len()),
+            format!("{PASSWORD}\r\n"),
+        ],
+        vec![format!("a AUTHENTICATE PLAIN {plain}\r\n")],
+        vec!["a AUTHENTICATE PLAIN\r\n".into(), format!("{plain}\r\n")],
+        vec![
+            "a AUTHENTICATE LOGIN\r\n".into(),
+            format!("{}\r\n", b64(u.as_bytes())),
+            format!("{}\r\n", b64(PASSWORD.as_bytes())),
+        ],
         // A failed login first: what follows it in the same write still runs in order.
-        format!("x LOGIN {u} wrong\r\na LOGIN {u} {PASSWORD}\r\n"),
+        vec![format!("x LOGIN {u} wrong\r\na LOGIN {u} {PASSWORD}\r\n")],
     ];
-    for (i, login) in logins.iter().enumerate() {
+    for (i, pieces) in logins.iter().enumerate() {
         let mut c = Conn::connect(d.imap);
         c.line();
-        let mut bytes = login.clone().into_bytes();
+        let (last, first) = pieces.split_last().unwrap();
+        for piece in first {
+            c.send(piece.as_bytes());
+            c.continuation();
+        }
+        let mut bytes = last.clone().into_bytes();
         bytes.extend_from_slice(b"b SELECT INBOX\r\nc ID NIL\r\n");
         bytes.extend_from_slice(&append);
         c.send(&bytes);
+        let login = &pieces[0];
         if login.starts_with("x ") {
             let reply = c.until_tagged("x");
             assert!(
