@@ -417,6 +417,19 @@ fn pre_login_commands_answer_as_a_client_expects() {
         "LOGIN with one argument: {reply:?}"
     );
 
+    for (tag, command) in [
+        ("h1", "LOGIN user0001 \"secret"),
+        ("h2", "LOGIN \"user0001\" \"sec\\ret\""),
+        ("h3", "LOGIN user0001 secret extra"),
+        ("h4", "LOGIN user0001 (secret)"),
+    ] {
+        let reply = c.imap(tag, command);
+        assert!(
+            reply.last().unwrap().starts_with(&format!("{tag} BAD")),
+            "{command}: {reply:?}"
+        );
+    }
+
     // Still usable after all those errors; ID before login does not name a backend.
     let reply = c.imap("h", "ID NIL");
     assert_ok(&reply, "h", "ID before login");
@@ -494,6 +507,30 @@ fn oversized_lines_and_literals_are_refused() {
         "{line:?}"
     );
     assert_ok(&c.imap("b", "NOOP"), "b", "NOOP after a refused literal");
+
+    // A `{n+}` literal above the limit: the client sends it anyway, so the connection ends.
+    let (mut c, _) = connect(&d);
+    let mut login = b"a LOGIN user0001 {100000+}\r\n".to_vec();
+    login.extend(std::iter::repeat_n(b'x', 100_000));
+    login.extend_from_slice(b"\r\nb NOOP\r\n");
+    c.send(&login);
+    let line = c.line();
+    assert!(
+        line.starts_with("a BAD") || line.starts_with("* BYE"),
+        "{line:?}"
+    );
+    let mut rest = Vec::new();
+    loop {
+        let l = c.line();
+        if l.is_empty() {
+            break;
+        }
+        rest.push(l);
+    }
+    assert!(
+        rest.iter().all(|l| l.starts_with("* BYE")),
+        "after a {{n+}} literal over the limit: {rest:?}"
+    );
 
     // A line longer than the limit (8 KiB) ends the connection.
     let (mut c, _) = connect(&d);
