@@ -57,6 +57,41 @@ impl Conn {
         buf
     }
 
+    /// Reads a line and panics unless it is an IMAP continuation request (`+ ...`); returns it.
+    pub fn continuation(&mut self) -> String {
+        let l = self.line();
+        assert!(
+            l == "+" || l.starts_with("+ "),
+            "expected a continuation request, got {l:?}"
+        );
+        l
+    }
+
+    /// Like [`Conn::until_tagged`], but reads literals (`{n}` at the end of a line) as bytes:
+    /// returns the lines (each literal shown as its `{n}` announcement only) and the
+    /// literals in order.
+    pub fn until_tagged_with_literals(&mut self, tag: &str) -> (Vec<String>, Vec<Vec<u8>>) {
+        let mut lines = Vec::new();
+        let mut literals = Vec::new();
+        loop {
+            let raw = self.raw_line();
+            if raw.is_empty() {
+                panic!("connection closed while waiting for {tag}; got {lines:?}");
+            }
+            let l = String::from_utf8_lossy(&raw)
+                .trim_end_matches(['\r', '\n'])
+                .to_owned();
+            if let Some(n) = literal_size(&l) {
+                literals.push(self.bytes(n));
+            }
+            let done = l.starts_with(&format!("{tag} "));
+            lines.push(l);
+            if done {
+                return (lines, literals);
+            }
+        }
+    }
+
     /// Everything the peer sends until it closes the connection (a reset counts as closing),
     /// or `None` if it is still open after `timeout`.
     pub fn until_closed(&mut self, timeout: Duration) -> Option<Vec<u8>> {
@@ -130,6 +165,17 @@ impl Conn {
     pub fn closed(&mut self) -> bool {
         let mut buf = Vec::new();
         self.reader.read_to_end(&mut buf).is_ok()
+    }
+
+    /// Whether the peer has ended the connection within the read timeout: end of stream, or
+    /// a reset (a server that closes with unread input makes the kernel send RST). Unlike
+    /// [`Conn::closed`], a reset counts as ended; a timeout does not.
+    pub fn ended(&mut self) -> bool {
+        let mut buf = Vec::new();
+        match self.reader.read_to_end(&mut buf) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
     }
 
     /// After an IMAP login: which backend this session is on (`x-backend` of `ID NIL`).
@@ -216,4 +262,11 @@ pub fn curl(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The size announced by an IMAP literal at the end of `line` (`{n}` or `{n+}`), if any.
+pub fn literal_size(line: &str) -> Option<usize> {
+    let inner = line.strip_suffix('}')?;
+    let open = inner.rfind('{')?;
+    inner[open + 1..].trim_end_matches('+').parse().ok()
 }
