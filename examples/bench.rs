@@ -121,7 +121,15 @@ fn main() {
     let n_idle = env("BENCH_IDLE", 1000);
     let mib = env("BENCH_MESSAGE_MIB", 20);
     let n_fetch = env("BENCH_FETCHES", 5);
-    let pool = dovecot::Pool::start(1);
+    // One imap process per session (Dovecot's default) would cap the idle test at the
+    // backend's process_limit: pack sessions into few processes instead.
+    let pool = dovecot::Pool::start_with(dovecot::PoolOptions {
+        backends: 1,
+        extra_config:
+            "service imap {\n  service_count = 0\n  client_limit = 500\n  process_limit = 100\n}\n\
+                       service stats {\n  client_limit = 10000\n}\n"
+                .into(),
+    });
     let backend = pool.backend(0).imap();
     let port = free_port();
     let cfg = pool.dir().join("bench-director.yaml");
@@ -141,13 +149,22 @@ fn main() {
         .and_then(|p| p.parent())
         .unwrap()
         .join("director");
-    let mut child: Child = Command::new(&bin)
+    let child: Child = Command::new(&bin)
         .args(["serve", "-c"])
         .arg(&cfg)
         .env("RUST_LOG", "warn")
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+    // Kills the director even if the benchmark panics.
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Reap(child);
     let director: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(director).is_err() {
@@ -206,7 +223,7 @@ fn main() {
     );
 
     // Idle sessions: logged in and in IDLE.
-    let pid = child.id();
+    let pid = child.0.id();
     let mut warm: Vec<Imap> = Vec::new();
     for i in 0..20 {
         let mut c = Imap::connect(director);
@@ -233,6 +250,5 @@ fn main() {
     );
     drop(idle);
     drop(warm);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
