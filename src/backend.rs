@@ -42,9 +42,10 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Whether users who already have a record on this backend may keep using it.
+    /// Whether users who already have a record on this backend may keep using it. A
+    /// backend in maintenance serves only its allowed test users (see `routing`).
     pub fn serves_existing(&self) -> bool {
-        self.admin != AdminState::Down && self.health == Health::Up
+        self.admin == AdminState::Up && self.health == Health::Up
     }
 
     /// Whether the ring may send new users here.

@@ -81,6 +81,85 @@ pub struct Config {
     #[serde(default)]
     pub backend_defaults: BackendDefaults,
     pub backends: Vec<BackendConfig>,
+    /// Where admin state (backends added or removed, weights, up/down, maintenance, pauses)
+    /// is kept across restarts, written atomically. `None`: not kept.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// The admin API the `director` CLI talks to.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The built-in health checker.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// The admin API: a unix socket by default, optionally TCP with a bearer token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Unix socket path (owner-only). The CLI finds the running director through it.
+    pub socket: PathBuf,
+    /// Optional TCP listener; requires `token_file` and `allow_from`.
+    pub tcp: Option<AdminTcpConfig>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            socket: PathBuf::from("/run/director/admin.sock"),
+            tcp: None,
+        }
+    }
+}
+
+/// The admin API over TCP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTcpConfig {
+    pub address: SocketAddr,
+    /// File holding the bearer token (must not be readable by group or others).
+    pub token_file: PathBuf,
+    /// Networks allowed to connect; others are refused and logged.
+    pub allow_from: Vec<Network>,
+}
+
+/// The health checker (replaces poolmon).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Run checks at all.
+    pub enabled: bool,
+    /// Time between checks of a healthy backend.
+    pub interval: HumanDuration,
+    /// Time between checks after a failure, until the backend is up or down for sure.
+    pub fast_interval: HumanDuration,
+    /// Consecutive passes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that bring an up backend down.
+    pub fall: u32,
+    /// Which checks run on every backend unless it says otherwise (names of built-in checks
+    /// `imap`, `pop3`, `lmtp`, `sieve`, or of files in `checks_dir`).
+    pub checks: Vec<String>,
+    /// Extra check definitions (`*.yaml`); a file named like a built-in replaces it.
+    pub checks_dir: Option<PathBuf>,
+    /// Credentials for checks that log in (`user: ...`, `password: ...`, optionally per
+    /// backend); must not be readable by group or others.
+    pub credentials_file: Option<PathBuf>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            enabled: true,
+            interval: secs(2),
+            fast_interval: HumanDuration(Duration::from_millis(500)),
+            rise: 2,
+            fall: 2,
+            checks: vec!["imap".into()],
+            checks_dir: None,
+            credentials_file: None,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -276,6 +355,9 @@ pub struct BackendConfig {
     /// Name the backend certificate must carry; default: `host`.
     pub tls_server_name: Option<String>,
     pub forward: Option<ForwardName>,
+    /// Checks for this backend instead of `health.checks`.
+    #[serde(default)]
+    pub checks: Option<Vec<String>>,
 }
 
 fn default_weight() -> u32 {

@@ -29,6 +29,7 @@ pub mod imap;
 pub mod listener;
 pub mod local_state;
 pub mod login;
+pub mod moves;
 pub mod network;
 pub mod pop3;
 pub mod proxy_protocol;

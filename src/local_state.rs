@@ -1,5 +1,6 @@
 //! The in-memory [`State`]: one director's backends and sticky records.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +19,8 @@ pub struct LocalState {
     /// Serialises changes to the backend set (read-modify-swap).
     change: Mutex<()>,
     sticky: Mutex<StickyTable>,
+    /// User hashes being moved (sessions being ended before the record changes).
+    moving: Mutex<HashSet<u32>>,
 }
 
 impl LocalState {
@@ -26,6 +29,7 @@ impl LocalState {
             backends: ArcSwap::from_pointee(BackendSet::new(backends)),
             change: Mutex::new(()),
             sticky: Mutex::new(StickyTable::new(user_expire)),
+            moving: Mutex::new(HashSet::new()),
         }
     }
 
@@ -121,5 +125,21 @@ impl State for LocalState {
 
     fn purge_expired(&self, now: Instant) -> usize {
         self.sticky.lock().unwrap().purge(now)
+    }
+
+    fn remove_record(&self, hash: u32) {
+        self.sticky.lock().unwrap().remove(hash);
+    }
+
+    fn begin_move(&self, hash: u32) -> bool {
+        self.moving.lock().unwrap().insert(hash)
+    }
+
+    fn end_move(&self, hash: u32) {
+        self.moving.lock().unwrap().remove(&hash);
+    }
+
+    fn is_moving(&self, hash: u32) -> bool {
+        self.moving.lock().unwrap().contains(&hash)
     }
 }

@@ -129,6 +129,21 @@ impl Authenticator for Login {
             }
         })?;
         let hash = route.user_hash;
+        // A move of this user is under way (its sessions are being ended): wait for it, then
+        // route again so the login follows the new record.
+        let route = if self.router.state().is_moving(hash) {
+            let deadline = Instant::now() + std::time::Duration::from_secs(15);
+            while self.router.state().is_moving(hash) && Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            self.router
+                .route(user, "")
+                .map_err(|_| LoginFailure::Unavailable {
+                    message: UNAVAILABLE_TEXT.into(),
+                })?
+        } else {
+            route
+        };
         let mut candidates = vec![route.backend.clone()];
         candidates.extend(route.fallbacks.iter().cloned());
         for (attempt, backend) in candidates.iter().enumerate() {

@@ -100,4 +100,17 @@ pub trait State: Send + Sync {
 
     /// Drops expired records; returns how many.
     fn purge_expired(&self, now: Instant) -> usize;
+
+    /// Drops the record of a user hash (a forced flush, or nowhere left to move it).
+    fn remove_record(&self, hash: u32);
+
+    /// Marks a user hash as being moved: its logins wait until [`State::end_move`].
+    /// Returns false if a move of that user is already under way.
+    fn begin_move(&self, hash: u32) -> bool;
+
+    /// Ends a move started with [`State::begin_move`].
+    fn end_move(&self, hash: u32);
+
+    /// Whether a user hash is being moved.
+    fn is_moving(&self, hash: u32) -> bool;
 }
