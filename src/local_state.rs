@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::backend::{AdminState, Backend, Health};
 use crate::config::MAX_WEIGHT;
-use crate::state::{BackendSet, State, StateError};
+use crate::state::{BackendSet, ChecksPause, State, StateError};
 use crate::sticky::{StickyRecord, StickyTable};
 
 /// State held in this process.
@@ -21,6 +21,7 @@ pub struct LocalState {
     sticky: Mutex<StickyTable>,
     /// User hashes being moved (sessions being ended before the record changes).
     moving: Mutex<HashSet<u32>>,
+    checks_pause: Mutex<Option<ChecksPause>>,
 }
 
 impl LocalState {
@@ -30,6 +31,7 @@ impl LocalState {
             change: Mutex::new(()),
             sticky: Mutex::new(StickyTable::new(user_expire)),
             moving: Mutex::new(HashSet::new()),
+            checks_pause: Mutex::new(None),
         }
     }
 
@@ -141,5 +143,19 @@ impl State for LocalState {
 
     fn is_moving(&self, hash: u32) -> bool {
         self.moving.lock().unwrap().contains(&hash)
+    }
+
+    fn checks_pause(&self) -> Option<ChecksPause> {
+        let mut pause = self.checks_pause.lock().unwrap();
+        if let Some(ChecksPause { until: Some(t), .. }) = *pause {
+            if std::time::SystemTime::now() >= t {
+                *pause = None;
+            }
+        }
+        *pause
+    }
+
+    fn set_checks_pause(&self, pause: Option<ChecksPause>) {
+        *self.checks_pause.lock().unwrap() = pause;
     }
 }

@@ -49,6 +49,14 @@ impl BackendSet {
     }
 }
 
+/// Health checks paused by an administrator (`director checks pause [--for 30m]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChecksPause {
+    pub since: std::time::SystemTime,
+    /// When checks resume by themselves; `None`: at `checks resume`.
+    pub until: Option<std::time::SystemTime>,
+}
+
 /// Why a state change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
@@ -113,4 +121,10 @@ pub trait State: Send + Sync {
 
     /// Whether a user hash is being moved.
     fn is_moving(&self, hash: u32) -> bool;
+
+    /// The current pause of all health checks, if any (an expired pause is `None`).
+    fn checks_pause(&self) -> Option<ChecksPause>;
+
+    /// Pauses (`Some`) or resumes (`None`) all health checks.
+    fn set_checks_pause(&self, pause: Option<ChecksPause>);
 }
