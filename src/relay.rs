@@ -1,6 +1,6 @@
 //! The byte relay between a logged-in client and its backend: copies both ways, untouched,
-//! counting bytes, until both sides have closed, the other side lingers too long after one
-//! closed, or the session is kicked.
+//! counting bytes, until the backend has closed (and all it sent reached the client), the
+//! client has closed and the backend followed or lingered too long, or the session is kicked.
 //!
 //! Idle sessions are the common case (IMAP IDLE), so a direction holds a buffer only while it
 //! has bytes in flight: the buffer is dropped whenever a read finds nothing to read.
@@ -138,7 +138,7 @@ impl Direction {
 /// Relays between `client` and `backend` until the session ends. `client_leftover` goes to
 /// the backend first and `backend_leftover` to the client first (bytes read during login).
 /// `kicked` completes when the session must end; `kick_message` is then written to the client
-/// (e.g. IMAP `* BYE ...`). After one side closes, the other has `linger` to finish.
+/// (e.g. IMAP `* BYE ...`). After the client closes, the backend has `linger` to finish.
 pub async fn relay<C, B>(
     client: &mut C,
     client_leftover: Vec<u8>,
@@ -198,7 +198,11 @@ where
                 }
             }
         }
-        if up.done && down.done {
+        // The backend has closed and everything it sent reached the client: nothing the
+        // client still sends could be served, so the session is over (the client was sent
+        // end of stream). Only a client that closes first gets `linger` to read the last
+        // replies of its backend.
+        if down.done {
             return Poll::Ready(false);
         }
         if first_end.is_some() && deadline.is_none() {
@@ -316,5 +320,30 @@ mod tests {
         )
         .await;
         assert_eq!(stats.end, RelayEnd::ClientClosed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backend_close_ends_the_session_at_once() {
+        let (mut client_far, mut client_near) = tokio::io::duplex(64);
+        let (mut backend_far, mut backend_near) = tokio::io::duplex(64);
+        backend_far.write_all(b"* BYE Logging out\r\n").await.unwrap();
+        drop(backend_far);
+        let started = tokio::time::Instant::now();
+        let stats = relay(
+            &mut client_near,
+            Vec::new(),
+            &mut backend_near,
+            Vec::new(),
+            std::future::pending(),
+            b"",
+            Duration::from_secs(10),
+        )
+        .await;
+        // The client never closed, yet the relay ended without waiting for the linger.
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(stats.end, RelayEnd::BackendClosed);
+        let mut got = vec![0u8; 19];
+        client_far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"* BYE Logging out\r\n");
     }
 }
