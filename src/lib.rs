@@ -19,6 +19,8 @@
 //!   `local_state` is its in-memory implementation.
 //! - `config` (YAML, parsed only in `yaml`) and `resolve` (DNS names of backends) build it all
 //!   at start; `stream` wraps plain and TLS sockets in one type.
+//! - `lmtp`: mail delivery (RFC 2033): each recipient routed like a login, the message
+//!   streamed to every recipient's backend, one reply per recipient (`lmtp::session`).
 
 pub mod backend;
 pub mod backend_login;
@@ -27,6 +29,7 @@ pub mod decision;
 pub mod frontend;
 pub mod imap;
 pub mod listener;
+pub mod lmtp;
 pub mod local_state;
 pub mod login;
 pub mod moves;
