@@ -45,6 +45,16 @@ const SESSION_PREFIX: &str = "lmtptest";
 
 impl TestLmtp {
     fn start(pool: &Pool, settings: LmtpSettings, options: &DirectorOptions) -> TestLmtp {
+        Self::start_with_unix(pool, settings, options, None)
+    }
+
+    /// Like [`TestLmtp::start`], also serving on a unix socket at `unix` if given.
+    fn start_with_unix(
+        pool: &Pool,
+        settings: LmtpSettings,
+        options: &DirectorOptions,
+        unix: Option<std::path::PathBuf>,
+    ) -> TestLmtp {
         let yaml = config_yaml(pool, options);
         let config = Config::parse(&yaml).unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
         let settings = Arc::new(settings);
@@ -75,17 +85,40 @@ impl TestLmtp {
                             local: tcp.local_addr().unwrap(),
                             session_id: format!("{SESSION_PREFIX}{n}"),
                         };
-                        let (router, settings) = (router.clone(), settings.clone());
                         tokio::spawn(serve_connection(
                             ClientStream::Plain(tcp),
                             identity,
-                            router,
-                            settings,
+                            router.clone(),
+                            settings.clone(),
+                        ));
+                    }
+                };
+                let accept_unix = async {
+                    let Some(path) = unix else {
+                        return std::future::pending().await;
+                    };
+                    let listener = tokio::net::UnixListener::bind(path).unwrap();
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        // A local MTA has no address to forward.
+                        let identity = ClientIdentity {
+                            client: "0.0.0.0:0".parse().unwrap(),
+                            local: "0.0.0.0:0".parse().unwrap(),
+                            session_id: format!("{SESSION_PREFIX}unix"),
+                        };
+                        tokio::spawn(serve_connection(
+                            ClientStream::Unix(stream),
+                            identity,
+                            router.clone(),
+                            settings.clone(),
                         ));
                     }
                 };
                 tokio::select! {
                     _ = accept => {}
+                    _ = accept_unix => {}
                     _ = stop_rx => {}
                 }
             });
@@ -594,4 +627,74 @@ fn delivering_to_this_director_itself_is_refused() {
         started.elapsed()
     );
     assert_eq!(cmd(&mut c, "DATA"), "503 5.5.1 No valid recipients");
+}
+
+#[test]
+fn a_unix_socket_client_is_routed_to_the_backends_tcp_port() {
+    let pool = Pool::start(2);
+    let path = pool.dir().join("director-lmtp.sock");
+    let l = TestLmtp::start_with_unix(
+        &pool,
+        settings(),
+        &DirectorOptions::default(),
+        Some(path.clone()),
+    );
+    wait_until("the unix socket", Duration::from_secs(5), || {
+        path.exists().then_some(())
+    });
+    let u = user(7);
+    let out = Command::new("swaks")
+        .args(["--protocol", "LMTP", "--socket"])
+        .arg(&path)
+        .args(["--helo", "mta.test", "--from", "sender@example.org"])
+        .args(["--to", &format!("{u}@example.org"), "--body", "via unix"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let msgs = wait_inbox(&pool, &u, 1);
+    let backend = &l.backend_of(&pool, &u).name;
+    assert!(String::from_utf8_lossy(&msgs[0]).contains(&format!("by {backend}")));
+}
+
+#[test]
+fn silent_clients_and_hung_backends_time_out_with_4xx() {
+    let pool = Pool::start(3);
+    let s = LmtpSettings {
+        client_timeout: Duration::from_secs(1),
+        ..settings()
+    };
+    let options = DirectorOptions {
+        login_timeout: "1s".into(),
+        ..DirectorOptions::default()
+    };
+    let l = TestLmtp::start(&pool, s, &options);
+    let users = users_on_distinct_backends(&l, 2);
+    // A hung backend: its recipient is deferred, the other is delivered.
+    let hung = l.backend_of(&pool, &users[0]);
+    hung.pause();
+    let (mut c, _) = connect(&l);
+    assert!(cmd(&mut c, "MAIL FROM:<a@b.example>").starts_with("250 "));
+    let started = std::time::Instant::now();
+    let r = cmd(&mut c, &format!("RCPT TO:<{}@example.org>", users[0]));
+    hung.resume();
+    assert_eq!(r, "451 4.4.0 Backend unavailable, try again later");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(cmd(&mut c, &format!("RCPT TO:<{}@example.org>", users[1])).starts_with("250 "));
+    assert!(cmd(&mut c, "DATA").starts_with("354 "));
+    // The client stops in the middle of the message: nothing is delivered.
+    c.send(b"Subject: cut\r\n\r\nhalf a mess");
+    let r = reply(&mut c);
+    assert!(r[0].starts_with("421 4.4.2"), "{r:?}");
+    assert!(c.closed());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(inbox(&pool, &users[1]).is_empty());
+    // Silent before any command.
+    let mut c = Conn::connect(l.addr);
+    reply(&mut c);
+    assert!(reply(&mut c)[0].starts_with("421 4.4.2"));
+    assert!(c.closed());
 }

@@ -477,7 +477,13 @@ impl Session {
         self.say(354, "Start mail input; end with <CRLF>.<CRLF>");
         self.flush().await?;
         let Some(oversize) = self.stream_message().await? else {
-            // The client went away mid-message: nothing is delivered (no final dot).
+            // The client went away mid-message: drop the backend connections without a final
+            // dot (not even QUIT, which would be message text), so nothing is delivered.
+            if let Some(tx) = self.tx.as_mut() {
+                for u in &mut tx.upstreams {
+                    u.conn = None;
+                }
+            }
             return Ok(Next::Close);
         };
         let tx = self.tx.as_mut().expect("still in the transaction");
