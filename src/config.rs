@@ -85,12 +85,58 @@ pub struct Config {
     /// is kept across restarts, written atomically. `None`: not kept.
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// The LMTP service.
+    #[serde(default)]
+    pub lmtp: LmtpConfig,
     /// The admin API the `director` CLI talks to.
     #[serde(default)]
     pub admin: AdminConfig,
     /// The built-in health checker.
     #[serde(default)]
     pub health: HealthConfig,
+}
+
+/// Which part of a recipient address routing hashes as the username.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecipientUsernameName {
+    WholeAddress,
+    LocalPart,
+}
+
+/// The LMTP service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmtpConfig {
+    /// Our name in the greeting and LHLO; default: the system's host name.
+    pub hostname: Option<String>,
+    /// `whole_address` or `local_part` (use `local_part` when IMAP logins are bare names and
+    /// `username_hash` keeps the domain, so deliveries land where the user logs in).
+    pub recipient_username: RecipientUsernameName,
+    /// Separator of the `+detail` part removed before routing; "" keeps the local part whole.
+    pub recipient_delimiter: String,
+    /// Largest message accepted, in bytes; none: no limit.
+    pub max_message_size: Option<u64>,
+    /// Recipients per transaction.
+    pub max_recipients: usize,
+    /// How long the client may stay silent, between commands and inside DATA.
+    pub client_timeout: HumanDuration,
+    /// How long a backend may take to answer after the message's final dot.
+    pub backend_data_timeout: HumanDuration,
+}
+
+impl Default for LmtpConfig {
+    fn default() -> Self {
+        LmtpConfig {
+            hostname: None,
+            recipient_username: RecipientUsernameName::WholeAddress,
+            recipient_delimiter: "+".into(),
+            max_message_size: None,
+            max_recipients: 500,
+            client_timeout: secs(300),
+            backend_data_timeout: secs(600),
+        }
+    }
 }
 
 /// The admin API: a unix socket by default, optionally TCP with a bearer token.
@@ -195,12 +241,21 @@ pub enum ListenerTls {
     Implicit,
 }
 
-/// One listening socket.
+/// One listening socket: TCP (`address`) or, for LMTP, a unix socket (`socket`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub protocol: ProtocolName,
-    pub address: SocketAddr,
+    #[serde(default)]
+    pub address: Option<SocketAddr>,
+    /// A unix socket path (LMTP only): a local MTA delivers here, and mail still goes to the
+    /// backends' LMTP TCP port.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// LMTP over TCP: the networks allowed to connect (others get `554` and a log line).
+    /// Empty: anyone who can reach the port.
+    #[serde(default)]
+    pub allow_from: Vec<Network>,
     /// Default: `starttls` when `tls` is configured, else `none`.
     #[serde(default)]
     pub tls: Option<ListenerTls>,
@@ -209,12 +264,13 @@ pub struct ListenerConfig {
     pub proxy_protocol: bool,
 }
 
-/// A protocol name in the configuration. Only IMAP and POP3 are served so far.
+/// A protocol name in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProtocolName {
     Imap,
     Pop3,
+    Lmtp,
 }
 
 impl From<ProtocolName> for Protocol {
@@ -222,6 +278,7 @@ impl From<ProtocolName> for Protocol {
         match p {
             ProtocolName::Imap => Protocol::Imap,
             ProtocolName::Pop3 => Protocol::Pop3,
+            ProtocolName::Lmtp => Protocol::Lmtp,
         }
     }
 }
@@ -401,6 +458,27 @@ impl Config {
         Ok(config)
     }
 
+    /// The LMTP service's settings.
+    pub fn lmtp_settings(&self) -> crate::lmtp::LmtpSettings {
+        let c = &self.lmtp;
+        let d = crate::lmtp::LmtpSettings::default();
+        crate::lmtp::LmtpSettings {
+            hostname: c.hostname.clone().unwrap_or(d.hostname),
+            recipient_username: match c.recipient_username {
+                RecipientUsernameName::WholeAddress => crate::lmtp::RecipientUsername::WholeAddress,
+                RecipientUsernameName::LocalPart => crate::lmtp::RecipientUsername::LocalPart,
+            },
+            recipient_delimiter: c.recipient_delimiter.chars().next(),
+            max_message_size: c.max_message_size,
+            max_recipients: c.max_recipients,
+            client_timeout: c.client_timeout.into(),
+            backend_data_timeout: c.backend_data_timeout.into(),
+            max_line_length: d.max_line_length,
+            max_bad_commands: d.max_bad_commands,
+            move_wait: d.move_wait,
+        }
+    }
+
     /// The parsed `username_hash` template.
     pub fn user_hash(&self) -> UserHash {
         UserHash::new(&self.username_hash).expect("checked by validate")
@@ -430,7 +508,11 @@ impl Config {
 
     /// The TLS mode of `listeners[index]` with its default applied.
     pub fn listener_tls(&self, index: usize) -> ListenerTls {
-        self.listeners[index].tls.unwrap_or(if self.tls.is_some() {
+        let l = &self.listeners[index];
+        if l.protocol == ProtocolName::Lmtp {
+            return ListenerTls::None;
+        }
+        l.tls.unwrap_or(if self.tls.is_some() {
             ListenerTls::Starttls
         } else {
             ListenerTls::None
@@ -447,10 +529,40 @@ impl Config {
         }
         let mut addresses = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
-            if l.address.port() != 0 && !addresses.insert(l.address) {
+            match (&l.address, &l.socket) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(err(
+                        format_args!("listeners[{i}]"),
+                        "give either `address` (TCP) or `socket` (unix), not both or neither",
+                    ));
+                }
+                (None, Some(_)) if l.protocol != ProtocolName::Lmtp => {
+                    return Err(err(
+                        format_args!("listeners[{i}].socket"),
+                        "unix sockets are for LMTP listeners only",
+                    ));
+                }
+                _ => {}
+            }
+            if !l.allow_from.is_empty() && (l.protocol != ProtocolName::Lmtp || l.socket.is_some())
+            {
                 return Err(err(
-                    format_args!("listeners[{i}].address"),
-                    format_args!("{} is used by another listener", l.address),
+                    format_args!("listeners[{i}].allow_from"),
+                    "is for LMTP TCP listeners only",
+                ));
+            }
+            if let Some(address) = l.address {
+                if address.port() != 0 && !addresses.insert(address) {
+                    return Err(err(
+                        format_args!("listeners[{i}].address"),
+                        format_args!("{address} is used by another listener"),
+                    ));
+                }
+            }
+            if l.protocol == ProtocolName::Lmtp && l.tls.is_some_and(|t| t != ListenerTls::None) {
+                return Err(err(
+                    format_args!("listeners[{i}].tls"),
+                    "LMTP listeners do not offer TLS yet",
                 ));
             }
             if self.listener_tls(i) != ListenerTls::None && self.tls.is_none() {
@@ -488,6 +600,15 @@ impl Config {
                 "backend_defaults.login_timeout",
                 "must be longer than 0s",
             ));
+        }
+        if self.lmtp.recipient_delimiter.chars().count() > 1 {
+            return Err(err(
+                "lmtp.recipient_delimiter",
+                "must be one character, or \"\" for none",
+            ));
+        }
+        if self.lmtp.max_recipients == 0 {
+            return Err(err("lmtp.max_recipients", "must be at least 1"));
         }
         if self.backends.is_empty() {
             return Err(err("backends", "at least one backend is needed"));
@@ -609,6 +730,12 @@ mod example_tests {
         assert_eq!(c.user_expire, default_user_expire());
         assert_eq!(c.greeting, default_greeting());
         assert!(c.disable_plaintext_auth);
+        let (e, d) = (&c.lmtp, LmtpConfig::default());
+        assert_eq!(e.recipient_username, d.recipient_username);
+        assert_eq!(e.recipient_delimiter, d.recipient_delimiter);
+        assert_eq!(e.max_recipients, d.max_recipients);
+        assert_eq!(e.client_timeout, d.client_timeout);
+        assert_eq!(e.backend_data_timeout, d.backend_data_timeout);
         for p in [
             Protocol::Imap,
             Protocol::Pop3,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -32,21 +32,58 @@ pub struct ListenerShared {
     pub close_linger: Duration,
     /// Caps connections served at once, all listeners together.
     pub connections: Arc<Semaphore>,
+    /// The LMTP service's settings.
+    pub lmtp: Arc<crate::lmtp::LmtpSettings>,
 }
 
-/// One bound listening socket.
+/// A bound listening socket.
+pub enum ListenSocket {
+    Tcp(TcpListener),
+    /// A unix socket (LMTP from a local MTA), at this path.
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+/// One listener.
 pub struct Listener {
     pub protocol: Protocol,
     pub tls: ListenerTls,
     pub proxy_protocol: bool,
-    pub socket: TcpListener,
+    /// LMTP over TCP: who may connect (empty: anyone).
+    pub allow_from: Vec<Network>,
+    pub socket: ListenSocket,
 }
 
 impl Listener {
-    pub fn local_addr(&self) -> SocketAddr {
-        self.socket
-            .local_addr()
-            .expect("bound socket has an address")
+    /// The bound TCP address; `None` for a unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.socket {
+            ListenSocket::Tcp(l) => l.local_addr().ok(),
+            ListenSocket::Unix(..) => None,
+        }
+    }
+
+    /// Where it listens, for logs.
+    pub fn describe(&self) -> String {
+        match &self.socket {
+            ListenSocket::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            ListenSocket::Unix(_, path) => path.display().to_string(),
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<(Accepted, SocketAddr)> {
+        match &self.socket {
+            ListenSocket::Tcp(l) => {
+                let (tcp, peer) = l.accept().await?;
+                Ok((Accepted::Tcp(tcp), peer))
+            }
+            ListenSocket::Unix(l, _) => {
+                let (unix, _) = l.accept().await?;
+                Ok((Accepted::Unix(unix), SocketAddr::from(([0, 0, 0, 0], 0))))
+            }
+        }
     }
 
     /// Accepts connections until `shutdown` turns true.
@@ -57,11 +94,11 @@ impl Listener {
                 p = shared.connections.clone().acquire_owned() => p.expect("semaphore never closes"),
                 _ = shutdown.changed() => return,
             };
-            let (tcp, peer) = tokio::select! {
-                r = this.socket.accept() => match r {
+            let (conn, peer) = tokio::select! {
+                r = this.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
-                        warn!(listener = %this.local_addr(), error = %e, "accept failed");
+                        warn!(listener = %this.describe(), error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -71,7 +108,24 @@ impl Listener {
             let shared = shared.clone();
             let this = this.clone();
             tokio::spawn(async move {
-                this.handle(tcp, peer, &shared).await;
+                match conn {
+                    Accepted::Tcp(tcp) => this.handle(tcp, peer, &shared).await,
+                    Accepted::Unix(unix) => {
+                        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+                        let identity = ClientIdentity {
+                            client: unspecified,
+                            local: unspecified,
+                            session_id: new_session_id(),
+                        };
+                        let _ = crate::lmtp::serve_connection(
+                            ClientStream::Unix(unix),
+                            identity,
+                            shared.login.router.clone(),
+                            shared.lmtp.clone(),
+                        )
+                        .await;
+                    }
+                }
                 drop(permit);
             });
         }
@@ -99,6 +153,22 @@ impl Listener {
             }
         }
         let mut client = ClientStream::Plain(tcp);
+        if self.protocol == Protocol::Lmtp {
+            if !self.allow_from.is_empty() && !any_contains(&self.allow_from, identity.client.ip())
+            {
+                warn!(client = %identity.client, listener = %self.describe(), "LMTP client not in allow_from: refused");
+                let _ = crate::lmtp::refuse_connection(client, &shared.lmtp).await;
+                return;
+            }
+            let _ = crate::lmtp::serve_connection(
+                client,
+                identity,
+                shared.login.router.clone(),
+                shared.lmtp.clone(),
+            )
+            .await;
+            return;
+        }
         if self.tls == ListenerTls::Implicit {
             let acceptor = shared.tls.as_ref().expect("checked by config");
             match tokio::time::timeout(shared.limits.timeout, client.start_tls(acceptor)).await {
@@ -184,6 +254,12 @@ impl Listener {
             "session ended"
         );
     }
+}
+
+/// An accepted connection.
+enum Accepted {
+    Tcp(TcpStream),
+    Unix(tokio::net::UnixStream),
 }
 
 /// A session id unique within this process and unlikely to repeat across restarts.

@@ -326,7 +326,10 @@ mod tests {
     async fn backend_close_ends_the_session_at_once() {
         let (mut client_far, mut client_near) = tokio::io::duplex(64);
         let (mut backend_far, mut backend_near) = tokio::io::duplex(64);
-        backend_far.write_all(b"* BYE Logging out\r\n").await.unwrap();
+        backend_far
+            .write_all(b"* BYE Logging out\r\n")
+            .await
+            .unwrap();
         drop(backend_far);
         let started = tokio::time::Instant::now();
         let stats = relay(

@@ -14,7 +14,7 @@ use crate::backend::{AdminState, Backend, Health};
 use crate::config::{BackendTls, Config, ConfigError, ListenerTls};
 use crate::decision::Protocol;
 use crate::frontend::PreauthLimits;
-use crate::listener::{Listener, ListenerShared};
+use crate::listener::{ListenSocket, Listener, ListenerShared};
 use crate::local_state::LocalState;
 use crate::login::{BackendTlsContext, Login};
 use crate::routing::Router;
@@ -58,6 +58,24 @@ pub async fn resolve_backends(config: &Config) -> Result<Vec<Backend>, ConfigErr
         }
     }
     Ok(out)
+}
+
+/// Binds a unix socket for a local MTA: a stale socket file is replaced, the parent
+/// directory created, and the socket made writable by everyone (as Dovecot's `lmtp` socket,
+/// mode 0666): restrict access with the directory's permissions.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
 }
 
 /// Builds the TLS connectors the backends need.
@@ -118,19 +136,34 @@ impl Director {
             greeting: config.greeting.clone(),
             close_linger: l.close_linger.into(),
             connections: Arc::new(Semaphore::new(l.max_connections)),
+            lmtp: Arc::new(config.lmtp_settings()),
         });
         let mut listeners = Vec::new();
         for (i, lc) in config.listeners.iter().enumerate() {
-            let socket = TcpListener::bind(lc.address).await.map_err(|e| {
-                ConfigError(format!(
-                    "listeners[{i}].address: cannot listen on {}: {e}",
-                    lc.address
-                ))
-            })?;
+            let socket = match (&lc.address, &lc.socket) {
+                (Some(address), _) => {
+                    ListenSocket::Tcp(TcpListener::bind(address).await.map_err(|e| {
+                        ConfigError(format!(
+                            "listeners[{i}].address: cannot listen on {address}: {e}"
+                        ))
+                    })?)
+                }
+                (None, Some(path)) => ListenSocket::Unix(
+                    bind_unix(path).map_err(|e| {
+                        ConfigError(format!(
+                            "listeners[{i}].socket: cannot listen on {}: {e}",
+                            path.display()
+                        ))
+                    })?,
+                    path.clone(),
+                ),
+                (None, None) => unreachable!("checked by Config::validate"),
+            };
             listeners.push(Listener {
                 protocol: lc.protocol.into(),
                 tls: config.listener_tls(i),
                 proxy_protocol: lc.proxy_protocol,
+                allow_from: lc.allow_from.clone(),
                 socket,
             });
         }
@@ -149,7 +182,7 @@ impl Director {
     pub fn listen_addrs(&self) -> Vec<(Protocol, ListenerTls, SocketAddr)> {
         self.listeners
             .iter()
-            .map(|l| (l.protocol, l.tls, l.local_addr()))
+            .filter_map(|l| Some((l.protocol, l.tls, l.local_addr()?)))
             .collect()
     }
 
@@ -158,7 +191,7 @@ impl Director {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (tx, rx) = watch::channel(false);
         for l in self.listeners {
-            info!(protocol = %l.protocol, address = %l.local_addr(), tls = ?l.tls, "listening");
+            info!(protocol = %l.protocol, address = %l.describe(), tls = ?l.tls, "listening");
             tokio::spawn(l.serve(self.shared.clone(), rx.clone()));
         }
         let state = self.state.clone();

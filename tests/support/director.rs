@@ -102,6 +102,8 @@ pub struct TestDirector {
     pub pop3: SocketAddr,
     /// POP3 with implicit TLS.
     pub pop3s: SocketAddr,
+    /// LMTP TCP listeners, in configuration order (none unless the YAML adds them).
+    pub lmtp: Vec<SocketAddr>,
     pub state: Arc<LocalState>,
     pub sessions: Sessions,
     pub router: Router,
@@ -157,6 +159,11 @@ impl TestDirector {
             imaps: find(Protocol::Imap, ListenerTls::Implicit),
             pop3: find(Protocol::Pop3, ListenerTls::Starttls),
             pop3s: find(Protocol::Pop3, ListenerTls::Implicit),
+            lmtp: addrs
+                .iter()
+                .filter(|(p, _, _)| *p == Protocol::Lmtp)
+                .map(|(_, _, a)| *a)
+                .collect(),
             state,
             sessions,
             router,
