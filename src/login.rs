@@ -2,7 +2,9 @@
 //! connection. Route the user, connect (PROXY header, implicit TLS), run the protocol's login
 //! dialogue with the user's own credentials (the director checks no password: the backend
 //! does), register the session. If the chosen backend cannot be reached and the user has no
-//! live session, the next backend in ring order is tried and the record follows.
+//! live session, the next backend in ring order is tried and the record follows, and the
+//! health checker is told (passive health: a failure to connect or to get a usable reply
+//! counts as a failed check; a refused password does not).
 //!
 //! A later issue plugs authentication at the director and master-user logins in here.
 
@@ -18,9 +20,11 @@ use crate::backend::Backend;
 use crate::backend_login::{
     BackendError, BackendLoginRequest, BackendLoginResult, Forward, StartTls,
 };
+use crate::checker::HealthChecker;
 use crate::config::BackendTls;
 use crate::decision::{Decision, Protocol};
 use crate::frontend::{Authenticator, BackendLink, LoginFailure};
+use crate::probe::CheckCode;
 use crate::routing::Router;
 use crate::sessions::{EndHook, Sessions};
 use crate::stream::BackendStream;
@@ -51,6 +55,8 @@ pub struct Login {
     pub router: Router,
     pub sessions: Sessions,
     pub tls: Arc<BackendTlsContext>,
+    /// Told when a backend cannot be used for a login (passive health); `None`: no checker.
+    pub health: Option<HealthChecker>,
 }
 
 impl Login {
@@ -62,9 +68,18 @@ impl Login {
     ) -> Result<BackendLoginResult, BackendError> {
         let settings = &backend.settings;
         let addr = backend.address(decision.protocol);
-        let tcp = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| BackendError::Timeout(settings.connect_timeout))??;
+        let tcp =
+            match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
+                Err(_) => {
+                    self.passive(backend, CheckCode::ConnectTimeout, "connect timed out");
+                    return Err(BackendError::Timeout(settings.connect_timeout));
+                }
+                Ok(Err(e)) => {
+                    self.passive(backend, CheckCode::ConnectionRefused, &e);
+                    return Err(e.into());
+                }
+                Ok(Ok(tcp)) => tcp,
+            };
         let _ = tcp.set_nodelay(true);
         let mut tcp = tcp;
         if settings.forward == Forward::ProxyV2 {
@@ -96,7 +111,9 @@ impl Login {
                     stream.start_tls(&t.connector, t.server_name),
                 )
                 .await
-                .map_err(|_| BackendError::Timeout(settings.login_timeout))??;
+                .map_err(|_| BackendError::Timeout(settings.login_timeout))
+                .and_then(|r| r.map_err(BackendError::from))
+                .inspect_err(|e| self.passive(backend, CheckCode::TlsFailure, e))?;
             }
             (BackendTls::Starttls, t) => starttls = t,
             _ => {}
@@ -108,12 +125,33 @@ impl Login {
             starttls,
             reply_timeout: settings.login_timeout,
         };
-        match decision.protocol {
+        let result = match decision.protocol {
             Protocol::Imap => crate::imap::backend_login::login(stream, &req).await,
             Protocol::Pop3 => crate::pop3::backend_login::login(stream, &req).await,
-            other => Err(BackendError::Protocol(format!(
-                "{other} logins are not supported yet"
-            ))),
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "{other} logins are not supported yet"
+                )))
+            }
+        };
+        if let Err(e) = &result {
+            let code = match e {
+                BackendError::Timeout(_) => Some(CheckCode::ResponseTimeout),
+                BackendError::Closed | BackendError::Io(_) => Some(CheckCode::Closed),
+                BackendError::Protocol(_) => Some(CheckCode::WrongResponse),
+                BackendError::Unsendable(_) => None,
+            };
+            if let Some(code) = code {
+                self.passive(backend, code, e);
+            }
+        }
+        result
+    }
+
+    /// Passive health: tells the checker (if any) that a real login could not use `backend`.
+    fn passive(&self, backend: &Backend, code: CheckCode, detail: impl std::fmt::Display) {
+        if let Some(h) = &self.health {
+            h.report_failure(backend.ip, code, detail.to_string());
         }
     }
 }
