@@ -103,6 +103,9 @@ struct Tracker {
     wake: Arc<Notify>,
 }
 
+/// A backend's CA file and whether it verifies: what a TLS connector depends on.
+type ConnectorKey = (Option<PathBuf>, bool);
+
 struct Inner {
     state: Arc<dyn State>,
     mover: Mover,
@@ -110,7 +113,7 @@ struct Inner {
     checks: Checks,
     credentials: CredentialStore,
     /// TLS connectors by (CA file, verify), built when a probe first needs one.
-    connectors: Mutex<Vec<((Option<PathBuf>, bool), Option<TlsConnector>)>>,
+    connectors: Mutex<Vec<(ConnectorKey, Option<TlsConnector>)>>,
     trackers: Mutex<HashMap<IpAddr, Tracker>>,
 }
 

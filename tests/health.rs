@@ -74,7 +74,7 @@ fn try_login(addr: SocketAddr, u: &str) -> Result<String, String> {
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
     let mut line = String::new();
-    let mut read = |r: &mut BufReader<TcpStream>, line: &mut String| {
+    let read = |r: &mut BufReader<TcpStream>, line: &mut String| {
         line.clear();
         r.read_line(line).map_err(|e| format!("read: {e}"))?;
         if line.is_empty() {
