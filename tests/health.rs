@@ -118,10 +118,13 @@ fn try_login(addr: SocketAddr, u: &str) -> Result<String, String> {
     }
 }
 
-/// Logins in a loop on a thread until stopped: (start time, result) of each.
+/// One login of a [`LoginLoop`]: when it started and ended, and what the client saw.
+type Timed = (Instant, Instant, Result<String, String>);
+
+/// Logins in a loop on a thread until stopped.
 struct LoginLoop {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<(Instant, Result<String, String>)>>,
+    thread: std::thread::JoinHandle<Vec<Timed>>,
 }
 
 impl LoginLoop {
@@ -136,7 +139,8 @@ impl LoginLoop {
                         break 'outer;
                     }
                     let t = Instant::now();
-                    out.push((t, try_login(addr, u)));
+                    let r = try_login(addr, u);
+                    out.push((t, Instant::now(), r));
                 }
             }
             out
@@ -144,7 +148,7 @@ impl LoginLoop {
         LoginLoop { stop, thread }
     }
 
-    fn finish(self) -> Vec<(Instant, Result<String, String>)> {
+    fn finish(self) -> Vec<Timed> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap()
     }
@@ -187,19 +191,19 @@ fn failover_killed_backend_goes_down_and_comes_back() {
 
     let failures: Vec<&String> = results
         .iter()
-        .filter_map(|(_, r)| r.as_ref().err())
+        .filter_map(|(_, _, r)| r.as_ref().err())
         .collect();
-    let in_window = results
-        .iter()
-        .filter(|(t, _)| *t >= killed && *t <= down_at)
-        .count();
+    // Logins that were under way at some time between the kill and the verdict.
+    let overlapping = |(start, end, _): &&Timed| *start <= down_at && *end >= killed;
+    let in_window = results.iter().filter(overlapping).count();
     let failed_in_window = results
         .iter()
-        .filter(|(t, r)| *t >= killed && *t <= down_at && r.is_err())
+        .filter(overlapping)
+        .filter(|(_, _, r)| r.is_err())
         .count();
     let on_victim_after_kill = results
         .iter()
-        .filter(|(t, r)| *t >= killed && r.as_ref().is_ok_and(|b| *b == victim.name))
+        .filter(|(t, _, r)| *t >= killed && r.as_ref().is_ok_and(|b| *b == victim.name))
         .count();
     println!(
         "failover: kill -> health down {down_after:?} (polled {to_down:?}); logins in that window: \
