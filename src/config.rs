@@ -208,6 +208,57 @@ impl Default for HealthConfig {
     }
 }
 
+impl HealthConfig {
+    /// Checks the section, the check files it names and the credentials file.
+    fn validate(&self, backends: &[BackendConfig]) -> Result<(), ConfigError> {
+        if self.rise == 0 {
+            return Err(err("health.rise", "must be at least 1"));
+        }
+        if self.fall == 0 {
+            return Err(err("health.fall", "must be at least 1"));
+        }
+        if self.interval.0.is_zero() {
+            return Err(err("health.interval", "must be longer than 0s"));
+        }
+        if self.fast_interval.0.is_zero() {
+            return Err(err("health.fast_interval", "must be longer than 0s"));
+        }
+        if self.enabled && self.checks.is_empty() {
+            return Err(err(
+                "health.checks",
+                "at least one check is needed (or enabled: false)",
+            ));
+        }
+        let checks = crate::probe::Checks::load(self.checks_dir.as_deref())
+            .map_err(|e| err("health.checks_dir", e))?;
+        let lists = std::iter::once(("health.checks".to_string(), &self.checks)).chain(
+            backends.iter().enumerate().filter_map(|(i, b)| {
+                b.checks
+                    .as_ref()
+                    .map(|c| (format!("backends[{i}].checks"), c))
+            }),
+        );
+        for (field, names) in lists {
+            for (j, name) in names.iter().enumerate() {
+                if checks.get(name).is_none() {
+                    return Err(err(
+                        format_args!("{field}[{j}]"),
+                        format_args!(
+                            "no check named {name:?} (known: {}; more in checks_dir)",
+                            checks.names()
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(path) = &self.credentials_file {
+            crate::probe::CredentialStore::load(path)
+                .map_err(|e| err("health.credentials_file", e))?;
+        }
+        Ok(())
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -613,6 +664,7 @@ impl Config {
         if self.backends.is_empty() {
             return Err(err("backends", "at least one backend is needed"));
         }
+        self.health.validate(&self.backends)?;
         let mut hosts = HashSet::new();
         for (i, b) in self.backends.iter().enumerate() {
             if b.host.trim().is_empty() {
@@ -699,6 +751,58 @@ mod tests {
         );
         let e = error_of(&format!("{MINIMAL}trusted_networks: [10.0.0.0/40]\n"));
         assert!(e.starts_with("trusted_networks[0]: "), "{e}");
+    }
+
+    #[test]
+    fn health_errors_name_the_field() {
+        let e = error_of(&format!("{MINIMAL}health: {{rise: 0}}\n"));
+        assert_eq!(e, "health.rise: must be at least 1");
+        let e = error_of(&format!("{MINIMAL}health: {{fall: 0}}\n"));
+        assert_eq!(e, "health.fall: must be at least 1");
+        let e = error_of(&format!("{MINIMAL}health: {{interval: 0s}}\n"));
+        assert_eq!(e, "health.interval: must be longer than 0s");
+        let e = error_of(&format!("{MINIMAL}health: {{fast_interval: 0s}}\n"));
+        assert_eq!(e, "health.fast_interval: must be longer than 0s");
+        let e = error_of(&format!("{MINIMAL}health: {{checks: [imap, smtp]}}\n"));
+        assert!(
+            e.starts_with(
+                "health.checks[1]: no check named \"smtp\" (known: imap, lmtp, pop3, sieve"
+            ),
+            "{e}"
+        );
+        let e = error_of(&MINIMAL.replace("host: 10.0.0.1", "host: 10.0.0.1\n    checks: [pop]"));
+        assert!(
+            e.starts_with("backends[0].checks[0]: no check named \"pop\""),
+            "{e}"
+        );
+        let e = error_of(&format!(
+            "{MINIMAL}health: {{checks_dir: /nonexistent/checks}}\n"
+        ));
+        assert!(
+            e.starts_with("health.checks_dir: /nonexistent/checks: cannot read"),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("director-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let creds = dir.join("creds.yaml");
+        std::fs::write(&creds, "user: u\npassword: p\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = error_of(&format!(
+            "{MINIMAL}health: {{credentials_file: {}}}\n",
+            creds.display()
+        ));
+        assert!(
+            e.starts_with("health.credentials_file: ") && e.contains("chmod 600"),
+            "{e}"
+        );
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Config::parse(&format!(
+            "{MINIMAL}health: {{credentials_file: {}}}\n",
+            creds.display()
+        ))
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 

@@ -17,6 +17,8 @@
 //!   knows every live session by user and backend.
 //! - `state` is the one trait for shared state (backends, weights, sticky records);
 //!   `local_state` is its in-memory implementation.
+//! - `checker` is the health checker (rise/fall per backend, passive reports from `login`,
+//!   users moved off a backend that goes down); `probe` runs the checks of `checks/*.yaml`.
 //! - `config` (YAML, parsed only in `yaml`) and `resolve` (DNS names of backends) build it all
 //!   at start; `stream` wraps plain and TLS sockets in one type.
 //! - `lmtp`: mail delivery (RFC 2033): each recipient routed like a login, the message
@@ -24,6 +26,7 @@
 
 pub mod backend;
 pub mod backend_login;
+pub mod checker;
 pub mod config;
 pub mod decision;
 pub mod frontend;
@@ -35,6 +38,7 @@ pub mod login;
 pub mod moves;
 pub mod network;
 pub mod pop3;
+pub mod probe;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod resolve;

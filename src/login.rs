@@ -2,7 +2,9 @@
 //! connection. Route the user, connect (PROXY header, implicit TLS), run the protocol's login
 //! dialogue with the user's own credentials (the director checks no password: the backend
 //! does), register the session. If the chosen backend cannot be reached and the user has no
-//! live session, the next backend in ring order is tried and the record follows.
+//! live session, the next backend in ring order is tried and the record follows, and the
+//! health checker is told (passive health: a failure to connect or to get a usable reply
+//! counts as a failed check; a refused password does not).
 //!
 //! A later issue plugs authentication at the director and master-user logins in here.
 
@@ -18,9 +20,11 @@ use crate::backend::Backend;
 use crate::backend_login::{
     BackendError, BackendLoginRequest, BackendLoginResult, Forward, StartTls,
 };
+use crate::checker::HealthChecker;
 use crate::config::BackendTls;
 use crate::decision::{Decision, Protocol};
 use crate::frontend::{Authenticator, BackendLink, LoginFailure};
+use crate::probe::CheckCode;
 use crate::routing::Router;
 use crate::sessions::{EndHook, Sessions};
 use crate::stream::BackendStream;
@@ -51,6 +55,8 @@ pub struct Login {
     pub router: Router,
     pub sessions: Sessions,
     pub tls: Arc<BackendTlsContext>,
+    /// Told when a backend cannot be used for a login (passive health); `None`: no checker.
+    pub health: Option<HealthChecker>,
 }
 
 impl Login {
@@ -62,9 +68,18 @@ impl Login {
     ) -> Result<BackendLoginResult, BackendError> {
         let settings = &backend.settings;
         let addr = backend.address(decision.protocol);
-        let tcp = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| BackendError::Timeout(settings.connect_timeout))??;
+        let tcp =
+            match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
+                Err(_) => {
+                    self.passive(backend, CheckCode::ConnectTimeout, "connect timed out");
+                    return Err(BackendError::Timeout(settings.connect_timeout));
+                }
+                Ok(Err(e)) => {
+                    self.passive(backend, CheckCode::ConnectionRefused, &e);
+                    return Err(e.into());
+                }
+                Ok(Ok(tcp)) => tcp,
+            };
         let _ = tcp.set_nodelay(true);
         let mut tcp = tcp;
         if settings.forward == Forward::ProxyV2 {
@@ -96,7 +111,9 @@ impl Login {
                     stream.start_tls(&t.connector, t.server_name),
                 )
                 .await
-                .map_err(|_| BackendError::Timeout(settings.login_timeout))??;
+                .map_err(|_| BackendError::Timeout(settings.login_timeout))
+                .and_then(|r| r.map_err(BackendError::from))
+                .inspect_err(|e| self.passive(backend, CheckCode::TlsFailure, e))?;
             }
             (BackendTls::Starttls, t) => starttls = t,
             _ => {}
@@ -108,12 +125,68 @@ impl Login {
             starttls,
             reply_timeout: settings.login_timeout,
         };
-        match decision.protocol {
+        let result = match decision.protocol {
             Protocol::Imap => crate::imap::backend_login::login(stream, &req).await,
             Protocol::Pop3 => crate::pop3::backend_login::login(stream, &req).await,
-            other => Err(BackendError::Protocol(format!(
-                "{other} logins are not supported yet"
-            ))),
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "{other} logins are not supported yet"
+                )))
+            }
+        };
+        if let Err(e) = &result {
+            let code = match e {
+                BackendError::Timeout(_) => Some(CheckCode::ResponseTimeout),
+                BackendError::Closed | BackendError::Io(_) => Some(CheckCode::Closed),
+                BackendError::Protocol(_) => Some(CheckCode::WrongResponse),
+                BackendError::Unsendable(_) => None,
+            };
+            if let Some(code) = code {
+                self.passive(backend, code, e);
+            }
+        }
+        result
+    }
+
+    /// After a failed login on `failed`, for a user with a live session there: waits until
+    /// the health checker has taken `failed` down and the user has been moved off it (its
+    /// sessions ended, its record pointing elsewhere). False if that does not happen: no
+    /// checker, the backend stays up, or it takes too long.
+    async fn wait_for_move_off(&self, hash: u32, failed: std::net::IpAddr) -> bool {
+        let Some(health) = &self.health else {
+            return false;
+        };
+        let since = std::time::SystemTime::now();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let state = self.router.state();
+        while Instant::now() < deadline {
+            let down = state
+                .backends()
+                .get(failed)
+                .is_none_or(|b| !b.serves_existing());
+            if down {
+                let moved = state
+                    .record(hash, Instant::now())
+                    .is_none_or(|r| r.backend != failed);
+                if moved && !state.is_moving(hash) && self.sessions.count_user(hash) == 0 {
+                    return true;
+                }
+            } else if health
+                .last_result(failed)
+                .is_some_and(|r| r.code.is_ok() && r.at > since)
+            {
+                // Checked since, and fine: this failure was the backend's passing trouble.
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Passive health: tells the checker (if any) that a real login could not use `backend`.
+    fn passive(&self, backend: &Backend, code: CheckCode, detail: impl std::fmt::Display) {
+        if let Some(h) = &self.health {
+            h.report_failure(backend.ip, code, detail.to_string());
         }
     }
 }
@@ -122,81 +195,89 @@ impl Authenticator for Login {
     async fn login(&self, decision: &Decision) -> Result<BackendLink, LoginFailure> {
         let user = &decision.credentials.username;
         let session_id = &decision.identity.session_id;
-        let route = self.router.route(user, "").map_err(|e| {
-            warn!(session = %session_id, user = %user, error = %e, "no backend for login");
-            LoginFailure::Unavailable {
-                message: UNAVAILABLE_TEXT.into(),
-            }
-        })?;
-        let hash = route.user_hash;
-        // A move of this user is under way (its sessions are being ended): wait for it, then
-        // route again so the login follows the new record.
-        let route = if self.router.state().is_moving(hash) {
-            let deadline = Instant::now() + std::time::Duration::from_secs(15);
-            while self.router.state().is_moving(hash) && Instant::now() < deadline {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            self.router
-                .route(user, "")
-                .map_err(|_| LoginFailure::Unavailable {
+        'round: for round in 0..2 {
+            let route = self.router.route(user, "").map_err(|e| {
+                warn!(session = %session_id, user = %user, error = %e, "no backend for login");
+                LoginFailure::Unavailable {
                     message: UNAVAILABLE_TEXT.into(),
-                })?
-        } else {
-            route
-        };
-        let mut candidates = vec![route.backend.clone()];
-        candidates.extend(route.fallbacks.iter().cloned());
-        for (attempt, backend) in candidates.iter().enumerate() {
-            if attempt > 0 && self.sessions.count_user(hash) > 0 {
-                // The user is live on its backend through another session: moving it now
-                // could put it on two backends at once.
-                break;
-            }
-            let addr: SocketAddr = backend.address(decision.protocol);
-            match self.try_backend(backend, decision).await {
-                Ok(BackendLoginResult::LoggedIn {
-                    stream,
-                    success_text,
-                    leftover,
-                }) => {
-                    let state = self.router.state().clone();
-                    if attempt > 0 {
-                        info!(session = %session_id, user = %user, from = %route.backend.ip, to = %backend.ip,
-                              "user moved: its backend could not be reached");
-                        state.rebind(hash, backend.ip, Instant::now());
+                }
+            })?;
+            let hash = route.user_hash;
+            // A move of this user is under way (its sessions are being ended): wait for it, then
+            // route again so the login follows the new record.
+            let route = if self.router.state().is_moving(hash) {
+                let deadline = Instant::now() + std::time::Duration::from_secs(15);
+                while self.router.state().is_moving(hash) && Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                self.router
+                    .route(user, "")
+                    .map_err(|_| LoginFailure::Unavailable {
+                        message: UNAVAILABLE_TEXT.into(),
+                    })?
+            } else {
+                route
+            };
+            let mut candidates = vec![route.backend.clone()];
+            candidates.extend(route.fallbacks.iter().cloned());
+            for (attempt, backend) in candidates.iter().enumerate() {
+                if attempt > 0 && self.sessions.count_user(hash) > 0 {
+                    // The user is live on its backend through another session: moving it now
+                    // could put it on two backends at once. If the health checker takes that
+                    // backend down, it moves the user safely; then route again, once.
+                    if round == 0 && self.wait_for_move_off(hash, route.backend.ip).await {
+                        continue 'round;
                     }
-                    state.session_started(hash, backend.ip, Instant::now());
-                    let hook: EndHook =
-                        Arc::new(move |info| state.session_ended(info.user_hash, Instant::now()));
-                    let session =
-                        self.sessions
-                            .register(decision.protocol, user, hash, addr, Some(hook));
-                    info!(session = %session_id, user = %user, backend = %addr, reason = %route.reason, "logged in");
-                    return Ok(BackendLink {
+                    break;
+                }
+                let addr: SocketAddr = backend.address(decision.protocol);
+                match self.try_backend(backend, decision).await {
+                    Ok(BackendLoginResult::LoggedIn {
                         stream,
                         success_text,
                         leftover,
-                        session,
-                    });
-                }
-                Ok(BackendLoginResult::AuthFailed { message }) => {
-                    info!(session = %session_id, user = %user, backend = %addr, "backend refused the credentials");
-                    return Err(LoginFailure::AuthFailed { message });
-                }
-                Ok(BackendLoginResult::TempFailed { message }) => {
-                    warn!(session = %session_id, user = %user, backend = %addr, reply = %message, "backend login temporarily failed");
-                    return Err(LoginFailure::Unavailable { message });
-                }
-                Err(BackendError::Unsendable(why)) => {
-                    info!(session = %session_id, user = %user, "credentials cannot be sent: {why}");
-                    return Err(LoginFailure::AuthFailed {
-                        message: "Authentication failed.".into(),
-                    });
-                }
-                Err(e) => {
-                    warn!(session = %session_id, user = %user, backend = %addr, error = %e, "backend unusable for login");
+                    }) => {
+                        let state = self.router.state().clone();
+                        if attempt > 0 {
+                            info!(session = %session_id, user = %user, from = %route.backend.ip, to = %backend.ip,
+                                  "user moved: its backend could not be reached");
+                            state.rebind(hash, backend.ip, Instant::now());
+                        }
+                        state.session_started(hash, backend.ip, Instant::now());
+                        let hook: EndHook = Arc::new(move |info| {
+                            state.session_ended(info.user_hash, Instant::now())
+                        });
+                        let session =
+                            self.sessions
+                                .register(decision.protocol, user, hash, addr, Some(hook));
+                        info!(session = %session_id, user = %user, backend = %addr, reason = %route.reason, "logged in");
+                        return Ok(BackendLink {
+                            stream,
+                            success_text,
+                            leftover,
+                            session,
+                        });
+                    }
+                    Ok(BackendLoginResult::AuthFailed { message }) => {
+                        info!(session = %session_id, user = %user, backend = %addr, "backend refused the credentials");
+                        return Err(LoginFailure::AuthFailed { message });
+                    }
+                    Ok(BackendLoginResult::TempFailed { message }) => {
+                        warn!(session = %session_id, user = %user, backend = %addr, reply = %message, "backend login temporarily failed");
+                        return Err(LoginFailure::Unavailable { message });
+                    }
+                    Err(BackendError::Unsendable(why)) => {
+                        info!(session = %session_id, user = %user, "credentials cannot be sent: {why}");
+                        return Err(LoginFailure::AuthFailed {
+                            message: "Authentication failed.".into(),
+                        });
+                    }
+                    Err(e) => {
+                        warn!(session = %session_id, user = %user, backend = %addr, error = %e, "backend unusable for login");
+                    }
                 }
             }
+            break;
         }
         Err(LoginFailure::Unavailable {
             message: UNAVAILABLE_TEXT.into(),

@@ -133,6 +133,15 @@ impl Mover {
             .collect();
         let mut total = MoveReport::default();
         for hash in users {
+            // A user who logged in again meanwhile may already be bound elsewhere (routing
+            // rebinds a record whose backend no longer serves): leave that session alone.
+            if self
+                .state
+                .record(hash, Instant::now())
+                .is_none_or(|r| r.backend != from)
+            {
+                continue;
+            }
             let r = if force {
                 self.state.remove_record(hash);
                 MoveReport {

@@ -11,12 +11,14 @@ use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info};
 
 use crate::backend::{AdminState, Backend, Health};
+use crate::checker::HealthChecker;
 use crate::config::{BackendTls, Config, ConfigError, ListenerTls};
 use crate::decision::Protocol;
 use crate::frontend::PreauthLimits;
 use crate::listener::{ListenSocket, Listener, ListenerShared};
 use crate::local_state::LocalState;
 use crate::login::{BackendTlsContext, Login};
+use crate::moves::Mover;
 use crate::routing::Router;
 use crate::sessions::Sessions;
 use crate::state::State;
@@ -24,6 +26,9 @@ use crate::state::State;
 /// A director ready to serve.
 pub struct Director {
     pub state: Arc<LocalState>,
+    /// The health checker (`None` when `health.enabled` is false); its last results are
+    /// what `status` shows.
+    pub health: Option<HealthChecker>,
     pub sessions: Sessions,
     pub router: Router,
     listeners: Vec<Listener>,
@@ -107,6 +112,8 @@ impl Director {
         let state = Arc::new(LocalState::new(backends, user_expire));
         let router = Router::new(state.clone() as Arc<dyn State>, config.user_hash());
         let sessions = Sessions::new();
+        let mover = Mover::new(state.clone() as Arc<dyn State>, sessions.clone());
+        let health = HealthChecker::from_config(config, state.clone() as Arc<dyn State>, mover)?;
         let tls = match &config.tls {
             Some(files) => Some(crate::tls::acceptor(
                 crate::tls::server_config(&files.cert, &files.key)
@@ -118,6 +125,7 @@ impl Director {
             router: router.clone(),
             sessions: sessions.clone(),
             tls: Arc::new(backend_tls(config)?),
+            health: health.clone(),
         };
         let l = &config.limits;
         let shared = Arc::new(ListenerShared {
@@ -169,6 +177,7 @@ impl Director {
         }
         Ok(Director {
             state,
+            health,
             sessions,
             router,
             listeners,
@@ -206,9 +215,13 @@ impl Director {
                 }
             }
         });
+        let checker = self.health.map(|h| tokio::spawn(h.run()));
         shutdown.await;
         let _ = tx.send(true);
         sweeper.abort();
+        if let Some(c) = checker {
+            c.abort();
+        }
         info!("listeners closed");
     }
 }

@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use director::checker::HealthChecker;
 use director::config::{Config, ListenerTls};
 use director::decision::Protocol;
 use director::local_state::LocalState;
@@ -89,6 +90,11 @@ pub fn config_yaml(pool: &Pool, o: &DirectorOptions) -> String {
         y += &format!("  - host: {}\n    weight: {w}\n{}", b.ip, o.backend_extra);
     }
     y += &o.extra;
+    // The tests written before the health checker expect no checker to act on the backends
+    // they kill or pause; a test that wants one configures `health:` in `extra`.
+    if !o.extra.contains("health:") {
+        y += "health:\n  enabled: false\n";
+    }
     y
 }
 
@@ -107,6 +113,8 @@ pub struct TestDirector {
     pub state: Arc<LocalState>,
     pub sessions: Sessions,
     pub router: Router,
+    /// The health checker, when the configuration enables it.
+    pub health: Option<HealthChecker>,
     /// The configuration it runs with.
     pub yaml: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -137,6 +145,7 @@ impl TestDirector {
                     d.state.clone(),
                     d.sessions.clone(),
                     d.router.clone(),
+                    d.health.clone(),
                 ))
                 .unwrap();
                 d.run(async {
@@ -146,7 +155,7 @@ impl TestDirector {
             });
             rt.shutdown_timeout(std::time::Duration::from_millis(100));
         });
-        let (addrs, state, sessions, router) = rx.recv().expect("director started");
+        let (addrs, state, sessions, router, health) = rx.recv().expect("director started");
         let find = |p: Protocol, t: ListenerTls| {
             addrs
                 .iter()
@@ -167,6 +176,7 @@ impl TestDirector {
             state,
             sessions,
             router,
+            health,
             yaml: yaml.to_owned(),
             stop: Some(stop_tx),
             thread: Some(thread),
