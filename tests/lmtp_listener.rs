@@ -61,10 +61,11 @@ fn tcp_with_allow_from_and_unix_socket_listeners() {
     assert_eq!(lmtp.len(), 2, "two TCP LMTP listeners: {lmtp:?}");
     let (allowed, refused) = (lmtp[0], lmtp[1]);
 
-    // Allowed: delivered to the routed backend.
+    // Allowed: delivered to the backend the recipient routes to (the whole address is the
+    // username by default, so that is what is routed).
     let u = user(7);
     let backend = pool
-        .by_ip(d.router.route(&u, "").unwrap().backend.ip)
+        .by_ip(d.router.route(&format!("{u}@example.org"), "").unwrap().backend.ip)
         .unwrap()
         .name
         .clone();
