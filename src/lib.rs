@@ -20,6 +20,8 @@
 //! - `config` (YAML, parsed only in `yaml`) and `resolve` (DNS names of backends) build it all
 //!   at start; `stream` wraps plain and TLS sockets in one type.
 
+pub mod admin;
+pub mod admin_client;
 pub mod backend;
 pub mod backend_login;
 pub mod config;
@@ -41,6 +43,7 @@ pub mod sasl;
 pub mod server;
 pub mod sessions;
 pub mod state;
+pub mod state_file;
 pub mod sticky;
 pub mod stream;
 pub mod tls;

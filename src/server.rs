@@ -29,6 +29,8 @@ pub struct Director {
     listeners: Vec<Listener>,
     shared: Arc<ListenerShared>,
     user_expire: Duration,
+    /// The admin API (bound at build, so that a bad socket or token file fails the start).
+    pub admin: crate::admin::AdminServer,
 }
 
 /// Resolves the configured backends: a host name with several addresses is several backends.
@@ -87,6 +89,7 @@ impl Director {
         let backends = resolve_backends(config).await?;
         let user_expire: Duration = config.user_expire.into();
         let state = Arc::new(LocalState::new(backends, user_expire));
+        crate::state_file::restore(config, &*state)?;
         let router = Router::new(state.clone() as Arc<dyn State>, config.user_hash());
         let sessions = Sessions::new();
         let tls = match &config.tls {
@@ -119,6 +122,13 @@ impl Director {
             close_linger: l.close_linger.into(),
             connections: Arc::new(Semaphore::new(l.max_connections)),
         });
+        let admin = crate::admin::AdminContext::new(
+            state.clone(),
+            sessions.clone(),
+            router.clone(),
+            Arc::new(config.clone()),
+        );
+        let admin = crate::admin::AdminServer::bind(Arc::new(admin)).await?;
         let mut listeners = Vec::new();
         for (i, lc) in config.listeners.iter().enumerate() {
             let socket = TcpListener::bind(lc.address).await.map_err(|e| {
@@ -141,6 +151,7 @@ impl Director {
             listeners,
             shared,
             user_expire,
+            admin,
         })
     }
 
@@ -161,6 +172,7 @@ impl Director {
             info!(protocol = %l.protocol, address = %l.local_addr(), tls = ?l.tls, "listening");
             tokio::spawn(l.serve(self.shared.clone(), rx.clone()));
         }
+        let admin = tokio::spawn(self.admin.serve());
         let state = self.state.clone();
         let every = (self.user_expire / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let sweeper = tokio::spawn(async move {
@@ -176,6 +188,7 @@ impl Director {
         shutdown.await;
         let _ = tx.send(true);
         sweeper.abort();
+        admin.abort();
         info!("listeners closed");
     }
 }
