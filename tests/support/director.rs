@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -89,6 +90,15 @@ pub fn config_yaml(pool: &Pool, o: &DirectorOptions) -> String {
         y += &format!("  - host: {}\n    weight: {w}\n{}", b.ip, o.backend_extra);
     }
     y += &o.extra;
+    if !o.extra.contains("admin:") {
+        // Every director under test gets its own admin socket (the default path is shared).
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        y += &format!(
+            "admin:\n  socket: {}/admin-{n}.sock\n",
+            pool.dir().display()
+        );
+    }
     y
 }
 
