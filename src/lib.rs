@@ -17,6 +17,9 @@
 //!   knows every live session by user and backend.
 //! - `state` is the one trait for shared state (backends, weights, sticky records);
 //!   `local_state` is its in-memory implementation.
+//! - `moves` changes a user's backend safely (sessions ended first). `admin` is the admin API
+//!   (HTTP+JSON on a unix socket, optionally TCP) behind the CLI's verbs (`admin_client`);
+//!   `state_file` keeps what admins changed across restarts.
 //! - `config` (YAML, parsed only in `yaml`) and `resolve` (DNS names of backends) build it all
 //!   at start; `stream` wraps plain and TLS sockets in one type.
 
