@@ -9,20 +9,44 @@ use crate::config::BackendSettings;
 use crate::decision::Protocol;
 
 /// What an administrator decided about a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AdminState {
     Up,
     /// Takes no users at all (Dovecot's `director down`).
     Down,
-    /// Drained for maintenance: weight 0 for new users (a later issue adds allowed test users).
+    /// Drained for maintenance: weight 0, users moved off, health checks skipped; only the
+    /// allowed test users (`state::Maintenance`) are still routed to it.
     Maintenance,
 }
 
+impl AdminState {
+    /// The name in logs, admin output and the state file.
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminState::Up => "up",
+            AdminState::Down => "down",
+            AdminState::Maintenance => "maintenance",
+        }
+    }
+}
+
 /// What the health checker found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Health {
     Up,
     Down,
+}
+
+impl Health {
+    /// The name in logs and admin output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
 }
 
 /// One backend: one IP address (a host name that resolves to several is several backends).

@@ -447,7 +447,7 @@ impl Default for BackendDefaults {
 }
 
 /// One backend entry. `host` may be a DNS name: each address it resolves to is a backend.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub host: String,
@@ -537,7 +537,28 @@ impl Config {
 
     /// The settings of `backends[index]` with defaults applied.
     pub fn backend_settings(&self, index: usize) -> BackendSettings {
-        let b = &self.backends[index];
+        self.settings_of(&self.backends[index])
+    }
+
+    /// The settings of a backend named `host` that an admin added at run time (or a state
+    /// file restored): those of the configured backend with that host name if there is one,
+    /// else `backend_defaults`.
+    pub fn settings_for_host(&self, host: &str) -> BackendSettings {
+        match self
+            .backends
+            .iter()
+            .position(|b| b.host.eq_ignore_ascii_case(host))
+        {
+            Some(i) => self.backend_settings(i),
+            None => self.settings_of(&BackendConfig {
+                host: host.to_owned(),
+                weight: default_weight(),
+                ..BackendConfig::default()
+            }),
+        }
+    }
+
+    fn settings_of(&self, b: &BackendConfig) -> BackendSettings {
         let d = &self.backend_defaults;
         let ports = Ports {
             imap: b.ports.imap.or(d.ports.imap),

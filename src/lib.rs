@@ -19,11 +19,16 @@
 //!   `local_state` is its in-memory implementation.
 //! - `checker` is the health checker (rise/fall per backend, passive reports from `login`,
 //!   users moved off a backend that goes down); `probe` runs the checks of `checks/*.yaml`.
+//! - `moves` changes a user's backend safely (sessions ended first). `admin` is the admin API
+//!   (HTTP+JSON on a unix socket, optionally TCP) behind the CLI's verbs (`admin_client`);
+//!   `state_file` keeps what admins changed across restarts.
 //! - `config` (YAML, parsed only in `yaml`) and `resolve` (DNS names of backends) build it all
 //!   at start; `stream` wraps plain and TLS sockets in one type.
 //! - `lmtp`: mail delivery (RFC 2033): each recipient routed like a login, the message
 //!   streamed to every recipient's backend, one reply per recipient (`lmtp::session`).
 
+pub mod admin;
+pub mod admin_client;
 pub mod backend;
 pub mod backend_login;
 pub mod checker;
@@ -48,6 +53,7 @@ pub mod sasl;
 pub mod server;
 pub mod sessions;
 pub mod state;
+pub mod state_file;
 pub mod sticky;
 pub mod stream;
 pub mod tls;

@@ -1,6 +1,6 @@
 //! The in-memory [`State`]: one director's backends and sticky records.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::backend::{AdminState, Backend, Health};
 use crate::config::MAX_WEIGHT;
-use crate::state::{BackendSet, ChecksPause, State, StateError};
+use crate::state::{BackendSet, ChecksPause, Maintenance, State, StateError};
 use crate::sticky::{StickyRecord, StickyTable};
 
 /// State held in this process.
@@ -22,6 +22,10 @@ pub struct LocalState {
     /// User hashes being moved (sessions being ended before the record changes).
     moving: Mutex<HashSet<u32>>,
     checks_pause: Mutex<Option<ChecksPause>>,
+    /// Backends in maintenance; read on every login, so swapped whole like `backends`.
+    maintenance: ArcSwap<BTreeMap<IpAddr, Maintenance>>,
+    /// The last username seen per user hash, for admin output; dropped with the record.
+    usernames: Mutex<HashMap<u32, String>>,
 }
 
 impl LocalState {
@@ -32,6 +36,8 @@ impl LocalState {
             sticky: Mutex::new(StickyTable::new(user_expire)),
             moving: Mutex::new(HashSet::new()),
             checks_pause: Mutex::new(None),
+            maintenance: ArcSwap::from_pointee(BTreeMap::new()),
+            usernames: Mutex::new(HashMap::new()),
         }
     }
 
@@ -126,7 +132,15 @@ impl State for LocalState {
     }
 
     fn purge_expired(&self, now: Instant) -> usize {
-        self.sticky.lock().unwrap().purge(now)
+        let mut sticky = self.sticky.lock().unwrap();
+        let n = sticky.purge(now);
+        if n > 0 {
+            self.usernames
+                .lock()
+                .unwrap()
+                .retain(|h, _| sticky.get(*h, now).is_some());
+        }
+        n
     }
 
     fn remove_record(&self, hash: u32) {
@@ -157,5 +171,30 @@ impl State for LocalState {
 
     fn set_checks_pause(&self, pause: Option<ChecksPause>) {
         *self.checks_pause.lock().unwrap() = pause;
+    }
+
+    fn maintenance(&self) -> Arc<BTreeMap<IpAddr, Maintenance>> {
+        self.maintenance.load_full()
+    }
+
+    fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>) {
+        let _guard = self.change.lock().unwrap();
+        let mut map = (**self.maintenance.load()).clone();
+        match maintenance {
+            Some(m) => map.insert(ip, m),
+            None => map.remove(&ip),
+        };
+        self.maintenance.store(Arc::new(map));
+    }
+
+    fn note_username(&self, hash: u32, username: &str) {
+        let mut names = self.usernames.lock().unwrap();
+        if names.get(&hash).map(String::as_str) != Some(username) {
+            names.insert(hash, username.to_owned());
+        }
+    }
+
+    fn username(&self, hash: u32) -> Option<String> {
+        self.usernames.lock().unwrap().get(&hash).cloned()
     }
 }

@@ -1,9 +1,15 @@
-//! The `director` command: `serve`, `check-config`, `route`.
+//! The `director` command: `serve`, `check-config`, `route`, and the admin verbs (`status`,
+//! `add`, `down`, `maintenance`...), which talk to the running director through the admin
+//! socket named in the same configuration file.
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use director::admin::AdminRequest;
+use director::admin_client;
 use director::config::Config;
 use director::server::{resolve_backends, Director};
 
@@ -20,8 +26,27 @@ struct Cli {
     /// Configuration file.
     #[arg(short = 'c', long = "config", global = true, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
+    /// Admin verbs: print the director's reply as JSON.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StartStop {
+    Start,
+    Stop,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PauseResume {
+    Pause,
+    Resume,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30m or 2h: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -35,6 +60,213 @@ enum Command {
         /// The login name.
         user: String,
     },
+    /// Every backend (address, tag, weight, admin state, health, last check, users,
+    /// sessions), or one user (current and hashed backend, record expiry).
+    Status { user: Option<String> },
+    /// Users with a sticky record, optionally only those of one backend.
+    Map { host: Option<String> },
+    /// Add a backend (a name adds every address it resolves to), or set an existing one's
+    /// weight and tag. Nobody with a record moves.
+    Add {
+        host: String,
+        /// Points on the ring, 0..1000 (default 100).
+        weight: Option<u32>,
+        #[arg(short = 't', long)]
+        tag: Option<String>,
+    },
+    /// Set a backend's weight (in maintenance: the weight restored at its end).
+    Update { host: String, weight: u32 },
+    /// Let a backend take users again (ends a maintenance).
+    Up { host: String },
+    /// Take a backend out: its users are moved off (sessions ended first).
+    Down { host: String },
+    /// Move a backend's users off, then forget the backend.
+    Remove { host: String },
+    /// Move a user to a backend: its sessions are ended, then its record points there.
+    Move { user: String, host: String },
+    /// End a user's sessions (its record stays).
+    Kick { user: String },
+    /// Send the users of HOST (or `all`) where the ring sends them now: sessions of users
+    /// who change backend are ended first. `--force` only drops the records.
+    Flush {
+        target: String,
+        #[arg(short = 'F', long)]
+        force: bool,
+    },
+    /// Print the commands that recreate the admin state.
+    Dump,
+    /// Run the commands of a dump (`director dump`, or `doveadm director dump` for
+    /// migration) from FILE, or `-` for standard input.
+    Import { file: String },
+    /// Maintenance of a backend: weight 0, users moved off, checks skipped; allowed test
+    /// users still go there. `stop` restores the weight.
+    Maintenance {
+        host: String,
+        action: StartStop,
+        /// End by itself after this long (e.g. 2h).
+        #[arg(long = "for", value_parser = duration)]
+        for_: Option<Duration>,
+        /// A user still routed to the backend (repeatable).
+        #[arg(long = "allow-user")]
+        allow_user: Vec<String>,
+    },
+    /// Pause or resume all health checks.
+    Checks {
+        action: PauseResume,
+        /// Resume by itself after this long (e.g. 30m).
+        #[arg(long = "for", value_parser = duration)]
+        for_: Option<Duration>,
+    },
+}
+
+impl Command {
+    /// The admin request of an admin verb (`None` for the others).
+    fn request(&self) -> Option<AdminRequest> {
+        let host = |h: &String| h.clone();
+        Some(match self {
+            Command::Serve
+            | Command::CheckConfig
+            | Command::Route { .. }
+            | Command::Import { .. } => return None,
+            Command::Status { user: None } => AdminRequest::Status,
+            Command::Status { user: Some(u) } => AdminRequest::UserStatus { user: u.clone() },
+            Command::Map { host } => AdminRequest::Map { host: host.clone() },
+            Command::Add { host, weight, tag } => AdminRequest::Add {
+                host: host.clone(),
+                weight: *weight,
+                tag: tag.clone(),
+            },
+            Command::Update { host, weight } => AdminRequest::Update {
+                host: host.clone(),
+                weight: *weight,
+            },
+            Command::Up { host: h } => AdminRequest::Up { host: host(h) },
+            Command::Down { host: h } => AdminRequest::Down { host: host(h) },
+            Command::Remove { host: h } => AdminRequest::Remove { host: host(h) },
+            Command::Move { user, host: h } => AdminRequest::Move {
+                user: user.clone(),
+                host: host(h),
+            },
+            Command::Kick { user } => AdminRequest::Kick { user: user.clone() },
+            Command::Flush { target, force } => AdminRequest::Flush {
+                host: (target != "all").then(|| target.clone()),
+                force: *force,
+            },
+            Command::Dump => AdminRequest::Dump,
+            Command::Maintenance {
+                host: h,
+                action: StartStop::Start,
+                for_,
+                allow_user,
+            } => AdminRequest::MaintenanceStart {
+                host: host(h),
+                for_secs: for_.map(|d| d.as_secs().max(1)),
+                allow_users: allow_user.clone(),
+            },
+            Command::Maintenance {
+                host: h,
+                action: StartStop::Stop,
+                ..
+            } => AdminRequest::MaintenanceStop { host: host(h) },
+            Command::Checks {
+                action: PauseResume::Pause,
+                for_,
+            } => AdminRequest::ChecksPause {
+                for_secs: for_.map(|d| d.as_secs().max(1)),
+            },
+            Command::Checks {
+                action: PauseResume::Resume,
+                ..
+            } => AdminRequest::ChecksResume,
+        })
+    }
+}
+
+/// Runs one admin verb against the running director.
+fn admin_verb(config: &Config, req: &AdminRequest, json: bool) -> ExitCode {
+    match admin_client::call(&config.admin.socket, req) {
+        Ok(value) => match admin_client::print(req, &value, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("director: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Err(e @ admin_client::ClientError::Connect { .. }) => {
+            eprintln!("director: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("director: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `director import FILE|-`: every line is checked first, then run in order; the first
+/// refusal stops the import.
+fn import(config: &Config, file: &str, json: bool) -> ExitCode {
+    let text = if file == "-" {
+        let mut t = String::new();
+        std::io::stdin().read_to_string(&mut t).map(|_| t)
+    } else {
+        std::fs::read_to_string(file)
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("director: import: cannot read {file}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut requests = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let parsed = admin_client::import_words(line).and_then(|words| {
+            let Some(words) = words else { return Ok(None) };
+            let cli = Cli::try_parse_from(std::iter::once("director".to_owned()).chain(words))
+                .map_err(|e| e.to_string().lines().next().unwrap_or("").to_owned())?;
+            match cli.command.request() {
+                Some(r)
+                    if r.is_change()
+                        && !matches!(
+                            r,
+                            AdminRequest::Move { .. }
+                                | AdminRequest::Kick { .. }
+                                | AdminRequest::Flush { .. }
+                        ) =>
+                {
+                    Ok(Some(r))
+                }
+                _ => Err(
+                    "only add, update, up, down, remove, maintenance and checks can be imported"
+                        .into(),
+                ),
+            }
+        });
+        match parsed {
+            Ok(Some(r)) => requests.push((n + 1, line, r)),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("director: import: {file}:{}: {e}: {line}", n + 1);
+                return ExitCode::from(2);
+            }
+        }
+    }
+    for (n, line, req) in &requests {
+        match admin_client::call(&config.admin.socket, req) {
+            Ok(value) => {
+                if !json {
+                    print!("{file}:{n}: ");
+                }
+                let _ = admin_client::print(req, &value, json);
+            }
+            Err(e) => {
+                eprintln!("director: import: {file}:{n}: {e}: {line}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -55,6 +287,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Import { file } = &cli.command {
+        return import(&config, file, cli.json);
+    }
+    if let Some(req) = cli.command.request() {
+        return admin_verb(&config, &req, cli.json);
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async move {
         match cli.command {
@@ -100,6 +338,8 @@ fn main() -> ExitCode {
                 director.run(shutdown_signal()).await;
                 ExitCode::SUCCESS
             }
+            // Admin verbs and import returned above.
+            _ => ExitCode::from(2),
         }
     })
 }

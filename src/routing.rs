@@ -29,6 +29,8 @@ pub enum RouteReason {
     Sticky,
     /// The ring (the user had no live record).
     Ring,
+    /// An allowed test user of a backend in maintenance.
+    Maintenance,
 }
 
 impl fmt::Display for RouteReason {
@@ -36,6 +38,7 @@ impl fmt::Display for RouteReason {
         f.write_str(match self {
             RouteReason::Sticky => "sticky",
             RouteReason::Ring => "ring",
+            RouteReason::Maintenance => "maintenance",
         })
     }
 }
@@ -72,7 +75,11 @@ impl Router {
     pub fn route(&self, username: &str, tag: &str) -> Result<Route, RouteError> {
         let now = Instant::now();
         let hash = self.hash(username);
+        self.state.note_username(hash, username);
         let set = self.state.backends();
+        if let Some(route) = self.maintenance_route(username, hash, &set, now) {
+            return Ok(route);
+        }
         let candidates: Vec<Backend> = set
             .ring(tag)
             .map(|r| r.candidates(hash))
@@ -114,6 +121,34 @@ impl Router {
             backend,
             reason,
             fallbacks,
+        })
+    }
+
+    /// An allowed test user of a backend in maintenance goes there (and its record follows,
+    /// unless it still has live sessions elsewhere: then the record wins, so that the user is
+    /// never on two backends; `maintenance start` moves allowed users there first).
+    fn maintenance_route(
+        &self,
+        username: &str,
+        hash: u32,
+        set: &crate::state::BackendSet,
+        now: Instant,
+    ) -> Option<Route> {
+        let maintenance = self.state.maintenance();
+        let (ip, _) = maintenance.iter().find(|(_, m)| m.allows(username))?;
+        let backend = set.get(*ip)?.clone();
+        let bound = self.state.bind(hash, backend.ip, now);
+        if bound != backend.ip {
+            match self.state.record(hash, now) {
+                Some(r) if r.sessions > 0 => return None,
+                _ => self.state.rebind(hash, backend.ip, now),
+            }
+        }
+        Some(Route {
+            user_hash: hash,
+            backend,
+            reason: RouteReason::Maintenance,
+            fallbacks: Vec::new(),
         })
     }
 }

@@ -34,6 +34,8 @@ pub struct Director {
     listeners: Vec<Listener>,
     shared: Arc<ListenerShared>,
     user_expire: Duration,
+    /// The admin API (bound at build, so that a bad socket or token file fails the start).
+    pub admin: crate::admin::AdminServer,
 }
 
 /// Resolves the configured backends: a host name with several addresses is several backends.
@@ -110,6 +112,7 @@ impl Director {
         let backends = resolve_backends(config).await?;
         let user_expire: Duration = config.user_expire.into();
         let state = Arc::new(LocalState::new(backends, user_expire));
+        crate::state_file::restore(config, &*state)?;
         let router = Router::new(state.clone() as Arc<dyn State>, config.user_hash());
         let sessions = Sessions::new();
         let mover = Mover::new(state.clone() as Arc<dyn State>, sessions.clone());
@@ -146,6 +149,23 @@ impl Director {
             connections: Arc::new(Semaphore::new(l.max_connections)),
             lmtp: Arc::new(config.lmtp_settings()),
         });
+        let admin = crate::admin::AdminContext::new(
+            state.clone(),
+            sessions.clone(),
+            router.clone(),
+            Arc::new(config.clone()),
+        );
+        if let Some(checker) = &health {
+            let checker = checker.clone();
+            admin.set_check_results(Arc::new(move || {
+                checker
+                    .last_results()
+                    .into_iter()
+                    .map(|(ip, r)| (ip, r.code.name().to_owned(), r.latency))
+                    .collect()
+            }));
+        }
+        let admin = crate::admin::AdminServer::bind(Arc::new(admin)).await?;
         let mut listeners = Vec::new();
         for (i, lc) in config.listeners.iter().enumerate() {
             let socket = match (&lc.address, &lc.socket) {
@@ -183,6 +203,7 @@ impl Director {
             listeners,
             shared,
             user_expire,
+            admin,
         })
     }
 
@@ -203,6 +224,7 @@ impl Director {
             info!(protocol = %l.protocol, address = %l.describe(), tls = ?l.tls, "listening");
             tokio::spawn(l.serve(self.shared.clone(), rx.clone()));
         }
+        let admin = tokio::spawn(self.admin.serve());
         let state = self.state.clone();
         let every = (self.user_expire / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let sweeper = tokio::spawn(async move {
@@ -222,6 +244,7 @@ impl Director {
         if let Some(c) = checker {
             c.abort();
         }
+        admin.abort();
         info!("listeners closed");
     }
 }

@@ -57,6 +57,29 @@ pub struct ChecksPause {
     pub until: Option<std::time::SystemTime>,
 }
 
+/// A backend in maintenance (`director maintenance HOST start`): what to restore at the end,
+/// and the test users still routed to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Maintenance {
+    /// The weight before maintenance set it to 0; `maintenance HOST stop` restores it.
+    pub previous_weight: u32,
+    /// Usernames still sent to this backend (compared case-insensitively), so that it can be
+    /// tested through the director while nobody else lands there.
+    pub allowed_users: Vec<String>,
+    pub since: std::time::SystemTime,
+    /// When the maintenance ends by itself; `None`: at `maintenance HOST stop`.
+    pub until: Option<std::time::SystemTime>,
+}
+
+impl Maintenance {
+    /// Whether `username` is one of the allowed test users.
+    pub fn allows(&self, username: &str) -> bool {
+        self.allowed_users
+            .iter()
+            .any(|u| u.eq_ignore_ascii_case(username))
+    }
+}
+
 /// Why a state change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
@@ -127,4 +150,20 @@ pub trait State: Send + Sync {
 
     /// Pauses (`Some`) or resumes (`None`) all health checks.
     fn set_checks_pause(&self, pause: Option<ChecksPause>);
+
+    /// Backends in maintenance, with what to restore and their allowed users. Read on every
+    /// login (routing sends allowed users to their backend), so without locking.
+    fn maintenance(&self) -> Arc<BTreeMap<IpAddr, Maintenance>>;
+
+    /// Starts (`Some`) or ends (`None`) the maintenance record of a backend. The caller sets
+    /// the backend's admin state and weight.
+    fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>);
+
+    /// Remembers the username behind a user hash, for admin output (records hold hashes).
+    fn note_username(&self, _hash: u32, _username: &str) {}
+
+    /// The last username seen for a user hash, if it is remembered.
+    fn username(&self, _hash: u32) -> Option<String> {
+        None
+    }
 }

@@ -65,7 +65,13 @@ fn tcp_with_allow_from_and_unix_socket_listeners() {
     // username by default, so that is what is routed).
     let u = user(7);
     let backend = pool
-        .by_ip(d.router.route(&format!("{u}@example.org"), "").unwrap().backend.ip)
+        .by_ip(
+            d.router
+                .route(&format!("{u}@example.org"), "")
+                .unwrap()
+                .backend
+                .ip,
+        )
         .unwrap()
         .name
         .clone();

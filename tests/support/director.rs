@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -94,6 +95,15 @@ pub fn config_yaml(pool: &Pool, o: &DirectorOptions) -> String {
     // they kill or pause; a test that wants one configures `health:` in `extra`.
     if !o.extra.contains("health:") {
         y += "health:\n  enabled: false\n";
+    }
+    if !o.extra.contains("admin:") {
+        // Every director under test gets its own admin socket (the default path is shared).
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        y += &format!(
+            "admin:\n  socket: {}/admin-{n}.sock\n",
+            pool.dir().display()
+        );
     }
     y
 }
