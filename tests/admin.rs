@@ -630,3 +630,40 @@ fn import_of_a_real_dovecot_director_dump() {
     assert_eq!(set.get(ips[2]).unwrap().weight, 30);
     assert_eq!(set.get(ips[2]).unwrap().tag, "vip");
 }
+
+#[test]
+fn status_shows_the_health_checkers_last_results() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(
+        &pool,
+        &DirectorOptions {
+            extra: "health: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n".into(),
+            ..DirectorOptions::default()
+        },
+    );
+    let cfg = config_file(&d);
+    let (alive, dead) = (pool.backend(0), pool.backend(1));
+    dead.kill();
+    wait_for(
+        "the killed backend's check result",
+        Duration::from_secs(10),
+        || backend_status(&cfg, dead.ip)["check"]["code"] == "connection_refused",
+    );
+    wait_for(
+        "the live backend's check result",
+        Duration::from_secs(10),
+        || backend_status(&cfg, alive.ip)["check"]["code"] == "ok",
+    );
+    let live = backend_status(&cfg, alive.ip);
+    assert!(
+        live["check"]["latency_ms"].as_f64().unwrap() >= 0.0,
+        "{live}"
+    );
+    wait_for(
+        "the killed backend marked down",
+        Duration::from_secs(10),
+        || backend_status(&cfg, dead.ip)["health"] == "down",
+    );
+    let text = ok(&cfg, &["status"]);
+    assert!(text.contains("connection_refused"), "{text}");
+}
