@@ -191,6 +191,22 @@ impl Login {
     }
 }
 
+impl Login {
+    /// Waits (a bounded time) until every live session of `hash` is on `ip`. True if so.
+    async fn wait_sessions_only_on(&self, hash: u32, ip: std::net::IpAddr) -> bool {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if self.sessions.backend_ips_of(hash).iter().all(|b| *b == ip) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
 impl Authenticator for Login {
     async fn login(&self, decision: &Decision) -> Result<BackendLink, LoginFailure> {
         let user = &decision.credentials.username;
@@ -218,6 +234,17 @@ impl Authenticator for Login {
             } else {
                 route
             };
+            // The invariant: a user is never served by two backends at once. If the user still
+            // has sessions on another backend (its backend went down or into maintenance and
+            // the move that ends them is on its way), wait for them to end; if they do not,
+            // the client is told to come back later.
+            if !self.wait_sessions_only_on(hash, route.backend.ip).await {
+                warn!(session = %session_id, user = %user, backend = %route.backend.ip,
+                      "user still has sessions on another backend: login refused for now");
+                return Err(LoginFailure::Unavailable {
+                    message: UNAVAILABLE_TEXT.into(),
+                });
+            }
             let mut candidates = vec![route.backend.clone()];
             candidates.extend(route.fallbacks.iter().cloned());
             for (attempt, backend) in candidates.iter().enumerate() {

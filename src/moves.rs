@@ -92,6 +92,22 @@ impl Mover {
         kicked
     }
 
+    /// Ends the sessions of `hash` relayed to `ip` and waits (up to a limit) until they are
+    /// gone. Returns how many sessions were told to end.
+    pub async fn kick_on(&self, hash: u32, ip: IpAddr) -> usize {
+        let kicked = self.sessions.kick_user_on(hash, ip);
+        let deadline = Instant::now() + SESSION_END_WAIT;
+        while self.sessions.backend_ips_of(hash).contains(&ip) {
+            if Instant::now() >= deadline {
+                warn!(user_hash = hash, backend = %ip, "sessions still open after a kick");
+                break;
+            }
+            self.sessions.kick_user_on(hash, ip);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kicked
+    }
+
     /// Moves one user: ends its sessions, then points its record at `to` (or drops the
     /// record when `to` is `None`). Logins of the user wait while this runs.
     pub async fn move_user(&self, hash: u32, to: Option<IpAddr>, reason: MoveReason) -> MoveReport {
@@ -132,14 +148,24 @@ impl Mover {
             .map(|(h, _)| h)
             .collect();
         let mut total = MoveReport::default();
+        // Users whose record already points elsewhere (routing re-points a record whose
+        // backend no longer serves, when the user logs in again) but who still have sessions
+        // here: end only those sessions, so their new login may proceed.
+        let mut strays: Vec<u32> = self
+            .sessions
+            .users_on(from)
+            .into_iter()
+            .filter(|h| !users.contains(h))
+            .collect();
         for hash in users {
-            // A user who logged in again meanwhile may already be bound elsewhere (routing
-            // rebinds a record whose backend no longer serves): leave that session alone.
+            // A user who logged in again meanwhile may already be bound elsewhere: end only
+            // its sessions here, leave its new session alone.
             if self
                 .state
                 .record(hash, Instant::now())
                 .is_none_or(|r| r.backend != from)
             {
+                strays.push(hash);
                 continue;
             }
             let r = if force {
@@ -158,6 +184,11 @@ impl Mover {
             total.dropped += r.dropped;
             total.kicked += r.kicked;
             total.busy += r.busy;
+        }
+        if !force {
+            for hash in strays {
+                total.kicked += self.kick_on(hash, from).await;
+            }
         }
         info!(backend = %from, reason = %reason, moved = total.moved, dropped = total.dropped,
               kicked = total.kicked, "backend evacuated");

@@ -97,10 +97,51 @@ impl Sessions {
             .count()
     }
 
+    /// The backend IPs that users with this hash have live sessions on.
+    pub fn backend_ips_of(&self, user_hash: u32) -> Vec<std::net::IpAddr> {
+        let map = self.inner.lock().unwrap();
+        let mut ips: Vec<std::net::IpAddr> = map
+            .values()
+            .filter(|e| e.info.user_hash == user_hash)
+            .map(|e| e.info.backend.ip())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+
     /// Live sessions relayed to this backend address (any protocol port on that IP).
     pub fn count_backend_ip(&self, ip: std::net::IpAddr) -> usize {
         let map = self.inner.lock().unwrap();
         map.values().filter(|e| e.info.backend.ip() == ip).count()
+    }
+
+    /// Hashes of the users with live sessions relayed to this backend IP.
+    pub fn users_on(&self, ip: std::net::IpAddr) -> Vec<u32> {
+        let map = self.inner.lock().unwrap();
+        let mut hashes: Vec<u32> = map
+            .values()
+            .filter(|e| e.info.backend.ip() == ip)
+            .map(|e| e.info.user_hash)
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        hashes
+    }
+
+    /// Ends the sessions of users with this hash that are relayed to `ip`; returns how many
+    /// were told to end.
+    pub fn kick_user_on(&self, user_hash: u32, ip: std::net::IpAddr) -> usize {
+        let map = self.inner.lock().unwrap();
+        let mut n = 0;
+        for e in map
+            .values()
+            .filter(|e| e.info.user_hash == user_hash && e.info.backend.ip() == ip)
+        {
+            e.kick.notify_one();
+            n += 1;
+        }
+        n
     }
 
     /// Ends every session of users with this hash; returns how many were told to end.
