@@ -49,6 +49,11 @@ fn main() {
     for b in &pool.backends {
         yaml += &format!("  - host: {}\n    weight: 100\n", b.ip);
     }
+    yaml += &format!(
+        "admin:\n  socket: {}\nstate_file: {}\n",
+        pool.dir().join("admin.sock").display(),
+        pool.dir().join("state.yaml").display()
+    );
     let path = pool.dir().join("director.yaml");
     std::fs::write(&path, &yaml).expect("write config");
     println!("backends:");
@@ -60,6 +65,10 @@ fn main() {
     println!(
         "try: curl imap://127.0.0.1:{}/ -u user0001:secret -X 'ID NIL'",
         port("DIRECTOR_IMAP", 1143)
+    );
+    println!(
+        "admin: cargo run -- -c {} status   (or map, down HOST, maintenance HOST start ...)",
+        path.display()
     );
     let config = Config::parse(&yaml).expect("generated config is valid");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
