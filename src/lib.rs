@@ -7,12 +7,14 @@
 //!
 //! - `listener` accepts connections (optional PROXY header: `proxy_protocol`, implicit TLS:
 //!   `tls`) and hands each one to its protocol's front end.
-//! - `imap::frontend`, `pop3::frontend`: the pre-authentication dialogue (grammar in
-//!   `imap::command`, `pop3::command`; SASL decoding in `sasl`). It ends in a [`decision::Decision`]:
+//! - `imap::frontend`, `pop3::frontend`, `sieve::frontend` (ManageSieve): the
+//!   pre-authentication dialogue (grammar in `imap::command`, `pop3::command`,
+//!   `sieve::command`; SASL decoding in `sasl`). It ends in a [`decision::Decision`]:
 //!   who the user is, their credentials and the client's identity.
 //! - `login` turns a decision into a logged-in backend connection: `routing` picks the backend
 //!   (`sticky` record first, then the `ring`, keyed by `user_hash`), `backend` knows where it
-//!   listens, and `imap::backend_login` / `pop3::backend_login` speak the protocol to it.
+//!   listens, and `imap::backend_login` / `pop3::backend_login` / `sieve::backend_login` speak
+//!   the protocol to it.
 //! - `relay` copies bytes both ways until one side closes or the session is kicked; `sessions`
 //!   knows every live session by user and backend.
 //! - `state` is the one trait for shared state (backends, weights, sticky records);
@@ -52,6 +54,7 @@ pub mod routing;
 pub mod sasl;
 pub mod server;
 pub mod sessions;
+pub mod sieve;
 pub mod state;
 pub mod state_file;
 pub mod sticky;

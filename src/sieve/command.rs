@@ -1,0 +1,784 @@
+//! The grammar of ManageSieve (RFC 5804) as the director needs it: the commands a client may
+//! send before login, the client's SASL responses, and the response lines of a backend. No
+//! I/O: a [`Framer`] is shown the front of a read buffer and says whether a whole unit (a line
+//! and the literals it announces) is there yet, so bytes cut across TCP reads parse the same
+//! as bytes that came in one piece.
+//!
+//! ManageSieve strings are quoted (`"..."`, with `\"` and `\\` escapes) or literals. RFC 5804
+//! §4 lets a client send only non-synchronising literals (`{n+}`) and a server only `{n}`;
+//! there is no continuation request. Dovecot's managesieve-login nevertheless reads a client's
+//! `{n}` at once, without sending anything, and so do we: a client that sends `{n}` and
+//! waits is a client no ManageSieve server answers, while one that sends `{n}` and its bytes
+//! must not have those bytes read as commands.
+//!
+//! Parsing runs in two steps, as in `imap::command`. *Framing* finds where a unit ends and
+//! enforces the limits before anything is buffered beyond them; it keeps its position between
+//! calls. *Tokenising* then reads the atoms, strings and parentheses of the framed bytes.
+
+use std::fmt;
+
+/// One word of a framed unit.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Token {
+    /// A bare word: a command name, a status (`OK`), a response code, a number.
+    Atom(String),
+    /// A quoted string (escapes removed) or a literal: any bytes.
+    String(Vec<u8>),
+    /// `(`, which opens a response code (`NO (TRYLATER) "..."`).
+    Open,
+    /// `)`.
+    Close,
+}
+
+impl Token {
+    /// The value of a string, or of an atom read as a string (lenient clients send
+    /// `AUTHENTICATE PLAIN`); `None` for a parenthesis.
+    pub fn as_string(&self) -> Option<&[u8]> {
+        match self {
+            Token::Atom(atom) => Some(atom.as_bytes()),
+            Token::String(bytes) => Some(bytes),
+            Token::Open | Token::Close => None,
+        }
+    }
+}
+
+// Strings may hold passwords: show their length, never their bytes.
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Token::Atom(atom) => write!(f, "Atom({atom:?})"),
+            Token::String(bytes) => write!(f, "String(<{} bytes>)", bytes.len()),
+            Token::Open => f.write_str("Open"),
+            Token::Close => f.write_str("Close"),
+        }
+    }
+}
+
+/// The commands a front end answers before login. Anything else is kept by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandName {
+    Capability,
+    Noop,
+    Logout,
+    Starttls,
+    Authenticate,
+    /// Any other command name, upper-cased.
+    Other(String),
+}
+
+impl CommandName {
+    /// Recognises a command name, case-insensitively.
+    pub fn from_atom(atom: &str) -> CommandName {
+        let upper = atom.to_ascii_uppercase();
+        match upper.as_str() {
+            "CAPABILITY" => CommandName::Capability,
+            "NOOP" => CommandName::Noop,
+            "LOGOUT" => CommandName::Logout,
+            "STARTTLS" => CommandName::Starttls,
+            "AUTHENTICATE" => CommandName::Authenticate,
+            _ => CommandName::Other(upper),
+        }
+    }
+
+    /// The upper-case name, as used in replies.
+    pub fn as_str(&self) -> &str {
+        match self {
+            CommandName::Capability => "CAPABILITY",
+            CommandName::Noop => "NOOP",
+            CommandName::Logout => "LOGOUT",
+            CommandName::Starttls => "STARTTLS",
+            CommandName::Authenticate => "AUTHENTICATE",
+            CommandName::Other(name) => name,
+        }
+    }
+}
+
+impl fmt::Display for CommandName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A complete client command: its name and its arguments (atoms or strings, never
+/// parentheses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub name: CommandName,
+    pub args: Vec<Token>,
+}
+
+/// What a parser found at the front of the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parse<T> {
+    /// No complete unit yet: read more bytes, append them and call again.
+    Incomplete,
+    /// A complete unit; drop `consumed` bytes from the front of the buffer.
+    Done { consumed: usize, value: T },
+    /// Not valid; see [`ParseError`].
+    Error(ParseError),
+}
+
+/// Why bytes are not a valid unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    /// Bytes to drop from the front of the buffer before parsing again.
+    pub consumed: usize,
+    /// What was wrong, for the peer ("Too long command line.").
+    pub message: &'static str,
+    /// The start of the next unit cannot be found (a line or a literal over the limits): the
+    /// session must say `BYE` and close.
+    pub fatal: bool,
+}
+
+/// Where framing stands in the unit at the front of the buffer.
+#[derive(Debug, Clone, Copy, Default)]
+struct Position {
+    /// Start of the line being framed (0, or just after a literal's bytes).
+    line_start: usize,
+    /// Where to look for the line's LF next: bytes before it were seen and hold none.
+    search_from: usize,
+    /// Literal bytes announced so far in this unit (not counted as line length).
+    literal_bytes: usize,
+    /// `Some(end)` while waiting for a literal's bytes, which end at `end`.
+    literal_end: Option<usize>,
+}
+
+/// Finds where a unit (a line, and after each literal header the literal and the rest of the
+/// line) ends, keeping its position between calls.
+///
+/// Contract: the caller passes its whole read buffer each time, only appends to it between
+/// calls that return `Ok(None)`, and drops the unit's bytes (or calls [`Framer::reset`] when
+/// it throws the buffer away, e.g. at STARTTLS) after a unit or an error.
+#[derive(Debug, Clone)]
+pub struct Framer {
+    /// Longest unit accepted, in bytes, literal contents excluded, line ends included.
+    max_line: usize,
+    /// Largest total of literal bytes in one unit.
+    max_literal: usize,
+    position: Position,
+}
+
+impl Framer {
+    /// A framer for units of at most `max_line` bytes outside literals and `max_literal`
+    /// bytes of literals. A buffer then never needs more than `max_line + max_literal` bytes.
+    pub fn new(max_line: usize, max_literal: usize) -> Self {
+        Framer {
+            max_line,
+            max_literal,
+            position: Position::default(),
+        }
+    }
+
+    /// Forgets the partly framed unit: the buffer was emptied.
+    pub fn reset(&mut self) {
+        self.position = Position::default();
+    }
+
+    /// `Ok(Some(end))`: a whole unit is `buf[..end]`; `Ok(None)`: read more.
+    pub fn frame(&mut self, buf: &[u8]) -> Result<Option<usize>, ParseError> {
+        let result = self.advance(buf);
+        if !matches!(result, Ok(None)) {
+            self.reset();
+        }
+        result
+    }
+
+    fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, ParseError> {
+        let too_long = ParseError {
+            consumed: buf.len(),
+            message: "Too long command line.",
+            fatal: true,
+        };
+        loop {
+            let p = &mut self.position;
+            if let Some(end) = p.literal_end {
+                if buf.len() < end {
+                    return Ok(None);
+                }
+                p.literal_end = None;
+                p.line_start = end;
+                p.search_from = end;
+            }
+            let Some(lf) = buf[p.search_from..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map(|i| p.search_from + i)
+            else {
+                p.search_from = buf.len();
+                if buf.len() - p.literal_bytes > self.max_line {
+                    return Err(too_long);
+                }
+                return Ok(None);
+            };
+            let line_end = lf + 1;
+            if line_end - p.literal_bytes > self.max_line {
+                return Err(too_long);
+            }
+            let Some(size) = literal_header(strip_eol(&buf[p.line_start..line_end])) else {
+                return Ok(Some(line_end));
+            };
+            let total = size
+                .checked_add(p.literal_bytes)
+                .filter(|total| *total <= self.max_literal);
+            let Some(total) = total else {
+                // The literal's bytes are on their way (no client waits for a continuation),
+                // and skipping them is not worth the trouble: close.
+                return Err(ParseError {
+                    consumed: buf.len(),
+                    message: "Literal too large.",
+                    fatal: true,
+                });
+            };
+            p.literal_bytes = total;
+            p.literal_end = Some(line_end + size);
+        }
+    }
+}
+
+/// A line without its LF or CRLF.
+fn strip_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// If `line` (without its line end) ends in a literal header `{n+}` or `{n}`: its size. A
+/// size too large for `usize` is reported as `usize::MAX`.
+fn literal_header(line: &[u8]) -> Option<usize> {
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|b| *b == b'{')?;
+    let inner = &inner[open + 1..];
+    let digits = inner.strip_suffix(b"+").unwrap_or(inner);
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let size = digits.iter().try_fold(0usize, |n, d| {
+        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
+    });
+    Some(size.unwrap_or(usize::MAX))
+}
+
+/// Splits a framed unit (whose literals are known to be complete, line end included) into
+/// tokens. Tokens are separated by spaces; parentheses need none.
+pub fn tokens(unit: &[u8]) -> Result<Vec<Token>, &'static str> {
+    let mut cursor = Cursor {
+        bytes: unit,
+        pos: 0,
+    };
+    let mut out = Vec::new();
+    loop {
+        while cursor.peek() == Some(b' ') {
+            cursor.pos += 1;
+        }
+        if cursor.eat_eol() {
+            return if cursor.pos == unit.len() {
+                Ok(out)
+            } else {
+                Err("Line end inside the line.")
+            };
+        }
+        let token = match cursor.peek() {
+            None => return Err("Missing line end."),
+            Some(b'"') => cursor.quoted()?,
+            Some(b'{') => cursor.literal()?,
+            Some(b'(') => {
+                cursor.pos += 1;
+                Token::Open
+            }
+            Some(b')') => {
+                cursor.pos += 1;
+                Token::Close
+            }
+            Some(_) => cursor.atom()?,
+        };
+        out.push(token);
+        // A token must be followed by a space, a parenthesis or the line end.
+        match (token_is_word(out.last()), cursor.peek()) {
+            (true, Some(b' ' | b'(' | b')' | b'\r' | b'\n')) | (false, _) => {}
+            _ => return Err("Missing space between arguments."),
+        }
+    }
+}
+
+fn token_is_word(token: Option<&Token>) -> bool {
+    matches!(token, Some(Token::Atom(_) | Token::String(_)))
+}
+
+/// Reads the tokens of one framed unit.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    fn eat_eol(&mut self) -> bool {
+        let rest = &self.bytes[self.pos..];
+        let len = if rest.starts_with(b"\r\n") {
+            2
+        } else if rest.starts_with(b"\n") {
+            1
+        } else {
+            return false;
+        };
+        self.pos += len;
+        true
+    }
+
+    fn atom(&mut self) -> Result<Token, &'static str> {
+        let start = self.pos;
+        while self.peek().is_some_and(is_atom_char) {
+            self.pos += 1;
+        }
+        // Only ASCII characters are accepted, so this cannot fail.
+        let word = std::str::from_utf8(&self.bytes[start..self.pos]).unwrap_or_default();
+        if word.is_empty() {
+            return Err("Invalid characters in command.");
+        }
+        Ok(Token::Atom(word.to_owned()))
+    }
+
+    fn quoted(&mut self) -> Result<Token, &'static str> {
+        self.pos += 1;
+        let mut value = Vec::new();
+        loop {
+            let Some(byte) = self.peek() else {
+                return Err("Missing '\"'.");
+            };
+            self.pos += 1;
+            match byte {
+                b'"' => return Ok(Token::String(value)),
+                b'\\' => match self.peek() {
+                    Some(escaped @ (b'"' | b'\\')) => {
+                        self.pos += 1;
+                        value.push(escaped);
+                    }
+                    _ => return Err("Invalid escape in quoted string."),
+                },
+                b'\r' | b'\n' => return Err("Missing '\"'."),
+                0 => return Err("NUL in quoted string."),
+                other => value.push(other),
+            }
+        }
+    }
+
+    fn literal(&mut self) -> Result<Token, &'static str> {
+        self.pos += 1;
+        let start = self.pos;
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.pos += 1;
+        }
+        let size: usize = std::str::from_utf8(&self.bytes[start..self.pos])
+            .ok()
+            .and_then(|digits| digits.parse().ok())
+            .ok_or("Invalid literal size.")?;
+        if self.peek() == Some(b'+') {
+            self.pos += 1;
+        }
+        if self.peek() != Some(b'}') {
+            return Err("Invalid literal.");
+        }
+        self.pos += 1;
+        if !self.eat_eol() {
+            return Err("Literal header not at the end of the line.");
+        }
+        // Framing checked that the literal's bytes are all here; stay safe anyway.
+        let end = self
+            .pos
+            .checked_add(size)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or("Truncated literal.")?;
+        let value = self.bytes[self.pos..end].to_vec();
+        self.pos = end;
+        Ok(Token::String(value))
+    }
+}
+
+/// Visible ASCII except the characters that start or end other tokens.
+fn is_atom_char(b: u8) -> bool {
+    b > 0x20 && b < 0x7f && !matches!(b, b'(' | b')' | b'{' | b'}' | b'"' | b'\\')
+}
+
+/// The streaming parser of one client session: commands, and SASL responses while an
+/// AUTHENTICATE is under way. Same contract as [`Framer`].
+#[derive(Debug, Clone)]
+pub struct CommandParser {
+    framer: Framer,
+}
+
+impl CommandParser {
+    /// See [`Framer::new`].
+    pub fn new(max_line: usize, max_literal: usize) -> Self {
+        CommandParser {
+            framer: Framer::new(max_line, max_literal),
+        }
+    }
+
+    /// Forgets a partly framed unit: the buffer was emptied.
+    pub fn reset(&mut self) {
+        self.framer.reset();
+    }
+
+    /// Looks for a command at the front of `buf`. A grammar error consumes the whole framed
+    /// unit, literals included, so the session stays in step with the client.
+    pub fn command(&mut self, buf: &[u8]) -> Parse<Command> {
+        self.unit(buf, |tokens| {
+            let mut tokens = tokens.into_iter();
+            let Some(Token::Atom(name)) = tokens.next() else {
+                return Err("Missing command name.");
+            };
+            let args: Vec<Token> = tokens.collect();
+            if args.iter().any(|t| matches!(t, Token::Open | Token::Close)) {
+                return Err("Unexpected parenthesis.");
+            }
+            Ok(Command {
+                name: CommandName::from_atom(&name),
+                args,
+            })
+        })
+    }
+
+    /// Looks for a client's answer to a SASL challenge: one string (quoted or literal) alone
+    /// on its line. The value is returned as sent; `"*"` (cancel) is for the caller to see.
+    pub fn sasl_response(&mut self, buf: &[u8]) -> Parse<Vec<u8>> {
+        self.unit(buf, |tokens| match <[Token; 1]>::try_from(tokens) {
+            Ok([Token::String(value)]) => Ok(value),
+            _ => Err("Expected one string as the authentication response."),
+        })
+    }
+
+    fn unit<T>(
+        &mut self,
+        buf: &[u8],
+        grammar: impl FnOnce(Vec<Token>) -> Result<T, &'static str>,
+    ) -> Parse<T> {
+        let end = match self.framer.frame(buf) {
+            Ok(Some(end)) => end,
+            Ok(None) => return Parse::Incomplete,
+            Err(error) => return Parse::Error(error),
+        };
+        match tokens(&buf[..end]).and_then(grammar) {
+            Ok(value) => Parse::Done {
+                consumed: end,
+                value,
+            },
+            Err(message) => Parse::Error(ParseError {
+                consumed: end,
+                message,
+                fatal: false,
+            }),
+        }
+    }
+}
+
+/// `text` as a ManageSieve quoted string: `"` and `\` escaped, and control characters
+/// (which a quoted string cannot hold) replaced by spaces.
+pub fn quote(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `bytes` as a string a client can read back exactly: quoted when that is possible, else a
+/// literal (`{n}` CRLF bytes, the server-to-client form).
+pub fn string_bytes(bytes: &[u8]) -> Vec<u8> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.contains(['\r', '\n', '\0']) && text.len() <= 1024 => {
+            quote(text).into_bytes()
+        }
+        _ => {
+            let mut out = format!("{{{}}}\r\n", bytes.len()).into_bytes();
+            out.extend_from_slice(bytes);
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a session would see, for comparing runs.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Event<T> {
+        Value(T),
+        Error { fatal: bool },
+    }
+
+    /// Feeds `script` to `parse` `chunk` bytes at a time, as a session reads it, never
+    /// buffering more than the limits allow, and records every result. Stops at a fatal error.
+    fn replay<T>(
+        script: &[u8],
+        chunk: usize,
+        max_line: usize,
+        max_literal: usize,
+        parse: fn(&mut CommandParser, &[u8]) -> Parse<T>,
+    ) -> Vec<Event<T>> {
+        let cap = max_line + max_literal + 1;
+        let mut parser = CommandParser::new(max_line, max_literal);
+        let mut buf = Vec::new();
+        let mut events = Vec::new();
+        let mut sent = 0;
+        while sent < script.len() {
+            let room = cap - buf.len();
+            assert!(room > 0, "the parser let the buffer fill up");
+            let take = chunk.min(room).min(script.len() - sent);
+            buf.extend_from_slice(&script[sent..sent + take]);
+            sent += take;
+            loop {
+                match parse(&mut parser, &buf) {
+                    Parse::Incomplete => break,
+                    Parse::Done { consumed, value } => {
+                        assert!(consumed > 0 && consumed <= buf.len());
+                        buf.drain(..consumed);
+                        events.push(Event::Value(value));
+                    }
+                    Parse::Error(e) => {
+                        assert!(e.consumed > 0 && e.consumed <= buf.len());
+                        buf.drain(..e.consumed);
+                        events.push(Event::Error { fatal: e.fatal });
+                        if e.fatal {
+                            return events;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(buf.is_empty(), "bytes left over: {buf:?}");
+        events
+    }
+
+    /// Replays `script` in chunks of 1, 2, 4, … 512 bytes; every run must see the same events
+    /// as one read of the whole script. Returns them.
+    fn replay_all<T: PartialEq + fmt::Debug>(
+        script: &[u8],
+        max_line: usize,
+        max_literal: usize,
+        parse: fn(&mut CommandParser, &[u8]) -> Parse<T>,
+    ) -> Vec<Event<T>> {
+        let whole = replay(script, script.len().max(1), max_line, max_literal, parse);
+        let mut chunk = 1;
+        while chunk <= 512 {
+            let events = replay(script, chunk, max_line, max_literal, parse);
+            assert_eq!(events, whole, "chunks of {chunk} bytes");
+            chunk *= 2;
+        }
+        whole
+    }
+
+    fn commands(script: &[u8]) -> Vec<Event<Command>> {
+        replay_all(script, 1024, 1024, CommandParser::command)
+    }
+
+    fn cmd(name: CommandName, args: Vec<Token>) -> Event<Command> {
+        Event::Value(Command { name, args })
+    }
+
+    fn s(bytes: &[u8]) -> Token {
+        Token::String(bytes.to_vec())
+    }
+
+    fn atom(word: &str) -> Token {
+        Token::Atom(word.to_owned())
+    }
+
+    const ERROR: Event<Command> = Event::Error { fatal: false };
+
+    #[test]
+    fn commands_as_clients_send_them() {
+        let events = commands(
+            b"CAPABILITY\r\nnoop\r\nNoop \"sync-42\"\r\nSTARTTLS\r\n\
+              AUTHENTICATE \"PLAIN\" \"AGFsaWNlAHNlY3JldA==\"\r\nauthenticate PLAIN\nLOGOUT\r\n",
+        );
+        assert_eq!(
+            events,
+            vec![
+                cmd(CommandName::Capability, vec![]),
+                cmd(CommandName::Noop, vec![]),
+                cmd(CommandName::Noop, vec![s(b"sync-42")]),
+                cmd(CommandName::Starttls, vec![]),
+                cmd(
+                    CommandName::Authenticate,
+                    vec![s(b"PLAIN"), s(b"AGFsaWNlAHNlY3JldA==")]
+                ),
+                cmd(CommandName::Authenticate, vec![atom("PLAIN")]),
+                cmd(CommandName::Logout, vec![]),
+            ]
+        );
+    }
+
+    #[test]
+    fn literals_of_both_forms_and_escapes() {
+        // `{n}` is read at once like `{n+}`: no continuation exists in ManageSieve.
+        let events = commands(
+            b"AUTHENTICATE {5+}\r\nPLAIN {12}\r\nAG\r\nLOGOUT\r\n\r\n\
+              PUTSCRIPT \"a\\\"b\\\\\" {0+}\r\n\r\n",
+        );
+        assert_eq!(
+            events,
+            vec![
+                cmd(
+                    CommandName::Authenticate,
+                    vec![s(b"PLAIN"), s(b"AG\r\nLOGOUT\r\n")]
+                ),
+                cmd(
+                    CommandName::Other("PUTSCRIPT".into()),
+                    vec![s(b"a\"b\\"), s(b"")]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_consume_the_unit_and_its_literals() {
+        let events = commands(
+            b"\r\n\"quoted\"\r\nNOOP \"open\r\nNOOP \"a\\x\"\r\nNOOP (x)\r\nNOOP \"a\"\"b\"\r\n\
+              NOOP \"bad {9+}\r\nLOGOUT\r\n\r\nNOOP\r\n",
+        );
+        assert_eq!(
+            events,
+            vec![
+                ERROR,
+                ERROR,
+                ERROR,
+                ERROR,
+                ERROR,
+                ERROR,
+                ERROR,
+                cmd(CommandName::Noop, vec![])
+            ]
+        );
+    }
+
+    #[test]
+    fn sasl_responses() {
+        let events = replay_all(
+            b"\"AGFsaWNlAHNlY3JldA==\"\r\n{4+}\r\nAGE=\r\n\"*\"\r\nAGE=\r\n\"a\" \"b\"\r\n\"\"\r\n",
+            1024,
+            1024,
+            CommandParser::sasl_response,
+        );
+        assert_eq!(
+            events,
+            vec![
+                Event::Value(b"AGFsaWNlAHNlY3JldA==".to_vec()),
+                Event::Value(b"AGE=".to_vec()),
+                Event::Value(b"*".to_vec()),
+                Event::Error { fatal: false },
+                Event::Error { fatal: false },
+                Event::Value(Vec::new()),
+            ]
+        );
+    }
+
+    #[test]
+    fn line_limit_counts_the_line_end_and_is_fatal() {
+        assert_eq!(
+            replay_all(b"NOOP\r\n", 6, 0, CommandParser::command),
+            vec![cmd(CommandName::Noop, vec![])]
+        );
+        assert_eq!(
+            replay_all(b"NOOP\r\n", 5, 0, CommandParser::command),
+            vec![Event::Error { fatal: true }]
+        );
+        let mut script = b"NOOP \"".to_vec();
+        script.extend(std::iter::repeat_n(b'x', 200));
+        script.extend_from_slice(b"\"\r\nNOOP\r\n");
+        assert_eq!(
+            replay_all(&script, 64, 64, CommandParser::command),
+            vec![Event::Error { fatal: true }]
+        );
+    }
+
+    #[test]
+    fn literal_limit_is_fatal_and_counts_every_literal() {
+        let mut script = b"AUTHENTICATE \"PLAIN\" {100+}\r\n".to_vec();
+        script.extend(std::iter::repeat_n(b'x', 100));
+        script.extend_from_slice(b"\r\n");
+        assert_eq!(
+            replay_all(&script, 64, 64, CommandParser::command),
+            vec![Event::Error { fatal: true }]
+        );
+        let mut script = b"X {40+}\r\n".to_vec();
+        script.extend(std::iter::repeat_n(b'x', 40));
+        script.extend_from_slice(b" {40+}\r\n");
+        assert_eq!(
+            replay_all(&script, 64, 64, CommandParser::command),
+            vec![Event::Error { fatal: true }]
+        );
+        // Exactly at the limit is fine; a size beyond usize is too large.
+        let mut script = b"X {64+}\r\n".to_vec();
+        script.extend(std::iter::repeat_n(b'x', 64));
+        script.extend_from_slice(b"\r\n");
+        assert_eq!(
+            replay_all(&script, 64, 64, CommandParser::command),
+            vec![cmd(CommandName::Other("X".into()), vec![s(&[b'x'; 64])])]
+        );
+        assert_eq!(
+            replay_all(
+                b"X {99999999999999999999999+}\r\n",
+                64,
+                64,
+                CommandParser::command
+            ),
+            vec![Event::Error { fatal: true }]
+        );
+    }
+
+    #[test]
+    fn backend_responses_tokenise() {
+        assert_eq!(
+            tokens(b"NO (TRYLATER) \"Try again.\"\r\n").unwrap(),
+            vec![
+                atom("NO"),
+                Token::Open,
+                atom("TRYLATER"),
+                Token::Close,
+                s(b"Try again.")
+            ]
+        );
+        assert_eq!(
+            tokens(b"OK (TAG {3}\r\na b) \"Done\"\r\n").unwrap(),
+            vec![
+                atom("OK"),
+                Token::Open,
+                atom("TAG"),
+                s(b"a b"),
+                Token::Close,
+                s(b"Done")
+            ]
+        );
+        assert_eq!(
+            tokens(b"\"SASL\" \"PLAIN LOGIN\"\n").unwrap(),
+            vec![s(b"SASL"), s(b"PLAIN LOGIN")]
+        );
+        assert!(tokens(b"OK \"x\"").is_err());
+        assert!(tokens(b"OK \xff\r\n").is_err());
+    }
+
+    #[test]
+    fn quoting_for_replies() {
+        assert_eq!(quote("a \"b\" \\ c\r\n"), "\"a \\\"b\\\" \\\\ c  \"");
+        assert_eq!(string_bytes(b"sync-42"), b"\"sync-42\"");
+        assert_eq!(string_bytes(b"a\r\nb"), b"{4}\r\na\r\nb");
+        assert_eq!(string_bytes(b"\xff"), b"{1}\r\n\xff");
+    }
+
+    #[test]
+    fn strings_never_show_in_debug_output() {
+        assert!(!format!("{:?}", s(b"hunter2")).contains("hunter2"));
+    }
+}

@@ -1,0 +1,141 @@
+//! `sieve::backend_login` against a real Dovecot managesieve-login (Debian's Pigeonhole):
+//! the capability greeting is understood, XCLIENT passes the client's address, a right
+//! password logs in to a working session and a wrong one is refused.
+
+mod support;
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use director::backend_login::{BackendLoginRequest, BackendLoginResult, Forward};
+use director::decision::{ClientIdentity, Credentials};
+use director::sieve::backend_login::login;
+use director::stream::BackendStream;
+
+use support::dovecot::{user, Pool, PASSWORD};
+
+/// Logs in as `user` with `password` to the pool's first backend, as client `client_ip`.
+async fn try_login(pool: &Pool, user: &str, password: &str, client_ip: &str) -> BackendLoginResult {
+    let tcp = TcpStream::connect(pool.backend(0).sieve()).await.unwrap();
+    let credentials = Credentials::plain(user, password);
+    let identity = ClientIdentity {
+        client: format!("{client_ip}:50123").parse().unwrap(),
+        local: "127.0.0.1:4190".parse().unwrap(),
+        session_id: format!("sieve-{client_ip}"),
+    };
+    let req = BackendLoginRequest {
+        credentials: &credentials,
+        identity: &identity,
+        forward: Forward::Auto,
+        starttls: None,
+        reply_timeout: Duration::from_secs(20),
+    };
+    login(BackendStream::Plain(tcp), &req).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_in_to_dovecot_and_forwards_the_client_address() {
+    let pool = tokio::task::spawn_blocking(|| Pool::start(1))
+        .await
+        .unwrap();
+
+    let result = try_login(&pool, &user(1), PASSWORD, "192.0.2.61").await;
+    let BackendLoginResult::LoggedIn {
+        stream,
+        success_text,
+        leftover,
+    } = result
+    else {
+        panic!("the right password did not log in");
+    };
+    assert_eq!(success_text, "\"Logged in.\"");
+    assert!(leftover.is_empty());
+    let mut stream = BufReader::new(stream);
+    stream
+        .get_mut()
+        .write_all(b"LISTSCRIPTS\r\n")
+        .await
+        .unwrap();
+    let mut line = String::new();
+    stream.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "OK \"Listscripts completed.\"\r\n");
+    stream.get_mut().write_all(b"LOGOUT\r\n").await.unwrap();
+    drop(stream);
+
+    // A wrong password from another address (Dovecot delays logins from an address that
+    // failed, so the two logins must not share one).
+    let result = try_login(&pool, &user(2), "wrong", "192.0.2.62").await;
+    let BackendLoginResult::AuthFailed { message } = result else {
+        panic!("a wrong password was not refused");
+    };
+    assert_eq!(message, "Authentication failed.");
+
+    // XCLIENT reached Dovecot: it logged the forwarded address and our session id.
+    let log = pool.backend(0).log();
+    let login_line = log
+        .lines()
+        .find(|l| l.contains("managesieve-login: Info: Login:"))
+        .unwrap_or_else(|| panic!("no login line in:\n{log}"));
+    assert!(login_line.contains("rip=192.0.2.61"), "{login_line}");
+    assert!(
+        login_line.contains("session=<sieve-192.0.2.61>"),
+        "{login_line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_then_login() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+
+    let pool = tokio::task::spawn_blocking(|| Pool::start(1))
+        .await
+        .unwrap();
+    let pem = std::fs::read(&pool.tls.ca).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let starttls = director::backend_login::StartTls {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        server_name: "localhost".try_into().unwrap(),
+    };
+
+    let tcp = TcpStream::connect(pool.backend(0).sieve()).await.unwrap();
+    let credentials = Credentials::plain(user(3), PASSWORD);
+    let identity = ClientIdentity {
+        client: "192.0.2.63:50123".parse().unwrap(),
+        local: "127.0.0.1:4190".parse().unwrap(),
+        session_id: "sieve-tls".into(),
+    };
+    let req = BackendLoginRequest {
+        credentials: &credentials,
+        identity: &identity,
+        forward: Forward::Auto,
+        starttls: Some(starttls),
+        reply_timeout: Duration::from_secs(20),
+    };
+    let result = login(BackendStream::Plain(tcp), &req).await.unwrap();
+    let BackendLoginResult::LoggedIn { stream, .. } = result else {
+        panic!("no login over STARTTLS");
+    };
+    assert!(stream.is_tls());
+    let mut stream = BufReader::new(stream);
+    stream
+        .get_mut()
+        .write_all(b"LISTSCRIPTS\r\n")
+        .await
+        .unwrap();
+    let mut line = String::new();
+    stream.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "OK \"Listscripts completed.\"\r\n");
+}
