@@ -322,6 +322,7 @@ pub enum ProtocolName {
     Imap,
     Pop3,
     Lmtp,
+    Sieve,
 }
 
 impl From<ProtocolName> for Protocol {
@@ -330,6 +331,7 @@ impl From<ProtocolName> for Protocol {
             ProtocolName::Imap => Protocol::Imap,
             ProtocolName::Pop3 => Protocol::Pop3,
             ProtocolName::Lmtp => Protocol::Lmtp,
+            ProtocolName::Sieve => Protocol::Sieve,
         }
     }
 }

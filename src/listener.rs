@@ -201,6 +201,9 @@ impl Listener {
             Protocol::Pop3 => {
                 Box::pin(crate::pop3::frontend::run(client, ctx, &shared.login)).await
             }
+            Protocol::Sieve => {
+                Box::pin(crate::sieve::frontend::run(client, ctx, &shared.login)).await
+            }
             other => {
                 warn!("{other} listeners are not supported yet");
                 return;
@@ -226,6 +229,7 @@ impl Listener {
         let mut backend_stream = backend.stream;
         let kick_message: &[u8] = match self.protocol {
             Protocol::Imap => b"* BYE Disconnected by the director.\r\n",
+            Protocol::Sieve => b"BYE \"Disconnected by the director.\"\r\n",
             _ => b"-ERR Disconnected by the director.\r\n",
         };
         let session = backend.session;

@@ -128,6 +128,7 @@ impl Login {
         let result = match decision.protocol {
             Protocol::Imap => crate::imap::backend_login::login(stream, &req).await,
             Protocol::Pop3 => crate::pop3::backend_login::login(stream, &req).await,
+            Protocol::Sieve => crate::sieve::backend_login::login(stream, &req).await,
             other => {
                 return Err(BackendError::Protocol(format!(
                     "{other} logins are not supported yet"

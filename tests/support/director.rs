@@ -78,6 +78,7 @@ pub fn config_yaml(pool: &Pool, o: &DirectorOptions) -> String {
         ("imap", "implicit"),
         ("pop3", "starttls"),
         ("pop3", "implicit"),
+        ("sieve", "starttls"),
     ] {
         y += &format!(
             "  - {{protocol: {proto}, address: 127.0.0.1:0, tls: {tls}, proxy_protocol: {}}}\n",
@@ -118,6 +119,8 @@ pub struct TestDirector {
     pub pop3: SocketAddr,
     /// POP3 with implicit TLS.
     pub pop3s: SocketAddr,
+    /// ManageSieve (STARTTLS offered).
+    pub sieve: SocketAddr,
     /// LMTP TCP listeners, in configuration order (none unless the YAML adds them).
     pub lmtp: Vec<SocketAddr>,
     pub state: Arc<LocalState>,
@@ -178,6 +181,7 @@ impl TestDirector {
             imaps: find(Protocol::Imap, ListenerTls::Implicit),
             pop3: find(Protocol::Pop3, ListenerTls::Starttls),
             pop3s: find(Protocol::Pop3, ListenerTls::Implicit),
+            sieve: find(Protocol::Sieve, ListenerTls::Starttls),
             lmtp: addrs
                 .iter()
                 .filter(|(p, _, _)| *p == Protocol::Lmtp)
