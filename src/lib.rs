@@ -45,6 +45,7 @@ pub mod lmtp;
 pub mod local_state;
 pub mod login;
 pub mod metrics;
+pub mod metrics_server;
 pub mod moves;
 pub mod network;
 pub mod pop3;
