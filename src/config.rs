@@ -768,6 +768,26 @@ mod tests {
     const MINIMAL: &str = "listeners:\n  - protocol: imap\n    address: 127.0.0.1:1143\nbackends:\n  - host: 10.0.0.1\n";
 
     #[test]
+    fn metrics_listener_and_log_format() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.metrics.address, None, "no metrics listener by default");
+        assert_eq!(c.log_format, LogFormat::Text);
+        let c = Config::parse(&format!(
+            "{MINIMAL}metrics:\n  address: 127.0.0.1:9155\nlog_format: json\n"
+        ))
+        .unwrap();
+        assert_eq!(c.metrics.address, Some("127.0.0.1:9155".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        let e = error_of(&format!("{MINIMAL}metrics:\n  address: 127.0.0.1:1143\n"));
+        assert!(
+            e.starts_with("metrics.address: 127.0.0.1:1143 is used by"),
+            "{e}"
+        );
+        let e = error_of(&format!("{MINIMAL}log_format: xml\n"));
+        assert!(e.starts_with("log_format: unknown variant `xml`"), "{e}");
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.username_hash, "%Lu");
