@@ -262,7 +262,8 @@ impl Director {
         }
         let admin = tokio::spawn(self.admin.serve());
         let metrics_server = self.metrics_server.map(|m| {
-            info!(address = ?m.local_addr(), "metrics listening");
+            let address = m.local_addr().map_or_else(|| "?".into(), |a| a.to_string());
+            info!(address = %address, "metrics listening (/metrics, /healthz, /readyz)");
             tokio::spawn(m.serve())
         });
         let state = self.state.clone();
