@@ -335,6 +335,12 @@ impl AdminContext {
         }
     }
 
+    /// Counts the moves and kicks of admin verbs on the director's `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.mover = self.mover.with_metrics(metrics);
+        self
+    }
+
     /// Plugs in the health checker's last results, shown by `status`.
     pub fn set_check_results(&self, results: CheckResults) {
         *self.check_results.lock().unwrap() = Some(results);
@@ -659,6 +665,7 @@ impl AdminContext {
             AdminRequest::Kick { user } => {
                 let hash = self.router.hash(&user);
                 let kicked = self.mover.kick(hash).await;
+                self.mover.metrics.moved(MoveReason::Kick, 0, kicked);
                 info!(user = %user, user_hash = hash, kicked, reason = %MoveReason::Kick, "user kicked");
                 Ok(ChangeReply {
                     message: format!("{user}: {kicked} sessions ended"),

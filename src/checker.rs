@@ -115,6 +115,8 @@ struct Inner {
     /// TLS connectors by (CA file, verify), built when a probe first needs one.
     connectors: Mutex<Vec<(ConnectorKey, Option<TlsConnector>)>>,
     trackers: Mutex<HashMap<IpAddr, Tracker>>,
+    /// Latched once every checked backend has a result (`/readyz`).
+    first_round: std::sync::atomic::AtomicBool,
 }
 
 /// The health checker. Cheap to clone; [`HealthChecker::run`] drives it.
@@ -155,6 +157,7 @@ impl HealthChecker {
                 credentials,
                 connectors: Mutex::new(Vec::new()),
                 trackers: Mutex::new(HashMap::new()),
+                first_round: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -207,6 +210,26 @@ impl HealthChecker {
     pub fn last_result(&self, ip: IpAddr) -> Option<CheckResult> {
         let trackers = self.inner.trackers.lock().unwrap();
         trackers.get(&ip).and_then(|t| t.last.clone())
+    }
+
+    /// Whether the first round of checks is done: every backend that is checked (admin up,
+    /// checks not paused) has a result. Once true, stays true.
+    pub fn first_round_done(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.inner.first_round.load(Ordering::Relaxed) {
+            return true;
+        }
+        let set = self.inner.state.backends();
+        let done = {
+            let trackers = self.inner.trackers.lock().unwrap();
+            set.backends
+                .values()
+                .all(|b| self.skipped(b) || trackers.get(&b.ip).is_some_and(|t| t.last.is_some()))
+        };
+        if done {
+            self.inner.first_round.store(true, Ordering::Relaxed);
+        }
+        done
     }
 
     /// Passive health: a real login could not use backend `ip`. Counts as a failed check and
@@ -283,6 +306,10 @@ impl HealthChecker {
                 s.interval
             } else {
                 let result = self.check(&backend).await;
+                self.inner
+                    .mover
+                    .metrics
+                    .check(&backend, result.code, result.latency);
                 debug!(backend = %ip, code = %result.code, check = %result.check,
                        latency = ?result.latency, detail = %result.detail, "health check");
                 if self.observe(ip, result) {
@@ -342,6 +369,7 @@ impl HealthChecker {
                 None => return t.counter.unsettled(),
             }
         };
+        self.inner.mover.metrics.health_transition(backend, change);
         match change {
             Health::Down => {
                 warn!(backend = %ip, code = %result.code, check = %result.check,

@@ -94,6 +94,32 @@ pub struct Config {
     /// The built-in health checker.
     #[serde(default)]
     pub health: HealthConfig,
+    /// The Prometheus metrics listener (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// How log lines are written: `text` (key=value) or `json` (one object a line).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// The format of log lines on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines.
+    #[default]
+    Text,
+    /// One JSON object a line, for log shippers.
+    Json,
+}
+
+/// The metrics listener: Prometheus text exposition at `/metrics`, liveness at `/healthz`,
+/// readiness at `/readyz`. Served without a token: bind it to a management address.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where it listens (e.g. `127.0.0.1:9155`); none: no metrics listener.
+    pub address: Option<SocketAddr>,
 }
 
 /// Which part of a recipient address routing hashes as the username.
@@ -688,6 +714,16 @@ impl Config {
             return Err(err("backends", "at least one backend is needed"));
         }
         self.health.validate(&self.backends)?;
+        if let Some(m) = self.metrics.address.filter(|a| a.port() != 0) {
+            let clash =
+                addresses.contains(&m) || self.admin.tcp.as_ref().is_some_and(|t| t.address == m);
+            if clash {
+                return Err(err(
+                    "metrics.address",
+                    format_args!("{m} is used by a listener or the admin API: give the metrics their own port"),
+                ));
+            }
+        }
         let mut hosts = HashSet::new();
         for (i, b) in self.backends.iter().enumerate() {
             if b.host.trim().is_empty() {
@@ -730,6 +766,26 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "listeners:\n  - protocol: imap\n    address: 127.0.0.1:1143\nbackends:\n  - host: 10.0.0.1\n";
+
+    #[test]
+    fn metrics_listener_and_log_format() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.metrics.address, None, "no metrics listener by default");
+        assert_eq!(c.log_format, LogFormat::Text);
+        let c = Config::parse(&format!(
+            "{MINIMAL}metrics:\n  address: 127.0.0.1:9155\nlog_format: json\n"
+        ))
+        .unwrap();
+        assert_eq!(c.metrics.address, Some("127.0.0.1:9155".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        let e = error_of(&format!("{MINIMAL}metrics:\n  address: 127.0.0.1:1143\n"));
+        assert!(
+            e.starts_with("metrics.address: 127.0.0.1:1143 is used by"),
+            "{e}"
+        );
+        let e = error_of(&format!("{MINIMAL}log_format: xml\n"));
+        assert!(e.starts_with("log_format: unknown variant `xml`"), "{e}");
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

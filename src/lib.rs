@@ -28,6 +28,8 @@
 //!   at start; `stream` wraps plain and TLS sockets in one type.
 //! - `lmtp`: mail delivery (RFC 2033): each recipient routed like a login, the message
 //!   streamed to every recipient's backend, one reply per recipient (`lmtp::session`).
+//! - `metrics` is the one catalogue of Prometheus metrics (name, help, labels);
+//!   `metrics_server` serves `/metrics`, `/healthz` and `/readyz` on their own listener.
 
 pub mod admin;
 pub mod admin_client;
@@ -42,6 +44,8 @@ pub mod listener;
 pub mod lmtp;
 pub mod local_state;
 pub mod login;
+pub mod metrics;
+pub mod metrics_server;
 pub mod moves;
 pub mod network;
 pub mod pop3;

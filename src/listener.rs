@@ -34,6 +34,8 @@ pub struct ListenerShared {
     pub connections: Arc<Semaphore>,
     /// The LMTP service's settings.
     pub lmtp: Arc<crate::lmtp::LmtpSettings>,
+    /// Counts connections, logins and relayed bytes.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// A bound listening socket.
@@ -108,6 +110,7 @@ impl Listener {
             let shared = shared.clone();
             let this = this.clone();
             tokio::spawn(async move {
+                let _open = shared.metrics.connection(this.protocol);
                 match conn {
                     Accepted::Tcp(tcp) => this.handle(tcp, peer, &shared).await,
                     Accepted::Unix(unix) => {
@@ -122,6 +125,7 @@ impl Listener {
                             identity,
                             shared.login.router.clone(),
                             shared.lmtp.clone(),
+                            shared.metrics.clone(),
                         )
                         .await;
                     }
@@ -165,6 +169,7 @@ impl Listener {
                 identity,
                 shared.login.router.clone(),
                 shared.lmtp.clone(),
+                shared.metrics.clone(),
             )
             .await;
             return;
@@ -245,6 +250,11 @@ impl Listener {
         .await;
         let backend_addr = session.info().backend;
         drop(session);
+        shared.metrics.relayed(
+            self.protocol,
+            stats.client_to_backend,
+            stats.backend_to_client,
+        );
         info!(
             session = %identity.session_id,
             protocol = %self.protocol,

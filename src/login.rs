@@ -24,6 +24,7 @@ use crate::checker::HealthChecker;
 use crate::config::BackendTls;
 use crate::decision::{Decision, Protocol};
 use crate::frontend::{Authenticator, BackendLink, LoginFailure};
+use crate::metrics::{BackendLoginOutcome, LoginResult, Metrics};
 use crate::probe::CheckCode;
 use crate::routing::Router;
 use crate::sessions::{EndHook, Sessions};
@@ -57,6 +58,8 @@ pub struct Login {
     pub tls: Arc<BackendTlsContext>,
     /// Told when a backend cannot be used for a login (passive health); `None`: no checker.
     pub health: Option<HealthChecker>,
+    /// Counts logins (by result, per protocol and per backend) and their latency.
+    pub metrics: Metrics,
 }
 
 impl Login {
@@ -71,10 +74,12 @@ impl Login {
         let tcp =
             match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
                 Err(_) => {
+                    self.metrics.backend_connect_failure(backend);
                     self.passive(backend, CheckCode::ConnectTimeout, "connect timed out");
                     return Err(BackendError::Timeout(settings.connect_timeout));
                 }
                 Ok(Err(e)) => {
+                    self.metrics.backend_connect_failure(backend);
                     self.passive(backend, CheckCode::ConnectionRefused, &e);
                     return Err(e.into());
                 }
@@ -209,7 +214,32 @@ impl Login {
 }
 
 impl Authenticator for Login {
+    /// Logs in, counting the login by result and its client-visible latency.
     async fn login(&self, decision: &Decision) -> Result<BackendLink, LoginFailure> {
+        let started = Instant::now();
+        let mut refused = false;
+        let result = self.route_and_login(decision, &mut refused).await;
+        let outcome = match &result {
+            Ok(_) => LoginResult::Ok,
+            Err(LoginFailure::AuthFailed { .. }) => LoginResult::AuthFailed,
+            Err(LoginFailure::Unavailable { .. }) if refused => LoginResult::Refused,
+            Err(LoginFailure::Unavailable { .. }) => LoginResult::Unavailable,
+        };
+        self.metrics
+            .login(decision.protocol, outcome, started.elapsed());
+        result
+    }
+}
+
+impl Login {
+    /// Routes the user and logs in on its backend (or the next ones in ring order).
+    /// `refused` is set when the director itself turns the login away (the user's sessions
+    /// are still on another backend).
+    async fn route_and_login(
+        &self,
+        decision: &Decision,
+        refused: &mut bool,
+    ) -> Result<BackendLink, LoginFailure> {
         let user = &decision.credentials.username;
         let session_id = &decision.identity.session_id;
         'round: for round in 0..2 {
@@ -242,6 +272,7 @@ impl Authenticator for Login {
             if !self.wait_sessions_only_on(hash, route.backend.ip).await {
                 warn!(session = %session_id, user = %user, backend = %route.backend.ip,
                       "user still has sessions on another backend: login refused for now");
+                *refused = true;
                 return Err(LoginFailure::Unavailable {
                     message: UNAVAILABLE_TEXT.into(),
                 });
@@ -259,7 +290,22 @@ impl Authenticator for Login {
                     break;
                 }
                 let addr: SocketAddr = backend.address(decision.protocol);
-                match self.try_backend(backend, decision).await {
+                let result = self.try_backend(backend, decision).await;
+                let outcome = match &result {
+                    Ok(BackendLoginResult::LoggedIn { .. }) => Some(BackendLoginOutcome::Ok),
+                    Ok(BackendLoginResult::AuthFailed { .. }) => {
+                        Some(BackendLoginOutcome::AuthFailed)
+                    }
+                    Ok(BackendLoginResult::TempFailed { .. }) => {
+                        Some(BackendLoginOutcome::Unavailable)
+                    }
+                    Err(BackendError::Unsendable(_)) => None,
+                    Err(_) => Some(BackendLoginOutcome::Error),
+                };
+                if let Some(o) = outcome {
+                    self.metrics.backend_login(backend, decision.protocol, o);
+                }
+                match result {
                     Ok(BackendLoginResult::LoggedIn {
                         stream,
                         success_text,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use director::admin::AdminRequest;
 use director::admin_client;
-use director::config::Config;
+use director::config::{Config, LogFormat};
 use director::server::{resolve_backends, Director};
 
 /// Where the configuration is looked for when `-c` is not given.
@@ -271,22 +271,15 @@ fn import(config: &Config, file: &str, json: bool) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: in a log file or the journal they split `key=value`.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
+            init_logs(LogFormat::Text);
             eprintln!("director: {e}");
             return ExitCode::from(2);
         }
     };
+    init_logs(config.log_format);
     if let Command::Import { file } = &cli.command {
         return import(&config, file, cli.json);
     }
@@ -342,6 +335,27 @@ fn main() -> ExitCode {
             _ => ExitCode::from(2),
         }
     })
+}
+
+/// Logs go to stderr, at the level `RUST_LOG` sets (default `info`), as `key=value` text or
+/// one JSON object a line (`log_format`).
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        // Colours only on a terminal: in a log file or the journal they split `key=value`.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 async fn shutdown_signal() {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::metrics::Metrics;
 use crate::sessions::Sessions;
 use crate::state::State;
 
@@ -67,11 +68,23 @@ pub struct MoveReport {
 pub struct Mover {
     pub state: Arc<dyn State>,
     pub sessions: Sessions,
+    /// Counts moves and kicks by reason (the health checker counts its checks here too).
+    pub metrics: Metrics,
 }
 
 impl Mover {
     pub fn new(state: Arc<dyn State>, sessions: Sessions) -> Self {
-        Mover { state, sessions }
+        Mover {
+            state,
+            sessions,
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// The same mover, counting on the director's `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Ends every session of `hash` and waits (up to a limit) until they are gone. Returns
@@ -128,6 +141,8 @@ impl Mover {
             }
         }
         self.state.end_move(hash);
+        self.metrics
+            .moved(reason, report.moved + report.dropped, report.kicked);
         info!(user_hash = hash, to = ?to, reason = %reason, kicked = report.kicked, "user moved");
         report
     }
@@ -170,6 +185,7 @@ impl Mover {
             }
             let r = if force {
                 self.state.remove_record(hash);
+                self.metrics.moved(reason, 1, 0);
                 MoveReport {
                     dropped: 1,
                     ..MoveReport::default()
@@ -187,7 +203,9 @@ impl Mover {
         }
         if !force {
             for hash in strays {
-                total.kicked += self.kick_on(hash, from).await;
+                let kicked = self.kick_on(hash, from).await;
+                self.metrics.moved(reason, 0, kicked);
+                total.kicked += kicked;
             }
         }
         info!(backend = %from, reason = %reason, moved = total.moved, dropped = total.dropped,

@@ -18,6 +18,8 @@ use crate::frontend::PreauthLimits;
 use crate::listener::{ListenSocket, Listener, ListenerShared};
 use crate::local_state::LocalState;
 use crate::login::{BackendTlsContext, Login};
+use crate::metrics::Metrics;
+use crate::metrics_server::{MetricsContext, MetricsServer};
 use crate::moves::Mover;
 use crate::routing::Router;
 use crate::sessions::Sessions;
@@ -36,6 +38,10 @@ pub struct Director {
     user_expire: Duration,
     /// The admin API (bound at build, so that a bad socket or token file fails the start).
     pub admin: crate::admin::AdminServer,
+    /// The catalogue of metrics every part counts on.
+    pub metrics: Metrics,
+    /// The metrics listener (`None` without `metrics.address`), bound at build.
+    metrics_server: Option<MetricsServer>,
 }
 
 /// Resolves the configured backends: a host name with several addresses is several backends.
@@ -115,7 +121,9 @@ impl Director {
         crate::state_file::restore(config, &*state)?;
         let router = Router::new(state.clone() as Arc<dyn State>, config.user_hash());
         let sessions = Sessions::new();
-        let mover = Mover::new(state.clone() as Arc<dyn State>, sessions.clone());
+        let metrics = Metrics::new();
+        let mover = Mover::new(state.clone() as Arc<dyn State>, sessions.clone())
+            .with_metrics(metrics.clone());
         let health = HealthChecker::from_config(config, state.clone() as Arc<dyn State>, mover)?;
         let tls = match &config.tls {
             Some(files) => Some(crate::tls::acceptor(
@@ -129,6 +137,7 @@ impl Director {
             sessions: sessions.clone(),
             tls: Arc::new(backend_tls(config)?),
             health: health.clone(),
+            metrics: metrics.clone(),
         };
         let l = &config.limits;
         let shared = Arc::new(ListenerShared {
@@ -148,13 +157,15 @@ impl Director {
             close_linger: l.close_linger.into(),
             connections: Arc::new(Semaphore::new(l.max_connections)),
             lmtp: Arc::new(config.lmtp_settings()),
+            metrics: metrics.clone(),
         });
         let admin = crate::admin::AdminContext::new(
             state.clone(),
             sessions.clone(),
             router.clone(),
             Arc::new(config.clone()),
-        );
+        )
+        .with_metrics(metrics.clone());
         if let Some(checker) = &health {
             let checker = checker.clone();
             admin.set_check_results(Arc::new(move || {
@@ -166,6 +177,24 @@ impl Director {
             }));
         }
         let admin = crate::admin::AdminServer::bind(Arc::new(admin)).await?;
+        let metrics_server = match config.metrics.address {
+            Some(address) => Some(
+                MetricsServer::bind(
+                    address,
+                    MetricsContext {
+                        metrics: metrics.clone(),
+                        state: state.clone(),
+                        sessions: sessions.clone(),
+                        health: health.clone(),
+                    },
+                )
+                .await
+                .map_err(|e| {
+                    ConfigError(format!("metrics.address: cannot listen on {address}: {e}"))
+                })?,
+            ),
+            None => None,
+        };
         let mut listeners = Vec::new();
         for (i, lc) in config.listeners.iter().enumerate() {
             let socket = match (&lc.address, &lc.socket) {
@@ -204,6 +233,8 @@ impl Director {
             shared,
             user_expire,
             admin,
+            metrics,
+            metrics_server,
         })
     }
 
@@ -216,6 +247,11 @@ impl Director {
             .collect()
     }
 
+    /// The bound address of the metrics listener, if there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref()?.local_addr()
+    }
+
     /// Serves until `shutdown` completes. Sessions already relayed are left to end by
     /// themselves (the process exit ends them).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
@@ -225,6 +261,11 @@ impl Director {
             tokio::spawn(l.serve(self.shared.clone(), rx.clone()));
         }
         let admin = tokio::spawn(self.admin.serve());
+        let metrics_server = self.metrics_server.map(|m| {
+            let address = m.local_addr().map_or_else(|| "?".into(), |a| a.to_string());
+            info!(address = %address, "metrics listening (/metrics, /healthz, /readyz)");
+            tokio::spawn(m.serve())
+        });
         let state = self.state.clone();
         let every = (self.user_expire / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let sweeper = tokio::spawn(async move {
@@ -245,6 +286,9 @@ impl Director {
             c.abort();
         }
         admin.abort();
+        if let Some(m) = metrics_server {
+            m.abort();
+        }
         info!("listeners closed");
     }
 }

@@ -90,6 +90,7 @@ impl TestLmtp {
                             identity,
                             router.clone(),
                             settings.clone(),
+                            director::metrics::Metrics::new(),
                         ));
                     }
                 };
@@ -113,6 +114,7 @@ impl TestLmtp {
                             identity,
                             router.clone(),
                             settings.clone(),
+                            director::metrics::Metrics::new(),
                         ));
                     }
                 };

@@ -101,8 +101,9 @@ pub async fn serve_connection(
     identity: ClientIdentity,
     router: Router,
     settings: Arc<LmtpSettings>,
+    metrics: crate::metrics::Metrics,
 ) -> io::Result<()> {
-    session::Session::new(client, identity, router, settings)
+    session::Session::new(client, identity, router, settings, metrics)
         .run()
         .await
 }

@@ -21,6 +21,7 @@ use super::command::{
 };
 use super::LmtpSettings;
 use crate::decision::ClientIdentity;
+use crate::metrics::{Metrics, RecipientResult};
 use crate::routing::Router;
 use crate::stream::ClientStream;
 
@@ -98,6 +99,8 @@ pub struct Session {
     bad_commands: u32,
     /// Our greeting text, which a backend must not show (loop check).
     own_greeting: String,
+    /// Counts recipients by outcome.
+    metrics: Metrics,
 }
 
 impl Session {
@@ -106,6 +109,7 @@ impl Session {
         identity: ClientIdentity,
         router: Router,
         settings: Arc<LmtpSettings>,
+        metrics: Metrics,
     ) -> Self {
         let own_greeting = format!("{} Director LMTP ready", settings.hostname);
         Session {
@@ -120,6 +124,7 @@ impl Session {
             tx: None,
             bad_commands: 0,
             own_greeting,
+            metrics,
         }
     }
 
@@ -324,6 +329,10 @@ impl Session {
             return self.say(501, "5.1.3 Bad recipient address syntax");
         };
         let reply = self.route_recipient(&rcpt, &username).await;
+        if !reply.is_positive() {
+            self.metrics
+                .lmtp_recipient(RecipientResult::from_code(reply.code));
+        }
         debug!(session = %self.identity.session_id, rcpt = %rcpt.path, user = %username, reply = %reply, "RCPT");
         self.reply(&reply);
     }
@@ -470,6 +479,10 @@ impl Session {
                 Some(first) if failures.iter().all(|r| r.code >= 500) => (*first).clone(),
                 _ => unavailable(),
             };
+            for _ in &tx.recipients {
+                self.metrics
+                    .lmtp_recipient(RecipientResult::from_code(reply.code));
+            }
             self.reply(&reply);
             self.end_transaction().await;
             return Ok(Next::Continue);
@@ -494,6 +507,7 @@ impl Session {
             let n = tx.recipients.len();
             info!(session = %session, recipients = n, "message over the size limit: refused");
             for _ in 0..n {
+                self.metrics.lmtp_recipient(RecipientResult::Rejected);
                 self.say(552, "5.3.4 Message size exceeds fixed maximum message size");
             }
             self.end_transaction().await;
@@ -524,6 +538,8 @@ impl Session {
                 .unwrap_or_else(unavailable);
             info!(session = %session, from = %tx.mail.path, to = %r.path, backend = %u.ip,
                   reply = %reply, ms = tx.started.elapsed().as_millis() as u64, "delivery");
+            self.metrics
+                .lmtp_recipient(RecipientResult::from_code(reply.code));
             replies.push(reply);
         }
         for reply in &replies {

@@ -128,6 +128,8 @@ pub struct TestDirector {
     pub router: Router,
     /// The health checker, when the configuration enables it.
     pub health: Option<HealthChecker>,
+    /// The metrics listener (`/metrics`, `/healthz`, `/readyz`), when `metrics.address` is set.
+    pub metrics: Option<SocketAddr>,
     /// The configuration it runs with.
     pub yaml: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -159,6 +161,7 @@ impl TestDirector {
                     d.sessions.clone(),
                     d.router.clone(),
                     d.health.clone(),
+                    d.metrics_addr(),
                 ))
                 .unwrap();
                 d.run(async {
@@ -168,7 +171,8 @@ impl TestDirector {
             });
             rt.shutdown_timeout(std::time::Duration::from_millis(100));
         });
-        let (addrs, state, sessions, router, health) = rx.recv().expect("director started");
+        let (addrs, state, sessions, router, health, metrics) =
+            rx.recv().expect("director started");
         let find = |p: Protocol, t: ListenerTls| {
             addrs
                 .iter()
@@ -191,6 +195,7 @@ impl TestDirector {
             sessions,
             router,
             health,
+            metrics,
             yaml: yaml.to_owned(),
             stop: Some(stop_tx),
             thread: Some(thread),

@@ -1,0 +1,248 @@
+//! The metrics listener against real Dovecot backends: after logins (good and bad) and relayed
+//! sessions, `/metrics` shows them with sensible values, every metric of the catalogue is
+//! exported, `promtool check metrics` accepts the scrape, `/healthz` answers, and `/readyz`
+//! turns 503 when no backend can take users.
+
+mod support;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use director::backend::AdminState;
+use director::metrics::CATALOGUE;
+use director::state::State;
+use support::client::{curl, imap_login, pop3_login, quote, Conn};
+use support::director::{DirectorOptions, TestDirector};
+use support::dovecot::{user, Pool, PASSWORD};
+use support::logs::wait_until;
+
+fn options() -> DirectorOptions {
+    DirectorOptions {
+        extra: "metrics:\n  address: 127.0.0.1:0\n\
+                health:\n  interval: 500ms\n  fast_interval: 200ms\n  rise: 2\n  fall: 2\n"
+            .into(),
+        ..DirectorOptions::default()
+    }
+}
+
+/// GET `path` on the metrics listener: (status, body).
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let url = format!("http://{addr}{path}");
+    let (ok, out, err) = curl(&["-w", "\n%{http_code}", &url]);
+    assert!(ok, "curl {url}: {err}");
+    let (body, code) = out.rsplit_once('\n').expect("status line");
+    (code.trim().parse().expect("status code"), body.to_owned())
+}
+
+/// The sum of the samples of `name` whose labels include every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').expect("sample line");
+        let (n, l) = match series.split_once('{') {
+            Some((n, l)) => (n, l),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        {
+            *found.get_or_insert(0.0) += value.parse::<f64>().expect("value");
+        }
+    }
+    found
+}
+
+fn promtool_check(text: &str) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool (Debian package prometheus; ./scripts/install-deps)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn scrape_after_traffic_shows_logins_sessions_and_backends_and_passes_promtool() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &options());
+    let m = d.metrics.expect("metrics listener");
+
+    assert_eq!(get(m, "/healthz"), (200, "ok\n".to_owned()));
+    wait_until(
+        "ready after the first check round",
+        Duration::from_secs(20),
+        || (get(m, "/readyz").0 == 200).then_some(()),
+    );
+
+    // Three good IMAP logins kept open, one more that runs a command and logs out (a whole
+    // relayed session), a wrong password, and a POP3 session.
+    let open: Vec<Conn> = (1..4)
+        .map(|i| imap_login(d.imap, &user(i), PASSWORD).0)
+        .collect();
+    let (mut c, _) = imap_login(d.imap, &user(4), PASSWORD);
+    let r = c.imap("b1", "SELECT INBOX");
+    assert!(r.last().unwrap().starts_with("b1 OK"), "{r:?}");
+    let r = c.imap("b2", "LOGOUT");
+    assert!(r.last().unwrap().starts_with("b2 OK"), "{r:?}");
+    assert!(c.ended());
+    let mut bad = Conn::connect(d.imap);
+    bad.line();
+    let r = bad.imap(
+        "c1",
+        &format!("LOGIN {} {}", quote(&user(5)), quote("wrong")),
+    );
+    assert!(r.last().unwrap().starts_with("c1 NO"), "{r:?}");
+    drop(bad);
+    let mut p = pop3_login(d.pop3, &user(6), PASSWORD);
+    assert!(p.pop3("QUIT").starts_with("+OK"));
+    assert!(p.ended());
+
+    // Session ends are counted when the relay finishes: wait for both to be gone.
+    wait_until("ended sessions gone", Duration::from_secs(10), || {
+        (d.sessions.list().len() == 3).then_some(())
+    });
+    let (status, text) = get(m, "/metrics");
+    assert_eq!(status, 200);
+
+    let imap_ok = [("protocol", "imap"), ("result", "ok")];
+    assert!(sample(&text, "director_logins_total", &imap_ok).unwrap() >= 4.0);
+    let failed = [("protocol", "imap"), ("result", "auth_failed")];
+    assert!(sample(&text, "director_logins_total", &failed).unwrap() >= 1.0);
+    let pop3_ok = [("protocol", "pop3"), ("result", "ok")];
+    assert!(sample(&text, "director_logins_total", &pop3_ok).unwrap() >= 1.0);
+    assert!(
+        sample(
+            &text,
+            "director_login_duration_seconds_count",
+            &[("protocol", "imap")]
+        )
+        .unwrap()
+            >= 5.0
+    );
+    assert!(sample(&text, "director_connections_total", &[("protocol", "imap")]).unwrap() >= 5.0);
+    assert_eq!(
+        sample(&text, "director_connections", &[("protocol", "imap")]),
+        Some(3.0),
+        "three IMAP sessions are still open"
+    );
+    for dir in ["in", "out"] {
+        for proto in ["imap", "pop3"] {
+            let bytes = sample(
+                &text,
+                "director_relay_bytes_total",
+                &[("protocol", proto), ("direction", dir)],
+            );
+            assert!(bytes.unwrap() > 0.0, "{proto} {dir}: {bytes:?}");
+        }
+    }
+    assert_eq!(
+        sample(&text, "director_backend_sessions", &[("protocol", "imap")]),
+        Some(3.0)
+    );
+    let ok_logins = sample(
+        &text,
+        "director_backend_logins_total",
+        &[("protocol", "imap"), ("result", "ok")],
+    );
+    assert!(ok_logins.unwrap() >= 4.0, "{ok_logins:?}");
+    assert!(sample(&text, "director_sticky_records", &[]).unwrap() >= 5.0);
+    assert!(sample(&text, "director_backend_users", &[]).unwrap() >= 5.0);
+    assert_eq!(sample(&text, "director_checks_paused", &[]), Some(0.0));
+    for b in &pool.backends {
+        let ip = b.ip.to_string();
+        let l = [("backend", ip.as_str())];
+        assert_eq!(sample(&text, "director_backend_up", &l), Some(1.0), "{ip}");
+        assert_eq!(sample(&text, "director_backend_weight", &l), Some(100.0));
+        let up = [("backend", ip.as_str()), ("state", "up")];
+        assert_eq!(
+            sample(&text, "director_backend_admin_state", &up),
+            Some(1.0)
+        );
+        let ok = [("backend", ip.as_str()), ("result", "ok")];
+        assert!(sample(&text, "director_backend_check_results_total", &ok).unwrap() >= 1.0);
+        assert!(
+            sample(&text, "director_backend_check_duration_seconds_count", &ok).unwrap() >= 1.0
+        );
+        assert_eq!(
+            sample(&text, "director_backend_last_check_result", &ok),
+            Some(1.0)
+        );
+    }
+    // The whole catalogue is exported, with its help, and nothing outside it.
+    for def in CATALOGUE {
+        let help = format!("# HELP {} ", def.name);
+        assert!(text.contains(&help), "{} missing from the scrape", def.name);
+        let ty = format!("# TYPE {} {}", def.name, def.kind.name());
+        assert!(text.contains(&ty), "{ty} missing");
+    }
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split(' ').nth(2).unwrap();
+        assert!(
+            CATALOGUE.iter().any(|d| d.name == name),
+            "{name} not in the catalogue"
+        );
+    }
+    // No user name and no client address in any label.
+    for i in 1..7 {
+        assert!(!text.contains(&user(i)), "{} in the scrape", user(i));
+    }
+
+    let (ok, out) = promtool_check(&text);
+    assert!(ok, "promtool check metrics failed:\n{out}\n{text}");
+    drop(open);
+}
+
+#[test]
+fn readyz_is_503_when_every_backend_is_admin_down() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &options());
+    let m = d.metrics.expect("metrics listener");
+    wait_until("ready", Duration::from_secs(20), || {
+        (get(m, "/readyz").0 == 200).then_some(())
+    });
+    let ips: Vec<_> = d.state.backends().backends.keys().copied().collect();
+    d.state.set_admin(ips[0], AdminState::Down).unwrap();
+    assert_eq!(get(m, "/readyz").0, 200, "one backend is still usable");
+    d.state.set_admin(ips[1], AdminState::Maintenance).unwrap();
+    let (status, body) = get(m, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no backend takes new users"), "{body}");
+    assert_eq!(get(m, "/healthz").0, 200, "alive all the same");
+    let (_, text) = get(m, "/metrics");
+    let down = [("backend", &*ips[0].to_string()), ("state", "down")];
+    assert_eq!(
+        sample(&text, "director_backend_admin_state", &down),
+        Some(1.0)
+    );
+    d.state.set_admin(ips[0], AdminState::Up).unwrap();
+    assert_eq!(get(m, "/readyz").0, 200);
+}
+
+#[test]
+fn no_metrics_listener_without_an_address() {
+    let pool = Pool::start(1);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    assert!(d.metrics.is_none());
+}
