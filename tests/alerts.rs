@@ -39,7 +39,9 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
         "DirectorDown",
     ] {
         assert!(
-            tests.contains(&format!("alertname: {alert}\n        exp_alerts:\n          - exp_labels")),
+            tests.contains(&format!(
+                "alertname: {alert}\n        exp_alerts:\n          - exp_labels"
+            )),
             "no firing test for {alert}"
         );
     }

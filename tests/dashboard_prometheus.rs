@@ -1,0 +1,238 @@
+//! The dashboard against a real Prometheus (Debian's package): Prometheus scrapes a director
+//! that serves real Dovecot backends under some traffic, then every panel's PromQL is run
+//! through Prometheus' HTTP API. Each must parse and return data, so a renamed metric that a
+//! panel still uses fails here. The alert rules' expressions are checked the same way.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use director::state::State;
+use support::client::{imap_login, Conn};
+use support::director::{DirectorOptions, TestDirector};
+use support::dovecot::{user, Pool, PASSWORD};
+
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP GET; returns (status, body).
+fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn start_prometheus(dir: &Path, target: SocketAddr) -> Prometheus {
+    let port = free_port();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: director\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus runs (Debian package prometheus, installed by ./scripts/test)");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let p = Prometheus { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(addr, "/-/ready").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "prometheus did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p
+}
+
+/// Runs an instant query; returns the number of series in the result.
+fn query(p: &Prometheus, expr: &str) -> Result<usize, String> {
+    let (status, body) =
+        get(p.addr, &format!("/api/v1/query?query={}", urlencode(expr))).ok_or("no answer")?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+    if status != 200 || v["status"] != "success" {
+        return Err(format!("HTTP {status}: {body}"));
+    }
+    Ok(v["data"]["result"].as_array().map_or(0, |a| a.len()))
+}
+
+/// A panel's expression with the dashboard's variables filled in as Grafana would.
+fn instantiate(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("$instance", ".*")
+        .replace("$backend", ".*")
+}
+
+/// Every `director_*` metric name an expression uses.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("director_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+fn catalogued(name: &str) -> bool {
+    let base = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .unwrap_or(name);
+    director::metrics::CATALOGUE
+        .iter()
+        .any(|m| m.name == name || m.name == base)
+}
+
+#[test]
+fn every_panel_and_alert_query_returns_data_from_a_real_prometheus() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("dashboards/director.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs: Vec<(String, String)> = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push((
+                p["title"].as_str().unwrap().to_owned(),
+                t["expr"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    // Names first: a renamed metric fails here even before Prometheus runs.
+    for (title, e) in &exprs {
+        for name in metric_names(e) {
+            assert!(
+                catalogued(&name),
+                "panel {title:?} uses {name}, not in the catalogue"
+            );
+        }
+    }
+    let alerts = std::fs::read_to_string(root.join("dashboards/alerts.yml")).unwrap();
+    for name in metric_names(&alerts) {
+        assert!(
+            catalogued(&name),
+            "alerts.yml uses {name}, not in the catalogue"
+        );
+    }
+
+    // A director under traffic, with a health checker, and one backend that dies so the
+    // check-result and move series exist.
+    let pool = Pool::start(3);
+    let d = TestDirector::start(
+        &pool,
+        &DirectorOptions {
+            extra: "metrics: {address: 127.0.0.1:0}\nhealth: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n".into(),
+            ..DirectorOptions::default()
+        },
+    );
+    let prom = start_prometheus(pool.dir(), d.metrics.expect("metrics listener"));
+    let mut open = Vec::new();
+    for i in 1..=12 {
+        let (mut c, _) = imap_login(d.imap, &user(i), PASSWORD);
+        let r = c.imap("s", "SELECT INBOX");
+        assert!(r.last().unwrap().starts_with("s OK"), "{r:?}");
+        open.push(c);
+    }
+    let mut bad = Conn::connect(d.imap);
+    bad.line();
+    bad.imap("b", &format!("LOGIN {} wrong", user(1)));
+    // Moves: take a backend down through the checker.
+    pool.backend(2).kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d
+        .state
+        .backends()
+        .backends
+        .values()
+        .all(|b| b.health == director::backend::Health::Up)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "killed backend never marked down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Some more traffic over several scrapes, so rate() has samples.
+    for round in 0..6 {
+        for i in 13..=16 {
+            let (mut c, _) = imap_login(d.imap, &user(i + round * 4), PASSWORD);
+            c.imap("z", "LOGOUT");
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while query(&prom, "up{job=\"director\"} == 1").unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never scraped the director"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut empty = Vec::new();
+    for (title, e) in &exprs {
+        let q = instantiate(e);
+        match query(&prom, &q) {
+            Ok(0) => empty.push(format!("{title}: {q}")),
+            Ok(_) => {}
+            Err(err) => panic!("panel {title:?}: {q} does not run: {err}"),
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "panels without data:\n{}",
+        empty.join("\n")
+    );
+    drop(open);
+}
