@@ -1,4 +1,4 @@
-//! `director`: the front door of a pool of IMAP/POP3 (later LMTP, ManageSieve) backends that
+//! `director`: the front door of a pool of IMAP, POP3, LMTP and ManageSieve backends that
 //! share one mailbox store. Every user is sent to one backend and kept there.
 //!
 //! # Layout
@@ -15,7 +15,7 @@
 //!   (`sticky` record first, then the `ring`, keyed by `user_hash`), `backend` knows where it
 //!   listens, and `imap::backend_login` / `pop3::backend_login` / `sieve::backend_login` speak
 //!   the protocol to it.
-//! - `relay` copies bytes both ways until one side closes or the session is kicked; `sessions`
+//! - `relay` copies bytes both ways until a side closes or the session is kicked; `sessions`
 //!   knows every live session by user and backend.
 //! - `state` is the one trait for shared state (backends, weights, sticky records);
 //!   `local_state` is its in-memory implementation.
