@@ -555,6 +555,7 @@ impl Config {
             max_line_length: d.max_line_length,
             max_bad_commands: d.max_bad_commands,
             move_wait: d.move_wait,
+            backend_tls: d.backend_tls,
         }
     }
 

@@ -40,8 +40,15 @@ pub struct BackendTlsContext {
     pub connectors: Vec<(Option<std::path::PathBuf>, bool, tokio_rustls::TlsConnector)>,
 }
 
+impl std::fmt::Debug for BackendTlsContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BackendTlsContext({} connectors)", self.connectors.len())
+    }
+}
+
 impl BackendTlsContext {
-    fn connector(&self, backend: &Backend) -> Option<tokio_rustls::TlsConnector> {
+    /// The connector for `backend`'s CA file and verification setting.
+    pub fn connector(&self, backend: &Backend) -> Option<tokio_rustls::TlsConnector> {
         let s = &backend.settings;
         self.connectors
             .iter()

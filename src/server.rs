@@ -132,10 +132,11 @@ impl Director {
             )),
             None => None,
         };
+        let backend_tls = Arc::new(backend_tls(config)?);
         let login = Login {
             router: router.clone(),
             sessions: sessions.clone(),
-            tls: Arc::new(backend_tls(config)?),
+            tls: backend_tls.clone(),
             health: health.clone(),
             metrics: metrics.clone(),
         };
@@ -156,7 +157,10 @@ impl Director {
             greeting: config.greeting.clone(),
             close_linger: l.close_linger.into(),
             connections: Arc::new(Semaphore::new(l.max_connections)),
-            lmtp: Arc::new(config.lmtp_settings()),
+            lmtp: Arc::new(crate::lmtp::LmtpSettings {
+                backend_tls: backend_tls.clone(),
+                ..config.lmtp_settings()
+            }),
             metrics: metrics.clone(),
         });
         let admin = crate::admin::AdminContext::new(

@@ -117,3 +117,38 @@ fn tcp_with_allow_from_and_unix_socket_listeners() {
         .iter()
         .all(|m| !m.contains("must not arrive")));
 }
+
+#[test]
+fn starttls_to_the_backends_lmtp() {
+    let pool = Pool::start(2);
+    let base = config_yaml(
+        &pool,
+        &DirectorOptions {
+            backend_extra: "    tls: starttls\n".into(),
+            ..DirectorOptions::default()
+        },
+    );
+    let yaml = base.replacen(
+        "listeners:\n",
+        "listeners:\n  - {protocol: lmtp, address: 127.0.0.1:0}\n",
+        1,
+    );
+    let d = TestDirector::start_yaml(&yaml);
+    let u = user(9);
+    let (ok, out) = swaks(
+        &[
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &d.lmtp[0].port().to_string(),
+        ],
+        &format!("{u}@example.org"),
+        "over tls",
+    );
+    assert!(ok, "{out}");
+    let msg = wait_for_message(&pool, &u, "over tls");
+    assert!(
+        msg.contains("LMTPS"),
+        "the backend did not receive it over TLS:\n{msg}"
+    );
+}

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use super::command::{Param, Reply, ReplyError, ReplyParser};
 use crate::backend::Backend;
 use crate::backend_login::Forward;
+use crate::config::BackendTls;
 use crate::decision::{ClientIdentity, Protocol};
 use crate::stream::BackendStream;
 
@@ -40,6 +41,8 @@ pub enum BackendFailure {
     Xclient(Reply),
     #[error("is this director itself (greeting {0}): refusing a mail loop")]
     Loop(Reply),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// What the backend offered in its LHLO reply.
@@ -91,6 +94,8 @@ pub struct Hello<'a> {
     pub own_greeting: &'a str,
     /// The domain the client gave in LHLO, forwarded as XCLIENT HELO.
     pub client_helo: Option<&'a str>,
+    /// TLS connectors, for backends configured with TLS.
+    pub tls: &'a crate::login::BackendTlsContext,
 }
 
 /// An open connection to a backend's LMTP service.
@@ -122,8 +127,29 @@ impl BackendConn {
             let header = crate::proxy_protocol::encode_v2(identity.client, identity.local);
             tcp.write_all(&header).await?;
         }
+        let tls = match settings.tls {
+            BackendTls::None => None,
+            _ => {
+                let connector = hello.tls.connector(backend).ok_or_else(|| {
+                    BackendFailure::Tls("no TLS connector configured for this backend".into())
+                })?;
+                let name = crate::tls::server_name(&settings.tls_server_name)
+                    .map_err(|e| BackendFailure::Tls(e.to_string()))?;
+                Some((connector, name))
+            }
+        };
+        let mut stream = BackendStream::Plain(tcp);
+        if let (BackendTls::Implicit, Some((connector, name))) = (settings.tls, &tls) {
+            stream = tokio::time::timeout(
+                settings.login_timeout,
+                stream.start_tls(connector, name.clone()),
+            )
+            .await
+            .map_err(|_| BackendFailure::Timeout(settings.login_timeout))?
+            .map_err(|e| BackendFailure::Tls(e.to_string()))?;
+        }
         let mut conn = BackendConn {
-            stream: BackendStream::Plain(tcp),
+            stream,
             buf: Vec::new(),
             parser: ReplyParser::new(MAX_REPLY),
             reply_timeout: settings.login_timeout,
@@ -131,6 +157,40 @@ impl BackendConn {
         };
         conn.greet(hello).await?;
         conn.lhlo(hello).await?;
+        if let (BackendTls::Starttls, Some((connector, name))) = (settings.tls, tls) {
+            if !conn.capabilities.has("STARTTLS") {
+                return Err(BackendFailure::Tls(
+                    "the backend does not offer STARTTLS, which the configuration requires".into(),
+                ));
+            }
+            let reply = conn.command("STARTTLS").await?;
+            if reply.code != 220 {
+                return Err(BackendFailure::Tls(format!("STARTTLS refused: {reply}")));
+            }
+            if !conn.buf.is_empty() {
+                return Err(BackendFailure::Tls(
+                    "the backend sent data after its STARTTLS reply".into(),
+                ));
+            }
+            let BackendConn {
+                stream,
+                reply_timeout,
+                ..
+            } = conn;
+            let stream =
+                tokio::time::timeout(settings.login_timeout, stream.start_tls(&connector, name))
+                    .await
+                    .map_err(|_| BackendFailure::Timeout(settings.login_timeout))?
+                    .map_err(|e| BackendFailure::Tls(e.to_string()))?;
+            conn = BackendConn {
+                stream,
+                buf: Vec::new(),
+                parser: ReplyParser::new(MAX_REPLY),
+                reply_timeout,
+                capabilities: Capabilities::default(),
+            };
+            conn.lhlo(hello).await?;
+        }
         if settings.forward == Forward::Auto {
             if let Some(line) = xclient_line(&conn.capabilities, identity, hello.client_helo) {
                 let reply = conn.command(&line).await?;

@@ -61,6 +61,9 @@ pub struct LmtpSettings {
     pub backend_data_timeout: Duration,
     /// How long a recipient waits while its user is being moved before it gets a 4xx.
     pub move_wait: Duration,
+    /// TLS connectors for backends whose `tls` is `starttls` or `implicit` (the same as the
+    /// other protocols use).
+    pub backend_tls: Arc<crate::login::BackendTlsContext>,
 }
 
 impl Default for LmtpSettings {
@@ -78,6 +81,7 @@ impl Default for LmtpSettings {
             // RFC 5321 section 4.5.3.2.6: 10 minutes for the reply to the final dot.
             backend_data_timeout: Duration::from_secs(600),
             move_wait: Duration::from_secs(15),
+            backend_tls: Arc::default(),
         }
     }
 }

@@ -372,6 +372,7 @@ impl Session {
                     hostname: &self.settings.hostname,
                     own_greeting: &self.own_greeting,
                     client_helo: self.lhlo.as_deref(),
+                    tls: &self.settings.backend_tls,
                 };
                 let addr = backend.address(crate::decision::Protocol::Lmtp);
                 let mut upstream = Upstream {
