@@ -26,7 +26,7 @@ use crate::decision::{Decision, Protocol};
 use crate::frontend::{Authenticator, BackendLink, LoginFailure};
 use crate::metrics::{BackendLoginOutcome, LoginResult, Metrics};
 use crate::probe::CheckCode;
-use crate::routing::Router;
+use crate::routing::{RouteReason, Router};
 use crate::sessions::{EndHook, Sessions};
 use crate::stream::BackendStream;
 
@@ -205,6 +205,18 @@ impl Login {
 }
 
 impl Login {
+    /// Whether `ip` may still take this login: it serves existing users, or it is in
+    /// maintenance and the user is one of its allowed test users.
+    fn still_serves(&self, ip: std::net::IpAddr, maintenance_user: bool) -> bool {
+        let set = self.router.state().backends();
+        set.get(ip).is_some_and(|b| {
+            b.serves_existing()
+                || (maintenance_user
+                    && b.admin == crate::backend::AdminState::Maintenance
+                    && b.health == crate::backend::Health::Up)
+        })
+    }
+
     /// Waits (a bounded time) until every live session of `hash` is on `ip`. True if so.
     async fn wait_sessions_only_on(&self, hash: u32, ip: std::net::IpAddr) -> bool {
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
@@ -297,6 +309,20 @@ impl Login {
                     break;
                 }
                 let addr: SocketAddr = backend.address(decision.protocol);
+                // Reserve the user on this backend while the login is under way: a concurrent
+                // login of the same user that is routed elsewhere (this backend just stopped
+                // serving) then waits for this one instead of racing it.
+                let pending = self
+                    .sessions
+                    .register(decision.protocol, user, hash, addr, None);
+                let maintenance_user = route.reason == RouteReason::Maintenance;
+                if !self.still_serves(backend.ip, maintenance_user) {
+                    drop(pending);
+                    if round == 0 {
+                        continue 'round;
+                    }
+                    break;
+                }
                 let result = self.try_backend(backend, decision).await;
                 let outcome = match &result {
                     Ok(BackendLoginResult::LoggedIn { .. }) => Some(BackendLoginOutcome::Ok),
@@ -318,6 +344,19 @@ impl Login {
                         success_text,
                         leftover,
                     }) => {
+                        // The backend may have stopped serving while we logged in, and the
+                        // move that ends its sessions may have run before ours existed: do
+                        // not start a session there.
+                        if !self.still_serves(backend.ip, maintenance_user) {
+                            drop(stream);
+                            drop(pending);
+                            warn!(session = %session_id, user = %user, backend = %addr,
+                                  "backend stopped serving during the login");
+                            if round == 0 {
+                                continue 'round;
+                            }
+                            break;
+                        }
                         let state = self.router.state().clone();
                         if attempt > 0 {
                             info!(session = %session_id, user = %user, from = %route.backend.ip, to = %backend.ip,
@@ -331,6 +370,7 @@ impl Login {
                         let session =
                             self.sessions
                                 .register(decision.protocol, user, hash, addr, Some(hook));
+                        drop(pending);
                         info!(session = %session_id, user = %user, backend = %addr, reason = %route.reason, "logged in");
                         return Ok(BackendLink {
                             stream,
