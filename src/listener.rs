@@ -120,13 +120,14 @@ impl Listener {
                             local: unspecified,
                             session_id: new_session_id(),
                         };
-                        let _ = crate::lmtp::serve_connection(
+                        // Boxed: the LMTP session's state must not enlarge every relayed session's task.
+                        let _ = Box::pin(crate::lmtp::serve_connection(
                             ClientStream::Unix(unix),
                             identity,
                             shared.login.router.clone(),
                             shared.lmtp.clone(),
                             shared.metrics.clone(),
-                        )
+                        ))
                         .await;
                     }
                 }
@@ -164,13 +165,14 @@ impl Listener {
                 let _ = crate::lmtp::refuse_connection(client, &shared.lmtp).await;
                 return;
             }
-            let _ = crate::lmtp::serve_connection(
+            // Boxed: the LMTP session's state must not enlarge every relayed session's task.
+            let _ = Box::pin(crate::lmtp::serve_connection(
                 client,
                 identity,
                 shared.login.router.clone(),
                 shared.lmtp.clone(),
                 shared.metrics.clone(),
-            )
+            ))
             .await;
             return;
         }
