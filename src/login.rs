@@ -312,9 +312,7 @@ impl Login {
                 // Reserve the user on this backend while the login is under way: a concurrent
                 // login of the same user that is routed elsewhere (this backend just stopped
                 // serving) then waits for this one instead of racing it.
-                let pending = self
-                    .sessions
-                    .register(decision.protocol, user, hash, addr, None);
+                let pending = self.sessions.reserve(decision.protocol, user, hash, addr);
                 let maintenance_user = route.reason == RouteReason::Maintenance;
                 if !self.still_serves(backend.ip, maintenance_user) {
                     drop(pending);

@@ -21,6 +21,9 @@ pub struct SessionInfo {
     /// The backend's socket address the session is relayed to.
     pub backend: SocketAddr,
     pub started: Instant,
+    /// A login still under way (a reservation, see `login`): it counts for the invariant
+    /// (one backend per user) but is not yet a session that people or metrics see.
+    pub pending: bool,
 }
 
 struct Entry {
@@ -62,6 +65,7 @@ impl Sessions {
             user_hash,
             backend,
             started: Instant::now(),
+            pending: false,
         };
         let kick = Arc::new(Notify::new());
         self.inner.lock().unwrap().insert(
@@ -79,8 +83,37 @@ impl Sessions {
         }
     }
 
-    /// All live sessions.
+    /// Reserves `backend` for a login of this user that is under way: like
+    /// [`Sessions::register`] for the invariant checks (`count_user`, `backend_ips_of`,
+    /// `users_on`), but left out of [`Sessions::list`] and [`Sessions::count_backend_ip`].
+    pub fn reserve(
+        &self,
+        protocol: Protocol,
+        username: &str,
+        user_hash: u32,
+        backend: SocketAddr,
+    ) -> SessionGuard {
+        let mut guard = self.register(protocol, username, user_hash, backend, None);
+        guard.info.pending = true;
+        if let Some(e) = self.inner.lock().unwrap().get_mut(&guard.info.id) {
+            e.info.pending = true;
+        }
+        guard
+    }
+
+    /// All live sessions (not logins under way).
     pub fn list(&self) -> Vec<SessionInfo> {
+        self.inner
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| !e.info.pending)
+            .map(|e| e.info.clone())
+            .collect()
+    }
+
+    /// All live sessions and logins under way.
+    pub fn list_with_pending(&self) -> Vec<SessionInfo> {
         self.inner
             .lock()
             .unwrap()
@@ -113,7 +146,9 @@ impl Sessions {
     /// Live sessions relayed to this backend address (any protocol port on that IP).
     pub fn count_backend_ip(&self, ip: std::net::IpAddr) -> usize {
         let map = self.inner.lock().unwrap();
-        map.values().filter(|e| e.info.backend.ip() == ip).count()
+        map.values()
+            .filter(|e| e.info.backend.ip() == ip && !e.info.pending)
+            .count()
     }
 
     /// Hashes of the users with live sessions relayed to this backend IP.
@@ -206,5 +241,20 @@ mod tests {
         drop(g);
         assert_eq!(s.count_user(7), 0);
         assert_eq!(ended.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_reservation_guards_the_invariant_but_is_not_listed() {
+        let s = Sessions::new();
+        let addr: SocketAddr = "127.0.0.2:143".parse().unwrap();
+        let r = s.reserve(Protocol::Imap, "bob", 9, addr);
+        assert_eq!(s.count_user(9), 1);
+        assert_eq!(s.backend_ips_of(9), vec![addr.ip()]);
+        assert_eq!(s.users_on(addr.ip()), vec![9]);
+        assert!(s.list().is_empty());
+        assert_eq!(s.count_backend_ip(addr.ip()), 0);
+        assert_eq!(s.list_with_pending().len(), 1);
+        drop(r);
+        assert_eq!(s.count_user(9), 0);
     }
 }

@@ -44,13 +44,13 @@ fn no_user_is_ever_on_two_backends() {
     let changes = Arc::new(AtomicUsize::new(0));
     let violations = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
 
-    // Watch the live sessions (and logins under way) of every user.
+    // Watch the live sessions and the logins under way (reservations) of every user.
     let watcher = {
         let (sessions, stop, violations) = (d.sessions.clone(), stop.clone(), violations.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let mut by_user: BTreeMap<u32, BTreeSet<IpAddr>> = BTreeMap::new();
-                for s in sessions.list() {
+                for s in sessions.list_with_pending() {
                     by_user
                         .entry(s.user_hash)
                         .or_default()
