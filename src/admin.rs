@@ -222,7 +222,7 @@ pub struct ChangeReply {
     pub kicked: usize,
     /// Users left where they were (a flush whose ring answer is their backend already).
     pub stayed: usize,
-    /// Users skipped because a move of theirs was already under way.
+    /// Users left as they were: a move of theirs was already under way.
     pub busy: usize,
 }
 

@@ -59,7 +59,7 @@ pub struct MoveReport {
     pub dropped: usize,
     /// Sessions told to end.
     pub kicked: usize,
-    /// Users skipped because a move of theirs was already under way.
+    /// Users left as they were: a move of theirs was already under way.
     pub busy: usize,
 }
 

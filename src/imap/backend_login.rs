@@ -175,7 +175,7 @@ impl Connection {
         }
     }
 
-    /// Reads up to the tagged reply with `tag`, skipping untagged lines and the replies of the
+    /// Reads up to the tagged reply with `tag`, passing over untagged lines and the replies of the
     /// pipelined ID.
     async fn tagged(&mut self, tag: &str) -> Result<Tagged, BackendError> {
         loop {

@@ -275,7 +275,7 @@ impl CommandParser {
                 return Err(FrameStop::Error(ParseError {
                     // A synchronising literal was not sent: the client waits for `+`, so
                     // dropping the line keeps us in step. A non-synchronising one is on its
-                    // way, and skipping it is not worth the trouble.
+                    // way, and passing over it is not worth the trouble.
                     consumed: if sync { line_end } else { buf.len() },
                     tag,
                     command,

@@ -108,7 +108,7 @@ pub struct CommandParser {
     /// Bytes at the front already searched for LF (none there).
     search_from: usize,
     /// Inside an over-long line that was answered: drop bytes up to its LF.
-    skipping: bool,
+    discarding: bool,
 }
 
 impl CommandParser {
@@ -116,14 +116,14 @@ impl CommandParser {
         CommandParser {
             max_line,
             search_from: 0,
-            skipping: false,
+            discarding: false,
         }
     }
 
     /// Forgets a partly seen line (the buffer was emptied by other means, e.g. after DATA).
     pub fn reset(&mut self) {
         self.search_from = 0;
-        self.skipping = false;
+        self.discarding = false;
     }
 
     /// Looks at the front of `buf`.
@@ -132,7 +132,7 @@ impl CommandParser {
             .iter()
             .position(|&b| b == b'\n')
             .map(|i| i + self.search_from);
-        if self.skipping {
+        if self.discarding {
             return match lf {
                 Some(lf) => {
                     self.reset();
@@ -147,7 +147,7 @@ impl CommandParser {
         let Some(lf) = lf else {
             if buf.len() > self.max_line {
                 self.search_from = 0;
-                self.skipping = true;
+                self.discarding = true;
                 return Parse::Error {
                     consumed: buf.len(),
                     error: SyntaxError::TooLong,

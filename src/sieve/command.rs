@@ -222,7 +222,7 @@ impl Framer {
                 .filter(|total| *total <= self.max_literal);
             let Some(total) = total else {
                 // The literal's bytes are on their way (no client waits for a continuation),
-                // and skipping them is not worth the trouble: close.
+                // and passing over them is not worth the trouble: close.
                 return Err(ParseError {
                     consumed: buf.len(),
                     message: "Literal too large.",
