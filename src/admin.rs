@@ -666,7 +666,7 @@ impl AdminContext {
                 let hash = self.router.hash(&user);
                 let kicked = self.mover.kick(hash).await;
                 self.mover.metrics.moved(MoveReason::Kick, 0, kicked);
-                info!(user = %user, user_hash = hash, kicked, reason = %MoveReason::Kick, "user kicked");
+                info!(user = %crate::untrusted::shown(&user), user_hash = hash, kicked, reason = %MoveReason::Kick, "user kicked");
                 Ok(ChangeReply {
                     message: format!("{user}: {kicked} sessions ended"),
                     kicked,

@@ -64,5 +64,6 @@ pub mod state_file;
 pub mod sticky;
 pub mod stream;
 pub mod tls;
+pub mod untrusted;
 pub mod user_hash;
 pub mod yaml;

@@ -260,7 +260,7 @@ impl Listener {
         info!(
             session = %identity.session_id,
             protocol = %self.protocol,
-            user = %username,
+            user = %crate::untrusted::shown(&username),
             client = %identity.client,
             backend = %backend_addr,
             duration = ?started.elapsed(),

@@ -263,7 +263,7 @@ impl Login {
         let session_id = &decision.identity.session_id;
         'round: for round in 0..2 {
             let route = self.router.route(user, "").map_err(|e| {
-                warn!(session = %session_id, user = %user, error = %e, "no backend for login");
+                warn!(session = %session_id, user = %crate::untrusted::shown(user), error = %e, "no backend for login");
                 LoginFailure::Unavailable {
                     message: UNAVAILABLE_TEXT.into(),
                 }
@@ -289,7 +289,7 @@ impl Login {
             // the move that ends them is on its way), wait for them to end; if they do not,
             // the client is told to come back later.
             if !self.wait_sessions_only_on(hash, route.backend.ip).await {
-                warn!(session = %session_id, user = %user, backend = %route.backend.ip,
+                warn!(session = %session_id, user = %crate::untrusted::shown(user), backend = %route.backend.ip,
                       "user still has sessions on another backend: login refused for now");
                 *refused = true;
                 return Err(LoginFailure::Unavailable {
@@ -348,7 +348,7 @@ impl Login {
                         if !self.still_serves(backend.ip, maintenance_user) {
                             drop(stream);
                             drop(pending);
-                            warn!(session = %session_id, user = %user, backend = %addr,
+                            warn!(session = %session_id, user = %crate::untrusted::shown(user), backend = %addr,
                                   "backend stopped serving during the login");
                             if round == 0 {
                                 continue 'round;
@@ -357,7 +357,7 @@ impl Login {
                         }
                         let state = self.router.state().clone();
                         if attempt > 0 {
-                            info!(session = %session_id, user = %user, from = %route.backend.ip, to = %backend.ip,
+                            info!(session = %session_id, user = %crate::untrusted::shown(user), from = %route.backend.ip, to = %backend.ip,
                                   "user moved: its backend could not be reached");
                             state.rebind(hash, backend.ip, Instant::now());
                         }
@@ -369,7 +369,7 @@ impl Login {
                             self.sessions
                                 .register(decision.protocol, user, hash, addr, Some(hook));
                         drop(pending);
-                        info!(session = %session_id, user = %user, backend = %addr, reason = %route.reason, "logged in");
+                        info!(session = %session_id, user = %crate::untrusted::shown(user), backend = %addr, reason = %route.reason, "logged in");
                         return Ok(BackendLink {
                             stream,
                             success_text,
@@ -378,21 +378,21 @@ impl Login {
                         });
                     }
                     Ok(BackendLoginResult::AuthFailed { message }) => {
-                        info!(session = %session_id, user = %user, backend = %addr, "backend refused the credentials");
+                        info!(session = %session_id, user = %crate::untrusted::shown(user), backend = %addr, "backend refused the credentials");
                         return Err(LoginFailure::AuthFailed { message });
                     }
                     Ok(BackendLoginResult::TempFailed { message }) => {
-                        warn!(session = %session_id, user = %user, backend = %addr, reply = %message, "backend login temporarily failed");
+                        warn!(session = %session_id, user = %crate::untrusted::shown(user), backend = %addr, reply = %crate::untrusted::shown(&message), "backend login temporarily failed");
                         return Err(LoginFailure::Unavailable { message });
                     }
                     Err(BackendError::Unsendable(why)) => {
-                        info!(session = %session_id, user = %user, "credentials cannot be sent: {why}");
+                        info!(session = %session_id, user = %crate::untrusted::shown(user), "credentials cannot be sent: {why}");
                         return Err(LoginFailure::AuthFailed {
                             message: "Authentication failed.".into(),
                         });
                     }
                     Err(e) => {
-                        warn!(session = %session_id, user = %user, backend = %addr, error = %e, "backend unusable for login");
+                        warn!(session = %session_id, user = %crate::untrusted::shown(user), backend = %addr, error = %e, "backend unusable for login");
                     }
                 }
             }

@@ -333,7 +333,7 @@ impl Session {
             self.metrics
                 .lmtp_recipient(RecipientResult::from_code(reply.code));
         }
-        debug!(session = %self.identity.session_id, rcpt = %rcpt.path, user = %username, reply = %reply, "RCPT");
+        debug!(session = %self.identity.session_id, rcpt = %crate::untrusted::shown(&rcpt.path), user = %crate::untrusted::shown(&username), reply = %reply, "RCPT");
         self.reply(&reply);
     }
 
@@ -350,7 +350,7 @@ impl Session {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
                 if state.is_moving(r.user_hash) {
-                    warn!(session = %session, user = %username, "recipient's user is being moved: try again later");
+                    warn!(session = %session, user = %crate::untrusted::shown(&username), "recipient's user is being moved: try again later");
                     return unavailable();
                 }
                 route = self.router.route(username, "");
@@ -359,7 +359,7 @@ impl Session {
         let route = match route {
             Ok(r) => r,
             Err(e) => {
-                warn!(session = %session, user = %username, error = %e, "no backend for recipient");
+                warn!(session = %session, user = %crate::untrusted::shown(&username), error = %e, "no backend for recipient");
                 return unavailable();
             }
         };
@@ -537,7 +537,7 @@ impl Session {
                 .cloned()
                 .or_else(|| u.failure.clone())
                 .unwrap_or_else(unavailable);
-            info!(session = %session, from = %tx.mail.path, to = %r.path, backend = %u.ip,
+            info!(session = %session, from = %crate::untrusted::shown(&tx.mail.path), to = %crate::untrusted::shown(&r.path), backend = %u.ip,
                   reply = %reply, ms = tx.started.elapsed().as_millis() as u64, "delivery");
             self.metrics
                 .lmtp_recipient(RecipientResult::from_code(reply.code));

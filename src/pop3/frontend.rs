@@ -321,7 +321,7 @@ impl<A: Authenticator> Session<'_, A> {
                     text => format!("+OK {text}"),
                 };
                 self.send(&reply).await?;
-                tracing::debug!(session = %self.ctx.identity.session_id, user = %username, "pop3: logged in");
+                tracing::debug!(session = %self.ctx.identity.session_id, user = %crate::untrusted::shown(&username), "pop3: logged in");
                 Ok(Step::Established(Box::new(Established {
                     client: self.take_stream()?,
                     client_leftover: std::mem::take(&mut self.buf),
@@ -330,7 +330,7 @@ impl<A: Authenticator> Session<'_, A> {
                 })))
             }
             Err(LoginFailure::AuthFailed { message }) => {
-                tracing::debug!(session = %self.ctx.identity.session_id, user = %username, "pop3: login failed");
+                tracing::debug!(session = %self.ctx.identity.session_id, user = %crate::untrusted::shown(&username), "pop3: login failed");
                 let message = if message.is_empty() {
                     AUTH_FAILED
                 } else {
@@ -339,7 +339,7 @@ impl<A: Authenticator> Session<'_, A> {
                 self.auth_failed(message).await
             }
             Err(LoginFailure::Unavailable { message }) => {
-                tracing::debug!(session = %self.ctx.identity.session_id, user = %username, "pop3: no backend: {message}");
+                tracing::debug!(session = %self.ctx.identity.session_id, user = %crate::untrusted::shown(&username), "pop3: no backend: {message}");
                 let message = match printable(&message) {
                     m if m.is_empty() => "Temporary failure, try again later.".to_owned(),
                     m => m,
