@@ -37,6 +37,28 @@ pub struct BackendLoginRequest<'a> {
     pub starttls: Option<StartTls>,
     /// Time allowed for each reply from the backend.
     pub reply_timeout: Duration,
+    /// Called right before the first byte of the user's credentials is written. `false` calls
+    /// the login off ([`BackendError::Cancelled`]): the backend has then seen nothing of the
+    /// user, so the caller may still send the user elsewhere. Everything that fails after a
+    /// `true` is the backend's answer to this user's credentials, which says nothing about the
+    /// backend's health.
+    pub commit: &'a (dyn Fn() -> bool + Send + Sync),
+}
+
+impl BackendLoginRequest<'_> {
+    /// Asks [`BackendLoginRequest::commit`] whether the credentials may go out now.
+    pub fn may_send_credentials(&self) -> Result<(), BackendError> {
+        if (self.commit)() {
+            Ok(())
+        } else {
+            Err(BackendError::Cancelled)
+        }
+    }
+}
+
+/// A `commit` for callers that always send the credentials (health checks, tests).
+pub fn always_commit() -> bool {
+    true
 }
 
 /// The outcome of a login dialogue with a backend that answered.
@@ -70,4 +92,8 @@ pub enum BackendError {
     Protocol(String),
     #[error("credentials cannot be sent to this backend: {0}")]
     Unsendable(String),
+    /// The login was called off before the credentials were sent (see
+    /// [`BackendLoginRequest::commit`]), or while waiting for the backend (its user moved).
+    #[error("login called off: the user's backend changed")]
+    Cancelled,
 }

@@ -13,9 +13,16 @@
 //! - The checker never touches admin state: a backend that an administrator set down or into
 //!   maintenance is not checked (its health stays as it was), and nothing is checked while
 //!   checks are paused ([`State::checks_pause`]). The counter starts afresh afterwards.
-//! - Passive health: a real login that cannot use its backend reports a failed result
-//!   ([`HealthChecker::report_failure`]); it counts toward `fall` and brings on the fast
-//!   interval.
+//! - Passive health: a real login that cannot use its backend before sending the user's
+//!   credentials (refused, timed out, no greeting), or that waits long for it, makes the backend
+//!   suspect ([`HealthChecker::suspect`]): it is checked at once (at most once per
+//!   `fast_interval`), and only that active check counts. Nothing a client sends can count
+//!   against a backend: what a backend does with a user's credentials (refuses them, closes, a
+//!   reply too large) is never reported at all, and a suspicion without a failing check changes
+//!   nothing.
+//! - After a failed check the next one starts `fast_interval` after the failed one *started*:
+//!   a check that failed by timing out is followed at once, so a hung backend is down after
+//!   `fall` timeouts, not `fall` timeouts plus intervals.
 //! - Backends added at run time get a task within a second; removed ones lose theirs.
 
 use std::collections::HashMap;
@@ -206,6 +213,12 @@ impl HealthChecker {
         out
     }
 
+    /// Checks of a backend follow each other this closely, at most (a login that waits longer
+    /// than this for its backend makes the backend suspect).
+    pub fn fast_interval(&self) -> Duration {
+        self.inner.settings.fast_interval
+    }
+
     /// The last result of one backend.
     pub fn last_result(&self, ip: IpAddr) -> Option<CheckResult> {
         let trackers = self.inner.trackers.lock().unwrap();
@@ -232,11 +245,11 @@ impl HealthChecker {
         done
     }
 
-    /// Passive health: a real login could not use backend `ip`. Counts as a failed check and
-    /// brings on the fast interval.
-    pub fn report_failure(&self, ip: IpAddr, code: CheckCode, detail: impl Into<String>) {
-        let result = CheckResult::new(code, Duration::ZERO, "login", detail);
-        self.observe(ip, result);
+    /// Passive health: a real login found backend `ip` unresponsive before it had seen the
+    /// user's credentials (or waits long for it). The backend is checked at once, or
+    /// `fast_interval` after its last check started if that is later; the check decides.
+    pub fn suspect(&self, ip: IpAddr, code: CheckCode, detail: impl std::fmt::Display) {
+        debug!(backend = %ip, code = %code, detail = %detail, "backend suspect: checking it now");
         if let Some(t) = self.inner.trackers.lock().unwrap().get(&ip) {
             t.wake.notify_one();
         }
@@ -300,6 +313,7 @@ impl HealthChecker {
                 self.inner.trackers.lock().unwrap().remove(&ip);
                 return;
             };
+            let started = tokio::time::Instant::now();
             let wait = if self.skipped(&backend) {
                 let mut trackers = self.inner.trackers.lock().unwrap();
                 self.tracker(&mut trackers, ip).counter.reset();
@@ -318,13 +332,15 @@ impl HealthChecker {
                     s.interval
                 }
             };
-            let deadline = tokio::time::Instant::now() + wait;
-            let mut until = deadline;
+            // Counted from the start of this check: a check that timed out is followed at once
+            // when the results are unsettled.
+            let mut until = started + wait;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
                     _ = wake.notified() => {
-                        until = until.min(tokio::time::Instant::now() + s.fast_interval);
+                        let soonest = (started + s.fast_interval).max(tokio::time::Instant::now());
+                        until = until.min(soonest);
                     }
                 }
             }

@@ -456,7 +456,11 @@ pub struct BackendDefaults {
     pub tls_verify: bool,
     pub forward: ForwardName,
     pub connect_timeout: HumanDuration,
-    /// Time allowed for each reply during the backend login.
+    /// Time a backend has, once connected, to greet (and to finish TLS, `CAPABILITY` and
+    /// `STARTTLS`) before the user's credentials are sent. A backend that misses it has seen
+    /// nothing of the user, so the login goes on to the next backend; keep it short.
+    pub greeting_timeout: HumanDuration,
+    /// Time a backend has to answer the user's credentials.
     pub login_timeout: HumanDuration,
 }
 
@@ -469,6 +473,7 @@ impl Default for BackendDefaults {
             tls_verify: true,
             forward: ForwardName::Auto,
             connect_timeout: secs(5),
+            greeting_timeout: secs(2),
             login_timeout: secs(30),
         }
     }
@@ -510,6 +515,7 @@ pub struct BackendSettings {
     pub tls_server_name: String,
     pub forward: Forward,
     pub connect_timeout: Duration,
+    pub greeting_timeout: Duration,
     pub login_timeout: Duration,
 }
 
@@ -603,6 +609,7 @@ impl Config {
             tls_server_name: b.tls_server_name.clone().unwrap_or_else(|| b.host.clone()),
             forward: b.forward.unwrap_or(d.forward).into(),
             connect_timeout: d.connect_timeout.into(),
+            greeting_timeout: d.greeting_timeout.into(),
             login_timeout: d.login_timeout.into(),
         }
     }
@@ -693,6 +700,12 @@ impl Config {
         if self.backend_defaults.connect_timeout.0.is_zero() {
             return Err(err(
                 "backend_defaults.connect_timeout",
+                "must be longer than 0s",
+            ));
+        }
+        if self.backend_defaults.greeting_timeout.0.is_zero() {
+            return Err(err(
+                "backend_defaults.greeting_timeout",
                 "must be longer than 0s",
             ));
         }
@@ -909,6 +922,7 @@ mod example_tests {
         assert_eq!(c.backend_defaults.tls_verify, d.tls_verify);
         assert_eq!(c.backend_defaults.forward, d.forward);
         assert_eq!(c.backend_defaults.connect_timeout, d.connect_timeout);
+        assert_eq!(c.backend_defaults.greeting_timeout, d.greeting_timeout);
         assert_eq!(c.backend_defaults.login_timeout, d.login_timeout);
         assert_eq!(c.username_hash, default_username_hash());
         assert_eq!(c.user_expire, default_user_expire());

@@ -1,20 +1,33 @@
 //! Backend login: the one place a front end's [`Decision`] becomes a logged-in backend
 //! connection. Route the user, connect (PROXY header, implicit TLS), run the protocol's login
 //! dialogue with the user's own credentials (the director checks no password: the backend
-//! does), register the session. If the chosen backend cannot be reached and the user has no
-//! live session, the next backend in ring order is tried and the record follows, and the
-//! health checker is told (passive health: a failure to connect or to get a usable reply
-//! counts as a failed check; a refused password does not).
+//! does), register the session.
+//!
+//! Nothing a client sends may change what happens to other users, so a login keeps apart what
+//! happens before the backend has seen the user's credentials and after:
+//! - Before (connect refused or timed out, no greeting within `greeting_timeout`, a bad
+//!   greeting, TLS failing): the backend knows nothing of the user. The next backend in ring
+//!   order is tried if the user has no session anywhere (the record follows), and the health
+//!   checker checks the backend at once; its check decides.
+//! - After: the backend's answer is final (a refusal, a temporary failure). A closed
+//!   connection or a timeout is the backend's view of these credentials as far as the client
+//!   can tell, so it never counts against the backend: the checker checks the backend at once,
+//!   and only if that check (not the client) takes the backend down does the login go on to
+//!   the user's new backend (a crash in the middle of a login costs the client nothing);
+//!   otherwise the client gets a temporary failure and the credentials go nowhere else.
+//! - A login is called off whenever its user is moved or kicked or its backend stops serving
+//!   (the checker took it down): it routes again and goes to the user's new backend at once.
 //!
 //! A later issue plugs authentication at the director and master-user logins in here.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
 use crate::backend_login::{
@@ -26,8 +39,8 @@ use crate::decision::{Decision, Protocol};
 use crate::frontend::{Authenticator, BackendLink, LoginFailure};
 use crate::metrics::{BackendLoginOutcome, LoginResult, Metrics};
 use crate::probe::CheckCode;
-use crate::routing::{RouteReason, Router};
-use crate::sessions::{EndHook, Sessions};
+use crate::routing::{Route, RouteReason, Router};
+use crate::sessions::{EndHook, SessionGuard, Sessions};
 use crate::stream::BackendStream;
 
 /// What clients are told when no backend can take them.
@@ -69,12 +82,61 @@ pub struct Login {
     pub metrics: Metrics,
 }
 
+/// How far one backend login got, told by [`Login::try_backend`] to the watch around it
+/// ([`Login::attempt`]), which applies the deadline of each phase.
+#[derive(Default)]
+struct Progress {
+    /// When the TCP connection was made, and when the user's credentials went out.
+    times: Mutex<(Option<Instant>, Option<Instant>)>,
+    /// Wakes the watch when a phase begins.
+    changed: Notify,
+}
+
+impl Progress {
+    fn connected(&self) {
+        self.times.lock().unwrap().0 = Some(Instant::now());
+        self.changed.notify_one();
+    }
+
+    fn committed(&self) {
+        self.times.lock().unwrap().1 = Some(Instant::now());
+        self.changed.notify_one();
+    }
+
+    fn get(&self) -> (Option<Instant>, Option<Instant>) {
+        *self.times.lock().unwrap()
+    }
+}
+
+/// Why one backend login gave no answer to pass on to the client.
+#[derive(Debug)]
+enum Failed {
+    /// The backend failed before it was sent anything of the user: the user may still go to
+    /// another backend, and the backend is suspect (the health checker checks it at once).
+    BeforeCredentials {
+        code: CheckCode,
+        error: BackendError,
+    },
+    /// The backend has the user's credentials and did not answer usefully (closed, timed out,
+    /// garbage). Nothing is concluded about its health (a client chooses its credentials), and
+    /// the credentials go nowhere else: the client gets a temporary failure.
+    AfterCredentials(BackendError),
+    /// The credentials cannot be written in this protocol (NUL, CR, LF...): the client's doing.
+    Unsendable(String),
+    /// Called off: the backend stopped serving, the user was moved or kicked, or another
+    /// login of the user sent its credentials to another backend. Route again.
+    Cancelled,
+}
+
 impl Login {
-    /// Connects to `backend` and logs in. `Err` means the backend could not be used at all.
+    /// Connects to `backend` and logs in, telling `progress` when it connects and when the
+    /// credentials go out (`commit` says whether they may).
     async fn try_backend(
         &self,
         backend: &Backend,
         decision: &Decision,
+        progress: &Progress,
+        commit: &(dyn Fn() -> bool + Send + Sync),
     ) -> Result<BackendLoginResult, BackendError> {
         let settings = &backend.settings;
         let addr = backend.address(decision.protocol);
@@ -82,16 +144,15 @@ impl Login {
             match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
                 Err(_) => {
                     self.metrics.backend_connect_failure(backend);
-                    self.passive(backend, CheckCode::ConnectTimeout, "connect timed out");
                     return Err(BackendError::Timeout(settings.connect_timeout));
                 }
                 Ok(Err(e)) => {
                     self.metrics.backend_connect_failure(backend);
-                    self.passive(backend, CheckCode::ConnectionRefused, &e);
                     return Err(e.into());
                 }
                 Ok(Ok(tcp)) => tcp,
             };
+        progress.connected();
         let _ = tcp.set_nodelay(true);
         let mut tcp = tcp;
         if settings.forward == Forward::ProxyV2 {
@@ -118,47 +179,123 @@ impl Login {
         let mut starttls = None;
         match (settings.tls, tls) {
             (BackendTls::Implicit, Some(t)) => {
-                stream = tokio::time::timeout(
-                    settings.login_timeout,
-                    stream.start_tls(&t.connector, t.server_name),
-                )
-                .await
-                .map_err(|_| BackendError::Timeout(settings.login_timeout))
-                .and_then(|r| r.map_err(BackendError::from))
-                .inspect_err(|e| self.passive(backend, CheckCode::TlsFailure, e))?;
+                // Bounded by the greeting deadline that `attempt` applies.
+                stream = stream.start_tls(&t.connector, t.server_name).await?;
             }
             (BackendTls::Starttls, t) => starttls = t,
             _ => {}
         }
+        let commit = || {
+            let ok = commit();
+            if ok {
+                progress.committed();
+            }
+            ok
+        };
         let req = BackendLoginRequest {
             credentials: &decision.credentials,
             identity: &decision.identity,
             forward: settings.forward,
             starttls,
             reply_timeout: settings.login_timeout,
+            commit: &commit,
         };
-        let result = match decision.protocol {
+        match decision.protocol {
             Protocol::Imap => crate::imap::backend_login::login(stream, &req).await,
             Protocol::Pop3 => crate::pop3::backend_login::login(stream, &req).await,
             Protocol::Sieve => crate::sieve::backend_login::login(stream, &req).await,
-            other => {
-                return Err(BackendError::Protocol(format!(
-                    "{other} logins are not supported yet"
-                )))
+            other => Err(BackendError::Protocol(format!(
+                "{other} logins are not supported yet"
+            ))),
+        }
+    }
+
+    /// One login on `backend`, watched: each phase has its deadline (connecting:
+    /// `connect_timeout`; greeting, TLS and capabilities: `greeting_timeout` from the
+    /// connection; the answer to the credentials: `login_timeout` from sending them, however
+    /// slowly the backend trickles bytes), a kick of the reservation `pending` (a move of the
+    /// user, the backend taken down) calls it off at once, and a backend that keeps the login
+    /// waiting longer than the checker's `fast_interval` is checked at once.
+    ///
+    /// The credentials go out only if `backend` still serves this login, the user's record
+    /// still points there (or, for a `failover` from `primary`, still to `primary`), no move of
+    /// the user is under way, and no other login of the user has committed elsewhere.
+    async fn attempt(
+        &self,
+        backend: &Backend,
+        route: &Route,
+        failover: bool,
+        decision: &Decision,
+        pending: &SessionGuard,
+    ) -> Result<BackendLoginResult, Failed> {
+        let hash = route.user_hash;
+        let maintenance_user = route.reason == RouteReason::Maintenance;
+        let primary = route.backend.ip;
+        let progress = Progress::default();
+        let commit = || {
+            if !self.still_serves(backend.ip, maintenance_user) {
+                return false;
             }
+            let state = self.router.state();
+            if state.is_moving(hash) {
+                return false;
+            }
+            if !maintenance_user {
+                let record = state.record(hash, Instant::now()).map(|r| r.backend);
+                let expected =
+                    record.is_none_or(|ip| ip == backend.ip || (failover && ip == primary));
+                if !expected {
+                    return false;
+                }
+            }
+            self.sessions.commit(pending)
         };
-        if let Err(e) = &result {
-            let code = match e {
-                BackendError::Timeout(_) => Some(CheckCode::ResponseTimeout),
-                BackendError::Closed | BackendError::Io(_) => Some(CheckCode::Closed),
-                BackendError::Protocol(_) => Some(CheckCode::WrongResponse),
-                BackendError::Unsendable(_) => None,
+        let login = self.try_backend(backend, decision, &progress, &commit);
+        tokio::pin!(login);
+        let settings = &backend.settings;
+        let slow_after = self.health.as_ref().map(|h| h.fast_interval());
+        let mut suspected = false;
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+        loop {
+            let (connected, committed) = progress.get();
+            let (deadline, waiting_since) = match (connected, committed) {
+                (_, Some(at)) => (
+                    tokio::time::Instant::from_std(at + settings.login_timeout),
+                    Some(at),
+                ),
+                (Some(at), None) => (
+                    tokio::time::Instant::from_std(at + settings.greeting_timeout),
+                    Some(at),
+                ),
+                // Connecting is bounded by `connect_timeout` inside `try_backend`.
+                (None, None) => (far(), None),
             };
-            if let Some(code) = code {
-                self.passive(backend, code, e);
+            let slow_at = match (waiting_since, slow_after) {
+                (Some(at), Some(after)) if !suspected => tokio::time::Instant::from_std(at + after),
+                _ => far(),
+            };
+            tokio::select! {
+                biased;
+                result = &mut login => {
+                    return classify(result, connected.is_some(), progress.get().1.is_some());
+                }
+                _ = pending.kicked() => return Err(Failed::Cancelled),
+                _ = progress.changed.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(match committed {
+                        Some(_) => Failed::AfterCredentials(BackendError::Timeout(settings.login_timeout)),
+                        None => Failed::BeforeCredentials {
+                            code: CheckCode::ResponseTimeout,
+                            error: BackendError::Timeout(settings.greeting_timeout),
+                        },
+                    });
+                }
+                _ = tokio::time::sleep_until(slow_at) => {
+                    suspected = true;
+                    self.suspect(backend, CheckCode::ResponseTimeout, "a login is waiting for it");
+                }
             }
         }
-        result
     }
 
     /// After a failed login on `failed`, for a user with a live session there: waits until
@@ -181,7 +318,7 @@ impl Login {
                 let moved = state
                     .record(hash, Instant::now())
                     .is_none_or(|r| r.backend != failed);
-                if moved && !state.is_moving(hash) && self.sessions.count_user(hash) == 0 {
+                if moved && !state.is_moving(hash) && self.sessions.count_user_bound(hash) == 0 {
                     return true;
                 }
             } else if health
@@ -196,10 +333,45 @@ impl Login {
         false
     }
 
-    /// Passive health: tells the checker (if any) that a real login could not use `backend`.
-    fn passive(&self, backend: &Backend, code: CheckCode, detail: impl std::fmt::Display) {
+    /// Passive health: tells the checker (if any) that a real login found `backend`
+    /// unresponsive before sending it anything of the user; it is checked at once.
+    fn suspect(&self, backend: &Backend, code: CheckCode, detail: impl std::fmt::Display) {
         if let Some(h) = &self.health {
-            h.report_failure(backend.ip, code, detail.to_string());
+            h.suspect(backend.ip, code, detail);
+        }
+    }
+}
+
+/// Sorts the end of one backend login by whether the backend had the user's credentials.
+fn classify(
+    result: Result<BackendLoginResult, BackendError>,
+    connected: bool,
+    committed: bool,
+) -> Result<BackendLoginResult, Failed> {
+    match result {
+        // A greeting that says "not now" (`* BYE`, `-ERR`) came before the credentials.
+        Ok(BackendLoginResult::TempFailed { message }) if !committed => {
+            Err(Failed::BeforeCredentials {
+                code: CheckCode::WrongResponse,
+                error: BackendError::Protocol(format!(
+                    "not ready: {}",
+                    crate::untrusted::shown(&message)
+                )),
+            })
+        }
+        Ok(r) => Ok(r),
+        Err(BackendError::Cancelled) => Err(Failed::Cancelled),
+        Err(BackendError::Unsendable(why)) => Err(Failed::Unsendable(why)),
+        Err(e) if committed => Err(Failed::AfterCredentials(e)),
+        Err(error) => {
+            let code = match (&error, connected) {
+                (BackendError::Timeout(_), false) => CheckCode::ConnectTimeout,
+                (_, false) => CheckCode::ConnectionRefused,
+                (BackendError::Timeout(_), true) => CheckCode::ResponseTimeout,
+                (BackendError::Protocol(_), true) => CheckCode::WrongResponse,
+                (_, true) => CheckCode::Closed,
+            };
+            Err(Failed::BeforeCredentials { code, error })
         }
     }
 }
@@ -217,20 +389,57 @@ impl Login {
         })
     }
 
-    /// Waits (a bounded time) until every live session of `hash` is on `ip`. True if so.
-    async fn wait_sessions_only_on(&self, hash: u32, ip: std::net::IpAddr) -> bool {
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    /// Routes the user, waiting (a bounded time) until every live session and committed
+    /// login of the user is on the backend routed to: the route is taken again while waiting,
+    /// so a record that another login moves is followed. `None`: they stayed elsewhere.
+    async fn route_where_bound(&self, user: &str) -> Result<Option<Route>, LoginFailure> {
+        let deadline = Instant::now() + SESSIONS_ELSEWHERE_WAIT;
         loop {
-            if self.sessions.backend_ips_of(hash).iter().all(|b| *b == ip) {
-                return true;
+            let route = self.route(user).await?;
+            let ip = route.backend.ip;
+            if self
+                .sessions
+                .bound_ips_of(route.user_hash)
+                .iter()
+                .all(|b| *b == ip)
+            {
+                return Ok(Some(route));
             }
             if Instant::now() >= deadline {
-                return false;
+                return Ok(None);
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Routes the user; while a move of the user is under way (its sessions are being ended),
+    /// waits for it (bounded), so that the login follows the new record.
+    async fn route(&self, user: &str) -> Result<Route, LoginFailure> {
+        let unavailable = |e: crate::routing::RouteError| {
+            warn!(user = %crate::untrusted::shown(user), error = %e, "no backend for login");
+            LoginFailure::Unavailable {
+                message: UNAVAILABLE_TEXT.into(),
+            }
+        };
+        let route = self.router.route(user, "").map_err(unavailable)?;
+        if !self.router.state().is_moving(route.user_hash) {
+            return Ok(route);
+        }
+        let deadline = Instant::now() + MOVE_WAIT;
+        while self.router.state().is_moving(route.user_hash) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.router.route(user, "").map_err(unavailable)
+    }
 }
+
+/// How long a login waits for a move of its user to end.
+const MOVE_WAIT: Duration = Duration::from_secs(15);
+/// How long a login waits for the user's sessions on another backend to end.
+const SESSIONS_ELSEWHERE_WAIT: Duration = Duration::from_secs(10);
+/// Routing rounds of one login: a login called off (its user moved, its backend taken down)
+/// routes again, a bounded number of times.
+const ROUNDS: usize = 4;
 
 impl Authenticator for Login {
     /// Logs in, counting the login by result and its client-visible latency.
@@ -251,77 +460,63 @@ impl Authenticator for Login {
 }
 
 impl Login {
-    /// Routes the user and logs in on its backend (or the next ones in ring order).
-    /// `refused` is set when the director itself turns the login away (the user's sessions
-    /// are still on another backend).
+    /// Routes the user and logs in on its backend. A backend that fails before it has seen
+    /// anything of the user is passed over for the next one in ring order (if the user has no
+    /// session anywhere, so moving it cannot put it on two backends); once the credentials
+    /// went to a backend, its answer is final. `refused` is set when the director itself turns
+    /// the login away (the user's sessions are still on another backend).
     async fn route_and_login(
         &self,
         decision: &Decision,
         refused: &mut bool,
     ) -> Result<BackendLink, LoginFailure> {
         let user = &decision.credentials.username;
+        let shown_user = crate::untrusted::shown(user);
         let session_id = &decision.identity.session_id;
-        'round: for round in 0..2 {
-            let route = self.router.route(user, "").map_err(|e| {
-                warn!(session = %session_id, user = %crate::untrusted::shown(user), error = %e, "no backend for login");
-                LoginFailure::Unavailable {
-                    message: UNAVAILABLE_TEXT.into(),
-                }
-            })?;
-            let hash = route.user_hash;
-            // A move of this user is under way (its sessions are being ended): wait for it, then
-            // route again so the login follows the new record.
-            let route = if self.router.state().is_moving(hash) {
-                let deadline = Instant::now() + std::time::Duration::from_secs(15);
-                while self.router.state().is_moving(hash) && Instant::now() < deadline {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                self.router
-                    .route(user, "")
-                    .map_err(|_| LoginFailure::Unavailable {
-                        message: UNAVAILABLE_TEXT.into(),
-                    })?
-            } else {
-                route
-            };
+        let unavailable = || LoginFailure::Unavailable {
+            message: UNAVAILABLE_TEXT.into(),
+        };
+        'round: for round in 0..ROUNDS {
             // The invariant: a user is never served by two backends at once. If the user still
             // has sessions on another backend (its backend went down or into maintenance and
             // the move that ends them is on its way), wait for them to end; if they do not,
             // the client is told to come back later.
-            if !self.wait_sessions_only_on(hash, route.backend.ip).await {
-                warn!(session = %session_id, user = %crate::untrusted::shown(user), backend = %route.backend.ip,
+            let Some(route) = self.route_where_bound(user).await? else {
+                warn!(session = %session_id, user = %shown_user,
                       "user still has sessions on another backend: login refused for now");
                 *refused = true;
-                return Err(LoginFailure::Unavailable {
-                    message: UNAVAILABLE_TEXT.into(),
-                });
-            }
+                return Err(unavailable());
+            };
+            let hash = route.user_hash;
+            let last_round = round + 1 == ROUNDS;
             let mut candidates = vec![route.backend.clone()];
             candidates.extend(route.fallbacks.iter().cloned());
             for (attempt, backend) in candidates.iter().enumerate() {
-                if attempt > 0 && self.sessions.count_user(hash) > 0 {
+                if attempt > 0 && self.sessions.count_user_bound(hash) > 0 {
                     // The user is live on its backend through another session: moving it now
                     // could put it on two backends at once. If the health checker takes that
-                    // backend down, it moves the user safely; then route again, once.
-                    if round == 0 && self.wait_for_move_off(hash, route.backend.ip).await {
+                    // backend down, it moves the user safely; then route again.
+                    if !last_round && self.wait_for_move_off(hash, route.backend.ip).await {
                         continue 'round;
                     }
                     break;
                 }
                 let addr: SocketAddr = backend.address(decision.protocol);
-                // Reserve the user on this backend while the login is under way: a concurrent
-                // login of the same user that is routed elsewhere (this backend just stopped
-                // serving) then waits for this one instead of racing it.
+                // Reserve the user on this backend while the login is under way: a move of the
+                // user or the backend's evacuation kicks the reservation, which calls the login
+                // off, and its commit keeps two logins of one user off two backends.
                 let pending = self.sessions.reserve(decision.protocol, user, hash, addr);
                 let maintenance_user = route.reason == RouteReason::Maintenance;
                 if !self.still_serves(backend.ip, maintenance_user) {
                     drop(pending);
-                    if round == 0 {
-                        continue 'round;
+                    if last_round {
+                        break;
                     }
-                    break;
+                    continue 'round;
                 }
-                let result = self.try_backend(backend, decision).await;
+                let result = self
+                    .attempt(backend, &route, attempt > 0, decision, &pending)
+                    .await;
                 let outcome = match &result {
                     Ok(BackendLoginResult::LoggedIn { .. }) => Some(BackendLoginOutcome::Ok),
                     Ok(BackendLoginResult::AuthFailed { .. }) => {
@@ -330,7 +525,7 @@ impl Login {
                     Ok(BackendLoginResult::TempFailed { .. }) => {
                         Some(BackendLoginOutcome::Unavailable)
                     }
-                    Err(BackendError::Unsendable(_)) => None,
+                    Err(Failed::Unsendable(_) | Failed::Cancelled) => None,
                     Err(_) => Some(BackendLoginOutcome::Error),
                 };
                 if let Some(o) = outcome {
@@ -348,17 +543,17 @@ impl Login {
                         if !self.still_serves(backend.ip, maintenance_user) {
                             drop(stream);
                             drop(pending);
-                            warn!(session = %session_id, user = %crate::untrusted::shown(user), backend = %addr,
+                            warn!(session = %session_id, user = %shown_user, backend = %addr,
                                   "backend stopped serving during the login");
-                            if round == 0 {
-                                continue 'round;
+                            if last_round {
+                                break;
                             }
-                            break;
+                            continue 'round;
                         }
                         let state = self.router.state().clone();
                         if attempt > 0 {
-                            info!(session = %session_id, user = %crate::untrusted::shown(user), from = %route.backend.ip, to = %backend.ip,
-                                  "user moved: its backend could not be reached");
+                            info!(session = %session_id, user = %shown_user, from = %route.backend.ip, to = %backend.ip,
+                                  "user moved: its backend did not answer before the login");
                             state.rebind(hash, backend.ip, Instant::now());
                         }
                         state.session_started(hash, backend.ip, Instant::now());
@@ -369,7 +564,7 @@ impl Login {
                             self.sessions
                                 .register(decision.protocol, user, hash, addr, Some(hook));
                         drop(pending);
-                        info!(session = %session_id, user = %crate::untrusted::shown(user), backend = %addr, reason = %route.reason, "logged in");
+                        info!(session = %session_id, user = %shown_user, backend = %addr, reason = %route.reason, "logged in");
                         return Ok(BackendLink {
                             stream,
                             success_text,
@@ -378,28 +573,54 @@ impl Login {
                         });
                     }
                     Ok(BackendLoginResult::AuthFailed { message }) => {
-                        info!(session = %session_id, user = %crate::untrusted::shown(user), backend = %addr, "backend refused the credentials");
+                        info!(session = %session_id, user = %shown_user, backend = %addr, "backend refused the credentials");
                         return Err(LoginFailure::AuthFailed { message });
                     }
                     Ok(BackendLoginResult::TempFailed { message }) => {
-                        warn!(session = %session_id, user = %crate::untrusted::shown(user), backend = %addr, reply = %crate::untrusted::shown(&message), "backend login temporarily failed");
+                        warn!(session = %session_id, user = %shown_user, backend = %addr,
+                              reply = %crate::untrusted::shown(&message), "backend login temporarily failed");
                         return Err(LoginFailure::Unavailable { message });
                     }
-                    Err(BackendError::Unsendable(why)) => {
-                        info!(session = %session_id, user = %crate::untrusted::shown(user), "credentials cannot be sent: {why}");
+                    Err(Failed::Unsendable(why)) => {
+                        info!(session = %session_id, user = %shown_user, "credentials cannot be sent: {why}");
                         return Err(LoginFailure::AuthFailed {
                             message: "Authentication failed.".into(),
                         });
                     }
-                    Err(e) => {
-                        warn!(session = %session_id, user = %crate::untrusted::shown(user), backend = %addr, error = %e, "backend unusable for login");
+                    Err(Failed::Cancelled) => {
+                        drop(pending);
+                        debug!(session = %session_id, user = %shown_user, backend = %addr,
+                               "login called off: the user's backend changed; routing again");
+                        if last_round {
+                            break;
+                        }
+                        continue 'round;
+                    }
+                    Err(Failed::BeforeCredentials { code, error }) => {
+                        warn!(session = %session_id, user = %shown_user, backend = %addr, code = %code, error = %error,
+                              "backend unusable before the login: trying the next backend");
+                        self.suspect(backend, code, &error);
+                    }
+                    Err(Failed::AfterCredentials(error)) => {
+                        // Said nothing about the backend's health by itself (a client chooses
+                        // its credentials), but a backend that crashed looks just like this: let
+                        // the checker decide. Only if it takes the backend down, and the user
+                        // has been moved off it, does the login go on, to the new backend.
+                        drop(pending);
+                        self.suspect(backend, CheckCode::Closed, &error);
+                        if !last_round && self.wait_for_move_off(hash, backend.ip).await {
+                            info!(session = %session_id, user = %shown_user, backend = %addr, error = %error,
+                                  "backend failed during the login and is down: routing again");
+                            continue 'round;
+                        }
+                        info!(session = %session_id, user = %shown_user, backend = %addr, error = %error,
+                              "backend gave no answer to the credentials: temporary failure");
+                        return Err(unavailable());
                     }
                 }
             }
             break;
         }
-        Err(LoginFailure::Unavailable {
-            message: UNAVAILABLE_TEXT.into(),
-        })
+        Err(unavailable())
     }
 }

@@ -894,7 +894,16 @@ mod tests {
             "IMAP expects the greeting"
         );
         assert_eq!(imap.steps[1].skip, vec!["* ".to_string()]);
-        assert_eq!(imap.steps[1].timeout, Duration::from_secs(3));
+        assert_eq!(
+            imap.steps[1].timeout,
+            Duration::from_secs(1),
+            "a hung backend must fail a check within a second"
+        );
+        assert_eq!(
+            imap.steps[2].timeout,
+            Duration::from_secs(3),
+            "the login step"
+        );
         let lmtp = c.get("lmtp").unwrap();
         assert_eq!(lmtp.protocol, Protocol::Lmtp);
         assert_eq!(lmtp.steps[1].expect, Some(Expect::Prefix("250 ".into())));

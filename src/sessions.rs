@@ -24,6 +24,18 @@ pub struct SessionInfo {
     /// A login still under way (a reservation, see `login`): it counts for the invariant
     /// (one backend per user) but is not yet a session that people or metrics see.
     pub pending: bool,
+    /// A reservation whose credentials went to the backend ([`Sessions::commit`]): the backend
+    /// may have logged the user in, so it binds the user to this backend like a live session.
+    /// A reservation that is not committed yet has shown the backend nothing of the user.
+    pub committed: bool,
+}
+
+impl SessionInfo {
+    /// Whether the user may be logged in on this entry's backend: a live session, or a login
+    /// whose credentials were sent.
+    fn binds(&self) -> bool {
+        !self.pending || self.committed
+    }
 }
 
 struct Entry {
@@ -66,6 +78,7 @@ impl Sessions {
             backend,
             started: Instant::now(),
             pending: false,
+            committed: false,
         };
         let kick = Arc::new(Notify::new());
         self.inner.lock().unwrap().insert(
@@ -120,6 +133,50 @@ impl Sessions {
             .values()
             .map(|e| e.info.clone())
             .collect()
+    }
+
+    /// Commits a reservation made by [`Sessions::reserve`]: its login is about to send the
+    /// user's credentials to its backend. Refused (false) when the user has a live session or a
+    /// committed login on another backend: the user would then be on two backends. Atomic, so
+    /// of two logins of one user racing to different backends at most one commits.
+    pub fn commit(&self, guard: &SessionGuard) -> bool {
+        let mut map = self.inner.lock().unwrap();
+        let me = &guard.info;
+        let elsewhere = map.values().any(|e| {
+            e.info.id != me.id
+                && e.info.user_hash == me.user_hash
+                && e.info.binds()
+                && e.info.backend.ip() != me.backend.ip()
+        });
+        if elsewhere {
+            return false;
+        }
+        if let Some(e) = map.get_mut(&me.id) {
+            e.info.committed = true;
+        }
+        true
+    }
+
+    /// Live sessions and committed logins of users with this hash: what ties the user to a
+    /// backend (reservations that sent nothing yet are left out).
+    pub fn count_user_bound(&self, user_hash: u32) -> usize {
+        let map = self.inner.lock().unwrap();
+        map.values()
+            .filter(|e| e.info.user_hash == user_hash && e.info.binds())
+            .count()
+    }
+
+    /// The backend IPs that users with this hash have live sessions or committed logins on.
+    pub fn bound_ips_of(&self, user_hash: u32) -> Vec<std::net::IpAddr> {
+        let map = self.inner.lock().unwrap();
+        let mut ips: Vec<std::net::IpAddr> = map
+            .values()
+            .filter(|e| e.info.user_hash == user_hash && e.info.binds())
+            .map(|e| e.info.backend.ip())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
     }
 
     /// Live sessions of users with this hash.
@@ -256,5 +313,32 @@ mod tests {
         assert_eq!(s.list_with_pending().len(), 1);
         drop(r);
         assert_eq!(s.count_user(9), 0);
+    }
+
+    #[test]
+    fn only_one_of_two_logins_racing_to_different_backends_commits() {
+        let s = Sessions::new();
+        let x: SocketAddr = "127.0.0.2:143".parse().unwrap();
+        let y: SocketAddr = "127.0.0.3:143".parse().unwrap();
+        let on_x = s.reserve(Protocol::Imap, "carol", 5, x);
+        let on_y = s.reserve(Protocol::Imap, "carol", 5, y);
+        // Reservations that sent nothing do not tie the user anywhere.
+        assert_eq!(s.count_user_bound(5), 0);
+        assert!(s.bound_ips_of(5).is_empty());
+        assert!(s.commit(&on_y), "nothing binds carol yet");
+        assert!(!s.commit(&on_x), "carol's credentials already went to y");
+        assert_eq!(s.bound_ips_of(5), vec![y.ip()]);
+        // A second login on the same backend may commit too.
+        let also_y = s.reserve(Protocol::Imap, "carol", 5, y);
+        assert!(s.commit(&also_y));
+        drop(on_y);
+        drop(also_y);
+        assert!(s.commit(&on_x), "y released carol");
+        // A live session elsewhere refuses a commit as well.
+        let live = s.register(Protocol::Imap, "dave", 6, y, None);
+        let other = s.reserve(Protocol::Imap, "dave", 6, x);
+        assert!(!s.commit(&other));
+        drop(live);
+        assert!(s.commit(&other));
     }
 }

@@ -31,6 +31,7 @@ async fn try_login(pool: &Pool, user: &str, password: &str, client_ip: &str) -> 
         forward: Forward::Auto,
         starttls: None,
         reply_timeout: Duration::from_secs(20),
+        commit: &director::backend_login::always_commit,
     };
     login(BackendStream::Plain(tcp), &req).await.unwrap()
 }
@@ -123,6 +124,7 @@ async fn starttls_then_login() {
         forward: Forward::Auto,
         starttls: Some(starttls),
         reply_timeout: Duration::from_secs(20),
+        commit: &director::backend_login::always_commit,
     };
     let result = login(BackendStream::Plain(tcp), &req).await.unwrap();
     let BackendLoginResult::LoggedIn { stream, .. } = result else {

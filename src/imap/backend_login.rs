@@ -83,6 +83,7 @@ pub async fn login(
         first.extend_from_slice(id_command(req.identity).as_bytes());
     }
     first.extend(parts.next().unwrap_or_default());
+    req.may_send_credentials()?;
     conn.write(&first).await?;
     for part in parts {
         if let Some(reply) = conn.continuation().await? {
@@ -529,6 +530,7 @@ mod tests {
             forward,
             starttls: None,
             reply_timeout: Duration::from_secs(5),
+            commit: &crate::backend_login::always_commit,
         };
         // The stream is dropped here, which lets the backend's read_to_end end.
         let outcome = login(stream, &req).await.map(|result| match result {
@@ -808,6 +810,7 @@ mod tests {
                 server_name: "backend.example".try_into().unwrap(),
             }),
             reply_timeout: Duration::from_secs(5),
+            commit: &crate::backend_login::always_commit,
         };
         let outcome = login(stream, &req).await;
         assert!(matches!(outcome, Err(BackendError::Protocol(_))));
@@ -828,6 +831,7 @@ mod tests {
             forward: Forward::Auto,
             starttls: None,
             reply_timeout: Duration::from_secs(5),
+            commit: &crate::backend_login::always_commit,
         };
         let outcome = login(BackendStream::Plain(stream), &req).await;
         assert!(matches!(outcome, Err(BackendError::Timeout(_))));

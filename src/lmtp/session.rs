@@ -350,7 +350,7 @@ impl Session {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
                 if state.is_moving(r.user_hash) {
-                    warn!(session = %session, user = %crate::untrusted::shown(&username), "recipient's user is being moved: try again later");
+                    warn!(session = %session, user = %crate::untrusted::shown(username), "recipient's user is being moved: try again later");
                     return unavailable();
                 }
                 route = self.router.route(username, "");
@@ -359,7 +359,7 @@ impl Session {
         let route = match route {
             Ok(r) => r,
             Err(e) => {
-                warn!(session = %session, user = %crate::untrusted::shown(&username), error = %e, "no backend for recipient");
+                warn!(session = %session, user = %crate::untrusted::shown(username), error = %e, "no backend for recipient");
                 return unavailable();
             }
         };

@@ -85,6 +85,7 @@ pub async fn login(
         }
     }
 
+    req.may_send_credentials()?;
     let reply = if caps.sasl_plain {
         conn.auth_plain(req.credentials).await?
     } else {
@@ -424,6 +425,7 @@ mod tests {
             forward,
             starttls: None,
             reply_timeout: Duration::from_secs(5),
+            commit: &crate::backend_login::always_commit,
         }
     }
 
@@ -455,7 +457,7 @@ mod tests {
             Err(BackendError::Unsendable(_)) => Outcome::Unsendable,
             Err(BackendError::Protocol(_)) => Outcome::Protocol,
             Err(BackendError::Closed) => Outcome::Closed,
-            Err(BackendError::Timeout(_)) => Outcome::Timeout,
+            Err(BackendError::Timeout(_) | BackendError::Cancelled) => Outcome::Timeout,
             Err(BackendError::Io(_)) => Outcome::Io,
         }
     }

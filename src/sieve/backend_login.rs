@@ -102,6 +102,7 @@ pub async fn login(
                 .into(),
         ));
     }
+    req.may_send_credentials()?;
     let status = conn.authenticate_plain(req.credentials).await?;
     Ok(match status.kind {
         StatusKind::Ok => BackendLoginResult::LoggedIn {
@@ -460,6 +461,7 @@ mod tests {
             forward,
             starttls: None,
             reply_timeout: Duration::from_secs(5),
+            commit: &crate::backend_login::always_commit,
         };
         login(BackendStream::Plain(tcp), &req).await
     }
@@ -646,6 +648,7 @@ mod tests {
                 server_name: "backend".try_into().unwrap(),
             }),
             reply_timeout: Duration::from_secs(5),
+            commit: &crate::backend_login::always_commit,
         };
         let error = login(BackendStream::Plain(tcp), &req).await.err().unwrap();
         assert!(error.to_string().contains("STARTTLS"), "{error}");

@@ -3,4 +3,5 @@
 pub mod client;
 pub mod director;
 pub mod dovecot;
+pub mod logins;
 pub mod logs;
