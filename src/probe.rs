@@ -901,7 +901,7 @@ mod tests {
         );
         assert_eq!(
             imap.steps[2].timeout,
-            Duration::from_secs(3),
+            Duration::from_secs(1),
             "the login step"
         );
         let lmtp = c.get("lmtp").unwrap();

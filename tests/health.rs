@@ -5,16 +5,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use director::backend::{AdminState, Health};
 use director::probe::CheckCode;
 use director::state::{ChecksPause, State};
-use support::client::{imap_login, quote};
+use support::client::imap_login;
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logins::{LoginLoop, Timed};
