@@ -382,7 +382,19 @@ impl Session {
                     accepted: 0,
                     data_replies: Vec::new(),
                 };
-                match BackendConn::open(&backend, &self.identity, &hello).await {
+                // Connecting has `connect_timeout`; the greeting, LHLO, STARTTLS and XCLIENT
+                // together have `greeting_timeout` more: a hung backend costs seconds, and the
+                // recipient gets a 4xx the MTA retries.
+                let s = &backend.settings;
+                let opened = tokio::time::timeout(
+                    s.connect_timeout + s.greeting_timeout,
+                    BackendConn::open(&backend, &self.identity, &hello),
+                )
+                .await
+                .unwrap_or(Err(BackendFailure::Timeout(
+                    s.connect_timeout + s.greeting_timeout,
+                )));
+                match opened {
                     Ok(mut conn) => {
                         let line = mail_line(&tx.mail, &conn);
                         match conn.command(&line).await {
