@@ -284,6 +284,9 @@ fn main() -> ExitCode {
         Err(e) => {
             init_logs(LogFormat::Text, "info");
             eprintln!("director: {e}");
+            if matches!(cli.command, Command::Reload) {
+                eprintln!("director: reload refused: the running director was not asked and keeps its configuration");
+            }
             return ExitCode::from(2);
         }
     };

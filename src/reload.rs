@@ -239,9 +239,16 @@ impl Reloader {
         *self.shutdown.lock().unwrap() = Some(shutdown);
     }
 
-    /// The director stops: no more reloads (listeners end by themselves as they drain).
+    /// The director stops: no more reloads, and every listening socket is closed (new
+    /// clients are refused rather than left waiting in the kernel's queue).
     pub fn stop(&self) {
         self.shutdown.lock().unwrap().take();
+        let listeners = std::mem::take(&mut self.running.lock().unwrap().listeners);
+        for l in listeners {
+            if let Some(task) = l.task {
+                task.abort();
+            }
+        }
     }
 
     /// Reloads the configuration file; logs one line either way.
