@@ -41,6 +41,14 @@ use crate::state::{ChecksPause, Maintenance, State};
 /// `status` shows no check column values.
 pub type CheckResults = Arc<dyn Fn() -> Vec<(IpAddr, String, Duration)> + Send + Sync>;
 
+/// Reloads the configuration file (the `reload` verb): what was done, or why the file was
+/// refused. The running director plugs it in with [`AdminContext::set_reload`].
+pub type ReloadHook = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// One admin command, as the CLI sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "verb", rename_all = "snake_case")]
@@ -107,6 +115,8 @@ pub enum AdminRequest {
         for_secs: Option<u64>,
     },
     ChecksResume,
+    /// Reloads the configuration file the director was started with (as SIGHUP does).
+    Reload,
 }
 
 impl AdminRequest {
@@ -118,6 +128,7 @@ impl AdminRequest {
                 | AdminRequest::UserStatus { .. }
                 | AdminRequest::Map { .. }
                 | AdminRequest::Dump
+                | AdminRequest::Reload
         )
     }
 }
@@ -308,10 +319,13 @@ pub struct AdminContext {
     state: Arc<dyn State>,
     mover: Mover,
     router: Router,
-    config: Arc<Config>,
+    /// The running configuration; a reload swaps in the new one.
+    config: arc_swap::ArcSwap<Config>,
     /// One change at a time: a change reads the state, acts, then saves the state file.
     changes: tokio::sync::Mutex<()>,
     check_results: Mutex<Option<CheckResults>>,
+    /// What the `reload` verb runs; `None` until the director plugs it in.
+    reload: Mutex<Option<ReloadHook>>,
 }
 
 fn secs_until(t: Instant, now: Instant) -> u64 {
@@ -329,9 +343,10 @@ impl AdminContext {
             mover: Mover::new(state.clone(), sessions),
             state,
             router,
-            config,
+            config: arc_swap::ArcSwap::new(config),
             changes: tokio::sync::Mutex::new(()),
             check_results: Mutex::new(None),
+            reload: Mutex::new(None),
         }
     }
 
@@ -346,12 +361,113 @@ impl AdminContext {
         *self.check_results.lock().unwrap() = Some(results);
     }
 
+    /// Plugs in what the `reload` verb runs.
+    pub fn set_reload(&self, hook: ReloadHook) {
+        *self.reload.lock().unwrap() = Some(hook);
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Swaps in a reloaded configuration (settings of backends added later, `user_expire`
+    /// shown...). The caller keeps what needs a restart (e.g. `state_file`) as it was.
+    pub fn set_config(&self, config: Arc<Config>) {
+        self.config.store(config);
+    }
+
+    /// A reload changed the configuration's backend list from `old` to `new`: a host no
+    /// longer listed is removed (its users moved off first) and a new one added, as `remove`
+    /// and `add` would; a listed host whose weight or tag changed gets the new one. Backends
+    /// an admin added or removed, and what the configuration did not change, stay as they
+    /// are. Not written to the state file: the configuration holds these changes.
+    pub async fn apply_backend_list(&self, old: &Config, new: &Config) -> ChangeReply {
+        let _one_at_a_time = self.changes.lock().await;
+        let key = |h: &str| h.to_ascii_lowercase();
+        let mut total = ChangeReply::default();
+        let (mut added, mut changed, mut removed) = (0, 0, 0);
+        for b in &new.backends {
+            let before = old.backends.iter().find(|o| key(&o.host) == key(&b.host));
+            let (weight, tag) = match before {
+                None => (Some(b.weight), Some(b.tag.clone())),
+                Some(o) => (
+                    (o.weight != b.weight).then_some(b.weight),
+                    (o.tag != b.tag).then(|| b.tag.clone()),
+                ),
+            };
+            if before.is_some() && weight.is_none() && tag.is_none() {
+                continue;
+            }
+            match self.add(&b.host, weight, tag).await {
+                Ok(r) => {
+                    info!(host = %b.host, backends = %join(&r.backends), weight = ?weight,
+                          "reload: backend added or changed as the configuration says");
+                    if before.is_none() {
+                        added += 1;
+                    } else {
+                        changed += 1;
+                    }
+                    total.backends.extend(r.backends);
+                }
+                Err(e) => warn!(host = %b.host, error = %e, "reload: backend not added"),
+            }
+        }
+        for o in &old.backends {
+            if new.backends.iter().any(|b| key(&b.host) == key(&o.host)) {
+                continue;
+            }
+            let req = AdminRequest::Remove {
+                host: o.host.clone(),
+            };
+            match self.change(req).await {
+                Ok(r) => {
+                    info!(host = %o.host, backends = %join(&r.backends), moved = r.moved,
+                          kicked = r.kicked, "reload: backend no longer configured: removed, users moved off");
+                    removed += 1;
+                    total.add(&MoveReport {
+                        moved: r.moved,
+                        dropped: r.dropped,
+                        kicked: r.kicked,
+                        busy: r.busy,
+                    });
+                    total.backends.extend(r.backends);
+                }
+                // Already removed by an admin: nothing to do.
+                Err(e) => {
+                    info!(host = %o.host, error = %e, "reload: backend no longer configured and already gone")
+                }
+            }
+        }
+        total.message = format!("backends: {added} added, {changed} changed, {removed} removed");
+        total
+    }
+
     /// Runs one request on behalf of `who`.
     pub async fn execute(
         &self,
         req: AdminRequest,
         who: &Peer,
     ) -> Result<serde_json::Value, AdminError> {
+        if req == AdminRequest::Reload {
+            let hook = self.reload.lock().unwrap().clone();
+            let Some(hook) = hook else {
+                return Err(AdminError::conflict(
+                    "this director has no configuration file to reload",
+                ));
+            };
+            info!(who = %who, "configuration reload asked");
+            return match hook().await {
+                Ok(message) => Ok(json(ChangeReply {
+                    message,
+                    ..ChangeReply::default()
+                })),
+                Err(e) => Err(AdminError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("configuration refused, the running one stays in force: {e}"),
+                )),
+            };
+        }
         if !req.is_change() {
             return match req {
                 AdminRequest::Status => Ok(json(self.status())),
@@ -374,7 +490,7 @@ impl AdminContext {
 
     /// Saves the state file, if one is configured.
     fn save(&self) {
-        if let Some(path) = &self.config.state_file {
+        if let Some(path) = &self.config.load().state_file {
             let saved = crate::state_file::snapshot(&*self.state);
             if let Err(e) = crate::state_file::save(path, &saved) {
                 warn!(error = %e, "admin state not saved: a restart would undo this change");
@@ -462,7 +578,7 @@ impl AdminContext {
                 .map(|(ip, _)| *ip),
             sessions: self.mover.sessions.count_user(hash),
             expires_in_secs: record
-                .and_then(|r| r.expires_at(self.config.user_expire.into()))
+                .and_then(|r| r.expires_at(self.config.load().user_expire.into()))
                 .map(|t| secs_until(t, now)),
         }
     }
@@ -489,7 +605,7 @@ impl AdminContext {
                 backend: r.backend,
                 sessions: r.sessions,
                 expires_in_secs: r
-                    .expires_at(self.config.user_expire.into())
+                    .expires_at(self.config.load().user_expire.into())
                     .map(|t| secs_until(t, now)),
             })
             .collect();
@@ -726,7 +842,8 @@ impl AdminContext {
             AdminRequest::Status
             | AdminRequest::UserStatus { .. }
             | AdminRequest::Map { .. }
-            | AdminRequest::Dump => Err(AdminError::bad("not a change")),
+            | AdminRequest::Dump
+            | AdminRequest::Reload => Err(AdminError::bad("not a change")),
         }
     }
 
@@ -768,7 +885,7 @@ impl AdminContext {
                     tag: tag.clone().unwrap_or_default(),
                     admin: AdminState::Up,
                     health: Health::Up,
-                    settings: Arc::new(self.config.settings_for_host(host)),
+                    settings: Arc::new(self.config.load().settings_for_host(host)),
                 }),
             }
         }
@@ -1098,7 +1215,7 @@ impl AdminServer {
     /// Binds the unix socket (owner-only; parent directory created) and, if configured, the
     /// TCP listener, whose token file must be readable by its owner only.
     pub async fn bind(context: Arc<AdminContext>) -> Result<AdminServer, ConfigError> {
-        let config = context.config.clone();
+        let config = context.config();
         let path = &config.admin.socket;
         let unix = bind_unix(path)?;
         let tcp = match &config.admin.tcp {

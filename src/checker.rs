@@ -31,6 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
@@ -116,9 +117,10 @@ type ConnectorKey = (Option<PathBuf>, bool);
 struct Inner {
     state: Arc<dyn State>,
     mover: Mover,
-    settings: CheckerSettings,
-    checks: Checks,
-    credentials: CredentialStore,
+    /// Swapped by a reload ([`HealthChecker::reload`]), as are the checks and credentials.
+    settings: ArcSwap<CheckerSettings>,
+    checks: ArcSwap<Checks>,
+    credentials: ArcSwap<CredentialStore>,
     /// TLS connectors by (CA file, verify), built when a probe first needs one.
     connectors: Mutex<Vec<(ConnectorKey, Option<TlsConnector>)>>,
     trackers: Mutex<HashMap<IpAddr, Tracker>>,
@@ -159,9 +161,9 @@ impl HealthChecker {
             inner: Arc::new(Inner {
                 state,
                 mover,
-                settings,
-                checks,
-                credentials,
+                settings: ArcSwap::from_pointee(settings),
+                checks: ArcSwap::from_pointee(checks),
+                credentials: ArcSwap::from_pointee(credentials),
                 connectors: Mutex::new(Vec::new()),
                 trackers: Mutex::new(HashMap::new()),
                 first_round: std::sync::atomic::AtomicBool::new(false),
@@ -175,10 +177,19 @@ impl HealthChecker {
         state: Arc<dyn State>,
         mover: Mover,
     ) -> Result<Option<Self>, ConfigError> {
-        let h = &config.health;
-        if !h.enabled {
+        if !config.health.enabled {
             return Ok(None);
         }
+        let (settings, checks, credentials) = Self::parts_of(config)?;
+        Ok(Some(Self::new(state, mover, settings, checks, credentials)))
+    }
+
+    /// The settings, checks and credentials the configuration gives (files read here), for
+    /// [`HealthChecker::from_config`] and [`HealthChecker::reload`].
+    pub fn parts_of(
+        config: &Config,
+    ) -> Result<(CheckerSettings, Checks, CredentialStore), ConfigError> {
+        let h = &config.health;
         let checks = Checks::load(h.checks_dir.as_deref())
             .map_err(|e| ConfigError(format!("health.checks_dir: {e}")))?;
         let credentials = match &h.credentials_file {
@@ -199,7 +210,27 @@ impl HealthChecker {
             default_checks: h.checks.clone(),
             backend_checks,
         };
-        Ok(Some(Self::new(state, mover, settings, checks, credentials)))
+        Ok((settings, checks, credentials))
+    }
+
+    /// Swaps in new settings, checks and credentials (a reload). Each backend's counter keeps
+    /// its streak under the new rise and fall; the next checks use the new probes.
+    pub fn reload(&self, settings: CheckerSettings, checks: Checks, credentials: CredentialStore) {
+        {
+            let mut trackers = self.inner.trackers.lock().unwrap();
+            for t in trackers.values_mut() {
+                let streak = t.counter.streak;
+                t.counter = Counter::new(settings.rise, settings.fall);
+                t.counter.streak = streak;
+                t.wake.notify_one();
+            }
+        }
+        info!(interval = ?settings.interval, fast_interval = ?settings.fast_interval,
+              rise = settings.rise, fall = settings.fall, checks = ?settings.default_checks,
+              "health checker settings reloaded");
+        self.inner.settings.store(Arc::new(settings));
+        self.inner.checks.store(Arc::new(checks));
+        self.inner.credentials.store(Arc::new(credentials));
     }
 
     /// The last result of every backend that has one, by IP.
@@ -257,12 +288,12 @@ impl HealthChecker {
 
     /// Runs the checker until the future is dropped (aborting it stops every check).
     pub async fn run(self) {
-        let s = &self.inner.settings;
+        let s = self.inner.settings.load_full();
         info!(interval = ?s.interval, fast_interval = ?s.fast_interval, rise = s.rise,
               fall = s.fall, checks = ?s.default_checks, "health checker started");
-        let reconcile = s.fast_interval.min(RECONCILE_MAX);
         let mut tasks = Tasks(HashMap::new());
         loop {
+            let reconcile = self.inner.settings.load().fast_interval.min(RECONCILE_MAX);
             let set = self.inner.state.backends();
             tasks.0.retain(|ip, h| {
                 if set.get(*ip).is_none() {
@@ -296,7 +327,7 @@ impl HealthChecker {
         trackers: &'a mut HashMap<IpAddr, Tracker>,
         ip: IpAddr,
     ) -> &'a mut Tracker {
-        let s = &self.inner.settings;
+        let s = self.inner.settings.load();
         trackers.entry(ip).or_insert_with(|| Tracker {
             counter: Counter::new(s.rise, s.fall),
             last: None,
@@ -307,8 +338,8 @@ impl HealthChecker {
     /// Checks one backend until it is removed.
     async fn backend_loop(self, ip: IpAddr) {
         let wake = self.wake_of(ip);
-        let s = &self.inner.settings;
         loop {
+            let s = self.inner.settings.load_full();
             let Some(backend) = self.inner.state.backends().get(ip).cloned() else {
                 self.inner.trackers.lock().unwrap().remove(&ip);
                 return;
@@ -406,14 +437,15 @@ impl HealthChecker {
     /// Runs the backend's checks; the first failure is the result, else `ok` with the total
     /// latency.
     async fn check(&self, backend: &Backend) -> CheckResult {
-        let s = &self.inner.settings;
+        let s = self.inner.settings.load_full();
+        let checks = self.inner.checks.load_full();
         let names = s
             .backend_checks
             .get(&backend.host.to_ascii_lowercase())
             .unwrap_or(&s.default_checks);
         let mut total = Duration::ZERO;
         for name in names {
-            let Some(probe) = self.inner.checks.get(name) else {
+            let Some(probe) = checks.get(name) else {
                 // Names are checked when the configuration is loaded.
                 continue;
             };
@@ -444,6 +476,7 @@ impl HealthChecker {
             credentials: self
                 .inner
                 .credentials
+                .load()
                 .for_backend(&backend.host, backend.ip),
         }
     }

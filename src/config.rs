@@ -100,6 +100,21 @@ pub struct Config {
     /// How log lines are written: `text` (key=value) or `json` (one object a line).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Which log lines are written (`info`, `debug`, or a filter like
+    /// `info,director::probe=debug`); `RUST_LOG`, when set, wins. Changed by a reload.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// At SIGTERM: how long relayed sessions and LMTP transactions may go on before they are
+    /// closed (IMAP `* BYE`...), so that short commands and deliveries finish.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_shutdown_grace() -> HumanDuration {
+    secs(5)
 }
 
 /// The format of log lines on stderr.
@@ -319,7 +334,7 @@ pub enum ListenerTls {
 }
 
 /// One listening socket: TCP (`address`) or, for LMTP, a unix socket (`socket`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub protocol: ProtocolName,
@@ -632,6 +647,15 @@ impl Config {
         if self.user_expire.0.is_zero() {
             return Err(err("user_expire", "must be longer than 0s"));
         }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            err(
+                "log_level",
+                format_args!(
+                    "{:?} is not a level or filter like info or debug: {e}",
+                    self.log_level
+                ),
+            )
+        })?;
         if self.listeners.is_empty() {
             return Err(err("listeners", "at least one listener is needed"));
         }
@@ -799,6 +823,14 @@ mod tests {
         );
         let e = error_of(&format!("{MINIMAL}log_format: xml\n"));
         assert!(e.starts_with("log_format: unknown variant `xml`"), "{e}");
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.shutdown_grace.0, Duration::from_secs(5));
+        let c =
+            Config::parse(&format!("{MINIMAL}log_level: debug\nshutdown_grace: 30s\n")).unwrap();
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.shutdown_grace.0, Duration::from_secs(30));
+        let e = error_of(&format!("{MINIMAL}log_level: \"director=loud\"\n"));
+        assert!(e.starts_with("log_level: "), "{e}");
     }
 
     #[test]
@@ -928,6 +960,8 @@ mod example_tests {
         assert_eq!(c.user_expire, default_user_expire());
         assert_eq!(c.greeting, default_greeting());
         assert!(c.disable_plaintext_auth);
+        assert_eq!(c.log_level, default_log_level());
+        assert_eq!(c.shutdown_grace, default_shutdown_grace());
         let (e, d) = (&c.lmtp, LmtpConfig::default());
         assert_eq!(e.recipient_username, d.recipient_username);
         assert_eq!(e.recipient_delimiter, d.recipient_delimiter);

@@ -58,6 +58,9 @@ pub struct FrontendContext {
     pub identity: ClientIdentity,
     /// Greeting text after `* OK` / `+OK`, e.g. "Director ready.".
     pub greeting: String,
+    /// The director's stop: when it starts, the client gets the protocol's goodbye
+    /// (`* BYE Server shutting down.`) and the dialogue ends.
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 /// A backend connection that has logged in, ready for the relay.

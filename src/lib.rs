@@ -26,6 +26,9 @@
 //!   `state_file` keeps what admins changed across restarts.
 //! - `config` (YAML, parsed only in `yaml`) and `resolve` (DNS names of backends) build it all
 //!   at start; `stream` wraps plain and TLS sockets in one type.
+//! - `reload` re-reads the configuration (SIGHUP, `director reload`): everything prepared
+//!   first, then swapped in without dropping a session; `shutdown` is the graceful stop
+//!   (SIGTERM): the phases every connection watches.
 //! - `lmtp`: mail delivery (RFC 2033): each recipient routed like a login, the message
 //!   streamed to every recipient's backend, one reply per recipient (`lmtp::session`).
 //! - `metrics` is the one catalogue of Prometheus metrics (name, help, labels);
@@ -52,12 +55,14 @@ pub mod pop3;
 pub mod probe;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod reload;
 pub mod resolve;
 pub mod ring;
 pub mod routing;
 pub mod sasl;
 pub mod server;
 pub mod sessions;
+pub mod shutdown;
 pub mod sieve;
 pub mod state;
 pub mod state_file;

@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -16,10 +17,12 @@ use crate::decision::{ClientIdentity, Protocol};
 use crate::frontend::{Established, FrontendContext, PreauthLimits};
 use crate::login::Login;
 use crate::network::{any_contains, Network};
-use crate::relay::relay;
+use crate::relay::{relay, Kick, RelayEnd};
+use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
 
-/// Settings every listener shares.
+/// Settings every listener shares. A reload swaps in a new one (`ArcSwap`); each connection
+/// keeps the one it was accepted with.
 pub struct ListenerShared {
     pub login: Login,
     /// For implicit TLS and STARTTLS; `None` when no certificate is configured.
@@ -30,7 +33,8 @@ pub struct ListenerShared {
     pub greeting: String,
     /// After one side of a relayed session closes, how long the other may still send.
     pub close_linger: Duration,
-    /// Caps connections served at once, all listeners together.
+    /// Caps connections served at once, all listeners together. The same semaphore across
+    /// reloads (a new `max_connections` adds or takes away permits).
     pub connections: Arc<Semaphore>,
     /// The LMTP service's settings.
     pub lmtp: Arc<crate::lmtp::LmtpSettings>,
@@ -38,27 +42,18 @@ pub struct ListenerShared {
     pub metrics: crate::metrics::Metrics,
 }
 
-/// A bound listening socket.
+/// A bound listening socket. Kept apart from [`Listener`] (which every connection holds) so
+/// that a listener removed by a reload closes its socket while its sessions go on.
 pub enum ListenSocket {
     Tcp(TcpListener),
     /// A unix socket (LMTP from a local MTA), at this path.
     Unix(UnixListener, std::path::PathBuf),
 }
 
-/// One listener.
-pub struct Listener {
-    pub protocol: Protocol,
-    pub tls: ListenerTls,
-    pub proxy_protocol: bool,
-    /// LMTP over TCP: who may connect (empty: anyone).
-    pub allow_from: Vec<Network>,
-    pub socket: ListenSocket,
-}
-
-impl Listener {
+impl ListenSocket {
     /// The bound TCP address; `None` for a unix socket.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        match &self.socket {
+        match self {
             ListenSocket::Tcp(l) => l.local_addr().ok(),
             ListenSocket::Unix(..) => None,
         }
@@ -66,7 +61,7 @@ impl Listener {
 
     /// Where it listens, for logs.
     pub fn describe(&self) -> String {
-        match &self.socket {
+        match self {
             ListenSocket::Tcp(l) => l
                 .local_addr()
                 .map(|a| a.to_string())
@@ -76,7 +71,7 @@ impl Listener {
     }
 
     async fn accept(&self) -> std::io::Result<(Accepted, SocketAddr)> {
-        match &self.socket {
+        match self {
             ListenSocket::Tcp(l) => {
                 let (tcp, peer) = l.accept().await?;
                 Ok((Accepted::Tcp(tcp), peer))
@@ -87,17 +82,43 @@ impl Listener {
             }
         }
     }
+}
 
-    /// Accepts connections until `shutdown` turns true.
-    pub async fn serve(self, shared: Arc<ListenerShared>, mut shutdown: watch::Receiver<bool>) {
+/// One listener's settings, which each of its connections holds.
+pub struct Listener {
+    pub protocol: Protocol,
+    pub tls: ListenerTls,
+    pub proxy_protocol: bool,
+    /// LMTP over TCP: who may connect (empty: anyone).
+    pub allow_from: Vec<Network>,
+    /// Where it listens ([`ListenSocket::describe`]), for logs.
+    pub name: String,
+}
+
+impl Listener {
+    /// Where it listens, for logs.
+    pub fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    /// Accepts connections on `socket` until the director stops (or the task is aborted: a
+    /// reload removed the listener). Each connection gets the shared settings current when
+    /// it is accepted, and a [`Shutdown`] that tells it when to say goodbye.
+    pub async fn serve(
+        self,
+        socket: Arc<ListenSocket>,
+        shared: Arc<ArcSwap<ListenerShared>>,
+        shutdown: Shutdown,
+    ) {
         let this = Arc::new(self);
         loop {
+            let connections = shared.load().connections.clone();
             let permit = tokio::select! {
-                p = shared.connections.clone().acquire_owned() => p.expect("semaphore never closes"),
-                _ = shutdown.changed() => return,
+                p = connections.acquire_owned() => p.expect("semaphore never closes"),
+                _ = shutdown.draining() => return,
             };
             let (conn, peer) = tokio::select! {
-                r = this.accept() => match r {
+                r = socket.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
                         warn!(listener = %this.describe(), error = %e, "accept failed");
@@ -105,14 +126,15 @@ impl Listener {
                         continue;
                     }
                 },
-                _ = shutdown.changed() => return,
+                _ = shutdown.draining() => return,
             };
-            let shared = shared.clone();
+            let shared = shared.load_full();
             let this = this.clone();
+            let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _open = shared.metrics.connection(this.protocol);
                 match conn {
-                    Accepted::Tcp(tcp) => this.handle(tcp, peer, &shared).await,
+                    Accepted::Tcp(tcp) => this.handle(tcp, peer, &shared, &shutdown).await,
                     Accepted::Unix(unix) => {
                         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
                         let identity = ClientIdentity {
@@ -121,14 +143,16 @@ impl Listener {
                             session_id: new_session_id(),
                         };
                         // Boxed: the LMTP session's state must not enlarge every relayed session's task.
-                        let _ = Box::pin(crate::lmtp::serve_connection(
+                        let _ = Box::pin(crate::lmtp::serve_connection_until(
                             ClientStream::Unix(unix),
-                            identity,
+                            identity.clone(),
                             shared.login.router.clone(),
                             shared.lmtp.clone(),
                             shared.metrics.clone(),
+                            shutdown.clone(),
                         ))
                         .await;
+                        ended_by_shutdown(&shutdown, this.protocol, &identity);
                     }
                 }
                 drop(permit);
@@ -136,7 +160,13 @@ impl Listener {
         }
     }
 
-    async fn handle(&self, mut tcp: TcpStream, peer: SocketAddr, shared: &ListenerShared) {
+    async fn handle(
+        &self,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        shared: &ListenerShared,
+        shutdown: &Shutdown,
+    ) {
         let _ = tcp.set_nodelay(true);
         let started = Instant::now();
         let local = tcp.local_addr().unwrap_or(peer);
@@ -166,14 +196,16 @@ impl Listener {
                 return;
             }
             // Boxed: the LMTP session's state must not enlarge every relayed session's task.
-            let _ = Box::pin(crate::lmtp::serve_connection(
+            let _ = Box::pin(crate::lmtp::serve_connection_until(
                 client,
-                identity,
+                identity.clone(),
                 shared.login.router.clone(),
                 shared.lmtp.clone(),
                 shared.metrics.clone(),
+                shutdown.clone(),
             ))
             .await;
+            ended_by_shutdown(shutdown, self.protocol, &identity);
             return;
         }
         if self.tls == ListenerTls::Implicit {
@@ -197,6 +229,7 @@ impl Listener {
             limits: shared.limits.clone(),
             identity: identity.clone(),
             greeting: shared.greeting.clone(),
+            shutdown: shutdown.clone(),
         };
         // The pre-login futures (front end and backend login, with their read buffers) are
         // boxed so that their memory is freed when the relay starts: an idle relayed session
@@ -218,6 +251,7 @@ impl Listener {
         };
         let established = match result {
             Ok(Some(e)) => e,
+            Ok(None) if ended_by_shutdown(shutdown, self.protocol, &identity) => return,
             Ok(None) => {
                 debug!(session = %identity.session_id, client = %identity.client, "disconnected before login");
                 return;
@@ -234,10 +268,19 @@ impl Listener {
             username,
         } = established;
         let mut backend_stream = backend.stream;
-        let kick_message: &[u8] = match self.protocol {
-            Protocol::Imap => b"* BYE Disconnected by the director.\r\n",
-            Protocol::Sieve => b"BYE \"Disconnected by the director.\"\r\n",
-            _ => b"-ERR Disconnected by the director.\r\n",
+        let (kick_message, shutdown_message): (&[u8], &[u8]) = match self.protocol {
+            Protocol::Imap => (
+                b"* BYE Disconnected by the director.\r\n",
+                b"* BYE Server shutting down.\r\n",
+            ),
+            Protocol::Sieve => (
+                b"BYE \"Disconnected by the director.\"\r\n",
+                b"BYE \"Server shutting down.\"\r\n",
+            ),
+            _ => (
+                b"-ERR Disconnected by the director.\r\n",
+                b"-ERR Server shutting down.\r\n",
+            ),
         };
         let session = backend.session;
         let stats = relay(
@@ -245,8 +288,12 @@ impl Listener {
             client_leftover,
             &mut backend_stream,
             backend.leftover,
-            session.kicked(),
-            kick_message,
+            async {
+                tokio::select! {
+                    _ = session.kicked() => Kick { end: RelayEnd::Kicked, message: kick_message },
+                    _ = shutdown.closing() => Kick { end: RelayEnd::Shutdown, message: shutdown_message },
+                }
+            },
             shared.close_linger,
         )
         .await;
@@ -270,6 +317,22 @@ impl Listener {
             "session ended"
         );
     }
+}
+
+/// Logs the end of a connection that ended while the director was stopping (pre-login or
+/// LMTP: relayed sessions log their own line); `false` if it is not stopping.
+fn ended_by_shutdown(shutdown: &Shutdown, protocol: Protocol, identity: &ClientIdentity) -> bool {
+    if !shutdown.is_stopping() {
+        return false;
+    }
+    info!(
+        session = %identity.session_id,
+        protocol = %protocol,
+        client = %identity.client,
+        end = ?RelayEnd::Shutdown,
+        "session ended"
+    );
+    true
 }
 
 /// An accepted connection.

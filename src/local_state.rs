@@ -104,6 +104,14 @@ impl State for LocalState {
         self.modify_one(ip, |b| b.health = health)
     }
 
+    fn set_settings(
+        &self,
+        ip: IpAddr,
+        settings: Arc<crate::config::BackendSettings>,
+    ) -> Result<(), StateError> {
+        self.modify_one(ip, |b| b.settings = settings)
+    }
+
     fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord> {
         self.sticky.lock().unwrap().get(hash, now)
     }

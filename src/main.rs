@@ -1,6 +1,7 @@
 //! The `director` command: `serve`, `check-config`, `route`, and the admin verbs (`status`,
 //! `add`, `down`, `maintenance`...), which talk to the running director through the admin
-//! socket named in the same configuration file.
+//! socket named in the same configuration file. `serve` reloads its configuration on SIGHUP and
+//! stops gracefully on SIGTERM (a second one exits at once).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -11,7 +12,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use director::admin::AdminRequest;
 use director::admin_client;
 use director::config::{Config, LogFormat};
+use director::reload::LogLevelHook;
 use director::server::{resolve_backends, Director};
+use std::sync::Arc;
 
 /// Where the configuration is looked for when `-c` is not given.
 const DEFAULT_CONFIG: &str = "/etc/director/config.yaml";
@@ -110,6 +113,10 @@ enum Command {
         #[arg(long = "allow-user")]
         allow_user: Vec<String>,
     },
+    /// Reload the configuration file of the running director (as SIGHUP does): listeners,
+    /// limits, TLS certificate, backend and health settings, log level. A file that does not
+    /// check is refused (the error is printed) and the running configuration stays.
+    Reload,
     /// Pause or resume all health checks.
     Checks {
         action: PauseResume,
@@ -153,6 +160,7 @@ impl Command {
                 force: *force,
             },
             Command::Dump => AdminRequest::Dump,
+            Command::Reload => AdminRequest::Reload,
             Command::Maintenance {
                 host: h,
                 action: StartStop::Start,
@@ -274,12 +282,15 @@ fn main() -> ExitCode {
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
-            init_logs(LogFormat::Text);
+            init_logs(LogFormat::Text, "info");
             eprintln!("director: {e}");
+            if matches!(cli.command, Command::Reload) {
+                eprintln!("director: reload refused: the running director was not asked and keeps its configuration");
+            }
             return ExitCode::from(2);
         }
     };
-    init_logs(config.log_format);
+    let log_level = init_logs(config.log_format, &config.log_level);
     if let Command::Import { file } = &cli.command {
         return import(&config, file, cli.json);
     }
@@ -289,9 +300,9 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async move {
         match cli.command {
-            Command::CheckConfig => match resolve_backends(&config).await {
-                Ok(b) => {
-                    println!("{}: OK ({} backends)", cli.config.display(), b.len());
+            Command::CheckConfig => match director::server::check(&config).await {
+                Ok(n) => {
+                    println!("{}: OK ({n} backends)", cli.config.display());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -321,6 +332,10 @@ fn main() -> ExitCode {
                 }
             }
             Command::Serve => {
+                use tokio::signal::unix::{signal, SignalKind};
+                // Handlers first: from here on SIGHUP reloads instead of killing.
+                let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+                let stops = StopSignals::new();
                 let director = match Director::build(&config).await {
                     Ok(d) => d,
                     Err(e) => {
@@ -328,7 +343,18 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 };
-                director.run(shutdown_signal()).await;
+                director
+                    .reloader
+                    .set_path(std::path::absolute(&cli.config).unwrap_or(cli.config.clone()));
+                director.reloader.set_log_level(log_level);
+                let reloader = director.reloader.clone();
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        let _ = reloader.reload().await;
+                    }
+                });
+                director.run(stops.first()).await;
                 ExitCode::SUCCESS
             }
             // Admin verbs and import returned above.
@@ -337,32 +363,84 @@ fn main() -> ExitCode {
     })
 }
 
-/// Logs go to stderr, at the level `RUST_LOG` sets (default `info`), as `key=value` text or
-/// one JSON object a line (`log_format`).
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs go to stderr, at the level `log_level` sets (default `info`) unless `RUST_LOG` is
+/// set, as `key=value` text or one JSON object a line (`log_format`). Returns how a reload
+/// applies a new `log_level` (nothing while `RUST_LOG` is set: it wins).
+fn init_logs(format: LogFormat, level: &str) -> LogLevelHook {
+    use tracing_subscriber::EnvFilter;
+    let from_env = std::env::var("RUST_LOG").is_ok_and(|v| !v.is_empty());
+    let filter = if from_env {
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level))
+    } else {
+        EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
+    };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    macro_rules! hook {
+        ($handle:expr) => {{
+            let handle = $handle;
+            Arc::new(move |level: &str| {
+                if from_env {
+                    return Ok(());
+                }
+                let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            })
+        }};
+    }
     match format {
-        LogFormat::Json => logs
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => {
+            let logs = logs
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            hook!(handle)
+        }
         // Colours only on a terminal: in a log file or the journal they split `key=value`.
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+        LogFormat::Text => {
+            let logs = logs
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            hook!(handle)
+        }
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
+/// SIGTERM and SIGINT: the first starts a graceful stop, a second exits at once.
+struct StopSignals {
+    first: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let (tx, first) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            let _ = tx.send(());
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            tracing::warn!("second stop signal: exiting at once, open sessions cut");
+            std::process::exit(1);
+        });
+        StopSignals { first }
+    }
+
+    /// Completes at the first stop signal.
+    async fn first(self) {
+        let _ = self.first.await;
     }
 }

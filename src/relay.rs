@@ -25,6 +25,8 @@ pub enum RelayEnd {
     BackendClosed,
     /// The session was kicked.
     Kicked,
+    /// The director is shutting down and the grace is over.
+    Shutdown,
     /// A read or write failed; which side and why.
     Error(String),
 }
@@ -35,6 +37,15 @@ pub struct RelayStats {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
     pub end: RelayEnd,
+}
+
+/// A session ended from outside: how the end is reported, and the last line the client gets
+/// (e.g. IMAP `* BYE ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kick<'a> {
+    /// [`RelayEnd::Kicked`] or [`RelayEnd::Shutdown`].
+    pub end: RelayEnd,
+    pub message: &'a [u8],
 }
 
 /// One direction of the copy.
@@ -137,15 +148,14 @@ impl Direction {
 
 /// Relays between `client` and `backend` until the session ends. `client_leftover` goes to
 /// the backend first and `backend_leftover` to the client first (bytes read during login).
-/// `kicked` completes when the session must end; `kick_message` is then written to the client
-/// (e.g. IMAP `* BYE ...`). After the client closes, the backend has `linger` to finish.
-pub async fn relay<C, B>(
+/// `kicked` completes when the session must end, with the line then written to the client.
+/// After the client closes, the backend has `linger` to finish.
+pub async fn relay<'k, C, B>(
     client: &mut C,
     client_leftover: Vec<u8>,
     backend: &mut B,
     backend_leftover: Vec<u8>,
-    kicked: impl std::future::Future<Output = ()>,
-    kick_message: &[u8],
+    kicked: impl std::future::Future<Output = Kick<'k>>,
     linger: Duration,
 ) -> RelayStats
 where
@@ -158,13 +168,13 @@ where
     let mut error: Option<String> = None;
     tokio::pin!(kicked);
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    let kicked_flag = poll_fn(|cx| {
-        if let Poll::Ready(()) = kicked.as_mut().poll(cx) {
-            return Poll::Ready(true);
+    let kick = poll_fn(|cx| {
+        if let Poll::Ready(kick) = kicked.as_mut().poll(cx) {
+            return Poll::Ready(Some(kick));
         }
         if let Some(d) = deadline.as_mut() {
             if d.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(false);
+                return Poll::Ready(None);
             }
         }
         if !up.done {
@@ -178,7 +188,7 @@ where
                     }
                     Err(e) => {
                         error = Some(format!("client to backend: {e}"));
-                        return Poll::Ready(false);
+                        return Poll::Ready(None);
                     }
                 }
             }
@@ -193,7 +203,7 @@ where
                     }
                     Err(e) => {
                         error = Some(format!("backend to client: {e}"));
-                        return Poll::Ready(false);
+                        return Poll::Ready(None);
                     }
                 }
             }
@@ -203,26 +213,26 @@ where
         // end of stream). Only a client that closes first gets `linger` to read the last
         // replies of its backend.
         if down.done {
-            return Poll::Ready(false);
+            return Poll::Ready(None);
         }
         if first_end.is_some() && deadline.is_none() {
             let mut d = Box::pin(tokio::time::sleep(linger));
             if d.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(false);
+                return Poll::Ready(None);
             }
             deadline = Some(d);
         }
         Poll::Pending
     })
     .await;
-    let end = if kicked_flag {
+    let end = if let Some(kick) = kick {
         use tokio::io::AsyncWriteExt;
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let _ = client.write_all(kick_message).await;
+            let _ = client.write_all(kick.message).await;
             let _ = client.flush().await;
         })
         .await;
-        RelayEnd::Kicked
+        kick.end
     } else if let Some(e) = error {
         RelayEnd::Error(e)
     } else {
@@ -251,7 +261,6 @@ mod tests {
                 &mut backend_near,
                 b"* 1 EXISTS\r\n".to_vec(),
                 std::future::pending(),
-                b"",
                 Duration::from_secs(5),
             )
             .await
@@ -292,8 +301,12 @@ mod tests {
             Vec::new(),
             &mut backend_near,
             Vec::new(),
-            async {},
-            b"* BYE kicked\r\n",
+            async {
+                Kick {
+                    end: RelayEnd::Kicked,
+                    message: b"* BYE kicked\r\n",
+                }
+            },
             Duration::from_secs(5),
         )
         .await;
@@ -315,7 +328,6 @@ mod tests {
             &mut backend_near,
             Vec::new(),
             std::future::pending(),
-            b"",
             Duration::from_secs(10),
         )
         .await;
@@ -338,7 +350,6 @@ mod tests {
             &mut backend_near,
             Vec::new(),
             std::future::pending(),
-            b"",
             Duration::from_secs(10),
         )
         .await;

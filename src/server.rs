@@ -6,24 +6,31 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
-use tracing::{debug, info};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
 
 use crate::backend::{AdminState, Backend, Health};
 use crate::checker::HealthChecker;
 use crate::config::{BackendTls, Config, ConfigError, ListenerTls};
 use crate::decision::Protocol;
 use crate::frontend::PreauthLimits;
-use crate::listener::{ListenSocket, Listener, ListenerShared};
+use crate::listener::{ListenSocket, ListenerShared};
 use crate::local_state::LocalState;
 use crate::login::{BackendTlsContext, Login};
 use crate::metrics::Metrics;
 use crate::metrics_server::{MetricsContext, MetricsServer};
 use crate::moves::Mover;
+use crate::reload::{Prepared, Reloader, ReloaderParts, RunningListener};
 use crate::routing::Router;
 use crate::sessions::Sessions;
+use crate::shutdown::{Phase, Shutdown, ShutdownTrigger};
 use crate::state::State;
+
+/// After the grace, how long closed sessions get to write their goodbye and end before the
+/// director exits anyway.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A director ready to serve.
 pub struct Director {
@@ -33,8 +40,12 @@ pub struct Director {
     pub health: Option<HealthChecker>,
     pub sessions: Sessions,
     pub router: Router,
-    listeners: Vec<Listener>,
-    shared: Arc<ListenerShared>,
+    /// Reloads the configuration (SIGHUP, `director reload`); owns the listeners.
+    pub reloader: Arc<Reloader>,
+    /// Moves a stop through its phases; sees when every connection has finished.
+    trigger: ShutdownTrigger,
+    /// The connections' side of the stop, handed to the listeners when the director runs.
+    shutdown: Shutdown,
     user_expire: Duration,
     /// The admin API (bound at build, so that a bad socket or token file fails the start).
     pub admin: crate::admin::AdminServer,
@@ -73,9 +84,99 @@ pub async fn resolve_backends(config: &Config) -> Result<Vec<Backend>, ConfigErr
     Ok(out)
 }
 
+/// What `check-config` checks beyond parsing: backends resolve, the certificate and key and
+/// the backends' CA files load, the health checks and credentials load. Returns the number of
+/// backends. (Listener addresses are not bound: the running director may hold them.)
+pub async fn check(config: &Config) -> Result<usize, ConfigError> {
+    let backends = resolve_backends(config).await?;
+    server_tls(config)?;
+    backend_tls(config)?;
+    if config.health.enabled {
+        HealthChecker::parts_of(config)?;
+    }
+    Ok(backends.len())
+}
+
 /// Binds a unix socket for a local MTA: a stale socket file is replaced, the parent
 /// directory created, and the socket made writable by everyone (as Dovecot's `lmtp` socket,
 /// mode 0666): restrict access with the directory's permissions.
+/// The director's own TLS acceptor (`tls` cert and key), read from the files now.
+pub(crate) fn server_tls(
+    config: &Config,
+) -> Result<Option<tokio_rustls::TlsAcceptor>, ConfigError> {
+    match &config.tls {
+        Some(files) => Ok(Some(crate::tls::acceptor(
+            crate::tls::server_config(&files.cert, &files.key)
+                .map_err(|e| ConfigError(format!("tls: {e}")))?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Binds `listeners[index]`.
+pub(crate) async fn bind_listener(
+    config: &Config,
+    index: usize,
+) -> Result<ListenSocket, ConfigError> {
+    let i = index;
+    let lc = &config.listeners[index];
+    Ok(match (&lc.address, &lc.socket) {
+        (Some(address), _) => ListenSocket::Tcp(TcpListener::bind(address).await.map_err(|e| {
+            ConfigError(format!(
+                "listeners[{i}].address: cannot listen on {address}: {e}"
+            ))
+        })?),
+        (None, Some(path)) => ListenSocket::Unix(
+            bind_unix(path).map_err(|e| {
+                ConfigError(format!(
+                    "listeners[{i}].socket: cannot listen on {}: {e}",
+                    path.display()
+                ))
+            })?,
+            path.clone(),
+        ),
+        (None, None) => unreachable!("checked by Config::validate"),
+    })
+}
+
+/// The settings new connections take, from a configuration and what was prepared for it.
+fn listener_shared(
+    config: &Config,
+    prepared: &Prepared,
+    login: &Login,
+    connections: &Arc<Semaphore>,
+) -> ListenerShared {
+    let l = &config.limits;
+    ListenerShared {
+        login: Login {
+            router: login.router.clone(),
+            sessions: login.sessions.clone(),
+            tls: prepared.backend_tls.clone(),
+            health: login.health.clone(),
+            metrics: login.metrics.clone(),
+        },
+        tls: prepared.tls.clone(),
+        trusted_networks: config.trusted_networks.clone(),
+        disable_plaintext_auth: config.disable_plaintext_auth,
+        limits: PreauthLimits {
+            timeout: l.preauth_timeout.into(),
+            max_line: l.max_line_length,
+            max_literal: l.max_literal_size,
+            max_auth_failures: l.max_auth_failures,
+            auth_failure_delay: l.auth_failure_delay.into(),
+            max_bad_commands: l.max_bad_commands,
+        },
+        greeting: config.greeting.clone(),
+        close_linger: l.close_linger.into(),
+        connections: connections.clone(),
+        lmtp: Arc::new(crate::lmtp::LmtpSettings {
+            backend_tls: prepared.backend_tls.clone(),
+            ..config.lmtp_settings()
+        }),
+        metrics: login.metrics.clone(),
+    }
+}
+
 fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Some(parent) = path.parent() {
@@ -92,7 +193,7 @@ fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener
 }
 
 /// Builds the TLS connectors the backends need.
-fn backend_tls(config: &Config) -> Result<BackendTlsContext, ConfigError> {
+pub(crate) fn backend_tls(config: &Config) -> Result<BackendTlsContext, ConfigError> {
     let mut ctx = BackendTlsContext::default();
     for i in 0..config.backends.len() {
         let s = config.backend_settings(i);
@@ -125,44 +226,21 @@ impl Director {
         let mover = Mover::new(state.clone() as Arc<dyn State>, sessions.clone())
             .with_metrics(metrics.clone());
         let health = HealthChecker::from_config(config, state.clone() as Arc<dyn State>, mover)?;
-        let tls = match &config.tls {
-            Some(files) => Some(crate::tls::acceptor(
-                crate::tls::server_config(&files.cert, &files.key)
-                    .map_err(|e| ConfigError(format!("tls: {e}")))?,
-            )),
-            None => None,
-        };
-        let backend_tls = Arc::new(backend_tls(config)?);
+        let prepared = Prepared::at_start(server_tls(config)?, Arc::new(backend_tls(config)?));
         let login = Login {
             router: router.clone(),
             sessions: sessions.clone(),
-            tls: backend_tls.clone(),
+            tls: prepared.backend_tls.clone(),
             health: health.clone(),
             metrics: metrics.clone(),
         };
-        let l = &config.limits;
-        let shared = Arc::new(ListenerShared {
-            login,
-            tls,
-            trusted_networks: config.trusted_networks.clone(),
-            disable_plaintext_auth: config.disable_plaintext_auth,
-            limits: PreauthLimits {
-                timeout: l.preauth_timeout.into(),
-                max_line: l.max_line_length,
-                max_literal: l.max_literal_size,
-                max_auth_failures: l.max_auth_failures,
-                auth_failure_delay: l.auth_failure_delay.into(),
-                max_bad_commands: l.max_bad_commands,
-            },
-            greeting: config.greeting.clone(),
-            close_linger: l.close_linger.into(),
-            connections: Arc::new(Semaphore::new(l.max_connections)),
-            lmtp: Arc::new(crate::lmtp::LmtpSettings {
-                backend_tls: backend_tls.clone(),
-                ..config.lmtp_settings()
-            }),
-            metrics: metrics.clone(),
-        });
+        let connections = Arc::new(Semaphore::new(config.limits.max_connections));
+        let shared = Arc::new(ArcSwap::from_pointee(listener_shared(
+            config,
+            &prepared,
+            &login,
+            &connections,
+        )));
         let admin = crate::admin::AdminContext::new(
             state.clone(),
             sessions.clone(),
@@ -180,7 +258,8 @@ impl Director {
                     .collect()
             }));
         }
-        let admin = crate::admin::AdminServer::bind(Arc::new(admin)).await?;
+        let admin_context = Arc::new(admin);
+        let admin = crate::admin::AdminServer::bind(admin_context.clone()).await?;
         let metrics_server = match config.metrics.address {
             Some(address) => Some(
                 MetricsServer::bind(
@@ -200,41 +279,30 @@ impl Director {
             None => None,
         };
         let mut listeners = Vec::new();
-        for (i, lc) in config.listeners.iter().enumerate() {
-            let socket = match (&lc.address, &lc.socket) {
-                (Some(address), _) => {
-                    ListenSocket::Tcp(TcpListener::bind(address).await.map_err(|e| {
-                        ConfigError(format!(
-                            "listeners[{i}].address: cannot listen on {address}: {e}"
-                        ))
-                    })?)
-                }
-                (None, Some(path)) => ListenSocket::Unix(
-                    bind_unix(path).map_err(|e| {
-                        ConfigError(format!(
-                            "listeners[{i}].socket: cannot listen on {}: {e}",
-                            path.display()
-                        ))
-                    })?,
-                    path.clone(),
-                ),
-                (None, None) => unreachable!("checked by Config::validate"),
-            };
-            listeners.push(Listener {
-                protocol: lc.protocol.into(),
-                tls: config.listener_tls(i),
-                proxy_protocol: lc.proxy_protocol,
-                allow_from: lc.allow_from.clone(),
-                socket,
-            });
+        for i in 0..config.listeners.len() {
+            let socket = bind_listener(config, i).await?;
+            listeners.push(RunningListener::new(config, i, socket));
         }
+        let reloader = Reloader::new(ReloaderParts {
+            config: Arc::new(config.clone()),
+            listeners,
+            shared,
+            build_shared: Arc::new(move |config, prepared| {
+                listener_shared(config, prepared, &login, &connections)
+            }),
+            state: state.clone() as Arc<dyn State>,
+            health: health.clone(),
+            admin: admin_context,
+        });
+        let (trigger, shutdown) = crate::shutdown::channel();
         Ok(Director {
             state,
             health,
             sessions,
             router,
-            listeners,
-            shared,
+            reloader,
+            trigger,
+            shutdown,
             user_expire,
             admin,
             metrics,
@@ -245,10 +313,7 @@ impl Director {
     /// The bound address of every listener, with its protocol and TLS mode (listeners on
     /// port 0 get an ephemeral port).
     pub fn listen_addrs(&self) -> Vec<(Protocol, ListenerTls, SocketAddr)> {
-        self.listeners
-            .iter()
-            .filter_map(|l| Some((l.protocol, l.tls, l.local_addr()?)))
-            .collect()
+        self.reloader.listen_addrs()
     }
 
     /// The bound address of the metrics listener, if there is one.
@@ -256,14 +321,12 @@ impl Director {
         self.metrics_server.as_ref()?.local_addr()
     }
 
-    /// Serves until `shutdown` completes. Sessions already relayed are left to end by
-    /// themselves (the process exit ends them).
+    /// Serves until `shutdown` completes, then stops gracefully: no new connections,
+    /// clients not logged in sent away, relayed sessions and LMTP transactions given
+    /// `shutdown_grace`, then closed with the protocol's goodbye. Returns when every
+    /// connection has ended (or a short while after the grace).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let (tx, rx) = watch::channel(false);
-        for l in self.listeners {
-            info!(protocol = %l.protocol, address = %l.describe(), tls = ?l.tls, "listening");
-            tokio::spawn(l.serve(self.shared.clone(), rx.clone()));
-        }
+        self.reloader.start(self.shutdown);
         let admin = tokio::spawn(self.admin.serve());
         let metrics_server = self.metrics_server.map(|m| {
             let address = m.local_addr().map_or_else(|| "?".into(), |a| a.to_string());
@@ -284,7 +347,30 @@ impl Director {
         });
         let checker = self.health.map(|h| tokio::spawn(h.run()));
         shutdown.await;
-        let _ = tx.send(true);
+        self.reloader.stop();
+        let grace: Duration = self.reloader.config().shutdown_grace.into();
+        info!(grace = ?grace, sessions = self.sessions.list().len(),
+              "shutting down: no new connections, clients not logged in sent away, sessions end within the grace");
+        self.trigger.set(Phase::Draining);
+        if tokio::time::timeout(grace, self.trigger.all_done())
+            .await
+            .is_err()
+        {
+            info!(
+                connections = self.trigger.live(),
+                "shutdown grace over: closing the remaining sessions"
+            );
+            self.trigger.set(Phase::Closing);
+            if tokio::time::timeout(CLOSE_WAIT, self.trigger.all_done())
+                .await
+                .is_err()
+            {
+                warn!(
+                    connections = self.trigger.live(),
+                    "connections still open at exit"
+                );
+            }
+        }
         sweeper.abort();
         if let Some(c) = checker {
             c.abort();
@@ -293,6 +379,6 @@ impl Director {
         if let Some(m) = metrics_server {
             m.abort();
         }
-        info!("listeners closed");
+        info!("shut down");
     }
 }

@@ -110,6 +110,14 @@ pub trait State: Send + Sync {
     /// Sets what the health checker found.
     fn set_health(&self, ip: IpAddr, health: Health) -> Result<(), StateError>;
 
+    /// Replaces a backend's ports, TLS and forwarding (a reload of the configuration).
+    /// Sessions already relayed keep the connection they have.
+    fn set_settings(
+        &self,
+        ip: IpAddr,
+        settings: Arc<crate::config::BackendSettings>,
+    ) -> Result<(), StateError>;
+
     /// The live record of a user hash.
     fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord>;
 

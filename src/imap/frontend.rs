@@ -40,8 +40,16 @@ pub async fn run<A: Authenticator>(
     auth: &A,
 ) -> io::Result<Option<Established>> {
     let timeout = ctx.limits.timeout;
+    let shutdown = ctx.shutdown.clone();
     let mut session = Session::new(client, ctx);
-    match tokio::time::timeout(timeout, session.dialogue(auth)).await {
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(timeout, session.dialogue(auth)) => r,
+        _ = shutdown.draining() => {
+            session.bye("Server shutting down.").await;
+            return Ok(None);
+        }
+    };
+    match outcome {
         Ok(result) => result,
         Err(_) => {
             tracing::debug!(session = %session.ctx.identity.session_id, "pre-auth timeout");
@@ -691,6 +699,7 @@ mod tests {
                 session_id: "s1".into(),
             },
             greeting: "Director ready.".into(),
+            shutdown: Default::default(),
         }
     }
 

@@ -107,7 +107,28 @@ pub async fn serve_connection(
     settings: Arc<LmtpSettings>,
     metrics: crate::metrics::Metrics,
 ) -> io::Result<()> {
-    session::Session::new(client, identity, router, settings, metrics)
+    serve_connection_until(
+        client,
+        identity,
+        router,
+        settings,
+        metrics,
+        crate::shutdown::Shutdown::default(),
+    )
+    .await
+}
+
+/// [`serve_connection`] that also watches the director's stop: between transactions the
+/// client gets `421` at once, a transaction under way may finish within the grace.
+pub async fn serve_connection_until(
+    client: ClientStream,
+    identity: ClientIdentity,
+    router: Router,
+    settings: Arc<LmtpSettings>,
+    metrics: crate::metrics::Metrics,
+    shutdown: crate::shutdown::Shutdown,
+) -> io::Result<()> {
+    session::Session::new(client, identity, router, settings, metrics, shutdown)
         .run()
         .await
 }

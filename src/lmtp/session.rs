@@ -23,6 +23,7 @@ use super::LmtpSettings;
 use crate::decision::ClientIdentity;
 use crate::metrics::{Metrics, RecipientResult};
 use crate::routing::Router;
+use crate::shutdown::{Phase, Shutdown};
 use crate::stream::ClientStream;
 
 /// Read size from the client (also the most of a message held at once).
@@ -101,6 +102,17 @@ pub struct Session {
     own_greeting: String,
     /// Counts recipients by outcome.
     metrics: Metrics,
+    /// The director's stop: between transactions the client gets `421` at once; a
+    /// transaction under way has the grace to finish.
+    shutdown: Shutdown,
+}
+
+/// What waiting for the client gave.
+enum Wait {
+    Read(std::io::Result<usize>),
+    TimedOut,
+    /// The director is stopping.
+    Stopping,
 }
 
 impl Session {
@@ -110,6 +122,7 @@ impl Session {
         router: Router,
         settings: Arc<LmtpSettings>,
         metrics: Metrics,
+        shutdown: Shutdown,
     ) -> Self {
         let own_greeting = format!("{} Director LMTP ready", settings.hostname);
         Session {
@@ -125,6 +138,7 @@ impl Session {
             bad_commands: 0,
             own_greeting,
             metrics,
+            shutdown,
         }
     }
 
@@ -178,15 +192,25 @@ impl Session {
     async fn read_more(&mut self) -> std::io::Result<bool> {
         self.flush().await?;
         let mut chunk = vec![0u8; CHUNK];
-        match tokio::time::timeout(self.settings.client_timeout, self.client.read(&mut chunk)).await
-        {
-            Ok(Ok(0)) => Ok(false),
-            Ok(Ok(n)) => {
+        // Between transactions a stop closes the connection at once; inside one, at the end
+        // of the grace.
+        let stop_at = if self.tx.is_some() {
+            Phase::Closing
+        } else {
+            Phase::Draining
+        };
+        match self.wait_for_client(&mut chunk, stop_at).await {
+            Wait::Read(Ok(0)) => Ok(false),
+            Wait::Read(Ok(n)) => {
                 self.buf.extend_from_slice(&chunk[..n]);
                 Ok(true)
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
+            Wait::Read(Err(e)) => Err(e),
+            Wait::Stopping => {
+                self.shutting_down();
+                Ok(false)
+            }
+            Wait::TimedOut => {
                 info!(session = %self.identity.session_id, client = %self.identity.client, "LMTP client timed out");
                 let line = format!("4.4.2 {} Timeout, closing", self.settings.hostname);
                 self.say(421, &line);
@@ -605,21 +629,44 @@ impl Session {
         }
     }
 
+    /// Reads from the client within `client_timeout`, unless the stop reaches `stop_at`.
+    async fn wait_for_client(&mut self, chunk: &mut [u8], stop_at: Phase) -> Wait {
+        let read = tokio::time::timeout(self.settings.client_timeout, self.client.read(chunk));
+        tokio::select! {
+            r = read => match r {
+                Ok(r) => Wait::Read(r),
+                Err(_) => Wait::TimedOut,
+            },
+            _ = self.shutdown.reached(stop_at) => Wait::Stopping,
+        }
+    }
+
+    /// Tells the client the director is stopping (`421`, as RFC 5321 section 3.8 says).
+    fn shutting_down(&mut self) {
+        info!(session = %self.identity.session_id, client = %self.identity.client, in_transaction = self.tx.is_some(), "LMTP connection closed: director shutting down");
+        let line = format!("4.3.2 {} Server shutting down", self.settings.hostname);
+        self.say(421, &line);
+    }
+
     /// Reads message bytes; `false` if the client went away or timed out.
     async fn read_data(&mut self) -> std::io::Result<bool> {
         let mut chunk = vec![0u8; CHUNK];
-        match tokio::time::timeout(self.settings.client_timeout, self.client.read(&mut chunk)).await
-        {
-            Ok(Ok(0)) => {
+        match self.wait_for_client(&mut chunk, Phase::Closing).await {
+            Wait::Stopping => {
+                info!(session = %self.identity.session_id, "LMTP message not finished within the shutdown grace: nothing delivered");
+                self.shutting_down();
+                Ok(false)
+            }
+            Wait::Read(Ok(0)) => {
                 info!(session = %self.identity.session_id, "LMTP client closed the connection inside DATA: nothing delivered");
                 Ok(false)
             }
-            Ok(Ok(n)) => {
+            Wait::Read(Ok(n)) => {
                 self.buf.extend_from_slice(&chunk[..n]);
                 Ok(true)
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
+            Wait::Read(Err(e)) => Err(e),
+            Wait::TimedOut => {
                 info!(session = %self.identity.session_id, "LMTP client timed out inside DATA: nothing delivered");
                 let line = format!("4.4.2 {} Timeout, closing", self.settings.hostname);
                 self.say(421, &line);

@@ -41,6 +41,7 @@ pub async fn run<A: Authenticator>(
     auth: &A,
 ) -> io::Result<Option<Established>> {
     let limit = ctx.limits.timeout;
+    let shutdown = ctx.shutdown.clone();
     let mut session = Session {
         ctx,
         auth,
@@ -50,7 +51,14 @@ pub async fn run<A: Authenticator>(
         auth_failures: 0,
         bad_commands: 0,
     };
-    match tokio::time::timeout(limit, session.dialogue()).await {
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(limit, session.dialogue()) => r,
+        _ = shutdown.draining() => {
+            session.farewell("-ERR Server shutting down.").await;
+            return Ok(None);
+        }
+    };
+    match outcome {
         Ok(result) => result,
         Err(_) => {
             tracing::debug!(
@@ -559,6 +567,7 @@ mod tests {
                 session_id: "dir-1".into(),
             },
             greeting: "Director ready.".into(),
+            shutdown: Default::default(),
         }
     }
 

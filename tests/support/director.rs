@@ -94,6 +94,10 @@ pub fn config_yaml(pool: &Pool, o: &DirectorOptions) -> String {
     y += &o.extra;
     // The tests written before the health checker expect no checker to act on the backends
     // they kill or pause; a test that wants one configures `health:` in `extra`.
+    if !o.extra.contains("shutdown_grace:") {
+        // Dropping a test director must not wait the default grace for sessions left open.
+        y += "shutdown_grace: 1s\n";
+    }
     if !o.extra.contains("health:") {
         y += "health:\n  enabled: false\n";
     }
