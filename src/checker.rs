@@ -247,7 +247,7 @@ impl HealthChecker {
     /// Checks of a backend follow each other this closely, at most (a login that waits longer
     /// than this for its backend makes the backend suspect).
     pub fn fast_interval(&self) -> Duration {
-        self.inner.settings.fast_interval
+        self.inner.settings.load().fast_interval
     }
 
     /// The last result of one backend.
