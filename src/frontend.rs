@@ -58,6 +58,9 @@ pub struct FrontendContext {
     pub identity: ClientIdentity,
     /// Greeting text after `* OK` / `+OK`, e.g. "Director ready.".
     pub greeting: String,
+    /// Fires when the listener is full and this connection, the oldest not logged in, must
+    /// make room: the front end says BYE ([`crate::admission::EVICTED_TEXT`]) and closes.
+    pub eviction: crate::admission::Eviction,
 }
 
 /// A backend connection that has logged in, ready for the relay.

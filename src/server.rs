@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::backend::{AdminState, Backend, Health};
@@ -156,7 +156,9 @@ impl Director {
             },
             greeting: config.greeting.clone(),
             close_linger: l.close_linger.into(),
-            connections: Arc::new(Semaphore::new(l.max_connections)),
+            proxy_trusted_networks: config.proxy_trusted_networks.clone(),
+            per_ip: crate::admission::PerIpLimit::new(l.max_preauth_per_ip),
+            refusals: crate::refusals::RefusalLog::default(),
             lmtp: Arc::new(crate::lmtp::LmtpSettings {
                 backend_tls: backend_tls.clone(),
                 ..config.lmtp_settings()
@@ -226,6 +228,9 @@ impl Director {
                 proxy_protocol: lc.proxy_protocol,
                 allow_from: lc.allow_from.clone(),
                 socket,
+                pool: crate::admission::ConnectionPool::new(
+                    lc.max_connections.unwrap_or(l.max_connections),
+                ),
             });
         }
         Ok(Director {

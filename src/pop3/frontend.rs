@@ -50,14 +50,22 @@ pub async fn run<A: Authenticator>(
         auth_failures: 0,
         bad_commands: 0,
     };
-    match tokio::time::timeout(limit, session.dialogue()).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::debug!(
-                session = %session.ctx.identity.session_id,
-                "pop3: disconnected for inactivity before login"
-            );
-            session.farewell("-ERR Disconnected for inactivity.").await;
+    let eviction = session.ctx.eviction.clone();
+    tokio::select! {
+        r = tokio::time::timeout(limit, session.dialogue()) => match r {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::debug!(
+                    session = %session.ctx.identity.session_id,
+                    "pop3: disconnected for inactivity before login"
+                );
+                session.farewell("-ERR Disconnected for inactivity.").await;
+                Ok(None)
+            }
+        },
+        _ = eviction.evicted() => {
+            let line = format!("-ERR [SYS/TEMP] {}", crate::admission::EVICTED_TEXT);
+            session.farewell(&line).await;
             Ok(None)
         }
     }
@@ -559,6 +567,7 @@ mod tests {
                 session_id: "dir-1".into(),
             },
             greeting: "Director ready.".into(),
+            eviction: Default::default(),
         }
     }
 

@@ -51,12 +51,19 @@ pub async fn run<A: Authenticator>(
     auth: &A,
 ) -> io::Result<Option<Established>> {
     let timeout = ctx.limits.timeout;
+    let eviction = ctx.eviction.clone();
     let mut session = Session::new(client, ctx);
-    match tokio::time::timeout(timeout, session.dialogue(auth)).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::debug!(session = %session.ctx.identity.session_id, "pre-auth timeout");
-            session.bye("Disconnected for inactivity.").await;
+    tokio::select! {
+        r = tokio::time::timeout(timeout, session.dialogue(auth)) => match r {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::debug!(session = %session.ctx.identity.session_id, "pre-auth timeout");
+                session.bye("Disconnected for inactivity.").await;
+                Ok(None)
+            }
+        },
+        _ = eviction.evicted() => {
+            session.bye(crate::admission::EVICTED_TEXT).await;
             Ok(None)
         }
     }
@@ -632,6 +639,7 @@ mod tests {
                 session_id: "s1".into(),
             },
             greeting: "Director ready.".into(),
+            eviction: Default::default(),
         }
     }
 
