@@ -154,9 +154,27 @@ fn a_full_listener_drops_its_oldest_connection_before_login() {
         .last()
         .unwrap()
         .starts_with("n OK"));
-    // POP3 (the same limits, its own pool) and ManageSieve are not touched.
-    let mut p = Conn::connect(d.pop3);
-    assert!(p.line().starts_with("+OK"));
+    // POP3 and ManageSieve have pools of their own (the same size), untouched so far, and
+    // say their own BYE.
+    let greet_pop3 = || {
+        let mut c = Conn::connect(d.pop3);
+        assert!(c.line().starts_with("+OK"));
+        c
+    };
+    let mut pop3: Vec<Conn> = (0..3).map(|_| greet_pop3()).collect();
+    let _p = greet_pop3();
+    assert_eq!(pop3[0].line(), "-ERR [SYS/TEMP] Connection queue full.");
+    assert!(pop3[0].ended());
+    assert!(pop3[1].pop3("NOOP").starts_with("+OK"));
+    let greet_sieve = || {
+        let mut c = Conn::connect(d.sieve);
+        while !c.line().starts_with("OK") {}
+        c
+    };
+    let mut sieve: Vec<Conn> = (0..3).map(|_| greet_sieve()).collect();
+    let _s = greet_sieve();
+    assert_eq!(sieve[0].line(), "BYE \"Connection queue full.\"");
+    assert!(sieve[0].ended());
 }
 
 #[test]
