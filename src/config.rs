@@ -68,6 +68,12 @@ pub struct Config {
     /// Clients in these networks may log in in plaintext (Dovecot's `login_trusted_networks`).
     #[serde(default)]
     pub trusted_networks: Vec<Network>,
+    /// Peers allowed to send a PROXY header on `proxy_protocol` listeners (Dovecot's
+    /// `haproxy_trusted_networks`): the load balancers. Others are closed before a byte is
+    /// read, so nobody else can claim a client address. Required when a listener has
+    /// `proxy_protocol: true`.
+    #[serde(default)]
+    pub proxy_trusted_networks: Vec<Network>,
     /// Text of the greeting after `* OK` / `+OK`.
     #[serde(default = "default_greeting")]
     pub greeting: String,
@@ -351,9 +357,14 @@ pub struct ListenerConfig {
     /// Default: `starttls` when `tls` is configured, else `none`.
     #[serde(default)]
     pub tls: Option<ListenerTls>,
-    /// Expect a PROXY protocol (v1 or v2) header on every connection.
+    /// Expect a PROXY protocol (v1 or v2) header on every connection, from peers in
+    /// `proxy_trusted_networks` only.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Connections this listener serves at once; default `limits.max_connections`. Each
+    /// listener has its own pool, so a flood on one cannot starve another.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 /// A protocol name in the configuration.
@@ -387,8 +398,13 @@ pub struct Limits {
     pub max_auth_failures: u32,
     pub auth_failure_delay: HumanDuration,
     pub max_bad_commands: u32,
-    /// Connections served at once, all listeners together.
+    /// Connections served at once by each listener (its own pool), unless the listener sets
+    /// its own `max_connections`. When a pool is full, its oldest connection that has not
+    /// logged in yet is dropped to make room.
     pub max_connections: usize,
+    /// Connections not yet logged in (and LMTP connections) from one client address (IPv6:
+    /// one /64) at once, all listeners together: one host cannot fill the pools.
+    pub max_preauth_per_ip: usize,
     /// After one side of a relayed session closes, how long the other may still send.
     pub close_linger: HumanDuration,
 }
@@ -403,6 +419,7 @@ impl Default for Limits {
             auth_failure_delay: secs(2),
             max_bad_commands: 10,
             max_connections: 10_000,
+            max_preauth_per_ip: 100,
             close_linger: secs(10),
         }
     }
@@ -697,6 +714,24 @@ impl Config {
                     "LMTP listeners do not offer TLS yet",
                 ));
             }
+            if l.max_connections == Some(0) {
+                return Err(err(
+                    format_args!("listeners[{i}].max_connections"),
+                    "must be at least 1",
+                ));
+            }
+            if l.proxy_protocol && l.socket.is_some() {
+                return Err(err(
+                    format_args!("listeners[{i}].proxy_protocol"),
+                    "is for TCP listeners only",
+                ));
+            }
+            if l.proxy_protocol && self.proxy_trusted_networks.is_empty() {
+                return Err(err(
+                    "proxy_trusted_networks",
+                    format_args!("listeners[{i}] has proxy_protocol: true, so the load balancers allowed to send PROXY headers must be listed here (anyone else could claim any client address)"),
+                ));
+            }
             if self.listener_tls(i) != ListenerTls::None && self.tls.is_none() {
                 return Err(err(
                     format_args!("listeners[{i}].tls"),
@@ -712,6 +747,7 @@ impl Config {
             ("limits.max_auth_failures", l.max_auth_failures == 0),
             ("limits.max_bad_commands", l.max_bad_commands == 0),
             ("limits.max_connections", l.max_connections == 0),
+            ("limits.max_preauth_per_ip", l.max_preauth_per_ip == 0),
         ];
         for (field, bad) in positive {
             if bad {
@@ -879,6 +915,38 @@ mod tests {
     }
 
     #[test]
+    fn proxy_protocol_needs_trusted_peers_and_limits_are_checked() {
+        let proxy = MINIMAL.replace(
+            "address: 127.0.0.1:1143",
+            "address: 127.0.0.1:1143\n    proxy_protocol: true",
+        );
+        let e = error_of(&proxy);
+        assert!(
+            e.starts_with("proxy_trusted_networks: listeners[0] has proxy_protocol: true"),
+            "{e}"
+        );
+        let c = Config::parse(&format!("{proxy}proxy_trusted_networks: [10.0.0.5]\n")).unwrap();
+        assert_eq!(c.proxy_trusted_networks.len(), 1);
+        let e = error_of(&format!("{MINIMAL}limits: {{max_preauth_per_ip: 0}}\n"));
+        assert!(
+            e.starts_with("limits.max_preauth_per_ip: is too small"),
+            "{e}"
+        );
+        let e = error_of(&MINIMAL.replace(
+            "address: 127.0.0.1:1143",
+            "address: 127.0.0.1:1143\n    max_connections: 0",
+        ));
+        assert_eq!(e, "listeners[0].max_connections: must be at least 1");
+        let c = Config::parse(&MINIMAL.replace(
+            "address: 127.0.0.1:1143",
+            "address: 127.0.0.1:1143\n    max_connections: 50",
+        ))
+        .unwrap();
+        assert_eq!(c.listeners[0].max_connections, Some(50));
+        assert_eq!(c.limits.max_preauth_per_ip, 100);
+    }
+
+    #[test]
     fn health_errors_name_the_field() {
         let e = error_of(&format!("{MINIMAL}health: {{rise: 0}}\n"));
         assert_eq!(e, "health.rise: must be at least 1");
@@ -948,6 +1016,9 @@ mod example_tests {
         assert_eq!(c.limits.auth_failure_delay, l.auth_failure_delay);
         assert_eq!(c.limits.max_bad_commands, l.max_bad_commands);
         assert_eq!(c.limits.max_connections, l.max_connections);
+        assert_eq!(c.limits.max_preauth_per_ip, l.max_preauth_per_ip);
+        assert!(c.proxy_trusted_networks.is_empty());
+        assert!(c.listeners.iter().all(|l| l.max_connections.is_none()));
         assert_eq!(c.limits.close_linger, l.close_linger);
         let d = BackendDefaults::default();
         assert_eq!(c.backend_defaults.tls, d.tls);

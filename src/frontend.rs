@@ -61,6 +61,9 @@ pub struct FrontendContext {
     /// The director's stop: when it starts, the client gets the protocol's goodbye
     /// (`* BYE Server shutting down.`) and the dialogue ends.
     pub shutdown: crate::shutdown::Shutdown,
+    /// Fires when the listener is full and this connection, the oldest not logged in, must
+    /// make room: the front end says BYE ([`crate::admission::EVICTED_TEXT`]) and closes.
+    pub eviction: crate::admission::Eviction,
 }
 
 /// A backend connection that has logged in, ready for the relay.

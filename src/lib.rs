@@ -6,7 +6,10 @@
 //! The flow of one session, and the file that holds each step:
 //!
 //! - `listener` accepts connections (optional PROXY header: `proxy_protocol`, implicit TLS:
-//!   `tls`) and hands each one to its protocol's front end.
+//!   `tls`) and hands each one to its protocol's front end. `admission` decides first who may
+//!   take a slot (a pool per listener, a cap per client address, the oldest connection before
+//!   login dropped to make room); `refusals` names why a connection was turned away and
+//!   reports refusals in the log at most once per interval.
 //! - `imap::frontend`, `pop3::frontend`, `sieve::frontend` (ManageSieve): the
 //!   pre-authentication dialogue (grammar in `imap::command`, `pop3::command`,
 //!   `sieve::command`; SASL decoding in `sasl`). It ends in a [`decision::Decision`]:
@@ -36,6 +39,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod admission;
 pub mod backend;
 pub mod backend_login;
 pub mod checker;
@@ -54,6 +58,7 @@ pub mod network;
 pub mod pop3;
 pub mod probe;
 pub mod proxy_protocol;
+pub mod refusals;
 pub mod relay;
 pub mod reload;
 pub mod resolve;

@@ -1,22 +1,24 @@
 //! A listening socket and the life of each connection on it: PROXY header, implicit TLS, the
 //! protocol's front end, the relay, and the one log line at the end.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::admission::{refusal_line, Admitted, ConnectionPool, PerIpGuard, PerIpLimit, Slot};
 use crate::config::ListenerTls;
 use crate::decision::{ClientIdentity, Protocol};
 use crate::frontend::{Established, FrontendContext, PreauthLimits};
 use crate::login::Login;
 use crate::network::{any_contains, Network};
+use crate::refusals::{RefusalLog, RefusalReason};
 use crate::relay::{relay, Kick, RelayEnd};
 use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
@@ -33,9 +35,12 @@ pub struct ListenerShared {
     pub greeting: String,
     /// After one side of a relayed session closes, how long the other may still send.
     pub close_linger: Duration,
-    /// Caps connections served at once, all listeners together. The same semaphore across
-    /// reloads (a new `max_connections` adds or takes away permits).
-    pub connections: Arc<Semaphore>,
+    /// Peers that may send a PROXY header (`proxy_trusted_networks`).
+    pub proxy_trusted_networks: Vec<Network>,
+    /// Caps connections not logged in yet per client address, all listeners together.
+    pub per_ip: Arc<PerIpLimit>,
+    /// Reports turned-away connections in the log, at most once per interval per reason.
+    pub refusals: RefusalLog,
     /// The LMTP service's settings.
     pub lmtp: Arc<crate::lmtp::LmtpSettings>,
     /// Counts connections, logins and relayed bytes.
@@ -48,6 +53,30 @@ pub enum ListenSocket {
     Tcp(TcpListener),
     /// A unix socket (LMTP from a local MTA), at this path.
     Unix(UnixListener, std::path::PathBuf),
+}
+
+impl ListenerShared {
+    /// Counts and reports (rate limited) a connection turned away for `reason`.
+    fn refused(
+        &self,
+        protocol: Protocol,
+        reason: RefusalReason,
+        addr: Option<IpAddr>,
+        detail: Option<String>,
+    ) {
+        self.metrics.refused(protocol, reason);
+        self.refusals.record(reason, addr, detail);
+    }
+}
+
+/// Writes the line that turns a connection away (at most 1 s for a peer that does not read),
+/// then closes.
+async fn send_refusal(client: &mut ClientStream, line: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        client.write_all(line.as_bytes()).await?;
+        client.shutdown().await
+    })
+    .await;
 }
 
 impl ListenSocket {
@@ -93,6 +122,8 @@ pub struct Listener {
     pub allow_from: Vec<Network>,
     /// Where it listens ([`ListenSocket::describe`]), for logs.
     pub name: String,
+    /// This listener's own connection slots (`max_connections`).
+    pub pool: Arc<ConnectionPool>,
 }
 
 impl Listener {
@@ -112,11 +143,6 @@ impl Listener {
     ) {
         let this = Arc::new(self);
         loop {
-            let connections = shared.load().connections.clone();
-            let permit = tokio::select! {
-                p = connections.acquire_owned() => p.expect("semaphore never closes"),
-                _ = shutdown.draining() => return,
-            };
             let (conn, peer) = tokio::select! {
                 r = socket.accept() => match r {
                     Ok(c) => c,
@@ -129,6 +155,16 @@ impl Listener {
                 _ = shutdown.draining() => return,
             };
             let shared = shared.load_full();
+            if this.proxy_protocol && !any_contains(&shared.proxy_trusted_networks, peer.ip()) {
+                // Before anything else: not one byte read, no task, no greeting.
+                shared.refused(
+                    this.protocol,
+                    RefusalReason::UntrustedProxyPeer,
+                    Some(peer.ip()),
+                    None,
+                );
+                continue;
+            }
             let this = this.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
@@ -136,6 +172,11 @@ impl Listener {
                 match conn {
                     Accepted::Tcp(tcp) => this.handle(tcp, peer, &shared, &shutdown).await,
                     Accepted::Unix(unix) => {
+                        let mut client = ClientStream::Unix(unix);
+                        // A local MTA: no address to count, only the listener's own pool.
+                        let Some((_slot, _)) = this.admit(&mut client, None, &shared).await else {
+                            return;
+                        };
                         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
                         let identity = ClientIdentity {
                             client: unspecified,
@@ -144,7 +185,7 @@ impl Listener {
                         };
                         // Boxed: the LMTP session's state must not enlarge every relayed session's task.
                         let _ = Box::pin(crate::lmtp::serve_connection_until(
-                            ClientStream::Unix(unix),
+                            client,
                             identity.clone(),
                             shared.login.router.clone(),
                             shared.lmtp.clone(),
@@ -155,8 +196,46 @@ impl Listener {
                         ended_by_shutdown(&shutdown, this.protocol, &identity);
                     }
                 }
-                drop(permit);
             });
+        }
+    }
+
+    /// Takes this connection's places: one among its address's connections before login
+    /// (none for a unix socket: `ip` is `None`), and a slot in this listener's pool, made by
+    /// dropping the oldest connection before login when the pool is full. `None`: the
+    /// connection was turned away (told so unless it is implicit TLS, and counted).
+    async fn admit(
+        &self,
+        client: &mut ClientStream,
+        ip: Option<IpAddr>,
+        shared: &ListenerShared,
+    ) -> Option<(Slot, Option<PerIpGuard>)> {
+        let lmtp_host = &shared.lmtp.hostname;
+        // Implicit TLS: no handshake (CPU) for a connection that is turned away; just close.
+        let can_answer = self.tls != ListenerTls::Implicit;
+        let per_ip = match ip {
+            Some(ip) => match shared.per_ip.try_acquire(ip) {
+                Some(guard) => Some(guard),
+                None => {
+                    shared.refused(self.protocol, RefusalReason::PerIpLimit, Some(ip), None);
+                    if can_answer {
+                        send_refusal(client, &refusal_line(self.protocol, true, lmtp_host)).await;
+                    }
+                    return None;
+                }
+            },
+            None => None,
+        };
+        // An LMTP connection carries deliveries: never dropped for a newcomer.
+        match self.pool.admit(self.protocol != Protocol::Lmtp) {
+            Admitted::Slot { slot, .. } => Some((slot, per_ip)),
+            Admitted::Full => {
+                shared.refused(self.protocol, RefusalReason::ListenerFull, ip, None);
+                if can_answer {
+                    send_refusal(client, &refusal_line(self.protocol, false, lmtp_host)).await;
+                }
+                None
+            }
         }
     }
 
@@ -182,7 +261,12 @@ impl Listener {
                     identity.local = h.destination.unwrap_or(local);
                 }
                 Err(e) => {
-                    warn!(peer = %peer, error = %e, "bad PROXY protocol header; connection closed");
+                    shared.refused(
+                        self.protocol,
+                        RefusalReason::BadProxyHeader,
+                        Some(peer.ip()),
+                        Some(e.to_string()),
+                    );
                     return;
                 }
             }
@@ -191,10 +275,21 @@ impl Listener {
         if self.protocol == Protocol::Lmtp {
             if !self.allow_from.is_empty() && !any_contains(&self.allow_from, identity.client.ip())
             {
-                warn!(client = %identity.client, listener = %self.describe(), "LMTP client not in allow_from: refused");
+                shared.refused(
+                    self.protocol,
+                    RefusalReason::NotAllowed,
+                    Some(identity.client.ip()),
+                    None,
+                );
                 let _ = crate::lmtp::refuse_connection(client, &shared.lmtp).await;
                 return;
             }
+            let Some((_slot, _per_ip)) = self
+                .admit(&mut client, Some(identity.client.ip()), shared)
+                .await
+            else {
+                return;
+            };
             // Boxed: the LMTP session's state must not enlarge every relayed session's task.
             let _ = Box::pin(crate::lmtp::serve_connection_until(
                 client,
@@ -208,15 +303,30 @@ impl Listener {
             ended_by_shutdown(shutdown, self.protocol, &identity);
             return;
         }
+        let Some((mut slot, per_ip)) = self
+            .admit(&mut client, Some(identity.client.ip()), shared)
+            .await
+        else {
+            return;
+        };
+        let eviction = slot.eviction();
         if self.tls == ListenerTls::Implicit {
             let acceptor = shared.tls.as_ref().expect("checked by config");
-            match tokio::time::timeout(shared.limits.timeout, client.start_tls(acceptor)).await {
-                Ok(Ok(s)) => client = s,
-                Ok(Err(e)) => {
-                    debug!(client = %identity.client, error = %e, "TLS handshake failed");
+            let handshake = tokio::time::timeout(shared.limits.timeout, client.start_tls(acceptor));
+            tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(s)) => client = s,
+                    Ok(Err(e)) => {
+                        debug!(client = %identity.client, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                // Mid-handshake: no BYE can be said; just close.
+                _ = eviction.evicted() => {
+                    shared.refused(self.protocol, RefusalReason::Evicted, Some(identity.client.ip()), None);
                     return;
                 }
-                Err(_) => return,
             }
         }
         let ctx = FrontendContext {
@@ -230,6 +340,7 @@ impl Listener {
             identity: identity.clone(),
             greeting: shared.greeting.clone(),
             shutdown: shutdown.clone(),
+            eviction: eviction.clone(),
         };
         // The pre-login futures (front end and backend login, with their read buffers) are
         // boxed so that their memory is freed when the relay starts: an idle relayed session
@@ -249,6 +360,14 @@ impl Listener {
                 return;
             }
         };
+        if eviction.is_evicted() && !matches!(result, Ok(Some(_))) {
+            shared.refused(
+                self.protocol,
+                RefusalReason::Evicted,
+                Some(identity.client.ip()),
+                None,
+            );
+        }
         let established = match result {
             Ok(Some(e)) => e,
             Ok(None) if ended_by_shutdown(shutdown, self.protocol, &identity) => return,
@@ -261,6 +380,9 @@ impl Listener {
                 return;
             }
         };
+        // Logged in: no longer counted against its address, never dropped to make room.
+        drop(per_ip);
+        slot.logged_in();
         let Established {
             mut client,
             client_leftover,

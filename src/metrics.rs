@@ -26,6 +26,7 @@ use crate::checker::HealthChecker;
 use crate::decision::Protocol;
 use crate::moves::MoveReason;
 use crate::probe::CheckCode;
+use crate::refusals::RefusalReason;
 use crate::sessions::Sessions;
 use crate::state::State;
 
@@ -215,6 +216,17 @@ pub const LMTP_RECIPIENTS_TOTAL: MetricDef = def(
      at RCPT or after DATA.",
 );
 
+pub const CONNECTIONS_REFUSED_TOTAL: MetricDef = def(
+    "director_connections_refused_total",
+    Counter,
+    &["protocol", "reason"],
+    "Client connections turned away before login, by reason: untrusted_proxy_peer (a peer \
+     outside proxy_trusted_networks on a proxy_protocol listener), bad_proxy_header, \
+     not_allowed (LMTP allow_from), per_ip_limit (limits.max_preauth_per_ip), listener_full \
+     (the listener's pool holds only logged-in sessions), evicted (the oldest connection not \
+     logged in yet, dropped to make room in a full pool).",
+);
+
 /// Every metric the director exports.
 pub const CATALOGUE: &[MetricDef] = &[
     BUILD_INFO,
@@ -239,6 +251,7 @@ pub const CATALOGUE: &[MetricDef] = &[
     KICKS_TOTAL,
     CHECKS_PAUSED,
     LMTP_RECIPIENTS_TOTAL,
+    CONNECTIONS_REFUSED_TOTAL,
 ];
 
 /// The protocols clients log in with (LMTP has no login).
@@ -368,6 +381,7 @@ struct Inner {
     kicks_total: IntCounterVec,
     checks_paused: IntGauge,
     lmtp_recipients_total: IntCounterVec,
+    connections_refused_total: IntCounterVec,
     /// Scrapes reset and refill the state gauges: one at a time.
     refresh: Mutex<()>,
 }
@@ -443,12 +457,18 @@ impl Metrics {
             kicks_total: counter_vec(&r, &KICKS_TOTAL),
             checks_paused: gauge(&r, &CHECKS_PAUSED),
             lmtp_recipients_total: counter_vec(&r, &LMTP_RECIPIENTS_TOTAL),
+            connections_refused_total: counter_vec(&r, &CONNECTIONS_REFUSED_TOTAL),
             registry: r,
             refresh: Mutex::new(()),
         };
         for p in ALL_PROTOCOLS {
             inner.connections_total.with_label_values(&[p.name()]);
             inner.connections.with_label_values(&[p.name()]);
+            for reason in RefusalReason::ALL {
+                inner
+                    .connections_refused_total
+                    .with_label_values(&[p.name(), reason.name()]);
+            }
         }
         for p in LOGIN_PROTOCOLS {
             for result in LoginResult::ALL {
@@ -567,6 +587,14 @@ impl Metrics {
             .kicks_total
             .with_label_values(&[reason.name()])
             .inc_by(sessions as u64);
+    }
+
+    /// A client connection was turned away (or dropped to make room) before login.
+    pub fn refused(&self, protocol: Protocol, reason: RefusalReason) {
+        self.inner
+            .connections_refused_total
+            .with_label_values(&[protocol.name(), reason.name()])
+            .inc();
     }
 
     /// One LMTP recipient's outcome.
@@ -765,6 +793,7 @@ mod tests {
             m.relayed(Protocol::Imap, 10, 200);
         }
         m.lmtp_recipient(RecipientResult::from_code(250));
+        m.refused(Protocol::Lmtp, RefusalReason::PerIpLimit);
         m.moved(MoveReason::HealthDown, 2, 3);
         let state = crate::local_state::LocalState::new(Vec::new(), Duration::from_secs(60));
         let text = m.render(&state, &Sessions::new(), None);
@@ -775,6 +804,8 @@ mod tests {
             "director_login_duration_seconds_count{protocol=\"imap\"} 1",
             "director_relay_bytes_total{direction=\"out\",protocol=\"imap\"} 200",
             "director_lmtp_recipients_total{result=\"delivered\"} 1",
+            "director_connections_refused_total{protocol=\"lmtp\",reason=\"per_ip_limit\"} 1",
+            "director_connections_refused_total{protocol=\"imap\",reason=\"evicted\"} 0",
             "director_moves_total{reason=\"health_down\"} 2",
             "director_kicks_total{reason=\"health_down\"} 3",
             "director_sticky_records 0",

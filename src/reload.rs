@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::admin::AdminContext;
+use crate::admission::ConnectionPool;
 use crate::checker::HealthChecker;
 use crate::config::{Config, ConfigError, ListenerConfig, ListenerTls};
 use crate::decision::Protocol;
@@ -80,6 +81,9 @@ pub struct RunningListener {
     pub protocol: Protocol,
     pub tls: ListenerTls,
     pub socket: Arc<ListenSocket>,
+    /// Its connection slots; kept when a reload takes the socket over (the slots hold live
+    /// connections), resized to the new `max_connections`.
+    pub pool: Arc<ConnectionPool>,
     /// The accept loop; `None` until the director runs.
     task: Option<JoinHandle<()>>,
 }
@@ -90,6 +94,7 @@ impl RunningListener {
         let (entry, tls) = entry_of(config, index);
         RunningListener {
             protocol: entry.protocol.into(),
+            pool: ConnectionPool::new(pool_size(config, &entry)),
             entry,
             tls,
             socket: Arc::new(socket),
@@ -104,6 +109,7 @@ impl RunningListener {
             proxy_protocol: self.entry.proxy_protocol,
             allow_from: self.entry.allow_from.clone(),
             name: self.socket.describe(),
+            pool: self.pool.clone(),
         };
         info!(protocol = %self.protocol, address = %listener.name, tls = ?self.tls, "listening");
         self.task = Some(tokio::spawn(listener.serve(
@@ -120,6 +126,13 @@ impl RunningListener {
             let _ = task.await;
         }
     }
+}
+
+/// The size of a listener's pool: its own `max_connections`, else `limits.max_connections`.
+fn pool_size(config: &Config, entry: &ListenerConfig) -> usize {
+    entry
+        .max_connections
+        .unwrap_or(config.limits.max_connections)
 }
 
 /// A listener's entry with its TLS mode made explicit (what makes two entries the same).
@@ -287,11 +300,6 @@ impl Reloader {
             }
         }
         let shared = Arc::new((self.build_shared)(&new, &prepared));
-        resize(
-            &shared.connections,
-            old.limits.max_connections,
-            new.limits.max_connections,
-        );
         self.shared.store(shared);
         done.push(self.swap_listeners(&new, prepared.sockets, shutdown).await);
         for b in self.state.backends().backends.values() {
@@ -386,20 +394,24 @@ impl Reloader {
         let (mut kept, mut added) = (0, 0);
         for (i, source) in sources.into_iter().enumerate() {
             let (entry, tls) = entry_of(new, i);
-            let socket = match source {
+            let size = pool_size(new, &entry);
+            let (socket, pool) = match source {
                 Source::Keep(k) => {
-                    listeners.push(old[k].take().expect("used once"));
+                    let l = old[k].take().expect("used once");
+                    l.pool.set_capacity(size);
+                    listeners.push(l);
                     kept += 1;
                     continue;
                 }
                 Source::TakeOver(k) => {
                     let mut l = old[k].take().expect("used once");
                     l.stop().await;
-                    l.socket
+                    l.pool.set_capacity(size);
+                    (l.socket, l.pool)
                 }
                 Source::Bound(socket) => {
                     added += 1;
-                    socket
+                    (socket, ConnectionPool::new(size))
                 }
             };
             to_start.push(listeners.len());
@@ -408,6 +420,7 @@ impl Reloader {
                 entry,
                 tls,
                 socket,
+                pool,
                 task: None,
             });
         }
@@ -424,24 +437,6 @@ impl Reloader {
         let changed = listeners.len() - kept - added;
         self.running.lock().unwrap().listeners = listeners;
         format!("listeners: {kept} kept, {added} added, {changed} changed, {removed} removed")
-    }
-}
-
-/// Adds or takes away connection permits for a new `max_connections`. Permits in use are
-/// taken away as their connections end (until then new connections wait).
-fn resize(semaphore: &Arc<tokio::sync::Semaphore>, from: usize, to: usize) {
-    if to > from {
-        semaphore.add_permits(to - from);
-    } else if from > to {
-        let rest = (from - to) - semaphore.forget_permits(from - to);
-        if rest > 0 {
-            let semaphore = semaphore.clone();
-            tokio::spawn(async move {
-                if let Ok(p) = semaphore.acquire_many_owned(rest as u32).await {
-                    p.forget();
-                }
-            });
-        }
     }
 }
 
@@ -489,24 +484,5 @@ mod tests {
         // What a reload may change is changed.
         assert_eq!(kept.log_level, "debug");
         assert_eq!(kept.limits.max_connections, 5);
-    }
-
-    #[tokio::test]
-    async fn resize_adds_and_takes_away_permits() {
-        let s = Arc::new(tokio::sync::Semaphore::new(3));
-        resize(&s, 3, 5);
-        assert_eq!(s.available_permits(), 5);
-        let held = s.clone().acquire_many_owned(4).await.unwrap();
-        // 1 free: it goes at once, the other 2 as connections end.
-        resize(&s, 5, 2);
-        assert_eq!(s.available_permits(), 0);
-        drop(held);
-        tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            while s.available_permits() != 2 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("cap of 2 once the connections ended");
     }
 }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::backend::{AdminState, Backend, Health};
@@ -140,13 +139,17 @@ pub(crate) async fn bind_listener(
 }
 
 /// The settings new connections take, from a configuration and what was prepared for it.
+/// The settings new connections take from `config`. The per-address counts and the refusal
+/// log live on across reloads (a reload changes the cap, not the counts).
 fn listener_shared(
     config: &Config,
     prepared: &Prepared,
     login: &Login,
-    connections: &Arc<Semaphore>,
+    per_ip: &Arc<crate::admission::PerIpLimit>,
+    refusals: &crate::refusals::RefusalLog,
 ) -> ListenerShared {
     let l = &config.limits;
+    per_ip.set_max(l.max_preauth_per_ip);
     ListenerShared {
         login: Login {
             router: login.router.clone(),
@@ -168,7 +171,9 @@ fn listener_shared(
         },
         greeting: config.greeting.clone(),
         close_linger: l.close_linger.into(),
-        connections: connections.clone(),
+        proxy_trusted_networks: config.proxy_trusted_networks.clone(),
+        per_ip: per_ip.clone(),
+        refusals: refusals.clone(),
         lmtp: Arc::new(crate::lmtp::LmtpSettings {
             backend_tls: prepared.backend_tls.clone(),
             ..config.lmtp_settings()
@@ -234,12 +239,10 @@ impl Director {
             health: health.clone(),
             metrics: metrics.clone(),
         };
-        let connections = Arc::new(Semaphore::new(config.limits.max_connections));
+        let per_ip = crate::admission::PerIpLimit::new(config.limits.max_preauth_per_ip);
+        let refusals = crate::refusals::RefusalLog::default();
         let shared = Arc::new(ArcSwap::from_pointee(listener_shared(
-            config,
-            &prepared,
-            &login,
-            &connections,
+            config, &prepared, &login, &per_ip, &refusals,
         )));
         let admin = crate::admin::AdminContext::new(
             state.clone(),
@@ -288,7 +291,7 @@ impl Director {
             listeners,
             shared,
             build_shared: Arc::new(move |config, prepared| {
-                listener_shared(config, prepared, &login, &connections)
+                listener_shared(config, prepared, &login, &per_ip, &refusals)
             }),
             state: state.clone() as Arc<dyn State>,
             health: health.clone(),

@@ -51,21 +51,26 @@ pub async fn run<A: Authenticator>(
         auth_failures: 0,
         bad_commands: 0,
     };
-    let outcome = tokio::select! {
-        r = tokio::time::timeout(limit, session.dialogue()) => r,
+    let eviction = session.ctx.eviction.clone();
+    tokio::select! {
+        r = tokio::time::timeout(limit, session.dialogue()) => match r {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::debug!(
+                    session = %session.ctx.identity.session_id,
+                    "pop3: disconnected for inactivity before login"
+                );
+                session.farewell("-ERR Disconnected for inactivity.").await;
+                Ok(None)
+            }
+        },
         _ = shutdown.draining() => {
             session.farewell("-ERR Server shutting down.").await;
-            return Ok(None);
+            Ok(None)
         }
-    };
-    match outcome {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::debug!(
-                session = %session.ctx.identity.session_id,
-                "pop3: disconnected for inactivity before login"
-            );
-            session.farewell("-ERR Disconnected for inactivity.").await;
+        _ = eviction.evicted() => {
+            let line = format!("-ERR [SYS/TEMP] {}", crate::admission::EVICTED_TEXT);
+            session.farewell(&line).await;
             Ok(None)
         }
     }
@@ -568,6 +573,7 @@ mod tests {
             },
             greeting: "Director ready.".into(),
             shutdown: Default::default(),
+            eviction: Default::default(),
         }
     }
 

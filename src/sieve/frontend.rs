@@ -52,19 +52,23 @@ pub async fn run<A: Authenticator>(
 ) -> io::Result<Option<Established>> {
     let timeout = ctx.limits.timeout;
     let shutdown = ctx.shutdown.clone();
+    let eviction = ctx.eviction.clone();
     let mut session = Session::new(client, ctx);
-    let outcome = tokio::select! {
-        r = tokio::time::timeout(timeout, session.dialogue(auth)) => r,
+    tokio::select! {
+        r = tokio::time::timeout(timeout, session.dialogue(auth)) => match r {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::debug!(session = %session.ctx.identity.session_id, "pre-auth timeout");
+                session.bye("Disconnected for inactivity.").await;
+                Ok(None)
+            }
+        },
         _ = shutdown.draining() => {
             session.bye("Server shutting down.").await;
-            return Ok(None);
+            Ok(None)
         }
-    };
-    match outcome {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::debug!(session = %session.ctx.identity.session_id, "pre-auth timeout");
-            session.bye("Disconnected for inactivity.").await;
+        _ = eviction.evicted() => {
+            session.bye(crate::admission::EVICTED_TEXT).await;
             Ok(None)
         }
     }
@@ -641,6 +645,7 @@ mod tests {
             },
             greeting: "Director ready.".into(),
             shutdown: Default::default(),
+            eviction: Default::default(),
         }
     }
 

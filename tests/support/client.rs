@@ -26,6 +26,53 @@ impl Conn {
         }
     }
 
+    /// Connects from `source` (a 127.x address picks which client the director sees), with
+    /// the same settings as [`Conn::connect`]. `None` when the connection cannot be made.
+    pub fn try_connect_from(source: std::net::IpAddr, addr: SocketAddr) -> Option<Conn> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let s = rt
+            .block_on(async {
+                let sock = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                sock.bind(SocketAddr::new(source, 0))?;
+                sock.connect(addr).await?.into_std()
+            })
+            .ok()?;
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Some(Conn {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        })
+    }
+
+    /// Wraps a socket a test connected itself (20 s read timeout).
+    pub fn from_stream(s: TcpStream) -> Conn {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Conn {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
+    }
+
+    /// [`Conn::try_connect_from`], panicking when the connection cannot be made.
+    pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> Conn {
+        Self::try_connect_from(source, addr)
+            .unwrap_or_else(|| panic!("connect {addr} from {source} failed"))
+    }
+
+    /// The socket, to change its settings (e.g. the read timeout).
+    pub fn socket(&self) -> &TcpStream {
+        &self.writer
+    }
+
     /// Sends bytes as they are.
     pub fn send(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).unwrap();

@@ -31,6 +31,9 @@ pub struct DirectorOptions {
     pub extra: String,
     /// Whether listeners expect a PROXY header.
     pub proxy_protocol: bool,
+    /// `proxy_trusted_networks`, written when `proxy_protocol` is set (default 127.0.0.0/8:
+    /// the tests' own clients act as the load balancer).
+    pub proxy_trusted_networks: Vec<String>,
     /// `trusted_networks` (default 127.0.0.0/8, so plaintext logins work without TLS).
     pub trusted_networks: Vec<String>,
     /// How many of the pool's backends (the first ones) the configuration lists; `None`: all.
@@ -49,6 +52,7 @@ impl Default for DirectorOptions {
             backend_extra: String::new(),
             extra: String::new(),
             proxy_protocol: false,
+            proxy_trusted_networks: vec!["127.0.0.0/8".into()],
             trusted_networks: vec!["127.0.0.0/8".into()],
             configured_backends: None,
             connect_timeout: "2s".into(),
@@ -61,6 +65,12 @@ impl Default for DirectorOptions {
 pub fn config_yaml(pool: &Pool, o: &DirectorOptions) -> String {
     let mut y = String::new();
     y += &format!("trusted_networks: [{}]\n", o.trusted_networks.join(", "));
+    if o.proxy_protocol {
+        y += &format!(
+            "proxy_trusted_networks: [{}]\n",
+            o.proxy_trusted_networks.join(", ")
+        );
+    }
     y += &format!(
         "tls:\n  cert: {}\n  key: {}\n",
         pool.tls.cert.display(),

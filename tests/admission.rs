@@ -1,0 +1,503 @@
+//! No single host can take the connection slots, and only trusted load balancers may name
+//! the client (through the running director, real Dovecot 2.3 backends behind it):
+//!
+//! - 11,000 idle connections from one address do not keep a client at another address from
+//!   logging in (`limits.max_preauth_per_ip`);
+//! - a full listener drops its oldest connection that has not logged in yet to make room,
+//!   never a logged-in session, and each listener has its own pool;
+//! - a PROXY header counts only from `proxy_trusted_networks`: anyone else is closed
+//!   without a greeting, so cannot claim a trusted or LMTP `allow_from` address; a trusted
+//!   header's address is what the caps, `allow_from` and the backend (`rip=`) see;
+//! - a flood of bad headers makes a few WARN lines, not one per connection.
+//!
+//! The test process may hold 20,000 file descriptors: the director runs in-process, so every
+//! connection counts twice while the director holds it.
+
+mod support;
+
+use std::io::Write;
+use std::net::{IpAddr, TcpStream};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use support::client::{curl, quote, Conn};
+use support::director::{config_yaml, DirectorOptions, TestDirector};
+use support::dovecot::{user, Pool, PASSWORD};
+use support::logs::{field, wait_login, wait_until};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The resident memory of this process (the director runs in it), in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// Logs in over IMAP as `u` on `c` (greeting already read) and selects the inbox.
+fn imap_login(c: &mut Conn, u: &str) {
+    let r = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
+    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
+    let r = c.imap("b", "SELECT INBOX");
+    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+}
+
+/// The director's configuration with `lines` added under `limits:`.
+fn with_limits(pool: &Pool, o: &DirectorOptions, lines: &str) -> String {
+    config_yaml(pool, o).replacen("limits:\n", &format!("limits:\n{lines}"), 1)
+}
+
+#[test]
+fn eleven_thousand_idle_connections_from_one_address_do_not_lock_out_another() {
+    let pool = Pool::start(2);
+    // The default limits: 10,000 connections per listener, 100 before login per address.
+    // The pre-auth timeout is long, so that no flood connection is let go during the test.
+    let yaml = config_yaml(&pool, &DirectorOptions::default()).replacen(
+        "preauth_timeout: 20s",
+        "preauth_timeout: 10m",
+        1,
+    );
+    let d = TestDirector::start_yaml(&yaml);
+    let before = rss_kib();
+    let flood_started = Instant::now();
+    let mut flood: Vec<TcpStream> = Vec::with_capacity(11_000);
+    for i in 0..11_000 {
+        let s = TcpStream::connect(d.imap).unwrap_or_else(|e| panic!("flood connect {i}: {e}"));
+        flood.push(s);
+    }
+    let flood_time = flood_started.elapsed();
+    // Wait until the director has answered the last flood connection: it was turned away.
+    let mut last = Conn::from_stream(flood.pop().unwrap());
+    assert_eq!(last.line(), "* BYE Too many connections from your address.");
+    assert!(last.ended());
+    let during = rss_kib();
+
+    // A client from another address logs in through the director to a real backend.
+    let started = Instant::now();
+    let mut c = Conn::connect_from(ip("127.0.0.7"), d.imap);
+    let greeting = c.line();
+    assert!(greeting.starts_with("* OK"), "{greeting:?}");
+    let u = user(60);
+    imap_login(&mut c, &u);
+    let login_time = started.elapsed();
+    let home = pool
+        .by_ip(d.router.route(&u, "").unwrap().backend.ip)
+        .unwrap();
+    let line = wait_login(home, "imap-login", &u);
+    assert_eq!(field(&line, "rip").as_deref(), Some("127.0.0.7"), "{line}");
+
+    eprintln!(
+        "flood: 11,000 connections from 127.0.0.1 in {flood_time:?}; this process's RSS \
+         (director in-process) {before} KiB before, {during} KiB during the flood \
+         (+{} KiB); a client from 127.0.0.7 was greeted and logged in in {login_time:?}",
+        during.saturating_sub(before)
+    );
+    // Exactly 100 flood connections were greeted (and still wait); the others were told.
+    let mut greeted = Vec::new();
+    let mut refused = 0;
+    for s in flood {
+        let mut c = Conn::from_stream(s);
+        match c.line().as_str() {
+            l if l.starts_with("* OK") => greeted.push(c),
+            "* BYE Too many connections from your address." => refused += 1,
+            other => panic!("a flood connection got {other:?}"),
+        }
+    }
+    assert_eq!((greeted.len(), refused), (100, 10_899));
+    let r = greeted[0].imap("n", "NOOP");
+    assert!(r.last().unwrap().starts_with("n OK"), "{r:?}");
+    assert!(
+        login_time < Duration::from_secs(5),
+        "the login waited {login_time:?}: the pre-auth timeout freed a slot, not the cap"
+    );
+}
+
+#[test]
+fn a_full_listener_drops_its_oldest_connection_before_login() {
+    let pool = Pool::start(1);
+    let yaml = with_limits(&pool, &DirectorOptions::default(), "  max_connections: 3\n");
+    let d = TestDirector::start_yaml(&yaml);
+    let mut waiting: Vec<Conn> = (0..3)
+        .map(|_| {
+            let mut c = Conn::connect(d.imap);
+            assert!(c.line().starts_with("* OK"));
+            c
+        })
+        .collect();
+    let mut newcomer = Conn::connect(d.imap);
+    // The oldest is told why and closed; the newcomer is greeted.
+    assert_eq!(
+        waiting[0].line(),
+        "* BYE [UNAVAILABLE] Connection queue full."
+    );
+    assert!(waiting[0].ended());
+    assert!(newcomer.line().starts_with("* OK"), "newcomer greeted");
+    // The others stay, and the newcomer can log in.
+    for c in &mut waiting[1..] {
+        assert!(c.imap("n", "NOOP").last().unwrap().starts_with("n OK"));
+    }
+    imap_login(&mut newcomer, &user(61));
+    // One more: now the second-oldest goes (the logged-in newcomer is not a candidate).
+    let mut another = Conn::connect(d.imap);
+    assert!(another.line().starts_with("* OK"));
+    assert_eq!(
+        waiting[1].line(),
+        "* BYE [UNAVAILABLE] Connection queue full."
+    );
+    assert!(newcomer
+        .imap("n", "NOOP")
+        .last()
+        .unwrap()
+        .starts_with("n OK"));
+    // POP3 and ManageSieve have pools of their own (the same size), untouched so far, and
+    // say their own BYE.
+    let greet_pop3 = || {
+        let mut c = Conn::connect(d.pop3);
+        assert!(c.line().starts_with("+OK"));
+        c
+    };
+    let mut pop3: Vec<Conn> = (0..3).map(|_| greet_pop3()).collect();
+    let _p = greet_pop3();
+    assert_eq!(pop3[0].line(), "-ERR [SYS/TEMP] Connection queue full.");
+    assert!(pop3[0].ended());
+    assert!(pop3[1].pop3("NOOP").starts_with("+OK"));
+    let greet_sieve = || {
+        let mut c = Conn::connect(d.sieve);
+        while !c.line().starts_with("OK") {}
+        c
+    };
+    let mut sieve: Vec<Conn> = (0..3).map(|_| greet_sieve()).collect();
+    let _s = greet_sieve();
+    assert_eq!(sieve[0].line(), "BYE \"Connection queue full.\"");
+    assert!(sieve[0].ended());
+}
+
+#[test]
+fn a_listener_full_of_logged_in_sessions_refuses_newcomers_and_keeps_them() {
+    let pool = Pool::start(2);
+    let base = with_limits(&pool, &DirectorOptions::default(), "  max_connections: 3\n");
+    // An LMTP listener with its own, larger pool.
+    let yaml = base.replacen(
+        "listeners:\n",
+        "listeners:\n  - {protocol: lmtp, address: 127.0.0.1:0, max_connections: 5}\n",
+        1,
+    );
+    let d = TestDirector::start_yaml(&yaml);
+    let mut sessions: Vec<Conn> = (0..3)
+        .map(|i| {
+            let mut c = Conn::connect(d.imap);
+            assert!(c.line().starts_with("* OK"));
+            imap_login(&mut c, &user(62 + i));
+            c
+        })
+        .collect();
+    let mut refused = Conn::connect(d.imap);
+    assert_eq!(
+        refused.line(),
+        "* BYE Too many connections, try again later."
+    );
+    assert!(refused.ended());
+    for c in &mut sessions {
+        let r = c.imap("n", "NOOP");
+        assert!(r.last().unwrap().starts_with("n OK"), "{r:?}");
+    }
+    // Other listeners have their own pools: POP3 logs in, LMTP greets.
+    let mut p = Conn::connect(d.pop3);
+    assert!(p.line().starts_with("+OK"));
+    assert!(p.pop3(&format!("USER {}", user(66))).starts_with("+OK"));
+    assert!(p.pop3(&format!("PASS {PASSWORD}")).starts_with("+OK"));
+    let mut l = Conn::connect(d.lmtp[0]);
+    assert!(l.line().starts_with("220 "));
+    // A session that ends frees its slot.
+    let mut first = sessions.remove(0);
+    assert!(first
+        .imap("z", "LOGOUT")
+        .last()
+        .unwrap()
+        .starts_with("z OK"));
+    drop(first);
+    let mut next = wait_until("a slot after a logout", Duration::from_secs(5), || {
+        let mut c = Conn::connect(d.imap);
+        c.line().starts_with("* OK").then_some(c)
+    });
+    imap_login(&mut next, &user(67));
+}
+
+#[test]
+fn lmtp_connections_count_against_the_per_address_cap() {
+    let pool = Pool::start(1);
+    let base = with_limits(
+        &pool,
+        &DirectorOptions::default(),
+        "  max_preauth_per_ip: 2\n",
+    );
+    let yaml = base.replacen(
+        "listeners:\n",
+        "listeners:\n  - {protocol: lmtp, address: 127.0.0.1:0}\n",
+        1,
+    );
+    let d = TestDirector::start_yaml(&yaml);
+    let from = ip("127.0.0.9");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = Conn::connect_from(from, d.lmtp[0]);
+        assert!(c.line().starts_with("220 "));
+        held.push(c);
+    }
+    let mut third = Conn::connect_from(from, d.lmtp[0]);
+    let line = third.line();
+    assert!(
+        line.starts_with("421 4.3.2 ")
+            && line.ends_with(" Too many connections from your address."),
+        "{line:?}"
+    );
+    // IMAP from the same address is over the cap too (one count, all listeners); another
+    // address is not.
+    let mut imap = Conn::connect_from(from, d.imap);
+    assert_eq!(imap.line(), "* BYE Too many connections from your address.");
+    let mut other = Conn::connect_from(ip("127.0.0.10"), d.imap);
+    assert!(other.line().starts_with("* OK"));
+    // An IMAP login frees its address's place: the cap is on connections before login.
+    drop(held);
+    let mut c = wait_until("a place for 127.0.0.9", Duration::from_secs(5), || {
+        let mut c = Conn::connect_from(from, d.imap);
+        c.line().starts_with("* OK").then_some(c)
+    });
+    imap_login(&mut c, &user(68));
+    let mut c2 = Conn::connect_from(from, d.imap);
+    assert!(c2.line().starts_with("* OK"));
+    imap_login(&mut c2, &user(69));
+    let mut c3 = Conn::connect_from(from, d.imap);
+    assert!(
+        c3.line().starts_with("* OK"),
+        "logged-in sessions no longer count"
+    );
+}
+
+// --- PROXY protocol: trusted peers only. ---
+
+/// The address a header claims: in `trusted_networks` and in LMTP `allow_from`.
+const CLAIMED: &str = "192.0.2.55";
+/// The test's load balancer.
+const BALANCER: &str = "127.0.0.5";
+
+fn v1_header(client: &str, port: u16) -> Vec<u8> {
+    format!("PROXY TCP4 {client} 127.0.0.1 40001 {port}\r\n").into_bytes()
+}
+
+fn proxy_options() -> DirectorOptions {
+    DirectorOptions {
+        proxy_protocol: true,
+        proxy_trusted_networks: vec![BALANCER.into()],
+        // Plaintext logins only for the claimed network: the header decides.
+        trusted_networks: vec!["192.0.2.0/24".into()],
+        ..DirectorOptions::default()
+    }
+}
+
+/// Everything the director logged in this test process (all tests share it).
+static DIRECTOR_LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        DIRECTOR_LOG.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_director_log() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        tracing_subscriber::fmt()
+            .with_writer(|| Capture)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .init();
+    });
+}
+
+/// WARN lines the director logged for refusals of `reason`.
+fn refusal_warnings(reason: &str) -> Vec<String> {
+    let log = String::from_utf8_lossy(&DIRECTOR_LOG.lock().unwrap()).into_owned();
+    log.lines()
+        .filter(|l| l.contains("WARN") && l.contains(&format!("reason=\"{reason}\"")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The metrics text of a director with a metrics listener.
+fn metrics(d: &TestDirector) -> String {
+    let url = format!("http://{}/metrics", d.metrics.expect("metrics listener"));
+    let (ok, out, err) = curl(&[&url]);
+    assert!(ok, "curl {url}: {err}");
+    out
+}
+
+fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in the metrics"))
+}
+
+/// Connects from 127.0.0.1 (not the balancer), sends a header claiming [`CLAIMED`] (the
+/// director may already have closed: a failed write is fine), and returns what the director
+/// answered before closing; `None` if it kept the connection open for 5 s.
+fn untrusted_attempt(addr: std::net::SocketAddr) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let _ = s.write_all(&v1_header(CLAIMED, addr.port()));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    match std::io::Read::read_to_end(&mut s, &mut got) {
+        Ok(_) => Some(got),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(got),
+        Err(_) => None,
+    }
+}
+
+#[test]
+fn an_untrusted_peer_cannot_claim_an_address() {
+    capture_director_log();
+    let pool = Pool::start(1);
+    let o = DirectorOptions {
+        extra: "metrics:\n  address: 127.0.0.1:0\n".into(),
+        ..proxy_options()
+    };
+    // An LMTP listener behind the same load balancer, open to the claimed network only.
+    let yaml = config_yaml(&pool, &o).replacen(
+        "listeners:\n",
+        "listeners:\n  - {protocol: lmtp, address: 127.0.0.1:0, proxy_protocol: true, allow_from: [192.0.2.0/24]}\n",
+        1,
+    );
+    let d = TestDirector::start_yaml(&yaml);
+    // From 127.0.0.1, not the balancer: closed, no greeting, whatever the header says.
+    for addr in [d.imap, d.pop3, d.sieve, d.lmtp[0]] {
+        let got = untrusted_attempt(addr)
+            .unwrap_or_else(|| panic!("{addr}: an untrusted peer's connection stays open"));
+        assert!(
+            got.is_empty(),
+            "{addr}: answered {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // A flood of them: a few WARN lines, every one counted.
+    for _ in 0..300 {
+        let got = untrusted_attempt(d.imap).expect("closed");
+        assert!(got.is_empty());
+    }
+    let text = metrics(&d);
+    assert_eq!(
+        counter(
+            &text,
+            "director_connections_refused_total{protocol=\"imap\",reason=\"untrusted_proxy_peer\"}"
+        ),
+        301
+    );
+    let warnings = refusal_warnings("untrusted_proxy_peer");
+    assert!(
+        !warnings.is_empty() && warnings.len() <= 3,
+        "{} WARN lines: {warnings:#?}",
+        warnings.len()
+    );
+    assert!(
+        warnings[0].contains("PROXY header from untrusted peers")
+            && warnings[0].contains("127.0.0.1"),
+        "{}",
+        warnings[0]
+    );
+
+    // The balancer's header is honoured: LMTP allow_from sees the claimed address.
+    let balancer = ip(BALANCER);
+    let mut l = Conn::connect_from(balancer, d.lmtp[0]);
+    l.send(&v1_header(CLAIMED, 24));
+    assert!(l.line().starts_with("220 "));
+    let mut l = Conn::connect_from(balancer, d.lmtp[0]);
+    l.send(&v1_header("198.51.100.1", 24));
+    assert!(l.line().starts_with("554 "), "outside allow_from");
+    // IMAP: plaintext login allowed (the claimed client is trusted), and the backend logs
+    // the claimed address.
+    let mut c = Conn::connect_from(balancer, d.imap);
+    c.send(&v1_header(CLAIMED, 143));
+    assert!(c.line().starts_with("* OK"));
+    let u = user(70);
+    imap_login(&mut c, &u);
+    let line = wait_login(pool.backend(0), "imap-login", &u);
+    assert_eq!(field(&line, "rip").as_deref(), Some(CLAIMED), "{line}");
+}
+
+#[test]
+fn the_per_address_cap_counts_the_client_a_trusted_header_names() {
+    let pool = Pool::start(1);
+    let d = TestDirector::start_yaml(&with_limits(
+        &pool,
+        &proxy_options(),
+        "  max_preauth_per_ip: 2\n",
+    ));
+    let balancer = ip(BALANCER);
+    let connect = |client: &str| {
+        let mut c = Conn::connect_from(balancer, d.imap);
+        c.send(&v1_header(client, 143));
+        c
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect(CLAIMED);
+        assert!(c.line().starts_with("* OK"));
+        held.push(c);
+    }
+    let mut third = connect(CLAIMED);
+    assert_eq!(
+        third.line(),
+        "* BYE Too many connections from your address."
+    );
+    // Another client behind the same balancer is not affected.
+    let mut other = connect("192.0.2.56");
+    assert!(other.line().starts_with("* OK"));
+}
+
+#[test]
+fn a_flood_of_bad_headers_from_a_trusted_peer_makes_a_few_warn_lines() {
+    capture_director_log();
+    let pool = Pool::start(1);
+    let d = TestDirector::start(
+        &pool,
+        &DirectorOptions {
+            extra: "metrics:\n  address: 127.0.0.1:0\n".into(),
+            ..proxy_options()
+        },
+    );
+    let balancer = ip(BALANCER);
+    for i in 0..500 {
+        let mut c = Conn::connect_from(balancer, d.imap);
+        c.send(format!("PROXY TCP4 garbage {i}\r\n").as_bytes());
+        assert!(c.ended());
+    }
+    let text = metrics(&d);
+    assert_eq!(
+        counter(
+            &text,
+            "director_connections_refused_total{protocol=\"imap\",reason=\"bad_proxy_header\"}"
+        ),
+        500
+    );
+    let warnings = refusal_warnings("bad_proxy_header");
+    assert!(
+        !warnings.is_empty() && warnings.len() <= 3,
+        "{} WARN lines: {warnings:#?}",
+        warnings.len()
+    );
+    assert!(
+        warnings[0].contains("bad PROXY headers from trusted peers (last: 127.0.0.5: "),
+        "{}",
+        warnings[0]
+    );
+}
