@@ -463,3 +463,113 @@ fn sigterm_says_goodbye_gives_the_grace_and_exits_0() {
     assert!(log.contains("second stop signal"), "{log}");
     assert!(relayed.ended());
 }
+
+/// `director status --json` of the running director: every backend's ip and health.
+fn backends(serve: &Serve) -> Vec<(String, String)> {
+    let out = Command::new(BIN)
+        .args(["-c", serve.config.to_str().unwrap(), "--json", "status"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["ip"].as_str().unwrap().to_owned(),
+                b["health"].as_str().unwrap().to_ascii_lowercase(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn reload_applies_health_settings_and_the_backend_list() {
+    let pool = Pool::start(3);
+    let dir = scratch("health");
+    let health = "health:\n  interval: 300ms\n  fast_interval: 100ms\n  rise: 1\n  fall: 1\n";
+    // One admin socket for every version of the file (the harness numbers them).
+    let admin = format!("admin:\n  socket: {}/admin.sock\n", dir.display());
+    let listed = |n: usize, extra: &str| {
+        let o = DirectorOptions {
+            configured_backends: Some(n),
+            extra: format!("{admin}{health}{extra}"),
+            ..DirectorOptions::default()
+        };
+        config_yaml(&pool, &o)
+    };
+    // Fixed ports, so that every reload keeps the listeners.
+    let mut yaml = listed(2, "");
+    let ports = free_ports(yaml.matches("127.0.0.1:0").count());
+    let fix = |y: String| {
+        let mut y = y;
+        for p in &ports {
+            y = y.replacen("127.0.0.1:0", &format!("127.0.0.1:{p}"), 1);
+        }
+        y
+    };
+    yaml = fix(yaml);
+    let imap = addr(ports[0]);
+    let serve = Serve::start(&dir, &yaml, imap);
+    let ip = |i: usize| pool.backend(i).ip.to_string();
+    let all_up = |want: usize| {
+        let b = backends(&serve);
+        (b.len() == want && b.iter().all(|(_, h)| h == "up")).then_some(b)
+    };
+    wait_until("two backends up", Duration::from_secs(10), || all_up(2));
+
+    // A backend added to the file is added, checked, and takes users.
+    let (ok, out) = serve.reload(&fix(listed(3, "")));
+    assert!(ok, "{out}\n{}", serve.log());
+    let b = wait_until("three backends up", Duration::from_secs(10), || all_up(3));
+    assert!(b.iter().any(|(i, _)| *i == ip(2)), "{b:?}");
+    let on_third = (1..=200)
+        .map(user)
+        .find_map(|u| {
+            let (c, on) = imap_login(imap, &u, PASSWORD);
+            (on == pool.backend(2).name).then_some((u, c))
+        })
+        .expect("a user on the added backend");
+
+    // New health settings: a check that expects a banner no backend sends takes them all
+    // down; the old check back brings them up.
+    let checks = dir.join("checks");
+    fs::create_dir_all(&checks).unwrap();
+    fs::write(
+        checks.join("imap.yaml"),
+        "port: imap\ntimeout: 1s\nsteps:\n  - expect: \"* OK [NOT-THIS-BANNER]\"\n",
+    )
+    .unwrap();
+    let strict = format!("  checks_dir: {}\n", checks.display());
+    let (ok, out) = serve.reload(&fix(listed(3, &strict)));
+    assert!(ok, "{out}");
+    wait_until("every backend down", Duration::from_secs(10), || {
+        backends(&serve)
+            .iter()
+            .all(|(_, h)| h == "down")
+            .then_some(())
+    });
+    let (ok, out) = serve.reload(&fix(listed(3, "")));
+    assert!(ok, "{out}");
+    wait_until("every backend up again", Duration::from_secs(10), || {
+        all_up(3)
+    });
+
+    // A backend taken out of the file is removed: its users' sessions are ended first.
+    let (u, mut c) = on_third;
+    let (ok, out) = serve.reload(&fix(listed(2, "")));
+    assert!(ok, "{out}");
+    assert!(
+        c.until_closed(Duration::from_secs(10)).is_some(),
+        "{u}'s session on the removed backend is still open"
+    );
+    let b = wait_until("two backends left", Duration::from_secs(10), || {
+        let b = backends(&serve);
+        (b.len() == 2).then_some(b)
+    });
+    assert!(!b.iter().any(|(i, _)| *i == ip(2)), "{b:?}");
+    let (_c, now_on) = imap_login(imap, &u, PASSWORD);
+    assert_ne!(now_on, pool.backend(2).name);
+}
