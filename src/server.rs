@@ -139,6 +139,7 @@ impl Director {
             tls: backend_tls.clone(),
             health: health.clone(),
             metrics: metrics.clone(),
+            master_user_separator: config.auth_master_user_separator.chars().next(),
         };
         let l = &config.limits;
         let shared = Arc::new(ListenerShared {
