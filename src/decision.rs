@@ -112,6 +112,10 @@ pub struct ClientIdentity {
     pub local: SocketAddr,
     /// A session id unique within this director, logged here and sent to the backend.
     pub session_id: String,
+    /// The session id of a trusted front end (webmail) that connects for its user, from its
+    /// IMAP `ID` `x-session-ext-id`: sent on to the backend, so one session can be followed
+    /// through the three logs. `None` unless a trusted client gave a valid one.
+    pub session_ext_id: Option<String>,
 }
 
 /// The end of a successful pre-authentication dialogue.

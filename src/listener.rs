@@ -119,6 +119,7 @@ impl Listener {
                             client: unspecified,
                             local: unspecified,
                             session_id: new_session_id(),
+                            session_ext_id: None,
                         };
                         // Boxed: the LMTP session's state must not enlarge every relayed session's task.
                         let _ = Box::pin(crate::lmtp::serve_connection(
@@ -144,6 +145,7 @@ impl Listener {
             client: peer,
             local,
             session_id: new_session_id(),
+            session_ext_id: None,
         };
         if self.proxy_protocol {
             match crate::proxy_protocol::read_header(&mut tcp, shared.limits.timeout).await {
@@ -232,6 +234,7 @@ impl Listener {
             client_leftover,
             backend,
             username,
+            identity,
         } = established;
         let mut backend_stream = backend.stream;
         let kick_message: &[u8] = match self.protocol {

@@ -438,6 +438,7 @@ impl Session {
                     client_leftover: std::mem::take(&mut self.buf),
                     backend,
                     username: decision.credentials.username,
+                    identity: self.ctx.identity.clone(),
                 })))
             }
             Err(LoginFailure::AuthFailed { message }) => self.auth_failed(&message).await,
@@ -630,6 +631,7 @@ mod tests {
                 client,
                 local,
                 session_id: "s1".into(),
+                session_ext_id: None,
             },
             greeting: "Director ready.".into(),
         }

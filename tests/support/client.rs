@@ -26,6 +26,32 @@ impl Conn {
         }
     }
 
+    /// Connects from the local address `source` (any 127.x address on Linux), so a test can
+    /// be a client inside or outside the director's trusted networks.
+    pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> Conn {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let s = rt
+            .block_on(async {
+                let socket = match source {
+                    std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.bind(SocketAddr::new(source, 0))?;
+                socket.connect(addr).await?.into_std()
+            })
+            .unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"));
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Conn {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
+    }
+
     /// Sends bytes as they are.
     pub fn send(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).unwrap();
