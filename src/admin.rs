@@ -1211,8 +1211,10 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ConfigError> {
     Ok(listener)
 }
 
-/// Reads the TCP bearer token; refuses a file that group or others may read or write.
-fn read_token(path: &Path) -> Result<String, ConfigError> {
+/// Reads the TCP bearer token; refuses a file that group or others may read or write, or a
+/// token shorter than 16 characters. `serve` calls it before listening, `check-config` too, so
+/// that a file `serve` would refuse is refused by `check-config` first.
+pub fn read_token(path: &Path) -> Result<String, ConfigError> {
     let field = |e: String| ConfigError(format!("admin.tcp.token_file: {}: {e}", path.display()));
     let meta = std::fs::metadata(path).map_err(|e| field(format!("cannot read: {e}")))?;
     let mode = meta.permissions().mode() & 0o777;

@@ -289,7 +289,13 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async move {
         match cli.command {
-            Command::CheckConfig => match resolve_backends(&config).await {
+            Command::CheckConfig => match resolve_backends(&config).await.and_then(|b| {
+                // The files serve reads at start beyond what parsing checks.
+                if let Some(t) = &config.admin.tcp {
+                    director::admin::read_token(&t.token_file)?;
+                }
+                Ok(b)
+            }) {
                 Ok(b) => {
                     println!("{}: OK ({} backends)", cli.config.display(), b.len());
                     ExitCode::SUCCESS
