@@ -254,7 +254,12 @@ impl Listener {
         )
         .await;
         let backend_addr = session.info().backend;
+        // The user as routed and registered (a master login `user*master` is `user`'s
+        // session); the login as given is shown too when it differs.
+        let user = session.info().username.clone();
         drop(session);
+        let login =
+            (username != user).then(|| tracing::field::display(crate::untrusted::shown(&username)));
         shared.metrics.relayed(
             self.protocol,
             stats.client_to_backend,
@@ -263,7 +268,8 @@ impl Listener {
         info!(
             session = %identity.session_id,
             protocol = %self.protocol,
-            user = %crate::untrusted::shown(&username),
+            user = %crate::untrusted::shown(&user),
+            login,
             client = %identity.client,
             backend = %backend_addr,
             duration = ?started.elapsed(),
