@@ -1147,8 +1147,7 @@ impl Api {
         let given = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer_token);
         let ok = match (given, &self.token) {
             (Some(g), Some(t)) => constant_time_eq(g.as_bytes(), t.as_bytes()),
             _ => false,
@@ -1162,6 +1161,15 @@ impl Api {
             "a valid bearer token is required (Authorization: Bearer ...)",
         ))
     }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value. The scheme is case-insensitive and
+/// may be followed by several spaces (RFC 7235 §2.1), so `bearer TOKEN` from a client that
+/// writes it in lower case is accepted too. `None` for another scheme or no token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -1328,8 +1336,10 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ConfigError> {
     Ok(listener)
 }
 
-/// Reads the TCP bearer token; refuses a file that group or others may read or write.
-fn read_token(path: &Path) -> Result<String, ConfigError> {
+/// Reads the TCP bearer token; refuses a file that group or others may read or write, or a
+/// token shorter than 16 characters. `serve` calls it before listening, `check-config` too, so
+/// that a file `serve` would refuse is refused by `check-config` first.
+pub fn read_token(path: &Path) -> Result<String, ConfigError> {
     let field = |e: String| ConfigError(format!("admin.tcp.token_file: {}: {e}", path.display()));
     let meta = std::fs::metadata(path).map_err(|e| field(format!("cannot read: {e}")))?;
     let mode = meta.permissions().mode() & 0o777;
@@ -1348,4 +1358,32 @@ fn read_token(path: &Path) -> Result<String, ConfigError> {
         ));
     }
     Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in [
+            "Bearer tok",
+            "bearer tok",
+            "BEARER tok",
+            "Bearer   tok ",
+            " bEaReR tok",
+        ] {
+            assert_eq!(bearer_token(value), Some("tok"), "{value:?}");
+        }
+        for value in [
+            "Basic dG9rOg==",
+            "Bearer",
+            "Bearer ",
+            "Bearertok",
+            "tok",
+            "",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
+    }
 }

@@ -106,6 +106,10 @@ pub struct Config {
     /// How log lines are written: `text` (key=value) or `json` (one object a line).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Dovecot's `auth_master_user_separator`: with `*`, a login `user*master` (a master user
+    /// acting for `user`) is routed and kept with `user`'s own sessions. "": none.
+    #[serde(default)]
+    pub auth_master_user_separator: String,
     /// Which log lines are written (`info`, `debug`, or a filter like
     /// `info,director::probe=debug`); `RUST_LOG`, when set, wins. Changed by a reload.
     #[serde(default = "default_log_level")]
@@ -781,6 +785,12 @@ impl Config {
                 "must be one character, or \"\" for none",
             ));
         }
+        if self.auth_master_user_separator.chars().count() > 1 {
+            return Err(err(
+                "auth_master_user_separator",
+                "must be one character (e.g. \"*\"), or \"\" for none",
+            ));
+        }
         if self.lmtp.max_recipients == 0 {
             return Err(err("lmtp.max_recipients", "must be at least 1"));
         }
@@ -842,6 +852,19 @@ mod tests {
     const MINIMAL: &str = "listeners:\n  - protocol: imap\n    address: 127.0.0.1:1143\nbackends:\n  - host: 10.0.0.1\n";
 
     #[test]
+    fn master_user_separator_is_one_character() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.auth_master_user_separator, "", "off by default");
+        let c = Config::parse(&format!("{MINIMAL}auth_master_user_separator: \"*\"\n")).unwrap();
+        assert_eq!(c.auth_master_user_separator, "*");
+        let e = error_of(&format!("{MINIMAL}auth_master_user_separator: \"**\"\n"));
+        assert!(
+            e.starts_with("auth_master_user_separator: must be one character"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn metrics_listener_and_log_format() {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.metrics.address, None, "no metrics listener by default");
@@ -879,6 +902,7 @@ mod tests {
         assert_eq!(c.backend_settings(0).port(Protocol::Pop3), 110);
         assert_eq!(c.listener_tls(0), ListenerTls::None);
         assert!(c.disable_plaintext_auth);
+        assert_eq!(c.auth_master_user_separator, "");
     }
 
     fn error_of(text: &str) -> String {

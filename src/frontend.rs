@@ -108,4 +108,7 @@ pub struct Established {
     pub client_leftover: Vec<u8>,
     pub backend: BackendLink,
     pub username: String,
+    /// Who the client is at the end of the login, for the session's log line: what the
+    /// listener knew, or what a trusted client said in IMAP `ID` (its user's address).
+    pub identity: ClientIdentity,
 }

@@ -182,6 +182,7 @@ impl Listener {
                             client: unspecified,
                             local: unspecified,
                             session_id: new_session_id(),
+                            session_ext_id: None,
                         };
                         // Boxed: the LMTP session's state must not enlarge every relayed session's task.
                         let _ = Box::pin(crate::lmtp::serve_connection_until(
@@ -253,6 +254,7 @@ impl Listener {
             client: peer,
             local,
             session_id: new_session_id(),
+            session_ext_id: None,
         };
         if self.proxy_protocol {
             match crate::proxy_protocol::read_header(&mut tcp, shared.limits.timeout).await {
@@ -388,6 +390,7 @@ impl Listener {
             client_leftover,
             backend,
             username,
+            identity,
         } = established;
         let mut backend_stream = backend.stream;
         let (kick_message, shutdown_message): (&[u8], &[u8]) = match self.protocol {
@@ -420,7 +423,12 @@ impl Listener {
         )
         .await;
         let backend_addr = session.info().backend;
+        // The user as routed and registered (a master login `user*master` is `user`'s
+        // session); the login as given is shown too when it differs.
+        let user = session.info().username.clone();
         drop(session);
+        let login =
+            (username != user).then(|| tracing::field::display(crate::untrusted::shown(&username)));
         shared.metrics.relayed(
             self.protocol,
             stats.client_to_backend,
@@ -429,7 +437,8 @@ impl Listener {
         info!(
             session = %identity.session_id,
             protocol = %self.protocol,
-            user = %crate::untrusted::shown(&username),
+            user = %crate::untrusted::shown(&user),
+            login,
             client = %identity.client,
             backend = %backend_addr,
             duration = ?started.elapsed(),

@@ -80,6 +80,9 @@ pub struct Login {
     pub health: Option<HealthChecker>,
     /// Counts logins (by result, per protocol and per backend) and their latency.
     pub metrics: Metrics,
+    /// Dovecot's `auth_master_user_separator`: a login `user*master` is routed, registered
+    /// and logged as `user`. `None`: logins are taken whole.
+    pub master_user_separator: Option<char>,
 }
 
 /// How far one backend login got, told by [`Login::try_backend`] to the watch around it
@@ -470,7 +473,9 @@ impl Login {
         decision: &Decision,
         refused: &mut bool,
     ) -> Result<BackendLink, LoginFailure> {
-        let user = &decision.credentials.username;
+        // The mailbox's user (a master login `user*master` is for `user`); the backend
+        // still gets the credentials as the client sent them.
+        let user = decision.credentials.mail_user(self.master_user_separator);
         let shown_user = crate::untrusted::shown(user);
         let session_id = &decision.identity.session_id;
         let unavailable = || LoginFailure::Unavailable {

@@ -93,12 +93,13 @@ pub async fn check(config: &Config) -> Result<usize, ConfigError> {
     if config.health.enabled {
         HealthChecker::parts_of(config)?;
     }
+    // The admin token file, with the checks `serve` makes (not readable by group or others).
+    if let Some(t) = &config.admin.tcp {
+        crate::admin::read_token(&t.token_file)?;
+    }
     Ok(backends.len())
 }
 
-/// Binds a unix socket for a local MTA: a stale socket file is replaced, the parent
-/// directory created, and the socket made writable by everyone (as Dovecot's `lmtp` socket,
-/// mode 0666): restrict access with the directory's permissions.
 /// The director's own TLS acceptor (`tls` cert and key), read from the files now.
 pub(crate) fn server_tls(
     config: &Config,
@@ -157,6 +158,7 @@ fn listener_shared(
             tls: prepared.backend_tls.clone(),
             health: login.health.clone(),
             metrics: login.metrics.clone(),
+            master_user_separator: config.auth_master_user_separator.chars().next(),
         },
         tls: prepared.tls.clone(),
         trusted_networks: config.trusted_networks.clone(),
@@ -182,6 +184,9 @@ fn listener_shared(
     }
 }
 
+/// Binds a unix socket for a local MTA: a stale socket file is replaced, the parent
+/// directory created, and the socket made writable by everyone (as Dovecot's `lmtp` socket,
+/// mode 0666): restrict access with the directory's permissions.
 fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Some(parent) = path.parent() {
@@ -238,6 +243,7 @@ impl Director {
             tls: prepared.backend_tls.clone(),
             health: health.clone(),
             metrics: metrics.clone(),
+            master_user_separator: config.auth_master_user_separator.chars().next(),
         };
         let per_ip = crate::admission::PerIpLimit::new(config.limits.max_preauth_per_ip);
         let refusals = crate::refusals::RefusalLog::default();

@@ -485,9 +485,19 @@ fn admin_state_survives_a_restart_and_dump_reimports() {
 /// Sends one HTTP request to the TCP admin API; `None` when the connection is closed
 /// without an answer.
 fn http(addr: SocketAddr, token: Option<&str>, body: &str) -> Option<(u16, String)> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    http_with_authorization(addr, auth.as_deref(), body)
+}
+
+/// [`http`] with the whole `Authorization` header value given (scheme included).
+fn http_with_authorization(
+    addr: SocketAddr,
+    authorization: Option<&str>,
+    body: &str,
+) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
     let req = format!(
         "POST /v1/command HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -538,6 +548,14 @@ fn tcp_admin_needs_the_token_and_an_allowed_network() {
     let (code, body) = http(addr, Some(token), status).unwrap();
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(&pool.backend(0).ip.to_string()), "{body}");
+    // The scheme is case-insensitive (RFC 7235); another scheme is not a bearer token.
+    for scheme in ["bearer", "BEARER", "bEaReR "] {
+        let (code, body) =
+            http_with_authorization(addr, Some(&format!("{scheme} {token}")), status).unwrap();
+        assert_eq!(code, 200, "{scheme}: {body}");
+    }
+    let (code, _) = http_with_authorization(addr, Some(&format!("Basic {token}")), status).unwrap();
+    assert_eq!(code, 401);
     let down = format!(r#"{{"verb":"down","host":"{}"}}"#, pool.backend(0).ip);
     let (code, _) = http(addr, Some("wrong-token-0123456789"), &down).unwrap();
     assert_eq!(code, 401);

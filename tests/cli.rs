@@ -330,3 +330,63 @@ fn serve_relays_a_login_and_stops_on_sigterm() {
     );
     drop(c);
 }
+
+#[test]
+fn check_config_checks_the_admin_token_file_as_serve_does() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("token");
+    let token = dir.join("token");
+    let yaml = format!(
+        "{}admin:\n  socket: {}\n  tcp:\n    address: 127.0.0.1:0\n    token_file: {}\n    allow_from: [127.0.0.0/8]\n",
+        GOOD.replace("1143", "0").replace("1110", "0"),
+        dir.join("admin.sock").display(),
+        token.display()
+    );
+    let path = write(&dir, "admin.yaml", &yaml);
+    let set = |text: Option<&str>, mode: u32| {
+        let _ = fs::remove_file(&token);
+        if let Some(text) = text {
+            fs::write(&token, text).unwrap();
+            fs::set_permissions(&token, fs::Permissions::from_mode(mode)).unwrap();
+        }
+    };
+    let long = "0123456789abcdef0123456789abcdef\n";
+    for (what, content, mode, expected) in [
+        (
+            "readable by others",
+            Some(long),
+            0o644,
+            "mode 0644 lets group or others",
+        ),
+        (
+            "readable by the group",
+            Some(long),
+            0o640,
+            "mode 0640 lets group or others",
+        ),
+        ("missing", None, 0, "cannot read"),
+        ("empty", Some(""), 0o600, "shorter than 16 characters"),
+    ] {
+        set(content, mode);
+        let (code, stdout, stderr) = check_config(&path);
+        assert_eq!(code, Some(2), "{what}: stdout: {stdout}\nstderr: {stderr}");
+        assert!(!stdout.contains("OK"), "{what}: {stdout}");
+        let field = format!("admin.tcp.token_file: {}: ", token.display());
+        assert!(
+            stderr.contains(&field) && stderr.contains(expected),
+            "{what}: {stderr}"
+        );
+        // serve refuses the same file with the same words.
+        let out = director(&["serve", "-c", path.to_str().unwrap()]);
+        assert!(!out.status.success(), "{what}: serve started");
+        let serve_err = text(&out.stderr);
+        assert!(
+            serve_err.contains(&field) && serve_err.contains(expected),
+            "{what}: serve said {serve_err}"
+        );
+    }
+    set(Some(long), 0o600);
+    let (code, stdout, stderr) = check_config(&path);
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("OK"), "{stdout}");
+}

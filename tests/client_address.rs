@@ -3,7 +3,8 @@
 //! `rip=`. Forwarding is IMAP `ID` / POP3 `XCLIENT` (`forward: auto`), a PROXY v2 header to
 //! Dovecot's `haproxy = yes` listeners (`forward: proxy_v2`), or nothing (`forward: none`).
 //! The director's session id travels too (`x-session-id`, `XCLIENT SESSION=`), so one session
-//! has one id in both programs' logs.
+//! has one id in both programs' logs. A webmail front end in `trusted_networks` may name its
+//! own user's address (and its session id) in IMAP `ID` before login, as Dovecot allows.
 
 mod support;
 
@@ -286,4 +287,83 @@ fn forwarding_survives_starttls_to_the_backend() {
         assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
         assert!(line.split(", ").any(|f| f == "TLS"), "{line}");
     }
+}
+
+/// The address a trusted webmail front end connects from in the test below.
+const WEBMAIL_IP: &str = "127.0.0.11";
+/// An untrusted client's address.
+const STRANGER_IP: &str = "127.0.0.12";
+
+/// Connects from `source`, sends an `ID` that names another client, logs in as `u`, and
+/// checks the session works.
+fn imap_with_originating_id(d: &TestDirector, source: &str, u: &str) -> Conn {
+    let mut c = Conn::connect_from(source.parse().unwrap(), d.imap);
+    assert!(c.line().starts_with("* OK"));
+    let r = c.imap(
+        "i",
+        "ID (\"name\" \"webmail\" \"x-originating-ip\" \"192.0.2.7\" \
+         \"x-originating-port\" \"51234\" \"x-session-ext-id\" \"abc123\")",
+    );
+    assert!(r.last().unwrap().starts_with("i OK"), "{r:?}");
+    let r = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
+    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
+    let r = c.imap("b", "SELECT INBOX");
+    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    c
+}
+
+/// The director's `session ended` line of session `id`.
+fn director_end_line(id: &str) -> String {
+    wait_until(
+        &format!("the director's end line of {id}"),
+        LOG_WAIT,
+        || {
+            let log = String::from_utf8_lossy(&DIRECTOR_LOG.lock().unwrap()).into_owned();
+            log.lines()
+                .find(|l| l.contains("session ended") && l.contains(&format!("session={id} ")))
+                .map(str::to_owned)
+        },
+    )
+}
+
+#[test]
+fn imap_id_from_a_trusted_client_names_the_real_client() {
+    capture_director_log();
+    let pool = Pool::start(1);
+    let d = TestDirector::start(
+        &pool,
+        &DirectorOptions {
+            trusted_networks: vec![format!("{WEBMAIL_IP}/32")],
+            extra: "disable_plaintext_auth: false\n".into(),
+            ..DirectorOptions::default()
+        },
+    );
+    let (trusted, stranger) = (user(52), user(53));
+    let mut t = imap_with_originating_id(&d, WEBMAIL_IP, &trusted);
+    let mut s = imap_with_originating_id(&d, STRANGER_IP, &stranger);
+
+    // The trusted front end's user: the backend learns the address the front end named, and
+    // the front end's session id.
+    let line = wait_login(pool.backend(0), "imap-login", &trusted);
+    assert_eq!(field(&line, "rip").as_deref(), Some("192.0.2.7"), "{line}");
+    assert_eq!(field(&line, "session").as_deref(), Some("abc123"), "{line}");
+    // The stranger: its own address, and the director's session id.
+    let line = wait_login(pool.backend(0), "imap-login", &stranger);
+    assert_eq!(field(&line, "rip").as_deref(), Some(STRANGER_IP), "{line}");
+    let session = field(&line, "session").expect("session= in the login line");
+    assert_eq!(session, director_session_id(&stranger), "{line}");
+
+    // The director's own log of the sessions says the same.
+    let trusted_id = director_session_id(&trusted);
+    assert!(t.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+    assert!(s.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+    let end = director_end_line(&trusted_id);
+    assert_eq!(
+        field(&end, "client").as_deref(),
+        Some("192.0.2.7:51234"),
+        "{end}"
+    );
+    let end = director_end_line(&session);
+    let client = field(&end, "client").unwrap_or_default();
+    assert!(client.starts_with(&format!("{STRANGER_IP}:")), "{end}");
 }

@@ -84,6 +84,7 @@ impl TestLmtp {
                             client: peer,
                             local: tcp.local_addr().unwrap(),
                             session_id: format!("{SESSION_PREFIX}{n}"),
+                            session_ext_id: None,
                         };
                         tokio::spawn(serve_connection(
                             ClientStream::Plain(tcp),
@@ -108,6 +109,7 @@ impl TestLmtp {
                             client: "0.0.0.0:0".parse().unwrap(),
                             local: "0.0.0.0:0".parse().unwrap(),
                             session_id: format!("{SESSION_PREFIX}unix"),
+                            session_ext_id: None,
                         };
                         tokio::spawn(serve_connection(
                             ClientStream::Unix(stream),

@@ -1,5 +1,6 @@
 //! ManageSieve through the director with a real client (sieve-connect): a script uploaded,
 //! listed, activated and fetched back is stored for that user and seen by its own backend.
+//! Both SASL mechanisms Dovecot offers (PLAIN, LOGIN) work through the director.
 
 mod support;
 
@@ -7,8 +8,10 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
+use support::client::{base64, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
+use support::logs::wait_logins;
 
 /// Runs sieve-connect against `addr` as `u` (password on fd 0); returns (success, output).
 fn sieve_connect(addr: SocketAddr, u: &str, args: &[&str]) -> (bool, String) {
@@ -124,4 +127,61 @@ fn sieve_connect_uploads_lists_activates_and_fetches_through_the_director() {
     child.stdin.take().unwrap().write_all(b"wrong\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
+}
+
+#[test]
+fn sasl_login_through_the_director() {
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let u = user(22);
+    let home = pool
+        .by_ip(d.router.route(&u, "").unwrap().backend.ip)
+        .unwrap();
+    // sieve-connect told to use LOGIN (after STARTTLS, as it does when offered).
+    let (ok, out) = sieve_connect(d.sieve, &u, &["--authmech", "LOGIN", "--list"]);
+    assert!(ok, "list with LOGIN: {out}");
+
+    // A raw client: the capability names LOGIN; the challenges come as strings, the answers
+    // go as a literal and a quoted string; then the session is the backend's.
+    let mut c = Conn::connect(d.sieve);
+    let mut greeting = Vec::new();
+    loop {
+        let line = c.line();
+        assert!(!line.is_empty(), "closed during the greeting: {greeting:?}");
+        let done = line.starts_with("OK");
+        greeting.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        greeting.iter().any(|l| l == "\"SASL\" \"PLAIN LOGIN\""),
+        "{greeting:?}"
+    );
+    c.send(b"AUTHENTICATE \"LOGIN\"\r\n");
+    assert_eq!(c.line(), "\"VXNlcm5hbWU6\"");
+    let name = base64(u.as_bytes());
+    c.send(format!("{{{}+}}\r\n{name}\r\n", name.len()).as_bytes());
+    assert_eq!(c.line(), "\"UGFzc3dvcmQ6\"");
+    c.send(format!("\"{}\"\r\n", base64(PASSWORD.as_bytes())).as_bytes());
+    let ok = c.line();
+    assert!(ok.starts_with("OK"), "{ok}");
+    c.send(b"LISTSCRIPTS\r\n");
+    let listed = c.line();
+    assert!(
+        listed.starts_with("OK"),
+        "the backend answers LISTSCRIPTS: {listed}"
+    );
+    // Both sessions reached the user's backend (sieve-connect's and this one).
+    let logins = wait_logins(home, "managesieve-login", &u, 2);
+    assert_eq!(logins.len(), 2, "{logins:?}");
+
+    // With an initial response, and a wrong password: a failed login.
+    let mut c = Conn::connect(d.sieve);
+    while !c.line().starts_with("OK") {}
+    c.send(format!("AUTHENTICATE \"LOGIN\" \"{name}\"\r\n").as_bytes());
+    assert_eq!(c.line(), "\"UGFzc3dvcmQ6\"");
+    c.send(format!("\"{}\"\r\n", base64(b"wrong")).as_bytes());
+    let no = c.line();
+    assert!(no.starts_with("NO"), "{no}");
 }

@@ -24,6 +24,7 @@ async fn try_login(pool: &Pool, user: &str, password: &str, client_ip: &str) -> 
         client: format!("{client_ip}:50123").parse().unwrap(),
         local: "127.0.0.1:4190".parse().unwrap(),
         session_id: format!("sieve-{client_ip}"),
+        session_ext_id: None,
     };
     let req = BackendLoginRequest {
         credentials: &credentials,
@@ -117,6 +118,7 @@ async fn starttls_then_login() {
         client: "192.0.2.63:50123".parse().unwrap(),
         local: "127.0.0.1:4190".parse().unwrap(),
         session_id: "sieve-tls".into(),
+        session_ext_id: None,
     };
     let req = BackendLoginRequest {
         credentials: &credentials,

@@ -358,8 +358,13 @@ fn id_command(identity: &ClientIdentity) -> String {
         ("x-connected-ip", ip(identity.local.ip())),
         ("x-connected-port", identity.local.port().to_string()),
     ];
+    let ext = identity
+        .session_ext_id
+        .as_ref()
+        .map(|id| ("x-session-ext-id", id.clone()));
     let list: Vec<String> = fields
         .iter()
+        .chain(ext.iter())
         .map(|(key, value)| format!("\"{key}\" {}", quote(value)))
         .collect();
     format!("I ID ({})\r\n", list.join(" "))
@@ -503,6 +508,7 @@ mod tests {
             client: "192.0.2.7:50123".parse().unwrap(),
             local: "[::ffff:198.51.100.1]:143".parse().unwrap(),
             session_id: "sess\"1".into(),
+            session_ext_id: None,
         }
     }
 
@@ -734,6 +740,20 @@ mod tests {
         assert!(matches!(outcome, Err(BackendError::Closed)), "{outcome:?}");
         let (outcome, _) = run(vec![Hangup], alice(), Forward::None).await;
         assert!(matches!(outcome, Err(BackendError::Closed)), "{outcome:?}");
+    }
+
+    #[test]
+    fn id_forwards_a_trusted_clients_session_ext_id_last() {
+        // After x-session-id: Dovecot adopts the last session id it is given, so the backend
+        // logs the front end's id, as a Dovecot proxy would have.
+        let mut id = identity();
+        id.session_ext_id = Some("abc123".into());
+        assert_eq!(
+            id_command(&id),
+            "I ID (\"x-session-id\" \"sess\\\"1\" \"x-originating-ip\" \"192.0.2.7\" \
+             \"x-originating-port\" \"50123\" \"x-connected-ip\" \"198.51.100.1\" \
+             \"x-connected-port\" \"143\" \"x-session-ext-id\" \"abc123\")\r\n"
+        );
     }
 
     #[tokio::test]

@@ -343,6 +343,71 @@ fn literal_header(line: &[u8]) -> Option<(usize, bool)> {
     Some((size.unwrap_or(usize::MAX), sync))
 }
 
+/// The longest `x-session-ext-id` taken from a client (Dovecot's `LOGIN_MAX_SESSION_ID_LEN`).
+pub const MAX_SESSION_EXT_ID: usize = 64;
+
+/// What a client's `ID` says about the real client behind it: a webmail front end or a proxy
+/// sends its own user's address (`x-originating-ip`, `x-originating-port`) and its session id
+/// (`x-session-ext-id`). Only a trusted client may be believed; the front end decides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OriginatingFields {
+    /// `x-originating-ip`, parsed.
+    pub ip: Option<std::net::IpAddr>,
+    /// `x-originating-port`, 0-65535.
+    pub port: Option<u16>,
+    /// `x-session-ext-id`: at most [`MAX_SESSION_EXT_ID`] visible ASCII characters.
+    pub session_ext_id: Option<String>,
+    /// Fields present but unusable (key, raw value), for a debug line; they are ignored.
+    pub rejected: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// Reads the originating-client fields of `ID`'s arguments (keys in any case; NIL values and
+/// other keys are skipped; a value that does not parse lands in `rejected`).
+pub fn originating_fields(args: &[Arg]) -> OriginatingFields {
+    let mut out = OriginatingFields::default();
+    let [Arg::List(items)] = args else {
+        return out;
+    };
+    for pair in items.chunks(2) {
+        let [key, value] = pair else { continue };
+        let (Some(Some(key)), Some(Some(value))) = (key.nstring(), value.nstring()) else {
+            continue;
+        };
+        let text = std::str::from_utf8(value).ok();
+        if key.eq_ignore_ascii_case(b"x-originating-ip") {
+            // Dovecot also takes an IPv6 address in brackets.
+            let ip = text
+                .map(|t| {
+                    t.strip_prefix('[')
+                        .and_then(|t| t.strip_suffix(']'))
+                        .unwrap_or(t)
+                })
+                .and_then(|t| t.parse().ok());
+            match ip {
+                Some(ip) => out.ip = Some(ip),
+                None => out.rejected.push(("x-originating-ip", value.to_vec())),
+            }
+        } else if key.eq_ignore_ascii_case(b"x-originating-port") {
+            let port = text
+                .filter(|t| !t.is_empty() && t.len() <= 5 && t.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|t| t.parse::<u16>().ok());
+            match port {
+                Some(port) => out.port = Some(port),
+                None => out.rejected.push(("x-originating-port", value.to_vec())),
+            }
+        } else if key.eq_ignore_ascii_case(b"x-session-ext-id") {
+            let ok = !value.is_empty()
+                && value.len() <= MAX_SESSION_EXT_ID
+                && value.iter().all(u8::is_ascii_graphic);
+            match text.filter(|_| ok) {
+                Some(id) => out.session_ext_id = Some(id.to_owned()),
+                None => out.rejected.push(("x-session-ext-id", value.to_vec())),
+            }
+        }
+    }
+    out
+}
+
 /// Deepest nesting of parenthesised lists accepted (ID needs one level).
 const MAX_LIST_DEPTH: usize = 8;
 
@@ -543,6 +608,62 @@ fn is_tag_char(b: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn originating_fields_are_read_and_checked() {
+        use std::net::IpAddr;
+        let list = |pairs: &[(&str, Option<&[u8]>)]| {
+            let mut items = Vec::new();
+            for (k, v) in pairs {
+                items.push(Arg::Quoted(k.as_bytes().to_vec()));
+                items.push(v.map_or(Arg::Nil, |v| Arg::Literal(v.to_vec())));
+            }
+            vec![Arg::List(items)]
+        };
+        let f = originating_fields(&list(&[
+            ("name", Some(b"roundcube")),
+            ("X-Originating-IP", Some(b"192.0.2.7")),
+            ("x-originating-port", Some(b"51234")),
+            ("x-session-ext-id", Some(b"abc123")),
+        ]));
+        assert_eq!(f.ip, Some("192.0.2.7".parse::<IpAddr>().unwrap()));
+        assert_eq!(f.port, Some(51234));
+        assert_eq!(f.session_ext_id.as_deref(), Some("abc123"));
+        assert!(f.rejected.is_empty());
+        let f = originating_fields(&list(&[("x-originating-ip", Some(b"[2001:db8::1]"))]));
+        assert_eq!(f.ip, Some("2001:db8::1".parse::<IpAddr>().unwrap()));
+        // Unusable values are reported and ignored; NIL is skipped.
+        let long = [b'a'; MAX_SESSION_EXT_ID + 1];
+        for (key, value) in [
+            ("x-originating-ip", b"192.0.2.300".as_slice()),
+            ("x-originating-ip", b"host.example"),
+            ("x-originating-port", b"65536"),
+            ("x-originating-port", b"+80"),
+            ("x-originating-port", b""),
+            ("x-session-ext-id", b"a b"),
+            ("x-session-ext-id", b"a\r\nb"),
+            ("x-session-ext-id", &long),
+            ("x-session-ext-id", b""),
+        ] {
+            let f = originating_fields(&list(&[(key, Some(value))]));
+            assert_eq!(
+                f,
+                OriginatingFields {
+                    rejected: vec![(key, value.to_vec())],
+                    ..OriginatingFields::default()
+                },
+                "{key} {value:?}"
+            );
+        }
+        let f = originating_fields(&list(&[("x-originating-port", Some(b"0"))]));
+        assert_eq!(f.port, Some(0));
+        let f = originating_fields(&list(&[("x-originating-ip", None)]));
+        assert_eq!(f, OriginatingFields::default());
+        assert_eq!(
+            originating_fields(&[Arg::Nil]),
+            OriginatingFields::default()
+        );
+    }
+
     use super::*;
 
     /// What a session would do with each parse result, for comparing runs.

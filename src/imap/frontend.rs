@@ -318,6 +318,7 @@ impl Session {
                 if !valid_id_args(&command.args) {
                     return self.invalid_arguments(&command).await;
                 }
+                self.adopt_originating_client(&command.args);
                 let text = format!("* ID (\"name\" \"director\")\r\n{tag} OK ID completed.\r\n");
                 self.send(text.as_bytes()).await?;
                 Ok(Flow::Continue)
@@ -492,6 +493,43 @@ impl Session {
         }
     }
 
+    /// A trusted client (a webmail front end) tells in `ID` who its user really is: its
+    /// `x-originating-ip`/`-port` become the client address from then on (the backend's `ID`,
+    /// the logs) and its `x-session-ext-id` goes to the backend, as Dovecot does for its
+    /// `login_trusted_networks`. From other clients these fields are ignored.
+    fn adopt_originating_client(&mut self, args: &[Arg]) {
+        let fields = super::command::originating_fields(args);
+        let session = self.ctx.identity.session_id.clone();
+        if !self.ctx.trusted {
+            if fields != super::command::OriginatingFields::default() {
+                tracing::debug!(session = %session, client = %self.ctx.identity.client,
+                    "ID originating-client fields from an untrusted client ignored");
+            }
+            return;
+        }
+        for (key, value) in &fields.rejected {
+            tracing::debug!(session = %session, field = key, value = %crate::untrusted::shown_bytes(value),
+                "ID field from a trusted client ignored: not a valid value");
+        }
+        let identity = &mut self.ctx.identity;
+        let before = identity.client;
+        if let Some(ip) = fields.ip {
+            identity.client.set_ip(ip);
+        }
+        if let Some(port) = fields.port {
+            identity.client.set_port(port);
+        }
+        if let Some(ext) = fields.session_ext_id {
+            tracing::debug!(session = %session, session_ext_id = %crate::untrusted::shown(&ext),
+                "session id of the trusted client");
+            identity.session_ext_id = Some(ext);
+        }
+        if identity.client != before {
+            tracing::debug!(session = %session, peer = %before, client = %identity.client,
+                "client address from a trusted client's ID");
+        }
+    }
+
     /// Logs in with the client's credentials through `auth` and answers the client.
     async fn login<A: Authenticator>(
         &mut self,
@@ -521,6 +559,7 @@ impl Session {
                     client_leftover: std::mem::take(&mut self.buf),
                     backend,
                     username: decision.credentials.username,
+                    identity: self.ctx.identity.clone(),
                 })))
             }
             Err(LoginFailure::AuthFailed { message }) => self.auth_failed(tag, &message).await,
@@ -703,6 +742,7 @@ mod tests {
                 client,
                 local,
                 session_id: "s1".into(),
+                session_ext_id: None,
             },
             greeting: "Director ready.".into(),
             shutdown: Default::default(),
@@ -789,6 +829,59 @@ mod tests {
         c.expect_closed().await;
         assert!(session.await.unwrap().unwrap().is_none());
         assert!(auth.decisions().is_empty());
+    }
+
+    #[tokio::test]
+    async fn id_from_a_trusted_client_changes_its_address() {
+        const ID: &[u8] = b"i ID (\"name\" \"webmail\" \"x-originating-ip\" \"192.0.2.9\" \
+            \"X-Originating-Port\" \"51234\" \"x-session-ext-id\" \"abc123\")\r\n";
+        let (mut c, session, auth, _) = start(|ctx| ctx.trusted = true).await;
+        c.send(ID).await;
+        c.expect("* ID (\"name\" \"director\")").await;
+        c.expect("i OK ID completed.").await;
+        c.send(b"a LOGIN alice secret\r\n").await;
+        c.expect("a OK [CAPABILITY IMAP4rev1 IDLE] Logged in").await;
+        let est = established(session).await;
+        let d = &auth.decisions()[0];
+        assert_eq!(d.identity.client, "192.0.2.9:51234".parse().unwrap());
+        assert_eq!(d.identity.session_ext_id.as_deref(), Some("abc123"));
+        assert_eq!(d.identity.session_id, "s1", "our own id stays");
+        assert_eq!(
+            est.identity, d.identity,
+            "the session's log line uses it too"
+        );
+
+        // From an untrusted client the same ID is answered alike and changes nothing.
+        let (mut c, session, auth, _) = start(|_| {}).await;
+        c.send(ID).await;
+        c.expect("* ID (\"name\" \"director\")").await;
+        c.expect("i OK ID completed.").await;
+        c.send(b"a LOGIN alice secret\r\n").await;
+        c.expect("a OK [CAPABILITY IMAP4rev1 IDLE] Logged in").await;
+        established(session).await;
+        let d = &auth.decisions()[0];
+        let peer = d.identity.client;
+        assert_eq!(peer.ip().to_string(), "127.0.0.1", "the TCP peer stays");
+        assert_ne!(peer.port(), 51234);
+        assert_eq!(d.identity.session_ext_id, None);
+
+        // Invalid values from a trusted client are ignored, valid ones next to them kept.
+        let (mut c, session, auth, _) = start(|ctx| ctx.trusted = true).await;
+        c.send(
+            b"i ID (\"x-originating-ip\" \"192.0.2.999\" \"x-originating-port\" \"70000\" \
+            \"x-session-ext-id\" \"a\\\"b c\")\r\nj ID (\"x-originating-port\" \"4000\")\r\n",
+        )
+        .await;
+        c.expect("* ID (\"name\" \"director\")").await;
+        c.expect("i OK ID completed.").await;
+        c.expect("* ID (\"name\" \"director\")").await;
+        c.expect("j OK ID completed.").await;
+        c.send(b"a LOGIN alice secret\r\n").await;
+        c.expect("a OK [CAPABILITY IMAP4rev1 IDLE] Logged in").await;
+        established(session).await;
+        let d = &auth.decisions()[0];
+        assert_eq!(d.identity.client, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(d.identity.session_ext_id, None);
     }
 
     #[tokio::test]

@@ -345,6 +345,7 @@ mod tests {
             client: "192.0.2.7:4567".parse().unwrap(),
             local: "127.0.0.1:24".parse().unwrap(),
             session_id: "abc".into(),
+            session_ext_id: None,
         };
         assert_eq!(
             xclient_line(&caps, &identity, Some("mta one")).unwrap(),

@@ -411,6 +411,7 @@ mod tests {
             client: "192.0.2.7:50123".parse().unwrap(),
             local: "198.51.100.1:110".parse().unwrap(),
             session_id: "dir-1a2b".into(),
+            session_ext_id: None,
         }
     }
 

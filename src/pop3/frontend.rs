@@ -340,6 +340,7 @@ impl<A: Authenticator> Session<'_, A> {
                     client_leftover: std::mem::take(&mut self.buf),
                     backend: link,
                     username,
+                    identity: self.ctx.identity.clone(),
                 })))
             }
             Err(LoginFailure::AuthFailed { message }) => {
@@ -570,6 +571,7 @@ mod tests {
                 client: "192.0.2.7:50123".parse().unwrap(),
                 local: "198.51.100.1:110".parse().unwrap(),
                 session_id: "dir-1".into(),
+                session_ext_id: None,
             },
             greeting: "Director ready.".into(),
             shutdown: Default::default(),

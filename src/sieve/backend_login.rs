@@ -446,6 +446,7 @@ mod tests {
             client: "192.0.2.7:50123".parse().unwrap(),
             local: "127.0.0.1:4190".parse().unwrap(),
             session_id: "sess1".into(),
+            session_ext_id: None,
         }
     }
 

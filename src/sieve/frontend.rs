@@ -1,6 +1,6 @@
 //! The ManageSieve pre-authentication session, as Dovecot's managesieve-login runs it: the
-//! capability greeting, CAPABILITY, NOOP, STARTTLS, LOGOUT and AUTHENTICATE "PLAIN" (with or
-//! without an initial response). Once the client has given credentials it asks the
+//! capability greeting, CAPABILITY, NOOP, STARTTLS, LOGOUT and AUTHENTICATE "PLAIN" or "LOGIN"
+//! (with or without an initial response). Once the client has given credentials it asks the
 //! [`Authenticator`] for a logged-in backend and hands the session over as an [`Established`].
 //!
 //! The grammar lives in [`super::command`]; this file only holds behaviour. The whole dialogue
@@ -141,7 +141,7 @@ impl Session {
         self.client.as_ref().is_some_and(ClientStream::is_tls)
     }
 
-    /// Whether AUTHENTICATE PLAIN is allowed on this connection.
+    /// Whether AUTHENTICATE (PLAIN, LOGIN: plaintext mechanisms) is allowed on this connection.
     fn plaintext_allowed(&self) -> bool {
         !self.ctx.disable_plaintext_auth || self.ctx.trusted || self.is_tls()
     }
@@ -153,7 +153,7 @@ impl Session {
         caps.push_str(&format!("\"SIEVE\" \"{SIEVE_EXTENSIONS}\"\r\n"));
         caps.push_str("\"NOTIFY\" \"mailto\"\r\n");
         if self.plaintext_allowed() {
-            caps.push_str("\"SASL\" \"PLAIN\"\r\n");
+            caps.push_str("\"SASL\" \"PLAIN LOGIN\"\r\n");
         } else {
             caps.push_str("\"SASL\" \"\"\r\n");
         }
@@ -331,8 +331,10 @@ impl Session {
         }
     }
 
-    /// `AUTHENTICATE "PLAIN" [initial-response]`. Without an initial response the client is
-    /// sent an empty challenge (`""`) and answers with a string; `"*"` cancels.
+    /// `AUTHENTICATE "PLAIN" [initial-response]` or `AUTHENTICATE "LOGIN" [initial-response]`
+    /// (RFC 5804 §2.1). Each challenge is a string of base64 (PLAIN: empty; LOGIN:
+    /// `Username:`, then `Password:`; a LOGIN initial response is the username), answered
+    /// with a string or a literal; `"*"` cancels.
     async fn authenticate<A: Authenticator>(
         &mut self,
         command: &Command,
@@ -350,41 +352,81 @@ impl Session {
             self.reply(ENCRYPT_NEEDED).await?;
             return Ok(Flow::Continue);
         }
-        if !mechanism.eq_ignore_ascii_case(b"PLAIN") {
-            self.reply("NO \"Unsupported authentication mechanism.\"")
-                .await?;
-            return Ok(Flow::Continue);
-        }
-        let response = match initial {
-            Some(initial) => initial,
-            None => {
-                self.send(b"\"\"\r\n").await?;
-                match self.sasl_response().await? {
+        if mechanism.eq_ignore_ascii_case(b"PLAIN") {
+            let response = match initial {
+                Some(initial) if initial == b"*" => return self.aborted().await,
+                Some(initial) => initial,
+                None => match self.challenge("").await? {
                     Ok(response) => response,
                     Err(flow) => return Ok(flow),
-                }
+                },
+            };
+            let Ok(decoded) = sasl::decode_base64(&response) else {
+                return self.invalid_base64().await;
+            };
+            match sasl::parse_plain(&decoded) {
+                Ok(credentials) => self.login(credentials, auth).await,
+                // Unusable (not UTF-8, empty user, malformed): answered like a failed login, so
+                // a client cannot tell a malformed login from a wrong password.
+                Err(_) => self.auth_failed("").await,
             }
-        };
-        if response == b"*" {
-            self.reply("NO \"Authentication aborted by client.\"")
+        } else if mechanism.eq_ignore_ascii_case(b"LOGIN") {
+            let user = match initial {
+                Some(initial) if initial == b"*" => return self.aborted().await,
+                Some(initial) if !initial.is_empty() => initial,
+                _ => match self.challenge("VXNlcm5hbWU6").await? {
+                    Ok(response) => response,
+                    Err(flow) => return Ok(flow),
+                },
+            };
+            let password = match self.challenge("UGFzc3dvcmQ6").await? {
+                Ok(response) => response,
+                Err(flow) => return Ok(flow),
+            };
+            let (Ok(user), Ok(password)) =
+                (sasl::decode_base64(&user), sasl::decode_base64(&password))
+            else {
+                return self.invalid_base64().await;
+            };
+            match (String::from_utf8(user), String::from_utf8(password)) {
+                (Ok(user), Ok(password)) if !user.is_empty() => {
+                    self.login(Credentials::plain(user, password), auth).await
+                }
+                _ => self.auth_failed("").await,
+            }
+        } else {
+            self.reply("NO \"Unsupported authentication mechanism.\"")
                 .await?;
-            return Ok(Flow::Continue);
+            Ok(Flow::Continue)
         }
-        let Ok(decoded) = sasl::decode_base64(&response) else {
-            self.reply("NO \"Invalid base64 data in authentication response.\"")
-                .await?;
-            return Ok(if self.count_bad_command().await {
-                Flow::Continue
-            } else {
-                Flow::Close
-            });
-        };
-        match sasl::parse_plain(&decoded) {
-            Ok(credentials) => self.login(credentials, auth).await,
-            // Unusable (not UTF-8, empty user, malformed): answered like a failed login, so a
-            // client cannot tell a malformed login from a wrong password.
-            Err(_) => self.auth_failed("").await,
+    }
+
+    /// Sends a SASL challenge (a string of base64) and reads the client's answer. `Err` holds
+    /// what to do instead when there is no usable answer (cancelled, already answered, closed).
+    async fn challenge(&mut self, challenge: &str) -> io::Result<Result<Vec<u8>, Flow>> {
+        self.send(format!("\"{challenge}\"\r\n").as_bytes()).await?;
+        match self.sasl_response().await? {
+            Ok(response) if response == b"*" => Ok(Err(self.aborted().await?)),
+            other => Ok(other),
         }
+    }
+
+    /// The client cancelled the authentication.
+    async fn aborted(&mut self) -> io::Result<Flow> {
+        self.reply("NO \"Authentication aborted by client.\"")
+            .await?;
+        Ok(Flow::Continue)
+    }
+
+    /// A SASL response that is not base64: counted as a bad command.
+    async fn invalid_base64(&mut self) -> io::Result<Flow> {
+        self.reply("NO \"Invalid base64 data in authentication response.\"")
+            .await?;
+        Ok(if self.count_bad_command().await {
+            Flow::Continue
+        } else {
+            Flow::Close
+        })
     }
 
     /// Reads the client's answer to the SASL challenge. `Err` holds what to do instead when
@@ -450,6 +492,7 @@ impl Session {
                     client_leftover: std::mem::take(&mut self.buf),
                     backend,
                     username: decision.credentials.username,
+                    identity: self.ctx.identity.clone(),
                 })))
             }
             Err(LoginFailure::AuthFailed { message }) => self.auth_failed(&message).await,
@@ -621,7 +664,7 @@ mod tests {
         variables body enotify environment mailbox date index ihave duplicate mime \
         foreverypart extracttext\"";
     const NOTIFY: &str = "\"NOTIFY\" \"mailto\"";
-    const SASL_PLAIN: &str = "\"SASL\" \"PLAIN\"";
+    const SASL_PLAIN: &str = "\"SASL\" \"PLAIN LOGIN\"";
     const VERSION: &str = "\"VERSION\" \"1.0\"";
 
     /// The capability lines of a plain connection that allows plaintext logins.
@@ -642,6 +685,7 @@ mod tests {
                 client,
                 local,
                 session_id: "s1".into(),
+                session_ext_id: None,
             },
             greeting: "Director ready.".into(),
             shutdown: Default::default(),
@@ -748,6 +792,64 @@ mod tests {
         c.expect("OK \"Logged in.\"").await;
         assert_eq!(established(session).await.username, "bob");
         assert_eq!(auth.credentials(), vec![creds("bob", "master", "pw")]);
+    }
+
+    #[tokio::test]
+    async fn authenticate_login_with_challenges() {
+        let (mut c, session, auth) = greeted().await;
+        c.send(b"AUTHENTICATE \"LOGIN\"\r\n").await;
+        c.expect("\"VXNlcm5hbWU6\"").await;
+        c.send(format!("\"{}\"\r\n", b64(b"alice")).as_bytes())
+            .await;
+        c.expect("\"UGFzc3dvcmQ6\"").await;
+        c.send(b"\"*\"\r\n").await;
+        c.expect("NO \"Authentication aborted by client.\"").await;
+        c.send(b"authenticate \"login\"\r\n").await;
+        c.expect("\"VXNlcm5hbWU6\"").await;
+        c.send(format!("\"{}\"\r\n", b64(b"alice")).as_bytes())
+            .await;
+        c.expect("\"UGFzc3dvcmQ6\"").await;
+        c.send(b"\"!!!\"\r\n").await;
+        c.expect("NO \"Invalid base64 data in authentication response.\"")
+            .await;
+        // Answers as literals of both forms.
+        c.send(b"AUTHENTICATE \"LOGIN\"\r\n").await;
+        c.expect("\"VXNlcm5hbWU6\"").await;
+        let (user, password) = (b64(b"alice"), b64(b"se cret"));
+        c.send(format!("{{{}+}}\r\n{user}\r\n", user.len()).as_bytes())
+            .await;
+        c.expect("\"UGFzc3dvcmQ6\"").await;
+        c.send(format!("{{{}}}\r\n{password}\r\n", password.len()).as_bytes())
+            .await;
+        c.expect("OK \"Logged in.\"").await;
+        established(session).await;
+        assert_eq!(auth.credentials(), vec![creds("alice", "alice", "se cret")]);
+    }
+
+    #[tokio::test]
+    async fn authenticate_login_with_initial_response() {
+        let (mut c, session, auth) = greeted().await;
+        c.send(format!("AUTHENTICATE \"LOGIN\" \"{}\"\r\n", b64(b"alice")).as_bytes())
+            .await;
+        c.expect("\"UGFzc3dvcmQ6\"").await;
+        c.send(format!("\"{}\"\r\n", b64(b"wrong")).as_bytes())
+            .await;
+        c.expect("NO \"Authentication failed.\"").await;
+        c.send(format!("AUTHENTICATE \"LOGIN\" \"{}\"\r\n", b64(b"alice")).as_bytes())
+            .await;
+        c.expect("\"UGFzc3dvcmQ6\"").await;
+        c.send(format!("\"{}\"\r\nLISTSCRIPTS\r\n", b64(b"secret")).as_bytes())
+            .await;
+        c.expect("OK \"Logged in.\"").await;
+        let est = established(session).await;
+        assert_eq!(est.client_leftover, b"LISTSCRIPTS\r\n");
+        assert_eq!(
+            auth.credentials(),
+            vec![
+                creds("alice", "alice", "wrong"),
+                creds("alice", "alice", "secret")
+            ]
+        );
     }
 
     #[tokio::test]

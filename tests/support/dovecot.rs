@@ -35,6 +35,9 @@
 //! - Users: passwd-file `user:{PLAIN}password::::::`; the password may hold `"`, `\`, `{3}`
 //!   and spaces, never `:` or a newline. With `username_format=%Ln` in passdb and userdb, the
 //!   logins `User0001` and `user0001@any.domain` (an LMTP recipient) are one user.
+//! - Master user: a second passwd-file passdb with `master = yes` and `result_success =
+//!   continue`, plus `auth_master_user_separator = *`: `user0001*master` with the master
+//!   password logs in as `user0001` (`doveadm who` lists it as `user0001`).
 //! - Mail processes run as `vmail` (created here with `useradd` when missing) with homes
 //!   `<pool>/home/%Ln`; Dovecot creates the home and `Maildir` on first login or delivery.
 //! - Certificates: rustls refuses a self-signed CA certificate as a server certificate, so the
@@ -110,6 +113,12 @@ pub const SPACE_PASSWORD: &str = "pa ss word";
 pub const TRICKY_USER: &str = "tricky.user";
 /// [`TRICKY_USER`]'s password.
 pub const TRICKY_PASSWORD: &str = "a \"b\\ c {3}";
+
+/// A Dovecot master user of every backend: `user0101*master` with [`MASTER_PASSWORD`] logs in
+/// as `user0101` (`auth_master_user_separator = *`).
+pub const MASTER_USER: &str = "master";
+/// [`MASTER_USER`]'s password.
+pub const MASTER_PASSWORD: &str = "masterpass";
 
 /// The special users and their passwords.
 pub const SPECIAL_USERS: [(&str, &str); 5] = [
@@ -218,6 +227,11 @@ impl Pool {
         }
         let passwd = dir.join("passwd");
         fs::write(&passwd, passwd_file()).unwrap();
+        fs::write(
+            dir.join("passwd.masters"),
+            format!("{MASTER_USER}:{{PLAIN}}{MASTER_PASSWORD}::::::\n"),
+        )
+        .unwrap();
 
         let mut backends = Vec::new();
         for (i, ip) in ips.iter().enumerate() {
@@ -370,6 +384,25 @@ impl Backend {
     /// Its log file.
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("dovecot.log")
+    }
+
+    /// Runs `doveadm -c CONF ARGS...` against this backend (e.g. `who`) and returns its
+    /// stdout; panics if it fails.
+    pub fn doveadm(&self, args: &[&str]) -> String {
+        let out = Command::new("doveadm")
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run doveadm");
+        assert!(
+            out.status.success(),
+            "doveadm {args:?} on {} failed: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Its log so far, plus anything the master wrote to stderr (config errors).
@@ -1173,6 +1206,13 @@ first_valid_uid = 1
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%Ln {pool}/passwd
+}}
+auth_master_user_separator = *
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {pool}/passwd.masters
+  master = yes
+  result_success = continue
 }}
 userdb {{
   driver = passwd-file

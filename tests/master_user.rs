@@ -1,0 +1,195 @@
+//! Master-user logins against real Dovecot backends whose master passdb takes `user*master`
+//! with the master password as a login for `user` (`auth_master_user_separator = *`). With
+//! the director's `auth_master_user_separator: "*"`, such a login is routed, registered and
+//! kicked as `user`, so an admin or a migration tool lands on the backend that holds the
+//! user's own sessions; the backend gets the login as the client sent it.
+
+mod support;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use support::client::{base64, imap_login, pop3_login, Conn};
+use support::director::{DirectorOptions, TestDirector};
+use support::dovecot::{user, Backend, Pool, MASTER_PASSWORD, MASTER_USER, PASSWORD};
+use support::logs::{wait_until, LOG_WAIT};
+
+/// Everything the director logged in this test process.
+static DIRECTOR_LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        DIRECTOR_LOG.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends the director's log (it runs in-process) to [`DIRECTOR_LOG`].
+fn capture_director_log() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        tracing_subscriber::fmt()
+            .with_writer(|| Capture)
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .init();
+    });
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_director");
+
+/// A director over `pool` that knows Dovecot's master user separator.
+fn director(pool: &Pool) -> TestDirector {
+    TestDirector::start(
+        pool,
+        &DirectorOptions {
+            extra: "auth_master_user_separator: \"*\"\n".into(),
+            ..DirectorOptions::default()
+        },
+    )
+}
+
+/// `user*master`: the login of the master user acting for `u`.
+fn master_login(u: &str) -> String {
+    format!("{u}*{MASTER_USER}")
+}
+
+/// A user whose whole master login string hashes to another backend than the user's own
+/// name: the case where hashing the whole string splits one mailbox over two backends.
+fn split_user(d: &TestDirector) -> String {
+    (1..=200)
+        .map(user)
+        .find(|u| {
+            let own = d.router.route(u, "").unwrap().backend.ip;
+            let whole = d.router.route(&master_login(u), "").unwrap().backend.ip;
+            own != whole
+        })
+        .expect("some user's master login hashes elsewhere")
+}
+
+/// How many connections `doveadm who` on `b` counts for `u` (one line per user and
+/// protocol: `user0001 3 imap (pids) (ips)`).
+fn who(b: &Backend, u: &str) -> usize {
+    b.doveadm(&["who"])
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(u)).then(|| f.next().unwrap().parse::<usize>().unwrap())
+        })
+        .sum()
+}
+
+/// Writes the director's configuration to a file for the CLI.
+fn config_file(d: &TestDirector, pool: &Pool) -> PathBuf {
+    let path = pool.dir().join("director-master-user.yaml");
+    std::fs::write(&path, &d.yaml).unwrap();
+    path
+}
+
+#[test]
+fn a_master_login_lands_on_the_users_backend_and_is_kicked_with_it() {
+    capture_director_log();
+    let pool = Pool::start(2);
+    let d = director(&pool);
+    let u = split_user(&d);
+    let home = pool
+        .by_ip(d.router.route(&u, "").unwrap().backend.ip)
+        .unwrap();
+    let other = pool.backends.iter().find(|b| b.ip != home.ip).unwrap();
+
+    let (mut own, own_backend) = imap_login(d.imap, &u, PASSWORD);
+    assert_eq!(own_backend, home.name);
+    // IMAP LOGIN as user*master with the master password: Dovecot logs it in as the user.
+    let (mut master, master_backend) = imap_login(d.imap, &master_login(&u), MASTER_PASSWORD);
+    assert_eq!(
+        master_backend, home.name,
+        "the master login is with the user"
+    );
+    let r = master.imap("s", "SELECT INBOX");
+    assert!(r.last().unwrap().starts_with("s OK"), "{r:?}");
+    // SASL PLAIN with the authorization identity: routed by it, as before.
+    let mut plain = Conn::connect(d.imap);
+    assert!(plain.line().starts_with("* OK"));
+    let ir = base64(format!("{u}\0{MASTER_USER}\0{MASTER_PASSWORD}").as_bytes());
+    let r = plain.imap("p", &format!("AUTHENTICATE PLAIN {ir}"));
+    assert!(r.last().unwrap().starts_with("p OK"), "{r:?}");
+    assert_eq!(plain.imap_backend(), home.name);
+    // POP3 USER user*master goes through the same login.
+    let mut pop3 = pop3_login(d.pop3, &master_login(&u), MASTER_PASSWORD);
+    assert!(pop3.pop3("STAT").starts_with("+OK"));
+
+    // The backends agree: the user is on one of them only.
+    assert_eq!(who(home, &u), 4, "doveadm who on {}", home.name);
+    assert_eq!(who(other, &u), 0, "{u} also on {}", other.name);
+
+    // The director registered every session under the user's name.
+    let sessions: Vec<_> = d
+        .sessions
+        .list()
+        .into_iter()
+        .filter(|s| s.username == u)
+        .collect();
+    assert_eq!(sessions.len(), 4, "{sessions:?}");
+    assert!(sessions.iter().all(|s| s.backend.ip() == home.ip));
+
+    // `director kick USER` ends the master sessions too.
+    let cfg = config_file(&d, &pool);
+    let out = Command::new(BIN)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["kick", &u])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("4 sessions ended"), "{text}");
+    for (what, c) in [
+        ("own", &mut own),
+        ("master", &mut master),
+        ("plain", &mut plain),
+        ("pop3", &mut pop3),
+    ] {
+        assert!(c.ended(), "the {what} session survived the kick");
+    }
+    // The director's log names the user, and the master login as given.
+    let master = master_login(&u);
+    let ends = wait_until("the end lines of the master sessions", LOG_WAIT, || {
+        let log = String::from_utf8_lossy(&DIRECTOR_LOG.lock().unwrap()).into_owned();
+        let ends: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("session ended") && l.contains(&format!(" login={master} ")))
+            .map(str::to_owned)
+            .collect();
+        (ends.len() == 2).then_some(ends)
+    });
+    for end in ends {
+        assert!(end.contains(&format!(" user={u} ")), "{end}");
+    }
+}
+
+#[test]
+fn without_the_separator_a_master_login_is_routed_whole() {
+    // The default (no separator) keeps the old behaviour: the control for the test above,
+    // showing that the user picked there really is split when the option is off.
+    let pool = Pool::start(2);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let u = split_user(&d);
+    let whole = pool
+        .by_ip(d.router.route(&master_login(&u), "").unwrap().backend.ip)
+        .unwrap();
+    let (_c, backend) = imap_login(d.imap, &master_login(&u), MASTER_PASSWORD);
+    assert_eq!(backend, whole.name);
+    let listed: Vec<_> = d.sessions.list().into_iter().map(|s| s.username).collect();
+    assert_eq!(listed, vec![master_login(&u)]);
+}
