@@ -313,10 +313,15 @@ impl Login {
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
         let state = self.router.state();
         while Instant::now() < deadline {
-            let down = state
-                .backends()
-                .get(failed)
-                .is_none_or(|b| !b.serves_existing());
+            let set = state.backends();
+            let backend = set.get(failed);
+            let down = backend.is_none_or(|b| !b.serves_existing());
+            // No check will come: an admin decided this backend's state, or checks are paused.
+            let unchecked = backend.is_some_and(|b| b.admin != crate::backend::AdminState::Up)
+                || state.checks_pause().is_some();
+            if !down && unchecked {
+                return false;
+            }
             if down {
                 let moved = state
                     .record(hash, Instant::now())
