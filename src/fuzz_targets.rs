@@ -49,7 +49,7 @@ impl<'a> Input<'a> {
         header[..n].copy_from_slice(&data[..n]);
         Input {
             limits: header[0],
-            cuts: &data[1..n.max(1)],
+            cuts: data.get(1..n).unwrap_or_default(),
             script: &data[n..],
         }
     }
@@ -852,11 +852,10 @@ fn message_end(body: &[u8]) -> Option<usize> {
 /// message.
 fn check_scanner(mut body: &[u8], cuts: &mut Cuts<'_>) {
     let mut scanner = lmtp::DataScanner::new();
-    let mut offset = 0;
     loop {
-        let expected = message_end(&body[offset..]).map(|end| offset + end);
+        let expected = message_end(body);
         let mut found = None;
-        let mut pos = offset;
+        let mut pos = 0;
         while pos < body.len() {
             let n = cuts.next_len().min(body.len() - pos).min(4096);
             if let Some(end) = scanner.scan(&body[pos..pos + n]) {
@@ -866,16 +865,11 @@ fn check_scanner(mut body: &[u8], cuts: &mut Cuts<'_>) {
             }
             pos += n;
         }
-        assert_eq!(
-            found, expected,
-            "the DATA scanner missed the end of a message"
-        );
-        let Some(end) = found else { return };
+        assert_eq!(found, expected, "the DATA scanner missed the end of a message");
         // The next message starts after the final dot's CRLF, as after a DATA line.
-        body = &body[end..];
-        offset = 0;
-        if body.is_empty() {
-            return;
+        match found {
+            Some(end) if end < body.len() => body = &body[end..],
+            _ => return,
         }
     }
 }
