@@ -865,7 +865,10 @@ fn check_scanner(mut body: &[u8], cuts: &mut Cuts<'_>) {
             }
             pos += n;
         }
-        assert_eq!(found, expected, "the DATA scanner missed the end of a message");
+        assert_eq!(
+            found, expected,
+            "the DATA scanner missed the end of a message"
+        );
         // The next message starts after the final dot's CRLF, as after a DATA line.
         match found {
             Some(end) if end < body.len() => body = &body[end..],

@@ -4,8 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
+/// A fuzz target: panics when the input breaks a property.
+type Target = fn(&[u8]);
+
 /// Every fuzz target, by the name of its directories and of its `fuzz/fuzz_targets/` file.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Target)] = &[
     ("imap_command", director::fuzz_targets::imap_command),
     ("pop3_command", director::fuzz_targets::pop3_command),
     ("sieve_command", director::fuzz_targets::sieve_command),
@@ -27,7 +30,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Runs one target over every file of `kind` (`seeds` or `regressions`); returns how many.
-fn replay(kind: &str, target: &str, check: fn(&[u8])) -> usize {
+fn replay(kind: &str, target: &str, check: Target) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz")
         .join(kind)
