@@ -46,6 +46,10 @@ pub mod checker;
 pub mod config;
 pub mod decision;
 pub mod frontend;
+/// Property checks of the pre-login parsers, shared by the cargo-fuzz crate in `fuzz/` and
+/// the corpus replay test `tests/fuzz_corpus.rs`; not an API.
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod imap;
 pub mod listener;
 pub mod lmtp;

@@ -496,7 +496,8 @@ pub fn quote(text: &str) -> String {
 /// literal (`{n}` CRLF bytes, the server-to-client form).
 pub fn string_bytes(bytes: &[u8]) -> Vec<u8> {
     match std::str::from_utf8(bytes) {
-        Ok(text) if !text.contains(['\r', '\n', '\0']) && text.len() <= 1024 => {
+        // `quote` replaces control characters: those strings go as literals.
+        Ok(text) if !text.contains(char::is_control) && text.len() <= 1024 => {
             quote(text).into_bytes()
         }
         _ => {
