@@ -22,8 +22,10 @@
 //!   knows every live session by user and backend.
 //! - `state` is the one trait for shared state (backends, weights, sticky records);
 //!   `local_state` is its in-memory implementation.
-//! - `checker` is the health checker (rise/fall per backend, passive reports from `login`,
-//!   users moved off a backend that goes down); `probe` runs the checks of `checks/*.yaml`.
+//! - `checker` is the health checker (rise/fall per backend; a login that finds its backend
+//!   unresponsive before sending the user's credentials makes it suspect, which only brings
+//!   the next check forward; users moved off a backend that goes down); `probe` runs the
+//!   checks of `checks/*.yaml`.
 //! - `moves` changes a user's backend safely (sessions ended first). `admin` is the admin API
 //!   (HTTP+JSON on a unix socket, optionally TCP) behind the CLI's verbs (`admin_client`);
 //!   `state_file` keeps what admins changed across restarts.
@@ -36,6 +38,9 @@
 //!   streamed to every recipient's backend, one reply per recipient (`lmtp::session`).
 //! - `metrics` is the one catalogue of Prometheus metrics (name, help, labels);
 //!   `metrics_server` serves `/metrics`, `/healthz` and `/readyz` on their own listener.
+//! - `untrusted` shows client-chosen text in log lines (truncated, escaped);
+//!   `fuzz_targets` drives every pre-login parser for the fuzzers in `fuzz/` and for
+//!   `tests/fuzz_corpus.rs`.
 
 pub mod admin;
 pub mod admin_client;
