@@ -17,11 +17,11 @@ mod support;
 
 use std::io::Write;
 use std::net::{IpAddr, TcpStream};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use support::client::{curl, quote, Conn};
 use support::director::{config_yaml, DirectorOptions, TestDirector};
+use support::director_log::{capture_director_log, director_log};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logs::{field, wait_login, wait_until};
 
@@ -300,35 +300,9 @@ fn proxy_options() -> DirectorOptions {
     }
 }
 
-/// Everything the director logged in this test process (all tests share it).
-static DIRECTOR_LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        DIRECTOR_LOG.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_director_log() {
-    static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        tracing_subscriber::fmt()
-            .with_writer(|| Capture)
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .init();
-    });
-}
-
 /// WARN lines the director logged for refusals of `reason`.
 fn refusal_warnings(reason: &str) -> Vec<String> {
-    let log = String::from_utf8_lossy(&DIRECTOR_LOG.lock().unwrap()).into_owned();
+    let log = director_log();
     log.lines()
         .filter(|l| l.contains("WARN") && l.contains(&format!("reason=\"{reason}\"")))
         .map(str::to_owned)

@@ -8,13 +8,12 @@
 
 mod support;
 
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use support::client::{quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
+use support::director_log::{capture_director_log, director_log};
 use support::dovecot::{user, Backend, Pool, PASSWORD};
 use support::logs::{field, wait_login, wait_until, LOG_WAIT};
 
@@ -84,40 +83,13 @@ fn home<'a>(pool: &'a Pool, d: &TestDirector, u: &str) -> &'a Backend {
 
 // --- What the director itself logs, to compare session ids. ---
 
-/// Everything the director logged in this test process (all tests share it).
-static DIRECTOR_LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        DIRECTOR_LOG.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Sends the director's log (it runs in-process) to [`DIRECTOR_LOG`].
-fn capture_director_log() {
-    static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        tracing_subscriber::fmt()
-            .with_writer(|| Capture)
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .init();
-    });
-}
-
 /// The session id the director logged for the login of `u` (one login per user per test).
 fn director_session_id(u: &str) -> String {
     wait_until(
         &format!("the director's login line for {u}"),
         LOG_WAIT,
         || {
-            let log = String::from_utf8_lossy(&DIRECTOR_LOG.lock().unwrap()).into_owned();
+            let log = director_log();
             let user_field = format!(" user={u} ");
             log.lines()
                 .find(|l| l.contains("logged in") && l.contains(&user_field))
@@ -318,7 +290,7 @@ fn director_end_line(id: &str) -> String {
         &format!("the director's end line of {id}"),
         LOG_WAIT,
         || {
-            let log = String::from_utf8_lossy(&DIRECTOR_LOG.lock().unwrap()).into_owned();
+            let log = director_log();
             log.lines()
                 .find(|l| l.contains("session ended") && l.contains(&format!("session={id} ")))
                 .map(str::to_owned)

@@ -16,12 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use director::backend::Health;
-use director::probe::CheckCode;
 use director::state::State;
-use support::director::{DirectorOptions, TestDirector};
+use support::director::TestDirector;
 use support::dovecot::{user, Pool, PoolOptions};
 use support::logins::LoginLoop;
-use support::logs::wait_until;
 
 /// How long the attack is kept up.
 const ATTACK: Duration = Duration::from_secs(8);
@@ -130,27 +128,7 @@ fn oversized_logins_leave_every_backend_up_and_other_users_unharmed() {
     let pool = Pool::start(3);
     // The default health settings (interval 2s, fast_interval 500ms, rise 2, fall 2) and the
     // default backend timeouts.
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            connect_timeout: "5s".into(),
-            login_timeout: "30s".into(),
-            // The default health settings, written out.
-            extra: "health:\n  enabled: true\n".into(),
-            ..DirectorOptions::default()
-        },
-    );
-    let checker = d.health.clone().expect("health checker");
-    wait_until("first checks", Duration::from_secs(15), || {
-        pool.backends
-            .iter()
-            .all(|b| {
-                checker
-                    .last_result(b.ip)
-                    .is_some_and(|r| r.code == CheckCode::Ok)
-            })
-            .then_some(())
-    });
+    let d = TestDirector::start_with_default_health(&pool, "");
 
     // Normal users on every backend keep logging in while the attack goes on.
     let normal: Vec<String> = (0..12).map(|i| user(100 + i)).collect();
@@ -237,27 +215,7 @@ fn hostile_logins_of_many_names_take_no_backend_down() {
         extra_config:
             "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n".into(),
     });
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            connect_timeout: "5s".into(),
-            login_timeout: "30s".into(),
-            // The default health settings, written out.
-            extra: "health:\n  enabled: true\n".into(),
-            ..DirectorOptions::default()
-        },
-    );
-    let checker = d.health.clone().expect("health checker");
-    wait_until("first checks", Duration::from_secs(15), || {
-        pool.backends
-            .iter()
-            .all(|b| {
-                checker
-                    .last_result(b.ip)
-                    .is_some_and(|r| r.code == CheckCode::Ok)
-            })
-            .then_some(())
-    });
+    let d = TestDirector::start_with_default_health(&pool, "");
     let logins = LoginLoop::start(d.imap, (0..12).map(|i| user(150 + i)).collect());
     let watch = HealthWatch::start(&d);
     let answered = Arc::new(Mutex::new(Vec::new()));

@@ -20,10 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use director::backend::Health;
-use director::probe::CheckCode;
 use director::state::State;
 use support::client::imap_login;
-use support::director::{DirectorOptions, TestDirector};
+use support::director::TestDirector;
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logins::{LoginLoop, Timed};
 use support::logs::wait_until;
@@ -36,7 +35,7 @@ const BOUND: Duration = Duration::from_secs(12);
 
 /// The default health settings and backend timeouts, with check credentials when `logs_in`.
 fn director(pool: &Pool, logs_in: bool) -> TestDirector {
-    let mut extra = "health:\n  enabled: true\n".to_string();
+    let mut extra = String::new();
     if logs_in {
         let path = pool.dir().join("check-credentials.yaml");
         std::fs::write(&path, format!("user: {}\npassword: {PASSWORD}\n", user(1))).unwrap();
@@ -44,27 +43,7 @@ fn director(pool: &Pool, logs_in: bool) -> TestDirector {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         extra += &format!("  credentials_file: {}\n", path.display());
     }
-    let d = TestDirector::start(
-        pool,
-        &DirectorOptions {
-            connect_timeout: "5s".into(),
-            login_timeout: "30s".into(),
-            extra,
-            ..DirectorOptions::default()
-        },
-    );
-    let checker = d.health.clone().unwrap();
-    wait_until("first checks", Duration::from_secs(15), || {
-        pool.backends
-            .iter()
-            .all(|b| {
-                checker
-                    .last_result(b.ip)
-                    .is_some_and(|r| r.code == CheckCode::Ok)
-            })
-            .then_some(())
-    });
-    d
+    TestDirector::start_with_default_health(pool, &extra)
 }
 
 /// `n` users whose backend (record, else ring) is `ip`.

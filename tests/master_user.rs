@@ -6,42 +6,14 @@
 
 mod support;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
 
 use support::client::{base64, imap_login, pop3_login, Conn};
 use support::director::{DirectorOptions, TestDirector};
+use support::director_log::{capture_director_log, director_log};
 use support::dovecot::{user, Backend, Pool, MASTER_PASSWORD, MASTER_USER, PASSWORD};
 use support::logs::{wait_until, LOG_WAIT};
-
-/// Everything the director logged in this test process.
-static DIRECTOR_LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        DIRECTOR_LOG.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Sends the director's log (it runs in-process) to [`DIRECTOR_LOG`].
-fn capture_director_log() {
-    static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        tracing_subscriber::fmt()
-            .with_writer(|| Capture)
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .init();
-    });
-}
 
 const BIN: &str = env!("CARGO_BIN_EXE_director");
 
@@ -165,7 +137,7 @@ fn a_master_login_lands_on_the_users_backend_and_is_kicked_with_it() {
     // The director's log names the user, and the master login as given.
     let master = master_login(&u);
     let ends = wait_until("the end lines of the master sessions", LOG_WAIT, || {
-        let log = String::from_utf8_lossy(&DIRECTOR_LOG.lock().unwrap()).into_owned();
+        let log = director_log();
         let ends: Vec<String> = log
             .lines()
             .filter(|l| l.contains("session ended") && l.contains(&format!(" login={master} ")))

@@ -151,6 +151,35 @@ pub struct TestDirector {
 }
 
 impl TestDirector {
+    /// Starts a director over `pool` with the default health settings and backend timeouts
+    /// (what an operator gets without configuring them), `health_extra` added under `health:`
+    /// (e.g. `  credentials_file: ...\n`), and waits until every backend has passed a check.
+    pub fn start_with_default_health(pool: &Pool, health_extra: &str) -> TestDirector {
+        let d = Self::start(
+            pool,
+            &DirectorOptions {
+                connect_timeout: "5s".into(),
+                login_timeout: "30s".into(),
+                extra: format!("health:\n  enabled: true\n{health_extra}"),
+                ..DirectorOptions::default()
+            },
+        );
+        let checker = d.health.clone().expect("health checker");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !pool.backends.iter().all(|b| {
+            checker
+                .last_result(b.ip)
+                .is_some_and(|r| r.code == director::probe::CheckCode::Ok)
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "first checks did not pass"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        d
+    }
+
     /// Starts a director over `pool` with `options`.
     pub fn start(pool: &Pool, options: &DirectorOptions) -> TestDirector {
         Self::start_yaml(&config_yaml(pool, options))

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod director;
+pub mod director_log;
 pub mod dovecot;
 pub mod logins;
 pub mod logs;
