@@ -23,12 +23,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::imap::command as imap;
-use crate::lmtp::command as lmtp;
-use crate::pop3::command as pop3;
-use crate::proxy_protocol;
-use crate::sasl;
-use crate::sieve::command as sieve;
+use crate::protocol::imap::command as imap;
+use crate::protocol::lmtp::command as lmtp;
+use crate::protocol::pop3::command as pop3;
+use crate::protocol::proxy_protocol;
+use crate::protocol::sasl;
+use crate::protocol::sieve::command as sieve;
 
 /// Bytes at the front of an input that steer the target rather than being sent.
 const HEADER_LEN: usize = 5;
@@ -1076,7 +1076,7 @@ pub fn sasl(data: &[u8]) {
 
 /// Credentials that PLAIN produced: a username and an authentication identity, and encoding
 /// them for a backend and decoding that gives them back.
-fn check_plain_round_trip(credentials: &crate::decision::Credentials) {
+fn check_plain_round_trip(credentials: &crate::protocol::decision::Credentials) {
     assert!(
         !credentials.username.is_empty(),
         "PLAIN gave an empty username"

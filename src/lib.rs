@@ -43,46 +43,17 @@
 //!   `tests/fuzz_corpus.rs`.
 
 pub mod admin;
-pub mod admin_client;
-pub mod admission;
-pub mod backend;
-pub mod backend_login;
-pub mod checker;
 pub mod config;
-pub mod decision;
-pub mod frontend;
 /// Property checks of the pre-login parsers, shared by the cargo-fuzz crate in `fuzz/` and
 /// the corpus replay test `tests/fuzz_corpus.rs`; not an API.
 #[doc(hidden)]
 pub mod fuzz_targets;
-pub mod imap;
-pub mod listener;
-pub mod lmtp;
-pub mod local_state;
+pub mod health;
 pub mod login;
 pub mod metrics;
-pub mod metrics_server;
-pub mod moves;
-pub mod network;
-pub mod pop3;
-pub mod probe;
-pub mod proxy_protocol;
-pub mod refusals;
-pub mod relay;
-pub mod reload;
-pub mod resolve;
-pub mod ring;
+pub mod net;
+pub mod protocol;
 pub mod routing;
-pub mod sasl;
 pub mod server;
-pub mod sessions;
-pub mod shutdown;
-pub mod sieve;
 pub mod state;
-pub mod state_file;
-pub mod sticky;
-pub mod stream;
-pub mod tls;
 pub mod untrusted;
-pub mod user_hash;
-pub mod yaml;

@@ -29,19 +29,19 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::backend::Backend;
-use crate::backend_login::{
+use crate::config::BackendTls;
+use crate::health::checker::HealthChecker;
+use crate::health::probe::CheckCode;
+use crate::metrics::{BackendLoginOutcome, LoginResult, Metrics};
+use crate::net::stream::BackendStream;
+use crate::protocol::backend_login::{
     BackendError, BackendLoginRequest, BackendLoginResult, Forward, StartTls,
 };
-use crate::checker::HealthChecker;
-use crate::config::BackendTls;
-use crate::decision::{Decision, Protocol};
-use crate::frontend::{Authenticator, BackendLink, LoginFailure};
-use crate::metrics::{BackendLoginOutcome, LoginResult, Metrics};
-use crate::probe::CheckCode;
+use crate::protocol::decision::{Decision, Protocol};
+use crate::protocol::preauth::{Authenticator, BackendLink, LoginFailure};
 use crate::routing::{Route, RouteReason, Router};
-use crate::sessions::{EndHook, SessionGuard, Sessions};
-use crate::stream::BackendStream;
+use crate::state::backend::Backend;
+use crate::state::sessions::{EndHook, SessionGuard, Sessions};
 
 /// What clients are told when no backend can take them.
 pub const UNAVAILABLE_TEXT: &str = "Account is temporarily unavailable.";
@@ -159,8 +159,10 @@ impl Login {
         let _ = tcp.set_nodelay(true);
         let mut tcp = tcp;
         if settings.forward == Forward::ProxyV2 {
-            let header =
-                crate::proxy_protocol::encode_v2(decision.identity.client, decision.identity.local);
+            let header = crate::protocol::proxy_protocol::encode_v2(
+                decision.identity.client,
+                decision.identity.local,
+            );
             tcp.write_all(&header).await?;
         }
         let tls = match settings.tls {
@@ -170,7 +172,7 @@ impl Login {
                     .tls
                     .connector(backend)
                     .ok_or_else(|| BackendError::Protocol("no TLS connector configured".into()))?;
-                let server_name = crate::tls::server_name(&settings.tls_server_name)
+                let server_name = crate::net::tls::server_name(&settings.tls_server_name)
                     .map_err(|e| BackendError::Protocol(e.to_string()))?;
                 Some(StartTls {
                     connector,
@@ -204,9 +206,9 @@ impl Login {
             commit: &commit,
         };
         match decision.protocol {
-            Protocol::Imap => crate::imap::backend_login::login(stream, &req).await,
-            Protocol::Pop3 => crate::pop3::backend_login::login(stream, &req).await,
-            Protocol::Sieve => crate::sieve::backend_login::login(stream, &req).await,
+            Protocol::Imap => crate::protocol::imap::backend_login::login(stream, &req).await,
+            Protocol::Pop3 => crate::protocol::pop3::backend_login::login(stream, &req).await,
+            Protocol::Sieve => crate::protocol::sieve::backend_login::login(stream, &req).await,
             other => Err(BackendError::Protocol(format!(
                 "{other} logins are not supported yet"
             ))),
@@ -317,7 +319,8 @@ impl Login {
             let backend = set.get(failed);
             let down = backend.is_none_or(|b| !b.serves_existing());
             // No check will come: an admin decided this backend's state, or checks are paused.
-            let unchecked = backend.is_some_and(|b| b.admin != crate::backend::AdminState::Up)
+            let unchecked = backend
+                .is_some_and(|b| b.admin != crate::state::backend::AdminState::Up)
                 || state.checks_pause().is_some();
             if !down && unchecked {
                 return false;
@@ -392,8 +395,8 @@ impl Login {
         set.get(ip).is_some_and(|b| {
             b.serves_existing()
                 || (maintenance_user
-                    && b.admin == crate::backend::AdminState::Maintenance
-                    && b.health == crate::backend::Health::Up)
+                    && b.admin == crate::state::backend::AdminState::Maintenance
+                    && b.health == crate::state::backend::Health::Up)
         })
     }
 

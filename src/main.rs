@@ -9,10 +9,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use director::admin::client;
 use director::admin::AdminRequest;
-use director::admin_client;
 use director::config::{Config, LogFormat};
-use director::reload::LogLevelHook;
+use director::server::reload::LogLevelHook;
 use director::server::{resolve_backends, Director};
 use std::sync::Arc;
 
@@ -192,15 +192,15 @@ impl Command {
 
 /// Runs one admin verb against the running director.
 fn admin_verb(config: &Config, req: &AdminRequest, json: bool) -> ExitCode {
-    match admin_client::call(&config.admin.socket, req) {
-        Ok(value) => match admin_client::print(req, &value, json) {
+    match client::call(&config.admin.socket, req) {
+        Ok(value) => match client::print(req, &value, json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("director: {e}");
                 ExitCode::from(1)
             }
         },
-        Err(e @ admin_client::ClientError::Connect { .. }) => {
+        Err(e @ client::ClientError::Connect { .. }) => {
             eprintln!("director: {e}");
             ExitCode::from(2)
         }
@@ -229,7 +229,7 @@ fn import(config: &Config, file: &str, json: bool) -> ExitCode {
     };
     let mut requests = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let parsed = admin_client::import_words(line).and_then(|words| {
+        let parsed = client::import_words(line).and_then(|words| {
             let Some(words) = words else { return Ok(None) };
             let cli = Cli::try_parse_from(std::iter::once("director".to_owned()).chain(words))
                 .map_err(|e| e.to_string().lines().next().unwrap_or("").to_owned())?;
@@ -261,12 +261,12 @@ fn import(config: &Config, file: &str, json: bool) -> ExitCode {
         }
     }
     for (n, line, req) in &requests {
-        match admin_client::call(&config.admin.socket, req) {
+        match client::call(&config.admin.socket, req) {
             Ok(value) => {
                 if !json {
                     print!("{file}:{n}: ");
                 }
-                let _ = admin_client::print(req, &value, json);
+                let _ = client::print(req, &value, json);
             }
             Err(e) => {
                 eprintln!("director: import: {file}:{n}: {e}: {line}");

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use director::backend::AdminState;
+use director::state::backend::AdminState;
 use director::state::State;
 use support::client::{imap_login, Conn};
 use support::director::{DirectorOptions, TestDirector};
@@ -508,7 +508,7 @@ fn http_with_authorization(
     if raw.is_empty() {
         return None;
     }
-    let (status, body) = director::admin_client::parse_response(&raw).unwrap();
+    let (status, body) = director::admin::client::parse_response(&raw).unwrap();
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use director::backend::AdminState;
-use director::moves::{MoveReason, Mover};
+use director::state::backend::AdminState;
+use director::state::moves::{MoveReason, Mover};
 use director::state::State;
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use director::ring::Ring;
-use director::user_hash::UserHash;
+use director::routing::ring::Ring;
+use director::routing::user_hash::UserHash;
 use support::client::imap_login;
 use support::director::{config_yaml, DirectorOptions};
 use support::dovecot::{user, Pool, PASSWORD};

@@ -206,7 +206,7 @@ fn every_panel_and_alert_query_returns_data_from_a_real_prometheus() {
         .backends()
         .backends
         .values()
-        .all(|b| b.health == director::backend::Health::Up)
+        .all(|b| b.health == director::state::backend::Health::Up)
     {
         assert!(
             Instant::now() < deadline,

@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use director::backend::{AdminState, Health};
-use director::probe::CheckCode;
+use director::health::probe::CheckCode;
+use director::state::backend::{AdminState, Health};
 use director::state::{ChecksPause, State};
 use support::client::imap_login;
 use support::director::{DirectorOptions, TestDirector};

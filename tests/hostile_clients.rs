@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use director::backend::Health;
+use director::state::backend::Health;
 use director::state::State;
 use support::director::TestDirector;
 use support::dovecot::{user, Pool, PoolOptions};

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use director::backend::Health;
+use director::state::backend::Health;
 use director::state::State;
 use support::client::imap_login;
 use support::director::TestDirector;

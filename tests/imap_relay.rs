@@ -8,7 +8,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use director::decision::Protocol;
+use director::protocol::decision::Protocol;
 use support::client::{base64, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PoolOptions, IMAP_PORT, PASSWORD};

@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use director::backend::{AdminState, Backend as DirBackend, Health};
 use director::config::Config;
-use director::decision::ClientIdentity;
-use director::lmtp::{serve_connection, LmtpSettings, RecipientUsername};
-use director::local_state::LocalState;
+use director::net::stream::ClientStream;
+use director::protocol::decision::ClientIdentity;
+use director::protocol::lmtp::{serve_connection, LmtpSettings, RecipientUsername};
 use director::routing::Router;
+use director::state::backend::{AdminState, Backend as DirBackend, Health};
+use director::state::local::LocalState;
 use director::state::State;
-use director::stream::ClientStream;
 
 use support::client::Conn;
 use support::director::{config_yaml, DirectorOptions};

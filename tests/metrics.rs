@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use director::backend::AdminState;
 use director::metrics::CATALOGUE;
+use director::state::backend::AdminState;
 use director::state::State;
 use support::client::{curl, imap_login, pop3_login, quote, Conn};
 use support::director::{DirectorOptions, TestDirector};

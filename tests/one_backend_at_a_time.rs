@@ -7,8 +7,8 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use director::backend::AdminState;
-use director::moves::{MoveReason, Mover};
+use director::state::backend::AdminState;
+use director::state::moves::{MoveReason, Mover};
 use director::state::State;
 use support::client::{imap_login, Conn};
 use support::director::{DirectorOptions, TestDirector};

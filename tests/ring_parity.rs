@@ -7,8 +7,8 @@ mod support;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use director::ring::Ring;
-use director::user_hash::UserHash;
+use director::routing::ring::Ring;
+use director::routing::user_hash::UserHash;
 use support::dovecot::RefDirector;
 
 /// How many usernames each comparison uses.

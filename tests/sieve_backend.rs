@@ -9,10 +9,10 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use director::backend_login::{BackendLoginRequest, BackendLoginResult, Forward};
-use director::decision::{ClientIdentity, Credentials};
-use director::sieve::backend_login::login;
-use director::stream::BackendStream;
+use director::net::stream::BackendStream;
+use director::protocol::backend_login::{BackendLoginRequest, BackendLoginResult, Forward};
+use director::protocol::decision::{ClientIdentity, Credentials};
+use director::protocol::sieve::backend_login::login;
 
 use support::dovecot::{user, Pool, PASSWORD};
 
@@ -32,7 +32,7 @@ async fn try_login(pool: &Pool, user: &str, password: &str, client_ip: &str) -> 
         forward: Forward::Auto,
         starttls: None,
         reply_timeout: Duration::from_secs(20),
-        commit: &director::backend_login::always_commit,
+        commit: &director::protocol::backend_login::always_commit,
     };
     login(BackendStream::Plain(tcp), &req).await.unwrap()
 }
@@ -107,7 +107,7 @@ async fn starttls_then_login() {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let starttls = director::backend_login::StartTls {
+    let starttls = director::protocol::backend_login::StartTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         server_name: "localhost".try_into().unwrap(),
     };
@@ -126,7 +126,7 @@ async fn starttls_then_login() {
         forward: Forward::Auto,
         starttls: Some(starttls),
         reply_timeout: Duration::from_secs(20),
-        commit: &director::backend_login::always_commit,
+        commit: &director::protocol::backend_login::always_commit,
     };
     let result = login(BackendStream::Plain(tcp), &req).await.unwrap();
     let BackendLoginResult::LoggedIn { stream, .. } = result else {

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use director::backend::{AdminState, Backend, Health};
 use director::config::Config;
 use director::routing::RouteReason;
+use director::state::backend::{AdminState, Backend, Health};
 use director::state::State;
 use support::client::{imap_login, Conn};
 use support::director::{config_yaml, DirectorOptions, TestDirector};

@@ -9,13 +9,13 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use director::checker::HealthChecker;
 use director::config::{Config, ListenerTls};
-use director::decision::Protocol;
-use director::local_state::LocalState;
+use director::health::checker::HealthChecker;
+use director::protocol::decision::Protocol;
 use director::routing::Router;
 use director::server::Director;
-use director::sessions::Sessions;
+use director::state::local::LocalState;
+use director::state::sessions::Sessions;
 
 use super::dovecot::{Pool, IMAP_PORT, LMTP_PORT, POP3_PORT, SIEVE_PORT};
 
@@ -169,7 +169,7 @@ impl TestDirector {
         while !pool.backends.iter().all(|b| {
             checker
                 .last_result(b.ip)
-                .is_some_and(|r| r.code == director::probe::CheckCode::Ok)
+                .is_some_and(|r| r.code == director::health::probe::CheckCode::Ok)
         }) {
             assert!(
                 std::time::Instant::now() < deadline,

@@ -1,0 +1,820 @@
+//! The one catalogue of the director's Prometheus metrics: every metric's name, help and
+//! labels in [`CATALOGUE`], registered on the director's own [`Registry`] by [`Metrics`].
+//! Dashboards and alert rules are checked against this list.
+//!
+//! Conventions: `director_` prefix, base units (`_seconds`, `_bytes`), `_total` on counters,
+//! `_info` for build information. Labels never carry usernames or client addresses: a
+//! backend is its IP (`backend`) and `tag`.
+//!
+//! Events (logins, connections, checks, moves) are counted where they happen. Gauges that
+//! mirror state (backend health, admin state, weight, records, live sessions, pause) are
+//! computed at scrape time from the state and the session registry ([`Metrics::refresh`]),
+//! so they are always right and need no updates scattered through the code.
+
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::health::checker::HealthChecker;
+use crate::health::probe::CheckCode;
+use crate::net::refusals::RefusalReason;
+use crate::protocol::decision::Protocol;
+use crate::state::backend::{AdminState, Backend, Health};
+use crate::state::moves::MoveReason;
+use crate::state::sessions::Sessions;
+use crate::state::State;
+
+/// What kind of metric a catalogue entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    /// The name Prometheus' text format uses (`# TYPE`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric of the catalogue.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+}
+
+const fn def(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> MetricDef {
+    MetricDef {
+        name,
+        help,
+        kind,
+        labels,
+    }
+}
+
+use Kind::{Counter, Gauge, Histogram};
+
+pub const BUILD_INFO: MetricDef = def(
+    "director_build_info",
+    Gauge,
+    &["version"],
+    "Always 1; the version label tells which director build runs.",
+);
+pub const CONNECTIONS_TOTAL: MetricDef = def(
+    "director_connections_total",
+    Counter,
+    &["protocol"],
+    "Client connections accepted, by protocol.",
+);
+pub const CONNECTIONS: MetricDef = def(
+    "director_connections",
+    Gauge,
+    &["protocol"],
+    "Client connections open now (pre-login and relayed), by protocol.",
+);
+pub const LOGINS_TOTAL: MetricDef = def(
+    "director_logins_total",
+    Counter,
+    &["protocol", "result"],
+    "Client logins by result: ok, auth_failed (the backend refused the credentials), \
+     unavailable (no backend could take the session), refused (the director refused it: the \
+     user's sessions were still on another backend).",
+);
+pub const LOGIN_DURATION: MetricDef = def(
+    "director_login_duration_seconds",
+    Histogram,
+    &["protocol"],
+    "Client-visible login latency: from the client's login command (or the end of its SASL \
+     exchange) to the director's answer, routing and backend login included.",
+);
+pub const RELAY_BYTES_TOTAL: MetricDef = def(
+    "director_relay_bytes_total",
+    Counter,
+    &["protocol", "direction"],
+    "Bytes relayed after login, counted when a session ends; direction \"in\" is client to \
+     backend, \"out\" backend to client.",
+);
+pub const BACKEND_UP: MetricDef = def(
+    "director_backend_up",
+    Gauge,
+    &["backend", "tag"],
+    "Health of a backend as the health checker sees it: 1 up, 0 down.",
+);
+pub const BACKEND_ADMIN_STATE: MetricDef = def(
+    "director_backend_admin_state",
+    Gauge,
+    &["backend", "tag", "state"],
+    "What an administrator set for a backend: 1 for its current state (up, down, \
+     maintenance), 0 for the others.",
+);
+pub const BACKEND_WEIGHT: MetricDef = def(
+    "director_backend_weight",
+    Gauge,
+    &["backend", "tag"],
+    "Weight of a backend (points on the ring; 0 takes no new users).",
+);
+pub const BACKEND_LAST_CHECK: MetricDef = def(
+    "director_backend_last_check_result",
+    Gauge,
+    &["backend", "tag", "result"],
+    "Result code of the backend's last health check (or failed login): 1 for that code.",
+);
+pub const BACKEND_CHECK_DURATION: MetricDef = def(
+    "director_backend_check_duration_seconds",
+    Histogram,
+    &["backend", "tag", "result"],
+    "Duration of health checks of a backend; result is ok or failed.",
+);
+pub const BACKEND_CHECK_RESULTS_TOTAL: MetricDef = def(
+    "director_backend_check_results_total",
+    Counter,
+    &["backend", "tag", "result"],
+    "Health checks of a backend by result code (ok, connection_refused, connect_timeout, \
+     tls_failure, wrong_response, response_timeout, login_failed, closed).",
+);
+pub const BACKEND_HEALTH_TRANSITIONS_TOTAL: MetricDef = def(
+    "director_backend_health_transitions_total",
+    Counter,
+    &["backend", "tag", "to"],
+    "Changes of a backend's health found by the health checker, by new health (up, down).",
+);
+pub const BACKEND_USERS: MetricDef = def(
+    "director_backend_users",
+    Gauge,
+    &["backend", "tag"],
+    "Users with a live sticky record on a backend.",
+);
+pub const BACKEND_SESSIONS: MetricDef = def(
+    "director_backend_sessions",
+    Gauge,
+    &["backend", "tag", "protocol"],
+    "Sessions relayed to a backend now, by protocol.",
+);
+pub const BACKEND_LOGINS_TOTAL: MetricDef = def(
+    "director_backend_logins_total",
+    Counter,
+    &["backend", "tag", "protocol", "result"],
+    "Backend login attempts by result: ok, auth_failed, unavailable (a temporary failure \
+     answered by the backend), error (the backend could not be used).",
+);
+pub const BACKEND_CONNECT_FAILURES_TOTAL: MetricDef = def(
+    "director_backend_connect_failures_total",
+    Counter,
+    &["backend", "tag"],
+    "Connections to a backend for a login that failed or timed out.",
+);
+pub const STICKY_RECORDS: MetricDef = def(
+    "director_sticky_records",
+    Gauge,
+    &[],
+    "Live sticky records (users bound to a backend).",
+);
+pub const MOVES_TOTAL: MetricDef = def(
+    "director_moves_total",
+    Counter,
+    &["reason"],
+    "Users whose record was moved to another backend or dropped, by reason (admin, flush, \
+     health_down, maintenance, kick).",
+);
+pub const KICKS_TOTAL: MetricDef = def(
+    "director_kicks_total",
+    Counter,
+    &["reason"],
+    "Sessions ended by the director (kick, move, evacuation), by reason.",
+);
+pub const CHECKS_PAUSED: MetricDef = def(
+    "director_checks_paused",
+    Gauge,
+    &[],
+    "1 while an administrator has paused the health checks, else 0.",
+);
+pub const LMTP_RECIPIENTS_TOTAL: MetricDef = def(
+    "director_lmtp_recipients_total",
+    Counter,
+    &["result"],
+    "LMTP recipients by outcome: delivered (2xx after DATA), deferred (4xx) or rejected (5xx), \
+     at RCPT or after DATA.",
+);
+
+pub const CONNECTIONS_REFUSED_TOTAL: MetricDef = def(
+    "director_connections_refused_total",
+    Counter,
+    &["protocol", "reason"],
+    "Client connections turned away before login, by reason: untrusted_proxy_peer (a peer \
+     outside proxy_trusted_networks on a proxy_protocol listener), bad_proxy_header, \
+     not_allowed (LMTP allow_from), per_ip_limit (limits.max_preauth_per_ip), listener_full \
+     (the listener's pool holds only logged-in sessions), evicted (the oldest connection not \
+     logged in yet, dropped to make room in a full pool).",
+);
+
+/// Every metric the director exports.
+pub const CATALOGUE: &[MetricDef] = &[
+    BUILD_INFO,
+    CONNECTIONS_TOTAL,
+    CONNECTIONS,
+    LOGINS_TOTAL,
+    LOGIN_DURATION,
+    RELAY_BYTES_TOTAL,
+    BACKEND_UP,
+    BACKEND_ADMIN_STATE,
+    BACKEND_WEIGHT,
+    BACKEND_LAST_CHECK,
+    BACKEND_CHECK_DURATION,
+    BACKEND_CHECK_RESULTS_TOTAL,
+    BACKEND_HEALTH_TRANSITIONS_TOTAL,
+    BACKEND_USERS,
+    BACKEND_SESSIONS,
+    BACKEND_LOGINS_TOTAL,
+    BACKEND_CONNECT_FAILURES_TOTAL,
+    STICKY_RECORDS,
+    MOVES_TOTAL,
+    KICKS_TOTAL,
+    CHECKS_PAUSED,
+    LMTP_RECIPIENTS_TOTAL,
+    CONNECTIONS_REFUSED_TOTAL,
+];
+
+/// The protocols clients log in with (LMTP has no login).
+const LOGIN_PROTOCOLS: [Protocol; 3] = [Protocol::Imap, Protocol::Pop3, Protocol::Sieve];
+const ALL_PROTOCOLS: [Protocol; 4] = [
+    Protocol::Imap,
+    Protocol::Pop3,
+    Protocol::Lmtp,
+    Protocol::Sieve,
+];
+const MOVE_REASONS: [MoveReason; 5] = [
+    MoveReason::Admin,
+    MoveReason::Flush,
+    MoveReason::HealthDown,
+    MoveReason::Maintenance,
+    MoveReason::Kick,
+];
+
+/// Login latency buckets, in seconds.
+const LOGIN_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Health check latency buckets, in seconds.
+const CHECK_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How a client login ended, for `director_logins_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginResult {
+    Ok,
+    AuthFailed,
+    Unavailable,
+    Refused,
+}
+
+impl LoginResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoginResult::Ok => "ok",
+            LoginResult::AuthFailed => "auth_failed",
+            LoginResult::Unavailable => "unavailable",
+            LoginResult::Refused => "refused",
+        }
+    }
+    const ALL: [LoginResult; 4] = [
+        LoginResult::Ok,
+        LoginResult::AuthFailed,
+        LoginResult::Unavailable,
+        LoginResult::Refused,
+    ];
+}
+
+/// How one backend login attempt ended, for `director_backend_logins_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendLoginOutcome {
+    Ok,
+    AuthFailed,
+    Unavailable,
+    Error,
+}
+
+impl BackendLoginOutcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendLoginOutcome::Ok => "ok",
+            BackendLoginOutcome::AuthFailed => "auth_failed",
+            BackendLoginOutcome::Unavailable => "unavailable",
+            BackendLoginOutcome::Error => "error",
+        }
+    }
+}
+
+/// What happened to one LMTP recipient, for `director_lmtp_recipients_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipientResult {
+    Delivered,
+    Deferred,
+    Rejected,
+}
+
+impl RecipientResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecipientResult::Delivered => "delivered",
+            RecipientResult::Deferred => "deferred",
+            RecipientResult::Rejected => "rejected",
+        }
+    }
+
+    /// The outcome an LMTP reply code stands for.
+    pub fn from_code(code: u16) -> Self {
+        match code {
+            200..=399 => RecipientResult::Delivered,
+            400..=499 => RecipientResult::Deferred,
+            _ => RecipientResult::Rejected,
+        }
+    }
+}
+
+/// The registered metrics. Cheap to clone: every clone updates the same series.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    connections_total: IntCounterVec,
+    connections: IntGaugeVec,
+    logins_total: IntCounterVec,
+    login_duration: HistogramVec,
+    relay_bytes_total: IntCounterVec,
+    backend_up: IntGaugeVec,
+    backend_admin_state: IntGaugeVec,
+    backend_weight: IntGaugeVec,
+    backend_last_check: IntGaugeVec,
+    backend_check_duration: HistogramVec,
+    backend_check_results_total: IntCounterVec,
+    backend_health_transitions_total: IntCounterVec,
+    backend_users: IntGaugeVec,
+    backend_sessions: IntGaugeVec,
+    backend_logins_total: IntCounterVec,
+    backend_connect_failures_total: IntCounterVec,
+    sticky_records: IntGauge,
+    moves_total: IntCounterVec,
+    kicks_total: IntCounterVec,
+    checks_paused: IntGauge,
+    lmtp_recipients_total: IntCounterVec,
+    connections_refused_total: IntCounterVec,
+    /// Scrapes reset and refill the state gauges: one at a time.
+    refresh: Mutex<()>,
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry
+        .register(Box::new(c.clone()))
+        .expect("catalogue names are unique");
+    c
+}
+
+fn counter_vec(r: &Registry, d: &MetricDef) -> IntCounterVec {
+    debug_assert_eq!(d.kind, Counter);
+    register(
+        r,
+        IntCounterVec::new(Opts::new(d.name, d.help), d.labels).unwrap(),
+    )
+}
+
+fn gauge_vec(r: &Registry, d: &MetricDef) -> IntGaugeVec {
+    debug_assert_eq!(d.kind, Gauge);
+    register(
+        r,
+        IntGaugeVec::new(Opts::new(d.name, d.help), d.labels).unwrap(),
+    )
+}
+
+fn gauge(r: &Registry, d: &MetricDef) -> IntGauge {
+    debug_assert!(d.kind == Gauge && d.labels.is_empty());
+    register(r, IntGauge::with_opts(Opts::new(d.name, d.help)).unwrap())
+}
+
+fn histogram_vec(r: &Registry, d: &MetricDef, buckets: &[f64]) -> HistogramVec {
+    debug_assert_eq!(d.kind, Histogram);
+    let opts = HistogramOpts::new(d.name, d.help).buckets(buckets.to_vec());
+    register(r, HistogramVec::new(opts, d.labels).unwrap())
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers the whole catalogue on a registry of its own. Series whose label values are
+    /// known in advance start at 0, so that rates and alerts see them before the first event.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let build_info = gauge_vec(&r, &BUILD_INFO);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let inner = Inner {
+            connections_total: counter_vec(&r, &CONNECTIONS_TOTAL),
+            connections: gauge_vec(&r, &CONNECTIONS),
+            logins_total: counter_vec(&r, &LOGINS_TOTAL),
+            login_duration: histogram_vec(&r, &LOGIN_DURATION, LOGIN_BUCKETS),
+            relay_bytes_total: counter_vec(&r, &RELAY_BYTES_TOTAL),
+            backend_up: gauge_vec(&r, &BACKEND_UP),
+            backend_admin_state: gauge_vec(&r, &BACKEND_ADMIN_STATE),
+            backend_weight: gauge_vec(&r, &BACKEND_WEIGHT),
+            backend_last_check: gauge_vec(&r, &BACKEND_LAST_CHECK),
+            backend_check_duration: histogram_vec(&r, &BACKEND_CHECK_DURATION, CHECK_BUCKETS),
+            backend_check_results_total: counter_vec(&r, &BACKEND_CHECK_RESULTS_TOTAL),
+            backend_health_transitions_total: counter_vec(&r, &BACKEND_HEALTH_TRANSITIONS_TOTAL),
+            backend_users: gauge_vec(&r, &BACKEND_USERS),
+            backend_sessions: gauge_vec(&r, &BACKEND_SESSIONS),
+            backend_logins_total: counter_vec(&r, &BACKEND_LOGINS_TOTAL),
+            backend_connect_failures_total: counter_vec(&r, &BACKEND_CONNECT_FAILURES_TOTAL),
+            sticky_records: gauge(&r, &STICKY_RECORDS),
+            moves_total: counter_vec(&r, &MOVES_TOTAL),
+            kicks_total: counter_vec(&r, &KICKS_TOTAL),
+            checks_paused: gauge(&r, &CHECKS_PAUSED),
+            lmtp_recipients_total: counter_vec(&r, &LMTP_RECIPIENTS_TOTAL),
+            connections_refused_total: counter_vec(&r, &CONNECTIONS_REFUSED_TOTAL),
+            registry: r,
+            refresh: Mutex::new(()),
+        };
+        for p in ALL_PROTOCOLS {
+            inner.connections_total.with_label_values(&[p.name()]);
+            inner.connections.with_label_values(&[p.name()]);
+            for reason in RefusalReason::ALL {
+                inner
+                    .connections_refused_total
+                    .with_label_values(&[p.name(), reason.name()]);
+            }
+        }
+        for p in LOGIN_PROTOCOLS {
+            for result in LoginResult::ALL {
+                inner
+                    .logins_total
+                    .with_label_values(&[p.name(), result.name()]);
+            }
+            inner.login_duration.with_label_values(&[p.name()]);
+            for d in ["in", "out"] {
+                inner.relay_bytes_total.with_label_values(&[p.name(), d]);
+            }
+        }
+        for reason in MOVE_REASONS {
+            inner.moves_total.with_label_values(&[reason.name()]);
+            inner.kicks_total.with_label_values(&[reason.name()]);
+        }
+        for r in [
+            RecipientResult::Delivered,
+            RecipientResult::Deferred,
+            RecipientResult::Rejected,
+        ] {
+            inner.lmtp_recipients_total.with_label_values(&[r.name()]);
+        }
+        Metrics {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The registry every metric is on.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// A client connection was accepted; it counts as open until the guard is dropped.
+    pub fn connection(&self, protocol: Protocol) -> ConnectionGuard {
+        self.inner
+            .connections_total
+            .with_label_values(&[protocol.name()])
+            .inc();
+        let gauge = self.inner.connections.with_label_values(&[protocol.name()]);
+        gauge.inc();
+        ConnectionGuard(gauge)
+    }
+
+    /// A client login ended with `result`, `elapsed` after the client asked.
+    pub fn login(&self, protocol: Protocol, result: LoginResult, elapsed: Duration) {
+        self.inner
+            .logins_total
+            .with_label_values(&[protocol.name(), result.name()])
+            .inc();
+        self.inner
+            .login_duration
+            .with_label_values(&[protocol.name()])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// One attempt to log in on `backend` ended with `outcome`.
+    pub fn backend_login(&self, backend: &Backend, protocol: Protocol, o: BackendLoginOutcome) {
+        self.inner
+            .backend_logins_total
+            .with_label_values(&[
+                &backend.ip.to_string(),
+                &backend.tag,
+                protocol.name(),
+                o.name(),
+            ])
+            .inc();
+    }
+
+    /// A connection to `backend` for a login failed or timed out.
+    pub fn backend_connect_failure(&self, backend: &Backend) {
+        self.inner
+            .backend_connect_failures_total
+            .with_label_values(&[&backend.ip.to_string(), &backend.tag])
+            .inc();
+    }
+
+    /// A relayed session ended after these many bytes each way.
+    pub fn relayed(&self, protocol: Protocol, client_to_backend: u64, backend_to_client: u64) {
+        let c = &self.inner.relay_bytes_total;
+        c.with_label_values(&[protocol.name(), "in"])
+            .inc_by(client_to_backend);
+        c.with_label_values(&[protocol.name(), "out"])
+            .inc_by(backend_to_client);
+    }
+
+    /// A health check of `backend` ended.
+    pub fn check(&self, backend: &Backend, code: CheckCode, latency: Duration) {
+        let ip = backend.ip.to_string();
+        self.inner
+            .backend_check_results_total
+            .with_label_values(&[&ip, &backend.tag, code.name()])
+            .inc();
+        let result = if code.is_ok() { "ok" } else { "failed" };
+        self.inner
+            .backend_check_duration
+            .with_label_values(&[&ip, &backend.tag, result])
+            .observe(latency.as_secs_f64());
+    }
+
+    /// The health checker changed the health of `backend` to `to`.
+    pub fn health_transition(&self, backend: &Backend, to: Health) {
+        self.inner
+            .backend_health_transitions_total
+            .with_label_values(&[&backend.ip.to_string(), &backend.tag, to.name()])
+            .inc();
+    }
+
+    /// `users` records moved (or dropped) and `sessions` sessions ended, for `reason`.
+    pub fn moved(&self, reason: MoveReason, users: usize, sessions: usize) {
+        self.inner
+            .moves_total
+            .with_label_values(&[reason.name()])
+            .inc_by(users as u64);
+        self.inner
+            .kicks_total
+            .with_label_values(&[reason.name()])
+            .inc_by(sessions as u64);
+    }
+
+    /// A client connection was turned away (or dropped to make room) before login.
+    pub fn refused(&self, protocol: Protocol, reason: RefusalReason) {
+        self.inner
+            .connections_refused_total
+            .with_label_values(&[protocol.name(), reason.name()])
+            .inc();
+    }
+
+    /// One LMTP recipient's outcome.
+    pub fn lmtp_recipient(&self, result: RecipientResult) {
+        self.inner
+            .lmtp_recipients_total
+            .with_label_values(&[result.name()])
+            .inc();
+    }
+
+    /// Sets the gauges that mirror state: backends (health, admin state, weight, records,
+    /// sessions, last check), sticky records, checks paused. Series of removed backends go.
+    pub fn refresh(&self, state: &dyn State, sessions: &Sessions, health: Option<&HealthChecker>) {
+        let _one = self.inner.refresh.lock().unwrap();
+        let i = &self.inner;
+        let set = state.backends();
+        let now = Instant::now();
+        let records = state.records(now);
+        let mut users: BTreeMap<IpAddr, i64> = BTreeMap::new();
+        for (_, r) in &records {
+            *users.entry(r.backend).or_default() += 1;
+        }
+        let mut live: BTreeMap<(IpAddr, Protocol), i64> = BTreeMap::new();
+        for s in sessions.list() {
+            *live.entry((s.backend.ip(), s.protocol)).or_default() += 1;
+        }
+        let last: BTreeMap<IpAddr, CheckCode> = health
+            .map(|h| {
+                h.last_results()
+                    .into_iter()
+                    .map(|(ip, r)| (ip, r.code))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for g in [
+            &i.backend_up,
+            &i.backend_admin_state,
+            &i.backend_weight,
+            &i.backend_users,
+            &i.backend_sessions,
+            &i.backend_last_check,
+        ] {
+            g.reset();
+        }
+        for b in set.backends.values() {
+            let ip = b.ip.to_string();
+            let l = [ip.as_str(), b.tag.as_str()];
+            i.backend_up
+                .with_label_values(&l)
+                .set((b.health == Health::Up) as i64);
+            for s in [AdminState::Up, AdminState::Down, AdminState::Maintenance] {
+                i.backend_admin_state
+                    .with_label_values(&[&ip, &b.tag, s.name()])
+                    .set((b.admin == s) as i64);
+            }
+            i.backend_weight.with_label_values(&l).set(b.weight as i64);
+            i.backend_users
+                .with_label_values(&l)
+                .set(users.get(&b.ip).copied().unwrap_or(0));
+            for p in LOGIN_PROTOCOLS {
+                i.backend_sessions
+                    .with_label_values(&[&ip, &b.tag, p.name()])
+                    .set(live.get(&(b.ip, p)).copied().unwrap_or(0));
+            }
+            if let Some(code) = last.get(&b.ip) {
+                i.backend_last_check
+                    .with_label_values(&[&ip, &b.tag, code.name()])
+                    .set(1);
+            }
+            // Per-backend counters start at 0 so that they exist before the first event.
+            i.backend_connect_failures_total.with_label_values(&l);
+            for p in LOGIN_PROTOCOLS {
+                i.backend_logins_total
+                    .with_label_values(&[&ip, &b.tag, p.name(), "ok"]);
+            }
+            if health.is_some() {
+                i.backend_check_results_total
+                    .with_label_values(&[&ip, &b.tag, "ok"]);
+                i.backend_check_duration
+                    .with_label_values(&[&ip, &b.tag, "ok"]);
+                for to in [Health::Up, Health::Down] {
+                    i.backend_health_transitions_total
+                        .with_label_values(&[&ip, &b.tag, to.name()]);
+                }
+            }
+        }
+        i.sticky_records.set(records.len() as i64);
+        i.checks_paused.set(state.checks_pause().is_some() as i64);
+    }
+
+    /// The text exposition of every metric, state gauges refreshed first.
+    pub fn render(
+        &self,
+        state: &dyn State,
+        sessions: &Sessions,
+        health: Option<&HealthChecker>,
+    ) -> String {
+        self.refresh(state, sessions, health);
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.inner.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// Keeps a connection counted in `director_connections` while it lives.
+pub struct ConnectionGuard(IntGauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let mut seen = HashSet::new();
+        for d in CATALOGUE {
+            assert!(seen.insert(d.name), "{} listed twice", d.name);
+            assert!(
+                d.name.starts_with("director_"),
+                "{}: no director_ prefix",
+                d.name
+            );
+            assert!(
+                d.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{}: not snake_case",
+                d.name
+            );
+            assert_eq!(
+                d.kind == Kind::Counter,
+                d.name.ends_with("_total"),
+                "{}: counters, and only counters, end in _total",
+                d.name
+            );
+            if d.kind == Kind::Histogram {
+                assert!(
+                    d.name.ends_with("_seconds") || d.name.ends_with("_bytes"),
+                    "{}: a histogram is in a base unit",
+                    d.name
+                );
+            }
+            for unit in ["_milliseconds", "_ms", "_kilobytes", "_minutes"] {
+                assert!(!d.name.contains(unit), "{}: not a base unit", d.name);
+            }
+            assert!(!d.help.is_empty(), "{}: no help", d.name);
+            for l in d.labels {
+                assert!(
+                    !["user", "username", "client", "client_address"].contains(l),
+                    "{}: label {l} would carry a user or client",
+                    d.name
+                );
+            }
+            if d.labels.contains(&"backend") {
+                assert!(d.labels.contains(&"tag"), "{}: backend without tag", d.name);
+            }
+        }
+        assert!(seen.contains("director_build_info"));
+    }
+
+    #[test]
+    fn every_catalogue_entry_is_registered_with_its_help() {
+        let m = Metrics::new();
+        let families = m.registry().gather();
+        // Every metric without per-backend labels exists from the start.
+        for d in CATALOGUE.iter().filter(|d| !d.labels.contains(&"backend")) {
+            let f = families
+                .iter()
+                .find(|f| f.get_name() == d.name)
+                .unwrap_or_else(|| panic!("{} is not exported", d.name));
+            assert_eq!(f.get_help(), d.help);
+        }
+        for f in &families {
+            assert!(
+                CATALOGUE.iter().any(|d| d.name == f.get_name()),
+                "{} is exported but not in the catalogue",
+                f.get_name()
+            );
+        }
+    }
+
+    #[test]
+    fn events_show_in_the_exposition() {
+        let m = Metrics::new();
+        {
+            let _c = m.connection(Protocol::Imap);
+            m.login(Protocol::Imap, LoginResult::Ok, Duration::from_millis(30));
+            m.relayed(Protocol::Imap, 10, 200);
+        }
+        m.lmtp_recipient(RecipientResult::from_code(250));
+        m.refused(Protocol::Lmtp, RefusalReason::PerIpLimit);
+        m.moved(MoveReason::HealthDown, 2, 3);
+        let state = crate::state::local::LocalState::new(Vec::new(), Duration::from_secs(60));
+        let text = m.render(&state, &Sessions::new(), None);
+        for line in [
+            "director_connections_total{protocol=\"imap\"} 1",
+            "director_connections{protocol=\"imap\"} 0",
+            "director_logins_total{protocol=\"imap\",result=\"ok\"} 1",
+            "director_login_duration_seconds_count{protocol=\"imap\"} 1",
+            "director_relay_bytes_total{direction=\"out\",protocol=\"imap\"} 200",
+            "director_lmtp_recipients_total{result=\"delivered\"} 1",
+            "director_connections_refused_total{protocol=\"lmtp\",reason=\"per_ip_limit\"} 1",
+            "director_connections_refused_total{protocol=\"imap\",reason=\"evicted\"} 0",
+            "director_moves_total{reason=\"health_down\"} 2",
+            "director_kicks_total{reason=\"health_down\"} 3",
+            "director_sticky_records 0",
+            "director_checks_paused 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(text.contains("director_build_info{version=\""));
+    }
+}

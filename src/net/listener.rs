@@ -1,0 +1,513 @@
+//! A listening socket and the life of each connection on it: PROXY header, implicit TLS, the
+//! protocol's front end, the relay, and the one log line at the end.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::config::ListenerTls;
+use crate::login::Login;
+use crate::net::admission::{refusal_line, Admitted, ConnectionPool, PerIpGuard, PerIpLimit, Slot};
+use crate::net::network::{any_contains, Network};
+use crate::net::refusals::{RefusalLog, RefusalReason};
+use crate::net::relay::{relay, Kick, RelayEnd};
+use crate::net::stream::ClientStream;
+use crate::protocol::decision::{ClientIdentity, Protocol};
+use crate::protocol::preauth::{Established, FrontendContext, PreauthLimits};
+use crate::server::shutdown::Shutdown;
+
+/// Settings every listener shares. A reload swaps in a new one (`ArcSwap`); each connection
+/// keeps the one it was accepted with.
+pub struct ListenerShared {
+    pub login: Login,
+    /// For implicit TLS and STARTTLS; `None` when no certificate is configured.
+    pub tls: Option<TlsAcceptor>,
+    pub trusted_networks: Vec<Network>,
+    pub disable_plaintext_auth: bool,
+    pub limits: PreauthLimits,
+    pub greeting: String,
+    /// After one side of a relayed session closes, how long the other may still send.
+    pub close_linger: Duration,
+    /// Peers that may send a PROXY header (`proxy_trusted_networks`).
+    pub proxy_trusted_networks: Vec<Network>,
+    /// Caps connections not logged in yet per client address, all listeners together.
+    pub per_ip: Arc<PerIpLimit>,
+    /// Reports turned-away connections in the log, at most once per interval per reason.
+    pub refusals: RefusalLog,
+    /// The LMTP service's settings.
+    pub lmtp: Arc<crate::protocol::lmtp::LmtpSettings>,
+    /// Counts connections, logins and relayed bytes.
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// A bound listening socket. Kept apart from [`Listener`] (which every connection holds) so
+/// that a listener removed by a reload closes its socket while its sessions go on.
+pub enum ListenSocket {
+    Tcp(TcpListener),
+    /// A unix socket (LMTP from a local MTA), at this path.
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl ListenerShared {
+    /// Counts and reports (rate limited) a connection turned away for `reason`.
+    fn refused(
+        &self,
+        protocol: Protocol,
+        reason: RefusalReason,
+        addr: Option<IpAddr>,
+        detail: Option<String>,
+    ) {
+        self.metrics.refused(protocol, reason);
+        self.refusals.record(reason, addr, detail);
+    }
+}
+
+/// Writes the line that turns a connection away (at most 1 s for a peer that does not read),
+/// then closes.
+async fn send_refusal(client: &mut ClientStream, line: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        client.write_all(line.as_bytes()).await?;
+        client.shutdown().await
+    })
+    .await;
+}
+
+impl ListenSocket {
+    /// The bound TCP address; `None` for a unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            ListenSocket::Tcp(l) => l.local_addr().ok(),
+            ListenSocket::Unix(..) => None,
+        }
+    }
+
+    /// Where it listens, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            ListenSocket::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            ListenSocket::Unix(_, path) => path.display().to_string(),
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<(Accepted, SocketAddr)> {
+        match self {
+            ListenSocket::Tcp(l) => {
+                let (tcp, peer) = l.accept().await?;
+                Ok((Accepted::Tcp(tcp), peer))
+            }
+            ListenSocket::Unix(l, _) => {
+                let (unix, _) = l.accept().await?;
+                Ok((Accepted::Unix(unix), SocketAddr::from(([0, 0, 0, 0], 0))))
+            }
+        }
+    }
+}
+
+/// One listener's settings, which each of its connections holds.
+pub struct Listener {
+    pub protocol: Protocol,
+    pub tls: ListenerTls,
+    pub proxy_protocol: bool,
+    /// LMTP over TCP: who may connect (empty: anyone).
+    pub allow_from: Vec<Network>,
+    /// Where it listens ([`ListenSocket::describe`]), for logs.
+    pub name: String,
+    /// This listener's own connection slots (`max_connections`).
+    pub pool: Arc<ConnectionPool>,
+}
+
+impl Listener {
+    /// Where it listens, for logs.
+    pub fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    /// Accepts connections on `socket` until the director stops (or the task is aborted: a
+    /// reload removed the listener). Each connection gets the shared settings current when
+    /// it is accepted, and a [`Shutdown`] that tells it when to say goodbye.
+    pub async fn serve(
+        self,
+        socket: Arc<ListenSocket>,
+        shared: Arc<ArcSwap<ListenerShared>>,
+        shutdown: Shutdown,
+    ) {
+        let this = Arc::new(self);
+        loop {
+            let (conn, peer) = tokio::select! {
+                r = socket.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(listener = %this.describe(), error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.draining() => return,
+            };
+            let shared = shared.load_full();
+            if this.proxy_protocol && !any_contains(&shared.proxy_trusted_networks, peer.ip()) {
+                // Before anything else: not one byte read, no task, no greeting.
+                shared.refused(
+                    this.protocol,
+                    RefusalReason::UntrustedProxyPeer,
+                    Some(peer.ip()),
+                    None,
+                );
+                continue;
+            }
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _open = shared.metrics.connection(this.protocol);
+                match conn {
+                    Accepted::Tcp(tcp) => this.handle(tcp, peer, &shared, &shutdown).await,
+                    Accepted::Unix(unix) => {
+                        let mut client = ClientStream::Unix(unix);
+                        // A local MTA: no address to count, only the listener's own pool.
+                        let Some((_slot, _)) = this.admit(&mut client, None, &shared).await else {
+                            return;
+                        };
+                        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+                        let identity = ClientIdentity {
+                            client: unspecified,
+                            local: unspecified,
+                            session_id: new_session_id(),
+                            session_ext_id: None,
+                        };
+                        // Boxed: the LMTP session's state must not enlarge every relayed session's task.
+                        let _ = Box::pin(crate::protocol::lmtp::serve_connection_until(
+                            client,
+                            identity.clone(),
+                            shared.login.router.clone(),
+                            shared.lmtp.clone(),
+                            shared.metrics.clone(),
+                            shutdown.clone(),
+                        ))
+                        .await;
+                        ended_by_shutdown(&shutdown, this.protocol, &identity);
+                    }
+                }
+            });
+        }
+    }
+
+    /// Takes this connection's places: one among its address's connections before login
+    /// (none for a unix socket: `ip` is `None`), and a slot in this listener's pool, made by
+    /// dropping the oldest connection before login when the pool is full. `None`: the
+    /// connection was turned away (told so unless it is implicit TLS, and counted).
+    async fn admit(
+        &self,
+        client: &mut ClientStream,
+        ip: Option<IpAddr>,
+        shared: &ListenerShared,
+    ) -> Option<(Slot, Option<PerIpGuard>)> {
+        let lmtp_host = &shared.lmtp.hostname;
+        // Implicit TLS: no handshake (CPU) for a connection that is turned away; just close.
+        let can_answer = self.tls != ListenerTls::Implicit;
+        let per_ip = match ip {
+            Some(ip) => match shared.per_ip.try_acquire(ip) {
+                Some(guard) => Some(guard),
+                None => {
+                    shared.refused(self.protocol, RefusalReason::PerIpLimit, Some(ip), None);
+                    if can_answer {
+                        send_refusal(client, &refusal_line(self.protocol, true, lmtp_host)).await;
+                    }
+                    return None;
+                }
+            },
+            None => None,
+        };
+        // An LMTP connection carries deliveries: never dropped for a newcomer.
+        match self.pool.admit(self.protocol != Protocol::Lmtp) {
+            Admitted::Slot { slot, .. } => Some((slot, per_ip)),
+            Admitted::Full => {
+                shared.refused(self.protocol, RefusalReason::ListenerFull, ip, None);
+                if can_answer {
+                    send_refusal(client, &refusal_line(self.protocol, false, lmtp_host)).await;
+                }
+                None
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        shared: &ListenerShared,
+        shutdown: &Shutdown,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let started = Instant::now();
+        let local = tcp.local_addr().unwrap_or(peer);
+        let mut identity = ClientIdentity {
+            client: peer,
+            local,
+            session_id: new_session_id(),
+            session_ext_id: None,
+        };
+        if self.proxy_protocol {
+            match crate::protocol::proxy_protocol::read_header(&mut tcp, shared.limits.timeout)
+                .await
+            {
+                Ok(h) => {
+                    identity.client = h.source.unwrap_or(peer);
+                    identity.local = h.destination.unwrap_or(local);
+                }
+                Err(e) => {
+                    shared.refused(
+                        self.protocol,
+                        RefusalReason::BadProxyHeader,
+                        Some(peer.ip()),
+                        Some(e.to_string()),
+                    );
+                    return;
+                }
+            }
+        }
+        let mut client = ClientStream::Plain(tcp);
+        if self.protocol == Protocol::Lmtp {
+            if !self.allow_from.is_empty() && !any_contains(&self.allow_from, identity.client.ip())
+            {
+                shared.refused(
+                    self.protocol,
+                    RefusalReason::NotAllowed,
+                    Some(identity.client.ip()),
+                    None,
+                );
+                let _ = crate::protocol::lmtp::refuse_connection(client, &shared.lmtp).await;
+                return;
+            }
+            let Some((_slot, _per_ip)) = self
+                .admit(&mut client, Some(identity.client.ip()), shared)
+                .await
+            else {
+                return;
+            };
+            // Boxed: the LMTP session's state must not enlarge every relayed session's task.
+            let _ = Box::pin(crate::protocol::lmtp::serve_connection_until(
+                client,
+                identity.clone(),
+                shared.login.router.clone(),
+                shared.lmtp.clone(),
+                shared.metrics.clone(),
+                shutdown.clone(),
+            ))
+            .await;
+            ended_by_shutdown(shutdown, self.protocol, &identity);
+            return;
+        }
+        let Some((mut slot, per_ip)) = self
+            .admit(&mut client, Some(identity.client.ip()), shared)
+            .await
+        else {
+            return;
+        };
+        let eviction = slot.eviction();
+        if self.tls == ListenerTls::Implicit {
+            let acceptor = shared.tls.as_ref().expect("checked by config");
+            let handshake = tokio::time::timeout(shared.limits.timeout, client.start_tls(acceptor));
+            tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(s)) => client = s,
+                    Ok(Err(e)) => {
+                        debug!(client = %identity.client, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+                // Mid-handshake: no BYE can be said; just close.
+                _ = eviction.evicted() => {
+                    shared.refused(self.protocol, RefusalReason::Evicted, Some(identity.client.ip()), None);
+                    return;
+                }
+            }
+        }
+        let ctx = FrontendContext {
+            starttls: match self.tls {
+                ListenerTls::Starttls => shared.tls.clone(),
+                _ => None,
+            },
+            disable_plaintext_auth: shared.disable_plaintext_auth,
+            trusted: any_contains(&shared.trusted_networks, identity.client.ip()),
+            limits: shared.limits.clone(),
+            identity: identity.clone(),
+            greeting: shared.greeting.clone(),
+            shutdown: shutdown.clone(),
+            eviction: eviction.clone(),
+        };
+        // The pre-login futures (front end and backend login, with their read buffers) are
+        // boxed so that their memory is freed when the relay starts: an idle relayed session
+        // then holds only the relay's small state.
+        let result = match self.protocol {
+            Protocol::Imap => {
+                Box::pin(crate::protocol::imap::frontend::run(
+                    client,
+                    ctx,
+                    &shared.login,
+                ))
+                .await
+            }
+            Protocol::Pop3 => {
+                Box::pin(crate::protocol::pop3::frontend::run(
+                    client,
+                    ctx,
+                    &shared.login,
+                ))
+                .await
+            }
+            Protocol::Sieve => {
+                Box::pin(crate::protocol::sieve::frontend::run(
+                    client,
+                    ctx,
+                    &shared.login,
+                ))
+                .await
+            }
+            other => {
+                warn!("{other} listeners are not supported yet");
+                return;
+            }
+        };
+        if eviction.is_evicted() && !matches!(result, Ok(Some(_))) {
+            shared.refused(
+                self.protocol,
+                RefusalReason::Evicted,
+                Some(identity.client.ip()),
+                None,
+            );
+        }
+        let established = match result {
+            Ok(Some(e)) => e,
+            Ok(None) if ended_by_shutdown(shutdown, self.protocol, &identity) => return,
+            Ok(None) => {
+                debug!(session = %identity.session_id, client = %identity.client, "disconnected before login");
+                return;
+            }
+            Err(e) => {
+                debug!(session = %identity.session_id, client = %identity.client, error = %e, "pre-login I/O error");
+                return;
+            }
+        };
+        // Logged in: no longer counted against its address, never dropped to make room.
+        drop(per_ip);
+        slot.logged_in();
+        let Established {
+            mut client,
+            client_leftover,
+            backend,
+            username,
+            identity,
+        } = established;
+        let mut backend_stream = backend.stream;
+        let (kick_message, shutdown_message): (&[u8], &[u8]) = match self.protocol {
+            Protocol::Imap => (
+                b"* BYE Disconnected by the director.\r\n",
+                b"* BYE Server shutting down.\r\n",
+            ),
+            Protocol::Sieve => (
+                b"BYE \"Disconnected by the director.\"\r\n",
+                b"BYE \"Server shutting down.\"\r\n",
+            ),
+            _ => (
+                b"-ERR Disconnected by the director.\r\n",
+                b"-ERR Server shutting down.\r\n",
+            ),
+        };
+        let session = backend.session;
+        let stats = relay(
+            &mut client,
+            client_leftover,
+            &mut backend_stream,
+            backend.leftover,
+            async {
+                tokio::select! {
+                    _ = session.kicked() => Kick { end: RelayEnd::Kicked, message: kick_message },
+                    _ = shutdown.closing() => Kick { end: RelayEnd::Shutdown, message: shutdown_message },
+                }
+            },
+            shared.close_linger,
+        )
+        .await;
+        let backend_addr = session.info().backend;
+        // The user as routed and registered (a master login `user*master` is `user`'s
+        // session); the login as given is shown too when it differs.
+        let user = session.info().username.clone();
+        drop(session);
+        let login =
+            (username != user).then(|| tracing::field::display(crate::untrusted::shown(&username)));
+        shared.metrics.relayed(
+            self.protocol,
+            stats.client_to_backend,
+            stats.backend_to_client,
+        );
+        info!(
+            session = %identity.session_id,
+            protocol = %self.protocol,
+            user = %crate::untrusted::shown(&user),
+            login,
+            client = %identity.client,
+            backend = %backend_addr,
+            duration = ?started.elapsed(),
+            bytes_in = stats.client_to_backend,
+            bytes_out = stats.backend_to_client,
+            end = ?stats.end,
+            "session ended"
+        );
+    }
+}
+
+/// Logs the end of a connection that ended while the director was stopping (pre-login or
+/// LMTP: relayed sessions log their own line); `false` if it is not stopping.
+fn ended_by_shutdown(shutdown: &Shutdown, protocol: Protocol, identity: &ClientIdentity) -> bool {
+    if !shutdown.is_stopping() {
+        return false;
+    }
+    info!(
+        session = %identity.session_id,
+        protocol = %protocol,
+        client = %identity.client,
+        end = ?RelayEnd::Shutdown,
+        "session ended"
+    );
+    true
+}
+
+/// An accepted connection.
+enum Accepted {
+    Tcp(TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// A session id unique within this process and unlikely to repeat across restarts.
+pub fn new_session_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.finish()
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{:08x}{:08x}",
+        (start >> 32) as u32,
+        (start as u32).wrapping_add(n as u32)
+    )
+}

@@ -1,0 +1,236 @@
+//! Routing: which backend a user goes to. A live sticky record wins; otherwise the ring of the
+//! user's tag decides and a record is made. Routing never sees protocol syntax.
+
+pub mod ring;
+pub mod sticky;
+pub mod user_hash;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::routing::user_hash::UserHash;
+use crate::state::backend::Backend;
+use crate::state::State;
+
+/// Where a user goes.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub user_hash: u32,
+    /// The backend to use.
+    pub backend: Backend,
+    /// Why this backend.
+    pub reason: RouteReason,
+    /// Other backends in ring order, for when `backend` cannot be reached and the user has
+    /// no live session (so moving the user cannot put it on two backends).
+    pub fallbacks: Vec<Backend>,
+}
+
+/// Why a route chose its backend; the names appear in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteReason {
+    /// The user's live sticky record.
+    Sticky,
+    /// The ring (the user had no live record).
+    Ring,
+    /// An allowed test user of a backend in maintenance.
+    Maintenance,
+}
+
+impl fmt::Display for RouteReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RouteReason::Sticky => "sticky",
+            RouteReason::Ring => "ring",
+            RouteReason::Maintenance => "maintenance",
+        })
+    }
+}
+
+/// Why no route exists.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no backend can take users of tag {0:?}")]
+    NoBackend(String),
+}
+
+/// Routes users over a [`State`].
+#[derive(Clone)]
+pub struct Router {
+    state: Arc<dyn State>,
+    user_hash: UserHash,
+}
+
+impl Router {
+    pub fn new(state: Arc<dyn State>, user_hash: UserHash) -> Self {
+        Router { state, user_hash }
+    }
+
+    pub fn state(&self) -> &Arc<dyn State> {
+        &self.state
+    }
+
+    /// The hash of `username`.
+    pub fn hash(&self, username: &str) -> u32 {
+        self.user_hash.hash(username)
+    }
+
+    /// Where `username` (of `tag`, "" for untagged) goes now, binding it if it had no record.
+    pub fn route(&self, username: &str, tag: &str) -> Result<Route, RouteError> {
+        let now = Instant::now();
+        let hash = self.hash(username);
+        self.state.note_username(hash, username);
+        let set = self.state.backends();
+        if let Some(route) = self.maintenance_route(username, hash, &set, now) {
+            return Ok(route);
+        }
+        let candidates: Vec<Backend> = set
+            .ring(tag)
+            .map(|r| r.candidates(hash))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|ip| set.get(ip).cloned())
+            .collect();
+        let recorded = self
+            .state
+            .record(hash, now)
+            .and_then(|r| set.get(r.backend))
+            .filter(|b| b.serves_existing())
+            .cloned();
+        let (backend, reason) = match recorded {
+            Some(b) => (b, RouteReason::Sticky),
+            None => {
+                let first = candidates
+                    .first()
+                    .ok_or_else(|| RouteError::NoBackend(tag.to_owned()))?;
+                let bound = self.state.bind(hash, first.ip, now);
+                match set.get(bound).filter(|b| b.serves_existing()) {
+                    // Someone else bound the user a moment ago: follow their record.
+                    Some(b) if bound != first.ip => (b.clone(), RouteReason::Sticky),
+                    Some(_) => (first.clone(), RouteReason::Ring),
+                    // A record to a backend that no longer serves: the ring decides.
+                    None => {
+                        self.state.rebind(hash, first.ip, now);
+                        (first.clone(), RouteReason::Ring)
+                    }
+                }
+            }
+        };
+        let fallbacks = candidates
+            .into_iter()
+            .filter(|b| b.ip != backend.ip)
+            .collect();
+        Ok(Route {
+            user_hash: hash,
+            backend,
+            reason,
+            fallbacks,
+        })
+    }
+
+    /// An allowed test user of a backend in maintenance goes there (and its record follows,
+    /// unless it still has live sessions elsewhere: then the record wins, so that the user is
+    /// never on two backends; `maintenance start` moves allowed users there first).
+    fn maintenance_route(
+        &self,
+        username: &str,
+        hash: u32,
+        set: &crate::state::BackendSet,
+        now: Instant,
+    ) -> Option<Route> {
+        let maintenance = self.state.maintenance();
+        let (ip, _) = maintenance.iter().find(|(_, m)| m.allows(username))?;
+        let backend = set.get(*ip)?.clone();
+        let bound = self.state.bind(hash, backend.ip, now);
+        if bound != backend.ip {
+            match self.state.record(hash, now) {
+                Some(r) if r.sessions > 0 => return None,
+                _ => self.state.rebind(hash, backend.ip, now),
+            }
+        }
+        Some(Route {
+            user_hash: hash,
+            backend,
+            reason: RouteReason::Maintenance,
+            fallbacks: Vec::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::state::backend::{AdminState, Health};
+    use crate::state::local::LocalState;
+    use std::net::IpAddr;
+    use std::time::Duration;
+
+    fn backend(ip: &str, weight: u32) -> Backend {
+        let cfg = Config::parse(
+            "listeners: [{protocol: imap, address: 127.0.0.1:1}]\nbackends: [{host: 10.0.0.1}]\n",
+        )
+        .unwrap();
+        Backend {
+            ip: ip.parse().unwrap(),
+            host: ip.into(),
+            weight,
+            tag: String::new(),
+            admin: AdminState::Up,
+            health: Health::Up,
+            settings: Arc::new(cfg.backend_settings(0)),
+        }
+    }
+
+    fn router(backends: Vec<Backend>) -> Router {
+        let state = Arc::new(LocalState::new(backends, Duration::from_secs(900)));
+        Router::new(state, UserHash::default())
+    }
+
+    #[test]
+    fn records_outlive_ring_changes() {
+        let r = router(vec![backend("10.0.0.1", 100), backend("10.0.0.2", 100)]);
+        let users: Vec<String> = (0..200).map(|i| format!("user{i}")).collect();
+        let before: Vec<IpAddr> = users
+            .iter()
+            .map(|u| r.route(u, "").unwrap().backend.ip)
+            .collect();
+        // A new heavy backend would take most new users, but nobody bound moves.
+        r.state().upsert_backend(backend("10.0.0.3", 1000));
+        for (u, b) in users.iter().zip(&before) {
+            let route = r.route(u, "").unwrap();
+            assert_eq!(route.backend.ip, *b);
+            assert_eq!(route.reason, RouteReason::Sticky);
+        }
+        let new_on_third = (0..200)
+            .filter(|i| {
+                r.route(&format!("new{i}"), "")
+                    .unwrap()
+                    .backend
+                    .ip
+                    .to_string()
+                    == "10.0.0.3"
+            })
+            .count();
+        assert!(new_on_third > 100, "{new_on_third}");
+    }
+
+    #[test]
+    fn down_backend_loses_its_records_and_empty_ring_errors() {
+        let r = router(vec![backend("10.0.0.1", 100), backend("10.0.0.2", 100)]);
+        let first = r.route("alice", "").unwrap();
+        r.state()
+            .set_admin(first.backend.ip, AdminState::Down)
+            .unwrap();
+        let again = r.route("alice", "").unwrap();
+        assert_ne!(again.backend.ip, first.backend.ip);
+        assert!(again.fallbacks.is_empty());
+        r.state().set_weight(again.backend.ip, 0).unwrap();
+        // Weight 0: the user with a record stays, a new user has nowhere to go.
+        assert_eq!(r.route("alice", "").unwrap().backend.ip, again.backend.ip);
+        assert_eq!(
+            r.route("bob", "").unwrap_err(),
+            RouteError::NoBackend(String::new())
+        );
+    }
+}

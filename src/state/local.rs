@@ -1,0 +1,208 @@
+//! The in-memory [`State`]: one director's backends and sticky records.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::config::MAX_WEIGHT;
+use crate::routing::sticky::{StickyRecord, StickyTable};
+use crate::state::backend::{AdminState, Backend, Health};
+use crate::state::{BackendSet, ChecksPause, Maintenance, State, StateError};
+
+/// State held in this process.
+pub struct LocalState {
+    /// Read on every login without locking; replaced whole on a change.
+    backends: ArcSwap<BackendSet>,
+    /// Serialises changes to the backend set (read-modify-swap).
+    change: Mutex<()>,
+    sticky: Mutex<StickyTable>,
+    /// User hashes being moved (sessions being ended before the record changes).
+    moving: Mutex<HashSet<u32>>,
+    checks_pause: Mutex<Option<ChecksPause>>,
+    /// Backends in maintenance; read on every login, so swapped whole like `backends`.
+    maintenance: ArcSwap<BTreeMap<IpAddr, Maintenance>>,
+    /// The last username seen per user hash, for admin output; dropped with the record.
+    usernames: Mutex<HashMap<u32, String>>,
+}
+
+impl LocalState {
+    pub fn new(backends: Vec<Backend>, user_expire: Duration) -> Self {
+        LocalState {
+            backends: ArcSwap::from_pointee(BackendSet::new(backends)),
+            change: Mutex::new(()),
+            sticky: Mutex::new(StickyTable::new(user_expire)),
+            moving: Mutex::new(HashSet::new()),
+            checks_pause: Mutex::new(None),
+            maintenance: ArcSwap::from_pointee(BTreeMap::new()),
+            usernames: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Applies `f` to a copy of the backends and swaps the result in.
+    fn modify(
+        &self,
+        f: impl FnOnce(&mut Vec<Backend>) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let _guard = self.change.lock().unwrap();
+        let mut list: Vec<Backend> = self.backends.load().backends.values().cloned().collect();
+        f(&mut list)?;
+        self.backends.store(Arc::new(BackendSet::new(list)));
+        Ok(())
+    }
+
+    fn modify_one(&self, ip: IpAddr, f: impl FnOnce(&mut Backend)) -> Result<(), StateError> {
+        self.modify(|list| {
+            let b = list
+                .iter_mut()
+                .find(|b| b.ip == ip)
+                .ok_or(StateError::NoSuchBackend(ip))?;
+            f(b);
+            Ok(())
+        })
+    }
+}
+
+impl State for LocalState {
+    fn backends(&self) -> Arc<BackendSet> {
+        self.backends.load_full()
+    }
+
+    fn upsert_backend(&self, backend: Backend) {
+        let _ = self.modify(|list| {
+            list.retain(|b| b.ip != backend.ip);
+            list.push(backend);
+            Ok(())
+        });
+    }
+
+    fn remove_backend(&self, ip: IpAddr) -> Result<(), StateError> {
+        self.modify(|list| {
+            let before = list.len();
+            list.retain(|b| b.ip != ip);
+            if list.len() == before {
+                return Err(StateError::NoSuchBackend(ip));
+            }
+            Ok(())
+        })
+    }
+
+    fn set_weight(&self, ip: IpAddr, weight: u32) -> Result<(), StateError> {
+        if weight > MAX_WEIGHT {
+            return Err(StateError::WeightTooLarge(weight));
+        }
+        self.modify_one(ip, |b| b.weight = weight)
+    }
+
+    fn set_admin(&self, ip: IpAddr, admin: AdminState) -> Result<(), StateError> {
+        self.modify_one(ip, |b| b.admin = admin)
+    }
+
+    fn set_health(&self, ip: IpAddr, health: Health) -> Result<(), StateError> {
+        self.modify_one(ip, |b| b.health = health)
+    }
+
+    fn set_settings(
+        &self,
+        ip: IpAddr,
+        settings: Arc<crate::config::BackendSettings>,
+    ) -> Result<(), StateError> {
+        self.modify_one(ip, |b| b.settings = settings)
+    }
+
+    fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord> {
+        self.sticky.lock().unwrap().get(hash, now)
+    }
+
+    fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> IpAddr {
+        self.sticky.lock().unwrap().bind(hash, proposed, now)
+    }
+
+    fn rebind(&self, hash: u32, backend: IpAddr, now: Instant) {
+        self.sticky.lock().unwrap().set(hash, backend, now)
+    }
+
+    fn session_started(&self, hash: u32, backend: IpAddr, now: Instant) {
+        self.sticky
+            .lock()
+            .unwrap()
+            .session_started(hash, backend, now)
+    }
+
+    fn session_ended(&self, hash: u32, now: Instant) {
+        self.sticky.lock().unwrap().session_ended(hash, now)
+    }
+
+    fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)> {
+        self.sticky.lock().unwrap().live(now)
+    }
+
+    fn purge_expired(&self, now: Instant) -> usize {
+        let mut sticky = self.sticky.lock().unwrap();
+        let n = sticky.purge(now);
+        if n > 0 {
+            self.usernames
+                .lock()
+                .unwrap()
+                .retain(|h, _| sticky.get(*h, now).is_some());
+        }
+        n
+    }
+
+    fn remove_record(&self, hash: u32) {
+        self.sticky.lock().unwrap().remove(hash);
+    }
+
+    fn begin_move(&self, hash: u32) -> bool {
+        self.moving.lock().unwrap().insert(hash)
+    }
+
+    fn end_move(&self, hash: u32) {
+        self.moving.lock().unwrap().remove(&hash);
+    }
+
+    fn is_moving(&self, hash: u32) -> bool {
+        self.moving.lock().unwrap().contains(&hash)
+    }
+
+    fn checks_pause(&self) -> Option<ChecksPause> {
+        let mut pause = self.checks_pause.lock().unwrap();
+        if let Some(ChecksPause { until: Some(t), .. }) = *pause {
+            if std::time::SystemTime::now() >= t {
+                *pause = None;
+            }
+        }
+        *pause
+    }
+
+    fn set_checks_pause(&self, pause: Option<ChecksPause>) {
+        *self.checks_pause.lock().unwrap() = pause;
+    }
+
+    fn maintenance(&self) -> Arc<BTreeMap<IpAddr, Maintenance>> {
+        self.maintenance.load_full()
+    }
+
+    fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>) {
+        let _guard = self.change.lock().unwrap();
+        let mut map = (**self.maintenance.load()).clone();
+        match maintenance {
+            Some(m) => map.insert(ip, m),
+            None => map.remove(&ip),
+        };
+        self.maintenance.store(Arc::new(map));
+    }
+
+    fn note_username(&self, hash: u32, username: &str) {
+        let mut names = self.usernames.lock().unwrap();
+        if names.get(&hash).map(String::as_str) != Some(username) {
+            names.insert(hash, username.to_owned());
+        }
+    }
+
+    fn username(&self, hash: u32) -> Option<String> {
+        self.usernames.lock().unwrap().get(&hash).cloned()
+    }
+}

@@ -1,0 +1,183 @@
+//! The shared state of a director: backends (with weights and states), the rings built from
+//! them, and the sticky records. One trait, so that the in-memory implementation
+//! (`local_state`) can later be joined by one that several directors share (etcd).
+
+pub mod backend;
+pub mod file;
+pub mod local;
+pub mod moves;
+pub mod sessions;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::routing::ring::Ring;
+use crate::routing::sticky::StickyRecord;
+use crate::state::backend::{AdminState, Backend, Health};
+
+/// An immutable view of the backends and their rings, rebuilt on every change and swapped in
+/// atomically: routing reads it without locking.
+#[derive(Debug, Clone, Default)]
+pub struct BackendSet {
+    /// Every backend, by IP.
+    pub backends: BTreeMap<IpAddr, Backend>,
+    /// One ring per tag, over the backends of that tag that take new users.
+    pub rings: BTreeMap<String, Ring>,
+}
+
+impl BackendSet {
+    /// Builds the set and its rings.
+    pub fn new(backends: impl IntoIterator<Item = Backend>) -> Self {
+        let backends: BTreeMap<IpAddr, Backend> = backends.into_iter().map(|b| (b.ip, b)).collect();
+        let mut by_tag: BTreeMap<String, Vec<(IpAddr, u32)>> = BTreeMap::new();
+        for b in backends.values() {
+            let points = by_tag.entry(b.tag.clone()).or_default();
+            if b.takes_new_users() {
+                points.push((b.ip, b.weight));
+            }
+        }
+        let rings = by_tag
+            .into_iter()
+            .map(|(tag, points)| (tag, Ring::build(points)))
+            .collect();
+        BackendSet { backends, rings }
+    }
+
+    pub fn get(&self, ip: IpAddr) -> Option<&Backend> {
+        self.backends.get(&ip)
+    }
+
+    /// The ring for `tag` (empty if no backend has that tag).
+    pub fn ring(&self, tag: &str) -> Option<&Ring> {
+        self.rings.get(tag)
+    }
+}
+
+/// Health checks paused by an administrator (`director checks pause [--for 30m]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChecksPause {
+    pub since: std::time::SystemTime,
+    /// When checks resume by themselves; `None`: at `checks resume`.
+    pub until: Option<std::time::SystemTime>,
+}
+
+/// A backend in maintenance (`director maintenance HOST start`): what to restore at the end,
+/// and the test users still routed to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Maintenance {
+    /// The weight before maintenance set it to 0; `maintenance HOST stop` restores it.
+    pub previous_weight: u32,
+    /// Usernames still sent to this backend (compared case-insensitively), so that it can be
+    /// tested through the director while nobody else lands there.
+    pub allowed_users: Vec<String>,
+    pub since: std::time::SystemTime,
+    /// When the maintenance ends by itself; `None`: at `maintenance HOST stop`.
+    pub until: Option<std::time::SystemTime>,
+}
+
+impl Maintenance {
+    /// Whether `username` is one of the allowed test users.
+    pub fn allows(&self, username: &str) -> bool {
+        self.allowed_users
+            .iter()
+            .any(|u| u.eq_ignore_ascii_case(username))
+    }
+}
+
+/// Why a state change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("no backend {0}")]
+    NoSuchBackend(IpAddr),
+    #[error("weight {0} is above the maximum {max}", max = crate::config::MAX_WEIGHT)]
+    WeightTooLarge(u32),
+}
+
+/// The director's shared state.
+pub trait State: Send + Sync {
+    /// The current backends and rings.
+    fn backends(&self) -> Arc<BackendSet>;
+
+    /// Adds a backend, or replaces the one with the same IP (keeping nobody's record from
+    /// moving: records are untouched).
+    fn upsert_backend(&self, backend: Backend);
+
+    /// Removes a backend. Records pointing to it stop binding their users.
+    fn remove_backend(&self, ip: IpAddr) -> Result<(), StateError>;
+
+    /// Changes a backend's weight. Users with records stay; new users follow the new ring.
+    fn set_weight(&self, ip: IpAddr, weight: u32) -> Result<(), StateError>;
+
+    /// Sets what an administrator decided.
+    fn set_admin(&self, ip: IpAddr, admin: AdminState) -> Result<(), StateError>;
+
+    /// Sets what the health checker found.
+    fn set_health(&self, ip: IpAddr, health: Health) -> Result<(), StateError>;
+
+    /// Replaces a backend's ports, TLS and forwarding (a reload of the configuration).
+    /// Sessions already relayed keep the connection they have.
+    fn set_settings(
+        &self,
+        ip: IpAddr,
+        settings: Arc<crate::config::BackendSettings>,
+    ) -> Result<(), StateError>;
+
+    /// The live record of a user hash.
+    fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord>;
+
+    /// The backend the user is bound to: its live record's, or `proposed`, which is recorded.
+    fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> IpAddr;
+
+    /// Points the user's record at `backend`. Callers must make sure the user has no live
+    /// session elsewhere first (a user is never on two backends at once).
+    fn rebind(&self, hash: u32, backend: IpAddr, now: Instant);
+
+    /// A session started on `backend`: the record is kept alive until it ends.
+    fn session_started(&self, hash: u32, backend: IpAddr, now: Instant);
+
+    /// A session ended: the record's `user_expire` clock starts when none are left.
+    fn session_ended(&self, hash: u32, now: Instant);
+
+    /// Every live record.
+    fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)>;
+
+    /// Drops expired records; returns how many.
+    fn purge_expired(&self, now: Instant) -> usize;
+
+    /// Drops the record of a user hash (a forced flush, or nowhere left to move it).
+    fn remove_record(&self, hash: u32);
+
+    /// Marks a user hash as being moved: its logins wait until [`State::end_move`].
+    /// Returns false if a move of that user is already under way.
+    fn begin_move(&self, hash: u32) -> bool;
+
+    /// Ends a move started with [`State::begin_move`].
+    fn end_move(&self, hash: u32);
+
+    /// Whether a user hash is being moved.
+    fn is_moving(&self, hash: u32) -> bool;
+
+    /// The current pause of all health checks, if any (an expired pause is `None`).
+    fn checks_pause(&self) -> Option<ChecksPause>;
+
+    /// Pauses (`Some`) or resumes (`None`) all health checks.
+    fn set_checks_pause(&self, pause: Option<ChecksPause>);
+
+    /// Backends in maintenance, with what to restore and their allowed users. Read on every
+    /// login (routing sends allowed users to their backend), so without locking.
+    fn maintenance(&self) -> Arc<BTreeMap<IpAddr, Maintenance>>;
+
+    /// Starts (`Some`) or ends (`None`) the maintenance record of a backend. The caller sets
+    /// the backend's admin state and weight.
+    fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>);
+
+    /// Remembers the username behind a user hash, for admin output (records hold hashes).
+    fn note_username(&self, _hash: u32, _username: &str) {}
+
+    /// The last username seen for a user hash, if it is remembered.
+    fn username(&self, _hash: u32) -> Option<String> {
+        None
+    }
+}

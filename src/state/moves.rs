@@ -1,0 +1,215 @@
+//! Moves: the only way a user changes backend while it has a record. First every session of
+//! the user is ended, then the record points to the new backend, so a user is never served by
+//! two backends at once. Used by the admin verbs (`move`, `kick`, `flush`) and by the health
+//! checker and maintenance (evacuating a backend).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::state::sessions::Sessions;
+use crate::state::State;
+
+/// How long a move waits for the user's sessions to end after kicking them.
+const SESSION_END_WAIT: Duration = Duration::from_secs(10);
+
+/// Why users were moved or kicked; the names appear in logs, metrics and admin output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MoveReason {
+    /// An administrator's `move USER HOST`.
+    Admin,
+    /// `flush HOST` / `flush all`.
+    Flush,
+    /// The backend's health went down.
+    HealthDown,
+    /// The backend went into maintenance or was set down by an administrator.
+    Maintenance,
+    /// An administrator's `kick USER`.
+    Kick,
+}
+
+impl MoveReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            MoveReason::Admin => "admin",
+            MoveReason::Flush => "flush",
+            MoveReason::HealthDown => "health_down",
+            MoveReason::Maintenance => "maintenance",
+            MoveReason::Kick => "kick",
+        }
+    }
+}
+
+impl fmt::Display for MoveReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a move or flush did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoveReport {
+    /// Users whose record now points elsewhere.
+    pub moved: usize,
+    /// Users whose record was dropped (no backend left to take them, or `--force`).
+    pub dropped: usize,
+    /// Sessions told to end.
+    pub kicked: usize,
+    /// Users left as they were: a move of theirs was already under way.
+    pub busy: usize,
+}
+
+/// Performs moves over the shared state and this director's sessions.
+#[derive(Clone)]
+pub struct Mover {
+    pub state: Arc<dyn State>,
+    pub sessions: Sessions,
+    /// Counts moves and kicks by reason (the health checker counts its checks here too).
+    pub metrics: Metrics,
+}
+
+impl Mover {
+    pub fn new(state: Arc<dyn State>, sessions: Sessions) -> Self {
+        Mover {
+            state,
+            sessions,
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// The same mover, counting on the director's `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Ends every session of `hash` and waits (up to a limit) until they are gone. Returns
+    /// how many sessions were told to end.
+    pub async fn kick(&self, hash: u32) -> usize {
+        let kicked = self.sessions.kick_user(hash);
+        let deadline = Instant::now() + SESSION_END_WAIT;
+        while self.sessions.count_user(hash) > 0 {
+            if Instant::now() >= deadline {
+                warn!(user_hash = hash, "sessions still open after a kick");
+                break;
+            }
+            // A kick notifies each session once; repeat it for sessions that registered
+            // between the kick and now.
+            self.sessions.kick_user(hash);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kicked
+    }
+
+    /// Ends the sessions of `hash` relayed to `ip` and waits (up to a limit) until they are
+    /// gone. Returns how many sessions were told to end.
+    pub async fn kick_on(&self, hash: u32, ip: IpAddr) -> usize {
+        let kicked = self.sessions.kick_user_on(hash, ip);
+        let deadline = Instant::now() + SESSION_END_WAIT;
+        while self.sessions.backend_ips_of(hash).contains(&ip) {
+            if Instant::now() >= deadline {
+                warn!(user_hash = hash, backend = %ip, "sessions still open after a kick");
+                break;
+            }
+            self.sessions.kick_user_on(hash, ip);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kicked
+    }
+
+    /// Moves one user: ends its sessions, then points its record at `to` (or drops the
+    /// record when `to` is `None`). Logins of the user wait while this runs.
+    pub async fn move_user(&self, hash: u32, to: Option<IpAddr>, reason: MoveReason) -> MoveReport {
+        let mut report = MoveReport::default();
+        if !self.state.begin_move(hash) {
+            report.busy = 1;
+            return report;
+        }
+        report.kicked = self.kick(hash).await;
+        match to {
+            Some(ip) => {
+                self.state.rebind(hash, ip, Instant::now());
+                report.moved = 1;
+            }
+            None => {
+                self.state.remove_record(hash);
+                report.dropped = 1;
+            }
+        }
+        self.state.end_move(hash);
+        self.metrics
+            .moved(reason, report.moved + report.dropped, report.kicked);
+        info!(user_hash = hash, to = ?to, reason = %reason, kicked = report.kicked, "user moved");
+        report
+    }
+
+    /// Moves every user with a record on `from` to where the ring of its backend's tag now
+    /// sends it (records are dropped when the ring is empty). The caller changes the
+    /// backend's state first (down, weight 0, maintenance) so the ring no longer includes it.
+    /// With `force`, records are only dropped and no session is ended (Dovecot's `flush -F`).
+    pub async fn evacuate(&self, from: IpAddr, reason: MoveReason, force: bool) -> MoveReport {
+        let now = Instant::now();
+        let set = self.state.backends();
+        let tag = set.get(from).map(|b| b.tag.clone()).unwrap_or_default();
+        let users: Vec<u32> = self
+            .state
+            .records(now)
+            .into_iter()
+            .filter(|(_, r)| r.backend == from)
+            .map(|(h, _)| h)
+            .collect();
+        let mut total = MoveReport::default();
+        // Users whose record already points elsewhere (routing re-points a record whose
+        // backend no longer serves, when the user logs in again) but who still have sessions
+        // here: end only those sessions, so their new login may proceed.
+        let mut strays: Vec<u32> = self
+            .sessions
+            .users_on(from)
+            .into_iter()
+            .filter(|h| !users.contains(h))
+            .collect();
+        for hash in users {
+            // A user who logged in again meanwhile may already be bound elsewhere: end only
+            // its sessions here, leave its new session alone.
+            if self
+                .state
+                .record(hash, Instant::now())
+                .is_none_or(|r| r.backend != from)
+            {
+                strays.push(hash);
+                continue;
+            }
+            let r = if force {
+                self.state.remove_record(hash);
+                self.metrics.moved(reason, 1, 0);
+                MoveReport {
+                    dropped: 1,
+                    ..MoveReport::default()
+                }
+            } else {
+                let to = set
+                    .ring(&tag)
+                    .and_then(|ring| ring.candidates(hash).into_iter().find(|ip| *ip != from));
+                self.move_user(hash, to, reason).await
+            };
+            total.moved += r.moved;
+            total.dropped += r.dropped;
+            total.kicked += r.kicked;
+            total.busy += r.busy;
+        }
+        if !force {
+            for hash in strays {
+                let kicked = self.kick_on(hash, from).await;
+                self.metrics.moved(reason, 0, kicked);
+                total.kicked += kicked;
+            }
+        }
+        info!(backend = %from, reason = %reason, moved = total.moved, dropped = total.dropped,
+              kicked = total.kicked, "backend evacuated");
+        total
+    }
+}

@@ -1,0 +1,344 @@
+//! Every live session of this director, by user and backend, so that a session can be found,
+//! counted and kicked. Local to one director (the sticky records are what directors share).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::protocol::decision::Protocol;
+
+/// What is known about one live session.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub protocol: Protocol,
+    pub username: String,
+    pub user_hash: u32,
+    /// The backend's socket address the session is relayed to.
+    pub backend: SocketAddr,
+    pub started: Instant,
+    /// A login still under way (a reservation, see `login`): it counts for the invariant
+    /// (one backend per user) but is not yet a session that people or metrics see.
+    pub pending: bool,
+    /// A reservation whose credentials went to the backend ([`Sessions::commit`]): the backend
+    /// may have logged the user in, so it binds the user to this backend like a live session.
+    /// A reservation that is not committed yet has shown the backend nothing of the user.
+    pub committed: bool,
+}
+
+impl SessionInfo {
+    /// Whether the user may be logged in on this entry's backend: a live session, or a login
+    /// whose credentials were sent.
+    fn binds(&self) -> bool {
+        !self.pending || self.committed
+    }
+}
+
+struct Entry {
+    info: SessionInfo,
+    /// Woken to end the session (kick, move).
+    kick: Arc<Notify>,
+}
+
+/// Called when a session ends, with its info: lets the state refresh the sticky record.
+pub type EndHook = Arc<dyn Fn(&SessionInfo) + Send + Sync>;
+
+/// The registry of live sessions.
+#[derive(Clone, Default)]
+pub struct Sessions {
+    inner: Arc<Mutex<HashMap<u64, Entry>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Sessions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a session; it stays registered until the returned guard is dropped, which
+    /// then calls `on_end` (if any).
+    pub fn register(
+        &self,
+        protocol: Protocol,
+        username: &str,
+        user_hash: u32,
+        backend: SocketAddr,
+        on_end: Option<EndHook>,
+    ) -> SessionGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let info = SessionInfo {
+            id,
+            protocol,
+            username: username.to_owned(),
+            user_hash,
+            backend,
+            started: Instant::now(),
+            pending: false,
+            committed: false,
+        };
+        let kick = Arc::new(Notify::new());
+        self.inner.lock().unwrap().insert(
+            id,
+            Entry {
+                info: info.clone(),
+                kick: kick.clone(),
+            },
+        );
+        SessionGuard {
+            sessions: self.clone(),
+            info,
+            kick,
+            on_end,
+        }
+    }
+
+    /// Reserves `backend` for a login of this user that is under way: like
+    /// [`Sessions::register`] for the invariant checks (`count_user`, `backend_ips_of`,
+    /// `users_on`), but left out of [`Sessions::list`] and [`Sessions::count_backend_ip`].
+    pub fn reserve(
+        &self,
+        protocol: Protocol,
+        username: &str,
+        user_hash: u32,
+        backend: SocketAddr,
+    ) -> SessionGuard {
+        let mut guard = self.register(protocol, username, user_hash, backend, None);
+        guard.info.pending = true;
+        if let Some(e) = self.inner.lock().unwrap().get_mut(&guard.info.id) {
+            e.info.pending = true;
+        }
+        guard
+    }
+
+    /// All live sessions (not logins under way).
+    pub fn list(&self) -> Vec<SessionInfo> {
+        self.inner
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| !e.info.pending)
+            .map(|e| e.info.clone())
+            .collect()
+    }
+
+    /// All live sessions and logins under way.
+    pub fn list_with_pending(&self) -> Vec<SessionInfo> {
+        self.inner
+            .lock()
+            .unwrap()
+            .values()
+            .map(|e| e.info.clone())
+            .collect()
+    }
+
+    /// Commits a reservation made by [`Sessions::reserve`]: its login is about to send the
+    /// user's credentials to its backend. Refused (false) when the user has a live session or a
+    /// committed login on another backend: the user would then be on two backends. Atomic, so
+    /// of two logins of one user racing to different backends at most one commits.
+    pub fn commit(&self, guard: &SessionGuard) -> bool {
+        let mut map = self.inner.lock().unwrap();
+        let me = &guard.info;
+        let elsewhere = map.values().any(|e| {
+            e.info.id != me.id
+                && e.info.user_hash == me.user_hash
+                && e.info.binds()
+                && e.info.backend.ip() != me.backend.ip()
+        });
+        if elsewhere {
+            return false;
+        }
+        if let Some(e) = map.get_mut(&me.id) {
+            e.info.committed = true;
+        }
+        true
+    }
+
+    /// Live sessions and committed logins of users with this hash: what ties the user to a
+    /// backend (reservations that sent nothing yet are left out).
+    pub fn count_user_bound(&self, user_hash: u32) -> usize {
+        let map = self.inner.lock().unwrap();
+        map.values()
+            .filter(|e| e.info.user_hash == user_hash && e.info.binds())
+            .count()
+    }
+
+    /// The backend IPs that users with this hash have live sessions or committed logins on.
+    pub fn bound_ips_of(&self, user_hash: u32) -> Vec<std::net::IpAddr> {
+        let map = self.inner.lock().unwrap();
+        let mut ips: Vec<std::net::IpAddr> = map
+            .values()
+            .filter(|e| e.info.user_hash == user_hash && e.info.binds())
+            .map(|e| e.info.backend.ip())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+
+    /// Live sessions of users with this hash.
+    pub fn count_user(&self, user_hash: u32) -> usize {
+        let map = self.inner.lock().unwrap();
+        map.values()
+            .filter(|e| e.info.user_hash == user_hash)
+            .count()
+    }
+
+    /// The backend IPs that users with this hash have live sessions on.
+    pub fn backend_ips_of(&self, user_hash: u32) -> Vec<std::net::IpAddr> {
+        let map = self.inner.lock().unwrap();
+        let mut ips: Vec<std::net::IpAddr> = map
+            .values()
+            .filter(|e| e.info.user_hash == user_hash)
+            .map(|e| e.info.backend.ip())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+
+    /// Live sessions relayed to this backend address (any protocol port on that IP).
+    pub fn count_backend_ip(&self, ip: std::net::IpAddr) -> usize {
+        let map = self.inner.lock().unwrap();
+        map.values()
+            .filter(|e| e.info.backend.ip() == ip && !e.info.pending)
+            .count()
+    }
+
+    /// Hashes of the users with live sessions relayed to this backend IP.
+    pub fn users_on(&self, ip: std::net::IpAddr) -> Vec<u32> {
+        let map = self.inner.lock().unwrap();
+        let mut hashes: Vec<u32> = map
+            .values()
+            .filter(|e| e.info.backend.ip() == ip)
+            .map(|e| e.info.user_hash)
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        hashes
+    }
+
+    /// Ends the sessions of users with this hash that are relayed to `ip`; returns how many
+    /// were told to end.
+    pub fn kick_user_on(&self, user_hash: u32, ip: std::net::IpAddr) -> usize {
+        let map = self.inner.lock().unwrap();
+        let mut n = 0;
+        for e in map
+            .values()
+            .filter(|e| e.info.user_hash == user_hash && e.info.backend.ip() == ip)
+        {
+            e.kick.notify_one();
+            n += 1;
+        }
+        n
+    }
+
+    /// Ends every session of users with this hash; returns how many were told to end.
+    pub fn kick_user(&self, user_hash: u32) -> usize {
+        let map = self.inner.lock().unwrap();
+        let mut n = 0;
+        for e in map.values().filter(|e| e.info.user_hash == user_hash) {
+            e.kick.notify_one();
+            n += 1;
+        }
+        n
+    }
+}
+
+/// A registered live session. Dropping it unregisters the session.
+pub struct SessionGuard {
+    sessions: Sessions,
+    info: SessionInfo,
+    kick: Arc<Notify>,
+    on_end: Option<EndHook>,
+}
+
+impl SessionGuard {
+    pub fn info(&self) -> &SessionInfo {
+        &self.info
+    }
+
+    /// Completes when the session is kicked. A kick that came before this is awaited still
+    /// counts (`Notify` keeps one permit).
+    pub async fn kicked(&self) {
+        self.kick.notified().await
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.sessions.inner.lock().unwrap().remove(&self.info.id);
+        if let Some(hook) = &self.on_end {
+            hook(&self.info);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn register_kick_and_drop() {
+        let s = Sessions::new();
+        let ended = Arc::new(AtomicU64::new(0));
+        let e2 = ended.clone();
+        let hook: EndHook = Arc::new(move |_| {
+            e2.fetch_add(1, Ordering::SeqCst);
+        });
+        let addr: SocketAddr = "127.0.0.2:143".parse().unwrap();
+        let g = s.register(Protocol::Imap, "alice", 7, addr, Some(hook));
+        assert_eq!(s.count_user(7), 1);
+        assert_eq!(s.count_backend_ip(addr.ip()), 1);
+        assert_eq!(s.kick_user(7), 1);
+        g.kicked().await; // the permit stored by the kick completes this at once
+        drop(g);
+        assert_eq!(s.count_user(7), 0);
+        assert_eq!(ended.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_reservation_guards_the_invariant_but_is_not_listed() {
+        let s = Sessions::new();
+        let addr: SocketAddr = "127.0.0.2:143".parse().unwrap();
+        let r = s.reserve(Protocol::Imap, "bob", 9, addr);
+        assert_eq!(s.count_user(9), 1);
+        assert_eq!(s.backend_ips_of(9), vec![addr.ip()]);
+        assert_eq!(s.users_on(addr.ip()), vec![9]);
+        assert!(s.list().is_empty());
+        assert_eq!(s.count_backend_ip(addr.ip()), 0);
+        assert_eq!(s.list_with_pending().len(), 1);
+        drop(r);
+        assert_eq!(s.count_user(9), 0);
+    }
+
+    #[test]
+    fn only_one_of_two_logins_racing_to_different_backends_commits() {
+        let s = Sessions::new();
+        let x: SocketAddr = "127.0.0.2:143".parse().unwrap();
+        let y: SocketAddr = "127.0.0.3:143".parse().unwrap();
+        let on_x = s.reserve(Protocol::Imap, "carol", 5, x);
+        let on_y = s.reserve(Protocol::Imap, "carol", 5, y);
+        // Reservations that sent nothing do not tie the user anywhere.
+        assert_eq!(s.count_user_bound(5), 0);
+        assert!(s.bound_ips_of(5).is_empty());
+        assert!(s.commit(&on_y), "nothing binds carol yet");
+        assert!(!s.commit(&on_x), "carol's credentials already went to y");
+        assert_eq!(s.bound_ips_of(5), vec![y.ip()]);
+        // A second login on the same backend may commit too.
+        let also_y = s.reserve(Protocol::Imap, "carol", 5, y);
+        assert!(s.commit(&also_y));
+        drop(on_y);
+        drop(also_y);
+        assert!(s.commit(&on_x), "y released carol");
+        // A live session elsewhere refuses a commit as well.
+        let live = s.register(Protocol::Imap, "dave", 6, y, None);
+        let other = s.reserve(Protocol::Imap, "dave", 6, x);
+        assert!(!s.commit(&other));
+        drop(live);
+        assert!(s.commit(&other));
+    }
+}
