@@ -34,6 +34,7 @@ use crate::health::checker::HealthChecker;
 use crate::health::probe::CheckCode;
 use crate::metrics::{BackendLoginOutcome, LoginResult, Metrics};
 use crate::net::stream::BackendStream;
+use crate::net::tls::BackendTlsContext;
 use crate::protocol::backend_login::{
     BackendError, BackendLoginRequest, BackendLoginResult, Forward, StartTls,
 };
@@ -45,30 +46,6 @@ use crate::state::sessions::{EndHook, SessionGuard, Sessions};
 
 /// What clients are told when no backend can take them.
 pub const UNAVAILABLE_TEXT: &str = "Account is temporarily unavailable.";
-
-/// TLS material for backends, prepared once at start.
-#[derive(Clone, Default)]
-pub struct BackendTlsContext {
-    /// Connectors by (CA file, verify), built at start from the configuration.
-    pub connectors: Vec<(Option<std::path::PathBuf>, bool, tokio_rustls::TlsConnector)>,
-}
-
-impl std::fmt::Debug for BackendTlsContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BackendTlsContext({} connectors)", self.connectors.len())
-    }
-}
-
-impl BackendTlsContext {
-    /// The connector for `backend`'s CA file and verification setting.
-    pub fn connector(&self, backend: &Backend) -> Option<tokio_rustls::TlsConnector> {
-        let s = &backend.settings;
-        self.connectors
-            .iter()
-            .find(|(ca, verify, _)| *ca == s.tls_ca_file && *verify == s.tls_verify)
-            .map(|(_, _, c)| c.clone())
-    }
-}
 
 /// The [`Authenticator`] that front ends call.
 #[derive(Clone)]

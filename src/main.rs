@@ -12,8 +12,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use director::admin::client;
 use director::admin::AdminRequest;
 use director::config::{Config, LogFormat};
+use director::server::prepare::{check, load_config, resolve_backends};
 use director::server::reload::LogLevelHook;
-use director::server::{resolve_backends, Director};
+use director::server::Director;
 use std::sync::Arc;
 
 /// Where the configuration is looked for when `-c` is not given.
@@ -279,7 +280,7 @@ fn import(config: &Config, file: &str, json: bool) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config) {
+    let config = match load_config(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             init_logs(LogFormat::Text, "info");
@@ -300,7 +301,7 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async move {
         match cli.command {
-            Command::CheckConfig => match director::server::check(&config).await {
+            Command::CheckConfig => match check(&config).await {
                 Ok(n) => {
                     println!("{}: OK ({n} backends)", cli.config.display());
                     ExitCode::SUCCESS

@@ -67,7 +67,9 @@ impl TestLmtp {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let backends = director::server::resolve_backends(&config).await.unwrap();
+                let backends = director::server::prepare::resolve_backends(&config)
+                    .await
+                    .unwrap();
                 let state = Arc::new(LocalState::new(backends, config.user_expire.into()));
                 let router = Router::new(state.clone() as Arc<dyn State>, config.user_hash());
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,6 +1,17 @@
 //! The configuration file: its structure, defaults and checks. Every error names the field
 //! (`backends[2].weight: 1200 is above the maximum 1000`). `config.yaml.example` documents
 //! every option with its default; keep the two in step.
+//!
+//! A leaf: plain settings that the runtime reads, never the reverse. What a setting turns into
+//! is built where it is used (`LmtpSettings::from_config` in `protocol::lmtp`, the checker's
+//! settings, check definitions and credentials in `health::checker`, TLS and sockets in
+//! `server::prepare`), and the checks that need those files are made there, with errors
+//! that name the field all the same. Values the file names and nothing else defines live
+//! here (`Forward`). Three value modules are used as they are, because each is the one
+//! parser of its text and imports nothing from the crate, so no import circle can come back
+//! through them: `net::network` (CIDR networks), `protocol::decision::Protocol` (the protocol
+//! names and default ports) and `routing::user_hash` (the `username_hash` template, parsed
+//! here so that a bad one is refused at load).
 
 pub mod yaml;
 
@@ -13,7 +24,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::net::network::Network;
-use crate::protocol::backend_login::Forward;
 use crate::protocol::decision::Protocol;
 use crate::routing::user_hash::UserHash;
 
@@ -24,6 +34,13 @@ pub const MAX_WEIGHT: u32 = 1000;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+impl ConfigError {
+    /// The same error, said of the file at `path`.
+    pub fn in_file(self, path: &Path) -> ConfigError {
+        ConfigError(format!("{}: {}", path.display(), self.0))
+    }
+}
 
 fn err(field: impl fmt::Display, message: impl fmt::Display) -> ConfigError {
     ConfigError(format!("{field}: {message}"))
@@ -262,8 +279,9 @@ impl Default for HealthConfig {
 }
 
 impl HealthConfig {
-    /// Checks the section, the check files it names and the credentials file.
-    fn validate(&self, backends: &[BackendConfig]) -> Result<(), ConfigError> {
+    /// Checks the section's own values. The check names, `checks_dir` and `credentials_file`
+    /// are checked where they are read (`health::checker::HealthChecker::parts_of`).
+    fn validate(&self) -> Result<(), ConfigError> {
         if self.rise == 0 {
             return Err(err("health.rise", "must be at least 1"));
         }
@@ -281,32 +299,6 @@ impl HealthConfig {
                 "health.checks",
                 "at least one check is needed (or enabled: false)",
             ));
-        }
-        let checks = crate::health::probe::Checks::load(self.checks_dir.as_deref())
-            .map_err(|e| err("health.checks_dir", e))?;
-        let lists = std::iter::once(("health.checks".to_string(), &self.checks)).chain(
-            backends.iter().enumerate().filter_map(|(i, b)| {
-                b.checks
-                    .as_ref()
-                    .map(|c| (format!("backends[{i}].checks"), c))
-            }),
-        );
-        for (field, names) in lists {
-            for (j, name) in names.iter().enumerate() {
-                if checks.get(name).is_none() {
-                    return Err(err(
-                        format_args!("{field}[{j}]"),
-                        format_args!(
-                            "no check named {name:?} (known: {}; more in checks_dir)",
-                            checks.names()
-                        ),
-                    ));
-                }
-            }
-        }
-        if let Some(path) = &self.credentials_file {
-            crate::health::probe::CredentialStore::load(path)
-                .map_err(|e| err("health.credentials_file", e))?;
         }
         Ok(())
     }
@@ -461,25 +453,18 @@ pub enum BackendTls {
     Implicit,
 }
 
-/// How the backend learns the client's address.
+/// How a backend learns the real client address (`forward`). Defined here, with the other
+/// values the file names, and used as it is by the backend logins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ForwardName {
-    /// IMAP `ID`, POP3 `XCLIENT`, when the backend advertises them.
+pub enum Forward {
+    /// IMAP `ID` (x-originating-ip ...) or POP3/LMTP `XCLIENT`, when the backend advertises it.
     Auto,
-    /// A PROXY protocol v2 header (the backend's listener needs `haproxy = yes`).
+    /// A PROXY protocol v2 header, written by `login` before the protocol starts (the
+    /// backend's listener needs `haproxy = yes`).
     ProxyV2,
+    /// Nothing: the backend sees the director's address.
     None,
-}
-
-impl From<ForwardName> for Forward {
-    fn from(f: ForwardName) -> Forward {
-        match f {
-            ForwardName::Auto => Forward::Auto,
-            ForwardName::ProxyV2 => Forward::ProxyV2,
-            ForwardName::None => Forward::None,
-        }
-    }
 }
 
 /// Backend settings that `backend_defaults` sets for all and a backend may override.
@@ -492,7 +477,7 @@ pub struct BackendDefaults {
     pub tls_ca_file: Option<PathBuf>,
     /// `false` accepts any backend certificate (private network, self-signed).
     pub tls_verify: bool,
-    pub forward: ForwardName,
+    pub forward: Forward,
     pub connect_timeout: HumanDuration,
     /// Time a backend has, once connected, to greet (and to finish TLS, `CAPABILITY` and
     /// `STARTTLS`) before the user's credentials are sent. A backend that misses it has seen
@@ -509,7 +494,7 @@ impl Default for BackendDefaults {
             tls: BackendTls::None,
             tls_ca_file: None,
             tls_verify: true,
-            forward: ForwardName::Auto,
+            forward: Forward::Auto,
             connect_timeout: secs(5),
             greeting_timeout: secs(2),
             login_timeout: secs(30),
@@ -533,7 +518,7 @@ pub struct BackendConfig {
     pub tls_verify: Option<bool>,
     /// Name the backend certificate must carry; default: `host`.
     pub tls_server_name: Option<String>,
-    pub forward: Option<ForwardName>,
+    pub forward: Option<Forward>,
     /// Checks for this backend instead of `health.checks`.
     #[serde(default)]
     pub checks: Option<Vec<String>>,
@@ -571,7 +556,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
-        Config::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+        Config::parse(&text).map_err(|e| e.in_file(path))
     }
 
     /// Parses and checks configuration text.
@@ -580,32 +565,6 @@ impl Config {
             crate::config::yaml::from_str(text).map_err(|e| err(e.path, e.message))?;
         config.validate()?;
         Ok(config)
-    }
-
-    /// The LMTP service's settings.
-    pub fn lmtp_settings(&self) -> crate::protocol::lmtp::LmtpSettings {
-        let c = &self.lmtp;
-        let d = crate::protocol::lmtp::LmtpSettings::default();
-        crate::protocol::lmtp::LmtpSettings {
-            hostname: c.hostname.clone().unwrap_or(d.hostname),
-            recipient_username: match c.recipient_username {
-                RecipientUsernameName::WholeAddress => {
-                    crate::protocol::lmtp::RecipientUsername::WholeAddress
-                }
-                RecipientUsernameName::LocalPart => {
-                    crate::protocol::lmtp::RecipientUsername::LocalPart
-                }
-            },
-            recipient_delimiter: c.recipient_delimiter.chars().next(),
-            max_message_size: c.max_message_size,
-            max_recipients: c.max_recipients,
-            client_timeout: c.client_timeout.into(),
-            backend_data_timeout: c.backend_data_timeout.into(),
-            max_line_length: d.max_line_length,
-            max_bad_commands: d.max_bad_commands,
-            move_wait: d.move_wait,
-            backend_tls: d.backend_tls,
-        }
     }
 
     /// The parsed `username_hash` template.
@@ -650,7 +609,7 @@ impl Config {
             tls_ca_file: b.tls_ca_file.clone().or_else(|| d.tls_ca_file.clone()),
             tls_verify: b.tls_verify.unwrap_or(d.tls_verify),
             tls_server_name: b.tls_server_name.clone().unwrap_or_else(|| b.host.clone()),
-            forward: b.forward.unwrap_or(d.forward).into(),
+            forward: b.forward.unwrap_or(d.forward),
             connect_timeout: d.connect_timeout.into(),
             greeting_timeout: d.greeting_timeout.into(),
             login_timeout: d.login_timeout.into(),
@@ -804,7 +763,7 @@ impl Config {
         if self.backends.is_empty() {
             return Err(err("backends", "at least one backend is needed"));
         }
-        self.health.validate(&self.backends)?;
+        self.health.validate()?;
         if let Some(m) = self.metrics.address.filter(|a| a.port() != 0) {
             let clash =
                 addresses.contains(&m) || self.admin.tcp.as_ref().is_some_and(|t| t.address == m);
@@ -987,46 +946,6 @@ mod tests {
         assert_eq!(e, "health.interval: must be longer than 0s");
         let e = error_of(&format!("{MINIMAL}health: {{fast_interval: 0s}}\n"));
         assert_eq!(e, "health.fast_interval: must be longer than 0s");
-        let e = error_of(&format!("{MINIMAL}health: {{checks: [imap, smtp]}}\n"));
-        assert!(
-            e.starts_with(
-                "health.checks[1]: no check named \"smtp\" (known: imap, lmtp, pop3, sieve"
-            ),
-            "{e}"
-        );
-        let e = error_of(&MINIMAL.replace("host: 10.0.0.1", "host: 10.0.0.1\n    checks: [pop]"));
-        assert!(
-            e.starts_with("backends[0].checks[0]: no check named \"pop\""),
-            "{e}"
-        );
-        let e = error_of(&format!(
-            "{MINIMAL}health: {{checks_dir: /nonexistent/checks}}\n"
-        ));
-        assert!(
-            e.starts_with("health.checks_dir: /nonexistent/checks: cannot read"),
-            "{e}"
-        );
-        let dir = std::env::temp_dir().join(format!("director-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let creds = dir.join("creds.yaml");
-        std::fs::write(&creds, "user: u\npassword: p\n").unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let e = error_of(&format!(
-            "{MINIMAL}health: {{credentials_file: {}}}\n",
-            creds.display()
-        ));
-        assert!(
-            e.starts_with("health.credentials_file: ") && e.contains("chmod 600"),
-            "{e}"
-        );
-        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Config::parse(&format!(
-            "{MINIMAL}health: {{credentials_file: {}}}\n",
-            creds.display()
-        ))
-        .unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 

@@ -185,13 +185,31 @@ impl HealthChecker {
     }
 
     /// The settings, checks and credentials the configuration gives (files read here), for
-    /// [`HealthChecker::from_config`] and [`HealthChecker::reload`].
+    /// [`HealthChecker::from_config`] and [`HealthChecker::reload`]. Every check a backend or
+    /// `health.checks` names must exist; errors name the field, as the configuration's own do.
     pub fn parts_of(
         config: &Config,
     ) -> Result<(CheckerSettings, Checks, CredentialStore), ConfigError> {
         let h = &config.health;
         let checks = Checks::load(h.checks_dir.as_deref())
             .map_err(|e| ConfigError(format!("health.checks_dir: {e}")))?;
+        let lists = std::iter::once(("health.checks".to_string(), &h.checks)).chain(
+            config.backends.iter().enumerate().filter_map(|(i, b)| {
+                b.checks
+                    .as_ref()
+                    .map(|c| (format!("backends[{i}].checks"), c))
+            }),
+        );
+        for (field, names) in lists {
+            for (j, name) in names.iter().enumerate() {
+                if checks.get(name).is_none() {
+                    return Err(ConfigError(format!(
+                        "{field}[{j}]: no check named {name:?} (known: {}; more in checks_dir)",
+                        checks.names()
+                    )));
+                }
+            }
+        }
         let credentials = match &h.credentials_file {
             Some(path) => CredentialStore::load(path)
                 .map_err(|e| ConfigError(format!("health.credentials_file: {e}")))?,
@@ -502,6 +520,62 @@ impl HealthChecker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MINIMAL: &str = "listeners:\n  - protocol: imap\n    address: 127.0.0.1:1143\nbackends:\n  - host: 10.0.0.1\n";
+
+    fn parts_of(text: &str) -> Result<(CheckerSettings, Checks, CredentialStore), ConfigError> {
+        HealthChecker::parts_of(&Config::parse(text)?)
+    }
+
+    fn error_of(text: &str) -> String {
+        parts_of(text).unwrap_err().0
+    }
+
+    /// The checks, check files and credentials the configuration names are checked where they
+    /// are read; the errors name the field like the configuration's own.
+    #[test]
+    fn check_errors_name_the_field() {
+        let e = error_of(&format!("{MINIMAL}health: {{checks: [imap, smtp]}}\n"));
+        assert!(
+            e.starts_with(
+                "health.checks[1]: no check named \"smtp\" (known: imap, lmtp, pop3, sieve"
+            ),
+            "{e}"
+        );
+        let e = error_of(&MINIMAL.replace("host: 10.0.0.1", "host: 10.0.0.1\n    checks: [pop]"));
+        assert!(
+            e.starts_with("backends[0].checks[0]: no check named \"pop\""),
+            "{e}"
+        );
+        let e = error_of(&format!(
+            "{MINIMAL}health: {{checks_dir: /nonexistent/checks}}\n"
+        ));
+        assert!(
+            e.starts_with("health.checks_dir: /nonexistent/checks: cannot read"),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("director-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let creds = dir.join("creds.yaml");
+        std::fs::write(&creds, "user: u\npassword: p\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = error_of(&format!(
+            "{MINIMAL}health: {{credentials_file: {}}}\n",
+            creds.display()
+        ));
+        assert!(
+            e.starts_with("health.credentials_file: ") && e.contains("chmod 600"),
+            "{e}"
+        );
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+        parts_of(&format!(
+            "{MINIMAL}health: {{credentials_file: {}}}\n",
+            creds.display()
+        ))
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn fall_failures_in_a_row_take_an_up_backend_down() {

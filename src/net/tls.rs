@@ -16,6 +16,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::state::backend::Backend;
+
 /// Which configured file an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -179,6 +181,31 @@ pub fn connector(ca_file: Option<&Path>, verify: bool) -> Result<TlsConnector, T
             .with_no_client_auth()
     };
     Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// The backends' TLS connectors, one per (CA file, verify) pair that the configured backends
+/// use, built once at start (and again at a reload) so that a login does not read files.
+#[derive(Clone, Default)]
+pub struct BackendTlsContext {
+    /// Connectors by (CA file, verify), built at start from the configuration.
+    pub connectors: Vec<(Option<PathBuf>, bool, TlsConnector)>,
+}
+
+impl fmt::Debug for BackendTlsContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BackendTlsContext({} connectors)", self.connectors.len())
+    }
+}
+
+impl BackendTlsContext {
+    /// The connector for `backend`'s CA file and verification setting.
+    pub fn connector(&self, backend: &Backend) -> Option<TlsConnector> {
+        let s = &backend.settings;
+        self.connectors
+            .iter()
+            .find(|(ca, verify, _)| *ca == s.tls_ca_file && *verify == s.tls_verify)
+            .map(|(_, _, c)| c.clone())
+    }
 }
 
 /// The name a backend's certificate is checked against: a DNS name, or an IP address for an

@@ -10,16 +10,8 @@ use tokio_rustls::TlsConnector;
 use crate::net::stream::BackendStream;
 use crate::protocol::decision::{ClientIdentity, Credentials};
 
-/// How the backend learns the real client address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Forward {
-    /// IMAP `ID` (x-originating-ip ...) or POP3/LMTP `XCLIENT`, when the backend advertises it.
-    Auto,
-    /// A PROXY protocol v2 header, written by `login` before the protocol starts.
-    ProxyV2,
-    /// Nothing: the backend sees the director's address.
-    None,
-}
+/// How the backend learns the real client address: a value of the configuration (`forward`).
+pub use crate::config::Forward;
 
 /// STARTTLS to the backend, if configured. (Implicit TLS is done before the protocol starts.)
 #[derive(Clone)]

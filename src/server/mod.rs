@@ -1,6 +1,7 @@
 //! The running director: built from a [`Config`], it binds the listeners, resolves the
 //! backends, and serves until told to stop.
 
+pub mod prepare;
 pub mod reload;
 pub mod shutdown;
 
@@ -10,21 +11,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::config::{BackendTls, Config, ConfigError, ListenerTls};
+use crate::config::{Config, ConfigError, ListenerTls};
 use crate::health::checker::HealthChecker;
-use crate::login::{BackendTlsContext, Login};
+use crate::login::Login;
 use crate::metrics::server::{MetricsContext, MetricsServer};
 use crate::metrics::Metrics;
-use crate::net::listener::{ListenSocket, ListenerShared};
+use crate::net::listener::ListenerShared;
 use crate::protocol::decision::Protocol;
+use crate::protocol::lmtp::LmtpSettings;
 use crate::protocol::preauth::PreauthLimits;
 use crate::routing::Router;
+use crate::server::prepare::{backend_tls, bind_listener, resolve_backends, server_tls};
 use crate::server::reload::{Prepared, Reloader, ReloaderParts, RunningListener};
 use crate::server::shutdown::{Phase, Shutdown, ShutdownTrigger};
-use crate::state::backend::{AdminState, Backend, Health};
 use crate::state::local::LocalState;
 use crate::state::moves::Mover;
 use crate::state::sessions::Sessions;
@@ -55,91 +56,6 @@ pub struct Director {
     pub metrics: Metrics,
     /// The metrics listener (`None` without `metrics.address`), bound at build.
     metrics_server: Option<MetricsServer>,
-}
-
-/// Resolves the configured backends: a host name with several addresses is several backends.
-pub async fn resolve_backends(config: &Config) -> Result<Vec<Backend>, ConfigError> {
-    let mut out: Vec<Backend> = Vec::new();
-    for (i, b) in config.backends.iter().enumerate() {
-        let ips = crate::net::resolve::resolve_host(&b.host)
-            .await
-            .map_err(|e| ConfigError(format!("backends[{i}].host: {e}")))?;
-        let settings = Arc::new(config.backend_settings(i));
-        for ip in ips {
-            if out.iter().any(|o| o.ip == ip) {
-                return Err(ConfigError(format!(
-                    "backends[{i}].host: {} resolves to {ip}, which another backend already has",
-                    b.host
-                )));
-            }
-            out.push(Backend {
-                ip,
-                host: b.host.clone(),
-                weight: b.weight,
-                tag: b.tag.clone(),
-                admin: AdminState::Up,
-                health: Health::Up,
-                settings: settings.clone(),
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// What `check-config` checks beyond parsing: backends resolve, the certificate and key and
-/// the backends' CA files load, the health checks and credentials load. Returns the number of
-/// backends. (Listener addresses are not bound: the running director may hold them.)
-pub async fn check(config: &Config) -> Result<usize, ConfigError> {
-    let backends = resolve_backends(config).await?;
-    server_tls(config)?;
-    backend_tls(config)?;
-    if config.health.enabled {
-        HealthChecker::parts_of(config)?;
-    }
-    // The admin token file, with the checks `serve` makes (not readable by group or others).
-    if let Some(t) = &config.admin.tcp {
-        crate::admin::read_token(&t.token_file)?;
-    }
-    Ok(backends.len())
-}
-
-/// The director's own TLS acceptor (`tls` cert and key), read from the files now.
-pub(crate) fn server_tls(
-    config: &Config,
-) -> Result<Option<tokio_rustls::TlsAcceptor>, ConfigError> {
-    match &config.tls {
-        Some(files) => Ok(Some(crate::net::tls::acceptor(
-            crate::net::tls::server_config(&files.cert, &files.key)
-                .map_err(|e| ConfigError(format!("tls: {e}")))?,
-        ))),
-        None => Ok(None),
-    }
-}
-
-/// Binds `listeners[index]`.
-pub(crate) async fn bind_listener(
-    config: &Config,
-    index: usize,
-) -> Result<ListenSocket, ConfigError> {
-    let i = index;
-    let lc = &config.listeners[index];
-    Ok(match (&lc.address, &lc.socket) {
-        (Some(address), _) => ListenSocket::Tcp(TcpListener::bind(address).await.map_err(|e| {
-            ConfigError(format!(
-                "listeners[{i}].address: cannot listen on {address}: {e}"
-            ))
-        })?),
-        (None, Some(path)) => ListenSocket::Unix(
-            bind_unix(path).map_err(|e| {
-                ConfigError(format!(
-                    "listeners[{i}].socket: cannot listen on {}: {e}",
-                    path.display()
-                ))
-            })?,
-            path.clone(),
-        ),
-        (None, None) => unreachable!("checked by Config::validate"),
-    })
 }
 
 /// The settings new connections take, from a configuration and what was prepared for it.
@@ -179,51 +95,12 @@ fn listener_shared(
         proxy_trusted_networks: config.proxy_trusted_networks.clone(),
         per_ip: per_ip.clone(),
         refusals: refusals.clone(),
-        lmtp: Arc::new(crate::protocol::lmtp::LmtpSettings {
-            backend_tls: prepared.backend_tls.clone(),
-            ..config.lmtp_settings()
-        }),
+        lmtp: Arc::new(LmtpSettings::from_config(
+            &config.lmtp,
+            prepared.backend_tls.clone(),
+        )),
         metrics: login.metrics.clone(),
     }
-}
-
-/// Binds a unix socket for a local MTA: a stale socket file is replaced, the parent
-/// directory created, and the socket made writable by everyone (as Dovecot's `lmtp` socket,
-/// mode 0666): restrict access with the directory's permissions.
-fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        }
-    }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-    Ok(listener)
-}
-
-/// Builds the TLS connectors the backends need.
-pub(crate) fn backend_tls(config: &Config) -> Result<BackendTlsContext, ConfigError> {
-    let mut ctx = BackendTlsContext::default();
-    for i in 0..config.backends.len() {
-        let s = config.backend_settings(i);
-        if s.tls == BackendTls::None
-            || ctx
-                .connectors
-                .iter()
-                .any(|(ca, v, _)| *ca == s.tls_ca_file && *v == s.tls_verify)
-        {
-            continue;
-        }
-        let connector = crate::net::tls::connector(s.tls_ca_file.as_deref(), s.tls_verify)
-            .map_err(|e| ConfigError(format!("backends[{i}].tls_ca_file: {e}")))?;
-        ctx.connectors
-            .push((s.tls_ca_file.clone(), s.tls_verify, connector));
-    }
-    Ok(ctx)
 }
 
 impl Director {

@@ -37,7 +37,7 @@ pub struct Prepared {
     /// The director's TLS acceptor (`tls` cert and key).
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// TLS connectors for backends.
-    pub backend_tls: Arc<crate::login::BackendTlsContext>,
+    pub backend_tls: Arc<crate::net::tls::BackendTlsContext>,
     /// The health checker's new settings, checks and credentials.
     checker: Option<(
         crate::health::checker::CheckerSettings,
@@ -52,7 +52,7 @@ impl Prepared {
     /// What the director is built with at start (listeners are bound by the director).
     pub fn at_start(
         tls: Option<tokio_rustls::TlsAcceptor>,
-        backend_tls: Arc<crate::login::BackendTlsContext>,
+        backend_tls: Arc<crate::net::tls::BackendTlsContext>,
     ) -> Self {
         Prepared {
             tls,
@@ -269,7 +269,7 @@ impl Reloader {
         let Some(path) = self.path.lock().unwrap().clone() else {
             return Err("this director has no configuration file to reload".into());
         };
-        let result = match Config::load(&path) {
+        let result = match crate::server::prepare::load_config(&path) {
             Ok(config) => self.reload_config(config).await,
             Err(e) => Err(e.0),
         };
@@ -331,9 +331,9 @@ impl Reloader {
 
     /// Everything of `new` that can fail, before anything is swapped in.
     async fn prepare(&self, new: &Config) -> Result<Prepared, ConfigError> {
-        crate::server::resolve_backends(new).await?;
-        let tls = crate::server::server_tls(new)?;
-        let backend_tls = Arc::new(crate::server::backend_tls(new)?);
+        crate::server::prepare::resolve_backends(new).await?;
+        let tls = crate::server::prepare::server_tls(new)?;
+        let backend_tls = Arc::new(crate::server::prepare::backend_tls(new)?);
         let checker = match &self.health {
             Some(_) => Some(HealthChecker::parts_of(new)?),
             None => None,
@@ -364,7 +364,7 @@ impl Reloader {
                 continue;
             }
             sockets.push(Source::Bound(Arc::new(
-                crate::server::bind_listener(new, i).await?,
+                crate::server::prepare::bind_listener(new, i).await?,
             )));
         }
         Ok(Prepared {

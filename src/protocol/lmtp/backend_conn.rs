@@ -95,7 +95,7 @@ pub struct Hello<'a> {
     /// The domain the client gave in LHLO, forwarded as XCLIENT HELO.
     pub client_helo: Option<&'a str>,
     /// TLS connectors, for backends configured with TLS.
-    pub tls: &'a crate::login::BackendTlsContext,
+    pub tls: &'a crate::net::tls::BackendTlsContext,
 }
 
 /// An open connection to a backend's LMTP service.

@@ -26,7 +26,9 @@ use tokio::io::AsyncWriteExt;
 
 pub use command::RecipientUsername;
 
+use crate::config::{LmtpConfig, RecipientUsernameName};
 use crate::net::stream::ClientStream;
+use crate::net::tls::BackendTlsContext;
 use crate::protocol::decision::ClientIdentity;
 use crate::routing::Router;
 
@@ -63,7 +65,7 @@ pub struct LmtpSettings {
     pub move_wait: Duration,
     /// TLS connectors for backends whose `tls` is `starttls` or `implicit` (the same as the
     /// other protocols use).
-    pub backend_tls: Arc<crate::login::BackendTlsContext>,
+    pub backend_tls: Arc<BackendTlsContext>,
 }
 
 impl Default for LmtpSettings {
@@ -82,6 +84,27 @@ impl Default for LmtpSettings {
             backend_data_timeout: Duration::from_secs(600),
             move_wait: Duration::from_secs(15),
             backend_tls: Arc::default(),
+        }
+    }
+}
+
+impl LmtpSettings {
+    /// The settings the `lmtp` section gives, with the backends' TLS connectors.
+    pub fn from_config(c: &LmtpConfig, backend_tls: Arc<BackendTlsContext>) -> Self {
+        let d = LmtpSettings::default();
+        LmtpSettings {
+            hostname: c.hostname.clone().unwrap_or(d.hostname),
+            recipient_username: match c.recipient_username {
+                RecipientUsernameName::WholeAddress => RecipientUsername::WholeAddress,
+                RecipientUsernameName::LocalPart => RecipientUsername::LocalPart,
+            },
+            recipient_delimiter: c.recipient_delimiter.chars().next(),
+            max_message_size: c.max_message_size,
+            max_recipients: c.max_recipients,
+            client_timeout: c.client_timeout.into(),
+            backend_data_timeout: c.backend_data_timeout.into(),
+            backend_tls,
+            ..d
         }
     }
 }

@@ -1,0 +1,146 @@
+//! What a configuration needs from outside the file, made ready (and so checked) before a
+//! start or a reload uses it: backend names resolved, the certificate, key and CA files read,
+//! listener sockets bound; and the configuration file read as the director runs it.
+//!
+//! [`Config`] checks what the file says on its own; the checks that need the runtime (the
+//! check names against the check definitions, the check files, the credentials file) are
+//! made by the part that reads them, [`HealthChecker::parts_of`], and [`load_config`] makes
+//! both, so every command refuses a file that `serve` would refuse.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::{BackendTls, Config, ConfigError};
+use crate::health::checker::HealthChecker;
+use crate::net::listener::ListenSocket;
+use crate::net::tls::BackendTlsContext;
+use crate::state::backend::{AdminState, Backend, Health};
+
+/// Reads and checks the configuration file at `path`: [`Config::load`], then the health
+/// checks, check files and credentials it names (whether or not `health.enabled`).
+pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    HealthChecker::parts_of(&config).map_err(|e| e.in_file(path))?;
+    Ok(config)
+}
+
+/// Resolves the configured backends: a host name with several addresses is several backends.
+pub async fn resolve_backends(config: &Config) -> Result<Vec<Backend>, ConfigError> {
+    let mut out: Vec<Backend> = Vec::new();
+    for (i, b) in config.backends.iter().enumerate() {
+        let ips = crate::net::resolve::resolve_host(&b.host)
+            .await
+            .map_err(|e| ConfigError(format!("backends[{i}].host: {e}")))?;
+        let settings = Arc::new(config.backend_settings(i));
+        for ip in ips {
+            if out.iter().any(|o| o.ip == ip) {
+                return Err(ConfigError(format!(
+                    "backends[{i}].host: {} resolves to {ip}, which another backend already has",
+                    b.host
+                )));
+            }
+            out.push(Backend {
+                ip,
+                host: b.host.clone(),
+                weight: b.weight,
+                tag: b.tag.clone(),
+                admin: AdminState::Up,
+                health: Health::Up,
+                settings: settings.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What `check-config` checks beyond parsing: backends resolve, the certificate and key and
+/// the backends' CA files load, the health checks and credentials load. Returns the number of
+/// backends. (Listener addresses are not bound: the running director may hold them.)
+pub async fn check(config: &Config) -> Result<usize, ConfigError> {
+    let backends = resolve_backends(config).await?;
+    server_tls(config)?;
+    backend_tls(config)?;
+    if config.health.enabled {
+        HealthChecker::parts_of(config)?;
+    }
+    // The admin token file, with the checks `serve` makes (not readable by group or others).
+    if let Some(t) = &config.admin.tcp {
+        crate::admin::read_token(&t.token_file)?;
+    }
+    Ok(backends.len())
+}
+
+/// The director's own TLS acceptor (`tls` cert and key), read from the files now.
+pub fn server_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, ConfigError> {
+    match &config.tls {
+        Some(files) => Ok(Some(crate::net::tls::acceptor(
+            crate::net::tls::server_config(&files.cert, &files.key)
+                .map_err(|e| ConfigError(format!("tls: {e}")))?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Binds `listeners[index]`.
+pub async fn bind_listener(config: &Config, index: usize) -> Result<ListenSocket, ConfigError> {
+    let i = index;
+    let lc = &config.listeners[index];
+    Ok(match (&lc.address, &lc.socket) {
+        (Some(address), _) => ListenSocket::Tcp(TcpListener::bind(address).await.map_err(|e| {
+            ConfigError(format!(
+                "listeners[{i}].address: cannot listen on {address}: {e}"
+            ))
+        })?),
+        (None, Some(path)) => ListenSocket::Unix(
+            bind_unix(path).map_err(|e| {
+                ConfigError(format!(
+                    "listeners[{i}].socket: cannot listen on {}: {e}",
+                    path.display()
+                ))
+            })?,
+            path.clone(),
+        ),
+        (None, None) => unreachable!("checked by Config::validate"),
+    })
+}
+
+/// Binds a unix socket for a local MTA: a stale socket file is replaced, the parent
+/// directory created, and the socket made writable by everyone (as Dovecot's `lmtp` socket,
+/// mode 0666): restrict access with the directory's permissions.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// Builds the TLS connectors the backends need.
+pub fn backend_tls(config: &Config) -> Result<BackendTlsContext, ConfigError> {
+    let mut ctx = BackendTlsContext::default();
+    for i in 0..config.backends.len() {
+        let s = config.backend_settings(i);
+        if s.tls == BackendTls::None
+            || ctx
+                .connectors
+                .iter()
+                .any(|(ca, v, _)| *ca == s.tls_ca_file && *v == s.tls_verify)
+        {
+            continue;
+        }
+        let connector = crate::net::tls::connector(s.tls_ca_file.as_deref(), s.tls_verify)
+            .map_err(|e| ConfigError(format!("backends[{i}].tls_ca_file: {e}")))?;
+        ctx.connectors
+            .push((s.tls_ca_file.clone(), s.tls_verify, connector));
+    }
+    Ok(ctx)
+}
