@@ -369,10 +369,12 @@ impl HealthChecker {
                 s.interval
             } else {
                 let result = self.check(&backend).await;
-                self.inner
-                    .mover
-                    .metrics
-                    .check(&backend, result.code, result.latency);
+                self.inner.mover.metrics.check(
+                    &backend,
+                    result.code.name(),
+                    result.code.is_ok(),
+                    result.latency,
+                );
                 debug!(backend = %ip, code = %result.code, check = %result.check,
                        latency = ?result.latency, detail = %result.detail, "health check");
                 if self.observe(ip, result) {
@@ -434,7 +436,10 @@ impl HealthChecker {
                 None => return t.counter.unsettled(),
             }
         };
-        self.inner.mover.metrics.health_transition(backend, change);
+        self.inner
+            .mover
+            .metrics
+            .health_transition(backend, change.name());
         match change {
             Health::Down => {
                 warn!(backend = %ip, code = %result.code, check = %result.check,

@@ -8,29 +8,29 @@
 //!
 //! Events (logins, connections, checks, moves) are counted where they happen. Gauges that
 //! mirror state (backend health, admin state, weight, records, live sessions, pause) are
-//! computed at scrape time from the state and the session registry ([`Metrics::refresh`]),
-//! so they are always right and need no updates scattered through the code.
+//! computed at scrape time from the state and the session registry (`scrape`), so they are
+//! always right and need no updates scattered through the code.
+//!
+//! This file knows no runtime type: label values come from the callers (a reason's or a
+//! result's name, a backend as a [`BackendLabel`]), so every part can count here without
+//! the catalogue depending on it. The one type it names is
+//! [`Protocol`](crate::protocol::decision::Protocol), a plain value that imports nothing. The
+//! label values it starts at 0 are listed here ([`MOVE_REASONS`], [`REFUSAL_REASONS`]); the
+//! enums that name them have tests that keep the lists in step.
 
+pub mod scrape;
 pub mod server;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
-use crate::health::checker::HealthChecker;
-use crate::health::probe::CheckCode;
-use crate::net::refusals::RefusalReason;
 use crate::protocol::decision::Protocol;
-use crate::state::backend::{AdminState, Backend, Health};
-use crate::state::moves::MoveReason;
-use crate::state::sessions::Sessions;
-use crate::state::State;
 
 /// What kind of metric a catalogue entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,12 +264,18 @@ const ALL_PROTOCOLS: [Protocol; 4] = [
     Protocol::Lmtp,
     Protocol::Sieve,
 ];
-const MOVE_REASONS: [MoveReason; 5] = [
-    MoveReason::Admin,
-    MoveReason::Flush,
-    MoveReason::HealthDown,
-    MoveReason::Maintenance,
-    MoveReason::Kick,
+/// The `reason` values of [`MOVES_TOTAL`] and [`KICKS_TOTAL`]: the names of
+/// `state::moves::MoveReason`.
+pub const MOVE_REASONS: [&str; 5] = ["admin", "flush", "health_down", "maintenance", "kick"];
+/// The `reason` values of [`CONNECTIONS_REFUSED_TOTAL`]: the names of
+/// `net::refusals::RefusalReason`.
+pub const REFUSAL_REASONS: [&str; 6] = [
+    "untrusted_proxy_peer",
+    "bad_proxy_header",
+    "not_allowed",
+    "per_ip_limit",
+    "listener_full",
+    "evicted",
 ];
 
 /// Login latency buckets, in seconds.
@@ -352,6 +358,13 @@ impl RecipientResult {
             _ => RecipientResult::Rejected,
         }
     }
+}
+
+/// How a backend shows in labels: `backend` is its IP, `tag` its tag.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendLabel<'a> {
+    pub ip: IpAddr,
+    pub tag: &'a str,
 }
 
 /// The registered metrics. Cheap to clone: every clone updates the same series.
@@ -466,10 +479,10 @@ impl Metrics {
         for p in ALL_PROTOCOLS {
             inner.connections_total.with_label_values(&[p.name()]);
             inner.connections.with_label_values(&[p.name()]);
-            for reason in RefusalReason::ALL {
+            for reason in REFUSAL_REASONS {
                 inner
                     .connections_refused_total
-                    .with_label_values(&[p.name(), reason.name()]);
+                    .with_label_values(&[p.name(), reason]);
             }
         }
         for p in LOGIN_PROTOCOLS {
@@ -484,8 +497,8 @@ impl Metrics {
             }
         }
         for reason in MOVE_REASONS {
-            inner.moves_total.with_label_values(&[reason.name()]);
-            inner.kicks_total.with_label_values(&[reason.name()]);
+            inner.moves_total.with_label_values(&[reason]);
+            inner.kicks_total.with_label_values(&[reason]);
         }
         for r in [
             RecipientResult::Delivered,
@@ -528,23 +541,25 @@ impl Metrics {
     }
 
     /// One attempt to log in on `backend` ended with `outcome`.
-    pub fn backend_login(&self, backend: &Backend, protocol: Protocol, o: BackendLoginOutcome) {
+    pub fn backend_login<'a>(
+        &self,
+        backend: impl Into<BackendLabel<'a>>,
+        protocol: Protocol,
+        o: BackendLoginOutcome,
+    ) {
+        let b = backend.into();
         self.inner
             .backend_logins_total
-            .with_label_values(&[
-                &backend.ip.to_string(),
-                &backend.tag,
-                protocol.name(),
-                o.name(),
-            ])
+            .with_label_values(&[&b.ip.to_string(), b.tag, protocol.name(), o.name()])
             .inc();
     }
 
     /// A connection to `backend` for a login failed or timed out.
-    pub fn backend_connect_failure(&self, backend: &Backend) {
+    pub fn backend_connect_failure<'a>(&self, backend: impl Into<BackendLabel<'a>>) {
+        let b = backend.into();
         self.inner
             .backend_connect_failures_total
-            .with_label_values(&[&backend.ip.to_string(), &backend.tag])
+            .with_label_values(&[&b.ip.to_string(), b.tag])
             .inc();
     }
 
@@ -557,45 +572,56 @@ impl Metrics {
             .inc_by(backend_to_client);
     }
 
-    /// A health check of `backend` ended.
-    pub fn check(&self, backend: &Backend, code: CheckCode, latency: Duration) {
-        let ip = backend.ip.to_string();
+    /// A health check of `backend` ended with result code `code` (`ok` when `passed`).
+    pub fn check<'a>(
+        &self,
+        backend: impl Into<BackendLabel<'a>>,
+        code: &str,
+        passed: bool,
+        latency: Duration,
+    ) {
+        let b = backend.into();
+        let ip = b.ip.to_string();
         self.inner
             .backend_check_results_total
-            .with_label_values(&[&ip, &backend.tag, code.name()])
+            .with_label_values(&[&ip, b.tag, code])
             .inc();
-        let result = if code.is_ok() { "ok" } else { "failed" };
+        let result = if passed { "ok" } else { "failed" };
         self.inner
             .backend_check_duration
-            .with_label_values(&[&ip, &backend.tag, result])
+            .with_label_values(&[&ip, b.tag, result])
             .observe(latency.as_secs_f64());
     }
 
-    /// The health checker changed the health of `backend` to `to`.
-    pub fn health_transition(&self, backend: &Backend, to: Health) {
+    /// The health checker changed the health of `backend` to `to` (`up`, `down`).
+    pub fn health_transition<'a>(&self, backend: impl Into<BackendLabel<'a>>, to: &str) {
+        let b = backend.into();
         self.inner
             .backend_health_transitions_total
-            .with_label_values(&[&backend.ip.to_string(), &backend.tag, to.name()])
+            .with_label_values(&[&b.ip.to_string(), b.tag, to])
             .inc();
     }
 
-    /// `users` records moved (or dropped) and `sessions` sessions ended, for `reason`.
-    pub fn moved(&self, reason: MoveReason, users: usize, sessions: usize) {
+    /// `users` records moved (or dropped) and `sessions` sessions ended, for `reason` (one of
+    /// [`MOVE_REASONS`]).
+    pub fn moved(&self, reason: impl AsRef<str>, users: usize, sessions: usize) {
+        let reason = reason.as_ref();
         self.inner
             .moves_total
-            .with_label_values(&[reason.name()])
+            .with_label_values(&[reason])
             .inc_by(users as u64);
         self.inner
             .kicks_total
-            .with_label_values(&[reason.name()])
+            .with_label_values(&[reason])
             .inc_by(sessions as u64);
     }
 
-    /// A client connection was turned away (or dropped to make room) before login.
-    pub fn refused(&self, protocol: Protocol, reason: RefusalReason) {
+    /// A client connection was turned away (or dropped to make room) before login, for
+    /// `reason` (one of [`REFUSAL_REASONS`]).
+    pub fn refused(&self, protocol: Protocol, reason: impl AsRef<str>) {
         self.inner
             .connections_refused_total
-            .with_label_values(&[protocol.name(), reason.name()])
+            .with_label_values(&[protocol.name(), reason.as_ref()])
             .inc();
     }
 
@@ -607,94 +633,8 @@ impl Metrics {
             .inc();
     }
 
-    /// Sets the gauges that mirror state: backends (health, admin state, weight, records,
-    /// sessions, last check), sticky records, checks paused. Series of removed backends go.
-    pub fn refresh(&self, state: &dyn State, sessions: &Sessions, health: Option<&HealthChecker>) {
-        let _one = self.inner.refresh.lock().unwrap();
-        let i = &self.inner;
-        let set = state.backends();
-        let now = Instant::now();
-        let records = state.records(now);
-        let mut users: BTreeMap<IpAddr, i64> = BTreeMap::new();
-        for (_, r) in &records {
-            *users.entry(r.backend).or_default() += 1;
-        }
-        let mut live: BTreeMap<(IpAddr, Protocol), i64> = BTreeMap::new();
-        for s in sessions.list() {
-            *live.entry((s.backend.ip(), s.protocol)).or_default() += 1;
-        }
-        let last: BTreeMap<IpAddr, CheckCode> = health
-            .map(|h| {
-                h.last_results()
-                    .into_iter()
-                    .map(|(ip, r)| (ip, r.code))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for g in [
-            &i.backend_up,
-            &i.backend_admin_state,
-            &i.backend_weight,
-            &i.backend_users,
-            &i.backend_sessions,
-            &i.backend_last_check,
-        ] {
-            g.reset();
-        }
-        for b in set.backends.values() {
-            let ip = b.ip.to_string();
-            let l = [ip.as_str(), b.tag.as_str()];
-            i.backend_up
-                .with_label_values(&l)
-                .set((b.health == Health::Up) as i64);
-            for s in [AdminState::Up, AdminState::Down, AdminState::Maintenance] {
-                i.backend_admin_state
-                    .with_label_values(&[&ip, &b.tag, s.name()])
-                    .set((b.admin == s) as i64);
-            }
-            i.backend_weight.with_label_values(&l).set(b.weight as i64);
-            i.backend_users
-                .with_label_values(&l)
-                .set(users.get(&b.ip).copied().unwrap_or(0));
-            for p in LOGIN_PROTOCOLS {
-                i.backend_sessions
-                    .with_label_values(&[&ip, &b.tag, p.name()])
-                    .set(live.get(&(b.ip, p)).copied().unwrap_or(0));
-            }
-            if let Some(code) = last.get(&b.ip) {
-                i.backend_last_check
-                    .with_label_values(&[&ip, &b.tag, code.name()])
-                    .set(1);
-            }
-            // Per-backend counters start at 0 so that they exist before the first event.
-            i.backend_connect_failures_total.with_label_values(&l);
-            for p in LOGIN_PROTOCOLS {
-                i.backend_logins_total
-                    .with_label_values(&[&ip, &b.tag, p.name(), "ok"]);
-            }
-            if health.is_some() {
-                i.backend_check_results_total
-                    .with_label_values(&[&ip, &b.tag, "ok"]);
-                i.backend_check_duration
-                    .with_label_values(&[&ip, &b.tag, "ok"]);
-                for to in [Health::Up, Health::Down] {
-                    i.backend_health_transitions_total
-                        .with_label_values(&[&ip, &b.tag, to.name()]);
-                }
-            }
-        }
-        i.sticky_records.set(records.len() as i64);
-        i.checks_paused.set(state.checks_pause().is_some() as i64);
-    }
-
-    /// The text exposition of every metric, state gauges refreshed first.
-    pub fn render(
-        &self,
-        state: &dyn State,
-        sessions: &Sessions,
-        health: Option<&HealthChecker>,
-    ) -> String {
-        self.refresh(state, sessions, health);
+    /// The text exposition of every metric as the registry holds it now.
+    pub fn text(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.inner.registry.gather(), &mut out)
@@ -715,6 +655,9 @@ impl Drop for ConnectionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::refusals::RefusalReason;
+    use crate::state::moves::MoveReason;
+    use crate::state::sessions::Sessions;
     use std::collections::HashSet;
 
     #[test]

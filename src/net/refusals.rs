@@ -31,7 +31,7 @@ pub enum RefusalReason {
 }
 
 impl RefusalReason {
-    /// Every reason, for metrics that start at 0.
+    /// Every reason (the catalogue starts each at 0: `metrics::REFUSAL_REASONS`).
     pub const ALL: [RefusalReason; 6] = [
         RefusalReason::UntrustedProxyPeer,
         RefusalReason::BadProxyHeader,
@@ -71,6 +71,13 @@ impl RefusalReason {
                 "oldest connection before login dropped to make room (listener full)"
             }
         }
+    }
+}
+
+/// Its label value, so that the metrics take the reason as it is.
+impl AsRef<str> for RefusalReason {
+    fn as_ref(&self) -> &str {
+        self.name()
     }
 }
 
@@ -225,6 +232,15 @@ impl RefusalLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metrics start every reason at 0 by name: the catalogue lists the same names.
+    #[test]
+    fn the_metrics_catalogue_lists_every_reason() {
+        assert_eq!(
+            RefusalReason::ALL.map(RefusalReason::name),
+            crate::metrics::REFUSAL_REASONS
+        );
+    }
 
     fn collecting(interval: Duration) -> (RefusalLog, Arc<Mutex<Vec<Report>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));

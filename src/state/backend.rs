@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::config::BackendSettings;
+use crate::metrics::BackendLabel;
 use crate::protocol::decision::Protocol;
 
 /// What an administrator decided about a backend.
@@ -80,5 +81,15 @@ impl Backend {
     /// Where this backend listens for `protocol`.
     pub fn address(&self, protocol: Protocol) -> SocketAddr {
         SocketAddr::new(self.ip, self.settings.port(protocol))
+    }
+}
+
+/// A backend in metrics labels: its IP and tag.
+impl<'a> From<&'a Backend> for BackendLabel<'a> {
+    fn from(b: &'a Backend) -> Self {
+        BackendLabel {
+            ip: b.ip,
+            tag: &b.tag,
+        }
     }
 }

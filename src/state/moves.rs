@@ -33,6 +33,15 @@ pub enum MoveReason {
 }
 
 impl MoveReason {
+    /// Every reason (the catalogue starts each at 0: `metrics::MOVE_REASONS`).
+    pub const ALL: [MoveReason; 5] = [
+        MoveReason::Admin,
+        MoveReason::Flush,
+        MoveReason::HealthDown,
+        MoveReason::Maintenance,
+        MoveReason::Kick,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             MoveReason::Admin => "admin",
@@ -41,6 +50,13 @@ impl MoveReason {
             MoveReason::Maintenance => "maintenance",
             MoveReason::Kick => "kick",
         }
+    }
+}
+
+/// Its label value, so that the metrics take the reason as it is.
+impl AsRef<str> for MoveReason {
+    fn as_ref(&self) -> &str {
+        self.name()
     }
 }
 
@@ -211,5 +227,19 @@ impl Mover {
         info!(backend = %from, reason = %reason, moved = total.moved, dropped = total.dropped,
               kicked = total.kicked, "backend evacuated");
         total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metrics start every reason at 0 by name: the catalogue lists the same names.
+    #[test]
+    fn the_metrics_catalogue_lists_every_reason() {
+        assert_eq!(
+            MoveReason::ALL.map(MoveReason::name),
+            crate::metrics::MOVE_REASONS
+        );
     }
 }

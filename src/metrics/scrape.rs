@@ -1,0 +1,109 @@
+//! The gauges that mirror state, set at scrape time: backends (health, admin state, weight,
+//! users, live sessions, last check), sticky records, checks paused. Reading the state, the
+//! session registry and the health checker is done here, next to the catalogue, so that the
+//! catalogue ([`super`]) depends on none of them and every part can count events there.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use super::{Metrics, LOGIN_PROTOCOLS};
+use crate::health::checker::HealthChecker;
+use crate::health::probe::CheckCode;
+use crate::protocol::decision::Protocol;
+use crate::state::backend::{AdminState, Health};
+use crate::state::sessions::Sessions;
+use crate::state::State;
+
+impl Metrics {
+    /// Sets the gauges that mirror state: backends (health, admin state, weight, records,
+    /// sessions, last check), sticky records, checks paused. Series of removed backends go.
+    pub fn refresh(&self, state: &dyn State, sessions: &Sessions, health: Option<&HealthChecker>) {
+        let _one = self.inner.refresh.lock().unwrap();
+        let i = &self.inner;
+        let set = state.backends();
+        let now = Instant::now();
+        let records = state.records(now);
+        let mut users: BTreeMap<IpAddr, i64> = BTreeMap::new();
+        for (_, r) in &records {
+            *users.entry(r.backend).or_default() += 1;
+        }
+        let mut live: BTreeMap<(IpAddr, Protocol), i64> = BTreeMap::new();
+        for s in sessions.list() {
+            *live.entry((s.backend.ip(), s.protocol)).or_default() += 1;
+        }
+        let last: BTreeMap<IpAddr, CheckCode> = health
+            .map(|h| {
+                h.last_results()
+                    .into_iter()
+                    .map(|(ip, r)| (ip, r.code))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for g in [
+            &i.backend_up,
+            &i.backend_admin_state,
+            &i.backend_weight,
+            &i.backend_users,
+            &i.backend_sessions,
+            &i.backend_last_check,
+        ] {
+            g.reset();
+        }
+        for b in set.backends.values() {
+            let ip = b.ip.to_string();
+            let l = [ip.as_str(), b.tag.as_str()];
+            i.backend_up
+                .with_label_values(&l)
+                .set((b.health == Health::Up) as i64);
+            for s in [AdminState::Up, AdminState::Down, AdminState::Maintenance] {
+                i.backend_admin_state
+                    .with_label_values(&[&ip, &b.tag, s.name()])
+                    .set((b.admin == s) as i64);
+            }
+            i.backend_weight.with_label_values(&l).set(b.weight as i64);
+            i.backend_users
+                .with_label_values(&l)
+                .set(users.get(&b.ip).copied().unwrap_or(0));
+            for p in LOGIN_PROTOCOLS {
+                i.backend_sessions
+                    .with_label_values(&[&ip, &b.tag, p.name()])
+                    .set(live.get(&(b.ip, p)).copied().unwrap_or(0));
+            }
+            if let Some(code) = last.get(&b.ip) {
+                i.backend_last_check
+                    .with_label_values(&[&ip, &b.tag, code.name()])
+                    .set(1);
+            }
+            // Per-backend counters start at 0 so that they exist before the first event.
+            i.backend_connect_failures_total.with_label_values(&l);
+            for p in LOGIN_PROTOCOLS {
+                i.backend_logins_total
+                    .with_label_values(&[&ip, &b.tag, p.name(), "ok"]);
+            }
+            if health.is_some() {
+                i.backend_check_results_total
+                    .with_label_values(&[&ip, &b.tag, "ok"]);
+                i.backend_check_duration
+                    .with_label_values(&[&ip, &b.tag, "ok"]);
+                for to in [Health::Up, Health::Down] {
+                    i.backend_health_transitions_total
+                        .with_label_values(&[&ip, &b.tag, to.name()]);
+                }
+            }
+        }
+        i.sticky_records.set(records.len() as i64);
+        i.checks_paused.set(state.checks_pause().is_some() as i64);
+    }
+
+    /// The text exposition of every metric, state gauges refreshed first.
+    pub fn render(
+        &self,
+        state: &dyn State,
+        sessions: &Sessions,
+        health: Option<&HealthChecker>,
+    ) -> String {
+        self.refresh(state, sessions, health);
+        self.text()
+    }
+}
