@@ -89,6 +89,8 @@ async fn logs_in_to_dovecot_and_forwards_the_client_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starttls_then_login() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
     use std::sync::Arc;
     use tokio_rustls::rustls;
 
@@ -97,7 +99,7 @@ async fn starttls_then_login() {
         .unwrap();
     let pem = std::fs::read(&pool.tls.ca).unwrap();
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    for cert in CertificateDer::pem_slice_iter(&pem) {
         roots.add(cert.unwrap()).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(

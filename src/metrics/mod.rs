@@ -716,15 +716,15 @@ mod tests {
         for d in CATALOGUE.iter().filter(|d| !d.labels.contains(&"backend")) {
             let f = families
                 .iter()
-                .find(|f| f.get_name() == d.name)
+                .find(|f| f.name() == d.name)
                 .unwrap_or_else(|| panic!("{} is not exported", d.name));
-            assert_eq!(f.get_help(), d.help);
+            assert_eq!(f.help(), d.help);
         }
         for f in &families {
             assert!(
-                CATALOGUE.iter().any(|d| d.name == f.get_name()),
+                CATALOGUE.iter().any(|d| d.name == f.name()),
                 "{} is exported but not in the catalogue",
-                f.get_name()
+                f.name()
             );
         }
     }

@@ -6,9 +6,10 @@
 
 use std::net::IpAddr;
 
-use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
-use hickory_resolver::error::ResolveErrorKind;
-use hickory_resolver::TokioAsyncResolver;
+use hickory_resolver::config::{LookupIpStrategy, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
+use hickory_resolver::TokioResolver;
 
 /// Why a backend host gave no address.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +26,7 @@ pub enum ResolveError {
         /// The host as configured.
         host: String,
         /// What hickory-resolver said.
-        source: hickory_resolver::error::ResolveError,
+        source: NetError,
     },
 }
 
@@ -37,7 +38,7 @@ pub enum ResolveError {
 #[derive(Clone)]
 pub struct Resolver {
     /// The hickory resolver; cheap to clone, shared by clones.
-    inner: TokioAsyncResolver,
+    inner: TokioResolver,
 }
 
 impl Resolver {
@@ -54,7 +55,12 @@ impl Resolver {
                     "cannot read the system resolver configuration (/etc/resolv.conf); \
                      using hickory-resolver's default DNS servers"
                 );
-                (ResolverConfig::default(), ResolverOpts::default())
+                // Google's public servers: hickory's default configuration up to 0.24, the
+                // one the warning names.
+                (
+                    ResolverConfig::udp_and_tcp(&hickory_resolver::config::GOOGLE),
+                    ResolverOpts::default(),
+                )
             }
         };
         Resolver::new(config, options)
@@ -63,11 +69,11 @@ impl Resolver {
     /// A resolver with the given configuration; `/etc/hosts` is always consulted and both
     /// address families are always asked for.
     fn new(config: ResolverConfig, mut options: ResolverOpts) -> Resolver {
-        options.use_hosts_file = true;
+        options.use_hosts_file = ResolveHosts::Always;
         // Every address is a backend: IPv4 and IPv6 both, not the first family that answers.
         options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         Resolver {
-            inner: TokioAsyncResolver::tokio(config, options),
+            inner: build(config, options),
         }
     }
 
@@ -80,7 +86,7 @@ impl Resolver {
             return Ok(vec![ip]);
         }
         let lookup = self.inner.lookup_ip(host).await.map_err(|source| {
-            if let ResolveErrorKind::NoRecordsFound { .. } = source.kind() {
+            if source.is_no_records_found() {
                 ResolveError::NoAddress {
                     host: host.to_owned(),
                 }
@@ -113,6 +119,15 @@ pub async fn resolve_host(host: &str) -> Result<Vec<IpAddr>, ResolveError> {
     Resolver::from_system().resolve_host(host).await
 }
 
+/// A Tokio resolver with this configuration.
+fn build(config: ResolverConfig, options: ResolverOpts) -> TokioResolver {
+    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .with_options(options)
+        .build()
+        // Only a TLS set-up for DNS servers can fail, and none is used.
+        .expect("a resolver without DNS over TLS")
+}
+
 /// `host` as an IP address, if it is one (IPv6 possibly in brackets).
 fn ip_literal(host: &str) -> Option<IpAddr> {
     let bare = host
@@ -131,13 +146,12 @@ mod tests {
     /// no network and fail fast.
     fn hosts_only(hosts_file: &str) -> Resolver {
         let mut options = ResolverOpts::default();
-        options.use_hosts_file = false;
+        options.use_hosts_file = ResolveHosts::Never;
         options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-        let mut inner = TokioAsyncResolver::tokio(ResolverConfig::new(), options);
-        let hosts = Hosts::default()
-            .read_hosts_conf(hosts_file.as_bytes())
-            .unwrap();
-        inner.set_hosts(Some(hosts));
+        let mut inner = build(ResolverConfig::default(), options);
+        let mut hosts = Hosts::default();
+        hosts.read_hosts_conf(hosts_file.as_bytes()).unwrap();
+        inner.set_hosts(std::sync::Arc::new(hosts));
         Resolver { inner }
     }
 

@@ -14,6 +14,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{self, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::{self, PemObject};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::state::backend::Backend;
@@ -53,14 +54,14 @@ pub enum TlsError {
         source: io::Error,
     },
     /// The file is not well-formed PEM.
-    #[error("{kind} {}: not valid PEM: {source}", .path.display())]
+    #[error("{kind} {}: not valid PEM: {problem}", .path.display())]
     Pem {
         /// Which file.
         kind: FileKind,
         /// Where it is.
         path: PathBuf,
-        /// What rustls-pemfile found wrong.
-        source: io::Error,
+        /// What is wrong with it ([`pem_problem`]).
+        problem: String,
     },
     /// The file holds no `BEGIN CERTIFICATE` block.
     #[error("{kind} {}: no certificate found (expected PEM \"-----BEGIN CERTIFICATE-----\" blocks)", .path.display())]
@@ -238,12 +239,12 @@ fn read_certificates(
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read_file(kind, path)?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
+        .map_err(|e| TlsError::Pem {
             kind,
             path: path.to_path_buf(),
-            source,
+            problem: pem_problem(e),
         })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
@@ -257,15 +258,33 @@ fn read_certificates(
 /// The first private key of a PEM file.
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read_file(FileKind::Key, path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| TlsError::Pem {
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::NoKey {
+            path: path.to_path_buf(),
+        },
+        e => TlsError::Pem {
             kind: FileKind::Key,
             path: path.to_path_buf(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::NoKey {
-            path: path.to_path_buf(),
-        })
+            problem: pem_problem(e),
+        },
+    })
+}
+
+/// What is wrong with a PEM file, in the words operators saw before the parser moved into
+/// `rustls-pki-types` (its own text shows markers as byte lists).
+fn pem_problem(e: pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "section end {:?} missing",
+            String::from_utf8_lossy(&end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "illegal section start: {:?}",
+            String::from_utf8_lossy(&line)
+        ),
+        pem::Error::Base64Decode(e) => e,
+        e => e.to_string(),
+    }
 }
 
 /// A certificate verifier that trusts any certificate, for backends on a private network with
