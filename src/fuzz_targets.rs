@@ -133,20 +133,49 @@ impl<'a> Client<'a> {
         self.sent += n;
         n > 0
     }
+
+    /// [`Client::fill`] for a front end whose buffer holds at most `cap` bytes.
+    fn fill_to(&mut self, buf: &mut Vec<u8>, cap: usize) -> bool {
+        self.fill(buf, cap.saturating_sub(buf.len()))
+    }
 }
 
-/// Runs `session` over the script delivered whole and cut into reads, and checks that the
-/// client sees the same dialogue both ways.
+/// Takes the `consumed` bytes a parser used off the front of `buf`: at least one, and no more
+/// than it was given.
+fn take(buf: &mut Vec<u8>, consumed: usize) -> Vec<u8> {
+    assert!(
+        consumed > 0 && consumed <= buf.len(),
+        "bad consumed {consumed} of {}",
+        buf.len()
+    );
+    buf.drain(..consumed).collect()
+}
+
+/// Takes the bytes of a parse error off `buf` (see [`take`]). A literal is framed before it is
+/// parsed, so the grammar never finds one cut short.
+fn take_error(buf: &mut Vec<u8>, consumed: usize, message: &str) {
+    take(buf, consumed);
+    assert_ne!(
+        message, "Truncated literal.",
+        "framing and grammar disagree on a literal"
+    );
+}
+
+/// Runs `session` over the script of the input `data` delivered whole and cut into reads, and
+/// checks that the client sees the same dialogue both ways. Returns the input, for further
+/// checks.
 fn same_dialogue<E: std::fmt::Debug + PartialEq>(
-    input: &Input<'_>,
-    session: impl Fn(Client<'_>) -> Vec<E>,
-) {
-    let whole = session(Client::new(input.script, Cuts::whole()));
-    let cut = session(Client::new(input.script, Cuts::from(input.cuts)));
+    data: &[u8],
+    session: impl Fn(Client<'_>, &Input<'_>) -> Vec<E>,
+) -> Input<'_> {
+    let input = Input::split(data);
+    let whole = session(Client::new(input.script, Cuts::whole()), &input);
+    let cut = session(Client::new(input.script, Cuts::from(input.cuts)), &input);
     assert_eq!(
         whole, cut,
         "the dialogue depends on how the client's bytes were cut into reads"
     );
+    input
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -168,9 +197,9 @@ enum ImapEvent {
 
 /// The IMAP command parser, driven as `imap::frontend` drives it.
 pub fn imap_command(data: &[u8]) {
-    let input = Input::split(data);
-    let (max_line, max_literal) = (input.max_line(), input.max_literal());
-    same_dialogue(&input, |client| imap_session(client, max_line, max_literal));
+    same_dialogue(data, |client, input| {
+        imap_session(client, input.max_line(), input.max_literal())
+    });
 }
 
 fn imap_session(mut client: Client<'_>, max_line: usize, max_literal: usize) -> Vec<ImapEvent> {
@@ -182,18 +211,13 @@ fn imap_session(mut client: Client<'_>, max_line: usize, max_literal: usize) -> 
     loop {
         match parser.parse(&buf) {
             imap::Parse::Incomplete => {
-                let room = cap.saturating_sub(buf.len());
-                if !client.fill(&mut buf, room) {
+                if !client.fill_to(&mut buf, cap) {
                     return events;
                 }
             }
             imap::Parse::NeedContinuation => events.push(ImapEvent::Continuation),
             imap::Parse::Command { consumed, command } => {
-                assert!(
-                    consumed > 0 && consumed <= buf.len(),
-                    "bad consumed {consumed}"
-                );
-                buf.drain(..consumed);
+                take(&mut buf, consumed);
                 check_imap_command(&command);
                 let auth = imap_credentials(&command, &mut client, &mut buf, cap, max_literal);
                 events.push(ImapEvent::Command(command));
@@ -207,17 +231,7 @@ fn imap_session(mut client: Client<'_>, max_line: usize, max_literal: usize) -> 
                 }
             }
             imap::Parse::Error(error) => {
-                assert!(
-                    error.consumed > 0 && error.consumed <= buf.len(),
-                    "bad consumed {} of {}",
-                    error.consumed,
-                    buf.len()
-                );
-                assert_ne!(
-                    error.message, "Truncated literal.",
-                    "framing and grammar disagree on a literal"
-                );
-                buf.drain(..error.consumed);
+                take_error(&mut buf, error.consumed, &error.message);
                 let fatal = error.fatal;
                 events.push(ImapEvent::Error(imap_error_reply(error)));
                 if fatal {
@@ -417,7 +431,7 @@ fn imap_sasl_response(
 ) -> Result<Vec<u8>, &'static str> {
     loop {
         if let Some(lf) = buf.iter().position(|b| *b == b'\n') {
-            let mut line: Vec<u8> = buf.drain(..=lf).collect();
+            let mut line = take(buf, lf + 1);
             line.pop();
             if line.last() == Some(&b'\r') {
                 line.pop();
@@ -431,8 +445,7 @@ fn imap_sasl_response(
         if buf.len() > max + 1 {
             return Err("too long");
         }
-        let room = cap.saturating_sub(buf.len());
-        if !client.fill(buf, room) {
+        if !client.fill_to(buf, cap) {
             return Err("closed");
         }
     }
@@ -465,9 +478,9 @@ enum Pop3Event {
 
 /// The POP3 command parser, driven as `pop3::frontend` drives it.
 pub fn pop3_command(data: &[u8]) {
-    let input = Input::split(data);
-    let (max_line, max_literal) = (input.max_line(), input.max_literal());
-    same_dialogue(&input, |client| pop3_session(client, max_line, max_literal));
+    same_dialogue(data, |client, input| {
+        pop3_session(client, input.max_line(), input.max_literal())
+    });
 }
 
 /// `pop3::frontend` reads 1024 bytes at a time and bounds its buffer through the parser.
@@ -491,9 +504,8 @@ fn pop3_session(mut client: Client<'_>, max_line: usize, max_literal: usize) -> 
                 return events;
             }
             pop3::Parse::Line { consumed, command } => {
-                assert!(consumed > 0 && consumed <= buf.len());
                 assert!(consumed <= max_line, "a line over the limit was accepted");
-                buf.drain(..consumed);
+                take(&mut buf, consumed);
                 let auth = match &command {
                     pop3::Command::User(name) | pop3::Command::Pass(name) => {
                         assert!(!name.contains(['\n']), "line end inside a line");
@@ -556,7 +568,7 @@ fn pop3_sasl_response(
             pop3::Line::Complete { consumed, line } => {
                 assert!(!line.contains(&b'\n'));
                 let line = line.to_vec();
-                buf.drain(..consumed);
+                take(buf, consumed);
                 return if line == b"*" {
                     Err("cancel")
                 } else {
@@ -589,10 +601,8 @@ enum SieveEvent {
 /// The ManageSieve command parser (framing, tokens, commands and SASL responses), driven as
 /// `sieve::frontend` drives it; plus the quoting the server uses in its own replies.
 pub fn sieve_command(data: &[u8]) {
-    let input = Input::split(data);
-    let (max_line, max_literal) = (input.max_line(), input.max_literal());
-    same_dialogue(&input, |client| {
-        sieve_session(client, max_line, max_literal)
+    let input = same_dialogue(data, |client, input| {
+        sieve_session(client, input.max_line(), input.max_literal())
     });
     // What the server quotes for a client (`string_bytes`, `quote`) reads back as the same
     // string.
@@ -623,8 +633,7 @@ fn sieve_session(mut client: Client<'_>, max_line: usize, max_literal: usize) ->
     loop {
         let command = match parser.command(&buf) {
             sieve::Parse::Incomplete => {
-                let room = cap.saturating_sub(buf.len());
-                if !client.fill(&mut buf, room) {
+                if !client.fill_to(&mut buf, cap) {
                     return events;
                 }
                 continue;
@@ -636,8 +645,7 @@ fn sieve_session(mut client: Client<'_>, max_line: usize, max_literal: usize) ->
                 continue;
             }
             sieve::Parse::Done { consumed, value } => {
-                assert!(consumed > 0 && consumed <= buf.len());
-                buf.drain(..consumed);
+                take(&mut buf, consumed);
                 check_sieve_command(&value);
                 events.push(SieveEvent::Command(value.clone()));
                 value
@@ -661,8 +669,7 @@ fn sieve_session(mut client: Client<'_>, max_line: usize, max_literal: usize) ->
                 loop {
                     match parser.sasl_response(&buf) {
                         sieve::Parse::Incomplete => {
-                            let room = cap.saturating_sub(buf.len());
-                            if !client.fill(&mut buf, room) {
+                            if !client.fill_to(&mut buf, cap) {
                                 return events;
                             }
                         }
@@ -673,8 +680,7 @@ fn sieve_session(mut client: Client<'_>, max_line: usize, max_literal: usize) ->
                             break None;
                         }
                         sieve::Parse::Done { consumed, value } => {
-                            assert!(consumed > 0 && consumed <= buf.len());
-                            buf.drain(..consumed);
+                            take(&mut buf, consumed);
                             events.push(SieveEvent::SaslResponse(value.clone()));
                             break Some(value);
                         }
@@ -690,17 +696,7 @@ fn sieve_session(mut client: Client<'_>, max_line: usize, max_literal: usize) ->
 
 /// Drops an error's bytes and records it. `true`: the session closes.
 fn sieve_error(error: &sieve::ParseError, buf: &mut Vec<u8>, events: &mut Vec<SieveEvent>) -> bool {
-    assert!(
-        error.consumed > 0 && error.consumed <= buf.len(),
-        "bad consumed {} of {}",
-        error.consumed,
-        buf.len()
-    );
-    assert_ne!(
-        error.message, "Truncated literal.",
-        "framing and tokens disagree on a literal"
-    );
-    buf.drain(..error.consumed);
+    take_error(buf, error.consumed, error.message);
     events.push(SieveEvent::Error(error.message, error.fatal));
     error.fatal
 }
@@ -749,9 +745,7 @@ enum LmtpEvent {
 /// The LMTP command parser, the DATA scanner and `username_of`, driven as `lmtp::session`
 /// drives them.
 pub fn lmtp_command(data: &[u8]) {
-    let input = Input::split(data);
-    let max_line = input.max_line();
-    same_dialogue(&input, |client| lmtp_session(client, max_line));
+    let input = same_dialogue(data, |client, input| lmtp_session(client, input.max_line()));
     // The scanner alone, on the whole input as a message body.
     check_scanner(input.script, &mut Cuts::from(input.cuts));
 }
@@ -771,18 +765,15 @@ fn lmtp_session(mut client: Client<'_>, max_line: usize) -> Vec<LmtpEvent> {
                 }
             }
             lmtp::Parse::Skip { consumed } => {
-                assert!(consumed > 0 && consumed <= buf.len());
-                buf.drain(..consumed);
+                take(&mut buf, consumed);
             }
             lmtp::Parse::Error { consumed, error } => {
-                assert!(consumed > 0 && consumed <= buf.len());
-                buf.drain(..consumed);
+                take(&mut buf, consumed);
                 events.push(LmtpEvent::Error(error.reply()));
             }
             lmtp::Parse::Command { consumed, command } => {
-                assert!(consumed > 0 && consumed <= buf.len());
                 assert!(consumed <= max_line, "a line over the limit was accepted");
-                buf.drain(..consumed);
+                take(&mut buf, consumed);
                 let mut data = false;
                 let mut usernames = None;
                 match &command {

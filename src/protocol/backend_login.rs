@@ -1,6 +1,7 @@
 //! What a protocol's backend login is given and what it returns. The protocol modules
-//! (`imap::backend_login`, `pop3::backend_login`) speak the dialogue; `login` connects the
-//! socket, writes any PROXY header and does implicit TLS before calling them.
+//! (`imap::backend_login`, `pop3::backend_login`, `sieve::backend_login`) speak the dialogue,
+//! over `backend_dialogue`; `login` connects the socket, writes any PROXY header and does
+//! implicit TLS before calling them.
 
 use std::time::Duration;
 

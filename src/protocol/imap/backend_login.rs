@@ -7,11 +7,9 @@
 //! Tags: `C` capability, `S` STARTTLS, `I` ID, `L` login.
 
 use std::net::IpAddr;
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::net::stream::BackendStream;
+use crate::protocol::backend_dialogue::Dialogue;
 use crate::protocol::backend_login::{
     BackendError, BackendLoginRequest, BackendLoginResult, Forward,
 };
@@ -20,9 +18,6 @@ use crate::protocol::sasl;
 
 /// Longest line accepted from a backend (a CAPABILITY line of a big server fits many times).
 const MAX_LINE: usize = 64 * 1024;
-
-/// Bytes read from the backend at most at once.
-const READ_CHUNK: usize = 4096;
 
 /// `NO` response codes that mean "try again later", not "wrong credentials".
 const TEMPORARY_CODES: &[&str] = &["UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT"];
@@ -34,13 +29,9 @@ pub async fn login(
     stream: BackendStream,
     req: &BackendLoginRequest<'_>,
 ) -> Result<BackendLoginResult, BackendError> {
-    let mut conn = Connection {
-        stream,
-        buf: Vec::new(),
-        timeout: req.reply_timeout,
-    };
+    let mut conn = Dialogue::new(stream, req);
 
-    let greeting = conn.read_line().await?;
+    let greeting = conn.timed(read_line).await?;
     let mut capabilities = match parse_untagged(&greeting) {
         Some(("OK", text)) => response_code(text)
             .filter(|(code, _)| code.eq_ignore_ascii_case("CAPABILITY"))
@@ -53,7 +44,7 @@ pub async fn login(
         _ => return Err(unexpected("greeting", &greeting)),
     };
     if capabilities.is_none() {
-        capabilities = Some(conn.capability().await?);
+        capabilities = Some(capability(&mut conn).await?);
     }
     let mut capabilities = capabilities.unwrap_or_default();
 
@@ -63,19 +54,16 @@ pub async fn login(
                 "the backend does not offer STARTTLS, which is configured for it".into(),
             ));
         }
-        conn.write(b"S STARTTLS\r\n").await?;
-        let reply = conn.tagged("S").await?;
+        let reply = conn
+            .exchange(b"S STARTTLS\r\n", async |c| tagged(c, "S").await)
+            .await?;
         if reply.status != Status::Ok {
             return Err(unexpected("STARTTLS reply", &reply.line));
         }
-        if !conn.buf.is_empty() {
-            // Bytes sent before the handshake would be taken as protected by TLS.
-            return Err(BackendError::Protocol(
-                "the backend sent data after its STARTTLS reply".into(),
-            ));
-        }
-        conn = conn.start_tls(starttls).await?;
-        capabilities = conn.capability().await?;
+        conn = conn
+            .start_tls(starttls, "the backend sent data after its STARTTLS reply")
+            .await?;
+        capabilities = capability(&mut conn).await?;
     }
 
     let mut parts = login_command(&capabilities, req.credentials)?.into_iter();
@@ -86,16 +74,22 @@ pub async fn login(
     }
     first.extend(parts.next().unwrap_or_default());
     req.may_send_credentials()?;
-    conn.write(&first).await?;
-    for part in parts {
-        if let Some(reply) = conn.continuation().await? {
-            // The backend answered before taking the rest (e.g. BAD for the literal).
-            return Ok(conn.outcome(reply));
-        }
-        conn.write(&part).await?;
-    }
-    let reply = conn.tagged("L").await?;
-    Ok(conn.outcome(reply))
+    // The whole login, literals and all, is one exchange: its answer is due within the time
+    // allowed for a reply.
+    let reply = conn
+        .timed(async |c| {
+            c.send(&first).await?;
+            for part in parts {
+                if let Some(reply) = continuation(c).await? {
+                    // The backend answered before taking the rest (e.g. BAD for the literal).
+                    return Ok(reply);
+                }
+                c.send(&part).await?;
+            }
+            tagged(c, "L").await
+        })
+        .await?;
+    Ok(outcome(conn, reply))
 }
 
 /// What the backend offers, from its greeting or `CAPABILITY`, upper-cased.
@@ -132,90 +126,50 @@ struct Tagged {
     line: String,
 }
 
-/// The backend connection during login, with bytes read but not yet used.
-struct Connection {
-    stream: BackendStream,
-    buf: Vec<u8>,
-    /// Time allowed for each reply (and each write).
-    timeout: Duration,
+/// The next line, without its CRLF, as text (invalid UTF-8 replaced).
+async fn read_line(conn: &mut Dialogue) -> Result<String, BackendError> {
+    let line = conn.read_line(MAX_LINE, "a reply line").await?;
+    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
-impl Connection {
-    async fn write(&mut self, data: &[u8]) -> Result<(), BackendError> {
-        let write = async {
-            self.stream.write_all(data).await?;
-            self.stream.flush().await
-        };
-        match tokio::time::timeout(self.timeout, write).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(BackendError::Timeout(self.timeout)),
+/// Reads up to the tagged reply with `tag`, passing over untagged lines and the replies of the
+/// pipelined ID.
+async fn tagged(conn: &mut Dialogue, tag: &str) -> Result<Tagged, BackendError> {
+    loop {
+        let line = read_line(conn).await?;
+        if line.starts_with("* ") || is_tagged(&line, "I") {
+            continue;
         }
-    }
-
-    /// The next line, without its CRLF, as text (invalid UTF-8 replaced).
-    async fn read_line(&mut self) -> Result<String, BackendError> {
-        loop {
-            if let Some(lf) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=lf).collect();
-                let line = line.strip_suffix(b"\n").unwrap_or(&line);
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                return Ok(String::from_utf8_lossy(line).into_owned());
-            }
-            if self.buf.len() > MAX_LINE {
-                return Err(BackendError::Protocol(format!(
-                    "a reply line longer than {MAX_LINE} bytes"
-                )));
-            }
-            let mut chunk = [0u8; READ_CHUNK];
-            let n = match tokio::time::timeout(self.timeout, self.stream.read(&mut chunk)).await {
-                Ok(result) => result?,
-                Err(_) => return Err(BackendError::Timeout(self.timeout)),
-            };
-            if n == 0 {
-                return Err(BackendError::Closed);
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
+        if is_tagged(&line, tag) {
+            return parse_tagged(line);
         }
+        return Err(unexpected("reply", &line));
     }
+}
 
-    /// Reads up to the tagged reply with `tag`, passing over untagged lines and the replies of the
-    /// pipelined ID.
-    async fn tagged(&mut self, tag: &str) -> Result<Tagged, BackendError> {
-        loop {
-            let line = self.read_line().await?;
-            if line.starts_with("* ") || is_tagged(&line, "I") {
-                continue;
-            }
-            if is_tagged(&line, tag) {
-                return parse_tagged(line);
-            }
-            return Err(unexpected("reply", &line));
+/// Waits for a `+` continuation. `Some`: the login's tagged reply came instead.
+async fn continuation(conn: &mut Dialogue) -> Result<Option<Tagged>, BackendError> {
+    loop {
+        let line = read_line(conn).await?;
+        if line == "+" || line.starts_with("+ ") {
+            return Ok(None);
         }
-    }
-
-    /// Waits for a `+` continuation. `Some`: the login's tagged reply came instead.
-    async fn continuation(&mut self) -> Result<Option<Tagged>, BackendError> {
-        loop {
-            let line = self.read_line().await?;
-            if line == "+" || line.starts_with("+ ") {
-                return Ok(None);
-            }
-            if line.starts_with("* ") || is_tagged(&line, "I") {
-                continue;
-            }
-            if is_tagged(&line, "L") {
-                return parse_tagged(line).map(Some);
-            }
-            return Err(unexpected("reply", &line));
+        if line.starts_with("* ") || is_tagged(&line, "I") {
+            continue;
         }
+        if is_tagged(&line, "L") {
+            return parse_tagged(line).map(Some);
+        }
+        return Err(unexpected("reply", &line));
     }
+}
 
-    /// Sends `C CAPABILITY` and collects the untagged CAPABILITY lines.
-    async fn capability(&mut self) -> Result<Capabilities, BackendError> {
-        self.write(b"C CAPABILITY\r\n").await?;
+/// Sends `C CAPABILITY` and collects the untagged CAPABILITY lines.
+async fn capability(conn: &mut Dialogue) -> Result<Capabilities, BackendError> {
+    conn.exchange(b"C CAPABILITY\r\n", async |c| {
         let mut capabilities = Capabilities::default();
         loop {
-            let line = self.read_line().await?;
+            let line = read_line(c).await?;
             if let Some(("CAPABILITY", list)) = parse_untagged(&line) {
                 capabilities.0.extend(Capabilities::parse(list).0);
             } else if line.starts_with("* ") {
@@ -230,53 +184,29 @@ impl Connection {
                 return Err(unexpected("CAPABILITY reply", &line));
             }
         }
-    }
+    })
+    .await
+}
 
-    async fn start_tls(
-        self,
-        starttls: &crate::protocol::backend_login::StartTls,
-    ) -> Result<Self, BackendError> {
-        let Connection {
-            stream,
-            buf,
-            timeout,
-        } = self;
-        let handshake = stream.start_tls(&starttls.connector, starttls.server_name.clone());
-        let stream = match tokio::time::timeout(timeout, handshake).await {
-            Ok(result) => result?,
-            Err(_) => return Err(BackendError::Timeout(timeout)),
-        };
-        Ok(Connection {
-            stream,
-            buf,
-            timeout,
-        })
-    }
-
-    /// The result of the login's tagged reply.
-    fn outcome(self, reply: Tagged) -> BackendLoginResult {
-        match reply.status {
-            Status::Ok => BackendLoginResult::LoggedIn {
-                stream: self.stream,
-                success_text: reply.text,
-                leftover: self.buf,
-            },
-            Status::No => {
-                let message = without_code(&reply.text).to_owned();
-                let temporary = response_code(&reply.text).is_some_and(|(code, _)| {
-                    TEMPORARY_CODES.iter().any(|t| t.eq_ignore_ascii_case(code))
-                });
-                if temporary {
-                    BackendLoginResult::TempFailed { message }
-                } else {
-                    BackendLoginResult::AuthFailed { message }
-                }
+/// The result of the login's tagged reply.
+fn outcome(conn: Dialogue, reply: Tagged) -> BackendLoginResult {
+    match reply.status {
+        Status::Ok => conn.logged_in(reply.text),
+        Status::No => {
+            let message = without_code(&reply.text).to_owned();
+            let temporary = response_code(&reply.text).is_some_and(|(code, _)| {
+                TEMPORARY_CODES.iter().any(|t| t.eq_ignore_ascii_case(code))
+            });
+            if temporary {
+                BackendLoginResult::TempFailed { message }
+            } else {
+                BackendLoginResult::AuthFailed { message }
             }
-            // The form of the credentials was refused: the client's doing, as a failed login.
-            Status::Bad => BackendLoginResult::AuthFailed {
-                message: without_code(&reply.text).to_owned(),
-            },
         }
+        // The form of the credentials was refused: the client's doing, as a failed login.
+        Status::Bad => BackendLoginResult::AuthFailed {
+            message: without_code(&reply.text).to_owned(),
+        },
     }
 }
 
@@ -449,122 +379,56 @@ fn unexpected(what: &str, line: &str) -> BackendError {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
-
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio::task::JoinHandle;
-
     use super::*;
-
-    /// One step of a scripted backend.
-    enum Step {
-        /// Write these bytes.
-        Send(&'static str),
-        /// Read one line and check it (given without CRLF).
-        Expect(String),
-        /// Read exactly these bytes.
-        ExpectBytes(Vec<u8>),
-        /// Close the sending side (the backend hangs up).
-        Hangup,
-    }
-    use Step::*;
-
-    fn expect(line: &str) -> Step {
-        Expect(line.to_owned())
-    }
-
-    /// A backend that plays `script` on one connection, then returns whatever else it receives
-    /// until the director closes the connection.
-    async fn backend(script: Vec<Step>) -> (SocketAddr, JoinHandle<Vec<u8>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let (socket, _) = listener.accept().await.unwrap();
-            let mut socket = BufReader::new(socket);
-            for step in script {
-                match step {
-                    Send(data) => socket.get_mut().write_all(data.as_bytes()).await.unwrap(),
-                    Expect(want) => {
-                        let mut line = Vec::new();
-                        socket.read_until(b'\n', &mut line).await.unwrap();
-                        assert_eq!(String::from_utf8_lossy(&line), format!("{want}\r\n"));
-                    }
-                    ExpectBytes(want) => {
-                        let mut got = vec![0; want.len()];
-                        socket.read_exact(&mut got).await.unwrap();
-                        assert_eq!(got, want);
-                    }
-                    Hangup => socket.get_mut().shutdown().await.unwrap(),
-                }
-            }
-            let mut rest = Vec::new();
-            let _ = socket.read_to_end(&mut rest).await;
-            rest
-        });
-        (addr, task)
-    }
+    use crate::protocol::fake_backend::{
+        self, alice, fake_backend, logged_in, Attempt, Backend, Outcome, CLOSE,
+    };
 
     fn identity() -> ClientIdentity {
-        ClientIdentity {
-            client: "192.0.2.7:50123".parse().unwrap(),
-            local: "[::ffff:198.51.100.1]:143".parse().unwrap(),
-            session_id: "sess\"1".into(),
-            session_ext_id: None,
-        }
+        fake_backend::identity("[::ffff:198.51.100.1]:143", "sess\"1")
     }
 
-    /// A login result without the stream, for comparing.
-    #[derive(Debug, PartialEq, Eq)]
-    enum Outcome {
-        LoggedIn { text: String, leftover: Vec<u8> },
-        AuthFailed(String),
-        TempFailed(String),
-    }
-
-    /// Runs a login against `script`; returns the outcome and the bytes the backend received
-    /// after its script, until the director closed the connection.
+    /// Runs a login through `backend`; returns the outcome and every line the backend read
+    /// until the director closed the connection.
     async fn run(
-        script: Vec<Step>,
+        backend: Backend,
         credentials: Credentials,
         forward: Forward,
-    ) -> (Result<Outcome, BackendError>, Vec<u8>) {
-        let (addr, task) = backend(script).await;
-        let stream = BackendStream::Plain(TcpStream::connect(addr).await.unwrap());
-        let identity = identity();
-        let req = BackendLoginRequest {
-            credentials: &credentials,
-            identity: &identity,
-            forward,
-            starttls: None,
-            reply_timeout: Duration::from_secs(5),
-            commit: &crate::protocol::backend_login::always_commit,
-        };
-        // The stream is dropped here, which lets the backend's read_to_end end.
-        let outcome = login(stream, &req).await.map(|result| match result {
-            BackendLoginResult::LoggedIn {
-                success_text,
-                leftover,
-                ..
-            } => Outcome::LoggedIn {
-                text: success_text,
-                leftover,
-            },
-            BackendLoginResult::AuthFailed { message } => Outcome::AuthFailed(message),
-            BackendLoginResult::TempFailed { message } => Outcome::TempFailed(message),
-        });
-        (outcome, task.await.unwrap())
+    ) -> (Outcome, Vec<String>) {
+        let attempt = Attempt::new(&credentials, identity(), forward);
+        attempt.run(|s, r| Box::pin(login(s, r)), backend).await
     }
 
-    fn alice() -> Credentials {
-        Credentials::plain("alice", "secret")
+    /// A backend that greets with `greeting` and then expects `script`'s lines in turn,
+    /// answering each with its reply.
+    async fn scripted(greeting: &str, script: &[(&str, &str)]) -> Backend {
+        let mut script: Vec<(String, String)> = script
+            .iter()
+            .map(|(line, reply)| (line.to_string(), reply.to_string()))
+            .collect();
+        script.reverse();
+        fake_backend(greeting, move |line| {
+            let Some((want, reply)) = script.pop() else {
+                panic!("a line after the script: {line:?}");
+            };
+            assert_eq!(line, want);
+            reply
+        })
+        .await
     }
 
-    fn logged_in(text: &str) -> Outcome {
-        Outcome::LoggedIn {
-            text: text.into(),
-            leftover: Vec::new(),
-        }
+    /// Logs in with `credentials` (no forwarding) through a backend that greets with
+    /// `greeting` and plays `script`; checks that the backend read the script's lines and
+    /// nothing more.
+    async fn plays(greeting: &str, script: &[(&str, &str)], credentials: Credentials) -> Outcome {
+        let backend = scripted(greeting, script).await;
+        let (outcome, seen) = run(backend, credentials, Forward::None).await;
+        assert_eq!(
+            seen.len(),
+            script.len(),
+            "a second command was sent: {seen:?}"
+        );
+        outcome
     }
 
     fn plain(credentials: &Credentials) -> String {
@@ -576,20 +440,19 @@ mod tests {
 
     #[tokio::test]
     async fn authenticate_plain_with_initial_response_and_leftover() {
-        let script = vec![
-            Send(DOVECOT_GREETING),
-            expect(&format!("L AUTHENTICATE PLAIN {}", plain(&alice()))),
-            Send("L OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n* 3 EXISTS\r\n"),
-        ];
-        let (outcome, rest) = run(script, alice(), Forward::None).await;
+        let auth = format!("L AUTHENTICATE PLAIN {}", plain(&alice()));
+        let script = [(
+            auth.as_str(),
+            "L OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n* 3 EXISTS\r\n",
+        )];
+        let outcome = plays(DOVECOT_GREETING, &script, alice()).await;
         assert_eq!(
-            outcome.unwrap(),
+            outcome,
             Outcome::LoggedIn {
                 text: "[CAPABILITY IMAP4rev1 IDLE] Logged in".into(),
                 leftover: b"* 3 EXISTS\r\n".to_vec(),
             }
         );
-        assert!(rest.is_empty());
     }
 
     #[tokio::test]
@@ -599,85 +462,85 @@ mod tests {
             auth_username: "master".into(),
             password: crate::protocol::decision::Secret::new("pw"),
         };
-        let script = vec![
-            Send("* OK ready\r\n"),
-            expect("C CAPABILITY"),
-            Send("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n* CAPABILITY ID\r\nC OK done\r\n"),
-            expect("L AUTHENTICATE PLAIN"),
-            Send("+ \r\n"),
-            expect(&plain(&master)),
-            Send("* CAPABILITY IMAP4rev1\r\nL OK Logged in\r\n"),
+        let response = plain(&master);
+        let script = [
+            (
+                "C CAPABILITY",
+                "* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n* CAPABILITY ID\r\nC OK done\r\n",
+            ),
+            ("L AUTHENTICATE PLAIN", "+ \r\n"),
+            (
+                response.as_str(),
+                "* CAPABILITY IMAP4rev1\r\nL OK Logged in\r\n",
+            ),
         ];
-        let (outcome, rest) = run(script, master, Forward::None).await;
-        assert_eq!(outcome.unwrap(), logged_in("Logged in"));
-        assert!(rest.is_empty());
+        let outcome = plays("* OK ready\r\n", &script, master).await;
+        assert_eq!(outcome, logged_in("Logged in"));
     }
 
     #[tokio::test]
     async fn login_with_quoted_strings() {
-        let script = vec![
-            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
-            expect("L LOGIN \"alice\" \"sec ret\""),
-            Send("L OK Logged in\r\n"),
-        ];
-        let (outcome, rest) = run(
-            script,
+        let script = [("L LOGIN \"alice\" \"sec ret\"", "L OK Logged in\r\n")];
+        let outcome = plays(
+            "* OK [CAPABILITY IMAP4rev1] ready\r\n",
+            &script,
             Credentials::plain("alice", "sec ret"),
-            Forward::None,
         )
         .await;
-        assert_eq!(outcome.unwrap(), logged_in("Logged in"));
-        assert!(rest.is_empty());
+        assert_eq!(outcome, logged_in("Logged in"));
     }
 
     const NASTY: &str = "p\"w\\\r\nX DELETE INBOX";
 
+    /// [`NASTY`] as the lines a backend reads it in.
+    const NASTY_LINES: [&str; 2] = ["p\"w\\", "X DELETE INBOX"];
+
     #[tokio::test]
     async fn login_with_synchronising_literal_cannot_inject() {
-        let script = vec![
-            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
-            expect(&format!("L LOGIN \"alice\" {{{}}}", NASTY.len())),
-            Send("+ OK\r\n"),
-            ExpectBytes(format!("{NASTY}\r\n").into_bytes()),
-            Send("L OK Logged in\r\n"),
+        let login = format!("L LOGIN \"alice\" {{{}}}", NASTY.len());
+        let script = [
+            (login.as_str(), "+ OK\r\n"),
+            (NASTY_LINES[0], ""),
+            (NASTY_LINES[1], "L OK Logged in\r\n"),
         ];
-        let (outcome, rest) = run(script, Credentials::plain("alice", NASTY), Forward::None).await;
-        assert_eq!(outcome.unwrap(), logged_in("Logged in"));
-        assert!(rest.is_empty(), "a second command was sent: {rest:?}");
+        let outcome = plays(
+            "* OK [CAPABILITY IMAP4rev1] ready\r\n",
+            &script,
+            Credentials::plain("alice", NASTY),
+        )
+        .await;
+        assert_eq!(outcome, logged_in("Logged in"));
     }
 
     #[tokio::test]
     async fn login_with_non_synchronising_literals() {
-        let script = vec![
-            Send("* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n"),
-            expect("L LOGIN {6+}"),
-            ExpectBytes("\u{e9}lise ".into()),
-            ExpectBytes(format!("{{{}+}}\r\n{NASTY}\r\n", NASTY.len()).into_bytes()),
-            Send("L OK Logged in\r\n"),
+        let password = format!("\u{e9}lise {{{}+}}", NASTY.len());
+        let script = [
+            ("L LOGIN {6+}", ""),
+            (password.as_str(), ""),
+            (NASTY_LINES[0], ""),
+            (NASTY_LINES[1], "L OK Logged in\r\n"),
         ];
-        let (outcome, rest) = run(
-            script,
+        let outcome = plays(
+            "* OK [CAPABILITY IMAP4rev1 LITERAL+] ready\r\n",
+            &script,
             Credentials::plain("\u{e9}lise", NASTY),
-            Forward::None,
         )
         .await;
-        assert_eq!(outcome.unwrap(), logged_in("Logged in"));
-        assert!(rest.is_empty(), "a second command was sent: {rest:?}");
+        assert_eq!(outcome, logged_in("Logged in"));
     }
 
     #[tokio::test]
     async fn refused_literal_ends_the_login() {
-        let script = vec![
-            Send("* OK [CAPABILITY IMAP4rev1] ready\r\n"),
-            expect(&format!("L LOGIN \"alice\" {{{}}}", NASTY.len())),
-            Send("L BAD Literal too large\r\n"),
-        ];
-        let (outcome, rest) = run(script, Credentials::plain("alice", NASTY), Forward::None).await;
-        assert_eq!(
-            outcome.unwrap(),
-            Outcome::AuthFailed("Literal too large".into())
-        );
-        assert!(rest.is_empty());
+        let login = format!("L LOGIN \"alice\" {{{}}}", NASTY.len());
+        let script = [(login.as_str(), "L BAD Literal too large\r\n")];
+        let outcome = plays(
+            "* OK [CAPABILITY IMAP4rev1] ready\r\n",
+            &script,
+            Credentials::plain("alice", NASTY),
+        )
+        .await;
+        assert_eq!(outcome, Outcome::AuthFailed("Literal too large".into()));
     }
 
     #[tokio::test]
@@ -701,47 +564,27 @@ mod tests {
                 Outcome::TempFailed("Internal error occurred.".into()),
             ),
         ] {
-            let script = vec![
-                Send(DOVECOT_GREETING),
-                expect(&format!("L AUTHENTICATE PLAIN {}", plain(&alice()))),
-                Send(reply),
-            ];
-            let (outcome, _) = run(script, alice(), Forward::None).await;
-            assert_eq!(outcome.unwrap(), want, "reply {reply:?}");
+            let auth = format!("L AUTHENTICATE PLAIN {}", plain(&alice()));
+            let backend = scripted(DOVECOT_GREETING, &[(auth.as_str(), reply)]).await;
+            let (outcome, _) = run(backend, alice(), Forward::None).await;
+            assert_eq!(outcome, want, "reply {reply:?}");
         }
     }
 
     #[tokio::test]
     async fn bad_greetings() {
-        let (outcome, _) = run(
-            vec![Send("* BYE Server shutting down.\r\n")],
-            alice(),
-            Forward::None,
-        )
-        .await;
-        assert_eq!(
-            outcome.unwrap(),
-            Outcome::TempFailed("Server shutting down.".into())
-        );
-        let (outcome, _) = run(
-            vec![Send("HTTP/1.1 400 Bad Request\r\n")],
-            alice(),
-            Forward::None,
-        )
-        .await;
-        assert!(
-            matches!(outcome, Err(BackendError::Protocol(_))),
-            "{outcome:?}"
-        );
-        let (outcome, _) = run(
-            vec![Send("* OK no end of line"), Hangup],
-            alice(),
-            Forward::None,
-        )
-        .await;
-        assert!(matches!(outcome, Err(BackendError::Closed)), "{outcome:?}");
-        let (outcome, _) = run(vec![Hangup], alice(), Forward::None).await;
-        assert!(matches!(outcome, Err(BackendError::Closed)), "{outcome:?}");
+        let backend = scripted("* BYE Server shutting down.\r\n", &[]).await;
+        let (outcome, _) = run(backend, alice(), Forward::None).await;
+        assert_eq!(outcome, Outcome::TempFailed("Server shutting down.".into()));
+        let backend = scripted("HTTP/1.1 400 Bad Request\r\n", &[]).await;
+        let (outcome, _) = run(backend, alice(), Forward::None).await;
+        assert_eq!(outcome, Outcome::Protocol);
+        let backend = scripted(&format!("* OK no end of line{CLOSE}"), &[]).await;
+        let (outcome, _) = run(backend, alice(), Forward::None).await;
+        assert_eq!(outcome, Outcome::Closed);
+        let backend = scripted(CLOSE, &[]).await;
+        let (outcome, _) = run(backend, alice(), Forward::None).await;
+        assert_eq!(outcome, Outcome::Closed);
     }
 
     #[test]
@@ -760,103 +603,65 @@ mod tests {
 
     #[tokio::test]
     async fn id_forwards_the_client_identity() {
-        let script = vec![
-            Send(DOVECOT_GREETING),
-            expect(
+        let auth = format!("L AUTHENTICATE PLAIN {}", plain(&alice()));
+        let script = [
+            (
                 "I ID (\"x-session-id\" \"sess\\\"1\" \"x-originating-ip\" \"192.0.2.7\" \
                  \"x-originating-port\" \"50123\" \"x-connected-ip\" \"198.51.100.1\" \
                  \"x-connected-port\" \"143\")",
+                "",
             ),
-            expect(&format!("L AUTHENTICATE PLAIN {}", plain(&alice()))),
-            Send("* ID NIL\r\nI OK ID completed.\r\nL OK Logged in\r\n"),
+            (
+                auth.as_str(),
+                "* ID NIL\r\nI OK ID completed.\r\nL OK Logged in\r\n",
+            ),
         ];
-        let (outcome, _) = run(script, alice(), Forward::Auto).await;
-        assert_eq!(outcome.unwrap(), logged_in("Logged in"));
+        let backend = scripted(DOVECOT_GREETING, &script).await;
+        let (outcome, _) = run(backend, alice(), Forward::Auto).await;
+        assert_eq!(outcome, logged_in("Logged in"));
         // Without ID in the capabilities, nothing is sent.
-        let script = vec![
-            Send("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] ready\r\n"),
-            expect(&format!("L AUTHENTICATE PLAIN {}", plain(&alice()))),
-            Send("L OK Logged in\r\n"),
-        ];
-        let (outcome, _) = run(script, alice(), Forward::Auto).await;
-        assert_eq!(outcome.unwrap(), logged_in("Logged in"));
+        let backend = scripted(
+            "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] ready\r\n",
+            &[(auth.as_str(), "L OK Logged in\r\n")],
+        )
+        .await;
+        let (outcome, _) = run(backend, alice(), Forward::Auto).await;
+        assert_eq!(outcome, logged_in("Logged in"));
     }
 
     #[tokio::test]
     async fn unsendable_credentials() {
-        let script = vec![Send(DOVECOT_GREETING)];
-        let (outcome, rest) = run(script, Credentials::plain("alice", "a\0b"), Forward::None).await;
-        assert!(
-            matches!(outcome, Err(BackendError::Unsendable(_))),
-            "{outcome:?}"
-        );
-        assert!(rest.is_empty());
+        let backend = scripted(DOVECOT_GREETING, &[]).await;
+        let (outcome, seen) =
+            run(backend, Credentials::plain("alice", "a\0b"), Forward::None).await;
+        assert_eq!(outcome, Outcome::Unsendable);
+        assert!(seen.is_empty());
         let master = Credentials {
             username: "bob".into(),
             auth_username: "master".into(),
             password: crate::protocol::decision::Secret::new("pw"),
         };
-        let script = vec![Send("* OK [CAPABILITY IMAP4rev1] ready\r\n")];
-        let (outcome, _) = run(script, master, Forward::None).await;
-        assert!(
-            matches!(outcome, Err(BackendError::Unsendable(_))),
-            "{outcome:?}"
-        );
-        let script = vec![Send("* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] ready\r\n")];
-        let (outcome, _) = run(script, alice(), Forward::None).await;
-        assert!(
-            matches!(outcome, Err(BackendError::Protocol(_))),
-            "{outcome:?}"
-        );
+        let backend = scripted("* OK [CAPABILITY IMAP4rev1] ready\r\n", &[]).await;
+        let (outcome, _) = run(backend, master, Forward::None).await;
+        assert_eq!(outcome, Outcome::Unsendable);
+        let backend = scripted("* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] ready\r\n", &[]).await;
+        let (outcome, _) = run(backend, alice(), Forward::None).await;
+        assert_eq!(outcome, Outcome::Protocol);
     }
 
     #[tokio::test]
     async fn starttls_required_but_not_offered() {
-        let (addr, _task) = backend(vec![Send(DOVECOT_GREETING)]).await;
-        let stream = BackendStream::Plain(TcpStream::connect(addr).await.unwrap());
-        let credentials = alice();
-        let identity = identity();
-        let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(
-            std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()),
-        )
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(tokio_rustls::rustls::RootCertStore::empty())
-        .with_no_client_auth();
-        let req = BackendLoginRequest {
-            credentials: &credentials,
-            identity: &identity,
-            forward: Forward::None,
-            starttls: Some(crate::protocol::backend_login::StartTls {
-                connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
-                server_name: "backend.example".try_into().unwrap(),
-            }),
-            reply_timeout: Duration::from_secs(5),
-            commit: &crate::protocol::backend_login::always_commit,
-        };
-        let outcome = login(stream, &req).await;
-        assert!(matches!(outcome, Err(BackendError::Protocol(_))));
+        let backend = scripted(DOVECOT_GREETING, &[]).await;
+        let attempt = Attempt::new(&alice(), identity(), Forward::None).with_starttls();
+        let (outcome, _) = attempt.run(|s, r| Box::pin(login(s, r)), backend).await;
+        assert_eq!(outcome, Outcome::Protocol);
     }
 
     #[tokio::test(start_paused = true)]
     async fn silent_backend_times_out() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let _socket = listener.accept().await.unwrap();
-        let credentials = alice();
-        let identity = identity();
-        let req = BackendLoginRequest {
-            credentials: &credentials,
-            identity: &identity,
-            forward: Forward::Auto,
-            starttls: None,
-            reply_timeout: Duration::from_secs(5),
-            commit: &crate::protocol::backend_login::always_commit,
-        };
-        let outcome = login(BackendStream::Plain(stream), &req).await;
-        assert!(matches!(outcome, Err(BackendError::Timeout(_))));
+        let backend = scripted("", &[]).await;
+        let (outcome, _) = run(backend, alice(), Forward::Auto).await;
+        assert_eq!(outcome, Outcome::Timeout);
     }
 
     #[test]

@@ -7,29 +7,14 @@
 //! to the backend: a CR, LF or NUL that the chosen login command cannot carry makes the login
 //! fail with [`BackendError::Unsendable`] before anything is sent.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::net::stream::BackendStream;
+use crate::protocol::backend_dialogue::{
+    excerpt, plain_response, Answer, Dialogue, MAX_CAPABILITY_LINES, MAX_LINE,
+};
 use crate::protocol::backend_login::{
     BackendError, BackendLoginRequest, BackendLoginResult, Forward,
 };
 use crate::protocol::decision::Credentials;
-use crate::protocol::pop3::command::{next_line, Line};
-use crate::protocol::sasl;
-
-/// Longest line accepted from a backend, CRLF included. Dovecot's replies are far shorter;
-/// the cap only stops a broken backend from filling our memory.
-const MAX_LINE: usize = 8192;
-
-/// Most capability lines accepted in one `CAPA` reply, for the same reason.
-const MAX_CAPA_LINES: usize = 256;
-
-/// The `TTL` sent in `XCLIENT`. A Dovecot proxy starts at 5 (`LOGIN_PROXY_TTL`) and sends one
-/// less at each hop, so a backend that proxies again stops loops; we are the first hop.
-const XCLIENT_TTL: u32 = 4;
 
 /// Logs in to a POP3 backend. `stream` is connected, with implicit TLS and any PROXY header
 /// already done. Each reply must come within `req.reply_timeout`.
@@ -37,88 +22,38 @@ pub async fn login(
     stream: BackendStream,
     req: &BackendLoginRequest<'_>,
 ) -> Result<BackendLoginResult, BackendError> {
-    let mut conn = Conn {
-        stream,
-        buf: Vec::new(),
-        reply_timeout: req.reply_timeout,
-    };
+    let mut conn = Dialogue::new(stream, req);
 
     // Dovecot announces XCLIENT in its greeting (`+OK [XCLIENT] ...`), not in CAPA.
-    let greeting_xclient = match conn.reply().await? {
+    let greeting_xclient = match conn.timed(reply).await? {
         Reply::Ok(text) => split_code(&text)
             .0
             .is_some_and(|c| c.eq_ignore_ascii_case("XCLIENT")),
         Reply::Err(text) => return Ok(BackendLoginResult::TempFailed { message: text }),
     };
 
-    let mut caps = conn.capabilities().await?;
+    let mut caps = capabilities(&mut conn).await?;
 
     if let Some(starttls) = &req.starttls {
-        if !caps.stls {
-            return Err(BackendError::Protocol(
-                "backend does not offer STLS, but starttls is configured for it".into(),
-            ));
-        }
-        if let Reply::Err(text) = conn.command(b"STLS\r\n").await? {
-            return Err(BackendError::Protocol(format!(
-                "backend refused STLS: {text}"
-            )));
-        }
-        if !conn.buf.is_empty() {
-            // Anything sent after the STLS reply was not protected by TLS.
-            return Err(BackendError::Protocol(
-                "backend sent data between its STLS reply and the TLS handshake".into(),
-            ));
-        }
-        conn.stream = conn
-            .stream
-            .start_tls(&starttls.connector, starttls.server_name.clone())
-            .await?;
-        caps = conn.capabilities().await?;
+        conn = conn.start_tls_by(starttls, "STLS", caps.stls, ask).await?;
+        caps = capabilities(&mut conn).await?;
     }
 
     if req.forward == Forward::Auto && (caps.xclient || greeting_xclient) {
-        let line = xclient_line(req.identity.client, &req.identity.session_id);
-        if let Reply::Err(text) = conn.command(line.as_bytes()).await? {
-            return Err(BackendError::Protocol(format!(
-                "backend refused XCLIENT (is the director in the backend's \
-                 login_trusted_networks?): {text}"
-            )));
-        }
+        conn.xclient(req.identity, ask).await?;
     }
 
     req.may_send_credentials()?;
     let reply = if caps.sasl_plain {
-        conn.auth_plain(req.credentials).await?
+        auth_plain(&mut conn, req.credentials).await?
     } else {
-        conn.user_pass(req.credentials).await?
+        user_pass(&mut conn, req.credentials).await?
     };
 
     Ok(match reply {
-        Reply::Ok(text) => BackendLoginResult::LoggedIn {
-            stream: conn.stream,
-            success_text: text,
-            leftover: conn.buf,
-        },
+        Reply::Ok(text) => conn.logged_in(text),
         Reply::Err(text) => failure(&text),
     })
-}
-
-/// The `XCLIENT` command that tells the backend who the client really is, as Dovecot's pop3
-/// proxy writes it. The session id is ours; it is left out should it ever hold a character
-/// that does not belong in one.
-fn xclient_line(client: SocketAddr, session_id: &str) -> String {
-    let mut line = format!(
-        "XCLIENT ADDR={} PORT={}",
-        client.ip().to_canonical(),
-        client.port()
-    );
-    if !session_id.is_empty() && session_id.bytes().all(|b| b.is_ascii_graphic()) {
-        line.push_str(" SESSION=");
-        line.push_str(session_id);
-    }
-    line.push_str(&format!(" TTL={XCLIENT_TTL}\r\n"));
-    line
 }
 
 /// Classifies a login's `-ERR` text. Dovecot marks temporary trouble with a response code
@@ -178,7 +113,7 @@ impl Reply {
         } else {
             Err(BackendError::Protocol(format!(
                 "expected +OK or -ERR, got {:?}",
-                String::from_utf8_lossy(&line[..line.len().min(100)])
+                excerpt(line)
             )))
         }
     }
@@ -210,147 +145,86 @@ impl Capabilities {
     }
 }
 
-/// The backend connection during login: the stream and the bytes read but not yet used.
-struct Conn {
-    stream: BackendStream,
-    buf: Vec<u8>,
-    reply_timeout: Duration,
+/// Reads one status reply.
+async fn reply(conn: &mut Dialogue) -> Result<Reply, BackendError> {
+    Reply::parse(&conn.read_line(MAX_LINE, "reply line").await?)
 }
 
-impl Conn {
-    /// Reads one line, without its line end.
-    async fn read_line(&mut self) -> Result<Vec<u8>, BackendError> {
-        loop {
-            match next_line(&self.buf, MAX_LINE) {
-                Line::Complete { consumed, line } => {
-                    let line = line.to_vec();
-                    self.buf.drain(..consumed);
-                    return Ok(line);
-                }
-                Line::TooLong => {
-                    return Err(BackendError::Protocol(format!(
-                        "reply line longer than {MAX_LINE} bytes"
-                    )))
-                }
-                Line::Incomplete => {
-                    let mut chunk = [0u8; 1024];
-                    let n = self.stream.read(&mut chunk).await?;
-                    if n == 0 {
-                        return Err(BackendError::Closed);
-                    }
-                    self.buf.extend_from_slice(&chunk[..n]);
-                }
-            }
+/// Sends one command line (CRLF included) and reads its status reply.
+async fn command(conn: &mut Dialogue, line: &[u8]) -> Result<Reply, BackendError> {
+    conn.exchange(line, reply).await
+}
+
+/// A command the backend may only take or refuse.
+async fn ask(conn: &mut Dialogue, line: &[u8]) -> Result<Answer, BackendError> {
+    Ok(match command(conn, line).await? {
+        Reply::Ok(_) => Ok(()),
+        Reply::Err(text) => Err(text),
+    })
+}
+
+/// Sends `CAPA` and reads the list. A backend that refuses `CAPA` has no capabilities.
+async fn capabilities(conn: &mut Dialogue) -> Result<Capabilities, BackendError> {
+    conn.exchange(b"CAPA\r\n", async |c| {
+        let mut caps = Capabilities::default();
+        if let Reply::Err(_) = reply(c).await? {
+            return Ok(caps);
         }
-    }
-
-    /// Runs `step` (a write and/or a read) under the reply timeout.
-    async fn timed<T>(
-        &mut self,
-        step: impl AsyncFnOnce(&mut Self) -> Result<T, BackendError>,
-    ) -> Result<T, BackendError> {
-        let limit = self.reply_timeout;
-        tokio::time::timeout(limit, step(self))
-            .await
-            .map_err(|_| BackendError::Timeout(limit))?
-    }
-
-    /// Reads one status reply.
-    async fn reply(&mut self) -> Result<Reply, BackendError> {
-        self.timed(async |c| Reply::parse(&c.read_line().await?))
-            .await
-    }
-
-    /// Sends one command line (CRLF included) and reads its status reply. The line may hold
-    /// credentials: it is never logged, and errors never quote it.
-    async fn command(&mut self, line: &[u8]) -> Result<Reply, BackendError> {
-        self.timed(async |c| {
-            c.stream.write_all(line).await?;
-            c.stream.flush().await?;
-            Reply::parse(&c.read_line().await?)
-        })
-        .await
-    }
-
-    /// Sends `CAPA` and reads the list. A backend that refuses `CAPA` has no capabilities.
-    async fn capabilities(&mut self) -> Result<Capabilities, BackendError> {
-        self.timed(async |c| {
-            c.stream.write_all(b"CAPA\r\n").await?;
-            c.stream.flush().await?;
-            let mut caps = Capabilities::default();
-            if let Reply::Err(_) = Reply::parse(&c.read_line().await?)? {
+        for _ in 0..MAX_CAPABILITY_LINES {
+            let line = c.read_line(MAX_LINE, "reply line").await?;
+            if line == b"." {
                 return Ok(caps);
             }
-            for _ in 0..MAX_CAPA_LINES {
-                let line = c.read_line().await?;
-                if line == b"." {
-                    return Ok(caps);
-                }
-                // Dot-stuffing (RFC 1939): a leading dot is doubled.
-                let line = line.strip_prefix(b".").unwrap_or(&line);
-                caps.add(&String::from_utf8_lossy(line));
-            }
-            Err(BackendError::Protocol(format!(
-                "CAPA reply longer than {MAX_CAPA_LINES} lines"
-            )))
-        })
-        .await
-    }
+            // Dot-stuffing (RFC 1939): a leading dot is doubled.
+            let line = line.strip_prefix(b".").unwrap_or(&line);
+            caps.add(&String::from_utf8_lossy(line));
+        }
+        Err(BackendError::Protocol(format!(
+            "CAPA reply longer than {MAX_CAPABILITY_LINES} lines"
+        )))
+    })
+    .await
+}
 
-    /// `AUTH PLAIN <initial response>` (RFC 5034). Base64 carries any byte safely, but PLAIN
-    /// separates its fields with NUL, so a NUL inside one cannot be sent.
-    async fn auth_plain(&mut self, credentials: &Credentials) -> Result<Reply, BackendError> {
-        let fields = [
-            &credentials.username,
-            &credentials.auth_username,
-            credentials.password.expose(),
-        ];
-        if fields.iter().any(|f| f.contains('\0')) {
-            return Err(BackendError::Unsendable(
-                "the username or password holds a NUL byte".into(),
-            ));
-        }
-        let line = format!("AUTH PLAIN {}\r\n", sasl::encode_plain(credentials));
-        self.command(line.as_bytes()).await
-    }
+/// `AUTH PLAIN <initial response>` (RFC 5034).
+async fn auth_plain(conn: &mut Dialogue, credentials: &Credentials) -> Result<Reply, BackendError> {
+    let line = format!("AUTH PLAIN {}\r\n", plain_response(credentials)?);
+    command(conn, line.as_bytes()).await
+}
 
-    /// `USER name` then `PASS password`, for backends without SASL PLAIN. Neither may hold a
-    /// line end (it would start a second command) or a NUL, and a master-user login (a
-    /// different authentication identity) cannot be expressed at all.
-    async fn user_pass(&mut self, credentials: &Credentials) -> Result<Reply, BackendError> {
-        let unsafe_text = |s: &str| s.contains(['\r', '\n', '\0']);
-        if unsafe_text(&credentials.username) || unsafe_text(credentials.password.expose()) {
-            return Err(BackendError::Unsendable(
-                "the username or password holds CR, LF or NUL, which USER/PASS cannot carry \
-                 (the backend offers no SASL PLAIN)"
-                    .into(),
-            ));
-        }
-        if credentials.username != credentials.auth_username {
-            return Err(BackendError::Unsendable(
-                "a master-user login needs SASL PLAIN, which the backend does not offer".into(),
-            ));
-        }
-        let user = format!("USER {}\r\n", credentials.username);
-        if let Reply::Err(text) = self.command(user.as_bytes()).await? {
-            return Ok(Reply::Err(text));
-        }
-        let pass = format!("PASS {}\r\n", credentials.password.expose());
-        self.command(pass.as_bytes()).await
+/// `USER name` then `PASS password`, for backends without SASL PLAIN. Neither may hold a
+/// line end (it would start a second command) or a NUL, and a master-user login (a
+/// different authentication identity) cannot be expressed at all.
+async fn user_pass(conn: &mut Dialogue, credentials: &Credentials) -> Result<Reply, BackendError> {
+    let unsafe_text = |s: &str| s.contains(['\r', '\n', '\0']);
+    if unsafe_text(&credentials.username) || unsafe_text(credentials.password.expose()) {
+        return Err(BackendError::Unsendable(
+            "the username or password holds CR, LF or NUL, which USER/PASS cannot carry \
+             (the backend offers no SASL PLAIN)"
+                .into(),
+        ));
     }
+    if credentials.username != credentials.auth_username {
+        return Err(BackendError::Unsendable(
+            "a master-user login needs SASL PLAIN, which the backend does not offer".into(),
+        ));
+    }
+    let user = format!("USER {}\r\n", credentials.username);
+    if let Reply::Err(text) = command(conn, user.as_bytes()).await? {
+        return Ok(Reply::Err(text));
+    }
+    let pass = format!("PASS {}\r\n", credentials.password.expose());
+    command(conn, pass.as_bytes()).await
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio::task::JoinHandle;
-
     use super::*;
-    use crate::protocol::backend_login::StartTls;
     use crate::protocol::decision::{ClientIdentity, Secret};
+    use crate::protocol::fake_backend::{
+        self, alice, fake_backend, logged_in, Attempt, Backend, Outcome, CLOSE,
+    };
+    use crate::protocol::sasl;
 
     /// Dovecot 2.3's pop3-login capabilities, with and without the extras a test needs.
     const CAPA_PLAIN: &str = "+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n\
@@ -358,44 +232,8 @@ mod tests {
     const CAPA_XCLIENT: &str = "+OK\r\nCAPA\r\nUSER\r\nSASL PLAIN LOGIN\r\nXCLIENT\r\n.\r\n";
     const CAPA_USER_ONLY: &str = "+OK\r\nCAPA\r\nTOP\r\nUSER\r\n.\r\n";
 
-    /// What a fake backend's script answers to close the connection instead.
-    const CLOSE: &str = "<close>";
-
-    /// A scripted backend: sends `greeting`, then answers each line it reads with
-    /// `respond(line)`: nothing if empty, and it closes the connection on [`CLOSE`]. The handle yields every line it read, once the
-    /// director closes the connection.
-    async fn fake_backend(
-        greeting: &'static str,
-        respond: impl Fn(&str) -> String + Send + 'static,
-    ) -> (TcpStream, JoinHandle<Vec<String>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let (sock, _) = listener.accept().await.unwrap();
-            let (rd, mut wr) = sock.into_split();
-            wr.write_all(greeting.as_bytes()).await.unwrap();
-            let mut lines = BufReader::new(rd).lines();
-            let mut seen = Vec::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let reply = respond(&line);
-                seen.push(line);
-                if reply == CLOSE {
-                    break;
-                }
-                if !reply.is_empty() && wr.write_all(reply.as_bytes()).await.is_err() {
-                    break;
-                }
-            }
-            seen
-        });
-        (TcpStream::connect(addr).await.unwrap(), task)
-    }
-
     /// A backend that answers like Dovecot with the given CAPA reply and login reply.
-    async fn dovecot_like(
-        capa: &'static str,
-        login_reply: &'static str,
-    ) -> (TcpStream, JoinHandle<Vec<String>>) {
+    async fn dovecot_like(capa: &'static str, login_reply: &'static str) -> Backend {
         fake_backend("+OK Dovecot ready.\r\n", move |line| {
             let keyword = line.split(' ').next().unwrap_or_default();
             match keyword {
@@ -409,88 +247,22 @@ mod tests {
     }
 
     fn identity() -> ClientIdentity {
-        ClientIdentity {
-            client: "192.0.2.7:50123".parse().unwrap(),
-            local: "198.51.100.1:110".parse().unwrap(),
-            session_id: "dir-1a2b".into(),
-            session_ext_id: None,
-        }
+        fake_backend::identity("198.51.100.1:110", "dir-1a2b")
     }
 
-    fn request<'a>(
-        credentials: &'a Credentials,
-        identity: &'a ClientIdentity,
-        forward: Forward,
-    ) -> BackendLoginRequest<'a> {
-        BackendLoginRequest {
-            credentials,
-            identity,
-            forward,
-            starttls: None,
-            reply_timeout: Duration::from_secs(5),
-            commit: &crate::protocol::backend_login::always_commit,
-        }
-    }
-
-    /// What a login came to, without the stream (dropped, so the fake backend stops).
-    #[derive(Debug, PartialEq, Eq)]
-    enum Outcome {
-        LoggedIn { text: String, leftover: Vec<u8> },
-        AuthFailed(String),
-        TempFailed(String),
-        Unsendable,
-        Protocol,
-        Closed,
-        Timeout,
-        Io,
-    }
-
-    fn outcome(result: Result<BackendLoginResult, BackendError>) -> Outcome {
-        match result {
-            Ok(BackendLoginResult::LoggedIn {
-                success_text,
-                leftover,
-                ..
-            }) => Outcome::LoggedIn {
-                text: success_text,
-                leftover,
-            },
-            Ok(BackendLoginResult::AuthFailed { message }) => Outcome::AuthFailed(message),
-            Ok(BackendLoginResult::TempFailed { message }) => Outcome::TempFailed(message),
-            Err(BackendError::Unsendable(_)) => Outcome::Unsendable,
-            Err(BackendError::Protocol(_)) => Outcome::Protocol,
-            Err(BackendError::Closed) => Outcome::Closed,
-            Err(BackendError::Timeout(_) | BackendError::Cancelled) => Outcome::Timeout,
-            Err(BackendError::Io(_)) => Outcome::Io,
-        }
+    fn attempt(credentials: &Credentials, forward: Forward) -> Attempt {
+        Attempt::new(credentials, identity(), forward)
     }
 
     /// Logs in with `credentials`; returns the outcome and the lines the backend read.
     async fn run(
-        backend: (TcpStream, JoinHandle<Vec<String>>),
+        backend: Backend,
         credentials: &Credentials,
         forward: Forward,
     ) -> (Outcome, Vec<String>) {
-        let (sock, task) = backend;
-        let credentials = credentials.clone();
-        // Spawned, which also proves the login future is `Send`, as the director needs.
-        let result = tokio::spawn(async move {
-            let id = identity();
-            let req = request(&credentials, &id, forward);
-            outcome(login(BackendStream::Plain(sock), &req).await)
-        });
-        (result.await.unwrap(), task.await.unwrap())
-    }
-
-    fn alice() -> Credentials {
-        Credentials::plain("alice", "secret")
-    }
-
-    fn logged_in(text: &str) -> Outcome {
-        Outcome::LoggedIn {
-            text: text.into(),
-            leftover: Vec::new(),
-        }
+        attempt(credentials, forward)
+            .run(|s, r| Box::pin(login(s, r)), backend)
+            .await
     }
 
     #[tokio::test]
@@ -574,20 +346,6 @@ mod tests {
             seen.len(),
             2,
             "no credentials after a refused XCLIENT: {seen:?}"
-        );
-    }
-
-    #[test]
-    fn xclient_line_forms() {
-        let v6: SocketAddr = "[2001:db8::1]:993".parse().unwrap();
-        assert_eq!(
-            xclient_line(v6, "s1"),
-            "XCLIENT ADDR=2001:db8::1 PORT=993 SESSION=s1 TTL=4\r\n"
-        );
-        let mapped: SocketAddr = "[::ffff:192.0.2.9]:1000".parse().unwrap();
-        assert_eq!(
-            xclient_line(mapped, "bad id\r\nX"),
-            "XCLIENT ADDR=192.0.2.9 PORT=1000 TTL=4\r\n"
         );
     }
 
@@ -707,8 +465,8 @@ mod tests {
             Outcome::Protocol
         );
 
-        let long: &'static str = format!("+OK {}\r\n", "x".repeat(MAX_LINE)).leak();
-        let backend = fake_backend(long, |_| String::new()).await;
+        let long = format!("+OK {}\r\n", "x".repeat(MAX_LINE));
+        let backend = fake_backend(&long, |_| String::new()).await;
         assert_eq!(
             run(backend, &alice(), Forward::Auto).await.0,
             Outcome::Protocol
@@ -718,18 +476,9 @@ mod tests {
     #[tokio::test]
     async fn closed_before_or_during_login() {
         // Accepts and closes at once.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { drop(listener.accept().await) });
-        let sock = TcpStream::connect(addr).await.unwrap();
-        let id = identity();
-        let creds = alice();
-        let result = login(
-            BackendStream::Plain(sock),
-            &request(&creds, &id, Forward::Auto),
-        )
-        .await;
-        assert_eq!(outcome(result), Outcome::Closed);
+        let backend = fake_backend(CLOSE, |_| String::new()).await;
+        let (result, seen) = run(backend, &alice(), Forward::Auto).await;
+        assert_eq!((result, seen.len()), (Outcome::Closed, 0));
 
         // Closes instead of answering the login.
         let backend = fake_backend("+OK ready\r\n", |line| match line {
@@ -766,28 +515,13 @@ mod tests {
         assert_eq!((result, seen), (Outcome::Timeout, vec!["CAPA".to_owned()]));
     }
 
-    fn starttls() -> StartTls {
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(tokio_rustls::rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        StartTls {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            server_name: "backend.example".try_into().unwrap(),
-        }
-    }
-
     #[tokio::test]
     async fn starttls_required_but_not_offered() {
-        let (sock, task) = dovecot_like(CAPA_PLAIN, "+OK Logged in.\r\n").await;
-        let (creds, id) = (alice(), identity());
-        let mut req = request(&creds, &id, Forward::Auto);
-        req.starttls = Some(starttls());
-        let result = login(BackendStream::Plain(sock), &req).await;
-        assert_eq!(outcome(result), Outcome::Protocol);
-        assert_eq!(task.await.unwrap(), ["CAPA"]);
+        let backend = dovecot_like(CAPA_PLAIN, "+OK Logged in.\r\n").await;
+        let attempt = attempt(&alice(), Forward::Auto).with_starttls();
+        let (result, seen) = attempt.run(|s, r| Box::pin(login(s, r)), backend).await;
+        assert_eq!(result, Outcome::Protocol);
+        assert_eq!(seen, ["CAPA"]);
     }
 
     #[tokio::test]
@@ -798,12 +532,9 @@ mod tests {
             _ => "-ERR\r\n".into(),
         })
         .await;
-        let (sock, task) = backend;
-        let (creds, id) = (alice(), identity());
-        let mut req = request(&creds, &id, Forward::Auto);
-        req.starttls = Some(starttls());
-        let result = login(BackendStream::Plain(sock), &req).await;
-        assert_eq!(outcome(result), Outcome::Protocol);
-        assert_eq!(task.await.unwrap(), ["CAPA", "STLS"]);
+        let attempt = attempt(&alice(), Forward::Auto).with_starttls();
+        let (result, seen) = attempt.run(|s, r| Box::pin(login(s, r)), backend).await;
+        assert_eq!(result, Outcome::Protocol);
+        assert_eq!(seen, ["CAPA", "STLS"]);
     }
 }

@@ -10,32 +10,19 @@
 //! Credentials are never logged; base64 carries any byte, but PLAIN separates its fields with
 //! NUL, so a NUL inside one fails with [`BackendError::Unsendable`] before anything is sent.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use super::command::{tokens, Framer, Token};
 use crate::net::stream::BackendStream;
+use crate::protocol::backend_dialogue::{
+    excerpt, plain_response, Answer, Dialogue, MAX_CAPABILITY_LINES, MAX_LINE,
+};
 use crate::protocol::backend_login::{
     BackendError, BackendLoginRequest, BackendLoginResult, Forward,
 };
 use crate::protocol::decision::Credentials;
-use crate::protocol::sasl;
 
-/// Longest response line accepted from a backend, CRLF included. Dovecot's are far shorter;
-/// the cap only stops a broken backend from filling our memory.
-const MAX_LINE: usize = 8192;
-
-/// Largest literal accepted in a backend's response (a message or a capability value).
+/// Largest literal accepted in a backend's response (a message or a capability value); the
+/// cap only stops a broken backend from filling our memory.
 const MAX_LITERAL: usize = 65536;
-
-/// Most capability lines accepted before the `OK`, for the same reason.
-const MAX_CAPABILITY_LINES: usize = 256;
-
-/// The `TTL` sent in `XCLIENT`. A Dovecot proxy starts at 5 (`LOGIN_PROXY_TTL`) and sends one
-/// less at each hop, so a backend that proxies again stops loops; we are the first hop.
-const XCLIENT_TTL: u32 = 4;
 
 /// Logs in to a ManageSieve backend. `stream` is connected, with implicit TLS and any PROXY
 /// header already done. Each reply must come within `req.reply_timeout`.
@@ -43,58 +30,26 @@ pub async fn login(
     stream: BackendStream,
     req: &BackendLoginRequest<'_>,
 ) -> Result<BackendLoginResult, BackendError> {
-    let mut conn = Conn {
-        stream,
-        buf: Vec::new(),
-        framer: Framer::new(MAX_LINE, MAX_LITERAL),
-        reply_timeout: req.reply_timeout,
-    };
+    let mut conn = Dialogue::new(stream, req);
 
-    let mut caps = match conn.capabilities().await? {
+    let mut caps = match capabilities(&mut conn).await? {
         Ok(caps) => caps,
         Err(status) => return Ok(temp_failed(status)),
     };
 
     if let Some(starttls) = &req.starttls {
-        if !caps.starttls {
-            return Err(BackendError::Protocol(
-                "backend does not offer STARTTLS, but starttls is configured for it".into(),
-            ));
-        }
-        let status = conn.command(b"STARTTLS\r\n").await?;
-        if status.kind != StatusKind::Ok {
-            return Err(BackendError::Protocol(format!(
-                "backend refused STARTTLS: {}",
-                status.message
-            )));
-        }
-        if !conn.buf.is_empty() {
-            // Anything sent after the STARTTLS reply was not protected by TLS.
-            return Err(BackendError::Protocol(
-                "backend sent data between its STARTTLS reply and the TLS handshake".into(),
-            ));
-        }
-        conn.stream = conn
-            .stream
-            .start_tls(&starttls.connector, starttls.server_name.clone())
+        conn = conn
+            .start_tls_by(starttls, "STARTTLS", caps.starttls, ask)
             .await?;
         // RFC 5804 §2.2: the server sends its capabilities again, unasked.
-        caps = match conn.capabilities().await? {
+        caps = match capabilities(&mut conn).await? {
             Ok(caps) => caps,
             Err(status) => return Ok(temp_failed(status)),
         };
     }
 
     if req.forward == Forward::Auto && caps.xclient {
-        let line = xclient_line(req.identity.client, &req.identity.session_id);
-        let status = conn.command(line.as_bytes()).await?;
-        if status.kind != StatusKind::Ok {
-            return Err(BackendError::Protocol(format!(
-                "backend refused XCLIENT (is the director in the backend's \
-                 login_trusted_networks?): {}",
-                status.message
-            )));
-        }
+        conn.xclient(req.identity, ask).await?;
     }
 
     if !caps.sasl_plain {
@@ -105,13 +60,9 @@ pub async fn login(
         ));
     }
     req.may_send_credentials()?;
-    let status = conn.authenticate_plain(req.credentials).await?;
+    let status = authenticate_plain(&mut conn, req.credentials).await?;
     Ok(match status.kind {
-        StatusKind::Ok => BackendLoginResult::LoggedIn {
-            stream: conn.stream,
-            success_text: status.rest,
-            leftover: conn.buf,
-        },
+        StatusKind::Ok => conn.logged_in(status.rest),
         StatusKind::Bye => temp_failed(status),
         StatusKind::No if status.is_temporary() => temp_failed(status),
         StatusKind::No => BackendLoginResult::AuthFailed {
@@ -124,22 +75,6 @@ fn temp_failed(status: Status) -> BackendLoginResult {
     BackendLoginResult::TempFailed {
         message: status.message,
     }
-}
-
-/// The `XCLIENT` command that tells the backend who the client really is. The session id is
-/// ours; it is left out should it ever hold a character that does not belong in one.
-fn xclient_line(client: SocketAddr, session_id: &str) -> String {
-    let mut line = format!(
-        "XCLIENT ADDR={} PORT={}",
-        client.ip().to_canonical(),
-        client.port()
-    );
-    if !session_id.is_empty() && session_id.bytes().all(|b| b.is_ascii_graphic()) {
-        line.push_str(" SESSION=");
-        line.push_str(session_id);
-    }
-    line.push_str(&format!(" TTL={XCLIENT_TTL}\r\n"));
-    line
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,12 +118,8 @@ impl Status {
             "BYE" => StatusKind::Bye,
             _ => return None,
         };
-        let bad = || {
-            BackendError::Protocol(format!(
-                "malformed {word} response: {:?}",
-                String::from_utf8_lossy(&unit[..unit.len().min(100)])
-            ))
-        };
+        let bad =
+            || BackendError::Protocol(format!("malformed {word} response: {:?}", excerpt(unit)));
         let mut rest = &tokens[1..];
         let mut code = None;
         if let [Token::Open, inner @ ..] = rest {
@@ -245,144 +176,97 @@ impl Capabilities {
     }
 }
 
-/// The backend connection during login: the stream and the bytes read but not yet used.
-struct Conn {
-    stream: BackendStream,
-    buf: Vec<u8>,
-    framer: Framer,
-    reply_timeout: Duration,
+/// Reads one response unit (a line and any literals it announces) and its tokens.
+async fn read_unit(conn: &mut Dialogue) -> Result<(Vec<u8>, Vec<Token>), BackendError> {
+    let mut framer = Framer::new(MAX_LINE, MAX_LITERAL);
+    let unit = conn
+        .read_unit(|buf| {
+            framer.frame(buf).map_err(|error| {
+                BackendError::Protocol(format!(
+                    "response over the limits ({MAX_LINE} bytes a line, {MAX_LITERAL} of \
+                     literals): {}",
+                    error.message
+                ))
+            })
+        })
+        .await?;
+    let tokens = tokens(&unit)
+        .map_err(|message| BackendError::Protocol(format!("{message} in {:?}", excerpt(&unit))))?;
+    Ok((unit, tokens))
 }
 
-impl Conn {
-    /// Reads one response unit (a line and any literals it announces) and its tokens.
-    async fn read_unit(&mut self) -> Result<(Vec<u8>, Vec<Token>), BackendError> {
-        loop {
-            match self.framer.frame(&self.buf) {
-                Ok(Some(end)) => {
-                    let unit: Vec<u8> = self.buf.drain(..end).collect();
-                    let tokens = tokens(&unit).map_err(|message| {
-                        BackendError::Protocol(format!(
-                            "{message} in {:?}",
-                            String::from_utf8_lossy(&unit[..unit.len().min(100)])
-                        ))
-                    })?;
-                    return Ok((unit, tokens));
-                }
-                Ok(None) => {
-                    let mut chunk = [0u8; 1024];
-                    let n = self.stream.read(&mut chunk).await?;
-                    if n == 0 {
-                        return Err(BackendError::Closed);
-                    }
-                    self.buf.extend_from_slice(&chunk[..n]);
-                }
-                Err(error) => {
+/// Reads one status response.
+async fn status(conn: &mut Dialogue) -> Result<Status, BackendError> {
+    let (unit, tokens) = read_unit(conn).await?;
+    Status::parse(&unit, &tokens).unwrap_or_else(|| {
+        Err(BackendError::Protocol(format!(
+            "expected OK, NO or BYE, got {:?}",
+            excerpt(&unit)
+        )))
+    })
+}
+
+/// A command the backend may only take or refuse.
+async fn ask(conn: &mut Dialogue, line: &[u8]) -> Result<Answer, BackendError> {
+    let status = conn.exchange(line, status).await?;
+    Ok(match status.kind {
+        StatusKind::Ok => Ok(()),
+        _ => Err(status.message),
+    })
+}
+
+/// Reads capability lines up to the status that ends them (the greeting, or what follows
+/// STARTTLS). `Err(status)`: the backend ended them with `NO` or `BYE`.
+async fn capabilities(conn: &mut Dialogue) -> Result<Result<Capabilities, Status>, BackendError> {
+    conn.timed(async |c| {
+        let mut caps = Capabilities::default();
+        for _ in 0..MAX_CAPABILITY_LINES {
+            let (unit, tokens) = read_unit(c).await?;
+            if let Some(status) = Status::parse(&unit, &tokens) {
+                let status = status?;
+                return Ok(match status.kind {
+                    StatusKind::Ok => Ok(caps),
+                    _ => Err(status),
+                });
+            }
+            match tokens.as_slice() {
+                [Token::String(name)] => caps.add(name, None),
+                [Token::String(name), Token::String(value)] => caps.add(name, Some(value)),
+                _ => {
                     return Err(BackendError::Protocol(format!(
-                        "response over the limits ({MAX_LINE} bytes a line, {MAX_LITERAL} of \
-                         literals): {}",
-                        error.message
+                        "expected a capability line, got {:?}",
+                        excerpt(&unit)
                     )))
                 }
             }
         }
-    }
+        Err(BackendError::Protocol(format!(
+            "more than {MAX_CAPABILITY_LINES} capability lines"
+        )))
+    })
+    .await
+}
 
-    /// Reads one status response.
-    async fn status(&mut self) -> Result<Status, BackendError> {
-        let (unit, tokens) = self.read_unit().await?;
-        Status::parse(&unit, &tokens).unwrap_or_else(|| {
-            Err(BackendError::Protocol(format!(
-                "expected OK, NO or BYE, got {:?}",
-                String::from_utf8_lossy(&unit[..unit.len().min(100)])
-            )))
-        })
-    }
-
-    /// Runs `step` (a write and/or a read) under the reply timeout.
-    async fn timed<T>(
-        &mut self,
-        step: impl AsyncFnOnce(&mut Self) -> Result<T, BackendError>,
-    ) -> Result<T, BackendError> {
-        let limit = self.reply_timeout;
-        tokio::time::timeout(limit, step(self))
-            .await
-            .map_err(|_| BackendError::Timeout(limit))?
-    }
-
-    /// Reads capability lines up to the status that ends them (the greeting, or what follows
-    /// STARTTLS). `Err(status)`: the backend ended them with `NO` or `BYE`.
-    async fn capabilities(&mut self) -> Result<Result<Capabilities, Status>, BackendError> {
-        self.timed(async |c| {
-            let mut caps = Capabilities::default();
-            for _ in 0..MAX_CAPABILITY_LINES {
-                let (unit, tokens) = c.read_unit().await?;
-                if let Some(status) = Status::parse(&unit, &tokens) {
-                    let status = status?;
-                    return Ok(match status.kind {
-                        StatusKind::Ok => Ok(caps),
-                        _ => Err(status),
-                    });
-                }
-                match tokens.as_slice() {
-                    [Token::String(name)] => caps.add(name, None),
-                    [Token::String(name), Token::String(value)] => caps.add(name, Some(value)),
-                    _ => {
-                        return Err(BackendError::Protocol(format!(
-                            "expected a capability line, got {:?}",
-                            String::from_utf8_lossy(&unit[..unit.len().min(100)])
-                        )))
-                    }
-                }
-            }
-            Err(BackendError::Protocol(format!(
-                "more than {MAX_CAPABILITY_LINES} capability lines"
-            )))
-        })
-        .await
-    }
-
-    /// Sends one command line (CRLF included) and reads its status. The line may hold
-    /// credentials: it is never logged, and errors never quote it.
-    async fn command(&mut self, line: &[u8]) -> Result<Status, BackendError> {
-        self.timed(async |c| {
-            c.stream.write_all(line).await?;
-            c.stream.flush().await?;
-            c.status().await
-        })
-        .await
-    }
-
-    /// `AUTHENTICATE "PLAIN" "<initial response>"` (RFC 5804 §2.1).
-    async fn authenticate_plain(
-        &mut self,
-        credentials: &Credentials,
-    ) -> Result<Status, BackendError> {
-        let fields = [
-            &credentials.username,
-            &credentials.auth_username,
-            credentials.password.expose(),
-        ];
-        if fields.iter().any(|f| f.contains('\0')) {
-            return Err(BackendError::Unsendable(
-                "the username or password holds a NUL byte".into(),
-            ));
-        }
-        let line = format!(
-            "AUTHENTICATE \"PLAIN\" \"{}\"\r\n",
-            sasl::encode_plain(credentials)
-        );
-        self.command(line.as_bytes()).await
-    }
+/// `AUTHENTICATE "PLAIN" "<initial response>"` (RFC 5804 §2.1).
+async fn authenticate_plain(
+    conn: &mut Dialogue,
+    credentials: &Credentials,
+) -> Result<Status, BackendError> {
+    let line = format!(
+        "AUTHENTICATE \"PLAIN\" \"{}\"\r\n",
+        plain_response(credentials)?
+    );
+    conn.exchange(line.as_bytes(), status).await
 }
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio::task::JoinHandle;
+    use tokio::net::TcpStream;
 
     use super::*;
     use crate::protocol::decision::ClientIdentity;
+    use crate::protocol::fake_backend::{self, alice, fake_backend, Attempt, Backend, CLOSE};
+    use crate::protocol::sasl;
 
     /// The capability greeting of Dovecot 2.3's managesieve-login for a trusted network,
     /// as a real one sent it (SIEVE list shortened).
@@ -394,45 +278,9 @@ mod tests {
     const GREETING_NO_XCLIENT: &str = "\"IMPLEMENTATION\" \"Dovecot\"\r\n\
         \"SASL\" \"PLAIN\"\r\n\"VERSION\" \"1.0\"\r\nOK \"Ready.\"\r\n";
 
-    /// What a fake backend's script answers to close the connection instead.
-    const CLOSE: &str = "<close>";
-
-    /// A scripted backend: sends `greeting`, then answers each line it reads with
-    /// `respond(line)`: nothing if empty, and it closes the connection on [`CLOSE`]. The
-    /// handle yields every line it read once the director closes the connection.
-    async fn fake_backend(
-        greeting: &'static str,
-        respond: impl Fn(&str) -> String + Send + 'static,
-    ) -> (TcpStream, JoinHandle<Vec<String>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let (sock, _) = listener.accept().await.unwrap();
-            let (rd, mut wr) = sock.into_split();
-            wr.write_all(greeting.as_bytes()).await.unwrap();
-            let mut lines = BufReader::new(rd).lines();
-            let mut seen = Vec::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let reply = respond(&line);
-                seen.push(line);
-                if reply == CLOSE {
-                    break;
-                }
-                if !reply.is_empty() && wr.write_all(reply.as_bytes()).await.is_err() {
-                    break;
-                }
-            }
-            seen
-        });
-        (TcpStream::connect(addr).await.unwrap(), task)
-    }
-
     /// A backend that greets with `greeting`, accepts XCLIENT and answers AUTHENTICATE with
     /// `auth_reply`.
-    async fn dovecot_like(
-        greeting: &'static str,
-        auth_reply: &'static str,
-    ) -> (TcpStream, JoinHandle<Vec<String>>) {
+    async fn dovecot_like(greeting: &'static str, auth_reply: &'static str) -> Backend {
         fake_backend(greeting, move |line| {
             match line.split(' ').next().unwrap_or_default() {
                 "XCLIENT" => "OK \"Updated\"\r\n".to_owned(),
@@ -444,12 +292,7 @@ mod tests {
     }
 
     fn identity() -> ClientIdentity {
-        ClientIdentity {
-            client: "192.0.2.7:50123".parse().unwrap(),
-            local: "127.0.0.1:4190".parse().unwrap(),
-            session_id: "sess1".into(),
-            session_ext_id: None,
-        }
+        fake_backend::identity("127.0.0.1:4190", "sess1")
     }
 
     async fn run_login(
@@ -457,20 +300,8 @@ mod tests {
         credentials: &Credentials,
         forward: Forward,
     ) -> Result<BackendLoginResult, BackendError> {
-        let identity = identity();
-        let req = BackendLoginRequest {
-            credentials,
-            identity: &identity,
-            forward,
-            starttls: None,
-            reply_timeout: Duration::from_secs(5),
-            commit: &crate::protocol::backend_login::always_commit,
-        };
-        login(BackendStream::Plain(tcp), &req).await
-    }
-
-    fn alice() -> Credentials {
-        Credentials::plain("alice", "secret")
+        let attempt = Attempt::new(credentials, identity(), forward);
+        login(BackendStream::Plain(tcp), &attempt.request()).await
     }
 
     const AUTH_ALICE: &str = "AUTHENTICATE \"PLAIN\" \"AGFsaWNlAHNlY3JldA==\"";
@@ -631,29 +462,11 @@ mod tests {
     #[tokio::test]
     async fn starttls_required_but_not_offered() {
         let (tcp, backend) = dovecot_like(GREETING_NO_XCLIENT, "OK\r\n").await;
-        let identity = identity();
-        let credentials = alice();
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
-            tokio_rustls::rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-                tokio_rustls::rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(tokio_rustls::rustls::RootCertStore::empty())
-            .with_no_client_auth(),
-        ));
-        let req = BackendLoginRequest {
-            credentials: &credentials,
-            identity: &identity,
-            forward: Forward::Auto,
-            starttls: Some(crate::protocol::backend_login::StartTls {
-                connector,
-                server_name: "backend".try_into().unwrap(),
-            }),
-            reply_timeout: Duration::from_secs(5),
-            commit: &crate::protocol::backend_login::always_commit,
-        };
-        let error = login(BackendStream::Plain(tcp), &req).await.err().unwrap();
+        let attempt = Attempt::new(&alice(), identity(), Forward::Auto).with_starttls();
+        let error = login(BackendStream::Plain(tcp), &attempt.request())
+            .await
+            .err()
+            .unwrap();
         assert!(error.to_string().contains("STARTTLS"), "{error}");
         assert!(backend.await.unwrap().is_empty());
     }
