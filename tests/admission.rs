@@ -23,7 +23,8 @@ use support::client::{curl, quote, Conn};
 use support::director::{config_yaml, DirectorOptions, TestDirector};
 use support::director_log::{capture_director_log, director_log};
 use support::dovecot::{user, Pool, PASSWORD};
-use support::logs::{field, wait_login, wait_until};
+use support::logs::{field, wait_login};
+use support::wait::wait_until;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -41,10 +42,8 @@ fn rss_kib() -> u64 {
 
 /// Logs in over IMAP as `u` on `c` (greeting already read) and selects the inbox.
 fn imap_login(c: &mut Conn, u: &str) {
-    let r = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
-    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
-    let r = c.imap("b", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    c.imap_ok("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
+    c.imap_ok("b", "SELECT INBOX");
 }
 
 /// The director's configuration with `lines` added under `limits:`.
@@ -122,13 +121,7 @@ fn a_full_listener_drops_its_oldest_connection_before_login() {
     let pool = Pool::start(1);
     let yaml = with_limits(&pool, &DirectorOptions::default(), "  max_connections: 3\n");
     let d = TestDirector::start_yaml(&yaml);
-    let mut waiting: Vec<Conn> = (0..3)
-        .map(|_| {
-            let mut c = Conn::connect(d.imap);
-            assert!(c.line().starts_with("* OK"));
-            c
-        })
-        .collect();
+    let mut waiting: Vec<Conn> = (0..3).map(|_| Conn::imap_greeted(d.imap)).collect();
     let mut newcomer = Conn::connect(d.imap);
     // The oldest is told why and closed; the newcomer is greeted.
     assert_eq!(
@@ -139,28 +132,19 @@ fn a_full_listener_drops_its_oldest_connection_before_login() {
     assert!(newcomer.line().starts_with("* OK"), "newcomer greeted");
     // The others stay, and the newcomer can log in.
     for c in &mut waiting[1..] {
-        assert!(c.imap("n", "NOOP").last().unwrap().starts_with("n OK"));
+        c.imap_ok("n", "NOOP");
     }
     imap_login(&mut newcomer, &user(61));
     // One more: now the second-oldest goes (the logged-in newcomer is not a candidate).
-    let mut another = Conn::connect(d.imap);
-    assert!(another.line().starts_with("* OK"));
+    let _another = Conn::imap_greeted(d.imap);
     assert_eq!(
         waiting[1].line(),
         "* BYE [UNAVAILABLE] Connection queue full."
     );
-    assert!(newcomer
-        .imap("n", "NOOP")
-        .last()
-        .unwrap()
-        .starts_with("n OK"));
+    newcomer.imap_ok("n", "NOOP");
     // POP3 and ManageSieve have pools of their own (the same size), untouched so far, and
     // say their own BYE.
-    let greet_pop3 = || {
-        let mut c = Conn::connect(d.pop3);
-        assert!(c.line().starts_with("+OK"));
-        c
-    };
+    let greet_pop3 = || Conn::pop3_greeted(d.pop3);
     let mut pop3: Vec<Conn> = (0..3).map(|_| greet_pop3()).collect();
     let _p = greet_pop3();
     assert_eq!(pop3[0].line(), "-ERR [SYS/TEMP] Connection queue full.");
@@ -190,8 +174,7 @@ fn a_listener_full_of_logged_in_sessions_refuses_newcomers_and_keeps_them() {
     let d = TestDirector::start_yaml(&yaml);
     let mut sessions: Vec<Conn> = (0..3)
         .map(|i| {
-            let mut c = Conn::connect(d.imap);
-            assert!(c.line().starts_with("* OK"));
+            let mut c = Conn::imap_greeted(d.imap);
             imap_login(&mut c, &user(62 + i));
             c
         })
@@ -203,23 +186,17 @@ fn a_listener_full_of_logged_in_sessions_refuses_newcomers_and_keeps_them() {
     );
     assert!(refused.ended());
     for c in &mut sessions {
-        let r = c.imap("n", "NOOP");
-        assert!(r.last().unwrap().starts_with("n OK"), "{r:?}");
+        c.imap_ok("n", "NOOP");
     }
     // Other listeners have their own pools: POP3 logs in, LMTP greets.
-    let mut p = Conn::connect(d.pop3);
-    assert!(p.line().starts_with("+OK"));
-    assert!(p.pop3(&format!("USER {}", user(66))).starts_with("+OK"));
-    assert!(p.pop3(&format!("PASS {PASSWORD}")).starts_with("+OK"));
+    let mut p = Conn::pop3_greeted(d.pop3);
+    p.pop3_ok(&format!("USER {}", user(66)));
+    p.pop3_ok(&format!("PASS {PASSWORD}"));
     let mut l = Conn::connect(d.lmtp[0]);
     assert!(l.line().starts_with("220 "));
     // A session that ends frees its slot.
     let mut first = sessions.remove(0);
-    assert!(first
-        .imap("z", "LOGOUT")
-        .last()
-        .unwrap()
-        .starts_with("z OK"));
+    first.imap_ok("z", "LOGOUT");
     drop(first);
     let mut next = wait_until("a slot after a logout", Duration::from_secs(5), || {
         let mut c = Conn::connect(d.imap);

@@ -15,16 +15,12 @@ use support::logs::{login_lines, wait_login};
 
 /// Connects to the director's IMAP listener and reads the greeting.
 fn imap_connect(d: &TestDirector) -> Conn {
-    let mut c = Conn::connect(d.imap);
-    assert!(c.line().starts_with("* OK"));
-    c
+    Conn::imap_greeted(d.imap)
 }
 
 /// Connects to the director's POP3 listener and reads the greeting.
 fn pop3_connect(d: &TestDirector) -> Conn {
-    let mut c = Conn::connect(d.pop3);
-    assert!(c.line().starts_with("+OK"));
-    c
+    Conn::pop3_greeted(d.pop3)
 }
 
 fn imap_login_line(u: &str) -> String {
@@ -33,7 +29,7 @@ fn imap_login_line(u: &str) -> String {
 
 /// USER + PASS on an open POP3 connection; the reply to PASS.
 fn pop3_user_pass(c: &mut Conn, u: &str) -> String {
-    assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
+    c.pop3_ok(&format!("USER {u}"));
     c.pop3(&format!("PASS {PASSWORD}"))
 }
 
@@ -68,8 +64,8 @@ fn dead_backend_sends_a_new_user_to_the_next_in_ring_order_and_it_sticks() {
             "{u}: record still on the dead backend"
         );
     }
-    assert!(imap.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
-    assert!(pop3.pop3("QUIT").starts_with("+OK"));
+    imap.imap_ok("z", "LOGOUT");
+    pop3.pop3_ok("QUIT");
 
     // The dead backend comes back; the users stay where they were moved, in both protocols.
     dead.start();
@@ -96,12 +92,11 @@ fn all_backends_dead_is_unavailable_and_a_retry_works_once_one_is_back() {
     let mut imap = imap_connect(&d);
     let r = imap.imap("a", &imap_login_line(&ui));
     assert!(r.last().unwrap().starts_with("a NO [UNAVAILABLE]"), "{r:?}");
-    let r = imap.imap("b", "NOOP");
-    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    imap.imap_ok("b", "NOOP");
     let mut pop3 = pop3_connect(&d);
     let e = pop3_user_pass(&mut pop3, &up);
     assert!(e.starts_with("-ERR [SYS/TEMP]"), "{e}");
-    assert!(pop3.pop3("NOOP").starts_with("+OK"));
+    pop3.pop3_ok("NOOP");
     // More tries than max_auth_failures (3): a temporary failure is not a failed login.
     for _ in 0..3 {
         let r = imap.imap("c", &imap_login_line(&ui));
@@ -112,12 +107,11 @@ fn all_backends_dead_is_unavailable_and_a_retry_works_once_one_is_back() {
 
     let back = pool.backend(0);
     back.start();
-    let r = imap.imap("d", &imap_login_line(&ui));
-    assert!(r.last().unwrap().starts_with("d OK"), "{r:?}");
+    imap.imap_ok("d", &imap_login_line(&ui));
     assert_eq!(imap.imap_backend(), back.name);
     let ok = pop3_user_pass(&mut pop3, &up);
     assert!(ok.starts_with("+OK"), "{ok}");
-    assert!(pop3.pop3("STAT").starts_with("+OK"));
+    pop3.pop3_ok("STAT");
     wait_login(back, "pop3-login", &up);
 }
 
@@ -162,8 +156,7 @@ fn hung_only_backend_is_unavailable_within_the_timeout() {
     );
 
     b.resume();
-    let r = imap.imap("b", &imap_login_line(&ui));
-    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    imap.imap_ok("b", &imap_login_line(&ui));
     assert_eq!(imap.imap_backend(), b.name);
     let ok = pop3_user_pass(&mut pop3, &up);
     assert!(ok.starts_with("+OK"), "{ok}");

@@ -15,7 +15,8 @@ use support::client::{quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::director_log::{capture_director_log, director_log};
 use support::dovecot::{user, Backend, Pool, PASSWORD};
-use support::logs::{field, wait_login, wait_until, LOG_WAIT};
+use support::logs::{field, wait_login, LOG_WAIT};
+use support::wait::wait_until;
 
 /// The client address the load balancer reports (TEST-NET-1: nothing real has it).
 const CLIENT_IP: &str = "192.0.2.55";
@@ -55,10 +56,8 @@ fn imap_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
     c.send(header);
     let greeting = c.line();
     assert!(greeting.starts_with("* OK"), "{greeting:?}");
-    let r = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
-    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
-    let r = c.imap("b", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    c.imap_ok("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
+    c.imap_ok("b", "SELECT INBOX");
     c
 }
 
@@ -68,10 +67,10 @@ fn pop3_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
     c.send(header);
     let greeting = c.line();
     assert!(greeting.starts_with("+OK"), "{greeting:?}");
-    assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
+    c.pop3_ok(&format!("USER {u}"));
     let ok = c.pop3(&format!("PASS {PASSWORD}"));
     assert!(ok.starts_with("+OK"), "{ok}");
-    assert!(c.pop3("STAT").starts_with("+OK"));
+    c.pop3_ok("STAT");
     c
 }
 
@@ -114,7 +113,7 @@ fn imap_id_forwards_the_proxy_v1_client_and_the_session_id() {
     // x-session-id: Dovecot adopts the director's id for the session.
     let session = field(&line, "session").expect("session= in the login line");
     assert_eq!(session, director_session_id(&u), "{line}");
-    assert!(c.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+    c.imap_ok("z", "LOGOUT");
 }
 
 #[test]
@@ -128,7 +127,7 @@ fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
     assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
     let session = field(&line, "session").expect("session= in the login line");
     assert_eq!(session, director_session_id(&u), "{line}");
-    assert!(c.pop3("QUIT").starts_with("+OK"));
+    c.pop3_ok("QUIT");
 }
 
 #[test]
@@ -161,8 +160,8 @@ fn proxy_v2_to_dovecot_haproxy_listeners() {
     let line = wait_login(home(&pool, &d, &up), "pop3-login", &up);
     assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
     assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
-    assert!(imap.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
-    assert!(pop3.pop3("QUIT").starts_with("+OK"));
+    imap.imap_ok("z", "LOGOUT");
+    pop3.pop3_ok("QUIT");
 }
 
 #[test]
@@ -271,16 +270,13 @@ const STRANGER_IP: &str = "127.0.0.12";
 fn imap_with_originating_id(d: &TestDirector, source: &str, u: &str) -> Conn {
     let mut c = Conn::connect_from(source.parse().unwrap(), d.imap);
     assert!(c.line().starts_with("* OK"));
-    let r = c.imap(
+    c.imap_ok(
         "i",
         "ID (\"name\" \"webmail\" \"x-originating-ip\" \"192.0.2.7\" \
          \"x-originating-port\" \"51234\" \"x-session-ext-id\" \"abc123\")",
     );
-    assert!(r.last().unwrap().starts_with("i OK"), "{r:?}");
-    let r = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
-    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
-    let r = c.imap("b", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    c.imap_ok("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
+    c.imap_ok("b", "SELECT INBOX");
     c
 }
 
@@ -327,8 +323,8 @@ fn imap_id_from_a_trusted_client_names_the_real_client() {
 
     // The director's own log of the sessions says the same.
     let trusted_id = director_session_id(&trusted);
-    assert!(t.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
-    assert!(s.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+    t.imap_ok("z", "LOGOUT");
+    s.imap_ok("z", "LOGOUT");
     let end = director_end_line(&trusted_id);
     assert_eq!(
         field(&end, "client").as_deref(),

@@ -17,7 +17,7 @@ use support::client::imap_login;
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logins::{LoginLoop, Timed};
-use support::logs::wait_until;
+use support::wait::wait_until;
 
 const INTERVAL: Duration = Duration::from_millis(500);
 const FALL: u32 = 2;

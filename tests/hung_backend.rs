@@ -25,7 +25,7 @@ use support::client::imap_login;
 use support::director::TestDirector;
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logins::{LoginLoop, Timed};
-use support::logs::wait_until;
+use support::wait::wait_until;
 
 /// The default `connect_timeout`: no login may take longer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

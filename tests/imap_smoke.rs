@@ -19,10 +19,8 @@ fn imap_login_lands_on_the_rings_backend_and_sticks() {
         assert_eq!(b1, expected, "{u}");
         let (mut c2, b2) = imap_login(d.imap, &u, PASSWORD);
         assert_eq!(b2, expected, "{u} second session");
-        let r = c1.imap("a2", "LOGOUT");
-        assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
-        let r = c2.imap("a2", "SELECT INBOX");
-        assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
+        c1.imap_ok("a2", "LOGOUT");
+        c2.imap_ok("a2", "SELECT INBOX");
     }
 }
 
@@ -30,8 +28,7 @@ fn imap_login_lands_on_the_rings_backend_and_sticks() {
 fn pop3_user_pass_login() {
     let pool = Pool::start(2);
     let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let mut c = Conn::connect(d.pop3);
-    assert!(c.line().starts_with("+OK"));
+    let mut c = Conn::pop3_greeted(d.pop3);
     c.send(format!("USER {}\r\n", user(1)).as_bytes());
     assert!(c.line().starts_with("+OK"));
     c.send(format!("PASS {PASSWORD}\r\n").as_bytes());

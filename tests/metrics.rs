@@ -16,15 +16,13 @@ use director::state::State;
 use support::client::{curl, imap_login, pop3_login, quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
-use support::logs::wait_until;
+use support::wait::wait_until;
 
 fn options() -> DirectorOptions {
-    DirectorOptions {
-        extra: "metrics:\n  address: 127.0.0.1:0\n\
-                health:\n  interval: 500ms\n  fast_interval: 200ms\n  rise: 2\n  fall: 2\n"
-            .into(),
-        ..DirectorOptions::default()
-    }
+    DirectorOptions::with_extra(
+        "metrics:\n  address: 127.0.0.1:0\n\
+         health:\n  interval: 500ms\n  fast_interval: 200ms\n  rise: 2\n  fall: 2\n",
+    )
 }
 
 /// GET `path` on the metrics listener: (status, body).
@@ -102,10 +100,8 @@ fn scrape_after_traffic_shows_logins_sessions_and_backends_and_passes_promtool()
         .map(|i| imap_login(d.imap, &user(i), PASSWORD).0)
         .collect();
     let (mut c, _) = imap_login(d.imap, &user(4), PASSWORD);
-    let r = c.imap("b1", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("b1 OK"), "{r:?}");
-    let r = c.imap("b2", "LOGOUT");
-    assert!(r.last().unwrap().starts_with("b2 OK"), "{r:?}");
+    c.imap_ok("b1", "SELECT INBOX");
+    c.imap_ok("b2", "LOGOUT");
     assert!(c.ended());
     let mut bad = Conn::connect(d.imap);
     bad.line();
@@ -116,7 +112,7 @@ fn scrape_after_traffic_shows_logins_sessions_and_backends_and_passes_promtool()
     assert!(r.last().unwrap().starts_with("c1 NO"), "{r:?}");
     drop(bad);
     let mut p = pop3_login(d.pop3, &user(6), PASSWORD);
-    assert!(p.pop3("QUIT").starts_with("+OK"));
+    p.pop3_ok("QUIT");
     assert!(p.ended());
 
     // Session ends are counted when the relay finishes: wait for both to be gone.

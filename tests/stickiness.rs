@@ -57,8 +57,7 @@ fn logout(d: &TestDirector, mut c: Conn, username: &str) {
     let hash = d.router.hash(username);
     let before = d.sessions.count_user(hash);
     assert!(before > 0, "{username} has no session to log out");
-    let r = c.imap("lo", "LOGOUT");
-    assert!(r.last().unwrap().starts_with("lo OK"), "{r:?}");
+    c.imap_ok("lo", "LOGOUT");
     drop(c);
     let deadline = Instant::now() + Duration::from_secs(15);
     while d.sessions.count_user(hash) >= before {
@@ -175,13 +174,7 @@ fn weights_share_new_users_and_logins_land_where_the_router_says() {
 #[test]
 fn ring_changes_move_nobody_with_a_record() {
     let pool = Pool::start(4);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            configured_backends: Some(3),
-            ..DirectorOptions::default()
-        },
-    );
+    let d = TestDirector::start(&pool, &DirectorOptions::with_configured_backends(3));
     assert_eq!(d.state.backends().backends.len(), 3);
     let added = pool.backend(3);
     let reweighted = pool.backend(0);
@@ -271,13 +264,7 @@ fn ring_changes_move_nobody_with_a_record() {
 #[test]
 fn record_expires_after_the_last_session() {
     let pool = Pool::start(3);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            extra: "user_expire: 2s\n".into(),
-            ..DirectorOptions::default()
-        },
-    );
+    let d = TestDirector::start(&pool, &DirectorOptions::with_extra("user_expire: 2s\n"));
     let u = user(7);
     let (c, first) = imap_login(d.imap, &u, PASSWORD);
     let old_ip = pool.backends.iter().find(|b| b.name == first).unwrap().ip;
@@ -301,13 +288,7 @@ fn record_expires_after_the_last_session() {
 #[test]
 fn record_with_a_live_session_never_expires() {
     let pool = Pool::start(3);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            extra: "user_expire: 2s\n".into(),
-            ..DirectorOptions::default()
-        },
-    );
+    let d = TestDirector::start(&pool, &DirectorOptions::with_extra("user_expire: 2s\n"));
     let u = user(8);
     let (mut held, first) = imap_login(d.imap, &u, PASSWORD);
     let old_ip = pool.backends.iter().find(|b| b.name == first).unwrap().ip;
@@ -319,8 +300,7 @@ fn record_with_a_live_session_never_expires() {
     std::thread::sleep(Duration::from_millis(3500));
     let (c, second) = imap_login(d.imap, &u, PASSWORD);
     assert_eq!(second, first, "{u}: second login while a session is open");
-    let r = held.imap("s1", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("s1 OK"), "{r:?}");
+    held.imap_ok("s1", "SELECT INBOX");
 
     // Once both sessions are over, the record expires and the ring decides.
     logout(&d, c, &u);
@@ -350,8 +330,7 @@ fn concurrent_first_logins_agree_on_one_backend() {
                 let (barrier, u, addr) = (barrier.clone(), u.clone(), d.imap);
                 std::thread::spawn(move || {
                     // Greeted first, so that the LOGINs leave as close together as possible.
-                    let mut c = Conn::connect(addr);
-                    assert!(c.line().starts_with("* OK"));
+                    let mut c = Conn::imap_greeted(addr);
                     barrier.wait();
                     let r = c.imap("a1", &format!("LOGIN {u} {PASSWORD}"));
                     assert!(r.last().unwrap().starts_with("a1 OK"), "{u}: {r:?}");

@@ -123,8 +123,7 @@ fn clients_use_starttls_and_stls_where_plaintext_is_refused() {
     imap_append(pool.backend(1).imap(), &u, PASSWORD, MESSAGE);
 
     // What a client sees in the clear.
-    let mut c = Conn::connect(d.imap);
-    assert!(c.line().starts_with("* OK"));
+    let mut c = Conn::imap_greeted(d.imap);
     let caps = c.imap("a", "CAPABILITY").join("\n");
     assert!(
         caps.contains("STARTTLS") && caps.contains("LOGINDISABLED"),
@@ -132,8 +131,7 @@ fn clients_use_starttls_and_stls_where_plaintext_is_refused() {
     );
     let r = c.imap("b", &format!("LOGIN {} {}", quote(&u), quote(PASSWORD)));
     assert!(r.last().unwrap().starts_with("b NO"), "{r:?}");
-    let mut c = Conn::connect(d.pop3);
-    assert!(c.line().starts_with("+OK"));
+    let mut c = Conn::pop3_greeted(d.pop3);
     assert!(c.pop3(&format!("USER {u}")).starts_with("-ERR"));
 
     let imap = format!("imap://127.0.0.1:{}/", d.imap.port());
@@ -189,8 +187,8 @@ fn login_both_ways(pool: &Pool, d: &TestDirector, u: &str) -> (String, String) {
     let mut pop3 = pop3_login(d.pop3, u, PASSWORD);
     let stat = pop3.pop3("STAT");
     assert!(stat.starts_with("+OK"), "{stat}");
-    assert!(pop3.pop3("QUIT").starts_with("+OK"));
-    assert!(imap.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+    pop3.pop3_ok("QUIT");
+    imap.imap_ok("z", "LOGOUT");
     (
         wait_login(home, "imap-login", u),
         wait_login(home, "pop3-login", u),
@@ -202,10 +200,7 @@ fn backend_starttls() {
     let pool = Pool::start(2);
     let d = TestDirector::start(
         &pool,
-        &DirectorOptions {
-            backend_extra: "    tls: starttls\n".into(),
-            ..DirectorOptions::default()
-        },
+        &DirectorOptions::with_backend_extra("    tls: starttls\n"),
     );
     for u in [user(22), user(23)] {
         let (imap, pop3) = login_both_ways(&pool, &d, &u);
@@ -219,10 +214,9 @@ fn backend_implicit_tls() {
     let pool = Pool::start(2);
     let d = TestDirector::start(
         &pool,
-        &DirectorOptions {
-            backend_extra: "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n".into(),
-            ..DirectorOptions::default()
-        },
+        &DirectorOptions::with_backend_extra(
+            "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n",
+        ),
     );
     for u in [user(24), user(25)] {
         let (imap, pop3) = login_both_ways(&pool, &d, &u);
@@ -256,27 +250,24 @@ fn backend_with_unverifiable_certificate_is_unavailable() {
     ] {
         let d = TestDirector::start(
             &pool,
-            &DirectorOptions {
-                backend_extra: format!("{extra}    tls_ca_file: {}\n", wrong.display()),
-                ..DirectorOptions::default()
-            },
+            &DirectorOptions::with_backend_extra(&format!(
+                "{extra}    tls_ca_file: {}\n",
+                wrong.display()
+            )),
         );
         let u = user(if mode == "starttls" { 27 } else { 28 });
-        let mut c = Conn::connect(d.imap);
-        assert!(c.line().starts_with("* OK"));
+        let mut c = Conn::imap_greeted(d.imap);
         let r = c.imap("a", &format!("LOGIN {} {}", quote(&u), quote(PASSWORD)));
         let last = r.last().unwrap();
         assert!(last.starts_with("a NO [UNAVAILABLE]"), "{mode}: {r:?}");
         // The connection stays usable.
-        let r = c.imap("b", "NOOP");
-        assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+        c.imap_ok("b", "NOOP");
 
-        let mut c = Conn::connect(d.pop3);
-        assert!(c.line().starts_with("+OK"));
-        assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
+        let mut c = Conn::pop3_greeted(d.pop3);
+        c.pop3_ok(&format!("USER {u}"));
         let e = c.pop3(&format!("PASS {PASSWORD}"));
         assert!(e.starts_with("-ERR [SYS/TEMP]"), "{mode}: {e}");
-        assert!(c.pop3("NOOP").starts_with("+OK"));
+        c.pop3_ok("NOOP");
 
         for b in &pool.backends {
             let log = b.log();
@@ -292,13 +283,11 @@ fn backend_certificate_for_another_name_is_unavailable() {
     let pool = Pool::start(1);
     let d = TestDirector::start(
         &pool,
-        &DirectorOptions {
-            backend_extra: "    tls: starttls\n    tls_server_name: mail.example.org\n".into(),
-            ..DirectorOptions::default()
-        },
+        &DirectorOptions::with_backend_extra(
+            "    tls: starttls\n    tls_server_name: mail.example.org\n",
+        ),
     );
-    let mut c = Conn::connect(d.imap);
-    assert!(c.line().starts_with("* OK"));
+    let mut c = Conn::imap_greeted(d.imap);
     let r = c.imap(
         "a",
         &format!("LOGIN {} {}", quote(&user(29)), quote(PASSWORD)),
@@ -320,13 +309,10 @@ fn tls_verify_false_accepts_any_backend_certificate() {
     {
         let d = TestDirector::start(
             &pool,
-            &DirectorOptions {
-                backend_extra: format!(
-                    "{extra}    tls_verify: false\n    tls_ca_file: {}\n",
-                    wrong.display()
-                ),
-                ..DirectorOptions::default()
-            },
+            &DirectorOptions::with_backend_extra(&format!(
+                "{extra}    tls_verify: false\n    tls_ca_file: {}\n",
+                wrong.display()
+            )),
         );
         let u = user(30 + i);
         let (imap, pop3) = login_both_ways(&pool, &d, &u);
