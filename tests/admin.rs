@@ -49,8 +49,7 @@ fn alive(c: &mut Conn) -> bool {
 
 #[test]
 fn status_map_add_update_remove_with_users_logged_in() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::with_configured_backends(2));
+    let (pool, d) = TestDirector::start_with_pool(3, &DirectorOptions::with_configured_backends(2));
     let cfg = AdminCli::of(&d);
     let (a, b, c) = (pool.backend(0), pool.backend(1), pool.backend(2));
     let mut open = Vec::new();
@@ -123,17 +122,15 @@ fn status_map_add_update_remove_with_users_logged_in() {
         assert!(alive(conn));
     }
     // A weight above the maximum is refused with the reason.
-    let r = cfg.run(&["update", &b.ip.to_string(), "1200"], None);
-    assert!(
-        !r.ok && r.stderr.contains("above the maximum 1000"),
-        "{}",
-        r.stderr
+    cfg.fails(
+        &["update", &b.ip.to_string(), "1200"],
+        None,
+        "above the maximum 1000",
     );
-    let r = cfg.run(&["down", "10.255.255.254"], None);
-    assert!(
-        !r.ok && r.stderr.contains("no backend 10.255.255.254"),
-        "{}",
-        r.stderr
+    cfg.fails(
+        &["down", "10.255.255.254"],
+        None,
+        "no backend 10.255.255.254",
     );
 
     // A new user of the added backend logs in there; `remove` ends its session and its
@@ -162,8 +159,7 @@ fn status_map_add_update_remove_with_users_logged_in() {
 
 #[test]
 fn move_kick_down_and_up() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let cfg = AdminCli::of(&d);
     let (a, b) = (pool.backend(0), pool.backend(1));
     let u = user_hashed_to(&d, a.ip, 1);
@@ -215,8 +211,7 @@ fn move_kick_down_and_up() {
 
 #[test]
 fn flush_safe_and_forced() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let cfg = AdminCli::of(&d);
     let (a, b) = (pool.backend(0), pool.backend(1));
     let on_a = user_hashed_to(&d, a.ip, 1);
@@ -253,8 +248,7 @@ fn flush_safe_and_forced() {
 
 #[test]
 fn maintenance_with_an_allowed_user_and_its_end() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let cfg = AdminCli::of(&d);
     let (a, b) = (pool.backend(0), pool.backend(1));
     let normal = user_hashed_to(&d, a.ip, 1);
@@ -305,11 +299,10 @@ fn maintenance_with_an_allowed_user_and_its_end() {
         d.state.backends().get(a.ip).unwrap().admin == AdminState::Up
     });
     assert_eq!(cfg.backend_status(a.ip)["weight"], 70);
-    let r = cfg.run(&["maintenance", &a.ip.to_string(), "stop"], None);
-    assert!(
-        !r.ok && r.stderr.contains("not in maintenance"),
-        "{}",
-        r.stderr
+    cfg.fails(
+        &["maintenance", &a.ip.to_string(), "stop"],
+        None,
+        "not in maintenance",
     );
 }
 
@@ -393,11 +386,10 @@ fn admin_state_survives_a_restart_and_dump_reimports() {
     assert_eq!(strip_for(&cfg.ok(&["dump"])), strip_for(&dump));
 
     // A line that is not an admin change is refused before anything runs.
-    let r = cfg.run(&["import", "-"], Some("director kick someone\n"));
-    assert!(
-        !r.ok && r.stderr.contains("can be imported"),
-        "{}",
-        r.stderr
+    cfg.fails(
+        &["import", "-"],
+        Some("director kick someone\n"),
+        "can be imported",
     );
 }
 
@@ -500,8 +492,7 @@ fn tcp_admin_needs_the_token_and_an_allowed_network() {
 
 #[test]
 fn unix_socket_is_owner_only_and_the_cli_says_when_nothing_listens() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (_pool, d) = TestDirector::with_pool(1);
     let cfg = AdminCli::of(&d);
     let socket = d
         .yaml
@@ -512,12 +503,7 @@ fn unix_socket_is_owner_only_and_the_cli_says_when_nothing_listens() {
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     drop(d);
-    let r = cfg.run(&["status"], None);
-    assert!(
-        !r.ok && r.stderr.contains("cannot reach the director"),
-        "{}",
-        r.stderr
-    );
+    cfg.fails(&["status"], None, "cannot reach the director");
 }
 
 /// Dovecot 2.3's `doveadm director dump` writes one `doveadm director add HOST[@TAG] VHOSTS`
@@ -554,9 +540,8 @@ fn import_of_a_real_dovecot_director_dump() {
 
 #[test]
 fn status_shows_the_health_checkers_last_results() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(
-        &pool,
+    let (pool, d) = TestDirector::start_with_pool(
+        2,
         &DirectorOptions::with_extra(
             "health: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n",
         ),

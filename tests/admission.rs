@@ -418,9 +418,8 @@ fn the_per_address_cap_counts_the_client_a_trusted_header_names() {
 #[test]
 fn a_flood_of_bad_headers_from_a_trusted_peer_makes_a_few_warn_lines() {
     capture_director_log();
-    let pool = Pool::start(1);
-    let d = TestDirector::start(
-        &pool,
+    let (_pool, d) = TestDirector::start_with_pool(
+        1,
         &DirectorOptions {
             extra: "metrics:\n  address: 127.0.0.1:0\n".into(),
             ..proxy_options()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use director::routing::RouteReason;
 use support::client::{imap_login, pop3_login, quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
-use support::dovecot::{user, Pool, PASSWORD};
+use support::dovecot::{user, PASSWORD};
 use support::logs::{login_lines, wait_login};
 
 /// Connects to the director's IMAP listener and reads the greeting.
@@ -35,8 +35,7 @@ fn pop3_user_pass(c: &mut Conn, u: &str) -> String {
 
 #[test]
 fn dead_backend_sends_a_new_user_to_the_next_in_ring_order_and_it_sticks() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     // Two users whose ring backend is the same one: one for IMAP, one for POP3.
     let first = d.router.route(&user(50), "").unwrap();
     let dead = first.backend.ip;
@@ -83,8 +82,7 @@ fn dead_backend_sends_a_new_user_to_the_next_in_ring_order_and_it_sticks() {
 
 #[test]
 fn all_backends_dead_is_unavailable_and_a_retry_works_once_one_is_back() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     for b in &pool.backends {
         b.kill();
     }
@@ -130,8 +128,7 @@ const HUNG_LIMIT: Duration = Duration::from_secs(4);
 
 #[test]
 fn hung_only_backend_is_unavailable_within_the_timeout() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &short_timeouts());
+    let (pool, d) = TestDirector::start_with_pool(1, &short_timeouts());
     let b = pool.backend(0);
     let (ui, up) = (user(70), user(71));
     let mut imap = imap_connect(&d);
@@ -164,8 +161,7 @@ fn hung_only_backend_is_unavailable_within_the_timeout() {
 
 #[test]
 fn hung_backend_sends_a_new_user_to_the_next_in_ring_order() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &short_timeouts());
+    let (pool, d) = TestDirector::start_with_pool(2, &short_timeouts());
     let u = user(72);
     let route = d.router.route(&u, "").unwrap();
     let hung = pool.by_ip(route.backend.ip).unwrap();

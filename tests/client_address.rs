@@ -102,8 +102,7 @@ fn director_session_id(u: &str) -> String {
 #[test]
 fn imap_id_forwards_the_proxy_v1_client_and_the_session_id() {
     capture_director_log();
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options(""));
+    let (pool, d) = TestDirector::start_with_pool(2, &options(""));
     let u = user(40);
     let mut c = imap_via_proxy(d.imap, &v1_header(143), &u);
     let line = wait_login(home(&pool, &d, &u), "imap-login", &u);
@@ -119,8 +118,7 @@ fn imap_id_forwards_the_proxy_v1_client_and_the_session_id() {
 #[test]
 fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
     capture_director_log();
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options(""));
+    let (pool, d) = TestDirector::start_with_pool(2, &options(""));
     let u = user(41);
     let mut c = pop3_via_proxy(d.pop3, &v2_header(110), &u);
     let line = wait_login(home(&pool, &d, &u), "pop3-login", &u);
@@ -133,8 +131,7 @@ fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
 #[test]
 fn imap_v2_header_in_and_pop3_v1_header_in_with_forward_auto() {
     // The other pairings of header version and protocol.
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options(""));
+    let (pool, d) = TestDirector::start_with_pool(2, &options(""));
     let (ui, up) = (user(42), user(43));
     let _imap = imap_via_proxy(d.imap, &v2_header(143), &ui);
     let _pop3 = pop3_via_proxy(d.pop3, &v1_header(110), &up);
@@ -146,9 +143,8 @@ fn imap_v2_header_in_and_pop3_v1_header_in_with_forward_auto() {
 
 #[test]
 fn proxy_v2_to_dovecot_haproxy_listeners() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(
-        &pool,
+    let (pool, d) = TestDirector::start_with_pool(
+        2,
         &options("    forward: proxy_v2\n    ports: {imap: 11143, pop3: 11110}\n"),
     );
     let (ui, up) = (user(44), user(45));
@@ -166,8 +162,7 @@ fn proxy_v2_to_dovecot_haproxy_listeners() {
 
 #[test]
 fn forward_none_keeps_the_client_address_from_the_backend() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options("    forward: none\n"));
+    let (pool, d) = TestDirector::start_with_pool(2, &options("    forward: none\n"));
     let (ui, up) = (user(46), user(47));
     let _imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
     let _pop3 = pop3_via_proxy(d.pop3, &v2_header(110), &up);
@@ -185,8 +180,7 @@ fn forward_none_keeps_the_client_address_from_the_backend() {
 #[test]
 fn without_a_proxy_header_the_director_forwards_the_tcp_peer() {
     // The control: no PROXY listener, forward auto. Dovecot logs the test client's address.
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(1);
     let u = user(48);
     let _c = imap_via_proxy(d.imap, b"", &u);
     let line = wait_login(pool.backend(0), "imap-login", &u);
@@ -195,8 +189,7 @@ fn without_a_proxy_header_the_director_forwards_the_tcp_peer() {
 
 #[test]
 fn malformed_proxy_header_closes_without_a_greeting() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &options(""));
+    let (_pool, d) = TestDirector::start_with_pool(1, &options(""));
     let mut bad_version = v2_header(143);
     bad_version[12] = 0x31;
     let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -248,8 +241,7 @@ fn malformed_proxy_header_closes_without_a_greeting() {
 #[test]
 fn forwarding_survives_starttls_to_the_backend() {
     // ID and XCLIENT are sent after STARTTLS/STLS, on the protected connection.
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options("    tls: starttls\n"));
+    let (pool, d) = TestDirector::start_with_pool(2, &options("    tls: starttls\n"));
     let (ui, up) = (user(50), user(51));
     let _imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
     let _pop3 = pop3_via_proxy(d.pop3, &v1_header(110), &up);
@@ -297,9 +289,8 @@ fn director_end_line(id: &str) -> String {
 #[test]
 fn imap_id_from_a_trusted_client_names_the_real_client() {
     capture_director_log();
-    let pool = Pool::start(1);
-    let d = TestDirector::start(
-        &pool,
+    let (pool, d) = TestDirector::start_with_pool(
+        1,
         &DirectorOptions {
             trusted_networks: vec![format!("{WEBMAIL_IP}/32")],
             extra: "disable_plaintext_auth: false\n".into(),

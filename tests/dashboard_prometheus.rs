@@ -6,7 +6,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use director::state::State;
 use support::client::{imap_login, Conn};
 use support::director::{DirectorOptions, TestDirector};
-use support::dovecot::{user, Pool, PASSWORD};
+use support::dovecot::{user, PASSWORD};
+use support::ports::free_port;
 
 struct Prometheus {
     child: Child,
@@ -26,14 +27,6 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A plain HTTP GET; returns (status, body).
@@ -169,11 +162,7 @@ fn every_panel_and_alert_query_returns_data_from_a_real_prometheus() {
 
     // A director under traffic, with a health checker, and one backend that dies so the
     // check-result and move series exist.
-    let pool = Pool::start(3);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions::with_extra("metrics: {address: 127.0.0.1:0}\nhealth: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n"),
-    );
+    let (pool, d) = TestDirector::start_with_pool(3, &DirectorOptions::with_extra("metrics: {address: 127.0.0.1:0}\nhealth: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n"),);
     let prom = start_prometheus(pool.dir(), d.metrics.expect("metrics listener"));
     // Prometheus applies its first target list a few seconds after start: wait for the first
     // scrape, so that the traffic below spans several scrapes and rate() has samples.

@@ -147,8 +147,7 @@ fn assert_same_bytes(got: &[u8], expected: &[u8], what: &str) {
 
 #[test]
 fn login_reply_carries_the_backends_capabilities() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(21);
     let backend = routed(&pool, &d, &u);
     let (mut direct, direct_ok) = login(backend.imap(), &u);
@@ -181,8 +180,7 @@ fn login_reply_carries_the_backends_capabilities() {
 
 #[test]
 fn append_and_fetch_back_a_mebibyte_byte_for_byte() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(22);
     let (mut c, _) = login(d.imap, &u);
     let reply = c.imap("b", "SELECT INBOX");
@@ -224,8 +222,7 @@ fn append_and_fetch_back_a_mebibyte_byte_for_byte() {
 
 #[test]
 fn a_large_message_on_the_backend_is_fetched_whole() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(23);
     // Stored by the backend directly, not through the director.
     let big = message("stored-directly", 5 << 20);
@@ -253,8 +250,7 @@ fn a_large_message_on_the_backend_is_fetched_whole() {
 
 #[test]
 fn idle_sees_a_message_appended_by_another_session() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     let u = user(24);
     let (mut a, _) = login(d.imap, &u);
     let reply = a.imap("b", "SELECT INBOX");
@@ -389,8 +385,7 @@ fn wait_until(mut done: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn sessions_are_listed_while_logged_in() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     let users = [user(26), user(27)];
     let mut conns = Vec::new();
     for u in &users {

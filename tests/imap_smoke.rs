@@ -4,13 +4,12 @@
 mod support;
 
 use support::client::{imap_login, Conn};
-use support::director::{DirectorOptions, TestDirector};
-use support::dovecot::{user, Pool, PASSWORD};
+use support::director::TestDirector;
+use support::dovecot::{user, PASSWORD};
 
 #[test]
 fn imap_login_lands_on_the_rings_backend_and_sticks() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     for i in 1..=6 {
         let u = user(i);
         let expected_ip = d.router.route(&u, "").unwrap().backend.ip;
@@ -26,8 +25,7 @@ fn imap_login_lands_on_the_rings_backend_and_sticks() {
 
 #[test]
 fn pop3_user_pass_login() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (_pool, d) = TestDirector::with_pool(2);
     let mut c = Conn::pop3_greeted(d.pop3);
     c.send(format!("USER {}\r\n", user(1)).as_bytes());
     assert!(c.line().starts_with("+OK"));

@@ -45,6 +45,13 @@ struct TestLmtp {
 const SESSION_PREFIX: &str = "lmtptest";
 
 impl TestLmtp {
+    /// Starts a pool of `backends` and the service with `settings` over it.
+    fn with_pool(backends: usize, settings: LmtpSettings) -> (Pool, TestLmtp) {
+        let pool = Pool::start(backends);
+        let l = Self::start(&pool, settings, &DirectorOptions::default());
+        (pool, l)
+    }
+
     fn start(pool: &Pool, settings: LmtpSettings, options: &DirectorOptions) -> TestLmtp {
         Self::start_with_unix(pool, settings, options, None)
     }
@@ -280,8 +287,7 @@ fn assert_stored(file: &[u8], stored: &[u8], backend: &str) {
 
 #[test]
 fn swaks_delivers_each_user_to_its_routed_backend() {
-    let pool = Pool::start(3);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(3, settings());
     for i in 1..=6 {
         let u = user(i);
         let to = format!("{u}+folder@example.org");
@@ -306,8 +312,7 @@ fn swaks_delivers_each_user_to_its_routed_backend() {
 
 #[test]
 fn three_recipients_on_three_backends_pipelined() {
-    let pool = Pool::start(3);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(3, settings());
     let users = users_on_distinct_backends(&l, 3);
     let (mut c, caps) = connect(&l);
     for cap in [
@@ -354,12 +359,13 @@ fn three_recipients_on_three_backends_pipelined() {
 
 #[test]
 fn whole_address_usernames_and_swaks_with_several_recipients() {
-    let pool = Pool::start(3);
-    let s = LmtpSettings {
-        recipient_username: RecipientUsername::WholeAddress,
-        ..settings()
-    };
-    let l = TestLmtp::start(&pool, s, &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(
+        3,
+        LmtpSettings {
+            recipient_username: RecipientUsername::WholeAddress,
+            ..settings()
+        },
+    );
     let to: Vec<String> = (10..14)
         .map(|i| format!("{}@example.org", user(i)))
         .collect();
@@ -379,12 +385,13 @@ fn whole_address_usernames_and_swaks_with_several_recipients() {
 
 #[test]
 fn protocol_errors_and_refusals() {
-    let pool = Pool::start(1);
-    let s = LmtpSettings {
-        max_line_length: 512,
-        ..settings()
-    };
-    let l = TestLmtp::start(&pool, s, &DirectorOptions::default());
+    let (_pool, l) = TestLmtp::with_pool(
+        1,
+        LmtpSettings {
+            max_line_length: 512,
+            ..settings()
+        },
+    );
     let mut c = Conn::connect(l.addr);
     reply(&mut c);
     assert!(cmd(&mut c, "MAIL FROM:<a@b>").starts_with("503 5.5.1"));
@@ -412,12 +419,13 @@ fn protocol_errors_and_refusals() {
 
 #[test]
 fn size_limit_refuses_up_front_and_while_streaming() {
-    let pool = Pool::start(3);
-    let s = LmtpSettings {
-        max_message_size: Some(1000),
-        ..settings()
-    };
-    let l = TestLmtp::start(&pool, s, &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(
+        3,
+        LmtpSettings {
+            max_message_size: Some(1000),
+            ..settings()
+        },
+    );
     let users = users_on_distinct_backends(&l, 2);
     let (mut c, caps) = connect(&l);
     assert!(caps.contains(&"250 SIZE 1000".to_string()), "{caps:?}");
@@ -452,8 +460,7 @@ fn size_limit_refuses_up_front_and_while_streaming() {
 
 #[test]
 fn killed_backend_gives_451_at_rcpt_others_delivered() {
-    let pool = Pool::start(3);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(3, settings());
     let users = users_on_distinct_backends(&l, 2);
     let dead = l.backend_of(&pool, &users[0]);
     dead.kill();
@@ -476,8 +483,7 @@ fn killed_backend_gives_451_at_rcpt_others_delivered() {
 
 #[test]
 fn backend_killed_mid_data_then_the_retry_delivers_exactly_once() {
-    let pool = Pool::start(3);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(3, settings());
     let users = users_on_distinct_backends(&l, 3);
     let (mut c, _) = connect(&l);
     assert!(cmd(&mut c, "MAIL FROM:<a@b.example>").starts_with("250 "));
@@ -542,8 +548,7 @@ fn garbage_backend() -> (SocketAddr, JoinHandle<()>) {
 
 #[test]
 fn garbage_from_a_backend_at_data_gives_451() {
-    let pool = Pool::start(1);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(1, settings());
     // user0001 stays on the real backend (its record), user0002 goes to the fake.
     let real = l.backend_of(&pool, &user(1)).name.clone();
     let (fake, thread) = garbage_backend();
@@ -574,8 +579,7 @@ fn garbage_from_a_backend_at_data_gives_451() {
 
 #[test]
 fn delivering_to_this_director_itself_is_refused() {
-    let pool = Pool::start(1);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(1, settings());
     l.only_backend(&pool, l.addr);
     let health = l.state.backends().get(l.addr.ip()).unwrap().health;
     assert_eq!(health, Health::Up);

@@ -5,17 +5,17 @@
 
 mod support;
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use director::metrics::CATALOGUE;
 use director::state::backend::AdminState;
 use director::state::State;
 use support::client::{curl, imap_login, pop3_login, quote, Conn};
+use support::command::run;
 use support::director::{DirectorOptions, TestDirector};
-use support::dovecot::{user, Pool, PASSWORD};
+use support::dovecot::{user, PASSWORD};
 use support::wait::wait_until;
 
 fn options() -> DirectorOptions {
@@ -57,34 +57,17 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 fn promtool_check(text: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool (Debian package prometheus; ./scripts/install-deps)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+    let out = run(
+        Command::new("promtool").args(["check", "metrics"]),
+        Some(text.as_bytes()),
     )
+    .expect("run promtool (Debian package prometheus; ./scripts/install-deps)");
+    (out.ok, out.text())
 }
 
 #[test]
 fn scrape_after_traffic_shows_logins_sessions_and_backends_and_passes_promtool() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options());
+    let (pool, d) = TestDirector::start_with_pool(2, &options());
     let m = d.metrics.expect("metrics listener");
 
     assert_eq!(get(m, "/healthz"), (200, "ok\n".to_owned()));
@@ -212,8 +195,7 @@ fn scrape_after_traffic_shows_logins_sessions_and_backends_and_passes_promtool()
 
 #[test]
 fn readyz_is_503_when_every_backend_is_admin_down() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options());
+    let (_pool, d) = TestDirector::start_with_pool(2, &options());
     let m = d.metrics.expect("metrics listener");
     wait_until("ready", Duration::from_secs(20), || {
         (get(m, "/readyz").0 == 200).then_some(())
@@ -238,7 +220,6 @@ fn readyz_is_503_when_every_backend_is_admin_down() {
 
 #[test]
 fn no_metrics_listener_without_an_address() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (_pool, d) = TestDirector::with_pool(1);
     assert!(d.metrics.is_none());
 }

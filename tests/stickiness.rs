@@ -173,8 +173,7 @@ fn weights_share_new_users_and_logins_land_where_the_router_says() {
 /// follow the new ring, and real logins of new users reach the added backend.
 #[test]
 fn ring_changes_move_nobody_with_a_record() {
-    let pool = Pool::start(4);
-    let d = TestDirector::start(&pool, &DirectorOptions::with_configured_backends(3));
+    let (pool, d) = TestDirector::start_with_pool(4, &DirectorOptions::with_configured_backends(3));
     assert_eq!(d.state.backends().backends.len(), 3);
     let added = pool.backend(3);
     let reweighted = pool.backend(0);
@@ -263,8 +262,8 @@ fn ring_changes_move_nobody_with_a_record() {
 /// follows the ring.
 #[test]
 fn record_expires_after_the_last_session() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::with_extra("user_expire: 2s\n"));
+    let (pool, d) =
+        TestDirector::start_with_pool(3, &DirectorOptions::with_extra("user_expire: 2s\n"));
     let u = user(7);
     let (c, first) = imap_login(d.imap, &u, PASSWORD);
     let old_ip = pool.backends.iter().find(|b| b.name == first).unwrap().ip;
@@ -287,8 +286,8 @@ fn record_expires_after_the_last_session() {
 /// While a session is open the record does not expire, however long past `user_expire`.
 #[test]
 fn record_with_a_live_session_never_expires() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::with_extra("user_expire: 2s\n"));
+    let (pool, d) =
+        TestDirector::start_with_pool(3, &DirectorOptions::with_extra("user_expire: 2s\n"));
     let u = user(8);
     let (mut held, first) = imap_login(d.imap, &u, PASSWORD);
     let old_ip = pool.backends.iter().find(|b| b.name == first).unwrap().ip;
@@ -318,8 +317,7 @@ fn record_with_a_live_session_never_expires() {
 /// ring keeps changing under them, so that only the user's record can keep them together.
 #[test]
 fn concurrent_first_logins_agree_on_one_backend() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     let threads = 20;
     for (i, flip_ring) in [(190, false), (191, false), (192, true), (193, true)] {
         let u = user(i);

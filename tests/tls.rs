@@ -63,8 +63,7 @@ const MESSAGE: &[u8] = b"Subject: tls\r\n\r\nover TLS\r\n";
 
 #[test]
 fn clients_use_implicit_tls_imaps_and_pop3s() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(20);
     let login = format!("{u}:{PASSWORD}");
     imap_append(pool.backend(0).imap(), &u, PASSWORD, MESSAGE);
@@ -195,41 +194,35 @@ fn login_both_ways(pool: &Pool, d: &TestDirector, u: &str) -> (String, String) {
     )
 }
 
-#[test]
-fn backend_starttls() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions::with_backend_extra("    tls: starttls\n"),
-    );
-    for u in [user(22), user(23)] {
-        let (imap, pop3) = login_both_ways(&pool, &d, &u);
+/// The backend settings of STARTTLS and of implicit TLS (on Dovecot's IMAPS and POP3S ports).
+const STARTTLS: &str = "    tls: starttls\n";
+const IMPLICIT_TLS: &str = "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n";
+
+/// Through a director whose backends are configured with `backend_extra`, `users` log in over
+/// IMAP and POP3, and Dovecot logs every one of those logins as over TLS.
+fn logins_are_tls(pool: &Pool, backend_extra: &str, users: &[usize]) {
+    let d = TestDirector::start(pool, &DirectorOptions::with_backend_extra(backend_extra));
+    for u in users {
+        let (imap, pop3) = login_both_ways(pool, &d, &user(*u));
         assert!(tls_flag(&imap), "IMAP login not over TLS: {imap}");
         assert!(tls_flag(&pop3), "POP3 login not over TLS: {pop3}");
     }
 }
 
 #[test]
+fn backend_starttls() {
+    logins_are_tls(&Pool::start(2), STARTTLS, &[22, 23]);
+}
+
+#[test]
 fn backend_implicit_tls() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions::with_backend_extra(
-            "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n",
-        ),
-    );
-    for u in [user(24), user(25)] {
-        let (imap, pop3) = login_both_ways(&pool, &d, &u);
-        assert!(tls_flag(&imap), "IMAP login not over TLS: {imap}");
-        assert!(tls_flag(&pop3), "POP3 login not over TLS: {pop3}");
-    }
+    logins_are_tls(&Pool::start(2), IMPLICIT_TLS, &[24, 25]);
 }
 
 #[test]
 fn plaintext_backend_login_is_not_tls() {
     // The control for the two tests above: without backend TLS, Dovecot does not say TLS.
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(1);
     let (imap, pop3) = login_both_ways(&pool, &d, &user(26));
     assert!(!tls_flag(&imap), "{imap}");
     assert!(!tls_flag(&pop3), "{pop3}");
@@ -241,13 +234,7 @@ fn plaintext_backend_login_is_not_tls() {
 fn backend_with_unverifiable_certificate_is_unavailable() {
     let pool = Pool::start(2);
     let wrong = other_ca(pool.dir());
-    for (mode, extra) in [
-        ("starttls", "    tls: starttls\n".to_owned()),
-        (
-            "implicit",
-            "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n".to_owned(),
-        ),
-    ] {
+    for (mode, extra) in [("starttls", STARTTLS), ("implicit", IMPLICIT_TLS)] {
         let d = TestDirector::start(
             &pool,
             &DirectorOptions::with_backend_extra(&format!(
@@ -280,9 +267,8 @@ fn backend_with_unverifiable_certificate_is_unavailable() {
 /// A wrong server name fails verification the same way.
 #[test]
 fn backend_certificate_for_another_name_is_unavailable() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(
-        &pool,
+    let (_pool, d) = TestDirector::start_with_pool(
+        1,
         &DirectorOptions::with_backend_extra(
             "    tls: starttls\n    tls_server_name: mail.example.org\n",
         ),
@@ -300,23 +286,11 @@ fn backend_certificate_for_another_name_is_unavailable() {
 fn tls_verify_false_accepts_any_backend_certificate() {
     let pool = Pool::start(2);
     let wrong = other_ca(pool.dir());
-    for (i, extra) in [
-        "    tls: starttls\n",
-        "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let d = TestDirector::start(
-            &pool,
-            &DirectorOptions::with_backend_extra(&format!(
-                "{extra}    tls_verify: false\n    tls_ca_file: {}\n",
-                wrong.display()
-            )),
+    for (i, extra) in [STARTTLS, IMPLICIT_TLS].iter().enumerate() {
+        let verify_false = format!(
+            "{extra}    tls_verify: false\n    tls_ca_file: {}\n",
+            wrong.display()
         );
-        let u = user(30 + i);
-        let (imap, pop3) = login_both_ways(&pool, &d, &u);
-        assert!(tls_flag(&imap), "{imap}");
-        assert!(tls_flag(&pop3), "{pop3}");
+        logins_are_tls(&pool, &verify_false, &[30 + i]);
     }
 }

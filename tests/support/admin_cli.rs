@@ -48,6 +48,12 @@ impl AdminCli {
         r.stdout
     }
 
+    /// Runs a verb (with `stdin`) that must fail and say `reason` on stderr.
+    pub fn fails(&self, args: &[&str], stdin: Option<&str>, reason: &str) {
+        let r = self.run(args, stdin);
+        assert!(!r.ok && r.stderr.contains(reason), "{}", r.stderr);
+    }
+
     /// Runs a verb with `--json` that must succeed; returns what it printed.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();

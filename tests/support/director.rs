@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -12,8 +12,10 @@ use director::health::checker::HealthChecker;
 use director::protocol::decision::Protocol;
 use director::routing::Router;
 use director::server::Director;
+use director::state::backend::Backend as DirBackend;
 use director::state::local::LocalState;
 use director::state::sessions::{SessionInfo, Sessions};
+use director::state::State;
 
 use super::dovecot::{Backend, Pool, IMAP_PORT, LMTP_PORT, POP3_PORT, SIEVE_PORT};
 use super::runtime_thread::RuntimeThread;
@@ -207,8 +209,13 @@ impl TestDirector {
 
     /// Starts a pool of `backends` and a director with the default options over it.
     pub fn with_pool(backends: usize) -> (Pool, TestDirector) {
+        Self::start_with_pool(backends, &DirectorOptions::default())
+    }
+
+    /// Starts a pool of `backends` and a director with `options` over it.
+    pub fn start_with_pool(backends: usize, options: &DirectorOptions) -> (Pool, TestDirector) {
         let pool = Pool::start(backends);
-        let d = Self::start(&pool, &DirectorOptions::default());
+        let d = Self::start(&pool, options);
         (pool, d)
     }
 
@@ -262,6 +269,22 @@ impl TestDirector {
             metrics,
             yaml: yaml.to_owned(),
             _service: service,
+        }
+    }
+
+    /// A copy of the director's backend `template` at `ip` (and its host name), with its IMAP
+    /// port changed to `imap_port` when given: a fake backend to add beside the real ones.
+    pub fn backend_like(&self, template: IpAddr, ip: IpAddr, imap_port: Option<u16>) -> DirBackend {
+        let template = self.state.backends().get(template).unwrap().clone();
+        let mut settings = (*template.settings).clone();
+        if imap_port.is_some() {
+            settings.ports.imap = imap_port;
+        }
+        DirBackend {
+            ip,
+            host: ip.to_string(),
+            settings: Arc::new(settings),
+            ..template
         }
     }
 

@@ -93,23 +93,7 @@ pub const USER_COUNT: usize = 200;
 /// Password of every ordinary test user.
 pub const PASSWORD: &str = "secret";
 
-/// A user whose password holds a double quote.
-pub const QUOTE_USER: &str = "quote.user";
-/// [`QUOTE_USER`]'s password.
-pub const QUOTE_PASSWORD: &str = "pa\"ss";
-/// A user whose password holds a backslash.
-pub const BACKSLASH_USER: &str = "backslash.user";
-/// [`BACKSLASH_USER`]'s password.
-pub const BACKSLASH_PASSWORD: &str = "pa\\ss";
-/// A user whose password ends like an IMAP literal announcement.
-pub const LITERAL_USER: &str = "literal.user";
-/// [`LITERAL_USER`]'s password.
-pub const LITERAL_PASSWORD: &str = "secret{3}";
-/// A user whose password holds spaces.
-pub const SPACE_USER: &str = "space.user";
-/// [`SPACE_USER`]'s password.
-pub const SPACE_PASSWORD: &str = "pa ss word";
-/// A user whose password holds all of the above at once.
+/// A user whose password holds all of the quoting traps of [`SPECIAL_USERS`] at once.
 pub const TRICKY_USER: &str = "tricky.user";
 /// [`TRICKY_USER`]'s password.
 pub const TRICKY_PASSWORD: &str = "a \"b\\ c {3}";
@@ -120,12 +104,13 @@ pub const MASTER_USER: &str = "master";
 /// [`MASTER_USER`]'s password.
 pub const MASTER_PASSWORD: &str = "masterpass";
 
-/// The special users and their passwords.
+/// Users whose passwords are traps for quoting, and those passwords: a double quote, a
+/// backslash, an ending like an IMAP literal announcement, spaces, and all of them at once.
 pub const SPECIAL_USERS: [(&str, &str); 5] = [
-    (QUOTE_USER, QUOTE_PASSWORD),
-    (BACKSLASH_USER, BACKSLASH_PASSWORD),
-    (LITERAL_USER, LITERAL_PASSWORD),
-    (SPACE_USER, SPACE_PASSWORD),
+    ("quote.user", "pa\"ss"),
+    ("backslash.user", "pa\\ss"),
+    ("literal.user", "secret{3}"),
+    ("space.user", "pa ss word"),
     (TRICKY_USER, TRICKY_PASSWORD),
 ];
 
@@ -284,6 +269,16 @@ impl Pool {
         self.backends.iter().find(|b| b.ip == ip)
     }
 
+    /// Address `z` of the pool's loopback block (`127.X.Y.z`), for a fake server beside the
+    /// backends: no backend has it unless the pool has `z` backends or more.
+    pub fn spare_ip(&self, z: u8) -> IpAddr {
+        let IpAddr::V4(v4) = self.backends[0].ip else {
+            unreachable!("pools are on IPv4 loopback")
+        };
+        let [_, x, y, _] = v4.octets();
+        IpAddr::V4(Ipv4Addr::new(127, x, y, z))
+    }
+
     /// The pool's temporary directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -389,20 +384,7 @@ impl Backend {
     /// Runs `doveadm -c CONF ARGS...` against this backend (e.g. `who`) and returns its
     /// stdout; panics if it fails.
     pub fn doveadm(&self, args: &[&str]) -> String {
-        let out = Command::new("doveadm")
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .expect("run doveadm");
-        assert!(
-            out.status.success(),
-            "doveadm {args:?} on {} failed: {}{}",
-            self.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        doveadm(&self.config, &self.name, args)
     }
 
     /// Its log so far, plus anything the master wrote to stderr (config errors).
@@ -624,19 +606,7 @@ impl RefDirector {
 
     /// Runs `doveadm -c CONF ARGS...` and returns its stdout; panics if it fails.
     pub fn doveadm(&self, args: &[&str]) -> String {
-        let out = Command::new("doveadm")
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .expect("run doveadm");
-        assert!(
-            out.status.success(),
-            "doveadm {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        doveadm(&self.config, "the reference director", args)
     }
 
     /// The `Hashed:` line of `doveadm director status USER`, through the doveadm command (slow:
@@ -1096,23 +1066,10 @@ fn make_tls(dir: &Path, ips: &[IpAddr]) -> TlsFiles {
             ][..],
         ]
         .concat(),
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "cert.pem",
-            "-days",
-            "3650",
-            "-extfile",
-            "leaf.ext",
-        ],
+        "x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem \
+         -days 3650 -extfile leaf.ext"
+            .split_whitespace()
+            .collect(),
     ];
     for args in steps {
         let out = Command::new("openssl")
@@ -1348,6 +1305,24 @@ protocol lmtp {{
 "#
     );
     out
+}
+
+/// Runs `doveadm -c CONFIG ARGS...` against the instance `who` and returns its stdout;
+/// panics if it fails.
+fn doveadm(config: &Path, who: &str, args: &[&str]) -> String {
+    let out = Command::new("doveadm")
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run doveadm");
+    assert!(
+        out.status.success(),
+        "doveadm {args:?} on {who} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Starts `dovecot -F -c CONFIG`, its stderr appended to `dir/stderr.log`.
