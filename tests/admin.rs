@@ -214,8 +214,7 @@ fn flush_safe_and_forced() {
     let (pool, d) = TestDirector::with_pool(2);
     let cfg = AdminCli::of(&d);
     let (a, b) = (pool.backend(0), pool.backend(1));
-    let on_a = user_hashed_to(&d, a.ip, 1);
-    let on_b = user_hashed_to(&d, b.ip, 1);
+    let [on_a, on_b] = [a.ip, b.ip].map(|ip| user_hashed_to(&d, ip, 1));
     let (mut ca, _) = imap_login(d.imap, &on_a, PASSWORD);
     let (mut cb, _) = imap_login(d.imap, &on_b, PASSWORD);
 
@@ -251,8 +250,7 @@ fn maintenance_with_an_allowed_user_and_its_end() {
     let (pool, d) = TestDirector::with_pool(2);
     let cfg = AdminCli::of(&d);
     let (a, b) = (pool.backend(0), pool.backend(1));
-    let normal = user_hashed_to(&d, a.ip, 1);
-    let tester = user_hashed_to(&d, b.ip, 1);
+    let [normal, tester] = [a.ip, b.ip].map(|ip| user_hashed_to(&d, ip, 1));
     let newcomer = user_hashed_to(&d, a.ip, 100);
     let (mut nc, name) = imap_login(d.imap, &normal, PASSWORD);
     assert_eq!(name, a.name);

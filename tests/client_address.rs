@@ -14,7 +14,7 @@ use std::time::Duration;
 use support::client::{quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::director_log::{capture_director_log, director_log};
-use support::dovecot::{user, Backend, Pool, PASSWORD};
+use support::dovecot::{user, Pool, PASSWORD};
 use support::logs::{field, wait_login, LOG_WAIT};
 use support::wait::wait_until;
 
@@ -74,10 +74,21 @@ fn pop3_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
     c
 }
 
-/// The backend the director sends `u` to.
-fn home<'a>(pool: &'a Pool, d: &TestDirector, u: &str) -> &'a Backend {
-    pool.by_ip(d.router.route(u, "").unwrap().backend.ip)
-        .unwrap()
+/// Logs in over IMAP as `ui` after `imap_header`, and over POP3 as `up` after `pop3_header`
+/// (see [`imap_via_proxy`], [`pop3_via_proxy`]); returns both sessions and the login lines
+/// of their backends, IMAP first.
+fn both_via_proxy(
+    pool: &Pool,
+    d: &TestDirector,
+    (ui, imap_header): (usize, Vec<u8>),
+    (up, pop3_header): (usize, Vec<u8>),
+) -> ([Conn; 2], [String; 2]) {
+    let (ui, up) = (user(ui), user(up));
+    let imap = imap_via_proxy(d.imap, &imap_header, &ui);
+    let pop3 = pop3_via_proxy(d.pop3, &pop3_header, &up);
+    let lines = [(&ui, "imap-login"), (&up, "pop3-login")]
+        .map(|(u, service)| wait_login(d.home(pool, u), service, u));
+    ([imap, pop3], lines)
 }
 
 // --- What the director itself logs, to compare session ids. ---
@@ -105,7 +116,7 @@ fn imap_id_forwards_the_proxy_v1_client_and_the_session_id() {
     let (pool, d) = TestDirector::start_with_pool(2, &options(""));
     let u = user(40);
     let mut c = imap_via_proxy(d.imap, &v1_header(143), &u);
-    let line = wait_login(home(&pool, &d, &u), "imap-login", &u);
+    let line = wait_login(d.home(&pool, &u), "imap-login", &u);
     assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
     // x-connected-ip: the address the client connected to, as the header says.
     assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
@@ -121,7 +132,7 @@ fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
     let (pool, d) = TestDirector::start_with_pool(2, &options(""));
     let u = user(41);
     let mut c = pop3_via_proxy(d.pop3, &v2_header(110), &u);
-    let line = wait_login(home(&pool, &d, &u), "pop3-login", &u);
+    let line = wait_login(d.home(&pool, &u), "pop3-login", &u);
     assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
     let session = field(&line, "session").expect("session= in the login line");
     assert_eq!(session, director_session_id(&u), "{line}");
@@ -132,13 +143,10 @@ fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
 fn imap_v2_header_in_and_pop3_v1_header_in_with_forward_auto() {
     // The other pairings of header version and protocol.
     let (pool, d) = TestDirector::start_with_pool(2, &options(""));
-    let (ui, up) = (user(42), user(43));
-    let _imap = imap_via_proxy(d.imap, &v2_header(143), &ui);
-    let _pop3 = pop3_via_proxy(d.pop3, &v1_header(110), &up);
-    let line = wait_login(home(&pool, &d, &ui), "imap-login", &ui);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-    let line = wait_login(home(&pool, &d, &up), "pop3-login", &up);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    let (_sessions, lines) = both_via_proxy(&pool, &d, (42, v2_header(143)), (43, v1_header(110)));
+    for line in lines {
+        assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    }
 }
 
 #[test]
@@ -147,15 +155,12 @@ fn proxy_v2_to_dovecot_haproxy_listeners() {
         2,
         &options("    forward: proxy_v2\n    ports: {imap: 11143, pop3: 11110}\n"),
     );
-    let (ui, up) = (user(44), user(45));
-    let mut imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
-    let mut pop3 = pop3_via_proxy(d.pop3, &v2_header(110), &up);
-    let line = wait_login(home(&pool, &d, &ui), "imap-login", &ui);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-    assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
-    let line = wait_login(home(&pool, &d, &up), "pop3-login", &up);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-    assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
+    let ([mut imap, mut pop3], lines) =
+        both_via_proxy(&pool, &d, (44, v1_header(143)), (45, v2_header(110)));
+    for line in lines {
+        assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+        assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
+    }
     imap.imap_ok("z", "LOGOUT");
     pop3.pop3_ok("QUIT");
 }
@@ -163,11 +168,8 @@ fn proxy_v2_to_dovecot_haproxy_listeners() {
 #[test]
 fn forward_none_keeps_the_client_address_from_the_backend() {
     let (pool, d) = TestDirector::start_with_pool(2, &options("    forward: none\n"));
-    let (ui, up) = (user(46), user(47));
-    let _imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
-    let _pop3 = pop3_via_proxy(d.pop3, &v2_header(110), &up);
-    for (u, service) in [(&ui, "imap-login"), (&up, "pop3-login")] {
-        let line = wait_login(home(&pool, &d, u), service, u);
+    let (_sessions, lines) = both_via_proxy(&pool, &d, (46, v1_header(143)), (47, v2_header(110)));
+    for line in lines {
         let rip = field(&line, "rip").expect("rip= in the login line");
         assert_ne!(rip, CLIENT_IP, "{line}");
         assert!(
@@ -242,11 +244,8 @@ fn malformed_proxy_header_closes_without_a_greeting() {
 fn forwarding_survives_starttls_to_the_backend() {
     // ID and XCLIENT are sent after STARTTLS/STLS, on the protected connection.
     let (pool, d) = TestDirector::start_with_pool(2, &options("    tls: starttls\n"));
-    let (ui, up) = (user(50), user(51));
-    let _imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
-    let _pop3 = pop3_via_proxy(d.pop3, &v1_header(110), &up);
-    for (u, service) in [(&ui, "imap-login"), (&up, "pop3-login")] {
-        let line = wait_login(home(&pool, &d, u), service, u);
+    let (_sessions, lines) = both_via_proxy(&pool, &d, (50, v1_header(143)), (51, v1_header(110)));
+    for line in lines {
         assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
         assert!(line.split(", ").any(|f| f == "TLS"), "{line}");
     }

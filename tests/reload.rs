@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use support::admin_cli::AdminCli;
 use support::client::{imap_login, pop3_login, Conn};
+use support::command::openssl;
 use support::director::{config_yaml, with_listener, DirectorOptions};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::ports::{free_port, local as addr};
@@ -46,6 +47,14 @@ fn config(pool: &Pool, extra: &str) -> (String, Ports) {
     (yaml, p)
 }
 
+/// `director serve` over `pool` in `dir`, with the configuration of [`config`]; returns it,
+/// the configuration and its ports.
+fn start_serve(pool: &Pool, dir: &Path, extra: &str) -> (Serve, String, Ports) {
+    let (yaml, ports) = config(pool, extra);
+    let serve = Serve::start(dir, &yaml, addr(ports.imap));
+    (serve, yaml, ports)
+}
+
 /// The greeting a new connection to `port` gets.
 fn greeting(port: u16) -> String {
     Conn::connect(addr(port)).line()
@@ -53,25 +62,28 @@ fn greeting(port: u16) -> String {
 
 /// A new self-signed certificate and key for `localhost` / 127.0.0.1 with common name `cn`.
 fn new_cert(dir: &Path, cn: &str) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", &format!("/CN={cn}")])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (cert, key) = (format!("{cn}.pem"), format!("{cn}.key"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+        ],
     );
-    (cert, key)
+    (dir.join(cert), dir.join(key))
 }
 
 /// The subject of the certificate a TLS handshake with `port` shows.
@@ -102,8 +114,7 @@ fn lmtp_reply(c: &mut Conn) -> String {
 fn reload_keeps_sessions_and_applies_listeners_cert_and_refuses_broken_files() {
     let pool = Pool::start(2);
     let dir = scratch("reload", "reload");
-    let (yaml, ports) = config(&pool, "");
-    let mut serve = Serve::start(&dir, &yaml, addr(ports.imap));
+    let (mut serve, yaml, ports) = start_serve(&pool, &dir, "");
     let before = served_subject(ports.imaps);
 
     // Live sessions: IMAP logged in and relayed, POP3 logged in, an LMTP transaction mid-way.
@@ -268,8 +279,7 @@ fn reload_keeps_sessions_and_applies_listeners_cert_and_refuses_broken_files() {
 fn sigterm_says_goodbye_gives_the_grace_and_exits_0() {
     let pool = Pool::start(1);
     let dir = scratch("reload", "sigterm");
-    let (yaml, ports) = config(&pool, "shutdown_grace: 2s\n");
-    let mut serve = Serve::start(&dir, &yaml, addr(ports.imap));
+    let (mut serve, _, ports) = start_serve(&pool, &dir, "shutdown_grace: 2s\n");
 
     let u = user(4);
     let (mut relayed, _) = imap_login(addr(ports.imap), &u, PASSWORD);
@@ -311,8 +321,7 @@ fn sigterm_says_goodbye_gives_the_grace_and_exits_0() {
     );
 
     // A second SIGTERM exits at once, without waiting for a long grace.
-    let (yaml, ports) = config(&pool, "shutdown_grace: 10m\n");
-    let mut serve = Serve::start(&dir, &yaml, addr(ports.imap));
+    let (mut serve, _, ports) = start_serve(&pool, &dir, "shutdown_grace: 10m\n");
     let (mut relayed, _) = imap_login(addr(ports.imap), &u, PASSWORD);
     serve.signal("TERM");
     wait_for("the stop under way", Duration::from_secs(10), || {

@@ -5,9 +5,9 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use support::client::{curl, imap_append, imap_login, pop3_login, quote, Conn};
+use support::command::openssl;
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logs::{login_lines, wait_login};
@@ -21,8 +21,9 @@ fn tls_flag(line: &str) -> bool {
 fn other_ca(dir: &Path) -> PathBuf {
     let dir = dir.join("other-ca");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new("openssl")
-        .args([
+    openssl(
+        &dir,
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -42,14 +43,7 @@ fn other_ca(dir: &Path) -> PathBuf {
             "basicConstraints=critical,CA:TRUE",
             "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
-        ])
-        .current_dir(&dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     dir.join("other-ca.pem")
 }

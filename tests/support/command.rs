@@ -50,3 +50,10 @@ pub fn ran(out: &Output) -> Ran {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// Runs `openssl ARGS...` in `dir` (certificates and keys for a test); panics with its
+/// stderr unless it succeeds.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = run(Command::new("openssl").args(args).current_dir(dir), None).expect("run openssl");
+    assert!(out.ok, "openssl {args:?}: {}", out.stderr);
+}
