@@ -21,6 +21,13 @@ use support::dovecot::{user, Pool, RefDirector, PASSWORD};
 use support::ports::free_port;
 use support::wait::wait_for;
 
+/// A pool of `backends`, a director with `options` over it, and the CLI for that director.
+fn with_cli(backends: usize, options: &DirectorOptions) -> (Pool, TestDirector, AdminCli) {
+    let (pool, d) = TestDirector::start_with_pool(backends, options);
+    let cli = AdminCli::of(&d);
+    (pool, d, cli)
+}
+
 /// A user (from `from` on) whose ring answer is `ip` now, among the pool's users.
 fn user_hashed_to(d: &TestDirector, ip: IpAddr, from: usize) -> String {
     (from..=200)
@@ -49,8 +56,7 @@ fn alive(c: &mut Conn) -> bool {
 
 #[test]
 fn status_map_add_update_remove_with_users_logged_in() {
-    let (pool, d) = TestDirector::start_with_pool(3, &DirectorOptions::with_configured_backends(2));
-    let cfg = AdminCli::of(&d);
+    let (pool, d, cfg) = with_cli(3, &DirectorOptions::with_configured_backends(2));
     let (a, b, c) = (pool.backend(0), pool.backend(1), pool.backend(2));
     let mut open = Vec::new();
     let mut landed = Vec::new();
@@ -159,8 +165,7 @@ fn status_map_add_update_remove_with_users_logged_in() {
 
 #[test]
 fn move_kick_down_and_up() {
-    let (pool, d) = TestDirector::with_pool(2);
-    let cfg = AdminCli::of(&d);
+    let (pool, d, cfg) = with_cli(2, &DirectorOptions::default());
     let (a, b) = (pool.backend(0), pool.backend(1));
     let u = user_hashed_to(&d, a.ip, 1);
 
@@ -211,8 +216,7 @@ fn move_kick_down_and_up() {
 
 #[test]
 fn flush_safe_and_forced() {
-    let (pool, d) = TestDirector::with_pool(2);
-    let cfg = AdminCli::of(&d);
+    let (pool, d, cfg) = with_cli(2, &DirectorOptions::default());
     let (a, b) = (pool.backend(0), pool.backend(1));
     let [on_a, on_b] = [a.ip, b.ip].map(|ip| user_hashed_to(&d, ip, 1));
     let (mut ca, _) = imap_login(d.imap, &on_a, PASSWORD);
@@ -247,8 +251,7 @@ fn flush_safe_and_forced() {
 
 #[test]
 fn maintenance_with_an_allowed_user_and_its_end() {
-    let (pool, d) = TestDirector::with_pool(2);
-    let cfg = AdminCli::of(&d);
+    let (pool, d, cfg) = with_cli(2, &DirectorOptions::default());
     let (a, b) = (pool.backend(0), pool.backend(1));
     let [normal, tester] = [a.ip, b.ip].map(|ip| user_hashed_to(&d, ip, 1));
     let newcomer = user_hashed_to(&d, a.ip, 100);
@@ -490,8 +493,7 @@ fn tcp_admin_needs_the_token_and_an_allowed_network() {
 
 #[test]
 fn unix_socket_is_owner_only_and_the_cli_says_when_nothing_listens() {
-    let (_pool, d) = TestDirector::with_pool(1);
-    let cfg = AdminCli::of(&d);
+    let (_pool, d, cfg) = with_cli(1, &DirectorOptions::default());
     let socket = d
         .yaml
         .lines()
@@ -538,13 +540,12 @@ fn import_of_a_real_dovecot_director_dump() {
 
 #[test]
 fn status_shows_the_health_checkers_last_results() {
-    let (pool, d) = TestDirector::start_with_pool(
+    let (pool, _d, cfg) = with_cli(
         2,
         &DirectorOptions::with_extra(
             "health: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n",
         ),
     );
-    let cfg = AdminCli::of(&d);
     let (alive, dead) = (pool.backend(0), pool.backend(1));
     dead.kill();
     wait_for(

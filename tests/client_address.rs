@@ -74,21 +74,36 @@ fn pop3_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
     c
 }
 
-/// Logs in over IMAP as `ui` after `imap_header`, and over POP3 as `up` after `pop3_header`
-/// (see [`imap_via_proxy`], [`pop3_via_proxy`]); returns both sessions and the login lines
-/// of their backends, IMAP first.
-fn both_via_proxy(
-    pool: &Pool,
-    d: &TestDirector,
+/// Two logins through a director over a pool of two (see [`logins_via_proxy`]).
+struct ProxiedLogins {
+    /// The IMAP session, then the POP3 one.
+    sessions: [Conn; 2],
+    /// The login lines of their backends, in the same order.
+    lines: [String; 2],
+    _d: TestDirector,
+    _pool: Pool,
+}
+
+/// Over a pool of two behind a director with [`options`]`(backend_extra)`: logs in over IMAP
+/// as `user(ui)` after `imap_header`, and over POP3 as `user(up)` after `pop3_header` (see
+/// [`imap_via_proxy`], [`pop3_via_proxy`]).
+fn logins_via_proxy(
+    backend_extra: &str,
     (ui, imap_header): (usize, Vec<u8>),
     (up, pop3_header): (usize, Vec<u8>),
-) -> ([Conn; 2], [String; 2]) {
+) -> ProxiedLogins {
+    let (pool, d) = TestDirector::start_with_pool(2, &options(backend_extra));
     let (ui, up) = (user(ui), user(up));
     let imap = imap_via_proxy(d.imap, &imap_header, &ui);
     let pop3 = pop3_via_proxy(d.pop3, &pop3_header, &up);
     let lines = [(&ui, "imap-login"), (&up, "pop3-login")]
-        .map(|(u, service)| wait_login(d.home(pool, u), service, u));
-    ([imap, pop3], lines)
+        .map(|(u, service)| wait_login(d.home(&pool, u), service, u));
+    ProxiedLogins {
+        sessions: [imap, pop3],
+        lines,
+        _d: d,
+        _pool: pool,
+    }
 }
 
 // --- What the director itself logs, to compare session ids. ---
@@ -142,35 +157,37 @@ fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
 #[test]
 fn imap_v2_header_in_and_pop3_v1_header_in_with_forward_auto() {
     // The other pairings of header version and protocol.
-    let (pool, d) = TestDirector::start_with_pool(2, &options(""));
-    let (_sessions, lines) = both_via_proxy(&pool, &d, (42, v2_header(143)), (43, v1_header(110)));
-    for line in lines {
-        assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    let logins = logins_via_proxy("", (42, v2_header(143)), (43, v1_header(110)));
+    for line in &logins.lines {
+        assert_eq!(field(line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
     }
 }
 
 #[test]
 fn proxy_v2_to_dovecot_haproxy_listeners() {
-    let (pool, d) = TestDirector::start_with_pool(
-        2,
-        &options("    forward: proxy_v2\n    ports: {imap: 11143, pop3: 11110}\n"),
+    let mut logins = logins_via_proxy(
+        "    forward: proxy_v2\n    ports: {imap: 11143, pop3: 11110}\n",
+        (44, v1_header(143)),
+        (45, v2_header(110)),
     );
-    let ([mut imap, mut pop3], lines) =
-        both_via_proxy(&pool, &d, (44, v1_header(143)), (45, v2_header(110)));
-    for line in lines {
-        assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-        assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
+    for line in &logins.lines {
+        assert_eq!(field(line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+        assert_eq!(field(line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
     }
+    let [imap, pop3] = &mut logins.sessions;
     imap.imap_ok("z", "LOGOUT");
     pop3.pop3_ok("QUIT");
 }
 
 #[test]
 fn forward_none_keeps_the_client_address_from_the_backend() {
-    let (pool, d) = TestDirector::start_with_pool(2, &options("    forward: none\n"));
-    let (_sessions, lines) = both_via_proxy(&pool, &d, (46, v1_header(143)), (47, v2_header(110)));
-    for line in lines {
-        let rip = field(&line, "rip").expect("rip= in the login line");
+    let logins = logins_via_proxy(
+        "    forward: none\n",
+        (46, v1_header(143)),
+        (47, v2_header(110)),
+    );
+    for line in &logins.lines {
+        let rip = field(line, "rip").expect("rip= in the login line");
         assert_ne!(rip, CLIENT_IP, "{line}");
         assert!(
             rip.starts_with("127."),
@@ -243,10 +260,13 @@ fn malformed_proxy_header_closes_without_a_greeting() {
 #[test]
 fn forwarding_survives_starttls_to_the_backend() {
     // ID and XCLIENT are sent after STARTTLS/STLS, on the protected connection.
-    let (pool, d) = TestDirector::start_with_pool(2, &options("    tls: starttls\n"));
-    let (_sessions, lines) = both_via_proxy(&pool, &d, (50, v1_header(143)), (51, v1_header(110)));
-    for line in lines {
-        assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    let logins = logins_via_proxy(
+        "    tls: starttls\n",
+        (50, v1_header(143)),
+        (51, v1_header(110)),
+    );
+    for line in &logins.lines {
+        assert_eq!(field(line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
         assert!(line.split(", ").any(|f| f == "TLS"), "{line}");
     }
 }
