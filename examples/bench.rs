@@ -11,6 +11,8 @@ mod dovecot;
 mod env;
 #[path = "../tests/support/ports.rs"]
 mod ports;
+#[path = "../tests/support/wait.rs"]
+mod wait;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -155,11 +157,9 @@ fn main() {
     }
     let child = Reap(child);
     let director: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(director).is_err() {
-        assert!(Instant::now() < deadline, "director did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait::wait_for("the director to listen", Duration::from_secs(20), || {
+        TcpStream::connect(director).is_ok()
+    });
 
     println!(
         "# director benchmark ({} logins, {} idle sessions, {mib} MiB message)",

@@ -13,24 +13,8 @@ use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, PASSWORD};
 use support::logs::{login_lines, wait_login};
 
-/// Connects to the director's IMAP listener and reads the greeting.
-fn imap_connect(d: &TestDirector) -> Conn {
-    Conn::imap_greeted(d.imap)
-}
-
-/// Connects to the director's POP3 listener and reads the greeting.
-fn pop3_connect(d: &TestDirector) -> Conn {
-    Conn::pop3_greeted(d.pop3)
-}
-
 fn imap_login_line(u: &str) -> String {
     format!("LOGIN {} {}", quote(u), quote(PASSWORD))
-}
-
-/// USER + PASS on an open POP3 connection; the reply to PASS.
-fn pop3_user_pass(c: &mut Conn, u: &str) -> String {
-    c.pop3_ok(&format!("USER {u}"));
-    c.pop3(&format!("PASS {PASSWORD}"))
 }
 
 #[test]
@@ -87,19 +71,19 @@ fn all_backends_dead_is_unavailable_and_a_retry_works_once_one_is_back() {
         b.kill();
     }
     let (ui, up) = (user(60), user(61));
-    let mut imap = imap_connect(&d);
+    let mut imap = Conn::imap_greeted(d.imap);
     let r = imap.imap("a", &imap_login_line(&ui));
     assert!(r.last().unwrap().starts_with("a NO [UNAVAILABLE]"), "{r:?}");
     imap.imap_ok("b", "NOOP");
-    let mut pop3 = pop3_connect(&d);
-    let e = pop3_user_pass(&mut pop3, &up);
+    let mut pop3 = Conn::pop3_greeted(d.pop3);
+    let e = pop3.pop3_user_pass(&up, PASSWORD);
     assert!(e.starts_with("-ERR [SYS/TEMP]"), "{e}");
     pop3.pop3_ok("NOOP");
     // More tries than max_auth_failures (3): a temporary failure is not a failed login.
     for _ in 0..3 {
         let r = imap.imap("c", &imap_login_line(&ui));
         assert!(r.last().unwrap().starts_with("c NO [UNAVAILABLE]"), "{r:?}");
-        let e = pop3_user_pass(&mut pop3, &up);
+        let e = pop3.pop3_user_pass(&up, PASSWORD);
         assert!(e.starts_with("-ERR [SYS/TEMP]"), "{e}");
     }
 
@@ -107,7 +91,7 @@ fn all_backends_dead_is_unavailable_and_a_retry_works_once_one_is_back() {
     back.start();
     imap.imap_ok("d", &imap_login_line(&ui));
     assert_eq!(imap.imap_backend(), back.name);
-    let ok = pop3_user_pass(&mut pop3, &up);
+    let ok = pop3.pop3_user_pass(&up, PASSWORD);
     assert!(ok.starts_with("+OK"), "{ok}");
     pop3.pop3_ok("STAT");
     wait_login(back, "pop3-login", &up);
@@ -131,8 +115,8 @@ fn hung_only_backend_is_unavailable_within_the_timeout() {
     let (pool, d) = TestDirector::start_with_pool(1, &short_timeouts());
     let b = pool.backend(0);
     let (ui, up) = (user(70), user(71));
-    let mut imap = imap_connect(&d);
-    let mut pop3 = pop3_connect(&d);
+    let mut imap = Conn::imap_greeted(d.imap);
+    let mut pop3 = Conn::pop3_greeted(d.pop3);
     b.pause();
 
     let t = Instant::now();
@@ -144,7 +128,7 @@ fn hung_only_backend_is_unavailable_within_the_timeout() {
         "{took:?}"
     );
     let t = Instant::now();
-    let e = pop3_user_pass(&mut pop3, &up);
+    let e = pop3.pop3_user_pass(&up, PASSWORD);
     let took = t.elapsed();
     assert!(e.starts_with("-ERR [SYS/TEMP]"), "{e}");
     assert!(
@@ -155,7 +139,7 @@ fn hung_only_backend_is_unavailable_within_the_timeout() {
     b.resume();
     imap.imap_ok("b", &imap_login_line(&ui));
     assert_eq!(imap.imap_backend(), b.name);
-    let ok = pop3_user_pass(&mut pop3, &up);
+    let ok = pop3.pop3_user_pass(&up, PASSWORD);
     assert!(ok.starts_with("+OK"), "{ok}");
 }
 

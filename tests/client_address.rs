@@ -13,10 +13,9 @@ use std::time::Duration;
 
 use support::client::{quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
-use support::director_log::{capture_director_log, director_log};
+use support::director_log::{capture_director_log, wait_director_line};
 use support::dovecot::{user, Pool, PASSWORD};
-use support::logs::{field, wait_login, LOG_WAIT};
-use support::wait::wait_until;
+use support::logs::{field, wait_login};
 
 /// The client address the load balancer reports (TEST-NET-1: nothing real has it).
 const CLIENT_IP: &str = "192.0.2.55";
@@ -67,39 +66,53 @@ fn pop3_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
     c.send(header);
     let greeting = c.line();
     assert!(greeting.starts_with("+OK"), "{greeting:?}");
-    c.pop3_ok(&format!("USER {u}"));
-    let ok = c.pop3(&format!("PASS {PASSWORD}"));
-    assert!(ok.starts_with("+OK"), "{ok}");
+    c.pop3_login_as(u, PASSWORD);
     c.pop3_ok("STAT");
     c
 }
 
-/// Two logins through a director over a pool of two (see [`logins_via_proxy`]).
-struct ProxiedLogins {
-    /// The IMAP session, then the POP3 one.
-    sessions: [Conn; 2],
+/// Logins through a director over a pool of two (see [`logins_via_proxy`]).
+struct ProxiedLogins<const N: usize> {
+    /// The sessions, in the order asked for.
+    sessions: [Conn; N],
     /// The login lines of their backends, in the same order.
-    lines: [String; 2],
+    lines: [String; N],
     _d: TestDirector,
     _pool: Pool,
 }
 
-/// Over a pool of two behind a director with [`options`]`(backend_extra)`: logs in over IMAP
-/// as `user(ui)` after `imap_header`, and over POP3 as `user(up)` after `pop3_header` (see
-/// [`imap_via_proxy`], [`pop3_via_proxy`]).
-fn logins_via_proxy(
+impl<const N: usize> ProxiedLogins<N> {
+    /// Every backend logged the client the PROXY header named ([`CLIENT_IP`]) as `rip=`;
+    /// returns the login lines.
+    fn assert_client_forwarded(&self) -> &[String; N] {
+        for line in &self.lines {
+            assert_eq!(field(line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+        }
+        &self.lines
+    }
+}
+
+/// Over a pool of two behind a director with [`options`]`(backend_extra)`: for each
+/// `(protocol, i, header)` of `logins`, logs in over `protocol` (`imap`, `pop3`) as `user(i)`
+/// after `header` (see [`imap_via_proxy`], [`pop3_via_proxy`]); then waits for the backends'
+/// login lines.
+fn logins_via_proxy<const N: usize>(
     backend_extra: &str,
-    (ui, imap_header): (usize, Vec<u8>),
-    (up, pop3_header): (usize, Vec<u8>),
-) -> ProxiedLogins {
+    logins: [(&str, usize, Vec<u8>); N],
+) -> ProxiedLogins<N> {
     let (pool, d) = TestDirector::start_with_pool(2, &options(backend_extra));
-    let (ui, up) = (user(ui), user(up));
-    let imap = imap_via_proxy(d.imap, &imap_header, &ui);
-    let pop3 = pop3_via_proxy(d.pop3, &pop3_header, &up);
-    let lines = [(&ui, "imap-login"), (&up, "pop3-login")]
-        .map(|(u, service)| wait_login(d.home(&pool, u), service, u));
+    let logins = logins.map(|(protocol, i, header)| (protocol, user(i), header));
+    let sessions = logins
+        .each_ref()
+        .map(|(protocol, u, header)| match *protocol {
+            "imap" => imap_via_proxy(d.imap, header, u),
+            _ => pop3_via_proxy(d.pop3, header, u),
+        });
+    let lines = logins
+        .each_ref()
+        .map(|(protocol, u, _)| wait_login(d.home(&pool, u), &format!("{protocol}-login"), u));
     ProxiedLogins {
-        sessions: [imap, pop3],
+        sessions,
         lines,
         _d: d,
         _pool: pool,
@@ -110,17 +123,11 @@ fn logins_via_proxy(
 
 /// The session id the director logged for the login of `u` (one login per user per test).
 fn director_session_id(u: &str) -> String {
-    wait_until(
-        &format!("the director's login line for {u}"),
-        LOG_WAIT,
-        || {
-            let log = director_log();
-            let user_field = format!(" user={u} ");
-            log.lines()
-                .find(|l| l.contains("logged in") && l.contains(&user_field))
-                .and_then(|l| field(l, "session"))
-        },
-    )
+    let user_field = format!(" user={u} ");
+    let line = wait_director_line(&format!("the director's login line for {u}"), |l| {
+        l.contains("logged in") && l.contains(&user_field)
+    });
+    field(&line, "session").unwrap_or_else(|| panic!("no session= in {line}"))
 }
 
 // --- The tests. ---
@@ -128,50 +135,43 @@ fn director_session_id(u: &str) -> String {
 #[test]
 fn imap_id_forwards_the_proxy_v1_client_and_the_session_id() {
     capture_director_log();
-    let (pool, d) = TestDirector::start_with_pool(2, &options(""));
-    let u = user(40);
-    let mut c = imap_via_proxy(d.imap, &v1_header(143), &u);
-    let line = wait_login(d.home(&pool, &u), "imap-login", &u);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    let mut logins = logins_via_proxy("", [("imap", 40, v1_header(143))]);
+    let line = &logins.assert_client_forwarded()[0];
     // x-connected-ip: the address the client connected to, as the header says.
-    assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
+    assert_eq!(field(line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
     // x-session-id: Dovecot adopts the director's id for the session.
-    let session = field(&line, "session").expect("session= in the login line");
-    assert_eq!(session, director_session_id(&u), "{line}");
-    c.imap_ok("z", "LOGOUT");
+    let session = field(line, "session").expect("session= in the login line");
+    assert_eq!(session, director_session_id(&user(40)), "{line}");
+    logins.sessions[0].imap_ok("z", "LOGOUT");
 }
 
 #[test]
 fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
     capture_director_log();
-    let (pool, d) = TestDirector::start_with_pool(2, &options(""));
-    let u = user(41);
-    let mut c = pop3_via_proxy(d.pop3, &v2_header(110), &u);
-    let line = wait_login(d.home(&pool, &u), "pop3-login", &u);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-    let session = field(&line, "session").expect("session= in the login line");
-    assert_eq!(session, director_session_id(&u), "{line}");
-    c.pop3_ok("QUIT");
+    let mut logins = logins_via_proxy("", [("pop3", 41, v2_header(110))]);
+    let line = &logins.assert_client_forwarded()[0];
+    let session = field(line, "session").expect("session= in the login line");
+    assert_eq!(session, director_session_id(&user(41)), "{line}");
+    logins.sessions[0].pop3_ok("QUIT");
 }
 
 #[test]
 fn imap_v2_header_in_and_pop3_v1_header_in_with_forward_auto() {
     // The other pairings of header version and protocol.
-    let logins = logins_via_proxy("", (42, v2_header(143)), (43, v1_header(110)));
-    for line in &logins.lines {
-        assert_eq!(field(line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-    }
+    let logins = logins_via_proxy(
+        "",
+        [("imap", 42, v2_header(143)), ("pop3", 43, v1_header(110))],
+    );
+    logins.assert_client_forwarded();
 }
 
 #[test]
 fn proxy_v2_to_dovecot_haproxy_listeners() {
     let mut logins = logins_via_proxy(
         "    forward: proxy_v2\n    ports: {imap: 11143, pop3: 11110}\n",
-        (44, v1_header(143)),
-        (45, v2_header(110)),
+        [("imap", 44, v1_header(143)), ("pop3", 45, v2_header(110))],
     );
-    for line in &logins.lines {
-        assert_eq!(field(line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    for line in logins.assert_client_forwarded() {
         assert_eq!(field(line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
     }
     let [imap, pop3] = &mut logins.sessions;
@@ -183,8 +183,7 @@ fn proxy_v2_to_dovecot_haproxy_listeners() {
 fn forward_none_keeps_the_client_address_from_the_backend() {
     let logins = logins_via_proxy(
         "    forward: none\n",
-        (46, v1_header(143)),
-        (47, v2_header(110)),
+        [("imap", 46, v1_header(143)), ("pop3", 47, v2_header(110))],
     );
     for line in &logins.lines {
         let rip = field(line, "rip").expect("rip= in the login line");
@@ -262,11 +261,9 @@ fn forwarding_survives_starttls_to_the_backend() {
     // ID and XCLIENT are sent after STARTTLS/STLS, on the protected connection.
     let logins = logins_via_proxy(
         "    tls: starttls\n",
-        (50, v1_header(143)),
-        (51, v1_header(110)),
+        [("imap", 50, v1_header(143)), ("pop3", 51, v1_header(110))],
     );
-    for line in &logins.lines {
-        assert_eq!(field(line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    for line in logins.assert_client_forwarded() {
         assert!(line.split(", ").any(|f| f == "TLS"), "{line}");
     }
 }
@@ -293,16 +290,10 @@ fn imap_with_originating_id(d: &TestDirector, source: &str, u: &str) -> Conn {
 
 /// The director's `session ended` line of session `id`.
 fn director_end_line(id: &str) -> String {
-    wait_until(
-        &format!("the director's end line of {id}"),
-        LOG_WAIT,
-        || {
-            let log = director_log();
-            log.lines()
-                .find(|l| l.contains("session ended") && l.contains(&format!("session={id} ")))
-                .map(str::to_owned)
-        },
-    )
+    let session_field = format!("session={id} ");
+    wait_director_line(&format!("the director's end line of {id}"), |l| {
+        l.contains("session ended") && l.contains(&session_field)
+    })
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::client::{assert_ok, base64, curl, quote, Conn};
+use support::client::{assert_ok, assert_tagged, base64, curl, quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{
     user, Pool, PoolOptions, PASSWORD, SPECIAL_USERS, TRICKY_PASSWORD, TRICKY_USER,
@@ -79,6 +79,14 @@ impl Setup {
         assert_ok(&bye, "zz", how);
     }
 
+    /// Connects, runs `dialogue` (a login; it returns the reply), and checks the session with
+    /// [`Setup::assert_logged_in`].
+    fn logs_in(&self, user: &str, how: &str, dialogue: impl FnOnce(&mut Conn) -> Vec<String>) {
+        let (mut c, _) = self.connect();
+        let reply = dialogue(&mut c);
+        self.assert_logged_in(&mut c, &reply, user, how);
+    }
+
     /// Runs curl's `ID NIL` through the director with `extra` arguments; returns curl's
     /// trace. Panics unless curl succeeded and printed the routed backend's `* ID` line.
     fn curl_id(&self, url: &str, u: &str, p: &str, extra: &[&str]) -> String {
@@ -105,11 +113,7 @@ impl Setup {
 
 /// Panics unless the last line of `reply` is `<tag> NO [AUTHENTICATIONFAILED] ...`.
 fn assert_auth_failed(reply: &[String], tag: &str, what: &str) {
-    let last = reply.last().map(String::as_str).unwrap_or("");
-    assert!(
-        last.starts_with(&format!("{tag} NO [AUTHENTICATIONFAILED]")),
-        "{what}: expected {tag} NO [AUTHENTICATIONFAILED], got {reply:?}"
-    )
+    assert_tagged(reply, tag, "NO [AUTHENTICATIONFAILED]", what);
 }
 
 /// `(user(i), PASSWORD)` and then every special user with its password.
@@ -140,23 +144,23 @@ fn login_with_atoms_and_quoted_strings_with_escapes() {
     let s = Setup::start(3);
     for i in 1..=3 {
         let u = user(i);
-        let (mut c, _) = s.connect();
-        let reply = c.imap("a", &format!("LOGIN {u} {PASSWORD}"));
-        s.assert_logged_in(&mut c, &reply, &u, "LOGIN with atoms");
+        s.logs_in(&u, "LOGIN with atoms", |c| {
+            c.imap("a", &format!("LOGIN {u} {PASSWORD}"))
+        });
     }
     for (u, p) in SPECIAL_USERS {
-        let (mut c, _) = s.connect();
-        let reply = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(p)));
-        s.assert_logged_in(&mut c, &reply, u, "LOGIN with quoted strings");
+        s.logs_in(u, "LOGIN with quoted strings", |c| {
+            c.imap("a", &format!("LOGIN {} {}", quote(u), quote(p)))
+        });
     }
     // Lower-case command, quoted user and atom password.
-    let (mut c, _) = s.connect();
-    let reply = c.imap("a", &format!("login \"{}\" {PASSWORD}", user(4)));
-    s.assert_logged_in(&mut c, &reply, &user(4), "lower-case login");
+    s.logs_in(&user(4), "lower-case login", |c| {
+        c.imap("a", &format!("login \"{}\" {PASSWORD}", user(4)))
+    });
     // User names hash lower-cased (`%Lu`): an upper-case login lands with the lower-case one.
-    let (mut c, _) = s.connect();
-    let reply = c.imap("a", &format!("LOGIN USER0004 {PASSWORD}"));
-    s.assert_logged_in(&mut c, &reply, &user(4), "upper-case user name");
+    s.logs_in(&user(4), "upper-case user name", |c| {
+        c.imap("a", &format!("LOGIN USER0004 {PASSWORD}"))
+    });
 }
 
 #[test]
@@ -165,18 +169,18 @@ fn login_with_synchronising_literals() {
     // Both arguments as literals, then each special user's password as a literal.
     for (i, (u, p)) in user_and_special_users(5).into_iter().enumerate() {
         let user_literal = i == 0;
-        let (mut c, _) = s.connect();
-        if user_literal {
-            c.send(format!("a LOGIN {{{}}}\r\n", u.len()).as_bytes());
+        s.logs_in(&u, "LOGIN with literals", |c| {
+            if user_literal {
+                c.send(format!("a LOGIN {{{}}}\r\n", u.len()).as_bytes());
+                c.continuation();
+                c.send(format!("{u} {{{}}}\r\n", p.len()).as_bytes());
+            } else {
+                c.send(format!("a LOGIN {} {{{}}}\r\n", quote(&u), p.len()).as_bytes());
+            }
             c.continuation();
-            c.send(format!("{u} {{{}}}\r\n", p.len()).as_bytes());
-        } else {
-            c.send(format!("a LOGIN {} {{{}}}\r\n", quote(&u), p.len()).as_bytes());
-        }
-        c.continuation();
-        c.send(format!("{p}\r\n").as_bytes());
-        let reply = c.until_tagged("a");
-        s.assert_logged_in(&mut c, &reply, &u, "LOGIN with literals");
+            c.send(format!("{p}\r\n").as_bytes());
+            c.until_tagged("a")
+        });
     }
 }
 
@@ -184,23 +188,23 @@ fn login_with_synchronising_literals() {
 fn login_with_non_synchronising_literals() {
     let s = Setup::start(3);
     let u = user(6);
-    let (mut c, _) = s.connect();
-    c.send(
-        format!(
-            "a LOGIN {{{}+}}\r\n{u} {{{}+}}\r\n{PASSWORD}\r\n",
-            u.len(),
-            PASSWORD.len()
-        )
-        .as_bytes(),
-    );
-    let reply = c.until_tagged("a");
-    s.assert_logged_in(&mut c, &reply, &u, "LOGIN with {n+} literals");
+    s.logs_in(&u, "LOGIN with {n+} literals", |c| {
+        c.send(
+            format!(
+                "a LOGIN {{{}+}}\r\n{u} {{{}+}}\r\n{PASSWORD}\r\n",
+                u.len(),
+                PASSWORD.len()
+            )
+            .as_bytes(),
+        );
+        c.until_tagged("a")
+    });
 
-    let (mut c, _) = s.connect();
-    let p = TRICKY_PASSWORD;
-    c.send(format!("a LOGIN {TRICKY_USER} {{{}+}}\r\n{p}\r\n", p.len()).as_bytes());
-    let reply = c.until_tagged("a");
-    s.assert_logged_in(&mut c, &reply, TRICKY_USER, "LOGIN, password {n+}");
+    s.logs_in(TRICKY_USER, "LOGIN, password {n+}", |c| {
+        let p = TRICKY_PASSWORD;
+        c.send(format!("a LOGIN {TRICKY_USER} {{{}+}}\r\n{p}\r\n", p.len()).as_bytes());
+        c.until_tagged("a")
+    });
 }
 
 #[test]
@@ -208,40 +212,40 @@ fn login_split_across_tcp_writes() {
     let s = Setup::start(3);
     for chunk in [1, 3] {
         let u = user(7 + chunk);
-        let (mut c, _) = s.connect();
-        c.send_split(format!("a LOGIN {u} \"{PASSWORD}\"\r\n").as_bytes(), chunk);
-        let reply = c.until_tagged("a");
-        s.assert_logged_in(&mut c, &reply, &u, "split quoted LOGIN");
+        s.logs_in(&u, "split quoted LOGIN", |c| {
+            c.send_split(format!("a LOGIN {u} \"{PASSWORD}\"\r\n").as_bytes(), chunk);
+            c.until_tagged("a")
+        });
 
-        let (mut c, _) = s.connect();
-        let login = format!(
-            "a LOGIN {{{}+}}\r\n{TRICKY_USER} {}\r\n",
-            TRICKY_USER.len(),
-            quote(TRICKY_PASSWORD)
-        );
-        c.send_split(login.as_bytes(), chunk);
-        let reply = c.until_tagged("a");
-        s.assert_logged_in(&mut c, &reply, TRICKY_USER, "split LOGIN, {n+}");
+        s.logs_in(TRICKY_USER, "split LOGIN, {n+}", |c| {
+            let login = format!(
+                "a LOGIN {{{}+}}\r\n{TRICKY_USER} {}\r\n",
+                TRICKY_USER.len(),
+                quote(TRICKY_PASSWORD)
+            );
+            c.send_split(login.as_bytes(), chunk);
+            c.until_tagged("a")
+        });
 
         // A synchronising literal: the client waits for `+` between the pieces.
-        let (mut c, _) = s.connect();
-        c.send_split(
-            format!("a LOGIN {u} {{{}}}\r\n", PASSWORD.len()).as_bytes(),
-            chunk,
-        );
-        c.continuation();
-        c.send_split(format!("{PASSWORD}\r\n").as_bytes(), chunk);
-        let reply = c.until_tagged("a");
-        s.assert_logged_in(&mut c, &reply, &u, "split LOGIN, {n}");
+        s.logs_in(&u, "split LOGIN, {n}", |c| {
+            c.send_split(
+                format!("a LOGIN {u} {{{}}}\r\n", PASSWORD.len()).as_bytes(),
+                chunk,
+            );
+            c.continuation();
+            c.send_split(format!("{PASSWORD}\r\n").as_bytes(), chunk);
+            c.until_tagged("a")
+        });
 
-        let (mut c, _) = s.connect();
-        let line = format!(
-            "a AUTHENTICATE PLAIN {}\r\n",
-            base64(format!("\0{u}\0{PASSWORD}").as_bytes())
-        );
-        c.send_split(line.as_bytes(), chunk);
-        let reply = c.until_tagged("a");
-        s.assert_logged_in(&mut c, &reply, &u, "split AUTHENTICATE PLAIN");
+        s.logs_in(&u, "split AUTHENTICATE PLAIN", |c| {
+            let line = format!(
+                "a AUTHENTICATE PLAIN {}\r\n",
+                base64(format!("\0{u}\0{PASSWORD}").as_bytes())
+            );
+            c.send_split(line.as_bytes(), chunk);
+            c.until_tagged("a")
+        });
     }
 }
 
@@ -251,45 +255,45 @@ fn authenticate_plain_with_and_without_initial_response() {
     for (u, p) in &user_and_special_users(11) {
         let response = base64(format!("\0{u}\0{p}").as_bytes());
         // SASL-IR.
-        let (mut c, _) = s.connect();
-        let reply = c.imap("a", &format!("AUTHENTICATE PLAIN {response}"));
-        s.assert_logged_in(&mut c, &reply, u, "AUTHENTICATE PLAIN (SASL-IR)");
+        s.logs_in(u, "AUTHENTICATE PLAIN (SASL-IR)", |c| {
+            c.imap("a", &format!("AUTHENTICATE PLAIN {response}"))
+        });
         // Challenge and response.
-        let (mut c, _) = s.connect();
-        c.send(b"a authenticate plain\r\n");
-        c.continuation();
-        c.send(format!("{response}\r\n").as_bytes());
-        let reply = c.until_tagged("a");
-        s.assert_logged_in(&mut c, &reply, u, "AUTHENTICATE PLAIN (continuation)");
+        s.logs_in(u, "AUTHENTICATE PLAIN (continuation)", |c| {
+            c.send(b"a authenticate plain\r\n");
+            c.continuation();
+            c.send(format!("{response}\r\n").as_bytes());
+            c.until_tagged("a")
+        });
     }
     // An authorisation identity equal to the user is the user itself.
     let u = user(12);
-    let (mut c, _) = s.connect();
-    let response = base64(format!("{u}\0{u}\0{PASSWORD}").as_bytes());
-    let reply = c.imap("a", &format!("AUTHENTICATE PLAIN {response}"));
-    s.assert_logged_in(&mut c, &reply, &u, "AUTHENTICATE PLAIN, authzid = user");
+    s.logs_in(&u, "AUTHENTICATE PLAIN, authzid = user", |c| {
+        let response = base64(format!("{u}\0{u}\0{PASSWORD}").as_bytes());
+        c.imap("a", &format!("AUTHENTICATE PLAIN {response}"))
+    });
 }
 
 #[test]
 fn authenticate_login_with_and_without_initial_response() {
     let s = Setup::start(3);
     for (u, p) in &user_and_special_users(13) {
-        let (mut c, _) = s.connect();
-        c.send(b"a AUTHENTICATE LOGIN\r\n");
-        assert_eq!(c.continuation(), format!("+ {}", base64(b"Username:")));
-        c.send(format!("{}\r\n", base64(u.as_bytes())).as_bytes());
-        assert_eq!(c.continuation(), format!("+ {}", base64(b"Password:")));
-        c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
-        let reply = c.until_tagged("a");
-        s.assert_logged_in(&mut c, &reply, u, "AUTHENTICATE LOGIN");
+        s.logs_in(u, "AUTHENTICATE LOGIN", |c| {
+            c.send(b"a AUTHENTICATE LOGIN\r\n");
+            assert_eq!(c.continuation(), format!("+ {}", base64(b"Username:")));
+            c.send(format!("{}\r\n", base64(u.as_bytes())).as_bytes());
+            assert_eq!(c.continuation(), format!("+ {}", base64(b"Password:")));
+            c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
+            c.until_tagged("a")
+        });
 
         // The user name as initial response (what curl sends).
-        let (mut c, _) = s.connect();
-        c.send(format!("a AUTHENTICATE LOGIN {}\r\n", base64(u.as_bytes())).as_bytes());
-        assert_eq!(c.continuation(), format!("+ {}", base64(b"Password:")));
-        c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
-        let reply = c.until_tagged("a");
-        s.assert_logged_in(&mut c, &reply, u, "AUTHENTICATE LOGIN (SASL-IR)");
+        s.logs_in(u, "AUTHENTICATE LOGIN (SASL-IR)", |c| {
+            c.send(format!("a AUTHENTICATE LOGIN {}\r\n", base64(u.as_bytes())).as_bytes());
+            assert_eq!(c.continuation(), format!("+ {}", base64(b"Password:")));
+            c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
+            c.until_tagged("a")
+        });
     }
 }
 
@@ -358,12 +362,13 @@ fn pre_login_commands_answer_as_a_client_expects() {
     );
     assert_ok(&reply, "a", "CAPABILITY");
 
-    assert_ok(&c.imap("b", "NOOP"), "b", "NOOP");
+    c.imap_ok("b", "NOOP");
 
-    let reply = c.imap("c", "FROBNICATE now");
-    assert!(
-        reply.last().unwrap().starts_with("c BAD"),
-        "unknown command: {reply:?}"
+    assert_tagged(
+        &c.imap("c", "FROBNICATE now"),
+        "c",
+        "BAD",
+        "unknown command",
     );
 
     for (tag, command) in [
@@ -379,23 +384,14 @@ fn pre_login_commands_answer_as_a_client_expects() {
         );
     }
 
-    let reply = c.imap("g", &format!("LOGIN {}", user(1)));
-    assert!(
-        reply.last().unwrap().starts_with("g BAD"),
-        "LOGIN with one argument: {reply:?}"
-    );
-
     for (tag, command) in [
+        ("g", "LOGIN user0001"),
         ("h1", "LOGIN user0001 \"secret"),
         ("h2", "LOGIN \"user0001\" \"sec\\ret\""),
         ("h3", "LOGIN user0001 secret extra"),
         ("h4", "LOGIN user0001 (secret)"),
     ] {
-        let reply = c.imap(tag, command);
-        assert!(
-            reply.last().unwrap().starts_with(&format!("{tag} BAD")),
-            "{command}: {reply:?}"
-        );
+        assert_tagged(&c.imap(tag, command), tag, "BAD", command);
     }
 
     // Still usable after all those errors; ID before login does not name a backend.
@@ -414,25 +410,25 @@ fn pre_login_commands_answer_as_a_client_expects() {
 fn failed_login_then_success_on_the_same_connection() {
     let s = Setup::start(3);
     let u = user(15);
-    let (mut c, _) = s.connect();
-    let reply = c.imap("a", &format!("LOGIN {u} wrong"));
-    assert_auth_failed(&reply, "a", "wrong password");
-    let response = base64(format!("\0{u}\0also-wrong").as_bytes());
-    let reply = c.imap("b", &format!("AUTHENTICATE PLAIN {response}"));
-    assert_auth_failed(&reply, "b", "wrong password, PLAIN");
-    assert!(
-        s.d.sessions.list().is_empty(),
-        "a failed login left a session"
-    );
-    let reply = c.imap("c", &format!("LOGIN {u} {PASSWORD}"));
-    s.assert_logged_in(&mut c, &reply, &u, "LOGIN after two failures");
+    s.logs_in(&u, "LOGIN after two failures", |c| {
+        let reply = c.imap("a", &format!("LOGIN {u} wrong"));
+        assert_auth_failed(&reply, "a", "wrong password");
+        let response = base64(format!("\0{u}\0also-wrong").as_bytes());
+        let reply = c.imap("b", &format!("AUTHENTICATE PLAIN {response}"));
+        assert_auth_failed(&reply, "b", "wrong password, PLAIN");
+        assert!(
+            s.d.sessions.list().is_empty(),
+            "a failed login left a session"
+        );
+        c.imap("c", &format!("LOGIN {u} {PASSWORD}"))
+    });
 
     // An unknown user fails the same way.
-    let (mut c, _) = s.connect();
-    let reply = c.imap("a", &format!("LOGIN nosuchuser {PASSWORD}"));
-    assert_auth_failed(&reply, "a", "unknown user");
-    let reply = c.imap("b", &format!("LOGIN {u} {PASSWORD}"));
-    s.assert_logged_in(&mut c, &reply, &u, "LOGIN after an unknown user");
+    s.logs_in(&u, "LOGIN after an unknown user", |c| {
+        let reply = c.imap("a", &format!("LOGIN nosuchuser {PASSWORD}"));
+        assert_auth_failed(&reply, "a", "unknown user");
+        c.imap("b", &format!("LOGIN {u} {PASSWORD}"))
+    });
 }
 
 #[test]
@@ -460,6 +456,14 @@ fn three_failed_logins_close_the_connection() {
     assert!(s.d.sessions.list().is_empty());
 }
 
+/// `head`, then `n` bytes `x`, then `tail`.
+fn padded(head: &[u8], n: usize, tail: &[u8]) -> Vec<u8> {
+    let mut bytes = head.to_vec();
+    bytes.extend(std::iter::repeat_n(b'x', n));
+    bytes.extend_from_slice(tail);
+    bytes
+}
+
 #[test]
 fn oversized_lines_and_literals_are_refused() {
     let s = Setup::start(2);
@@ -475,10 +479,11 @@ fn oversized_lines_and_literals_are_refused() {
 
     // A `{n+}` literal above the limit: the client sends it anyway, so the connection ends.
     let (mut c, _) = s.connect();
-    let mut login = b"a LOGIN user0001 {100000+}\r\n".to_vec();
-    login.extend(std::iter::repeat_n(b'x', 100_000));
-    login.extend_from_slice(b"\r\nb NOOP\r\n");
-    c.send(&login);
+    c.send(&padded(
+        b"a LOGIN user0001 {100000+}\r\n",
+        100_000,
+        b"\r\nb NOOP\r\n",
+    ));
     let line = c.line();
     assert!(
         line.starts_with("a BAD") || line.starts_with("* BYE"),
@@ -499,10 +504,7 @@ fn oversized_lines_and_literals_are_refused() {
 
     // A line longer than the limit (8 KiB) ends the connection.
     let (mut c, _) = s.connect();
-    let mut long = b"a LOGIN user0001 ".to_vec();
-    long.extend(std::iter::repeat_n(b'x', 20_000));
-    long.extend_from_slice(b"\r\n");
-    c.send(&long);
+    c.send(&padded(b"a LOGIN user0001 ", 20_000, b"\r\n"));
     let line = c.line();
     assert!(
         line.starts_with("* BYE") || line.starts_with("a BAD"),
@@ -599,16 +601,12 @@ fn commands_hidden_in_credentials_never_reach_a_backend() {
     let (victim, other) = (user(18), user(19));
     for u in [&victim, &other] {
         let (mut c, _) = s.connect();
-        assert_ok(
-            &c.imap("a", &format!("LOGIN {u} {PASSWORD}")),
-            "a",
-            "set-up login",
-        );
-        assert_ok(&c.imap("b", "CREATE Keep"), "b", "CREATE Keep");
+        c.imap_ok("a", &format!("LOGIN {u} {PASSWORD}"));
+        c.imap_ok("b", "CREATE Keep");
         // A DELETE that runs shows in the log.
-        assert_ok(&c.imap("c", "CREATE Gone"), "c", "CREATE Gone");
-        assert_ok(&c.imap("d", "DELETE Gone"), "d", "DELETE Gone");
-        assert_ok(&c.imap("e", "LOGOUT"), "e", "LOGOUT");
+        c.imap_ok("c", "CREATE Gone");
+        c.imap_ok("d", "DELETE Gone");
+        c.imap_ok("e", "LOGOUT");
     }
     // Dovecot writes its log asynchronously: wait for the set-up sessions' last lines, so that
     // they are not taken for lines caused by the attempts below.
@@ -694,41 +692,41 @@ fn commands_hidden_in_credentials_never_reach_a_backend() {
     ];
     for (i, (form, u, p)) in attempts.iter().enumerate() {
         let what = format!("attempt {i} ({u:?} / {p:?})");
-        let (mut c, _) = s.connect();
-        match form {
-            Form::SyncLiterals => {
-                c.send(format!("a LOGIN {{{}}}\r\n", u.len()).as_bytes());
-                c.continuation();
-                c.send(format!("{u} {{{}}}\r\n", p.len()).as_bytes());
-                c.continuation();
-                c.send(format!("{p}\r\n").as_bytes());
+        s.logs_in(&victim, &what, |c| {
+            match form {
+                Form::SyncLiterals => {
+                    c.send(format!("a LOGIN {{{}}}\r\n", u.len()).as_bytes());
+                    c.continuation();
+                    c.send(format!("{u} {{{}}}\r\n", p.len()).as_bytes());
+                    c.continuation();
+                    c.send(format!("{p}\r\n").as_bytes());
+                }
+                Form::NonSyncLiterals => c.send(
+                    format!(
+                        "a LOGIN {{{}+}}\r\n{u} {{{}+}}\r\n{p}\r\n",
+                        u.len(),
+                        p.len()
+                    )
+                    .as_bytes(),
+                ),
+                Form::Plain => {
+                    let response = base64(format!("\0{u}\0{p}").as_bytes());
+                    c.send(format!("a AUTHENTICATE PLAIN {response}\r\n").as_bytes());
+                }
+                Form::Login => {
+                    c.send(b"a AUTHENTICATE LOGIN\r\n");
+                    c.continuation();
+                    c.send(format!("{}\r\n", base64(u.as_bytes())).as_bytes());
+                    c.continuation();
+                    c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
+                }
             }
-            Form::NonSyncLiterals => c.send(
-                format!(
-                    "a LOGIN {{{}+}}\r\n{u} {{{}+}}\r\n{p}\r\n",
-                    u.len(),
-                    p.len()
-                )
-                .as_bytes(),
-            ),
-            Form::Plain => {
-                let response = base64(format!("\0{u}\0{p}").as_bytes());
-                c.send(format!("a AUTHENTICATE PLAIN {response}\r\n").as_bytes());
-            }
-            Form::Login => {
-                c.send(b"a AUTHENTICATE LOGIN\r\n");
-                c.continuation();
-                c.send(format!("{}\r\n", base64(u.as_bytes())).as_bytes());
-                c.continuation();
-                c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
-            }
-        }
-        let reply = c.until_tagged("a");
-        assert_auth_failed(&reply, "a", &what);
-        // The connection is still usable, and a correct login still works.
-        assert_ok(&c.imap("b", "NOOP"), "b", &what);
-        let reply = c.imap("c", &format!("LOGIN {victim} {PASSWORD}"));
-        s.assert_logged_in(&mut c, &reply, &victim, &what);
+            let reply = c.until_tagged("a");
+            assert_auth_failed(&reply, "a", &what);
+            // The connection is still usable, and a correct login still works.
+            assert_ok(&c.imap("b", "NOOP"), "b", &what);
+            c.imap("c", &format!("LOGIN {victim} {PASSWORD}"))
+        });
     }
     // An authorisation identity (log in as another user) needs a master user: refused.
     let (mut c, _) = s.connect();
@@ -748,11 +746,7 @@ fn commands_hidden_in_credentials_never_reach_a_backend() {
     }
     for u in [&victim, &other] {
         let (mut c, _) = s.connect();
-        assert_ok(
-            &c.imap("a", &format!("LOGIN {u} {PASSWORD}")),
-            "a",
-            "final login",
-        );
+        c.imap_ok("a", &format!("LOGIN {u} {PASSWORD}"));
         let reply = c.imap("b", "LIST \"\" *");
         assert!(
             reply.iter().any(|l| l.ends_with(" Keep")),

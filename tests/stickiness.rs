@@ -17,6 +17,7 @@ use director::state::State;
 use support::client::{imap_login, Conn};
 use support::director::{config_yaml, DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
+use support::wait::wait_for;
 
 /// Pool backend `i` as the director would have it had the configuration listed it with
 /// `weight` (same ports and timeouts as the configured ones).
@@ -59,28 +60,20 @@ fn logout(d: &TestDirector, mut c: Conn, username: &str) {
     assert!(before > 0, "{username} has no session to log out");
     c.imap_ok("lo", "LOGOUT");
     drop(c);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while d.sessions.count_user(hash) >= before {
-        assert!(
-            Instant::now() < deadline,
-            "{username}: session still registered 15 s after LOGOUT"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        &format!("{username}'s session to be unregistered after LOGOUT"),
+        Duration::from_secs(15),
+        || d.sessions.count_user(hash) < before,
+    );
 }
 
 /// Waits until `username` has no live record (polling: the exact moment is not the point).
 /// It asks the state, not the backends: a login to find out would refresh the record.
 fn wait_until_expired(d: &TestDirector, username: &str, within: Duration) {
     let hash = d.router.hash(username);
-    let deadline = Instant::now() + within;
-    while d.state.record(hash, Instant::now()).is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "{username}: record still alive after {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(&format!("{username}'s record to expire"), within, || {
+        d.state.record(hash, Instant::now()).is_none()
+    });
 }
 
 /// Weights 100/50/200 share 10,000 new users out as 2/7, 1/7 and 4/7, and real logins land

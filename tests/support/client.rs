@@ -290,10 +290,16 @@ impl Conn {
 
 /// Panics unless the last line of `reply` is `<tag> OK ...`; returns that line.
 pub fn assert_ok<'a>(reply: &'a [String], tag: &str, what: &str) -> &'a str {
+    assert_tagged(reply, tag, "OK", what)
+}
+
+/// Panics unless the last line of `reply` is `<tag> <status>...` (`status` being `OK`, `BAD`,
+/// `NO [AUTHENTICATIONFAILED]`...); returns that line.
+pub fn assert_tagged<'a>(reply: &'a [String], tag: &str, status: &str, what: &str) -> &'a str {
     let last = reply.last().map(String::as_str).unwrap_or("");
     assert!(
-        last.starts_with(&format!("{tag} OK")),
-        "{what}: expected {tag} OK, got {reply:?}"
+        last.starts_with(&format!("{tag} {status}")),
+        "{what}: expected {tag} {status}, got {reply:?}"
     );
     last
 }

@@ -1,6 +1,6 @@
 //! Polling: what a test waits for (a log line, a session gone, a backend marked down) happens
 //! on another thread or process a moment later, so the helpers here ask again every 20 ms
-//! until it holds or the time is up.
+//! until it holds or the time is up. Std only: the benchmark example includes it too.
 
 #![allow(dead_code)]
 
