@@ -7,18 +7,17 @@
 
 #[path = "../tests/support/dovecot.rs"]
 mod dovecot;
+#[path = "../tests/support/env.rs"]
+mod env;
+#[path = "../tests/support/ports.rs"]
+mod ports;
+#[path = "../tests/support/wait.rs"]
+mod wait;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn env(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Imap {
     r: BufReader<TcpStream>,
@@ -68,14 +67,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -117,10 +108,10 @@ fn fetch(addr: SocketAddr, user: &str, size: usize, n: usize) -> Duration {
 }
 
 fn main() {
-    let n_logins = env("BENCH_LOGINS", 300);
-    let n_idle = env("BENCH_IDLE", 1000);
-    let mib = env("BENCH_MESSAGE_MIB", 20);
-    let n_fetch = env("BENCH_FETCHES", 5);
+    let n_logins = env::env_or("BENCH_LOGINS", 300);
+    let n_idle = env::env_or("BENCH_IDLE", 1000);
+    let mib = env::env_or("BENCH_MESSAGE_MIB", 20);
+    let n_fetch = env::env_or("BENCH_FETCHES", 5);
     // One imap process per session (Dovecot's default) would cap the idle test at the
     // backend's process_limit: pack sessions into few processes instead.
     let pool = dovecot::Pool::start_with(dovecot::PoolOptions {
@@ -131,7 +122,7 @@ fn main() {
                 .into(),
     });
     let backend = pool.backend(0).imap();
-    let port = free_port();
+    let port = ports::free_port();
     let cfg = pool.dir().join("bench-director.yaml");
     std::fs::write(
         &cfg,
@@ -166,11 +157,9 @@ fn main() {
     }
     let child = Reap(child);
     let director: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(director).is_err() {
-        assert!(Instant::now() < deadline, "director did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait::wait_for("the director to listen", Duration::from_secs(20), || {
+        TcpStream::connect(director).is_ok()
+    });
 
     println!(
         "# director benchmark ({} logins, {} idle sessions, {mib} MiB message)",

@@ -7,15 +7,14 @@
 
 #[path = "../tests/support/dovecot.rs"]
 mod dovecot;
+#[path = "../tests/support/env.rs"]
+mod env;
 
 use director::config::Config;
 use director::server::Director;
 
 fn port(var: &str, default: u16) -> u16 {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    env::env_or(var, default)
 }
 
 fn main() {

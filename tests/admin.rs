@@ -10,77 +10,22 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use director::state::backend::AdminState;
 use director::state::State;
+use support::admin_cli::AdminCli;
 use support::client::{imap_login, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, RefDirector, PASSWORD};
+use support::ports::free_port;
+use support::wait::wait_for;
 
-const BIN: &str = env!("CARGO_BIN_EXE_director");
-
-/// Writes the director's configuration to a file for the CLI.
-fn config_file(d: &TestDirector) -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "director-admin-test-{}-{}.yaml",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::write(&path, &d.yaml).unwrap();
-    path
-}
-
-/// Runs `director -c CONFIG ARGS...`; returns (success, stdout, stderr).
-fn cli_with(config: &PathBuf, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut child = Command::new(BIN)
-        .arg("-c")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run director");
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-    drop(input);
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Runs a verb that must succeed; returns its stdout.
-fn ok(config: &PathBuf, args: &[&str]) -> String {
-    let (success, out, err) = cli_with(config, args, None);
-    assert!(success, "director {args:?} failed:\n{out}\n{err}");
-    out
-}
-
-fn json(config: &PathBuf, args: &[&str]) -> serde_json::Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = ok(config, &a);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
-
-/// The `status --json` entry of backend `ip`.
-fn backend_status(config: &PathBuf, ip: IpAddr) -> serde_json::Value {
-    let s = json(config, &["status"]);
-    s["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["ip"] == ip.to_string())
-        .cloned()
-        .unwrap_or_else(|| panic!("{ip} not in status: {s}"))
+/// A pool of `backends`, a director with `options` over it, and the CLI for that director.
+fn with_cli(backends: usize, options: &DirectorOptions) -> (Pool, TestDirector, AdminCli) {
+    let (pool, d) = TestDirector::start_with_pool(backends, options);
+    let cli = AdminCli::of(&d);
+    (pool, d, cli)
 }
 
 /// A user (from `from` on) whose ring answer is `ip` now, among the pool's users.
@@ -109,25 +54,9 @@ fn alive(c: &mut Conn) -> bool {
     r.last().is_some_and(|l| l.starts_with("n1 OK"))
 }
 
-fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn status_map_add_update_remove_with_users_logged_in() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            configured_backends: Some(2),
-            ..DirectorOptions::default()
-        },
-    );
-    let cfg = config_file(&d);
+    let (pool, d, cfg) = with_cli(3, &DirectorOptions::with_configured_backends(2));
     let (a, b, c) = (pool.backend(0), pool.backend(1), pool.backend(2));
     let mut open = Vec::new();
     let mut landed = Vec::new();
@@ -137,13 +66,13 @@ fn status_map_add_update_remove_with_users_logged_in() {
         landed.push(name);
     }
 
-    let human = ok(&cfg, &["status"]);
+    let human = cfg.ok(&["status"]);
     assert!(
         human.contains(&a.ip.to_string()) && human.contains(&b.ip.to_string()),
         "{human}"
     );
     assert!(human.contains("health checks: running"), "{human}");
-    let s = json(&cfg, &["status"]);
+    let s = cfg.json(&["status"]);
     assert_eq!(s["backends"].as_array().unwrap().len(), 2, "{s}");
     assert_eq!(s["records"], 10, "{s}");
     assert_eq!(s["sessions"], 10, "{s}");
@@ -154,57 +83,60 @@ fn status_map_add_update_remove_with_users_logged_in() {
         .map(|b| b["users"].as_u64().unwrap())
         .sum();
     assert_eq!(users, 10);
-    assert_eq!(backend_status(&cfg, a.ip)["weight"], 100);
-    assert_eq!(backend_status(&cfg, a.ip)["admin"], "up");
-    assert_eq!(backend_status(&cfg, a.ip)["health"], "up");
-    assert!(backend_status(&cfg, a.ip)["check"].is_null());
+    assert_eq!(cfg.backend_status(a.ip)["weight"], 100);
+    assert_eq!(cfg.backend_status(a.ip)["admin"], "up");
+    assert_eq!(cfg.backend_status(a.ip)["health"], "up");
+    assert!(cfg.backend_status(a.ip)["check"].is_null());
 
     // status USER and map know the users.
-    let u1 = json(&cfg, &["status", &user(1)]);
+    let u1 = cfg.json(&["status", &user(1)]);
     let current: IpAddr = u1["current"].as_str().unwrap().parse().unwrap();
     assert_eq!(pool.by_ip(current).unwrap().name, landed[0]);
     assert_eq!(u1["hashed"], u1["current"], "{u1}");
     assert_eq!(u1["sessions"], 1);
     assert!(u1["expires_in_secs"].is_null());
-    let human = ok(&cfg, &["status", &user(1)]);
+    let human = cfg.ok(&["status", &user(1)]);
     assert!(
         human.contains("Current:") && human.contains("Hashed:"),
         "{human}"
     );
-    let map = json(&cfg, &["map"]);
+    let map = cfg.json(&["map"]);
     assert_eq!(map["users"].as_array().unwrap().len(), 10, "{map}");
     assert!(map["users"]
         .as_array()
         .unwrap()
         .iter()
         .any(|e| e["user"] == user(1)));
-    let on_a = json(&cfg, &["map", &a.ip.to_string()]);
+    let on_a = cfg.json(&["map", &a.ip.to_string()]);
     assert!(on_a["users"]
         .as_array()
         .unwrap()
         .iter()
         .all(|e| e["backend"] == a.ip.to_string()));
-    assert!(ok(&cfg, &["map"]).contains(&user(1)));
+    assert!(cfg.ok(&["map"]).contains(&user(1)));
 
     // Adding a heavy backend and changing a weight moves nobody with a record.
     let before: Vec<Option<IpAddr>> = (1..=10).map(|i| record_of(&d, &user(i))).collect();
-    let out = ok(&cfg, &["add", &c.ip.to_string(), "900"]);
+    let out = cfg.ok(&["add", &c.ip.to_string(), "900"]);
     assert!(out.contains("added"), "{out}");
-    assert_eq!(backend_status(&cfg, c.ip)["weight"], 900);
-    ok(&cfg, &["update", &a.ip.to_string(), "0"]);
-    assert_eq!(backend_status(&cfg, a.ip)["weight"], 0);
+    assert_eq!(cfg.backend_status(c.ip)["weight"], 900);
+    cfg.ok(&["update", &a.ip.to_string(), "0"]);
+    assert_eq!(cfg.backend_status(a.ip)["weight"], 0);
     let after: Vec<Option<IpAddr>> = (1..=10).map(|i| record_of(&d, &user(i))).collect();
     assert_eq!(before, after);
     for conn in &mut open {
         assert!(alive(conn));
     }
     // A weight above the maximum is refused with the reason.
-    let (success, _, err) = cli_with(&cfg, &["update", &b.ip.to_string(), "1200"], None);
-    assert!(!success && err.contains("above the maximum 1000"), "{err}");
-    let (success, _, err) = cli_with(&cfg, &["down", "10.255.255.254"], None);
-    assert!(
-        !success && err.contains("no backend 10.255.255.254"),
-        "{err}"
+    cfg.fails(
+        &["update", &b.ip.to_string(), "1200"],
+        None,
+        "above the maximum 1000",
+    );
+    cfg.fails(
+        &["down", "10.255.255.254"],
+        None,
+        "no backend 10.255.255.254",
     );
 
     // A new user of the added backend logs in there; `remove` ends its session and its
@@ -212,7 +144,7 @@ fn status_map_add_update_remove_with_users_logged_in() {
     let newbie = user_hashed_to(&d, c.ip, 11);
     let (mut conn, name) = imap_login(d.imap, &newbie, PASSWORD);
     assert_eq!(name, c.name);
-    let out = ok(&cfg, &["remove", &c.ip.to_string()]);
+    let out = cfg.ok(&["remove", &c.ip.to_string()]);
     assert!(
         out.contains("1 moved") && out.contains("1 sessions ended"),
         "{out}"
@@ -225,10 +157,7 @@ fn status_map_add_update_remove_with_users_logged_in() {
         a.name, b.name
     );
     assert_eq!(
-        json(&cfg, &["status"])["backends"]
-            .as_array()
-            .unwrap()
-            .len(),
+        cfg.json(&["status"])["backends"].as_array().unwrap().len(),
         2
     );
     drop(open);
@@ -236,16 +165,14 @@ fn status_map_add_update_remove_with_users_logged_in() {
 
 #[test]
 fn move_kick_down_and_up() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let cfg = config_file(&d);
+    let (pool, d, cfg) = with_cli(2, &DirectorOptions::default());
     let (a, b) = (pool.backend(0), pool.backend(1));
     let u = user_hashed_to(&d, a.ip, 1);
 
     // move USER HOST: the open session is ended; the next login lands on HOST.
     let (mut conn, name) = imap_login(d.imap, &u, PASSWORD);
     assert_eq!(name, a.name);
-    let out = ok(&cfg, &["move", &u, &b.ip.to_string()]);
+    let out = cfg.ok(&["move", &u, &b.ip.to_string()]);
     assert!(
         out.contains("1 moved") && out.contains("1 sessions ended"),
         "{out}"
@@ -253,10 +180,10 @@ fn move_kick_down_and_up() {
     assert!(conn.ended());
     let (mut conn, name) = imap_login(d.imap, &u, PASSWORD);
     assert_eq!(name, b.name);
-    assert_eq!(json(&cfg, &["status", &u])["current"], b.ip.to_string());
+    assert_eq!(cfg.json(&["status", &u])["current"], b.ip.to_string());
 
     // kick: sessions end, the record stays.
-    let out = ok(&cfg, &["kick", &u]);
+    let out = cfg.ok(&["kick", &u]);
     assert!(out.contains("1 sessions ended"), "{out}");
     assert!(conn.ended());
     let (_c, name) = imap_login(d.imap, &u, PASSWORD);
@@ -268,14 +195,14 @@ fn move_kick_down_and_up() {
     let (mut vc, name) = imap_login(d.imap, &v, PASSWORD);
     assert_eq!(name, b.name);
     drop(_c);
-    let out = ok(&cfg, &["down", &b.ip.to_string()]);
+    let out = cfg.ok(&["down", &b.ip.to_string()]);
     assert!(out.contains("sessions ended"), "{out}");
     assert!(vc.ended());
-    assert_eq!(backend_status(&cfg, b.ip)["admin"], "down");
+    assert_eq!(cfg.backend_status(b.ip)["admin"], "down");
     let (_vc, name) = imap_login(d.imap, &v, PASSWORD);
     assert_eq!(name, a.name);
-    ok(&cfg, &["up", &b.ip.to_string()]);
-    assert_eq!(backend_status(&cfg, b.ip)["admin"], "up");
+    cfg.ok(&["up", &b.ip.to_string()]);
+    assert_eq!(cfg.backend_status(b.ip)["admin"], "up");
     let (_vc2, name) = imap_login(d.imap, &v, PASSWORD);
     assert_eq!(name, a.name, "a moved user stays where it went");
     let after_v: usize = v
@@ -289,24 +216,21 @@ fn move_kick_down_and_up() {
 
 #[test]
 fn flush_safe_and_forced() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let cfg = config_file(&d);
+    let (pool, d, cfg) = with_cli(2, &DirectorOptions::default());
     let (a, b) = (pool.backend(0), pool.backend(1));
-    let on_a = user_hashed_to(&d, a.ip, 1);
-    let on_b = user_hashed_to(&d, b.ip, 1);
+    let [on_a, on_b] = [a.ip, b.ip].map(|ip| user_hashed_to(&d, ip, 1));
     let (mut ca, _) = imap_login(d.imap, &on_a, PASSWORD);
     let (mut cb, _) = imap_login(d.imap, &on_b, PASSWORD);
 
     // Nothing to do while the ring agrees with the records.
-    let out = ok(&cfg, &["flush", "all"]);
+    let out = cfg.ok(&["flush", "all"]);
     assert!(out.contains("2 stayed"), "{out}");
     assert!(alive(&mut ca) && alive(&mut cb));
 
     // The runbook: weight 0, then flush: the users of A are sent where the ring now
     // sends them, their sessions ended first.
-    ok(&cfg, &["update", &a.ip.to_string(), "0"]);
-    let out = ok(&cfg, &["flush", &a.ip.to_string()]);
+    cfg.ok(&["update", &a.ip.to_string(), "0"]);
+    let out = cfg.ok(&["flush", &a.ip.to_string()]);
     assert!(
         out.contains("1 moved") && out.contains("1 sessions ended"),
         "{out}"
@@ -318,7 +242,7 @@ fn flush_safe_and_forced() {
     assert!(alive(&mut cb), "a user of B is untouched");
 
     // --force only drops the records: sessions go on.
-    let out = ok(&cfg, &["flush", &b.ip.to_string(), "--force"]);
+    let out = cfg.ok(&["flush", &b.ip.to_string(), "--force"]);
     assert!(out.contains("2 records dropped"), "{out}");
     assert!(!out.contains("sessions ended"), "{out}");
     assert!(alive(&mut cb));
@@ -327,35 +251,29 @@ fn flush_safe_and_forced() {
 
 #[test]
 fn maintenance_with_an_allowed_user_and_its_end() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let cfg = config_file(&d);
+    let (pool, d, cfg) = with_cli(2, &DirectorOptions::default());
     let (a, b) = (pool.backend(0), pool.backend(1));
-    let normal = user_hashed_to(&d, a.ip, 1);
-    let tester = user_hashed_to(&d, b.ip, 1);
+    let [normal, tester] = [a.ip, b.ip].map(|ip| user_hashed_to(&d, ip, 1));
     let newcomer = user_hashed_to(&d, a.ip, 100);
     let (mut nc, name) = imap_login(d.imap, &normal, PASSWORD);
     assert_eq!(name, a.name);
-    ok(&cfg, &["update", &a.ip.to_string(), "70"]);
+    cfg.ok(&["update", &a.ip.to_string(), "70"]);
 
-    let out = ok(
-        &cfg,
-        &[
-            "maintenance",
-            &a.ip.to_string(),
-            "start",
-            "--allow-user",
-            &tester,
-        ],
-    );
+    let out = cfg.ok(&[
+        "maintenance",
+        &a.ip.to_string(),
+        "start",
+        "--allow-user",
+        &tester,
+    ]);
     assert!(out.contains("maintenance started"), "{out}");
     assert!(nc.ended(), "the normal user's session on A is ended");
-    let st = backend_status(&cfg, a.ip);
+    let st = cfg.backend_status(a.ip);
     assert_eq!(st["admin"], "maintenance");
     assert_eq!(st["weight"], 0);
     assert_eq!(st["maintenance"]["previous_weight"], 70);
     assert_eq!(st["maintenance"]["allowed_users"][0], tester.as_str());
-    assert!(ok(&cfg, &["status"]).contains("allowed users"));
+    assert!(cfg.ok(&["status"]).contains("allowed users"));
     let (_nc, name) = imap_login(d.imap, &normal, PASSWORD);
     assert_eq!(name, b.name, "moved off A");
     let (_new, name) = imap_login(d.imap, &newcomer, PASSWORD);
@@ -363,30 +281,30 @@ fn maintenance_with_an_allowed_user_and_its_end() {
     let (mut tc, name) = imap_login(d.imap, &tester, PASSWORD);
     assert_eq!(name, a.name, "the allowed user is let onto A");
     assert_eq!(
-        json(&cfg, &["status", &tester])["maintenance_backend"],
+        cfg.json(&["status", &tester])["maintenance_backend"],
         a.ip.to_string()
     );
 
-    ok(&cfg, &["maintenance", &a.ip.to_string(), "stop"]);
-    let st = backend_status(&cfg, a.ip);
+    cfg.ok(&["maintenance", &a.ip.to_string(), "stop"]);
+    let st = cfg.backend_status(a.ip);
     assert_eq!(st["admin"], "up");
     assert_eq!(st["weight"], 70, "the previous weight is restored");
     assert!(st["maintenance"].is_null());
     assert!(alive(&mut tc));
 
     // --for ends it by itself.
-    ok(
-        &cfg,
-        &["maintenance", &a.ip.to_string(), "start", "--for", "2s"],
-    );
-    assert_eq!(backend_status(&cfg, a.ip)["admin"], "maintenance");
+    cfg.ok(&["maintenance", &a.ip.to_string(), "start", "--for", "2s"]);
+    assert_eq!(cfg.backend_status(a.ip)["admin"], "maintenance");
     assert!(tc.ended(), "the tester is no longer allowed: moved off");
     wait_for("maintenance ends after 2s", Duration::from_secs(8), || {
         d.state.backends().get(a.ip).unwrap().admin == AdminState::Up
     });
-    assert_eq!(backend_status(&cfg, a.ip)["weight"], 70);
-    let (success, _, err) = cli_with(&cfg, &["maintenance", &a.ip.to_string(), "stop"], None);
-    assert!(!success && err.contains("not in maintenance"), "{err}");
+    assert_eq!(cfg.backend_status(a.ip)["weight"], 70);
+    cfg.fails(
+        &["maintenance", &a.ip.to_string(), "stop"],
+        None,
+        "not in maintenance",
+    );
 }
 
 #[test]
@@ -401,24 +319,21 @@ fn admin_state_survives_a_restart_and_dump_reimports() {
     let ips: Vec<String> = (0..4).map(|i| pool.backend(i).ip.to_string()).collect();
     let tester = user(7);
     let d = TestDirector::start(&pool, &options);
-    let cfg = config_file(&d);
-    ok(&cfg, &["down", &ips[0]]);
-    ok(
-        &cfg,
-        &[
-            "maintenance",
-            &ips[1],
-            "start",
-            "--allow-user",
-            &tester,
-            "--for",
-            "2h",
-        ],
-    );
-    ok(&cfg, &["update", &ips[2], "55"]);
-    ok(&cfg, &["add", &ips[3], "20", "--tag", "vip"]);
-    ok(&cfg, &["checks", "pause", "--for", "30m"]);
-    let s = json(&cfg, &["status"]);
+    let cfg = AdminCli::of(&d);
+    cfg.ok(&["down", &ips[0]]);
+    cfg.ok(&[
+        "maintenance",
+        &ips[1],
+        "start",
+        "--allow-user",
+        &tester,
+        "--for",
+        "2h",
+    ]);
+    cfg.ok(&["update", &ips[2], "55"]);
+    cfg.ok(&["add", &ips[3], "20", "--tag", "vip"]);
+    cfg.ok(&["checks", "pause", "--for", "30m"]);
+    let s = cfg.json(&["status"]);
     let until = s["checks_paused"]["until"]
         .as_u64()
         .expect("paused with an end");
@@ -427,9 +342,9 @@ fn admin_state_survives_a_restart_and_dump_reimports() {
         .unwrap()
         .as_secs();
     assert!((now + 1790..=now + 1801).contains(&until), "{s}");
-    assert!(ok(&cfg, &["status"]).contains("health checks: paused until"));
+    assert!(cfg.ok(&["status"]).contains("health checks: paused until"));
     assert!(d.state.checks_pause().is_some());
-    let dump = ok(&cfg, &["dump"]);
+    let dump = cfg.ok(&["dump"]);
     assert!(std::fs::read_to_string(&state_file)
         .unwrap()
         .contains("maintenance"));
@@ -437,7 +352,7 @@ fn admin_state_survives_a_restart_and_dump_reimports() {
 
     // A restart with the same state file keeps it all.
     let d = TestDirector::start(&pool, &options);
-    let cfg = config_file(&d);
+    let cfg = AdminCli::of(&d);
     let set = d.state.backends();
     assert_eq!(set.backends.len(), 4);
     assert_eq!(set.get(pool.backend(0).ip).unwrap().admin, AdminState::Down);
@@ -461,25 +376,22 @@ fn admin_state_survives_a_restart_and_dump_reimports() {
             .map(|l| l.split(" --for").next().unwrap().to_owned())
             .collect()
     };
-    assert_eq!(strip_for(&ok(&cfg, &["dump"])), strip_for(&dump));
+    assert_eq!(strip_for(&cfg.ok(&["dump"])), strip_for(&dump));
     drop(d);
 
     // The dump, imported into a fresh director (no state file), gives the same state.
-    let fresh = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            configured_backends: Some(3),
-            ..DirectorOptions::default()
-        },
-    );
-    let cfg = config_file(&fresh);
-    let (success, out, err) = cli_with(&cfg, &["import", "-"], Some(&dump));
-    assert!(success, "import: {out}\n{err}");
-    assert_eq!(strip_for(&ok(&cfg, &["dump"])), strip_for(&dump));
+    let fresh = TestDirector::start(&pool, &DirectorOptions::with_configured_backends(3));
+    let cfg = AdminCli::of(&fresh);
+    let r = cfg.run(&["import", "-"], Some(&dump));
+    assert!(r.ok, "import: {}\n{}", r.stdout, r.stderr);
+    assert_eq!(strip_for(&cfg.ok(&["dump"])), strip_for(&dump));
 
     // A line that is not an admin change is refused before anything runs.
-    let (success, _, err) = cli_with(&cfg, &["import", "-"], Some("director kick someone\n"));
-    assert!(!success && err.contains("can be imported"), "{err}");
+    cfg.fails(
+        &["import", "-"],
+        Some("director kick someone\n"),
+        "can be imported",
+    );
 }
 
 /// Sends one HTTP request to the TCP admin API; `None` when the connection is closed
@@ -512,14 +424,6 @@ fn http_with_authorization(
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn tcp_admin_needs_the_token_and_an_allowed_network() {
     let pool = Pool::start(1);
@@ -528,14 +432,11 @@ fn tcp_admin_needs_the_token_and_an_allowed_network() {
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let tcp = |allow: &str, port: u16| {
-        DirectorOptions {
-        extra: format!(
+        DirectorOptions::with_extra(&format!(
             "admin:\n  socket: {}/tcp-{port}.sock\n  tcp:\n    address: 127.0.0.1:{port}\n    token_file: {}\n    allow_from: [{allow}]\n",
             pool.dir().display(),
             token_file.display()
-        ),
-        ..DirectorOptions::default()
-    }
+        ))
     };
     let port = free_port();
     let d = TestDirector::start(&pool, &tcp("127.0.0.0/8", port));
@@ -592,9 +493,7 @@ fn tcp_admin_needs_the_token_and_an_allowed_network() {
 
 #[test]
 fn unix_socket_is_owner_only_and_the_cli_says_when_nothing_listens() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let cfg = config_file(&d);
+    let (_pool, d, cfg) = with_cli(1, &DirectorOptions::default());
     let socket = d
         .yaml
         .lines()
@@ -604,11 +503,7 @@ fn unix_socket_is_owner_only_and_the_cli_says_when_nothing_listens() {
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     drop(d);
-    let (success, _, err) = cli_with(&cfg, &["status"], None);
-    assert!(
-        !success && err.contains("cannot reach the director"),
-        "{err}"
-    );
+    cfg.fails(&["status"], None, "cannot reach the director");
 }
 
 /// Dovecot 2.3's `doveadm director dump` writes one `doveadm director add HOST[@TAG] VHOSTS`
@@ -628,18 +523,12 @@ fn import_of_a_real_dovecot_director_dump() {
         "{dump}"
     );
 
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            configured_backends: Some(1),
-            ..DirectorOptions::default()
-        },
-    );
-    let cfg = config_file(&d);
+    let d = TestDirector::start(&pool, &DirectorOptions::with_configured_backends(1));
+    let cfg = AdminCli::of(&d);
     let file = pool.dir().join("dovecot-dump.txt");
     std::fs::write(&file, format!("{dump}doveadm director down {}\n", ips[1])).unwrap();
-    let (success, out, err) = cli_with(&cfg, &["import", file.to_str().unwrap()], None);
-    assert!(success, "import: {out}\n{err}");
+    let r = cfg.run(&["import", file.to_str().unwrap()], None);
+    assert!(r.ok, "import: {}\n{}", r.stdout, r.stderr);
     let set = d.state.backends();
     assert_eq!(set.backends.len(), 3);
     assert_eq!(set.get(ips[0]).unwrap().weight, 40);
@@ -651,28 +540,25 @@ fn import_of_a_real_dovecot_director_dump() {
 
 #[test]
 fn status_shows_the_health_checkers_last_results() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            extra: "health: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n".into(),
-            ..DirectorOptions::default()
-        },
+    let (pool, _d, cfg) = with_cli(
+        2,
+        &DirectorOptions::with_extra(
+            "health: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n",
+        ),
     );
-    let cfg = config_file(&d);
     let (alive, dead) = (pool.backend(0), pool.backend(1));
     dead.kill();
     wait_for(
         "the killed backend's check result",
         Duration::from_secs(10),
-        || backend_status(&cfg, dead.ip)["check"]["code"] == "connection_refused",
+        || cfg.backend_status(dead.ip)["check"]["code"] == "connection_refused",
     );
     wait_for(
         "the live backend's check result",
         Duration::from_secs(10),
-        || backend_status(&cfg, alive.ip)["check"]["code"] == "ok",
+        || cfg.backend_status(alive.ip)["check"]["code"] == "ok",
     );
-    let live = backend_status(&cfg, alive.ip);
+    let live = cfg.backend_status(alive.ip);
     assert!(
         live["check"]["latency_ms"].as_f64().unwrap() >= 0.0,
         "{live}"
@@ -680,8 +566,8 @@ fn status_shows_the_health_checkers_last_results() {
     wait_for(
         "the killed backend marked down",
         Duration::from_secs(10),
-        || backend_status(&cfg, dead.ip)["health"] == "down",
+        || cfg.backend_status(dead.ip)["health"] == "down",
     );
-    let text = ok(&cfg, &["status"]);
+    let text = cfg.ok(&["status"]);
     assert!(text.contains("connection_refused"), "{text}");
 }

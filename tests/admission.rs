@@ -20,10 +20,11 @@ use std::net::{IpAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use support::client::{curl, quote, Conn};
-use support::director::{config_yaml, DirectorOptions, TestDirector};
+use support::director::{config_yaml, with_limits, with_listener, DirectorOptions, TestDirector};
 use support::director_log::{capture_director_log, director_log};
 use support::dovecot::{user, Pool, PASSWORD};
-use support::logs::{field, wait_login, wait_until};
+use support::logs::{field, wait_login};
+use support::wait::wait_until;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -41,15 +42,13 @@ fn rss_kib() -> u64 {
 
 /// Logs in over IMAP as `u` on `c` (greeting already read) and selects the inbox.
 fn imap_login(c: &mut Conn, u: &str) {
-    let r = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
-    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
-    let r = c.imap("b", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    c.imap_ok("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
+    c.imap_ok("b", "SELECT INBOX");
 }
 
 /// The director's configuration with `lines` added under `limits:`.
-fn with_limits(pool: &Pool, o: &DirectorOptions, lines: &str) -> String {
-    config_yaml(pool, o).replacen("limits:\n", &format!("limits:\n{lines}"), 1)
+fn config_with_limits(pool: &Pool, o: &DirectorOptions, lines: &str) -> String {
+    with_limits(&config_yaml(pool, o), lines)
 }
 
 #[test]
@@ -120,15 +119,9 @@ fn eleven_thousand_idle_connections_from_one_address_do_not_lock_out_another() {
 #[test]
 fn a_full_listener_drops_its_oldest_connection_before_login() {
     let pool = Pool::start(1);
-    let yaml = with_limits(&pool, &DirectorOptions::default(), "  max_connections: 3\n");
+    let yaml = config_with_limits(&pool, &DirectorOptions::default(), "  max_connections: 3\n");
     let d = TestDirector::start_yaml(&yaml);
-    let mut waiting: Vec<Conn> = (0..3)
-        .map(|_| {
-            let mut c = Conn::connect(d.imap);
-            assert!(c.line().starts_with("* OK"));
-            c
-        })
-        .collect();
+    let mut waiting: Vec<Conn> = (0..3).map(|_| Conn::imap_greeted(d.imap)).collect();
     let mut newcomer = Conn::connect(d.imap);
     // The oldest is told why and closed; the newcomer is greeted.
     assert_eq!(
@@ -139,28 +132,19 @@ fn a_full_listener_drops_its_oldest_connection_before_login() {
     assert!(newcomer.line().starts_with("* OK"), "newcomer greeted");
     // The others stay, and the newcomer can log in.
     for c in &mut waiting[1..] {
-        assert!(c.imap("n", "NOOP").last().unwrap().starts_with("n OK"));
+        c.imap_ok("n", "NOOP");
     }
     imap_login(&mut newcomer, &user(61));
     // One more: now the second-oldest goes (the logged-in newcomer is not a candidate).
-    let mut another = Conn::connect(d.imap);
-    assert!(another.line().starts_with("* OK"));
+    let _another = Conn::imap_greeted(d.imap);
     assert_eq!(
         waiting[1].line(),
         "* BYE [UNAVAILABLE] Connection queue full."
     );
-    assert!(newcomer
-        .imap("n", "NOOP")
-        .last()
-        .unwrap()
-        .starts_with("n OK"));
+    newcomer.imap_ok("n", "NOOP");
     // POP3 and ManageSieve have pools of their own (the same size), untouched so far, and
     // say their own BYE.
-    let greet_pop3 = || {
-        let mut c = Conn::connect(d.pop3);
-        assert!(c.line().starts_with("+OK"));
-        c
-    };
+    let greet_pop3 = || Conn::pop3_greeted(d.pop3);
     let mut pop3: Vec<Conn> = (0..3).map(|_| greet_pop3()).collect();
     let _p = greet_pop3();
     assert_eq!(pop3[0].line(), "-ERR [SYS/TEMP] Connection queue full.");
@@ -180,18 +164,16 @@ fn a_full_listener_drops_its_oldest_connection_before_login() {
 #[test]
 fn a_listener_full_of_logged_in_sessions_refuses_newcomers_and_keeps_them() {
     let pool = Pool::start(2);
-    let base = with_limits(&pool, &DirectorOptions::default(), "  max_connections: 3\n");
+    let base = config_with_limits(&pool, &DirectorOptions::default(), "  max_connections: 3\n");
     // An LMTP listener with its own, larger pool.
-    let yaml = base.replacen(
-        "listeners:\n",
-        "listeners:\n  - {protocol: lmtp, address: 127.0.0.1:0, max_connections: 5}\n",
-        1,
+    let yaml = with_listener(
+        &base,
+        "{protocol: lmtp, address: 127.0.0.1:0, max_connections: 5}",
     );
     let d = TestDirector::start_yaml(&yaml);
     let mut sessions: Vec<Conn> = (0..3)
         .map(|i| {
-            let mut c = Conn::connect(d.imap);
-            assert!(c.line().starts_with("* OK"));
+            let mut c = Conn::imap_greeted(d.imap);
             imap_login(&mut c, &user(62 + i));
             c
         })
@@ -203,23 +185,17 @@ fn a_listener_full_of_logged_in_sessions_refuses_newcomers_and_keeps_them() {
     );
     assert!(refused.ended());
     for c in &mut sessions {
-        let r = c.imap("n", "NOOP");
-        assert!(r.last().unwrap().starts_with("n OK"), "{r:?}");
+        c.imap_ok("n", "NOOP");
     }
     // Other listeners have their own pools: POP3 logs in, LMTP greets.
-    let mut p = Conn::connect(d.pop3);
-    assert!(p.line().starts_with("+OK"));
-    assert!(p.pop3(&format!("USER {}", user(66))).starts_with("+OK"));
-    assert!(p.pop3(&format!("PASS {PASSWORD}")).starts_with("+OK"));
+    let mut p = Conn::pop3_greeted(d.pop3);
+    p.pop3_ok(&format!("USER {}", user(66)));
+    p.pop3_ok(&format!("PASS {PASSWORD}"));
     let mut l = Conn::connect(d.lmtp[0]);
     assert!(l.line().starts_with("220 "));
     // A session that ends frees its slot.
     let mut first = sessions.remove(0);
-    assert!(first
-        .imap("z", "LOGOUT")
-        .last()
-        .unwrap()
-        .starts_with("z OK"));
+    first.imap_ok("z", "LOGOUT");
     drop(first);
     let mut next = wait_until("a slot after a logout", Duration::from_secs(5), || {
         let mut c = Conn::connect(d.imap);
@@ -231,16 +207,12 @@ fn a_listener_full_of_logged_in_sessions_refuses_newcomers_and_keeps_them() {
 #[test]
 fn lmtp_connections_count_against_the_per_address_cap() {
     let pool = Pool::start(1);
-    let base = with_limits(
+    let base = config_with_limits(
         &pool,
         &DirectorOptions::default(),
         "  max_preauth_per_ip: 2\n",
     );
-    let yaml = base.replacen(
-        "listeners:\n",
-        "listeners:\n  - {protocol: lmtp, address: 127.0.0.1:0}\n",
-        1,
-    );
+    let yaml = with_listener(&base, "{protocol: lmtp, address: 127.0.0.1:0}");
     let d = TestDirector::start_yaml(&yaml);
     let from = ip("127.0.0.9");
     let mut held = Vec::new();
@@ -290,8 +262,10 @@ fn v1_header(client: &str, port: u16) -> Vec<u8> {
     format!("PROXY TCP4 {client} 127.0.0.1 40001 {port}\r\n").into_bytes()
 }
 
-fn proxy_options() -> DirectorOptions {
+/// Listeners behind [`BALANCER`], and `extra` at the top level.
+fn proxy_options(extra: &str) -> DirectorOptions {
     DirectorOptions {
+        extra: extra.into(),
         proxy_protocol: true,
         proxy_trusted_networks: vec![BALANCER.into()],
         // Plaintext logins only for the claimed network: the header decides.
@@ -315,6 +289,21 @@ fn metrics(d: &TestDirector) -> String {
     let (ok, out, err) = curl(&[&url]);
     assert!(ok, "curl {url}: {err}");
     out
+}
+
+/// `n` IMAP connections were refused for `reason`: the metrics count every one, and the log
+/// has a few WARN lines about them, not one each. Returns the first of those lines.
+fn assert_refusals_counted_and_logged(d: &TestDirector, reason: &str, n: u64) -> String {
+    let series =
+        format!("director_connections_refused_total{{protocol=\"imap\",reason=\"{reason}\"}}");
+    assert_eq!(counter(&metrics(d), &series), n);
+    let warnings = refusal_warnings(reason);
+    assert!(
+        !warnings.is_empty() && warnings.len() <= 3,
+        "{} WARN lines: {warnings:#?}",
+        warnings.len()
+    );
+    warnings[0].clone()
 }
 
 fn counter(text: &str, series: &str) -> u64 {
@@ -342,15 +331,10 @@ fn untrusted_attempt(addr: std::net::SocketAddr) -> Option<Vec<u8>> {
 fn an_untrusted_peer_cannot_claim_an_address() {
     capture_director_log();
     let pool = Pool::start(1);
-    let o = DirectorOptions {
-        extra: "metrics:\n  address: 127.0.0.1:0\n".into(),
-        ..proxy_options()
-    };
     // An LMTP listener behind the same load balancer, open to the claimed network only.
-    let yaml = config_yaml(&pool, &o).replacen(
-        "listeners:\n",
-        "listeners:\n  - {protocol: lmtp, address: 127.0.0.1:0, proxy_protocol: true, allow_from: [192.0.2.0/24]}\n",
-        1,
+    let yaml = with_listener(
+        &config_yaml(&pool, &proxy_options("metrics:\n  address: 127.0.0.1:0\n")),
+        "{protocol: lmtp, address: 127.0.0.1:0, proxy_protocol: true, allow_from: [192.0.2.0/24]}",
     );
     let d = TestDirector::start_yaml(&yaml);
     // From 127.0.0.1, not the balancer: closed, no greeting, whatever the header says.
@@ -368,25 +352,10 @@ fn an_untrusted_peer_cannot_claim_an_address() {
         let got = untrusted_attempt(d.imap).expect("closed");
         assert!(got.is_empty());
     }
-    let text = metrics(&d);
-    assert_eq!(
-        counter(
-            &text,
-            "director_connections_refused_total{protocol=\"imap\",reason=\"untrusted_proxy_peer\"}"
-        ),
-        301
-    );
-    let warnings = refusal_warnings("untrusted_proxy_peer");
+    let first = assert_refusals_counted_and_logged(&d, "untrusted_proxy_peer", 301);
     assert!(
-        !warnings.is_empty() && warnings.len() <= 3,
-        "{} WARN lines: {warnings:#?}",
-        warnings.len()
-    );
-    assert!(
-        warnings[0].contains("PROXY header from untrusted peers")
-            && warnings[0].contains("127.0.0.1"),
-        "{}",
-        warnings[0]
+        first.contains("PROXY header from untrusted peers") && first.contains("127.0.0.1"),
+        "{first}"
     );
 
     // The balancer's header is honoured: LMTP allow_from sees the claimed address.
@@ -411,9 +380,9 @@ fn an_untrusted_peer_cannot_claim_an_address() {
 #[test]
 fn the_per_address_cap_counts_the_client_a_trusted_header_names() {
     let pool = Pool::start(1);
-    let d = TestDirector::start_yaml(&with_limits(
+    let d = TestDirector::start_yaml(&config_with_limits(
         &pool,
-        &proxy_options(),
+        &proxy_options(""),
         "  max_preauth_per_ip: 2\n",
     ));
     let balancer = ip(BALANCER);
@@ -441,37 +410,17 @@ fn the_per_address_cap_counts_the_client_a_trusted_header_names() {
 #[test]
 fn a_flood_of_bad_headers_from_a_trusted_peer_makes_a_few_warn_lines() {
     capture_director_log();
-    let pool = Pool::start(1);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            extra: "metrics:\n  address: 127.0.0.1:0\n".into(),
-            ..proxy_options()
-        },
-    );
+    let (_pool, d) =
+        TestDirector::start_with_pool(1, &proxy_options("metrics:\n  address: 127.0.0.1:0\n"));
     let balancer = ip(BALANCER);
     for i in 0..500 {
         let mut c = Conn::connect_from(balancer, d.imap);
         c.send(format!("PROXY TCP4 garbage {i}\r\n").as_bytes());
         assert!(c.ended());
     }
-    let text = metrics(&d);
-    assert_eq!(
-        counter(
-            &text,
-            "director_connections_refused_total{protocol=\"imap\",reason=\"bad_proxy_header\"}"
-        ),
-        500
-    );
-    let warnings = refusal_warnings("bad_proxy_header");
+    let first = assert_refusals_counted_and_logged(&d, "bad_proxy_header", 500);
     assert!(
-        !warnings.is_empty() && warnings.len() <= 3,
-        "{} WARN lines: {warnings:#?}",
-        warnings.len()
-    );
-    assert!(
-        warnings[0].contains("bad PROXY headers from trusted peers (last: 127.0.0.5: "),
-        "{}",
-        warnings[0]
+        first.contains("bad PROXY headers from trusted peers (last: 127.0.0.5: "),
+        "{first}"
     );
 }

@@ -2,21 +2,23 @@
 //! their unit tests (each alert firing), and the dashboard is importable Grafana JSON with the
 //! variables the issue asks for.
 
+mod support;
+
 use std::path::Path;
 use std::process::Command;
 
+use support::command::run;
+
 fn promtool(args: &[&str]) -> String {
-    let out = Command::new("promtool")
-        .args(args)
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards"))
-        .output()
-        .expect("promtool runs (Debian package prometheus, installed by ./scripts/test)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
+    let out = run(
+        Command::new("promtool")
+            .args(args)
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards")),
+        None,
+    )
+    .expect("promtool runs (Debian package prometheus, installed by ./scripts/test)");
+    let text = out.text();
+    assert!(out.ok, "promtool {args:?} failed:\n{text}");
     text
 }
 

@@ -10,37 +10,16 @@ use std::time::{Duration, Instant};
 use director::routing::RouteReason;
 use support::client::{imap_login, pop3_login, quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
-use support::dovecot::{user, Pool, PASSWORD};
+use support::dovecot::{user, PASSWORD};
 use support::logs::{login_lines, wait_login};
-
-/// Connects to the director's IMAP listener and reads the greeting.
-fn imap_connect(d: &TestDirector) -> Conn {
-    let mut c = Conn::connect(d.imap);
-    assert!(c.line().starts_with("* OK"));
-    c
-}
-
-/// Connects to the director's POP3 listener and reads the greeting.
-fn pop3_connect(d: &TestDirector) -> Conn {
-    let mut c = Conn::connect(d.pop3);
-    assert!(c.line().starts_with("+OK"));
-    c
-}
 
 fn imap_login_line(u: &str) -> String {
     format!("LOGIN {} {}", quote(u), quote(PASSWORD))
 }
 
-/// USER + PASS on an open POP3 connection; the reply to PASS.
-fn pop3_user_pass(c: &mut Conn, u: &str) -> String {
-    assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
-    c.pop3(&format!("PASS {PASSWORD}"))
-}
-
 #[test]
 fn dead_backend_sends_a_new_user_to_the_next_in_ring_order_and_it_sticks() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     // Two users whose ring backend is the same one: one for IMAP, one for POP3.
     let first = d.router.route(&user(50), "").unwrap();
     let dead = first.backend.ip;
@@ -68,8 +47,8 @@ fn dead_backend_sends_a_new_user_to_the_next_in_ring_order_and_it_sticks() {
             "{u}: record still on the dead backend"
         );
     }
-    assert!(imap.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
-    assert!(pop3.pop3("QUIT").starts_with("+OK"));
+    imap.imap_ok("z", "LOGOUT");
+    pop3.pop3_ok("QUIT");
 
     // The dead backend comes back; the users stay where they were moved, in both protocols.
     dead.start();
@@ -87,37 +66,34 @@ fn dead_backend_sends_a_new_user_to_the_next_in_ring_order_and_it_sticks() {
 
 #[test]
 fn all_backends_dead_is_unavailable_and_a_retry_works_once_one_is_back() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     for b in &pool.backends {
         b.kill();
     }
     let (ui, up) = (user(60), user(61));
-    let mut imap = imap_connect(&d);
+    let mut imap = Conn::imap_greeted(d.imap);
     let r = imap.imap("a", &imap_login_line(&ui));
     assert!(r.last().unwrap().starts_with("a NO [UNAVAILABLE]"), "{r:?}");
-    let r = imap.imap("b", "NOOP");
-    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
-    let mut pop3 = pop3_connect(&d);
-    let e = pop3_user_pass(&mut pop3, &up);
+    imap.imap_ok("b", "NOOP");
+    let mut pop3 = Conn::pop3_greeted(d.pop3);
+    let e = pop3.pop3_user_pass(&up, PASSWORD);
     assert!(e.starts_with("-ERR [SYS/TEMP]"), "{e}");
-    assert!(pop3.pop3("NOOP").starts_with("+OK"));
+    pop3.pop3_ok("NOOP");
     // More tries than max_auth_failures (3): a temporary failure is not a failed login.
     for _ in 0..3 {
         let r = imap.imap("c", &imap_login_line(&ui));
         assert!(r.last().unwrap().starts_with("c NO [UNAVAILABLE]"), "{r:?}");
-        let e = pop3_user_pass(&mut pop3, &up);
+        let e = pop3.pop3_user_pass(&up, PASSWORD);
         assert!(e.starts_with("-ERR [SYS/TEMP]"), "{e}");
     }
 
     let back = pool.backend(0);
     back.start();
-    let r = imap.imap("d", &imap_login_line(&ui));
-    assert!(r.last().unwrap().starts_with("d OK"), "{r:?}");
+    imap.imap_ok("d", &imap_login_line(&ui));
     assert_eq!(imap.imap_backend(), back.name);
-    let ok = pop3_user_pass(&mut pop3, &up);
+    let ok = pop3.pop3_user_pass(&up, PASSWORD);
     assert!(ok.starts_with("+OK"), "{ok}");
-    assert!(pop3.pop3("STAT").starts_with("+OK"));
+    pop3.pop3_ok("STAT");
     wait_login(back, "pop3-login", &up);
 }
 
@@ -136,12 +112,11 @@ const HUNG_LIMIT: Duration = Duration::from_secs(4);
 
 #[test]
 fn hung_only_backend_is_unavailable_within_the_timeout() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &short_timeouts());
+    let (pool, d) = TestDirector::start_with_pool(1, &short_timeouts());
     let b = pool.backend(0);
     let (ui, up) = (user(70), user(71));
-    let mut imap = imap_connect(&d);
-    let mut pop3 = pop3_connect(&d);
+    let mut imap = Conn::imap_greeted(d.imap);
+    let mut pop3 = Conn::pop3_greeted(d.pop3);
     b.pause();
 
     let t = Instant::now();
@@ -153,7 +128,7 @@ fn hung_only_backend_is_unavailable_within_the_timeout() {
         "{took:?}"
     );
     let t = Instant::now();
-    let e = pop3_user_pass(&mut pop3, &up);
+    let e = pop3.pop3_user_pass(&up, PASSWORD);
     let took = t.elapsed();
     assert!(e.starts_with("-ERR [SYS/TEMP]"), "{e}");
     assert!(
@@ -162,17 +137,15 @@ fn hung_only_backend_is_unavailable_within_the_timeout() {
     );
 
     b.resume();
-    let r = imap.imap("b", &imap_login_line(&ui));
-    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    imap.imap_ok("b", &imap_login_line(&ui));
     assert_eq!(imap.imap_backend(), b.name);
-    let ok = pop3_user_pass(&mut pop3, &up);
+    let ok = pop3.pop3_user_pass(&up, PASSWORD);
     assert!(ok.starts_with("+OK"), "{ok}");
 }
 
 #[test]
 fn hung_backend_sends_a_new_user_to_the_next_in_ring_order() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &short_timeouts());
+    let (pool, d) = TestDirector::start_with_pool(2, &short_timeouts());
     let u = user(72);
     let route = d.router.route(&u, "").unwrap();
     let hung = pool.by_ip(route.backend.ip).unwrap();

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use director::state::backend::AdminState;
 use director::state::moves::{MoveReason, Mover};
 use director::state::State;
-use support::director::{DirectorOptions, TestDirector};
-use support::dovecot::{user, Pool, PASSWORD};
+use support::director::TestDirector;
+use support::dovecot::{user, PASSWORD};
 
 /// A small deterministic pseudo-random sequence (no extra crates).
 struct Lcg(u64);
@@ -34,8 +34,7 @@ impl Lcg {
 
 #[test]
 fn no_user_is_ever_on_two_backends() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     let ips: Vec<IpAddr> = pool.backends.iter().map(|b| b.ip).collect();
     let users: Vec<String> = (1..=6).map(user).collect();
     let stop = Arc::new(AtomicBool::new(false));

@@ -5,27 +5,19 @@
 mod support;
 
 use std::fs;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use director::routing::ring::Ring;
 use director::routing::user_hash::UserHash;
 use support::client::imap_login;
+use support::command::{run, Ran};
 use support::director::{config_yaml, DirectorOptions};
 use support::dovecot::{user, Pool, PASSWORD};
-
-const BIN: &str = env!("CARGO_BIN_EXE_director");
-
-/// A fresh directory for one test's files.
-fn scratch(test: &str) -> PathBuf {
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{}-{test}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use support::ports::local;
+use support::serve::{fixed_ports, scratch, Serve, BIN};
 
 /// Writes `text` to `dir/name` and returns the path.
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -35,22 +27,14 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 /// Runs `director ARGS` to completion.
-fn director(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the director binary")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+fn director(args: &[&str]) -> Ran {
+    run(Command::new(BIN).args(args), None).expect("run the director binary")
 }
 
 /// `director check-config -c PATH`: (exit code, stdout, stderr).
 fn check_config(path: &Path) -> (Option<i32>, String, String) {
     let out = director(&["check-config", "-c", path.to_str().unwrap()]);
-    (out.status.code(), text(&out.stdout), text(&out.stderr))
+    (out.code, out.stdout, out.stderr)
 }
 
 const GOOD: &str = "\
@@ -70,7 +54,7 @@ backends:
 
 #[test]
 fn check_config_accepts_a_good_file() {
-    let dir = scratch("good");
+    let dir = scratch("cli", "good");
     let path = write(&dir, "good.yaml", GOOD);
     let (code, stdout, stderr) = check_config(&path);
     assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
@@ -89,7 +73,7 @@ fn check_config_accepts_the_shipped_example() {
 
 #[test]
 fn check_config_names_what_is_wrong() {
-    let dir = scratch("bad");
+    let dir = scratch("cli", "bad");
     let cases = [
         (
             "unknown-key.yaml",
@@ -163,7 +147,7 @@ fn route_line(stdout: &str) -> (String, u32, IpAddr) {
 
 #[test]
 fn route_prints_the_rings_backend() {
-    let dir = scratch("route");
+    let dir = scratch("cli", "route");
     let backends = [("10.1.0.1", 100u32), ("10.1.0.2", 50), ("10.1.0.3", 200)];
     let mut yaml = String::from(
         "username_hash: \"%Ln\"\nlisteners: [{protocol: imap, address: 127.0.0.1:1143}]\nbackends:\n",
@@ -179,8 +163,8 @@ fn route_prints_the_rings_backend() {
         // %Ln: the domain is dropped and case ignored.
         let login = format!("User{i}@Example.ORG");
         let out = director(&["route", "-c", path.to_str().unwrap(), &login]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let (who, h, ip) = route_line(&text(&out.stdout));
+        assert!(out.ok, "{}", out.stderr);
+        let (who, h, ip) = route_line(&out.stdout);
         assert_eq!(who, login);
         assert_eq!(h, hash.hash(&format!("user{i}")), "{login}");
         assert_eq!(Some(ip), ring.lookup(h), "{login}");
@@ -198,123 +182,36 @@ fn route_prints_the_rings_backend() {
             .replace("weight: 200", "weight: 0"),
     );
     let out = director(&["route", "-c", zero.to_str().unwrap(), "user1"]);
-    assert!(!out.status.success());
-    assert!(text(&out.stdout).is_empty(), "{}", text(&out.stdout));
-    assert!(
-        text(&out.stderr).contains("no backend"),
-        "{}",
-        text(&out.stderr)
-    );
-}
-
-/// Ports that were free a moment ago (bound together, then released).
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
-/// Kills the child on drop unless it has been waited for, so a failed test leaves no server.
-struct Server {
-    child: Option<Child>,
-    stderr: PathBuf,
-}
-
-impl Server {
-    fn log(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Waits up to `within` for the process to exit.
-    fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        let child = self.child.as_mut().unwrap();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    assert!(!out.ok);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert!(out.stderr.contains("no backend"), "{}", out.stderr);
 }
 
 #[test]
 fn serve_relays_a_login_and_stops_on_sigterm() {
     let pool = Pool::start(2);
-    let dir = scratch("serve");
+    let dir = scratch("cli", "serve");
     // The test harness's configuration, with listeners on fixed ports.
-    let mut yaml = config_yaml(&pool, &DirectorOptions::default());
-    let ports = free_ports(yaml.matches("127.0.0.1:0").count());
-    for p in &ports {
-        yaml = yaml.replacen("127.0.0.1:0,", &format!("127.0.0.1:{p},"), 1);
-    }
+    let (yaml, ports) = fixed_ports(&config_yaml(&pool, &DirectorOptions::default()));
     assert!(!yaml.contains("127.0.0.1:0"), "{yaml}");
-    let imap: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+    let imap = local(ports[0]);
     assert!(yaml.contains(&format!("protocol: imap, address: {imap}, tls: starttls")));
-    let path = write(&dir, "serve.yaml", &yaml);
-    let config = path.to_str().unwrap();
-
-    let stderr = dir.join("serve.stderr");
-    let child = Command::new(BIN)
-        .args(["serve", "-c", config])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&stderr).unwrap())
-        .spawn()
-        .expect("start director serve");
-    let mut server = Server {
-        child: Some(child),
-        stderr,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(imap).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "serve did not listen on {imap}:\n{}",
-            server.log()
-        );
-        assert!(
-            server.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-            "serve exited:\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut server = Serve::start(&dir, &yaml, imap);
+    let config = server.config.to_str().unwrap().to_owned();
+    let config = config.as_str();
 
     // `route` over the same file predicts the backend; the login lands there.
     let u = user(5);
     let out = director(&["route", "-c", config, &u]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let (_, _, ip) = route_line(&text(&out.stdout));
+    assert!(out.ok, "{}", out.stderr);
+    let (_, _, ip) = route_line(&out.stdout);
     let expected = pool.by_ip(ip).expect("a pool backend").name.clone();
     let (mut c, landed) = imap_login(imap, &u, PASSWORD);
     assert_eq!(landed, expected, "{}", server.log());
-    let r = c.imap("a2", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
+    c.imap_ok("a2", "SELECT INBOX");
 
     // SIGTERM with that session still open: the server exits 0, promptly.
-    let pid = server.child.as_ref().unwrap().id();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    server.signal("TERM");
     let status = server.wait(Duration::from_secs(10));
     let log = server.log();
     let status = status.unwrap_or_else(|| panic!("serve still running 10 s after SIGTERM:\n{log}"));
@@ -334,7 +231,7 @@ fn serve_relays_a_login_and_stops_on_sigterm() {
 #[test]
 fn check_config_checks_the_admin_token_file_as_serve_does() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = scratch("token");
+    let dir = scratch("cli", "token");
     let token = dir.join("token");
     let yaml = format!(
         "{}admin:\n  socket: {}\n  tcp:\n    address: 127.0.0.1:0\n    token_file: {}\n    allow_from: [127.0.0.0/8]\n",
@@ -378,8 +275,8 @@ fn check_config_checks_the_admin_token_file_as_serve_does() {
         );
         // serve refuses the same file with the same words.
         let out = director(&["serve", "-c", path.to_str().unwrap()]);
-        assert!(!out.status.success(), "{what}: serve started");
-        let serve_err = text(&out.stderr);
+        assert!(!out.ok, "{what}: serve started");
+        let serve_err = out.stderr;
         assert!(
             serve_err.contains(&field) && serve_err.contains(expected),
             "{what}: serve said {serve_err}"

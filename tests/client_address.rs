@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use support::client::{quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
-use support::director_log::{capture_director_log, director_log};
-use support::dovecot::{user, Backend, Pool, PASSWORD};
-use support::logs::{field, wait_login, wait_until, LOG_WAIT};
+use support::director_log::{capture_director_log, wait_director_line};
+use support::dovecot::{user, Pool, PASSWORD};
+use support::logs::{field, wait_login};
 
 /// The client address the load balancer reports (TEST-NET-1: nothing real has it).
 const CLIENT_IP: &str = "192.0.2.55";
@@ -55,10 +55,8 @@ fn imap_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
     c.send(header);
     let greeting = c.line();
     assert!(greeting.starts_with("* OK"), "{greeting:?}");
-    let r = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
-    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
-    let r = c.imap("b", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    c.imap_ok("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
+    c.imap_ok("b", "SELECT INBOX");
     c
 }
 
@@ -68,34 +66,68 @@ fn pop3_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
     c.send(header);
     let greeting = c.line();
     assert!(greeting.starts_with("+OK"), "{greeting:?}");
-    assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
-    let ok = c.pop3(&format!("PASS {PASSWORD}"));
-    assert!(ok.starts_with("+OK"), "{ok}");
-    assert!(c.pop3("STAT").starts_with("+OK"));
+    c.pop3_login_as(u, PASSWORD);
+    c.pop3_ok("STAT");
     c
 }
 
-/// The backend the director sends `u` to.
-fn home<'a>(pool: &'a Pool, d: &TestDirector, u: &str) -> &'a Backend {
-    pool.by_ip(d.router.route(u, "").unwrap().backend.ip)
-        .unwrap()
+/// Logins through a director over a pool of two (see [`logins_via_proxy`]).
+struct ProxiedLogins<const N: usize> {
+    /// The sessions, in the order asked for.
+    sessions: [Conn; N],
+    /// The login lines of their backends, in the same order.
+    lines: [String; N],
+    _d: TestDirector,
+    _pool: Pool,
+}
+
+impl<const N: usize> ProxiedLogins<N> {
+    /// Every backend logged the client the PROXY header named ([`CLIENT_IP`]) as `rip=`;
+    /// returns the login lines.
+    fn assert_client_forwarded(&self) -> &[String; N] {
+        for line in &self.lines {
+            assert_eq!(field(line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+        }
+        &self.lines
+    }
+}
+
+/// Over a pool of two behind a director with [`options`]`(backend_extra)`: for each
+/// `(protocol, i, header)` of `logins`, logs in over `protocol` (`imap`, `pop3`) as `user(i)`
+/// after `header` (see [`imap_via_proxy`], [`pop3_via_proxy`]); then waits for the backends'
+/// login lines.
+fn logins_via_proxy<const N: usize>(
+    backend_extra: &str,
+    logins: [(&str, usize, Vec<u8>); N],
+) -> ProxiedLogins<N> {
+    let (pool, d) = TestDirector::start_with_pool(2, &options(backend_extra));
+    let logins = logins.map(|(protocol, i, header)| (protocol, user(i), header));
+    let sessions = logins
+        .each_ref()
+        .map(|(protocol, u, header)| match *protocol {
+            "imap" => imap_via_proxy(d.imap, header, u),
+            _ => pop3_via_proxy(d.pop3, header, u),
+        });
+    let lines = logins
+        .each_ref()
+        .map(|(protocol, u, _)| wait_login(d.home(&pool, u), &format!("{protocol}-login"), u));
+    ProxiedLogins {
+        sessions,
+        lines,
+        _d: d,
+        _pool: pool,
+    }
 }
 
 // --- What the director itself logs, to compare session ids. ---
 
 /// The session id the director logged for the login of `u` (one login per user per test).
 fn director_session_id(u: &str) -> String {
-    wait_until(
-        &format!("the director's login line for {u}"),
-        LOG_WAIT,
-        || {
-            let log = director_log();
-            let user_field = format!(" user={u} ");
-            log.lines()
-                .find(|l| l.contains("logged in") && l.contains(&user_field))
-                .and_then(|l| field(l, "session"))
-        },
-    )
+    let user_field = format!(" user={u} ");
+    let line = wait_director_line(&format!("the director's login line for {u}"), |l| {
+        l.contains("logged in") && l.contains(&user_field)
+    });
+    field(&line, "session").unwrap_or_else(|| panic!("no session= in {line}"))
 }
 
 // --- The tests. ---
@@ -103,78 +135,58 @@ fn director_session_id(u: &str) -> String {
 #[test]
 fn imap_id_forwards_the_proxy_v1_client_and_the_session_id() {
     capture_director_log();
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options(""));
-    let u = user(40);
-    let mut c = imap_via_proxy(d.imap, &v1_header(143), &u);
-    let line = wait_login(home(&pool, &d, &u), "imap-login", &u);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    let mut logins = logins_via_proxy("", [("imap", 40, v1_header(143))]);
+    let line = &logins.assert_client_forwarded()[0];
     // x-connected-ip: the address the client connected to, as the header says.
-    assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
+    assert_eq!(field(line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
     // x-session-id: Dovecot adopts the director's id for the session.
-    let session = field(&line, "session").expect("session= in the login line");
-    assert_eq!(session, director_session_id(&u), "{line}");
-    assert!(c.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+    let session = field(line, "session").expect("session= in the login line");
+    assert_eq!(session, director_session_id(&user(40)), "{line}");
+    logins.sessions[0].imap_ok("z", "LOGOUT");
 }
 
 #[test]
 fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
     capture_director_log();
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options(""));
-    let u = user(41);
-    let mut c = pop3_via_proxy(d.pop3, &v2_header(110), &u);
-    let line = wait_login(home(&pool, &d, &u), "pop3-login", &u);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-    let session = field(&line, "session").expect("session= in the login line");
-    assert_eq!(session, director_session_id(&u), "{line}");
-    assert!(c.pop3("QUIT").starts_with("+OK"));
+    let mut logins = logins_via_proxy("", [("pop3", 41, v2_header(110))]);
+    let line = &logins.assert_client_forwarded()[0];
+    let session = field(line, "session").expect("session= in the login line");
+    assert_eq!(session, director_session_id(&user(41)), "{line}");
+    logins.sessions[0].pop3_ok("QUIT");
 }
 
 #[test]
 fn imap_v2_header_in_and_pop3_v1_header_in_with_forward_auto() {
     // The other pairings of header version and protocol.
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options(""));
-    let (ui, up) = (user(42), user(43));
-    let _imap = imap_via_proxy(d.imap, &v2_header(143), &ui);
-    let _pop3 = pop3_via_proxy(d.pop3, &v1_header(110), &up);
-    let line = wait_login(home(&pool, &d, &ui), "imap-login", &ui);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-    let line = wait_login(home(&pool, &d, &up), "pop3-login", &up);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    let logins = logins_via_proxy(
+        "",
+        [("imap", 42, v2_header(143)), ("pop3", 43, v1_header(110))],
+    );
+    logins.assert_client_forwarded();
 }
 
 #[test]
 fn proxy_v2_to_dovecot_haproxy_listeners() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(
-        &pool,
-        &options("    forward: proxy_v2\n    ports: {imap: 11143, pop3: 11110}\n"),
+    let mut logins = logins_via_proxy(
+        "    forward: proxy_v2\n    ports: {imap: 11143, pop3: 11110}\n",
+        [("imap", 44, v1_header(143)), ("pop3", 45, v2_header(110))],
     );
-    let (ui, up) = (user(44), user(45));
-    let mut imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
-    let mut pop3 = pop3_via_proxy(d.pop3, &v2_header(110), &up);
-    let line = wait_login(home(&pool, &d, &ui), "imap-login", &ui);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-    assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
-    let line = wait_login(home(&pool, &d, &up), "pop3-login", &up);
-    assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-    assert_eq!(field(&line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
-    assert!(imap.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
-    assert!(pop3.pop3("QUIT").starts_with("+OK"));
+    for line in logins.assert_client_forwarded() {
+        assert_eq!(field(line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
+    }
+    let [imap, pop3] = &mut logins.sessions;
+    imap.imap_ok("z", "LOGOUT");
+    pop3.pop3_ok("QUIT");
 }
 
 #[test]
 fn forward_none_keeps_the_client_address_from_the_backend() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options("    forward: none\n"));
-    let (ui, up) = (user(46), user(47));
-    let _imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
-    let _pop3 = pop3_via_proxy(d.pop3, &v2_header(110), &up);
-    for (u, service) in [(&ui, "imap-login"), (&up, "pop3-login")] {
-        let line = wait_login(home(&pool, &d, u), service, u);
-        let rip = field(&line, "rip").expect("rip= in the login line");
+    let logins = logins_via_proxy(
+        "    forward: none\n",
+        [("imap", 46, v1_header(143)), ("pop3", 47, v2_header(110))],
+    );
+    for line in &logins.lines {
+        let rip = field(line, "rip").expect("rip= in the login line");
         assert_ne!(rip, CLIENT_IP, "{line}");
         assert!(
             rip.starts_with("127."),
@@ -186,8 +198,7 @@ fn forward_none_keeps_the_client_address_from_the_backend() {
 #[test]
 fn without_a_proxy_header_the_director_forwards_the_tcp_peer() {
     // The control: no PROXY listener, forward auto. Dovecot logs the test client's address.
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(1);
     let u = user(48);
     let _c = imap_via_proxy(d.imap, b"", &u);
     let line = wait_login(pool.backend(0), "imap-login", &u);
@@ -196,8 +207,7 @@ fn without_a_proxy_header_the_director_forwards_the_tcp_peer() {
 
 #[test]
 fn malformed_proxy_header_closes_without_a_greeting() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &options(""));
+    let (_pool, d) = TestDirector::start_with_pool(1, &options(""));
     let mut bad_version = v2_header(143);
     bad_version[12] = 0x31;
     let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -249,14 +259,11 @@ fn malformed_proxy_header_closes_without_a_greeting() {
 #[test]
 fn forwarding_survives_starttls_to_the_backend() {
     // ID and XCLIENT are sent after STARTTLS/STLS, on the protected connection.
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options("    tls: starttls\n"));
-    let (ui, up) = (user(50), user(51));
-    let _imap = imap_via_proxy(d.imap, &v1_header(143), &ui);
-    let _pop3 = pop3_via_proxy(d.pop3, &v1_header(110), &up);
-    for (u, service) in [(&ui, "imap-login"), (&up, "pop3-login")] {
-        let line = wait_login(home(&pool, &d, u), service, u);
-        assert_eq!(field(&line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
+    let logins = logins_via_proxy(
+        "    tls: starttls\n",
+        [("imap", 50, v1_header(143)), ("pop3", 51, v1_header(110))],
+    );
+    for line in logins.assert_client_forwarded() {
         assert!(line.split(", ").any(|f| f == "TLS"), "{line}");
     }
 }
@@ -271,39 +278,29 @@ const STRANGER_IP: &str = "127.0.0.12";
 fn imap_with_originating_id(d: &TestDirector, source: &str, u: &str) -> Conn {
     let mut c = Conn::connect_from(source.parse().unwrap(), d.imap);
     assert!(c.line().starts_with("* OK"));
-    let r = c.imap(
+    c.imap_ok(
         "i",
         "ID (\"name\" \"webmail\" \"x-originating-ip\" \"192.0.2.7\" \
          \"x-originating-port\" \"51234\" \"x-session-ext-id\" \"abc123\")",
     );
-    assert!(r.last().unwrap().starts_with("i OK"), "{r:?}");
-    let r = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
-    assert!(r.last().unwrap().starts_with("a OK"), "{r:?}");
-    let r = c.imap("b", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+    c.imap_ok("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
+    c.imap_ok("b", "SELECT INBOX");
     c
 }
 
 /// The director's `session ended` line of session `id`.
 fn director_end_line(id: &str) -> String {
-    wait_until(
-        &format!("the director's end line of {id}"),
-        LOG_WAIT,
-        || {
-            let log = director_log();
-            log.lines()
-                .find(|l| l.contains("session ended") && l.contains(&format!("session={id} ")))
-                .map(str::to_owned)
-        },
-    )
+    let session_field = format!("session={id} ");
+    wait_director_line(&format!("the director's end line of {id}"), |l| {
+        l.contains("session ended") && l.contains(&session_field)
+    })
 }
 
 #[test]
 fn imap_id_from_a_trusted_client_names_the_real_client() {
     capture_director_log();
-    let pool = Pool::start(1);
-    let d = TestDirector::start(
-        &pool,
+    let (pool, d) = TestDirector::start_with_pool(
+        1,
         &DirectorOptions {
             trusted_networks: vec![format!("{WEBMAIL_IP}/32")],
             extra: "disable_plaintext_auth: false\n".into(),
@@ -327,8 +324,8 @@ fn imap_id_from_a_trusted_client_names_the_real_client() {
 
     // The director's own log of the sessions says the same.
     let trusted_id = director_session_id(&trusted);
-    assert!(t.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
-    assert!(s.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+    t.imap_ok("z", "LOGOUT");
+    s.imap_ok("z", "LOGOUT");
     let end = director_end_line(&trusted_id);
     assert_eq!(
         field(&end, "client").as_deref(),

@@ -6,7 +6,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use director::state::State;
 use support::client::{imap_login, Conn};
 use support::director::{DirectorOptions, TestDirector};
-use support::dovecot::{user, Pool, PASSWORD};
+use support::dovecot::{user, PASSWORD};
+use support::ports::free_port;
+use support::wait::wait_for;
 
 struct Prometheus {
     child: Child,
@@ -26,14 +28,6 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A plain HTTP GET; returns (status, body).
@@ -83,11 +77,11 @@ fn start_prometheus(dir: &Path, target: SocketAddr) -> Prometheus {
         .expect("prometheus runs (Debian package prometheus, installed by ./scripts/test)");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let p = Prometheus { child, addr };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(addr, "/-/ready").map(|(s, _)| s) != Some(200) {
-        assert!(Instant::now() < deadline, "prometheus did not become ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        "prometheus to become ready",
+        Duration::from_secs(30),
+        || get(addr, "/-/ready").map(|(s, _)| s) == Some(200),
+    );
     p
 }
 
@@ -169,30 +163,25 @@ fn every_panel_and_alert_query_returns_data_from_a_real_prometheus() {
 
     // A director under traffic, with a health checker, and one backend that dies so the
     // check-result and move series exist.
-    let pool = Pool::start(3);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            extra: "metrics: {address: 127.0.0.1:0}\nhealth: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n".into(),
-            ..DirectorOptions::default()
-        },
+    let (pool, d) = TestDirector::start_with_pool(
+        3,
+        &DirectorOptions::with_extra(
+            "metrics: {address: 127.0.0.1:0}\n\
+             health: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n",
+        ),
     );
     let prom = start_prometheus(pool.dir(), d.metrics.expect("metrics listener"));
     // Prometheus applies its first target list a few seconds after start: wait for the first
     // scrape, so that the traffic below spans several scrapes and rate() has samples.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while query(&prom, "up{job=\"director\"} == 1").unwrap_or(0) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "prometheus never scraped the director"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        "prometheus to scrape the director",
+        Duration::from_secs(30),
+        || query(&prom, "up{job=\"director\"} == 1").unwrap_or(0) != 0,
+    );
     let mut open = Vec::new();
     for i in 1..=12 {
         let (mut c, _) = imap_login(d.imap, &user(i), PASSWORD);
-        let r = c.imap("s", "SELECT INBOX");
-        assert!(r.last().unwrap().starts_with("s OK"), "{r:?}");
+        c.imap_ok("s", "SELECT INBOX");
         open.push(c);
     }
     let mut bad = Conn::connect(d.imap);
@@ -200,20 +189,17 @@ fn every_panel_and_alert_query_returns_data_from_a_real_prometheus() {
     bad.imap("b", &format!("LOGIN {} wrong", user(1)));
     // Moves: take a backend down through the checker.
     pool.backend(2).kill();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while d
-        .state
-        .backends()
-        .backends
-        .values()
-        .all(|b| b.health == director::state::backend::Health::Up)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "killed backend never marked down"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        "the killed backend to be marked down",
+        Duration::from_secs(20),
+        || {
+            !d.state
+                .backends()
+                .backends
+                .values()
+                .all(|b| b.health == director::state::backend::Health::Up)
+        },
+    );
     // Some more traffic over several scrapes, so rate() has samples.
     for round in 0..6 {
         for i in 13..=16 {

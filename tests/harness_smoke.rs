@@ -4,25 +4,23 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
-use std::process::Command;
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use support::dovecot::{user, Pool, PASSWORD, TRICKY_PASSWORD, TRICKY_USER};
+use support::swaks::{self, Target};
 
 /// Runs curl with `args` and returns its stdout; panics if it fails.
 fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-s", "-S", "-m", "20"])
-        .args(args)
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (ok, out, err) = support::client::curl(args);
+    assert!(ok, "curl {args:?}: {err}");
+    out
+}
+
+/// What curl prints for `ID NIL` after logging in to the IMAP server at `addr` with `login`
+/// (`user:password`).
+fn imap_id(addr: SocketAddr, login: &str) -> String {
+    curl(&[&format!("imap://{addr}/"), "--user", login, "-X", "ID NIL"])
 }
 
 /// The first line a server sends.
@@ -49,13 +47,7 @@ fn backends_answer_tell_apart_die_and_restart() {
             "{}: greeting {greeting:?}",
             b.name
         );
-        let id = curl(&[
-            &format!("imap://{}/", b.imap()),
-            "--user",
-            &login,
-            "-X",
-            "ID NIL",
-        ]);
+        let id = imap_id(b.imap(), &login);
         assert!(
             id.contains(&format!("(\"x-backend\" \"{}\")", b.name)),
             "{}: ID answered {id:?}",
@@ -97,13 +89,7 @@ fn backends_answer_tell_apart_die_and_restart() {
     assert!(refused.is_err(), "killed backend still accepts connections");
     assert!(TcpStream::connect(pool.backend(1).imap()).is_ok());
     b.start();
-    let id = curl(&[
-        &format!("imap://{}/", b.imap()),
-        "--user",
-        &login,
-        "-X",
-        "ID NIL",
-    ]);
+    let id = imap_id(b.imap(), &login);
     assert!(id.contains("backend1"), "after restart: {id:?}");
 }
 
@@ -128,18 +114,16 @@ fn pause_lmtp_store_and_reference_director() {
     assert!(first_line(b.imap()).ends_with("backend2 ready."));
 
     // LMTP to one backend lands in the shared store; the recipient's domain is dropped.
-    let out = Command::new("swaks")
-        .args(["--protocol", "LMTP", "--server", &b.ip.to_string()])
-        .args(["--port", &b.lmtp().port().to_string()])
-        .args(["--to", "User0002@example.com", "--from", "t@example.com"])
-        .args(["--body", "hello from the harness"])
-        .output()
-        .expect("run swaks");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+    let (ok, out) = swaks::lmtp(
+        Target::Tcp(b.lmtp()),
+        &[
+            "--to",
+            "User0002@example.com",
+            "--body",
+            "hello from the harness",
+        ],
     );
+    assert!(ok, "{out}");
     let mail = pool.inbox_contents(&user(2));
     assert_eq!(mail.len(), 1, "{:?}", pool.inbox_messages(&user(2)));
     assert!(mail[0].contains("by backend2"), "{}", mail[0]);
@@ -148,13 +132,10 @@ fn pause_lmtp_store_and_reference_director() {
     let hosts: Vec<_> = pool.backends.iter().map(|b| (b.ip, 100)).collect();
     let reference = support::dovecot::RefDirector::start(&hosts, "%Ln");
     let hashed = reference.hashed(&[user(2)])[0].unwrap();
-    let id = curl(&[
-        &format!("imap://{}:{}/", reference.ip, support::dovecot::IMAP_PORT),
-        "--user",
+    let id = imap_id(
+        SocketAddr::new(reference.ip, support::dovecot::IMAP_PORT),
         &format!("{}:{PASSWORD}", user(2)),
-        "-X",
-        "ID NIL",
-    ]);
+    );
     let name = &pool.by_ip(hashed).unwrap().name;
     assert!(
         id.contains(name.as_str()),

@@ -6,8 +6,7 @@
 mod support;
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
+use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use director::health::probe::CheckCode;
@@ -17,7 +16,7 @@ use support::client::imap_login;
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logins::{LoginLoop, Timed};
-use support::logs::wait_until;
+use support::wait::wait_until;
 
 const INTERVAL: Duration = Duration::from_millis(500);
 const FALL: u32 = 2;
@@ -56,22 +55,23 @@ fn last_code(d: &TestDirector, ip: IpAddr) -> Option<CheckCode> {
     d.health.as_ref().unwrap().last_result(ip).map(|r| r.code)
 }
 
-/// Waits until every backend of the pool has had a passing check.
-fn wait_first_checks(d: &TestDirector, pool: &Pool) {
+/// A pool of `backends` and a director checking them with [`options`], once every backend
+/// has had a passing check.
+fn checked(backends: usize) -> (Pool, TestDirector) {
+    let (pool, d) = TestDirector::start_with_pool(backends, &options());
     wait_until("first checks", Duration::from_secs(10), || {
         pool.backends
             .iter()
-            .all(|b| last_code(d, b.ip) == Some(CheckCode::Ok))
+            .all(|b| last_code(&d, b.ip) == Some(CheckCode::Ok))
             .then_some(())
     });
+    (pool, d)
 }
 
 #[test]
 fn failover_killed_backend_goes_down_and_comes_back() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &options());
+    let (pool, d) = checked(3);
     let checker = d.health.as_ref().expect("health checker enabled");
-    wait_first_checks(&d, &pool);
     let victim = pool.backend(0);
 
     // Users logged in through the director, sessions kept open.
@@ -187,10 +187,9 @@ fn failover_killed_backend_goes_down_and_comes_back() {
 
 #[test]
 fn admin_down_and_maintenance_backends_are_not_checked() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options());
+    let (pool, d) = checked(2);
     let checker = d.health.as_ref().unwrap();
-    wait_first_checks(&d, &pool);
+
     let a = pool.backend(0);
     for admin in [AdminState::Down, AdminState::Maintenance] {
         d.state.set_admin(a.ip, admin).unwrap();
@@ -226,9 +225,8 @@ fn admin_down_and_maintenance_backends_are_not_checked() {
 
 #[test]
 fn paused_checks_leave_a_killed_backend_up_until_resumed() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options());
-    wait_first_checks(&d, &pool);
+    let (pool, d) = checked(2);
+
     d.state.set_checks_pause(Some(ChecksPause {
         since: SystemTime::now(),
         until: None,
@@ -269,30 +267,19 @@ fn fake_backend(ip: IpAddr, banner: &'static str) -> u16 {
 
 #[test]
 fn result_codes_tell_a_hung_backend_from_a_refused_port_from_a_wrong_banner() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &options());
+    let (pool, d) = checked(1);
     let checker = d.health.as_ref().unwrap();
-    wait_first_checks(&d, &pool);
+
     let b = pool.backend(0);
-    let IpAddr::V4(v4) = b.ip else { unreachable!() };
-    let [_, x, y, _] = v4.octets();
-    let fake_ip = IpAddr::V4(Ipv4Addr::new(127, x, y, 250));
-    let refused_ip = IpAddr::V4(Ipv4Addr::new(127, x, y, 251));
+    let fake_ip = pool.spare_ip(250);
+    let refused_ip = pool.spare_ip(251);
 
     // Backends added at run time are checked.
     let port = fake_backend(fake_ip, "220 smtp.example ESMTP\r\n");
-    let template = d.state.backends().get(b.ip).unwrap().clone();
-    let mut fake = template.clone();
-    fake.ip = fake_ip;
-    fake.host = fake_ip.to_string();
-    let mut settings = (*template.settings).clone();
-    settings.ports.imap = Some(port);
-    fake.settings = Arc::new(settings);
-    d.state.upsert_backend(fake);
-    let mut refused = template.clone();
-    refused.ip = refused_ip;
-    refused.host = refused_ip.to_string();
-    d.state.upsert_backend(refused);
+    d.state
+        .upsert_backend(d.backend_like(b.ip, fake_ip, Some(port)));
+    d.state
+        .upsert_backend(d.backend_like(b.ip, refused_ip, None));
 
     wait_health(&d, fake_ip, Health::Down, down_bound());
     assert_eq!(last_code(&d, fake_ip), Some(CheckCode::WrongResponse));

@@ -19,7 +19,7 @@ use director::state::backend::Health;
 use director::state::State;
 use support::director::TestDirector;
 use support::dovecot::{user, Pool, PoolOptions};
-use support::logins::LoginLoop;
+use support::logins::{LoginLoop, Timed};
 
 /// How long the attack is kept up.
 const ATTACK: Duration = Duration::from_secs(8);
@@ -123,26 +123,35 @@ fn too_large_per_backend(pool: &Pool) -> Vec<(String, usize)> {
         .collect()
 }
 
-#[test]
-fn oversized_logins_leave_every_backend_up_and_other_users_unharmed() {
-    let pool = Pool::start(3);
-    // The default health settings (interval 2s, fast_interval 500ms, rise 2, fall 2) and the
-    // default backend timeouts.
-    let d = TestDirector::start_with_default_health(&pool, "");
+/// What an attack left behind: the normal users' logins, those of them that failed, and the
+/// backends seen down meanwhile.
+struct Aftermath {
+    results: Vec<Timed>,
+    failures: Vec<String>,
+    down: Vec<IpAddr>,
+}
 
-    // Normal users on every backend keep logging in while the attack goes on.
-    let normal: Vec<String> = (0..12).map(|i| user(100 + i)).collect();
+/// Runs `attempt(thread, n)` over and over on four threads for `duration` (n counts each
+/// thread's attempts from 1), while `normal` users log in and the backends' health is
+/// watched; then lets any check the attack provoked finish.
+fn attack(
+    d: &TestDirector,
+    normal: Vec<String>,
+    duration: Duration,
+    attempt: impl Fn(usize, usize) + Send + Sync + 'static,
+) -> Aftermath {
     let logins = LoginLoop::start(d.imap, normal);
-    let watch = HealthWatch::start(&d);
-    let seen = Arc::new(Seen::default());
-    let stop_at = Instant::now() + ATTACK;
+    let watch = HealthWatch::start(d);
+    let stop_at = Instant::now() + duration;
+    let attempt = Arc::new(attempt);
     let attackers: Vec<_> = (0..4)
-        .map(|_| {
-            let seen = seen.clone();
-            let addr = d.imap;
+        .map(|t| {
+            let attempt = attempt.clone();
             std::thread::spawn(move || {
+                let mut n = 0;
                 while Instant::now() < stop_at {
-                    oversized_login(addr, &seen);
+                    n += 1;
+                    attempt(t, n);
                 }
             })
         })
@@ -154,12 +163,38 @@ fn oversized_logins_leave_every_backend_up_and_other_users_unharmed() {
     std::thread::sleep(Duration::from_secs(2));
     let results = logins.finish();
     let down = watch.finish();
+    let failures = results
+        .iter()
+        .filter_map(|(_, _, r)| r.as_ref().err().cloned())
+        .collect();
+    Aftermath {
+        results,
+        failures,
+        down,
+    }
+}
+
+#[test]
+fn oversized_logins_leave_every_backend_up_and_other_users_unharmed() {
+    let pool = Pool::start(3);
+    // The default health settings (interval 2s, fast_interval 500ms, rise 2, fall 2) and the
+    // default backend timeouts.
+    let d = TestDirector::start_with_default_health(&pool, "");
+
+    // Normal users on every backend keep logging in while the attack goes on.
+    let normal: Vec<String> = (0..12).map(|i| user(100 + i)).collect();
+    let seen = Arc::new(Seen::default());
+    let addr = d.imap;
+    let hostile = seen.clone();
+    let Aftermath {
+        results,
+        failures,
+        down,
+    } = attack(&d, normal, ATTACK, move |_, _| {
+        oversized_login(addr, &hostile)
+    });
 
     let hostile = seen.no.load(Ordering::Relaxed) + seen.other.load(Ordering::Relaxed);
-    let failures: Vec<&String> = results
-        .iter()
-        .filter_map(|(_, _, r)| r.as_ref().err())
-        .collect();
     let dropped = too_large_per_backend(&pool);
     println!(
         "attack: {hostile} oversized logins ({} NO, {} other); normal logins: {}, failed: {}; \
@@ -216,71 +251,55 @@ fn hostile_logins_of_many_names_take_no_backend_down() {
             "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n".into(),
     });
     let d = TestDirector::start_with_default_health(&pool, "");
-    let logins = LoginLoop::start(d.imap, (0..12).map(|i| user(150 + i)).collect());
-    let watch = HealthWatch::start(&d);
     let answered = Arc::new(Mutex::new(Vec::new()));
-    let stop_at = Instant::now() + Duration::from_secs(6);
-    let attackers: Vec<_> = (0..4)
-        .map(|t| {
-            let answered = answered.clone();
-            let addr = d.imap;
-            std::thread::spawn(move || {
-                let mut n = 0;
-                while Instant::now() < stop_at {
-                    n += 1;
-                    // A different name every time, so every backend gets some: oversized,
-                    // unknown users with wrong passwords, and SASL that Dovecot rejects.
-                    let attempt = match n % 3 {
-                        0 => {
-                            let mut a = format!("a LOGIN {{7000+}}\r\n{t}-{n}").into_bytes();
-                            a.resize(a.len() + 7000 - format!("{t}-{n}").len(), b'v');
-                            a.extend_from_slice(b" x\r\n");
-                            a
-                        }
-                        1 => format!("a LOGIN nobody-{t}-{n} wrong\r\n").into_bytes(),
-                        _ => format!(
-                            "a AUTHENTICATE PLAIN {}\r\n",
-                            support::client::base64(format!("\0nobody-{t}-{n}\0x").as_bytes())
-                        )
-                        .into_bytes(),
-                    };
-                    let Ok(s) = TcpStream::connect(addr) else {
-                        continue;
-                    };
-                    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
-                    let mut w = s.try_clone().unwrap();
-                    let mut r = BufReader::new(s);
-                    let mut line = String::new();
-                    let _ = r.read_line(&mut line);
-                    if w.write_all(&attempt).is_err() {
-                        continue;
-                    }
-                    loop {
-                        line.clear();
-                        match r.read_line(&mut line) {
-                            Ok(0) | Err(_) => break,
-                            Ok(_) if line.starts_with("a ") => {
-                                answered.lock().unwrap().push(line.clone());
-                                break;
-                            }
-                            Ok(_) => {}
-                        }
-                    }
+    let replies = answered.clone();
+    let addr = d.imap;
+    let normal = (0..12).map(|i| user(150 + i)).collect();
+    let Aftermath {
+        results,
+        failures,
+        down,
+    } = attack(&d, normal, Duration::from_secs(6), move |t, n| {
+        // A different name every time, so every backend gets some: oversized, unknown users
+        // with wrong passwords, and SASL that Dovecot rejects.
+        let attempt = match n % 3 {
+            0 => {
+                let mut a = format!("a LOGIN {{7000+}}\r\n{t}-{n}").into_bytes();
+                a.resize(a.len() + 7000 - format!("{t}-{n}").len(), b'v');
+                a.extend_from_slice(b" x\r\n");
+                a
+            }
+            1 => format!("a LOGIN nobody-{t}-{n} wrong\r\n").into_bytes(),
+            _ => format!(
+                "a AUTHENTICATE PLAIN {}\r\n",
+                support::client::base64(format!("\0nobody-{t}-{n}\0x").as_bytes())
+            )
+            .into_bytes(),
+        };
+        let Ok(s) = TcpStream::connect(addr) else {
+            return;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        if w.write_all(&attempt).is_err() {
+            return;
+        }
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if line.starts_with("a ") => {
+                    replies.lock().unwrap().push(line.clone());
+                    break;
                 }
-            })
-        })
-        .collect();
-    for a in attackers {
-        a.join().unwrap();
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    let results = logins.finish();
-    let down = watch.finish();
+                Ok(_) => {}
+            }
+        }
+    });
     let answered = answered.lock().unwrap();
-    let failures: Vec<&String> = results
-        .iter()
-        .filter_map(|(_, _, r)| r.as_ref().err())
-        .collect();
     println!(
         "hostile logins answered: {} (OK: {}); normal logins: {}, failed: {}; seen down: {down:?}",
         answered.len(),

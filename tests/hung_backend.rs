@@ -14,7 +14,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use support::client::imap_login;
 use support::director::TestDirector;
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logins::{LoginLoop, Timed};
-use support::logs::wait_until;
+use support::wait::wait_until;
 
 /// The default `connect_timeout`: no login may take longer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -257,20 +257,10 @@ fn serve_fake(conn: TcpStream, how: Misbehaviour, stop: Arc<AtomicBool>) {
 fn fake_hangs(how: Misbehaviour, logs_in: bool) {
     let pool = Pool::start(2);
     let d = director(&pool, logs_in);
-    let IpAddr::V4(v4) = pool.backend(0).ip else {
-        unreachable!()
-    };
-    let [_, x, y, _] = v4.octets();
-    let fake_ip = IpAddr::V4(Ipv4Addr::new(127, x, y, 250));
+    let fake_ip = pool.spare_ip(250);
     let stop = Arc::new(AtomicBool::new(false));
     let port = fake_backend(fake_ip, how, stop.clone());
-    let template = d.state.backends().get(pool.backend(0).ip).unwrap().clone();
-    let mut fake = template.clone();
-    fake.ip = fake_ip;
-    fake.host = fake_ip.to_string();
-    let mut settings = (*template.settings).clone();
-    settings.ports.imap = Some(port);
-    fake.settings = Arc::new(settings);
+    let fake = d.backend_like(pool.backend(0).ip, fake_ip, Some(port));
     // The fake joins misbehaving: its users (new records) log in while it does.
     let users = {
         d.state.upsert_backend(fake);

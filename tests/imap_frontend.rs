@@ -5,13 +5,14 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::client::{base64, curl, quote, Conn};
+use support::client::{assert_ok, assert_tagged, base64, curl, quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{
     user, Pool, PoolOptions, PASSWORD, SPECIAL_USERS, TRICKY_PASSWORD, TRICKY_USER,
 };
+use support::wait::wait_for;
 
 /// Dovecot's own pauses after a failed login would make the tests that fail logins on
 /// purpose slow: `auth_failure_delay` (2 s before the answer) and the auth penalty (each later
@@ -29,61 +30,101 @@ fn pool(n: usize) -> Pool {
     })
 }
 
-/// The name of the backend the director's router sends `user` to.
-fn routed(pool: &Pool, d: &TestDirector, user: &str) -> String {
-    let ip = d.router.route(user, "").expect("a route").backend.ip;
-    pool.by_ip(ip).expect("a pool backend").name.clone()
+/// A director over a pool.
+struct Setup {
+    d: TestDirector,
+    pool: Pool,
 }
 
-/// Connects to the director's plain IMAP listener; returns the connection and its greeting.
-fn connect(d: &TestDirector) -> (Conn, String) {
-    let mut c = Conn::connect(d.imap);
-    let greeting = c.line();
-    assert!(greeting.starts_with("* OK "), "greeting: {greeting:?}");
-    (c, greeting)
-}
+impl Setup {
+    /// A director with the default options over [`pool`]`(n)`.
+    fn start(n: usize) -> Setup {
+        Setup::over(pool(n), &DirectorOptions::default())
+    }
 
-/// Panics unless the last line of `reply` is `<tag> OK ...`.
-fn assert_ok(reply: &[String], tag: &str, what: &str) {
-    let last = reply.last().map(String::as_str).unwrap_or("");
-    assert!(
-        last.starts_with(&format!("{tag} OK")),
-        "{what}: expected {tag} OK, got {reply:?}"
-    );
+    fn over(pool: Pool, options: &DirectorOptions) -> Setup {
+        let d = TestDirector::start(&pool, options);
+        Setup { d, pool }
+    }
+
+    /// The name of the backend the director's router sends `user` to.
+    fn routed(&self, user: &str) -> String {
+        self.d.home(&self.pool, user).name.clone()
+    }
+
+    /// Connects to the director's plain IMAP listener; returns the connection and its
+    /// greeting.
+    fn connect(&self) -> (Conn, String) {
+        let mut c = Conn::connect(self.d.imap);
+        let greeting = c.line();
+        assert!(greeting.starts_with("* OK "), "greeting: {greeting:?}");
+        (c, greeting)
+    }
+
+    /// After a successful login (`reply` being its answer): the session is on the backend the
+    /// router chooses for `user`, and logs out cleanly.
+    fn assert_logged_in(&self, c: &mut Conn, reply: &[String], user: &str, how: &str) {
+        assert_ok(reply, reply.last().unwrap().split(' ').next().unwrap(), how);
+        assert!(
+            reply.iter().all(|l| !l.starts_with('+')),
+            "{how}: unexpected continuation request in {reply:?}"
+        );
+        assert_eq!(
+            c.imap_backend(),
+            self.routed(user),
+            "{how}: {user} is not on its routed backend"
+        );
+        let bye = c.imap("zz", "LOGOUT");
+        assert!(bye[0].starts_with("* BYE"), "{how}: {bye:?}");
+        assert_ok(&bye, "zz", how);
+    }
+
+    /// Connects, runs `dialogue` (a login; it returns the reply), and checks the session with
+    /// [`Setup::assert_logged_in`].
+    fn logs_in(&self, user: &str, how: &str, dialogue: impl FnOnce(&mut Conn) -> Vec<String>) {
+        let (mut c, _) = self.connect();
+        let reply = dialogue(&mut c);
+        self.assert_logged_in(&mut c, &reply, user, how);
+    }
+
+    /// Runs curl's `ID NIL` through the director with `extra` arguments; returns curl's
+    /// trace. Panics unless curl succeeded and printed the routed backend's `* ID` line.
+    fn curl_id(&self, url: &str, u: &str, p: &str, extra: &[&str]) -> String {
+        let trace = self.pool.dir().join(format!(
+            "curl-trace-{u}-{}",
+            extra.join("_").replace('/', "_")
+        ));
+        let userpw = format!("{u}:{p}");
+        let mut args = vec![url, "-u", &userpw, "-X", "ID NIL", "--trace-ascii"];
+        let trace_arg = trace.display().to_string();
+        args.push(&trace_arg);
+        args.extend_from_slice(extra);
+        let (ok, out, err) = curl(&args);
+        let trace_text = std::fs::read_to_string(&trace).unwrap_or_default();
+        assert!(ok, "curl {extra:?} as {u}: {err}\n{trace_text}");
+        let expected = format!("* ID (\"x-backend\" \"{}\")", self.routed(u));
+        assert!(
+            out.contains(&expected),
+            "curl {extra:?} as {u}: expected {expected:?} in {out:?}"
+        );
+        trace_text
+    }
 }
 
 /// Panics unless the last line of `reply` is `<tag> NO [AUTHENTICATIONFAILED] ...`.
 fn assert_auth_failed(reply: &[String], tag: &str, what: &str) {
-    let last = reply.last().map(String::as_str).unwrap_or("");
-    assert!(
-        last.starts_with(&format!("{tag} NO [AUTHENTICATIONFAILED]")),
-        "{what}: expected {tag} NO [AUTHENTICATIONFAILED], got {reply:?}"
-    );
+    assert_tagged(reply, tag, "NO [AUTHENTICATIONFAILED]", what);
 }
 
-/// After a successful login (`reply` being its answer): the session is on the backend the
-/// router chooses for `user`, and logs out cleanly.
-fn assert_logged_in(
-    c: &mut Conn,
-    reply: &[String],
-    pool: &Pool,
-    d: &TestDirector,
-    user: &str,
-    how: &str,
-) {
-    assert_ok(reply, reply.last().unwrap().split(' ').next().unwrap(), how);
-    assert!(
-        reply.iter().all(|l| !l.starts_with('+')),
-        "{how}: unexpected continuation request in {reply:?}"
+/// `(user(i), PASSWORD)` and then every special user with its password.
+fn user_and_special_users(i: usize) -> Vec<(String, String)> {
+    let mut cases = vec![(user(i), PASSWORD.to_owned())];
+    cases.extend(
+        SPECIAL_USERS
+            .iter()
+            .map(|(u, p)| (u.to_string(), p.to_string())),
     );
-    assert_eq!(
-        c.imap_backend(),
-        routed(pool, d, user),
-        "{how}: {user} is not on its routed backend"
-    );
-    let bye = c.imap("zz", "LOGOUT");
-    assert!(bye[0].starts_with("* BYE"), "{how}: {bye:?}");
-    assert_ok(&bye, "zz", how);
+    cases
 }
 
 /// The capability list of a `* OK [CAPABILITY ...]` or `* CAPABILITY ...` line.
@@ -100,241 +141,173 @@ fn capabilities(line: &str) -> Vec<String> {
 
 #[test]
 fn login_with_atoms_and_quoted_strings_with_escapes() {
-    let pool = pool(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let s = Setup::start(3);
     for i in 1..=3 {
         let u = user(i);
-        let (mut c, _) = connect(&d);
-        let reply = c.imap("a", &format!("LOGIN {u} {PASSWORD}"));
-        assert_logged_in(&mut c, &reply, &pool, &d, &u, "LOGIN with atoms");
+        s.logs_in(&u, "LOGIN with atoms", |c| {
+            c.imap("a", &format!("LOGIN {u} {PASSWORD}"))
+        });
     }
     for (u, p) in SPECIAL_USERS {
-        let (mut c, _) = connect(&d);
-        let reply = c.imap("a", &format!("LOGIN {} {}", quote(u), quote(p)));
-        assert_logged_in(&mut c, &reply, &pool, &d, u, "LOGIN with quoted strings");
+        s.logs_in(u, "LOGIN with quoted strings", |c| {
+            c.imap("a", &format!("LOGIN {} {}", quote(u), quote(p)))
+        });
     }
     // Lower-case command, quoted user and atom password.
-    let (mut c, _) = connect(&d);
-    let reply = c.imap("a", &format!("login \"{}\" {PASSWORD}", user(4)));
-    assert_logged_in(&mut c, &reply, &pool, &d, &user(4), "lower-case login");
+    s.logs_in(&user(4), "lower-case login", |c| {
+        c.imap("a", &format!("login \"{}\" {PASSWORD}", user(4)))
+    });
     // User names hash lower-cased (`%Lu`): an upper-case login lands with the lower-case one.
-    let (mut c, _) = connect(&d);
-    let reply = c.imap("a", &format!("LOGIN USER0004 {PASSWORD}"));
-    assert_logged_in(&mut c, &reply, &pool, &d, &user(4), "upper-case user name");
+    s.logs_in(&user(4), "upper-case user name", |c| {
+        c.imap("a", &format!("LOGIN USER0004 {PASSWORD}"))
+    });
 }
 
 #[test]
 fn login_with_synchronising_literals() {
-    let pool = pool(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let s = Setup::start(3);
     // Both arguments as literals, then each special user's password as a literal.
-    let mut cases = vec![(user(5), PASSWORD.to_owned(), true)];
-    cases.extend(
-        SPECIAL_USERS
-            .iter()
-            .map(|(u, p)| (u.to_string(), p.to_string(), false)),
-    );
-    for (u, p, user_literal) in cases {
-        let (mut c, _) = connect(&d);
-        if user_literal {
-            c.send(format!("a LOGIN {{{}}}\r\n", u.len()).as_bytes());
+    for (i, (u, p)) in user_and_special_users(5).into_iter().enumerate() {
+        let user_literal = i == 0;
+        s.logs_in(&u, "LOGIN with literals", |c| {
+            if user_literal {
+                c.send(format!("a LOGIN {{{}}}\r\n", u.len()).as_bytes());
+                c.continuation();
+                c.send(format!("{u} {{{}}}\r\n", p.len()).as_bytes());
+            } else {
+                c.send(format!("a LOGIN {} {{{}}}\r\n", quote(&u), p.len()).as_bytes());
+            }
             c.continuation();
-            c.send(format!("{u} {{{}}}\r\n", p.len()).as_bytes());
-        } else {
-            c.send(format!("a LOGIN {} {{{}}}\r\n", quote(&u), p.len()).as_bytes());
-        }
-        c.continuation();
-        c.send(format!("{p}\r\n").as_bytes());
-        let reply = c.until_tagged("a");
-        assert_logged_in(&mut c, &reply, &pool, &d, &u, "LOGIN with literals");
+            c.send(format!("{p}\r\n").as_bytes());
+            c.until_tagged("a")
+        });
     }
 }
 
 #[test]
 fn login_with_non_synchronising_literals() {
-    let pool = pool(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let s = Setup::start(3);
     let u = user(6);
-    let (mut c, _) = connect(&d);
-    c.send(
-        format!(
-            "a LOGIN {{{}+}}\r\n{u} {{{}+}}\r\n{PASSWORD}\r\n",
-            u.len(),
-            PASSWORD.len()
-        )
-        .as_bytes(),
-    );
-    let reply = c.until_tagged("a");
-    assert_logged_in(&mut c, &reply, &pool, &d, &u, "LOGIN with {n+} literals");
+    s.logs_in(&u, "LOGIN with {n+} literals", |c| {
+        c.send(
+            format!(
+                "a LOGIN {{{}+}}\r\n{u} {{{}+}}\r\n{PASSWORD}\r\n",
+                u.len(),
+                PASSWORD.len()
+            )
+            .as_bytes(),
+        );
+        c.until_tagged("a")
+    });
 
-    let (mut c, _) = connect(&d);
-    let p = TRICKY_PASSWORD;
-    c.send(format!("a LOGIN {TRICKY_USER} {{{}+}}\r\n{p}\r\n", p.len()).as_bytes());
-    let reply = c.until_tagged("a");
-    assert_logged_in(
-        &mut c,
-        &reply,
-        &pool,
-        &d,
-        TRICKY_USER,
-        "LOGIN, password {n+}",
-    );
+    s.logs_in(TRICKY_USER, "LOGIN, password {n+}", |c| {
+        let p = TRICKY_PASSWORD;
+        c.send(format!("a LOGIN {TRICKY_USER} {{{}+}}\r\n{p}\r\n", p.len()).as_bytes());
+        c.until_tagged("a")
+    });
 }
 
 #[test]
 fn login_split_across_tcp_writes() {
-    let pool = pool(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let s = Setup::start(3);
     for chunk in [1, 3] {
         let u = user(7 + chunk);
-        let (mut c, _) = connect(&d);
-        c.send_split(format!("a LOGIN {u} \"{PASSWORD}\"\r\n").as_bytes(), chunk);
-        let reply = c.until_tagged("a");
-        assert_logged_in(&mut c, &reply, &pool, &d, &u, "split quoted LOGIN");
+        s.logs_in(&u, "split quoted LOGIN", |c| {
+            c.send_split(format!("a LOGIN {u} \"{PASSWORD}\"\r\n").as_bytes(), chunk);
+            c.until_tagged("a")
+        });
 
-        let (mut c, _) = connect(&d);
-        let login = format!(
-            "a LOGIN {{{}+}}\r\n{TRICKY_USER} {}\r\n",
-            TRICKY_USER.len(),
-            quote(TRICKY_PASSWORD)
-        );
-        c.send_split(login.as_bytes(), chunk);
-        let reply = c.until_tagged("a");
-        assert_logged_in(&mut c, &reply, &pool, &d, TRICKY_USER, "split LOGIN, {n+}");
+        s.logs_in(TRICKY_USER, "split LOGIN, {n+}", |c| {
+            let login = format!(
+                "a LOGIN {{{}+}}\r\n{TRICKY_USER} {}\r\n",
+                TRICKY_USER.len(),
+                quote(TRICKY_PASSWORD)
+            );
+            c.send_split(login.as_bytes(), chunk);
+            c.until_tagged("a")
+        });
 
         // A synchronising literal: the client waits for `+` between the pieces.
-        let (mut c, _) = connect(&d);
-        c.send_split(
-            format!("a LOGIN {u} {{{}}}\r\n", PASSWORD.len()).as_bytes(),
-            chunk,
-        );
-        c.continuation();
-        c.send_split(format!("{PASSWORD}\r\n").as_bytes(), chunk);
-        let reply = c.until_tagged("a");
-        assert_logged_in(&mut c, &reply, &pool, &d, &u, "split LOGIN, {n}");
+        s.logs_in(&u, "split LOGIN, {n}", |c| {
+            c.send_split(
+                format!("a LOGIN {u} {{{}}}\r\n", PASSWORD.len()).as_bytes(),
+                chunk,
+            );
+            c.continuation();
+            c.send_split(format!("{PASSWORD}\r\n").as_bytes(), chunk);
+            c.until_tagged("a")
+        });
 
-        let (mut c, _) = connect(&d);
-        let line = format!(
-            "a AUTHENTICATE PLAIN {}\r\n",
-            base64(format!("\0{u}\0{PASSWORD}").as_bytes())
-        );
-        c.send_split(line.as_bytes(), chunk);
-        let reply = c.until_tagged("a");
-        assert_logged_in(&mut c, &reply, &pool, &d, &u, "split AUTHENTICATE PLAIN");
+        s.logs_in(&u, "split AUTHENTICATE PLAIN", |c| {
+            let line = format!(
+                "a AUTHENTICATE PLAIN {}\r\n",
+                base64(format!("\0{u}\0{PASSWORD}").as_bytes())
+            );
+            c.send_split(line.as_bytes(), chunk);
+            c.until_tagged("a")
+        });
     }
 }
 
 #[test]
 fn authenticate_plain_with_and_without_initial_response() {
-    let pool = pool(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let mut cases: Vec<(String, String)> = vec![(user(11), PASSWORD.into())];
-    cases.extend(
-        SPECIAL_USERS
-            .iter()
-            .map(|(u, p)| (u.to_string(), p.to_string())),
-    );
-    for (u, p) in &cases {
+    let s = Setup::start(3);
+    for (u, p) in &user_and_special_users(11) {
         let response = base64(format!("\0{u}\0{p}").as_bytes());
         // SASL-IR.
-        let (mut c, _) = connect(&d);
-        let reply = c.imap("a", &format!("AUTHENTICATE PLAIN {response}"));
-        assert_logged_in(&mut c, &reply, &pool, &d, u, "AUTHENTICATE PLAIN (SASL-IR)");
+        s.logs_in(u, "AUTHENTICATE PLAIN (SASL-IR)", |c| {
+            c.imap("a", &format!("AUTHENTICATE PLAIN {response}"))
+        });
         // Challenge and response.
-        let (mut c, _) = connect(&d);
-        c.send(b"a authenticate plain\r\n");
-        c.continuation();
-        c.send(format!("{response}\r\n").as_bytes());
-        let reply = c.until_tagged("a");
-        assert_logged_in(
-            &mut c,
-            &reply,
-            &pool,
-            &d,
-            u,
-            "AUTHENTICATE PLAIN (continuation)",
-        );
+        s.logs_in(u, "AUTHENTICATE PLAIN (continuation)", |c| {
+            c.send(b"a authenticate plain\r\n");
+            c.continuation();
+            c.send(format!("{response}\r\n").as_bytes());
+            c.until_tagged("a")
+        });
     }
     // An authorisation identity equal to the user is the user itself.
     let u = user(12);
-    let (mut c, _) = connect(&d);
-    let response = base64(format!("{u}\0{u}\0{PASSWORD}").as_bytes());
-    let reply = c.imap("a", &format!("AUTHENTICATE PLAIN {response}"));
-    assert_logged_in(
-        &mut c,
-        &reply,
-        &pool,
-        &d,
-        &u,
-        "AUTHENTICATE PLAIN, authzid = user",
-    );
+    s.logs_in(&u, "AUTHENTICATE PLAIN, authzid = user", |c| {
+        let response = base64(format!("{u}\0{u}\0{PASSWORD}").as_bytes());
+        c.imap("a", &format!("AUTHENTICATE PLAIN {response}"))
+    });
 }
 
 #[test]
 fn authenticate_login_with_and_without_initial_response() {
-    let pool = pool(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let mut cases: Vec<(String, String)> = vec![(user(13), PASSWORD.into())];
-    cases.extend(
-        SPECIAL_USERS
-            .iter()
-            .map(|(u, p)| (u.to_string(), p.to_string())),
-    );
-    for (u, p) in &cases {
-        let (mut c, _) = connect(&d);
-        c.send(b"a AUTHENTICATE LOGIN\r\n");
-        assert_eq!(c.continuation(), format!("+ {}", base64(b"Username:")));
-        c.send(format!("{}\r\n", base64(u.as_bytes())).as_bytes());
-        assert_eq!(c.continuation(), format!("+ {}", base64(b"Password:")));
-        c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
-        let reply = c.until_tagged("a");
-        assert_logged_in(&mut c, &reply, &pool, &d, u, "AUTHENTICATE LOGIN");
+    let s = Setup::start(3);
+    for (u, p) in &user_and_special_users(13) {
+        s.logs_in(u, "AUTHENTICATE LOGIN", |c| {
+            c.send(b"a AUTHENTICATE LOGIN\r\n");
+            assert_eq!(c.continuation(), format!("+ {}", base64(b"Username:")));
+            c.send(format!("{}\r\n", base64(u.as_bytes())).as_bytes());
+            assert_eq!(c.continuation(), format!("+ {}", base64(b"Password:")));
+            c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
+            c.until_tagged("a")
+        });
 
         // The user name as initial response (what curl sends).
-        let (mut c, _) = connect(&d);
-        c.send(format!("a AUTHENTICATE LOGIN {}\r\n", base64(u.as_bytes())).as_bytes());
-        assert_eq!(c.continuation(), format!("+ {}", base64(b"Password:")));
-        c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
-        let reply = c.until_tagged("a");
-        assert_logged_in(&mut c, &reply, &pool, &d, u, "AUTHENTICATE LOGIN (SASL-IR)");
+        s.logs_in(u, "AUTHENTICATE LOGIN (SASL-IR)", |c| {
+            c.send(format!("a AUTHENTICATE LOGIN {}\r\n", base64(u.as_bytes())).as_bytes());
+            assert_eq!(c.continuation(), format!("+ {}", base64(b"Password:")));
+            c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
+            c.until_tagged("a")
+        });
     }
-}
-
-/// Runs curl's `ID NIL` through the director with `extra` arguments; returns curl's trace.
-/// Panics unless curl succeeded and printed the routed backend's `* ID` line.
-fn curl_id(pool: &Pool, d: &TestDirector, url: &str, u: &str, p: &str, extra: &[&str]) -> String {
-    let trace = pool.dir().join(format!(
-        "curl-trace-{u}-{}",
-        extra.join("_").replace('/', "_")
-    ));
-    let userpw = format!("{u}:{p}");
-    let mut args = vec![url, "-u", &userpw, "-X", "ID NIL", "--trace-ascii"];
-    let trace_arg = trace.display().to_string();
-    args.push(&trace_arg);
-    args.extend_from_slice(extra);
-    let (ok, out, err) = curl(&args);
-    let trace_text = std::fs::read_to_string(&trace).unwrap_or_default();
-    assert!(ok, "curl {extra:?} as {u}: {err}\n{trace_text}");
-    let expected = format!("* ID (\"x-backend\" \"{}\")", routed(pool, d, u));
-    assert!(
-        out.contains(&expected),
-        "curl {extra:?} as {u}: expected {expected:?} in {out:?}"
-    );
-    trace_text
 }
 
 #[test]
 fn curl_logs_in_with_authenticate_plain_and_login() {
-    let pool = pool(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let url = format!("imap://{}/", d.imap);
+    let s = Setup::start(3);
+    let url = format!("imap://{}/", s.d.imap);
     // The curl of Debian 12 (7.88) cannot be made to send the LOGIN command while AUTH=PLAIN
     // is offered (`--login-options AUTH=+LOGIN` needs curl 8.2); the raw client covers LOGIN.
     for (u, p) in [
         (user(14).as_str(), PASSWORD),
         (TRICKY_USER, TRICKY_PASSWORD),
     ] {
-        let trace = curl_id(&pool, &d, &url, u, p, &[]);
+        let trace = s.curl_id(&url, u, p, &[]);
         let plain_ir = format!(
             "AUTHENTICATE PLAIN {}",
             base64(format!("\0{u}\0{p}").as_bytes())
@@ -344,7 +317,7 @@ fn curl_logs_in_with_authenticate_plain_and_login() {
             "curl did not use SASL-IR PLAIN:\n{trace}"
         );
 
-        let trace = curl_id(&pool, &d, &url, u, p, &["--login-options", "AUTH=LOGIN"]);
+        let trace = s.curl_id(&url, u, p, &["--login-options", "AUTH=LOGIN"]);
         assert!(
             trace.contains(&format!("AUTHENTICATE LOGIN {}", base64(u.as_bytes()))),
             "curl did not use AUTHENTICATE LOGIN:\n{trace}"
@@ -361,9 +334,8 @@ fn curl_logs_in_with_authenticate_plain_and_login() {
 
 #[test]
 fn pre_login_commands_answer_as_a_client_expects() {
-    let pool = pool(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let (mut c, greeting) = connect(&d);
+    let s = Setup::start(2);
+    let (mut c, greeting) = s.connect();
     let caps = capabilities(&greeting);
     for cap in [
         "IMAP4rev1",
@@ -390,12 +362,13 @@ fn pre_login_commands_answer_as_a_client_expects() {
     );
     assert_ok(&reply, "a", "CAPABILITY");
 
-    assert_ok(&c.imap("b", "NOOP"), "b", "NOOP");
+    c.imap_ok("b", "NOOP");
 
-    let reply = c.imap("c", "FROBNICATE now");
-    assert!(
-        reply.last().unwrap().starts_with("c BAD"),
-        "unknown command: {reply:?}"
+    assert_tagged(
+        &c.imap("c", "FROBNICATE now"),
+        "c",
+        "BAD",
+        "unknown command",
     );
 
     for (tag, command) in [
@@ -411,23 +384,14 @@ fn pre_login_commands_answer_as_a_client_expects() {
         );
     }
 
-    let reply = c.imap("g", &format!("LOGIN {}", user(1)));
-    assert!(
-        reply.last().unwrap().starts_with("g BAD"),
-        "LOGIN with one argument: {reply:?}"
-    );
-
     for (tag, command) in [
+        ("g", "LOGIN user0001"),
         ("h1", "LOGIN user0001 \"secret"),
         ("h2", "LOGIN \"user0001\" \"sec\\ret\""),
         ("h3", "LOGIN user0001 secret extra"),
         ("h4", "LOGIN user0001 (secret)"),
     ] {
-        let reply = c.imap(tag, command);
-        assert!(
-            reply.last().unwrap().starts_with(&format!("{tag} BAD")),
-            "{command}: {reply:?}"
-        );
+        assert_tagged(&c.imap(tag, command), tag, "BAD", command);
     }
 
     // Still usable after all those errors; ID before login does not name a backend.
@@ -439,41 +403,39 @@ fn pre_login_commands_answer_as_a_client_expects() {
     assert!(reply[0].starts_with("* BYE"), "{reply:?}");
     assert_ok(&reply, "i", "LOGOUT");
     assert!(c.closed(), "the connection stays open after LOGOUT");
-    assert!(d.sessions.list().is_empty());
+    assert!(s.d.sessions.list().is_empty());
 }
 
 #[test]
 fn failed_login_then_success_on_the_same_connection() {
-    let pool = pool(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let s = Setup::start(3);
     let u = user(15);
-    let (mut c, _) = connect(&d);
-    let reply = c.imap("a", &format!("LOGIN {u} wrong"));
-    assert_auth_failed(&reply, "a", "wrong password");
-    let response = base64(format!("\0{u}\0also-wrong").as_bytes());
-    let reply = c.imap("b", &format!("AUTHENTICATE PLAIN {response}"));
-    assert_auth_failed(&reply, "b", "wrong password, PLAIN");
-    assert!(
-        d.sessions.list().is_empty(),
-        "a failed login left a session"
-    );
-    let reply = c.imap("c", &format!("LOGIN {u} {PASSWORD}"));
-    assert_logged_in(&mut c, &reply, &pool, &d, &u, "LOGIN after two failures");
+    s.logs_in(&u, "LOGIN after two failures", |c| {
+        let reply = c.imap("a", &format!("LOGIN {u} wrong"));
+        assert_auth_failed(&reply, "a", "wrong password");
+        let response = base64(format!("\0{u}\0also-wrong").as_bytes());
+        let reply = c.imap("b", &format!("AUTHENTICATE PLAIN {response}"));
+        assert_auth_failed(&reply, "b", "wrong password, PLAIN");
+        assert!(
+            s.d.sessions.list().is_empty(),
+            "a failed login left a session"
+        );
+        c.imap("c", &format!("LOGIN {u} {PASSWORD}"))
+    });
 
     // An unknown user fails the same way.
-    let (mut c, _) = connect(&d);
-    let reply = c.imap("a", &format!("LOGIN nosuchuser {PASSWORD}"));
-    assert_auth_failed(&reply, "a", "unknown user");
-    let reply = c.imap("b", &format!("LOGIN {u} {PASSWORD}"));
-    assert_logged_in(&mut c, &reply, &pool, &d, &u, "LOGIN after an unknown user");
+    s.logs_in(&u, "LOGIN after an unknown user", |c| {
+        let reply = c.imap("a", &format!("LOGIN nosuchuser {PASSWORD}"));
+        assert_auth_failed(&reply, "a", "unknown user");
+        c.imap("b", &format!("LOGIN {u} {PASSWORD}"))
+    });
 }
 
 #[test]
 fn three_failed_logins_close_the_connection() {
-    let pool = pool(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let s = Setup::start(2);
     let u = user(16);
-    let (mut c, _) = connect(&d);
+    let (mut c, _) = s.connect();
     for tag in ["a", "b", "c"] {
         c.send(format!("{tag} LOGIN {u} wrong\r\n").as_bytes());
         let line = c.line();
@@ -491,15 +453,22 @@ fn three_failed_logins_close_the_connection() {
         c.closed(),
         "the connection stays open after 3 failed logins"
     );
-    assert!(d.sessions.list().is_empty());
+    assert!(s.d.sessions.list().is_empty());
+}
+
+/// `head`, then `n` bytes `x`, then `tail`.
+fn padded(head: &[u8], n: usize, tail: &[u8]) -> Vec<u8> {
+    let mut bytes = head.to_vec();
+    bytes.extend(std::iter::repeat_n(b'x', n));
+    bytes.extend_from_slice(tail);
+    bytes
 }
 
 #[test]
 fn oversized_lines_and_literals_are_refused() {
-    let pool = pool(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let s = Setup::start(2);
     // A literal above the limit is refused before the client sends it; the connection lives on.
-    let (mut c, _) = connect(&d);
+    let (mut c, _) = s.connect();
     c.send(b"a LOGIN {100000}\r\n");
     let line = c.line();
     assert!(
@@ -509,11 +478,12 @@ fn oversized_lines_and_literals_are_refused() {
     assert_ok(&c.imap("b", "NOOP"), "b", "NOOP after a refused literal");
 
     // A `{n+}` literal above the limit: the client sends it anyway, so the connection ends.
-    let (mut c, _) = connect(&d);
-    let mut login = b"a LOGIN user0001 {100000+}\r\n".to_vec();
-    login.extend(std::iter::repeat_n(b'x', 100_000));
-    login.extend_from_slice(b"\r\nb NOOP\r\n");
-    c.send(&login);
+    let (mut c, _) = s.connect();
+    c.send(&padded(
+        b"a LOGIN user0001 {100000+}\r\n",
+        100_000,
+        b"\r\nb NOOP\r\n",
+    ));
     let line = c.line();
     assert!(
         line.starts_with("a BAD") || line.starts_with("* BYE"),
@@ -533,11 +503,8 @@ fn oversized_lines_and_literals_are_refused() {
     );
 
     // A line longer than the limit (8 KiB) ends the connection.
-    let (mut c, _) = connect(&d);
-    let mut long = b"a LOGIN user0001 ".to_vec();
-    long.extend(std::iter::repeat_n(b'x', 20_000));
-    long.extend_from_slice(b"\r\n");
-    c.send(&long);
+    let (mut c, _) = s.connect();
+    c.send(&padded(b"a LOGIN user0001 ", 20_000, b"\r\n"));
     let line = c.line();
     assert!(
         line.starts_with("* BYE") || line.starts_with("a BAD"),
@@ -551,16 +518,15 @@ fn oversized_lines_and_literals_are_refused() {
 
 #[test]
 fn logindisabled_until_starttls() {
-    let pool = pool(2);
-    let d = TestDirector::start(
-        &pool,
+    let s = Setup::over(
+        pool(2),
         &DirectorOptions {
             trusted_networks: vec![],
             ..DirectorOptions::default()
         },
     );
     let u = user(17);
-    let (mut c, greeting) = connect(&d);
+    let (mut c, greeting) = s.connect();
     let caps = capabilities(&greeting);
     assert!(caps.iter().any(|c| c == "LOGINDISABLED"), "{greeting}");
     assert!(caps.iter().any(|c| c == "STARTTLS"), "{greeting}");
@@ -578,10 +544,10 @@ fn logindisabled_until_starttls() {
         "{reply:?}"
     );
     assert_ok(&c.imap("c", "NOOP"), "c", "NOOP after refused logins");
-    assert!(d.sessions.list().is_empty());
+    assert!(s.d.sessions.list().is_empty());
 
     // curl without TLS cannot log in.
-    let url = format!("imap://127.0.0.1:{}/", d.imap.port());
+    let url = format!("imap://127.0.0.1:{}/", s.d.imap.port());
     let (ok, out, _) = curl(&[&url, "-u", &format!("{u}:{PASSWORD}"), "-X", "ID NIL"]);
     assert!(
         !ok && out.is_empty(),
@@ -589,29 +555,15 @@ fn logindisabled_until_starttls() {
     );
 
     // With STARTTLS it can, under either name the certificate is valid for.
-    let ca = pool.tls.ca.display().to_string();
+    let ca = s.pool.tls.ca.display().to_string();
     for host in ["localhost", "127.0.0.1"] {
-        let url = format!("imap://{host}:{}/", d.imap.port());
-        let trace = curl_id(
-            &pool,
-            &d,
-            &url,
-            &u,
-            PASSWORD,
-            &["--ssl-reqd", "--cacert", &ca],
-        );
+        let url = format!("imap://{host}:{}/", s.d.imap.port());
+        let trace = s.curl_id(&url, &u, PASSWORD, &["--ssl-reqd", "--cacert", &ca]);
         assert!(trace.contains("STARTTLS"), "no STARTTLS in:\n{trace}");
     }
     // And on the implicit-TLS listener.
-    let url = format!("imaps://localhost:{}/", d.imaps.port());
-    curl_id(
-        &pool,
-        &d,
-        &url,
-        TRICKY_USER,
-        TRICKY_PASSWORD,
-        &["--cacert", &ca],
-    );
+    let url = format!("imaps://localhost:{}/", s.d.imaps.port());
+    s.curl_id(&url, TRICKY_USER, TRICKY_PASSWORD, &["--cacert", &ca]);
 }
 
 /// A pool whose backends log mailbox changes (`Mailbox created: X`, `Mailbox deleted: X`).
@@ -623,18 +575,6 @@ fn logging_pool() -> Pool {
                        plugin {\n  mail_log_events = delete undelete expunge copy \
                        mailbox_delete mailbox_rename mailbox_create\n}\n",
     })
-}
-
-/// Polls `done` every 20 ms for up to 5 s; whether it became true.
-fn wait_until(mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    done()
 }
 
 /// Every backend's log so far, as bytes (Dovecot logs a client's bytes as they came, so the
@@ -657,41 +597,39 @@ fn logged_since(pool: &Pool, before: &[Vec<u8>]) -> String {
 
 #[test]
 fn commands_hidden_in_credentials_never_reach_a_backend() {
-    let pool = logging_pool();
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let s = Setup::over(logging_pool(), &DirectorOptions::default());
     let (victim, other) = (user(18), user(19));
     for u in [&victim, &other] {
-        let (mut c, _) = connect(&d);
-        assert_ok(
-            &c.imap("a", &format!("LOGIN {u} {PASSWORD}")),
-            "a",
-            "set-up login",
-        );
-        assert_ok(&c.imap("b", "CREATE Keep"), "b", "CREATE Keep");
+        let (mut c, _) = s.connect();
+        c.imap_ok("a", &format!("LOGIN {u} {PASSWORD}"));
+        c.imap_ok("b", "CREATE Keep");
         // A DELETE that runs shows in the log.
-        assert_ok(&c.imap("c", "CREATE Gone"), "c", "CREATE Gone");
-        assert_ok(&c.imap("d", "DELETE Gone"), "d", "DELETE Gone");
-        assert_ok(&c.imap("e", "LOGOUT"), "e", "LOGOUT");
+        c.imap_ok("c", "CREATE Gone");
+        c.imap_ok("d", "DELETE Gone");
+        c.imap_ok("e", "LOGOUT");
     }
     // Dovecot writes its log asynchronously: wait for the set-up sessions' last lines, so that
     // they are not taken for lines caused by the attempts below.
     for u in [&victim, &other] {
         let needle = format!("imap({u})");
-        let logged = wait_until(|| {
-            String::from_utf8_lossy(&logs(&pool).concat())
-                .lines()
-                .any(|l| l.contains(&needle) && l.contains("Disconnected"))
-        });
-        assert!(logged, "no end of session of {u} logged");
+        wait_for(
+            &format!("the end of session of {u} logged"),
+            Duration::from_secs(5),
+            || {
+                String::from_utf8_lossy(&logs(&s.pool).concat())
+                    .lines()
+                    .any(|l| l.contains(&needle) && l.contains("Disconnected"))
+            },
+        );
     }
-    let created = String::from_utf8_lossy(&logs(&pool).concat()).into_owned();
+    let created = String::from_utf8_lossy(&logs(&s.pool).concat()).into_owned();
     for logged in ["Mailbox created: Keep", "Mailbox deleted: Gone"] {
         assert!(
             created.contains(logged),
             "mail_log is not logging:\n{created}"
         );
     }
-    let before = logs(&pool);
+    let before = logs(&s.pool);
 
     /// One way of sending credentials.
     enum Form {
@@ -754,49 +692,49 @@ fn commands_hidden_in_credentials_never_reach_a_backend() {
     ];
     for (i, (form, u, p)) in attempts.iter().enumerate() {
         let what = format!("attempt {i} ({u:?} / {p:?})");
-        let (mut c, _) = connect(&d);
-        match form {
-            Form::SyncLiterals => {
-                c.send(format!("a LOGIN {{{}}}\r\n", u.len()).as_bytes());
-                c.continuation();
-                c.send(format!("{u} {{{}}}\r\n", p.len()).as_bytes());
-                c.continuation();
-                c.send(format!("{p}\r\n").as_bytes());
+        s.logs_in(&victim, &what, |c| {
+            match form {
+                Form::SyncLiterals => {
+                    c.send(format!("a LOGIN {{{}}}\r\n", u.len()).as_bytes());
+                    c.continuation();
+                    c.send(format!("{u} {{{}}}\r\n", p.len()).as_bytes());
+                    c.continuation();
+                    c.send(format!("{p}\r\n").as_bytes());
+                }
+                Form::NonSyncLiterals => c.send(
+                    format!(
+                        "a LOGIN {{{}+}}\r\n{u} {{{}+}}\r\n{p}\r\n",
+                        u.len(),
+                        p.len()
+                    )
+                    .as_bytes(),
+                ),
+                Form::Plain => {
+                    let response = base64(format!("\0{u}\0{p}").as_bytes());
+                    c.send(format!("a AUTHENTICATE PLAIN {response}\r\n").as_bytes());
+                }
+                Form::Login => {
+                    c.send(b"a AUTHENTICATE LOGIN\r\n");
+                    c.continuation();
+                    c.send(format!("{}\r\n", base64(u.as_bytes())).as_bytes());
+                    c.continuation();
+                    c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
+                }
             }
-            Form::NonSyncLiterals => c.send(
-                format!(
-                    "a LOGIN {{{}+}}\r\n{u} {{{}+}}\r\n{p}\r\n",
-                    u.len(),
-                    p.len()
-                )
-                .as_bytes(),
-            ),
-            Form::Plain => {
-                let response = base64(format!("\0{u}\0{p}").as_bytes());
-                c.send(format!("a AUTHENTICATE PLAIN {response}\r\n").as_bytes());
-            }
-            Form::Login => {
-                c.send(b"a AUTHENTICATE LOGIN\r\n");
-                c.continuation();
-                c.send(format!("{}\r\n", base64(u.as_bytes())).as_bytes());
-                c.continuation();
-                c.send(format!("{}\r\n", base64(p.as_bytes())).as_bytes());
-            }
-        }
-        let reply = c.until_tagged("a");
-        assert_auth_failed(&reply, "a", &what);
-        // The connection is still usable, and a correct login still works.
-        assert_ok(&c.imap("b", "NOOP"), "b", &what);
-        let reply = c.imap("c", &format!("LOGIN {victim} {PASSWORD}"));
-        assert_logged_in(&mut c, &reply, &pool, &d, &victim, &what);
+            let reply = c.until_tagged("a");
+            assert_auth_failed(&reply, "a", &what);
+            // The connection is still usable, and a correct login still works.
+            assert_ok(&c.imap("b", "NOOP"), "b", &what);
+            c.imap("c", &format!("LOGIN {victim} {PASSWORD}"))
+        });
     }
     // An authorisation identity (log in as another user) needs a master user: refused.
-    let (mut c, _) = connect(&d);
+    let (mut c, _) = s.connect();
     let response = base64(format!("{other}\0{victim}\0{PASSWORD}").as_bytes());
     let reply = c.imap("a", &format!("AUTHENTICATE PLAIN {response}"));
     assert_auth_failed(&reply, "a", "PLAIN with another user as authzid");
 
-    let log = logged_since(&pool, &before);
+    let log = logged_since(&s.pool, &before);
     for bad in [
         "Mailbox deleted",
         "delete: ",
@@ -807,12 +745,8 @@ fn commands_hidden_in_credentials_never_reach_a_backend() {
         assert!(line.is_none(), "a backend logged {line:?}\n{log}");
     }
     for u in [&victim, &other] {
-        let (mut c, _) = connect(&d);
-        assert_ok(
-            &c.imap("a", &format!("LOGIN {u} {PASSWORD}")),
-            "a",
-            "final login",
-        );
+        let (mut c, _) = s.connect();
+        c.imap_ok("a", &format!("LOGIN {u} {PASSWORD}"));
         let reply = c.imap("b", "LIST \"\" *");
         assert!(
             reply.iter().any(|l| l.ends_with(" Keep")),

@@ -9,25 +9,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use director::protocol::decision::Protocol;
-use support::client::{base64, Conn};
+use support::client::{assert_ok, base64, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PoolOptions, IMAP_PORT, PASSWORD};
-
-/// The backend the director's router sends `user` to.
-fn routed<'a>(pool: &'a Pool, d: &TestDirector, user: &str) -> &'a support::dovecot::Backend {
-    let ip = d.router.route(user, "").expect("a route").backend.ip;
-    pool.by_ip(ip).expect("a pool backend")
-}
-
-/// Panics unless the last line of `reply` is `<tag> OK ...`; returns that line.
-fn assert_ok<'a>(reply: &'a [String], tag: &str, what: &str) -> &'a str {
-    let last = reply.last().map(String::as_str).unwrap_or("");
-    assert!(
-        last.starts_with(&format!("{tag} OK")),
-        "{what}: expected {tag} OK, got {reply:?}"
-    );
-    last
-}
+use support::wait::wait_for;
 
 /// Connects to `addr` (the director or a backend), reads the greeting and logs in with LOGIN;
 /// returns the connection and the tagged OK line.
@@ -38,6 +23,16 @@ fn login(addr: SocketAddr, u: &str) -> (Conn, String) {
     let reply = c.imap("a", &format!("LOGIN {u} {PASSWORD}"));
     let ok = assert_ok(&reply, "a", "login").to_owned();
     (c, ok)
+}
+
+/// [`login`], then `SELECT INBOX`, which must be empty; returns the connection and the reply to
+/// SELECT.
+fn login_to_empty_inbox(addr: SocketAddr, u: &str) -> (Conn, Vec<String>) {
+    let (mut c, _) = login(addr, u);
+    let reply = c.imap("b", "SELECT INBOX");
+    assert_ok(&reply, "b", "SELECT INBOX");
+    assert!(reply.iter().any(|l| l == "* 0 EXISTS"), "{reply:?}");
+    (c, reply)
 }
 
 /// The `[CAPABILITY ...]` list of a reply line.
@@ -147,10 +142,9 @@ fn assert_same_bytes(got: &[u8], expected: &[u8], what: &str) {
 
 #[test]
 fn login_reply_carries_the_backends_capabilities() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(21);
-    let backend = routed(&pool, &d, &u);
+    let backend = d.home(&pool, &u);
     let (mut direct, direct_ok) = login(backend.imap(), &u);
     let direct_caps = capability_code(&direct_ok);
     assert_ok(&direct.imap("z", "LOGOUT"), "z", "direct LOGOUT");
@@ -181,13 +175,9 @@ fn login_reply_carries_the_backends_capabilities() {
 
 #[test]
 fn append_and_fetch_back_a_mebibyte_byte_for_byte() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(22);
-    let (mut c, _) = login(d.imap, &u);
-    let reply = c.imap("b", "SELECT INBOX");
-    assert_ok(&reply, "b", "SELECT INBOX");
-    assert!(reply.iter().any(|l| l == "* 0 EXISTS"), "{reply:?}");
+    let (mut c, reply) = login_to_empty_inbox(d.imap, &u);
     assert!(reply.last().unwrap().contains("[READ-WRITE]"), "{reply:?}");
 
     // A synchronising literal: the client waits for the backend's `+`.
@@ -224,12 +214,11 @@ fn append_and_fetch_back_a_mebibyte_byte_for_byte() {
 
 #[test]
 fn a_large_message_on_the_backend_is_fetched_whole() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(23);
     // Stored by the backend directly, not through the director.
     let big = message("stored-directly", 5 << 20);
-    let (mut direct, _) = login(routed(&pool, &d, &u).imap(), &u);
+    let (mut direct, _) = login(d.home(&pool, &u).imap(), &u);
     let mut command = format!("b APPEND INBOX {{{}+}}\r\n", big.len()).into_bytes();
     command.extend_from_slice(&big);
     command.extend_from_slice(b"\r\n");
@@ -253,13 +242,9 @@ fn a_large_message_on_the_backend_is_fetched_whole() {
 
 #[test]
 fn idle_sees_a_message_appended_by_another_session() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     let u = user(24);
-    let (mut a, _) = login(d.imap, &u);
-    let reply = a.imap("b", "SELECT INBOX");
-    assert_ok(&reply, "b", "SELECT INBOX");
-    assert!(reply.iter().any(|l| l == "* 0 EXISTS"), "{reply:?}");
+    let (mut a, _) = login_to_empty_inbox(d.imap, &u);
     a.send(b"c IDLE\r\n");
     let cont = a.continuation();
     assert!(cont.starts_with("+ "), "{cont}");
@@ -267,7 +252,7 @@ fn idle_sees_a_message_appended_by_another_session() {
     let (mut b, _) = login(d.imap, &u);
     assert_eq!(
         b.imap_backend(),
-        routed(&pool, &d, &u).name,
+        d.home(&pool, &u).name,
         "second session on another backend"
     );
     let small = message("idle", 300);
@@ -368,29 +353,16 @@ fn commands_pipelined_with_the_login_are_answered() {
         );
         let reply = c.until_tagged("c");
         assert_ok(&reply, "c", "pipelined ID");
-        let expected = format!("* ID (\"x-backend\" \"{}\")", routed(&pool, &d, &u).name);
+        let expected = format!("* ID (\"x-backend\" \"{}\")", d.home(&pool, &u).name);
         assert!(reply.contains(&expected), "{reply:?}");
         assert_ok(&c.until_tagged("d"), "d", "pipelined APPEND");
         assert_ok(&c.until_tagged("f"), "f", "pipelined NOOP");
     }
 }
 
-/// Polls until `done` holds, for up to 5 s; whether it did.
-fn wait_until(mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    done()
-}
-
 #[test]
 fn sessions_are_listed_while_logged_in() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     let users = [user(26), user(27)];
     let mut conns = Vec::new();
     for u in &users {
@@ -403,10 +375,7 @@ fn sessions_are_listed_while_logged_in() {
     for (s, u) in sessions.iter().zip(&users) {
         assert_eq!(&s.username, u);
         assert_eq!(s.protocol, Protocol::Imap);
-        assert_eq!(
-            s.backend,
-            SocketAddr::new(routed(&pool, &d, u).ip, IMAP_PORT)
-        );
+        assert_eq!(s.backend, SocketAddr::new(d.home(&pool, u).ip, IMAP_PORT));
         assert_eq!(s.user_hash, d.router.hash(u));
     }
 
@@ -418,19 +387,17 @@ fn sessions_are_listed_while_logged_in() {
     assert_ok(&reply, "z", "LOGOUT");
     assert!(first.closed(), "the connection stays open after LOGOUT");
     drop(first);
-    let gone = wait_until(|| d.sessions.list().iter().all(|s| s.username != users[0]));
-    assert!(
-        gone,
-        "session of {} still listed: {:?}",
-        users[0],
-        d.sessions.list()
+    wait_for(
+        &format!("the session of {} to be unlisted", users[0]),
+        Duration::from_secs(5),
+        || d.sessions.list().iter().all(|s| s.username != users[0]),
     );
     assert_eq!(d.sessions.list().len(), 1);
 
     drop(conns);
-    assert!(
-        wait_until(|| d.sessions.list().is_empty()),
-        "a session outlives its client: {:?}",
-        d.sessions.list()
+    wait_for(
+        "every session to end with its client",
+        Duration::from_secs(5),
+        || d.sessions.list().is_empty(),
     );
 }

@@ -4,13 +4,12 @@
 mod support;
 
 use support::client::{imap_login, Conn};
-use support::director::{DirectorOptions, TestDirector};
-use support::dovecot::{user, Pool, PASSWORD};
+use support::director::TestDirector;
+use support::dovecot::{user, PASSWORD};
 
 #[test]
 fn imap_login_lands_on_the_rings_backend_and_sticks() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     for i in 1..=6 {
         let u = user(i);
         let expected_ip = d.router.route(&u, "").unwrap().backend.ip;
@@ -19,19 +18,15 @@ fn imap_login_lands_on_the_rings_backend_and_sticks() {
         assert_eq!(b1, expected, "{u}");
         let (mut c2, b2) = imap_login(d.imap, &u, PASSWORD);
         assert_eq!(b2, expected, "{u} second session");
-        let r = c1.imap("a2", "LOGOUT");
-        assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
-        let r = c2.imap("a2", "SELECT INBOX");
-        assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
+        c1.imap_ok("a2", "LOGOUT");
+        c2.imap_ok("a2", "SELECT INBOX");
     }
 }
 
 #[test]
 fn pop3_user_pass_login() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let mut c = Conn::connect(d.pop3);
-    assert!(c.line().starts_with("+OK"));
+    let (_pool, d) = TestDirector::with_pool(2);
+    let mut c = Conn::pop3_greeted(d.pop3);
     c.send(format!("USER {}\r\n", user(1)).as_bytes());
     assert!(c.line().starts_with("+OK"));
     c.send(format!("PASS {PASSWORD}\r\n").as_bytes());

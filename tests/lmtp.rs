@@ -11,7 +11,6 @@ mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
-use std::process::Command;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -26,17 +25,19 @@ use director::state::local::LocalState;
 use director::state::State;
 
 use support::client::Conn;
-use support::director::{config_yaml, DirectorOptions};
+use support::director::{config_yaml, home, DirectorOptions};
 use support::dovecot::{user, Pool};
-use support::logs::wait_until;
+use support::runtime_thread::RuntimeThread;
+use support::swaks::{self, Target};
+use support::wait::wait_until;
 
 /// The director's LMTP service on an ephemeral port, on its own thread and runtime.
 struct TestLmtp {
     addr: SocketAddr,
     state: Arc<LocalState>,
     router: Router,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Runs the service; dropping it stops it.
+    _service: RuntimeThread,
 }
 
 /// Session ids of this test's LMTP connections start with this, so backend logs show
@@ -44,6 +45,13 @@ struct TestLmtp {
 const SESSION_PREFIX: &str = "lmtptest";
 
 impl TestLmtp {
+    /// Starts a pool of `backends` and the service with `settings` over it.
+    fn with_pool(backends: usize, settings: LmtpSettings) -> (Pool, TestLmtp) {
+        let pool = Pool::start(backends);
+        let l = Self::start(&pool, settings, &DirectorOptions::default());
+        (pool, l)
+    }
+
     fn start(pool: &Pool, settings: LmtpSettings, options: &DirectorOptions) -> TestLmtp {
         Self::start_with_unix(pool, settings, options, None)
     }
@@ -58,15 +66,8 @@ impl TestLmtp {
         let yaml = config_yaml(pool, options);
         let config = Config::parse(&yaml).unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
         let settings = Arc::new(settings);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
+        let (service, (addr, state, router)) =
+            RuntimeThread::start("LMTP service", |tx, stop| async move {
                 let backends = director::server::prepare::resolve_backends(&config)
                     .await
                     .unwrap();
@@ -75,6 +76,21 @@ impl TestLmtp {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send((listener.local_addr().unwrap(), state, router.clone()))
                     .unwrap();
+                let serve = |stream: ClientStream, client, local, session_id: String| {
+                    let identity = ClientIdentity {
+                        client,
+                        local,
+                        session_id,
+                        session_ext_id: None,
+                    };
+                    tokio::spawn(serve_connection(
+                        stream,
+                        identity,
+                        router.clone(),
+                        settings.clone(),
+                        director::metrics::Metrics::new(),
+                    ));
+                };
                 let accept = async {
                     let mut n = 0u32;
                     loop {
@@ -82,19 +98,9 @@ impl TestLmtp {
                             continue;
                         };
                         n += 1;
-                        let identity = ClientIdentity {
-                            client: peer,
-                            local: tcp.local_addr().unwrap(),
-                            session_id: format!("{SESSION_PREFIX}{n}"),
-                            session_ext_id: None,
-                        };
-                        tokio::spawn(serve_connection(
-                            ClientStream::Plain(tcp),
-                            identity,
-                            router.clone(),
-                            settings.clone(),
-                            director::metrics::Metrics::new(),
-                        ));
+                        let local = tcp.local_addr().unwrap();
+                        let id = format!("{SESSION_PREFIX}{n}");
+                        serve(ClientStream::Plain(tcp), peer, local, id);
                     }
                 };
                 let accept_unix = async {
@@ -107,43 +113,28 @@ impl TestLmtp {
                             continue;
                         };
                         // A local MTA has no address to forward.
-                        let identity = ClientIdentity {
-                            client: "0.0.0.0:0".parse().unwrap(),
-                            local: "0.0.0.0:0".parse().unwrap(),
-                            session_id: format!("{SESSION_PREFIX}unix"),
-                            session_ext_id: None,
-                        };
-                        tokio::spawn(serve_connection(
-                            ClientStream::Unix(stream),
-                            identity,
-                            router.clone(),
-                            settings.clone(),
-                            director::metrics::Metrics::new(),
-                        ));
+                        let none = "0.0.0.0:0".parse().unwrap();
+                        let id = format!("{SESSION_PREFIX}unix");
+                        serve(ClientStream::Unix(stream), none, none, id);
                     }
                 };
                 tokio::select! {
                     _ = accept => {}
                     _ = accept_unix => {}
-                    _ = stop_rx => {}
+                    _ = stop => {}
                 }
             });
-            rt.shutdown_timeout(Duration::from_millis(100));
-        });
-        let (addr, state, router) = rx.recv().expect("LMTP service started");
         TestLmtp {
             addr,
             state,
             router,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _service: service,
         }
     }
 
     /// The pool backend `user` is routed to (as a login of that name would be).
     fn backend_of<'p>(&self, pool: &'p Pool, user: &str) -> &'p support::dovecot::Backend {
-        let ip = self.router.route(user, "").unwrap().backend.ip;
-        pool.by_ip(ip).expect("a pool backend")
+        home(pool, &self.router, user)
     }
 
     /// Adds a backend at `addr` (a fake, or this service itself) and makes it the only one
@@ -167,17 +158,6 @@ impl TestLmtp {
         });
         for b in &pool.backends {
             self.state.set_admin(b.ip, AdminState::Down).unwrap();
-        }
-    }
-}
-
-impl Drop for TestLmtp {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }
@@ -307,31 +287,16 @@ fn assert_stored(file: &[u8], stored: &[u8], backend: &str) {
     assert_eq!(restored, stored, "bytes differ");
 }
 
-/// `swaks --protocol LMTP` with `args`; returns (success, output).
-fn swaks(addr: SocketAddr, args: &[&str]) -> (bool, String) {
-    let out = Command::new("swaks")
-        .args(["--protocol", "LMTP", "--server", &addr.ip().to_string()])
-        .args(["--port", &addr.port().to_string(), "--helo", "mta.test"])
-        .args(["--from", "sender@example.org", "--timeout", "30"])
-        .args(args)
-        .output()
-        .expect("swaks runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 #[test]
 fn swaks_delivers_each_user_to_its_routed_backend() {
-    let pool = Pool::start(3);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(3, settings());
     for i in 1..=6 {
         let u = user(i);
         let to = format!("{u}+folder@example.org");
-        let (ok, out) = swaks(l.addr, &["--to", &to, "--body", &format!("Body {i}")]);
+        let (ok, out) = swaks::lmtp(
+            Target::Tcp(l.addr),
+            &["--to", &to, "--body", &format!("Body {i}")],
+        );
         assert!(ok, "swaks failed:\n{out}");
         let backend = &l.backend_of(&pool, &u).name;
         let msgs = wait_inbox(&pool, &u, 1);
@@ -349,8 +314,7 @@ fn swaks_delivers_each_user_to_its_routed_backend() {
 
 #[test]
 fn three_recipients_on_three_backends_pipelined() {
-    let pool = Pool::start(3);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(3, settings());
     let users = users_on_distinct_backends(&l, 3);
     let (mut c, caps) = connect(&l);
     for cap in [
@@ -397,16 +361,20 @@ fn three_recipients_on_three_backends_pipelined() {
 
 #[test]
 fn whole_address_usernames_and_swaks_with_several_recipients() {
-    let pool = Pool::start(3);
-    let s = LmtpSettings {
-        recipient_username: RecipientUsername::WholeAddress,
-        ..settings()
-    };
-    let l = TestLmtp::start(&pool, s, &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(
+        3,
+        LmtpSettings {
+            recipient_username: RecipientUsername::WholeAddress,
+            ..settings()
+        },
+    );
     let to: Vec<String> = (10..14)
         .map(|i| format!("{}@example.org", user(i)))
         .collect();
-    let (ok, out) = swaks(l.addr, &["--to", &to.join(","), "--body", "For all"]);
+    let (ok, out) = swaks::lmtp(
+        Target::Tcp(l.addr),
+        &["--to", &to.join(","), "--body", "For all"],
+    );
     assert!(ok, "{out}");
     for (i, addr) in (10..14).zip(&to) {
         // The routed username is the whole address; Dovecot stores under the local part.
@@ -419,12 +387,13 @@ fn whole_address_usernames_and_swaks_with_several_recipients() {
 
 #[test]
 fn protocol_errors_and_refusals() {
-    let pool = Pool::start(1);
-    let s = LmtpSettings {
-        max_line_length: 512,
-        ..settings()
-    };
-    let l = TestLmtp::start(&pool, s, &DirectorOptions::default());
+    let (_pool, l) = TestLmtp::with_pool(
+        1,
+        LmtpSettings {
+            max_line_length: 512,
+            ..settings()
+        },
+    );
     let mut c = Conn::connect(l.addr);
     reply(&mut c);
     assert!(cmd(&mut c, "MAIL FROM:<a@b>").starts_with("503 5.5.1"));
@@ -452,12 +421,13 @@ fn protocol_errors_and_refusals() {
 
 #[test]
 fn size_limit_refuses_up_front_and_while_streaming() {
-    let pool = Pool::start(3);
-    let s = LmtpSettings {
-        max_message_size: Some(1000),
-        ..settings()
-    };
-    let l = TestLmtp::start(&pool, s, &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(
+        3,
+        LmtpSettings {
+            max_message_size: Some(1000),
+            ..settings()
+        },
+    );
     let users = users_on_distinct_backends(&l, 2);
     let (mut c, caps) = connect(&l);
     assert!(caps.contains(&"250 SIZE 1000".to_string()), "{caps:?}");
@@ -492,8 +462,7 @@ fn size_limit_refuses_up_front_and_while_streaming() {
 
 #[test]
 fn killed_backend_gives_451_at_rcpt_others_delivered() {
-    let pool = Pool::start(3);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(3, settings());
     let users = users_on_distinct_backends(&l, 2);
     let dead = l.backend_of(&pool, &users[0]);
     dead.kill();
@@ -516,8 +485,7 @@ fn killed_backend_gives_451_at_rcpt_others_delivered() {
 
 #[test]
 fn backend_killed_mid_data_then_the_retry_delivers_exactly_once() {
-    let pool = Pool::start(3);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(3, settings());
     let users = users_on_distinct_backends(&l, 3);
     let (mut c, _) = connect(&l);
     assert!(cmd(&mut c, "MAIL FROM:<a@b.example>").starts_with("250 "));
@@ -582,8 +550,7 @@ fn garbage_backend() -> (SocketAddr, JoinHandle<()>) {
 
 #[test]
 fn garbage_from_a_backend_at_data_gives_451() {
-    let pool = Pool::start(1);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(1, settings());
     // user0001 stays on the real backend (its record), user0002 goes to the fake.
     let real = l.backend_of(&pool, &user(1)).name.clone();
     let (fake, thread) = garbage_backend();
@@ -614,8 +581,7 @@ fn garbage_from_a_backend_at_data_gives_451() {
 
 #[test]
 fn delivering_to_this_director_itself_is_refused() {
-    let pool = Pool::start(1);
-    let l = TestLmtp::start(&pool, settings(), &DirectorOptions::default());
+    let (pool, l) = TestLmtp::with_pool(1, settings());
     l.only_backend(&pool, l.addr);
     let health = l.state.backends().get(l.addr.ip()).unwrap().health;
     assert_eq!(health, Health::Up);
@@ -649,18 +615,11 @@ fn a_unix_socket_client_is_routed_to_the_backends_tcp_port() {
         path.exists().then_some(())
     });
     let u = user(7);
-    let out = Command::new("swaks")
-        .args(["--protocol", "LMTP", "--socket"])
-        .arg(&path)
-        .args(["--helo", "mta.test", "--from", "sender@example.org"])
-        .args(["--to", &format!("{u}@example.org"), "--body", "via unix"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+    let (ok, out) = swaks::lmtp(
+        Target::Socket(&path),
+        &["--to", &format!("{u}@example.org"), "--body", "via unix"],
     );
+    assert!(ok, "{out}");
     let msgs = wait_inbox(&pool, &u, 1);
     let backend = &l.backend_of(&pool, &u).name;
     assert!(String::from_utf8_lossy(&msgs[0]).contains(&format!("by {backend}")));

@@ -4,41 +4,29 @@
 
 mod support;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::director::{config_yaml, DirectorOptions, TestDirector};
+use support::director::{config_yaml, with_listener, DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool};
+use support::swaks::{self, Target};
+use support::wait::wait_until;
 
-fn swaks(target: &[&str], to: &str, body: &str) -> (bool, String) {
-    let out = Command::new("swaks")
-        .args(["--protocol", "LMTP", "--helo", "mta.test"])
-        .args(["--from", "sender@example.org", "--timeout", "30"])
-        .args(target)
-        .args(["--to", to, "--body", body])
-        .output()
-        .expect("swaks runs (installed by ./scripts/test)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+/// Delivers a message to `to` with `body` through `target`.
+fn swaks(target: Target, to: &str, body: &str) -> (bool, String) {
+    swaks::lmtp(target, &["--to", to, "--body", body])
 }
 
+/// Waits until `u` has a message containing `needle`; returns it.
 fn wait_for_message(pool: &Pool, u: &str, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(m) = pool
-            .inbox_contents(u)
-            .into_iter()
-            .find(|m| m.contains(needle))
-        {
-            return m;
-        }
-        assert!(Instant::now() < deadline, "{u} never got {needle:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        &format!("{u} to get {needle:?}"),
+        Duration::from_secs(10),
+        || {
+            pool.inbox_contents(u)
+                .into_iter()
+                .find(|m| m.contains(needle))
+        },
+    )
 }
 
 #[test]
@@ -64,39 +52,15 @@ fn tcp_with_allow_from_and_unix_socket_listeners() {
     // Allowed: delivered to the backend the recipient routes to (the whole address is the
     // username by default, so that is what is routed).
     let u = user(7);
-    let backend = pool
-        .by_ip(
-            d.router
-                .route(&format!("{u}@example.org"), "")
-                .unwrap()
-                .backend
-                .ip,
-        )
-        .unwrap()
-        .name
-        .clone();
-    let (ok, out) = swaks(
-        &[
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &allowed.port().to_string(),
-        ],
-        &format!("{u}@example.org"),
-        "via tcp",
-    );
+    let backend = d.home(&pool, &format!("{u}@example.org")).name.clone();
+    let (ok, out) = swaks(Target::Tcp(allowed), &format!("{u}@example.org"), "via tcp");
     assert!(ok, "{out}");
     let msg = wait_for_message(&pool, &u, "via tcp");
     assert!(msg.contains(&format!("by {backend}")), "{msg}");
 
     // Not in allow_from: a 554 and nothing delivered.
     let (ok, out) = swaks(
-        &[
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &refused.port().to_string(),
-        ],
+        Target::Tcp(refused),
         &format!("{u}@example.org"),
         "must not arrive",
     );
@@ -106,7 +70,7 @@ fn tcp_with_allow_from_and_unix_socket_listeners() {
     // The unix socket routes to the backend's LMTP TCP port.
     let u2 = user(8);
     let (ok, out) = swaks(
-        &["--socket", sock.to_str().unwrap()],
+        Target::Socket(&sock),
         &format!("{u2}@example.org"),
         "via unix",
     );
@@ -123,25 +87,13 @@ fn starttls_to_the_backends_lmtp() {
     let pool = Pool::start(2);
     let base = config_yaml(
         &pool,
-        &DirectorOptions {
-            backend_extra: "    tls: starttls\n".into(),
-            ..DirectorOptions::default()
-        },
+        &DirectorOptions::with_backend_extra("    tls: starttls\n"),
     );
-    let yaml = base.replacen(
-        "listeners:\n",
-        "listeners:\n  - {protocol: lmtp, address: 127.0.0.1:0}\n",
-        1,
-    );
+    let yaml = with_listener(&base, "{protocol: lmtp, address: 127.0.0.1:0}");
     let d = TestDirector::start_yaml(&yaml);
     let u = user(9);
     let (ok, out) = swaks(
-        &[
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &d.lmtp[0].port().to_string(),
-        ],
+        Target::Tcp(d.lmtp[0]),
         &format!("{u}@example.org"),
         "over tls",
     );

@@ -6,25 +6,19 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::Command;
-
+use support::admin_cli::AdminCli;
 use support::client::{base64, imap_login, pop3_login, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::director_log::{capture_director_log, director_log};
 use support::dovecot::{user, Backend, Pool, MASTER_PASSWORD, MASTER_USER, PASSWORD};
-use support::logs::{wait_until, LOG_WAIT};
-
-const BIN: &str = env!("CARGO_BIN_EXE_director");
+use support::logs::LOG_WAIT;
+use support::wait::wait_until;
 
 /// A director over `pool` that knows Dovecot's master user separator.
 fn director(pool: &Pool) -> TestDirector {
     TestDirector::start(
         pool,
-        &DirectorOptions {
-            extra: "auth_master_user_separator: \"*\"\n".into(),
-            ..DirectorOptions::default()
-        },
+        &DirectorOptions::with_extra("auth_master_user_separator: \"*\"\n"),
     )
 }
 
@@ -58,22 +52,13 @@ fn who(b: &Backend, u: &str) -> usize {
         .sum()
 }
 
-/// Writes the director's configuration to a file for the CLI.
-fn config_file(d: &TestDirector, pool: &Pool) -> PathBuf {
-    let path = pool.dir().join("director-master-user.yaml");
-    std::fs::write(&path, &d.yaml).unwrap();
-    path
-}
-
 #[test]
 fn a_master_login_lands_on_the_users_backend_and_is_kicked_with_it() {
     capture_director_log();
     let pool = Pool::start(2);
     let d = director(&pool);
     let u = split_user(&d);
-    let home = pool
-        .by_ip(d.router.route(&u, "").unwrap().backend.ip)
-        .unwrap();
+    let home = d.home(&pool, &u);
     let other = pool.backends.iter().find(|b| b.ip != home.ip).unwrap();
 
     let (mut own, own_backend) = imap_login(d.imap, &u, PASSWORD);
@@ -84,47 +69,27 @@ fn a_master_login_lands_on_the_users_backend_and_is_kicked_with_it() {
         master_backend, home.name,
         "the master login is with the user"
     );
-    let r = master.imap("s", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("s OK"), "{r:?}");
+    master.imap_ok("s", "SELECT INBOX");
     // SASL PLAIN with the authorization identity: routed by it, as before.
-    let mut plain = Conn::connect(d.imap);
-    assert!(plain.line().starts_with("* OK"));
+    let mut plain = Conn::imap_greeted(d.imap);
     let ir = base64(format!("{u}\0{MASTER_USER}\0{MASTER_PASSWORD}").as_bytes());
-    let r = plain.imap("p", &format!("AUTHENTICATE PLAIN {ir}"));
-    assert!(r.last().unwrap().starts_with("p OK"), "{r:?}");
+    plain.imap_ok("p", &format!("AUTHENTICATE PLAIN {ir}"));
     assert_eq!(plain.imap_backend(), home.name);
     // POP3 USER user*master goes through the same login.
     let mut pop3 = pop3_login(d.pop3, &master_login(&u), MASTER_PASSWORD);
-    assert!(pop3.pop3("STAT").starts_with("+OK"));
+    pop3.pop3_ok("STAT");
 
     // The backends agree: the user is on one of them only.
     assert_eq!(who(home, &u), 4, "doveadm who on {}", home.name);
     assert_eq!(who(other, &u), 0, "{u} also on {}", other.name);
 
     // The director registered every session under the user's name.
-    let sessions: Vec<_> = d
-        .sessions
-        .list()
-        .into_iter()
-        .filter(|s| s.username == u)
-        .collect();
+    let sessions = d.sessions_of(&u);
     assert_eq!(sessions.len(), 4, "{sessions:?}");
     assert!(sessions.iter().all(|s| s.backend.ip() == home.ip));
 
     // `director kick USER` ends the master sessions too.
-    let cfg = config_file(&d, &pool);
-    let out = Command::new(BIN)
-        .arg("-c")
-        .arg(&cfg)
-        .args(["kick", &u])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = AdminCli::of(&d).ok(&["kick", &u]);
     assert!(text.contains("4 sessions ended"), "{text}");
     for (what, c) in [
         ("own", &mut own),
@@ -154,12 +119,9 @@ fn a_master_login_lands_on_the_users_backend_and_is_kicked_with_it() {
 fn without_the_separator_a_master_login_is_routed_whole() {
     // The default (no separator) keeps the old behaviour: the control for the test above,
     // showing that the user picked there really is split when the option is off.
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = split_user(&d);
-    let whole = pool
-        .by_ip(d.router.route(&master_login(&u), "").unwrap().backend.ip)
-        .unwrap();
+    let whole = d.home(&pool, &master_login(&u));
     let (_c, backend) = imap_login(d.imap, &master_login(&u), MASTER_PASSWORD);
     assert_eq!(backend, whole.name);
     let listed: Vec<_> = d.sessions.list().into_iter().map(|s| s.username).collect();

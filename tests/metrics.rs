@@ -5,26 +5,24 @@
 
 mod support;
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use director::metrics::CATALOGUE;
 use director::state::backend::AdminState;
 use director::state::State;
 use support::client::{curl, imap_login, pop3_login, quote, Conn};
+use support::command::run;
 use support::director::{DirectorOptions, TestDirector};
-use support::dovecot::{user, Pool, PASSWORD};
-use support::logs::wait_until;
+use support::dovecot::{user, PASSWORD};
+use support::wait::wait_until;
 
 fn options() -> DirectorOptions {
-    DirectorOptions {
-        extra: "metrics:\n  address: 127.0.0.1:0\n\
-                health:\n  interval: 500ms\n  fast_interval: 200ms\n  rise: 2\n  fall: 2\n"
-            .into(),
-        ..DirectorOptions::default()
-    }
+    DirectorOptions::with_extra(
+        "metrics:\n  address: 127.0.0.1:0\n\
+         health:\n  interval: 500ms\n  fast_interval: 200ms\n  rise: 2\n  fall: 2\n",
+    )
 }
 
 /// GET `path` on the metrics listener: (status, body).
@@ -59,34 +57,17 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 fn promtool_check(text: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool (Debian package prometheus; ./scripts/install-deps)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+    let out = run(
+        Command::new("promtool").args(["check", "metrics"]),
+        Some(text.as_bytes()),
     )
+    .expect("run promtool (Debian package prometheus; ./scripts/install-deps)");
+    (out.ok, out.text())
 }
 
 #[test]
 fn scrape_after_traffic_shows_logins_sessions_and_backends_and_passes_promtool() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options());
+    let (pool, d) = TestDirector::start_with_pool(2, &options());
     let m = d.metrics.expect("metrics listener");
 
     assert_eq!(get(m, "/healthz"), (200, "ok\n".to_owned()));
@@ -102,10 +83,8 @@ fn scrape_after_traffic_shows_logins_sessions_and_backends_and_passes_promtool()
         .map(|i| imap_login(d.imap, &user(i), PASSWORD).0)
         .collect();
     let (mut c, _) = imap_login(d.imap, &user(4), PASSWORD);
-    let r = c.imap("b1", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("b1 OK"), "{r:?}");
-    let r = c.imap("b2", "LOGOUT");
-    assert!(r.last().unwrap().starts_with("b2 OK"), "{r:?}");
+    c.imap_ok("b1", "SELECT INBOX");
+    c.imap_ok("b2", "LOGOUT");
     assert!(c.ended());
     let mut bad = Conn::connect(d.imap);
     bad.line();
@@ -116,7 +95,7 @@ fn scrape_after_traffic_shows_logins_sessions_and_backends_and_passes_promtool()
     assert!(r.last().unwrap().starts_with("c1 NO"), "{r:?}");
     drop(bad);
     let mut p = pop3_login(d.pop3, &user(6), PASSWORD);
-    assert!(p.pop3("QUIT").starts_with("+OK"));
+    p.pop3_ok("QUIT");
     assert!(p.ended());
 
     // Session ends are counted when the relay finishes: wait for both to be gone.
@@ -216,8 +195,7 @@ fn scrape_after_traffic_shows_logins_sessions_and_backends_and_passes_promtool()
 
 #[test]
 fn readyz_is_503_when_every_backend_is_admin_down() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &options());
+    let (_pool, d) = TestDirector::start_with_pool(2, &options());
     let m = d.metrics.expect("metrics listener");
     wait_until("ready", Duration::from_secs(20), || {
         (get(m, "/readyz").0 == 200).then_some(())
@@ -242,7 +220,6 @@ fn readyz_is_503_when_every_backend_is_admin_down() {
 
 #[test]
 fn no_metrics_listener_without_an_address() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (_pool, d) = TestDirector::with_pool(1);
     assert!(d.metrics.is_none());
 }

@@ -39,8 +39,7 @@ fn assert_logged_in_then_quit(c: &mut Conn) {
 
 #[test]
 fn capa_before_login_offers_user_sasl_and_stls() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(1);
     let mut c = connect(&d);
     assert_eq!(c.pop3("CAPA"), "+OK");
     let mut caps = Vec::new();
@@ -60,53 +59,47 @@ fn capa_before_login_offers_user_sasl_and_stls() {
     assert_logged_in_then_quit(&mut pop3_login(d.pop3, &user(1), PASSWORD));
 }
 
+/// Starts a director over `backends` backends, logs in with `login` on a new connection, and
+/// checks the session with [`assert_logged_in_then_quit`].
+fn logs_in(backends: usize, login: impl FnOnce(&mut Conn)) {
+    let (_pool, d) = TestDirector::with_pool(backends);
+    let mut c = connect(&d);
+    login(&mut c);
+    assert_logged_in_then_quit(&mut c);
+}
+
 #[test]
 fn user_pass_login() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let mut c = connect(&d);
-    assert!(c.pop3(&format!("USER {}", user(2))).starts_with("+OK"));
-    let ok = c.pop3(&format!("PASS {PASSWORD}"));
-    assert!(ok.starts_with("+OK"), "{ok}");
-    assert_logged_in_then_quit(&mut c);
+    logs_in(2, |c| c.pop3_login_as(&user(2), PASSWORD));
 }
 
 #[test]
 fn auth_plain_with_initial_response() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let mut c = connect(&d);
-    let response = base64(format!("\0{}\0{PASSWORD}", user(3)).as_bytes());
-    let ok = c.pop3(&format!("AUTH PLAIN {response}"));
-    assert!(ok.starts_with("+OK"), "{ok}");
-    assert_logged_in_then_quit(&mut c);
+    logs_in(2, |c| {
+        let response = base64(format!("\0{}\0{PASSWORD}", user(3)).as_bytes());
+        c.pop3_ok(&format!("AUTH PLAIN {response}"));
+    });
 }
 
 #[test]
 fn auth_plain_with_continuation() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let mut c = connect(&d);
-    let go = c.pop3("AUTH PLAIN");
-    assert!(go.starts_with('+') && !go.starts_with("+OK"), "{go}");
-    let ok = c.pop3(&base64(format!("\0{}\0{PASSWORD}", user(4)).as_bytes()));
-    assert!(ok.starts_with("+OK"), "{ok}");
-    assert_logged_in_then_quit(&mut c);
+    logs_in(2, |c| {
+        let go = c.pop3("AUTH PLAIN");
+        assert!(go.starts_with('+') && !go.starts_with("+OK"), "{go}");
+        c.pop3_ok(&base64(format!("\0{}\0{PASSWORD}", user(4)).as_bytes()));
+    });
 }
 
 #[test]
 fn auth_login() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
-    let mut c = connect(&d);
-    assert_eq!(c.pop3("AUTH LOGIN"), format!("+ {}", base64(b"Username:")));
-    assert_eq!(
-        c.pop3(&base64(user(5).as_bytes())),
-        format!("+ {}", base64(b"Password:"))
-    );
-    let ok = c.pop3(&base64(PASSWORD.as_bytes()));
-    assert!(ok.starts_with("+OK"), "{ok}");
-    assert_logged_in_then_quit(&mut c);
+    logs_in(2, |c| {
+        assert_eq!(c.pop3("AUTH LOGIN"), format!("+ {}", base64(b"Username:")));
+        assert_eq!(
+            c.pop3(&base64(user(5).as_bytes())),
+            format!("+ {}", base64(b"Password:"))
+        );
+        c.pop3_ok(&base64(PASSWORD.as_bytes()));
+    });
 }
 
 /// Dovecot settings that take away its brute-force slow-down (a 2 s delay on each failed
@@ -125,7 +118,7 @@ fn wrong_password_is_an_auth_error_and_a_retry_succeeds() {
     let d = TestDirector::start(&pool, &DirectorOptions::default());
     let u = user(6);
     let mut c = connect(&d);
-    assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
+    c.pop3_ok(&format!("USER {u}"));
     let refused = c.pop3("PASS not-the-password");
     assert!(refused.starts_with("-ERR [AUTH] "), "{refused}");
     // The same with SASL: still [AUTH], not a temporary failure.
@@ -134,16 +127,13 @@ fn wrong_password_is_an_auth_error_and_a_retry_succeeds() {
         base64(format!("\0{u}\0nope").as_bytes())
     ));
     assert!(refused.starts_with("-ERR [AUTH] "), "{refused}");
-    assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
-    let ok = c.pop3(&format!("PASS {PASSWORD}"));
-    assert!(ok.starts_with("+OK"), "{ok}");
+    c.pop3_login_as(&u, PASSWORD);
     assert_logged_in_then_quit(&mut c);
 }
 
 #[test]
 fn unknown_command_is_an_error_and_quit_says_goodbye() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (_pool, d) = TestDirector::with_pool(1);
     let mut c = connect(&d);
     let e = c.pop3("FROBNICATE now");
     assert!(e.starts_with("-ERR"), "{e}");
@@ -162,12 +152,10 @@ fn unknown_command_is_an_error_and_quit_says_goodbye() {
 
 #[test]
 fn message_stored_through_another_backend_is_retrieved_byte_exact() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(8);
-    let home_ip = d.router.route(&u, "").unwrap().backend.ip;
-    let home = pool.by_ip(home_ip).unwrap();
-    let other = pool.backends.iter().find(|b| b.ip != home_ip).unwrap();
+    let home = d.home(&pool, &u);
+    let other = pool.backends.iter().find(|b| b.ip != home.ip).unwrap();
     // Straight to the backend the director does not use for this user: the store is shared.
     let first = message("first");
     imap_append(other.imap(), &u, PASSWORD, &first);
@@ -178,12 +166,12 @@ fn message_stored_through_another_backend_is_retrieved_byte_exact() {
     let mut c = pop3_login(d.pop3, &u, PASSWORD);
     let total = first.len() + second.len();
     assert_eq!(c.pop3("STAT"), format!("+OK 2 {total}"));
-    assert!(c.pop3("LIST").starts_with("+OK"));
+    c.pop3_ok("LIST");
     let list = String::from_utf8(c.pop3_body()).unwrap();
     assert_eq!(list, format!("1 {}\r\n2 {}\r\n", first.len(), second.len()));
     assert_eq!(c.pop3("LIST 2"), format!("+OK 2 {}", second.len()));
     for (n, expected) in [(1, &first), (2, &second)] {
-        assert!(c.pop3(&format!("RETR {n}")).starts_with("+OK"));
+        c.pop3_ok(&format!("RETR {n}"));
         let got = c.pop3_body();
         assert_eq!(
             String::from_utf8_lossy(&got),
@@ -191,7 +179,7 @@ fn message_stored_through_another_backend_is_retrieved_byte_exact() {
             "RETR {n}"
         );
     }
-    assert!(c.pop3("QUIT").starts_with("+OK"));
+    c.pop3_ok("QUIT");
     // The POP3 session ran on the user's own backend, not on the one the mail came through.
     wait_login(home, "pop3-login", &u);
     assert!(login_lines(&other.log(), "pop3-login", &u).is_empty());
@@ -199,8 +187,7 @@ fn message_stored_through_another_backend_is_retrieved_byte_exact() {
 
 #[test]
 fn curl_lists_and_retrieves() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(9);
     let (first, second) = (message("one"), message("two"));
     imap_append(pool.backend(0).imap(), &u, PASSWORD, &first);
@@ -225,13 +212,10 @@ fn curl_lists_and_retrieves() {
 
 #[test]
 fn pop3_and_imap_sessions_of_a_user_share_one_backend() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     for i in 10..16 {
         let u = user(i);
-        let ring = pool
-            .by_ip(d.router.route(&u, "").unwrap().backend.ip)
-            .unwrap();
+        let ring = d.home(&pool, &u);
         let (mut imap, mut pop3);
         if i % 2 == 0 {
             pop3 = pop3_login(d.pop3, &u, PASSWORD);
@@ -261,19 +245,14 @@ fn pop3_and_imap_sessions_of_a_user_share_one_backend() {
                 b.name
             );
         }
-        let sessions: Vec<_> = d
-            .sessions
-            .list()
-            .into_iter()
-            .filter(|s| s.username == u)
-            .collect();
+        let sessions = d.sessions_of(&u);
         assert_eq!(sessions.len(), 2, "{sessions:?}");
         assert!(
             sessions.iter().all(|s| s.backend.ip() == ring.ip),
             "{sessions:?}"
         );
-        assert!(pop3.pop3("QUIT").starts_with("+OK"));
-        assert!(imap.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+        pop3.pop3_ok("QUIT");
+        imap.imap_ok("z", "LOGOUT");
         d.state.set_weight(ring.ip, 100).unwrap();
     }
 }

@@ -7,39 +7,19 @@
 mod support;
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use support::admin_cli::AdminCli;
 use support::client::{imap_login, pop3_login, Conn};
-use support::director::{config_yaml, DirectorOptions};
+use support::command::openssl;
+use support::director::{config_yaml, with_listener, DirectorOptions};
 use support::dovecot::{user, Pool, PASSWORD};
-use support::logs::wait_until;
-
-const BIN: &str = env!("CARGO_BIN_EXE_director");
-
-fn scratch(test: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("reload-{}-{test}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Ports that were free a moment ago (bound together, then released).
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
+use support::ports::{free_port, local as addr};
+use support::serve::{fixed_ports, scratch, with_ports, Serve};
+use support::wait::{wait_for, wait_until};
 
 /// The listeners of the test configuration, on fixed ports: IMAP (STARTTLS), IMAPS, POP3
 /// (STLS), POP3S, ManageSieve, then LMTP.
@@ -52,20 +32,11 @@ struct Ports {
 
 /// The test harness's configuration with fixed ports, an LMTP listener and `extra` added.
 fn config(pool: &Pool, extra: &str) -> (String, Ports) {
-    let o = DirectorOptions {
-        extra: extra.to_owned(),
-        ..DirectorOptions::default()
-    };
-    let mut yaml = config_yaml(pool, &o);
-    yaml = yaml.replacen(
-        "listeners:\n",
-        "listeners:\n  - {protocol: lmtp, address: 127.0.0.1:0}\n",
-        1,
+    let yaml = with_listener(
+        &config_yaml(pool, &DirectorOptions::with_extra(extra)),
+        "{protocol: lmtp, address: 127.0.0.1:0}",
     );
-    let ports = free_ports(yaml.matches("127.0.0.1:0").count());
-    for p in &ports {
-        yaml = yaml.replacen("127.0.0.1:0", &format!("127.0.0.1:{p}"), 1);
-    }
+    let (yaml, ports) = fixed_ports(&yaml);
     // In order: lmtp, imap, imaps, pop3, pop3s, sieve.
     let p = Ports {
         lmtp: ports[0],
@@ -76,100 +47,12 @@ fn config(pool: &Pool, extra: &str) -> (String, Ports) {
     (yaml, p)
 }
 
-/// A `director serve` process; killed on drop unless it has exited.
-struct Serve {
-    child: Option<Child>,
-    stderr: PathBuf,
-    config: PathBuf,
-}
-
-impl Serve {
-    fn start(dir: &Path, yaml: &str, wait_for: SocketAddr) -> Serve {
-        let config = dir.join("director.yaml");
-        fs::write(&config, yaml).unwrap();
-        let stderr = dir.join("serve.stderr");
-        let child = Command::new(BIN)
-            .args(["serve", "-c", config.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start director serve");
-        let mut s = Serve {
-            child: Some(child),
-            stderr,
-            config,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(wait_for).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "serve did not listen:\n{}",
-                s.log()
-            );
-            assert!(s.running(), "serve exited:\n{}", s.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        s
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().unwrap().id().to_string();
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &pid])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    /// Waits up to `within` for the process to exit.
-    fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Writes a new configuration file and runs `director reload`: (success, output).
-    fn reload(&self, yaml: &str) -> (bool, String) {
-        fs::write(&self.config, yaml).unwrap();
-        let out = Command::new(BIN)
-            .args(["-c", self.config.to_str().unwrap(), "reload"])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// `director serve` over `pool` in `dir`, with the configuration of [`config`]; returns it,
+/// the configuration and its ports.
+fn start_serve(pool: &Pool, dir: &Path, extra: &str) -> (Serve, String, Ports) {
+    let (yaml, ports) = config(pool, extra);
+    let serve = Serve::start(dir, &yaml, addr(ports.imap));
+    (serve, yaml, ports)
 }
 
 /// The greeting a new connection to `port` gets.
@@ -179,25 +62,28 @@ fn greeting(port: u16) -> String {
 
 /// A new self-signed certificate and key for `localhost` / 127.0.0.1 with common name `cn`.
 fn new_cert(dir: &Path, cn: &str) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", &format!("/CN={cn}")])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (cert, key) = (format!("{cn}.pem"), format!("{cn}.key"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+        ],
     );
-    (cert, key)
+    (dir.join(cert), dir.join(key))
 }
 
 /// The subject of the certificate a TLS handshake with `port` shows.
@@ -227,18 +113,16 @@ fn lmtp_reply(c: &mut Conn) -> String {
 #[test]
 fn reload_keeps_sessions_and_applies_listeners_cert_and_refuses_broken_files() {
     let pool = Pool::start(2);
-    let dir = scratch("reload");
-    let (yaml, ports) = config(&pool, "");
-    let mut serve = Serve::start(&dir, &yaml, addr(ports.imap));
+    let dir = scratch("reload", "reload");
+    let (mut serve, yaml, ports) = start_serve(&pool, &dir, "");
     let before = served_subject(ports.imaps);
 
     // Live sessions: IMAP logged in and relayed, POP3 logged in, an LMTP transaction mid-way.
     let (u_imap, u_pop, u_lmtp) = (user(1), user(2), user(3));
     let (mut imap, _) = imap_login(addr(ports.imap), &u_imap, PASSWORD);
-    let r = imap.imap("a2", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
+    imap.imap_ok("a2", "SELECT INBOX");
     let mut pop = pop3_login(addr(ports.pop3), &u_pop, PASSWORD);
-    assert!(pop.pop3("STAT").starts_with("+OK"));
+    pop.pop3_ok("STAT");
     let mut lmtp = Conn::connect(addr(ports.lmtp));
     assert!(lmtp.line().starts_with("220 "));
     lmtp.send(b"LHLO mta.test\r\n");
@@ -252,7 +136,7 @@ fn reload_keeps_sessions_and_applies_listeners_cert_and_refuses_broken_files() {
     // The new file: a new greeting, the plain POP3 listener removed (its session is live),
     // a new IMAP listener, a new certificate.
     let (cert, key) = new_cert(&dir, "reloaded.test");
-    let new_port = free_ports(1)[0];
+    let new_port = free_port();
     let pop3_line = format!(
         "  - {{protocol: pop3, address: 127.0.0.1:{}, tls: starttls, proxy_protocol: false}}\n",
         ports.pop3
@@ -279,12 +163,10 @@ fn reload_keeps_sessions_and_applies_listeners_cert_and_refuses_broken_files() {
     );
 
     // Every live session still works.
-    let r = imap.imap("a3", "NOOP");
-    assert!(r.last().unwrap().starts_with("a3 OK"), "{r:?}");
-    let r = imap.imap("a4", "STATUS INBOX (MESSAGES)");
-    assert!(r.last().unwrap().starts_with("a4 OK"), "{r:?}");
+    imap.imap_ok("a3", "NOOP");
+    imap.imap_ok("a4", "STATUS INBOX (MESSAGES)");
     assert!(pop.pop3("STAT").starts_with("+OK"), "{}", serve.log());
-    assert!(pop.pop3("NOOP").starts_with("+OK"));
+    pop.pop3_ok("NOOP");
     lmtp.send(b"DATA\r\n");
     assert!(lmtp_reply(&mut lmtp).starts_with("354"));
     lmtp.send(b"Subject: reload\r\n\r\ndelivered across a reload\r\n.\r\n");
@@ -320,8 +202,8 @@ fn reload_keeps_sessions_and_applies_listeners_cert_and_refuses_broken_files() {
     );
     assert!(!before.contains("reloaded.test"), "{before}");
     // The new log level is in force.
-    wait_until("a debug line", Duration::from_secs(5), || {
-        serve.log().contains(" DEBUG ").then_some(())
+    wait_for("a debug line", Duration::from_secs(5), || {
+        serve.log().contains(" DEBUG ")
     });
 
     // Broken files are refused, each with its reason; the running configuration stays. A
@@ -361,14 +243,10 @@ fn reload_keeps_sessions_and_applies_listeners_cert_and_refuses_broken_files() {
     // SIGHUP with a file that does not check: the director refuses it.
     fs::write(&serve.config, &not_checked).unwrap();
     serve.signal("HUP");
-    wait_until("the SIGHUP refusal", Duration::from_secs(10), || {
-        serve
-            .log()
-            .lines()
-            .any(|l| {
-                l.contains("configuration reload refused") && l.contains("limits.max_connections")
-            })
-            .then_some(())
+    wait_for("the SIGHUP refusal", Duration::from_secs(10), || {
+        serve.log().lines().any(|l| {
+            l.contains("configuration reload refused") && l.contains("limits.max_connections")
+        })
     });
     assert!(greeting(ports.imap).contains("Reloaded ready."));
     let refusals: Vec<String> = serve
@@ -389,30 +267,25 @@ fn reload_keeps_sessions_and_applies_listeners_cert_and_refuses_broken_files() {
     )
     .unwrap();
     serve.signal("HUP");
-    wait_until("the SIGHUP reload", Duration::from_secs(10), || {
-        greeting(ports.imap).contains("Hup ready.").then_some(())
+    wait_for("the SIGHUP reload", Duration::from_secs(10), || {
+        greeting(ports.imap).contains("Hup ready.")
     });
     assert!(serve.running(), "{}", serve.log());
     assert!(serve.log().contains("SIGHUP"), "{}", serve.log());
-    let r = imap.imap("a5", "NOOP");
-    assert!(r.last().unwrap().starts_with("a5 OK"), "{r:?}");
+    imap.imap_ok("a5", "NOOP");
 }
 
 #[test]
 fn sigterm_says_goodbye_gives_the_grace_and_exits_0() {
     let pool = Pool::start(1);
-    let dir = scratch("sigterm");
-    let (yaml, ports) = config(&pool, "shutdown_grace: 2s\n");
-    let mut serve = Serve::start(&dir, &yaml, addr(ports.imap));
+    let dir = scratch("reload", "sigterm");
+    let (mut serve, _, ports) = start_serve(&pool, &dir, "shutdown_grace: 2s\n");
 
     let u = user(4);
     let (mut relayed, _) = imap_login(addr(ports.imap), &u, PASSWORD);
-    let r = relayed.imap("a2", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
-    let mut preauth_imap = Conn::connect(addr(ports.imap));
-    assert!(preauth_imap.line().starts_with("* OK"));
-    let mut preauth_pop = Conn::connect(addr(ports.pop3));
-    assert!(preauth_pop.line().starts_with("+OK"));
+    relayed.imap_ok("a2", "SELECT INBOX");
+    let mut preauth_imap = Conn::imap_greeted(addr(ports.imap));
+    let mut preauth_pop = Conn::pop3_greeted(addr(ports.pop3));
     let mut idle_lmtp = Conn::connect(addr(ports.lmtp));
     assert!(idle_lmtp.line().starts_with("220 "));
 
@@ -424,12 +297,11 @@ fn sigterm_says_goodbye_gives_the_grace_and_exits_0() {
     let l = idle_lmtp.line();
     assert!(l.starts_with("421 4.3.2 "), "{l}");
     // No new connections.
-    wait_until("listeners closed", Duration::from_secs(5), || {
-        TcpStream::connect(addr(ports.imap)).is_err().then_some(())
+    wait_for("listeners closed", Duration::from_secs(5), || {
+        TcpStream::connect(addr(ports.imap)).is_err()
     });
     // The relayed session still works within the grace, then gets BYE.
-    let r = relayed.imap("a3", "NOOP");
-    assert!(r.last().unwrap().starts_with("a3 OK"), "{r:?}");
+    relayed.imap_ok("a3", "NOOP");
     assert_eq!(relayed.line(), "* BYE Server shutting down.");
     let status = serve.wait(Duration::from_secs(10));
     let log = serve.log();
@@ -449,12 +321,11 @@ fn sigterm_says_goodbye_gives_the_grace_and_exits_0() {
     );
 
     // A second SIGTERM exits at once, without waiting for a long grace.
-    let (yaml, ports) = config(&pool, "shutdown_grace: 10m\n");
-    let mut serve = Serve::start(&dir, &yaml, addr(ports.imap));
+    let (mut serve, _, ports) = start_serve(&pool, &dir, "shutdown_grace: 10m\n");
     let (mut relayed, _) = imap_login(addr(ports.imap), &u, PASSWORD);
     serve.signal("TERM");
-    wait_until("the stop under way", Duration::from_secs(10), || {
-        serve.log().contains("shutting down").then_some(())
+    wait_for("the stop under way", Duration::from_secs(10), || {
+        serve.log().contains("shutting down")
     });
     serve.signal("TERM");
     let status = serve.wait(Duration::from_secs(10));
@@ -466,13 +337,10 @@ fn sigterm_says_goodbye_gives_the_grace_and_exits_0() {
 
 /// `director status --json` of the running director: every backend's ip and health.
 fn backends(serve: &Serve) -> Vec<(String, String)> {
-    let out = Command::new(BIN)
-        .args(["-c", serve.config.to_str().unwrap(), "--json", "status"])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("status: {e}: {}", String::from_utf8_lossy(&out.stdout)));
-    v["backends"]
+    let cli = AdminCli {
+        config: serve.config.clone(),
+    };
+    cli.json(&["status"])["backends"]
         .as_array()
         .unwrap()
         .iter()
@@ -488,7 +356,7 @@ fn backends(serve: &Serve) -> Vec<(String, String)> {
 #[test]
 fn reload_applies_health_settings_and_the_backend_list() {
     let pool = Pool::start(3);
-    let dir = scratch("health");
+    let dir = scratch("reload", "health");
     let health = "health:\n  interval: 300ms\n  fast_interval: 100ms\n  rise: 1\n  fall: 1\n";
     // One admin socket for every version of the file (the harness numbers them).
     let admin = format!("admin:\n  socket: {}/admin.sock\n", dir.display());
@@ -501,16 +369,8 @@ fn reload_applies_health_settings_and_the_backend_list() {
         config_yaml(&pool, &o)
     };
     // Fixed ports, so that every reload keeps the listeners.
-    let mut yaml = listed(2, "");
-    let ports = free_ports(yaml.matches("127.0.0.1:0").count());
-    let fix = |y: String| {
-        let mut y = y;
-        for p in &ports {
-            y = y.replacen("127.0.0.1:0", &format!("127.0.0.1:{p}"), 1);
-        }
-        y
-    };
-    yaml = fix(yaml);
+    let (yaml, ports) = fixed_ports(&listed(2, ""));
+    let fix = |y: String| with_ports(&y, &ports);
     let imap = addr(ports[0]);
     let serve = Serve::start(&dir, &yaml, imap);
     let ip = |i: usize| pool.backend(i).ip.to_string();
@@ -545,11 +405,8 @@ fn reload_applies_health_settings_and_the_backend_list() {
     let strict = format!("  checks_dir: {}\n", checks.display());
     let (ok, out) = serve.reload(&fix(listed(3, &strict)));
     assert!(ok, "{out}");
-    wait_until("every backend down", Duration::from_secs(10), || {
-        backends(&serve)
-            .iter()
-            .all(|(_, h)| h == "down")
-            .then_some(())
+    wait_for("every backend down", Duration::from_secs(10), || {
+        backends(&serve).iter().all(|(_, h)| h == "down")
     });
     let (ok, out) = serve.reload(&fix(listed(3, "")));
     assert!(ok, "{out}");

@@ -4,56 +4,39 @@
 
 mod support;
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use support::client::{base64, Conn};
-use support::director::{DirectorOptions, TestDirector};
-use support::dovecot::{user, Pool, PASSWORD};
+use support::command::run;
+use support::director::TestDirector;
+use support::dovecot::{user, PASSWORD};
 use support::logs::wait_logins;
 
-/// Runs sieve-connect against `addr` as `u` (password on fd 0); returns (success, output).
-fn sieve_connect(addr: SocketAddr, u: &str, args: &[&str]) -> (bool, String) {
-    let mut child = Command::new("sieve-connect")
-        .args([
-            "--server",
-            &addr.ip().to_string(),
-            "--port",
-            &addr.port().to_string(),
-        ])
-        .args(["--user", u, "--passwordfd", "0", "--notlsverify"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sieve-connect runs (installed by ./scripts/test)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{PASSWORD}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+/// Runs sieve-connect against `addr` as `u` (`password` on fd 0); returns (success, output).
+fn sieve_connect_with(addr: SocketAddr, u: &str, password: &str, args: &[&str]) -> (bool, String) {
+    let out = run(
+        Command::new("sieve-connect")
+            .args(["--server", &addr.ip().to_string()])
+            .args(["--port", &addr.port().to_string()])
+            .args(["--user", u, "--passwordfd", "0", "--notlsverify"])
+            .args(args),
+        Some(format!("{password}\n").as_bytes()),
     )
+    .expect("sieve-connect runs (installed by ./scripts/test)");
+    (out.ok, out.text())
+}
+
+/// [`sieve_connect_with`] the right password.
+fn sieve_connect(addr: SocketAddr, u: &str, args: &[&str]) -> (bool, String) {
+    sieve_connect_with(addr, u, PASSWORD, args)
 }
 
 #[test]
 fn sieve_connect_uploads_lists_activates_and_fetches_through_the_director() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     let u = user(21);
-    let home = pool
-        .by_ip(d.router.route(&u, "").unwrap().backend.ip)
-        .unwrap();
+    let home = d.home(&pool, &u);
     let script = "require \"fileinto\";\r\nif header :contains \"subject\" \"[list]\" {\r\n  fileinto \"INBOX\";\r\n}\r\n";
     let local = pool.dir().join("filter.sieve");
     std::fs::write(&local, script).unwrap();
@@ -111,32 +94,15 @@ fn sieve_connect_uploads_lists_activates_and_fetches_through_the_director() {
         }
     }
     // A wrong password is a failed login, not an error of the director.
-    let mut child = Command::new("sieve-connect")
-        .args([
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &d.sieve.port().to_string(),
-        ])
-        .args(["--user", &u, "--passwordfd", "0", "--notlsverify", "--list"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"wrong\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
+    let (ok, _) = sieve_connect_with(d.sieve, &u, "wrong", &["--list"]);
+    assert!(!ok);
 }
 
 #[test]
 fn sasl_login_through_the_director() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(22);
-    let home = pool
-        .by_ip(d.router.route(&u, "").unwrap().backend.ip)
-        .unwrap();
+    let home = d.home(&pool, &u);
     // sieve-connect told to use LOGIN (after STARTTLS, as it does when offered).
     let (ok, out) = sieve_connect(d.sieve, &u, &["--authmech", "LOGIN", "--list"]);
     assert!(ok, "list with LOGIN: {out}");

@@ -4,56 +4,53 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls;
 
 use director::net::stream::BackendStream;
-use director::protocol::backend_login::{BackendLoginRequest, BackendLoginResult, Forward};
+use director::protocol::backend_login::{
+    BackendLoginRequest, BackendLoginResult, Forward, StartTls,
+};
 use director::protocol::decision::{ClientIdentity, Credentials};
 use director::protocol::sieve::backend_login::login;
 
 use support::dovecot::{user, Pool, PASSWORD};
 
-/// Logs in as `user` with `password` to the pool's first backend, as client `client_ip`.
-async fn try_login(pool: &Pool, user: &str, password: &str, client_ip: &str) -> BackendLoginResult {
+/// Logs in with `credentials` to the pool's first backend, as client `client_ip` with session
+/// id `session_id`, after STARTTLS when `starttls` is given.
+async fn try_login(
+    pool: &Pool,
+    credentials: Credentials,
+    client_ip: &str,
+    session_id: &str,
+    starttls: Option<StartTls>,
+) -> BackendLoginResult {
     let tcp = TcpStream::connect(pool.backend(0).sieve()).await.unwrap();
-    let credentials = Credentials::plain(user, password);
     let identity = ClientIdentity {
         client: format!("{client_ip}:50123").parse().unwrap(),
         local: "127.0.0.1:4190".parse().unwrap(),
-        session_id: format!("sieve-{client_ip}"),
+        session_id: session_id.to_owned(),
         session_ext_id: None,
     };
     let req = BackendLoginRequest {
         credentials: &credentials,
         identity: &identity,
         forward: Forward::Auto,
-        starttls: None,
+        starttls,
         reply_timeout: Duration::from_secs(20),
         commit: &director::protocol::backend_login::always_commit,
     };
     login(BackendStream::Plain(tcp), &req).await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logs_in_to_dovecot_and_forwards_the_client_address() {
-    let pool = tokio::task::spawn_blocking(|| Pool::start(1))
-        .await
-        .unwrap();
-
-    let result = try_login(&pool, &user(1), PASSWORD, "192.0.2.61").await;
-    let BackendLoginResult::LoggedIn {
-        stream,
-        success_text,
-        leftover,
-    } = result
-    else {
-        panic!("the right password did not log in");
-    };
-    assert_eq!(success_text, "\"Logged in.\"");
-    assert!(leftover.is_empty());
+/// On a logged-in session: `LISTSCRIPTS` gets Dovecot's answer.
+async fn assert_listscripts(stream: BackendStream) -> BufReader<BackendStream> {
     let mut stream = BufReader::new(stream);
     stream
         .get_mut()
@@ -63,12 +60,36 @@ async fn logs_in_to_dovecot_and_forwards_the_client_address() {
     let mut line = String::new();
     stream.read_line(&mut line).await.unwrap();
     assert_eq!(line, "OK \"Listscripts completed.\"\r\n");
-    stream.get_mut().write_all(b"LOGOUT\r\n").await.unwrap();
-    drop(stream);
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_in_to_dovecot_and_forwards_the_client_address() {
+    let pool = tokio::task::spawn_blocking(|| Pool::start(1))
+        .await
+        .unwrap();
+
+    let ip = "192.0.2.61";
+    let right = Credentials::plain(user(1), PASSWORD);
+    match try_login(&pool, right, ip, &format!("sieve-{ip}"), None).await {
+        BackendLoginResult::LoggedIn {
+            stream,
+            success_text,
+            leftover,
+        } => {
+            assert_eq!(success_text, "\"Logged in.\"");
+            assert!(leftover.is_empty());
+            let mut stream = assert_listscripts(stream).await;
+            stream.get_mut().write_all(b"LOGOUT\r\n").await.unwrap();
+        }
+        _ => panic!("the right password did not log in"),
+    }
 
     // A wrong password from another address (Dovecot delays logins from an address that
     // failed, so the two logins must not share one).
-    let result = try_login(&pool, &user(2), "wrong", "192.0.2.62").await;
+    let ip = "192.0.2.62";
+    let wrong = Credentials::plain(user(2), "wrong");
+    let result = try_login(&pool, wrong, ip, &format!("sieve-{ip}"), None).await;
     let BackendLoginResult::AuthFailed { message } = result else {
         panic!("a wrong password was not refused");
     };
@@ -89,11 +110,6 @@ async fn logs_in_to_dovecot_and_forwards_the_client_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starttls_then_login() {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    use std::sync::Arc;
-    use tokio_rustls::rustls;
-
     let pool = tokio::task::spawn_blocking(|| Pool::start(1))
         .await
         .unwrap();
@@ -109,39 +125,16 @@ async fn starttls_then_login() {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let starttls = director::protocol::backend_login::StartTls {
+    let starttls = StartTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         server_name: "localhost".try_into().unwrap(),
     };
 
-    let tcp = TcpStream::connect(pool.backend(0).sieve()).await.unwrap();
-    let credentials = Credentials::plain(user(3), PASSWORD);
-    let identity = ClientIdentity {
-        client: "192.0.2.63:50123".parse().unwrap(),
-        local: "127.0.0.1:4190".parse().unwrap(),
-        session_id: "sieve-tls".into(),
-        session_ext_id: None,
-    };
-    let req = BackendLoginRequest {
-        credentials: &credentials,
-        identity: &identity,
-        forward: Forward::Auto,
-        starttls: Some(starttls),
-        reply_timeout: Duration::from_secs(20),
-        commit: &director::protocol::backend_login::always_commit,
-    };
-    let result = login(BackendStream::Plain(tcp), &req).await.unwrap();
+    let right = Credentials::plain(user(3), PASSWORD);
+    let result = try_login(&pool, right, "192.0.2.63", "sieve-tls", Some(starttls)).await;
     let BackendLoginResult::LoggedIn { stream, .. } = result else {
         panic!("no login over STARTTLS");
     };
     assert!(stream.is_tls());
-    let mut stream = BufReader::new(stream);
-    stream
-        .get_mut()
-        .write_all(b"LISTSCRIPTS\r\n")
-        .await
-        .unwrap();
-    let mut line = String::new();
-    stream.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "OK \"Listscripts completed.\"\r\n");
+    assert_listscripts(stream).await;
 }

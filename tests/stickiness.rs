@@ -17,6 +17,7 @@ use director::state::State;
 use support::client::{imap_login, Conn};
 use support::director::{config_yaml, DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
+use support::wait::wait_for;
 
 /// Pool backend `i` as the director would have it had the configuration listed it with
 /// `weight` (same ports and timeouts as the configured ones).
@@ -57,31 +58,22 @@ fn logout(d: &TestDirector, mut c: Conn, username: &str) {
     let hash = d.router.hash(username);
     let before = d.sessions.count_user(hash);
     assert!(before > 0, "{username} has no session to log out");
-    let r = c.imap("lo", "LOGOUT");
-    assert!(r.last().unwrap().starts_with("lo OK"), "{r:?}");
+    c.imap_ok("lo", "LOGOUT");
     drop(c);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while d.sessions.count_user(hash) >= before {
-        assert!(
-            Instant::now() < deadline,
-            "{username}: session still registered 15 s after LOGOUT"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        &format!("{username}'s session to be unregistered after LOGOUT"),
+        Duration::from_secs(15),
+        || d.sessions.count_user(hash) < before,
+    );
 }
 
 /// Waits until `username` has no live record (polling: the exact moment is not the point).
 /// It asks the state, not the backends: a login to find out would refresh the record.
 fn wait_until_expired(d: &TestDirector, username: &str, within: Duration) {
     let hash = d.router.hash(username);
-    let deadline = Instant::now() + within;
-    while d.state.record(hash, Instant::now()).is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "{username}: record still alive after {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(&format!("{username}'s record to expire"), within, || {
+        d.state.record(hash, Instant::now()).is_none()
+    });
 }
 
 /// Weights 100/50/200 share 10,000 new users out as 2/7, 1/7 and 4/7, and real logins land
@@ -174,14 +166,7 @@ fn weights_share_new_users_and_logins_land_where_the_router_says() {
 /// follow the new ring, and real logins of new users reach the added backend.
 #[test]
 fn ring_changes_move_nobody_with_a_record() {
-    let pool = Pool::start(4);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            configured_backends: Some(3),
-            ..DirectorOptions::default()
-        },
-    );
+    let (pool, d) = TestDirector::start_with_pool(4, &DirectorOptions::with_configured_backends(3));
     assert_eq!(d.state.backends().backends.len(), 3);
     let added = pool.backend(3);
     let reweighted = pool.backend(0);
@@ -270,14 +255,8 @@ fn ring_changes_move_nobody_with_a_record() {
 /// follows the ring.
 #[test]
 fn record_expires_after_the_last_session() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            extra: "user_expire: 2s\n".into(),
-            ..DirectorOptions::default()
-        },
-    );
+    let (pool, d) =
+        TestDirector::start_with_pool(3, &DirectorOptions::with_extra("user_expire: 2s\n"));
     let u = user(7);
     let (c, first) = imap_login(d.imap, &u, PASSWORD);
     let old_ip = pool.backends.iter().find(|b| b.name == first).unwrap().ip;
@@ -300,14 +279,8 @@ fn record_expires_after_the_last_session() {
 /// While a session is open the record does not expire, however long past `user_expire`.
 #[test]
 fn record_with_a_live_session_never_expires() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            extra: "user_expire: 2s\n".into(),
-            ..DirectorOptions::default()
-        },
-    );
+    let (pool, d) =
+        TestDirector::start_with_pool(3, &DirectorOptions::with_extra("user_expire: 2s\n"));
     let u = user(8);
     let (mut held, first) = imap_login(d.imap, &u, PASSWORD);
     let old_ip = pool.backends.iter().find(|b| b.name == first).unwrap().ip;
@@ -319,8 +292,7 @@ fn record_with_a_live_session_never_expires() {
     std::thread::sleep(Duration::from_millis(3500));
     let (c, second) = imap_login(d.imap, &u, PASSWORD);
     assert_eq!(second, first, "{u}: second login while a session is open");
-    let r = held.imap("s1", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("s1 OK"), "{r:?}");
+    held.imap_ok("s1", "SELECT INBOX");
 
     // Once both sessions are over, the record expires and the ring decides.
     logout(&d, c, &u);
@@ -338,8 +310,7 @@ fn record_with_a_live_session_never_expires() {
 /// ring keeps changing under them, so that only the user's record can keep them together.
 #[test]
 fn concurrent_first_logins_agree_on_one_backend() {
-    let pool = Pool::start(3);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(3);
     let threads = 20;
     for (i, flip_ring) in [(190, false), (191, false), (192, true), (193, true)] {
         let u = user(i);
@@ -350,8 +321,7 @@ fn concurrent_first_logins_agree_on_one_backend() {
                 let (barrier, u, addr) = (barrier.clone(), u.clone(), d.imap);
                 std::thread::spawn(move || {
                     // Greeted first, so that the LOGINs leave as close together as possible.
-                    let mut c = Conn::connect(addr);
-                    assert!(c.line().starts_with("* OK"));
+                    let mut c = Conn::imap_greeted(addr);
                     barrier.wait();
                     let r = c.imap("a1", &format!("LOGIN {u} {PASSWORD}"));
                     assert!(r.last().unwrap().starts_with("a1 OK"), "{u}: {r:?}");

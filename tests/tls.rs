@@ -5,9 +5,9 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use support::client::{curl, imap_append, imap_login, pop3_login, quote, Conn};
+use support::command::openssl;
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logs::{login_lines, wait_login};
@@ -21,8 +21,9 @@ fn tls_flag(line: &str) -> bool {
 fn other_ca(dir: &Path) -> PathBuf {
     let dir = dir.join("other-ca");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new("openssl")
-        .args([
+    openssl(
+        &dir,
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -42,14 +43,7 @@ fn other_ca(dir: &Path) -> PathBuf {
             "basicConstraints=critical,CA:TRUE",
             "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
-        ])
-        .current_dir(&dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     dir.join("other-ca.pem")
 }
@@ -63,8 +57,7 @@ const MESSAGE: &[u8] = b"Subject: tls\r\n\r\nover TLS\r\n";
 
 #[test]
 fn clients_use_implicit_tls_imaps_and_pop3s() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(2);
     let u = user(20);
     let login = format!("{u}:{PASSWORD}");
     imap_append(pool.backend(0).imap(), &u, PASSWORD, MESSAGE);
@@ -123,8 +116,7 @@ fn clients_use_starttls_and_stls_where_plaintext_is_refused() {
     imap_append(pool.backend(1).imap(), &u, PASSWORD, MESSAGE);
 
     // What a client sees in the clear.
-    let mut c = Conn::connect(d.imap);
-    assert!(c.line().starts_with("* OK"));
+    let mut c = Conn::imap_greeted(d.imap);
     let caps = c.imap("a", "CAPABILITY").join("\n");
     assert!(
         caps.contains("STARTTLS") && caps.contains("LOGINDISABLED"),
@@ -132,8 +124,7 @@ fn clients_use_starttls_and_stls_where_plaintext_is_refused() {
     );
     let r = c.imap("b", &format!("LOGIN {} {}", quote(&u), quote(PASSWORD)));
     assert!(r.last().unwrap().starts_with("b NO"), "{r:?}");
-    let mut c = Conn::connect(d.pop3);
-    assert!(c.line().starts_with("+OK"));
+    let mut c = Conn::pop3_greeted(d.pop3);
     assert!(c.pop3(&format!("USER {u}")).starts_with("-ERR"));
 
     let imap = format!("imap://127.0.0.1:{}/", d.imap.port());
@@ -189,53 +180,43 @@ fn login_both_ways(pool: &Pool, d: &TestDirector, u: &str) -> (String, String) {
     let mut pop3 = pop3_login(d.pop3, u, PASSWORD);
     let stat = pop3.pop3("STAT");
     assert!(stat.starts_with("+OK"), "{stat}");
-    assert!(pop3.pop3("QUIT").starts_with("+OK"));
-    assert!(imap.imap("z", "LOGOUT").last().unwrap().starts_with("z OK"));
+    pop3.pop3_ok("QUIT");
+    imap.imap_ok("z", "LOGOUT");
     (
         wait_login(home, "imap-login", u),
         wait_login(home, "pop3-login", u),
     )
 }
 
-#[test]
-fn backend_starttls() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            backend_extra: "    tls: starttls\n".into(),
-            ..DirectorOptions::default()
-        },
-    );
-    for u in [user(22), user(23)] {
-        let (imap, pop3) = login_both_ways(&pool, &d, &u);
+/// The backend settings of STARTTLS and of implicit TLS (on Dovecot's IMAPS and POP3S ports).
+const STARTTLS: &str = "    tls: starttls\n";
+const IMPLICIT_TLS: &str = "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n";
+
+/// Through a director whose backends are configured with `backend_extra`, `users` log in over
+/// IMAP and POP3, and Dovecot logs every one of those logins as over TLS.
+fn logins_are_tls(pool: &Pool, backend_extra: &str, users: &[usize]) {
+    let d = TestDirector::start(pool, &DirectorOptions::with_backend_extra(backend_extra));
+    for u in users {
+        let (imap, pop3) = login_both_ways(pool, &d, &user(*u));
         assert!(tls_flag(&imap), "IMAP login not over TLS: {imap}");
         assert!(tls_flag(&pop3), "POP3 login not over TLS: {pop3}");
     }
 }
 
 #[test]
+fn backend_starttls() {
+    logins_are_tls(&Pool::start(2), STARTTLS, &[22, 23]);
+}
+
+#[test]
 fn backend_implicit_tls() {
-    let pool = Pool::start(2);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            backend_extra: "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n".into(),
-            ..DirectorOptions::default()
-        },
-    );
-    for u in [user(24), user(25)] {
-        let (imap, pop3) = login_both_ways(&pool, &d, &u);
-        assert!(tls_flag(&imap), "IMAP login not over TLS: {imap}");
-        assert!(tls_flag(&pop3), "POP3 login not over TLS: {pop3}");
-    }
+    logins_are_tls(&Pool::start(2), IMPLICIT_TLS, &[24, 25]);
 }
 
 #[test]
 fn plaintext_backend_login_is_not_tls() {
     // The control for the two tests above: without backend TLS, Dovecot does not say TLS.
-    let pool = Pool::start(1);
-    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let (pool, d) = TestDirector::with_pool(1);
     let (imap, pop3) = login_both_ways(&pool, &d, &user(26));
     assert!(!tls_flag(&imap), "{imap}");
     assert!(!tls_flag(&pop3), "{pop3}");
@@ -247,36 +228,27 @@ fn plaintext_backend_login_is_not_tls() {
 fn backend_with_unverifiable_certificate_is_unavailable() {
     let pool = Pool::start(2);
     let wrong = other_ca(pool.dir());
-    for (mode, extra) in [
-        ("starttls", "    tls: starttls\n".to_owned()),
-        (
-            "implicit",
-            "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n".to_owned(),
-        ),
-    ] {
+    for (mode, extra) in [("starttls", STARTTLS), ("implicit", IMPLICIT_TLS)] {
         let d = TestDirector::start(
             &pool,
-            &DirectorOptions {
-                backend_extra: format!("{extra}    tls_ca_file: {}\n", wrong.display()),
-                ..DirectorOptions::default()
-            },
+            &DirectorOptions::with_backend_extra(&format!(
+                "{extra}    tls_ca_file: {}\n",
+                wrong.display()
+            )),
         );
         let u = user(if mode == "starttls" { 27 } else { 28 });
-        let mut c = Conn::connect(d.imap);
-        assert!(c.line().starts_with("* OK"));
+        let mut c = Conn::imap_greeted(d.imap);
         let r = c.imap("a", &format!("LOGIN {} {}", quote(&u), quote(PASSWORD)));
         let last = r.last().unwrap();
         assert!(last.starts_with("a NO [UNAVAILABLE]"), "{mode}: {r:?}");
         // The connection stays usable.
-        let r = c.imap("b", "NOOP");
-        assert!(r.last().unwrap().starts_with("b OK"), "{r:?}");
+        c.imap_ok("b", "NOOP");
 
-        let mut c = Conn::connect(d.pop3);
-        assert!(c.line().starts_with("+OK"));
-        assert!(c.pop3(&format!("USER {u}")).starts_with("+OK"));
+        let mut c = Conn::pop3_greeted(d.pop3);
+        c.pop3_ok(&format!("USER {u}"));
         let e = c.pop3(&format!("PASS {PASSWORD}"));
         assert!(e.starts_with("-ERR [SYS/TEMP]"), "{mode}: {e}");
-        assert!(c.pop3("NOOP").starts_with("+OK"));
+        c.pop3_ok("NOOP");
 
         for b in &pool.backends {
             let log = b.log();
@@ -289,16 +261,13 @@ fn backend_with_unverifiable_certificate_is_unavailable() {
 /// A wrong server name fails verification the same way.
 #[test]
 fn backend_certificate_for_another_name_is_unavailable() {
-    let pool = Pool::start(1);
-    let d = TestDirector::start(
-        &pool,
-        &DirectorOptions {
-            backend_extra: "    tls: starttls\n    tls_server_name: mail.example.org\n".into(),
-            ..DirectorOptions::default()
-        },
+    let (_pool, d) = TestDirector::start_with_pool(
+        1,
+        &DirectorOptions::with_backend_extra(
+            "    tls: starttls\n    tls_server_name: mail.example.org\n",
+        ),
     );
-    let mut c = Conn::connect(d.imap);
-    assert!(c.line().starts_with("* OK"));
+    let mut c = Conn::imap_greeted(d.imap);
     let r = c.imap(
         "a",
         &format!("LOGIN {} {}", quote(&user(29)), quote(PASSWORD)),
@@ -311,26 +280,11 @@ fn backend_certificate_for_another_name_is_unavailable() {
 fn tls_verify_false_accepts_any_backend_certificate() {
     let pool = Pool::start(2);
     let wrong = other_ca(pool.dir());
-    for (i, extra) in [
-        "    tls: starttls\n",
-        "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let d = TestDirector::start(
-            &pool,
-            &DirectorOptions {
-                backend_extra: format!(
-                    "{extra}    tls_verify: false\n    tls_ca_file: {}\n",
-                    wrong.display()
-                ),
-                ..DirectorOptions::default()
-            },
+    for (i, extra) in [STARTTLS, IMPLICIT_TLS].iter().enumerate() {
+        let verify_false = format!(
+            "{extra}    tls_verify: false\n    tls_ca_file: {}\n",
+            wrong.display()
         );
-        let u = user(30 + i);
-        let (imap, pop3) = login_both_ways(&pool, &d, &u);
-        assert!(tls_flag(&imap), "{imap}");
-        assert!(tls_flag(&pop3), "{pop3}");
+        logins_are_tls(&pool, &verify_false, &[30 + i]);
     }
 }

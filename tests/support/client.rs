@@ -8,6 +8,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
+use super::command::run;
+
 /// A raw line-oriented connection.
 pub struct Conn {
     reader: BufReader<TcpStream>,
@@ -235,55 +237,102 @@ impl Conn {
         let start = id.find("\"x-backend\" \"").expect("x-backend in ID") + 13;
         id[start..].split('"').next().unwrap().to_owned()
     }
+
+    /// Connects to an IMAP server and reads its greeting, which must be `* OK ...`.
+    pub fn imap_greeted(addr: SocketAddr) -> Conn {
+        let mut c = Conn::connect(addr);
+        let greeting = c.line();
+        assert!(greeting.starts_with("* OK"), "{greeting}");
+        c
+    }
+
+    /// Connects to a POP3 server and reads its greeting, which must be `+OK ...`.
+    pub fn pop3_greeted(addr: SocketAddr) -> Conn {
+        let mut c = Conn::connect(addr);
+        let greeting = c.line();
+        assert!(greeting.starts_with("+OK"), "{greeting}");
+        c
+    }
+
+    /// [`Conn::imap`], panicking unless the tagged reply is `tag OK`.
+    pub fn imap_ok(&mut self, tag: &str, command: &str) -> Vec<String> {
+        let reply = self.imap(tag, command);
+        assert_ok(&reply, tag, command);
+        reply
+    }
+
+    /// IMAP `LOGIN` with both arguments quoted, which must succeed; returns the reply.
+    pub fn imap_login_as(&mut self, tag: &str, user: &str, password: &str) -> Vec<String> {
+        let reply = self.imap(tag, &format!("LOGIN {} {}", quote(user), quote(password)));
+        assert_ok(&reply, tag, &format!("login {user}"));
+        reply
+    }
+
+    /// [`Conn::pop3`], panicking unless the status line is `+OK`; returns it.
+    pub fn pop3_ok(&mut self, command: &str) -> String {
+        let status = self.pop3(command);
+        assert!(status.starts_with("+OK"), "{command}: {status}");
+        status
+    }
+
+    /// POP3 `USER`, which must be accepted, then `PASS`; returns the status line of `PASS`.
+    pub fn pop3_user_pass(&mut self, user: &str, password: &str) -> String {
+        self.pop3_ok(&format!("USER {user}"));
+        self.pop3(&format!("PASS {password}"))
+    }
+
+    /// POP3 `USER` and `PASS`, which must both be accepted.
+    pub fn pop3_login_as(&mut self, user: &str, password: &str) {
+        let r = self.pop3_user_pass(user, password);
+        assert!(r.starts_with("+OK"), "PASS for {user}: {r}");
+    }
+}
+
+/// Panics unless the last line of `reply` is `<tag> OK ...`; returns that line.
+pub fn assert_ok<'a>(reply: &'a [String], tag: &str, what: &str) -> &'a str {
+    assert_tagged(reply, tag, "OK", what)
+}
+
+/// Panics unless the last line of `reply` is `<tag> <status>...` (`status` being `OK`, `BAD`,
+/// `NO [AUTHENTICATIONFAILED]`...); returns that line.
+pub fn assert_tagged<'a>(reply: &'a [String], tag: &str, status: &str, what: &str) -> &'a str {
+    let last = reply.last().map(String::as_str).unwrap_or("");
+    assert!(
+        last.starts_with(&format!("{tag} {status}")),
+        "{what}: expected {tag} {status}, got {reply:?}"
+    );
+    last
 }
 
 /// Connects to an IMAP director, logs in with LOGIN (quoted), and returns the connection
 /// and the name of the backend it landed on.
 pub fn imap_login(addr: SocketAddr, user: &str, password: &str) -> (Conn, String) {
-    let mut c = Conn::connect(addr);
-    let greeting = c.line();
-    assert!(greeting.starts_with("* OK"), "{greeting}");
-    let reply = c.imap("a1", &format!("LOGIN {} {}", quote(user), quote(password)));
-    assert!(
-        reply.last().unwrap().starts_with("a1 OK"),
-        "login {user}: {reply:?}"
-    );
+    let mut c = Conn::imap_greeted(addr);
+    c.imap_login_as("a1", user, password);
     let backend = c.imap_backend();
     (c, backend)
 }
 
 /// Connects to a POP3 server, logs in with USER/PASS and returns the connection.
 pub fn pop3_login(addr: SocketAddr, user: &str, password: &str) -> Conn {
-    let mut c = Conn::connect(addr);
-    let greeting = c.line();
-    assert!(greeting.starts_with("+OK"), "{greeting}");
-    let r = c.pop3(&format!("USER {user}"));
-    assert!(r.starts_with("+OK"), "USER {user}: {r}");
-    let r = c.pop3(&format!("PASS {password}"));
-    assert!(r.starts_with("+OK"), "PASS for {user}: {r}");
+    let mut c = Conn::pop3_greeted(addr);
+    c.pop3_login_as(user, password);
     c
 }
 
 /// Logs in to the IMAP server at `addr` (a backend or the director) and APPENDs `message`
 /// (CRLF line ends) to the user's INBOX.
 pub fn imap_append(addr: SocketAddr, user: &str, password: &str, message: &[u8]) {
-    let mut c = Conn::connect(addr);
-    let greeting = c.line();
-    assert!(greeting.starts_with("* OK"), "{greeting}");
-    let r = c.imap("a1", &format!("LOGIN {} {}", quote(user), quote(password)));
-    assert!(
-        r.last().unwrap().starts_with("a1 OK"),
-        "login {user}: {r:?}"
-    );
+    let mut c = Conn::imap_greeted(addr);
+    c.imap_login_as("a1", user, password);
     c.send(format!("a2 APPEND INBOX {{{}}}\r\n", message.len()).as_bytes());
     let go = c.line();
     assert!(go.starts_with('+'), "APPEND continuation: {go}");
     c.send(message);
     c.send(b"\r\n");
     let r = c.until_tagged("a2");
-    assert!(r.last().unwrap().starts_with("a2 OK"), "APPEND: {r:?}");
-    let r = c.imap("a3", "LOGOUT");
-    assert!(r.last().unwrap().starts_with("a3 OK"), "{r:?}");
+    assert_ok(&r, "a2", "APPEND");
+    c.imap_ok("a3", "LOGOUT");
 }
 
 /// Base64 (standard alphabet, padded), as SASL wants it.
@@ -299,16 +348,14 @@ pub fn quote(s: &str) -> String {
 
 /// Runs curl with `args` (plus -s -S and a timeout); returns (success, stdout, stderr).
 pub fn curl(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-S", "-m", "30"])
-        .args(args)
-        .output()
-        .expect("run curl (is it installed? run ./scripts/test)");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    let out = run(
+        Command::new("curl")
+            .args(["-s", "-S", "-m", "30"])
+            .args(args),
+        None,
     )
+    .expect("run curl (is it installed? run ./scripts/test)");
+    (out.ok, out.stdout, out.stderr)
 }
 
 /// The size announced by an IMAP literal at the end of `line` (`{n}` or `{n+}`), if any.

@@ -3,21 +3,22 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use director::config::{Config, ListenerTls};
 use director::health::checker::HealthChecker;
 use director::protocol::decision::Protocol;
 use director::routing::Router;
 use director::server::Director;
+use director::state::backend::Backend as DirBackend;
 use director::state::local::LocalState;
-use director::state::sessions::Sessions;
+use director::state::sessions::{SessionInfo, Sessions};
+use director::state::State;
 
-use super::dovecot::{Pool, IMAP_PORT, LMTP_PORT, POP3_PORT, SIEVE_PORT};
+use super::dovecot::{Backend, Pool, IMAP_PORT, LMTP_PORT, POP3_PORT, SIEVE_PORT};
+use super::runtime_thread::RuntimeThread;
 
 /// What a test may change in the director's configuration.
 #[derive(Debug, Clone)]
@@ -43,6 +44,32 @@ pub struct DirectorOptions {
     pub connect_timeout: String,
     /// `backend_defaults.login_timeout` (default `10s`).
     pub login_timeout: String,
+}
+
+impl DirectorOptions {
+    /// The defaults with `yaml` added at the top level.
+    pub fn with_extra(yaml: &str) -> DirectorOptions {
+        DirectorOptions {
+            extra: yaml.into(),
+            ..DirectorOptions::default()
+        }
+    }
+
+    /// The defaults with `yaml` added to every backend entry.
+    pub fn with_backend_extra(yaml: &str) -> DirectorOptions {
+        DirectorOptions {
+            backend_extra: yaml.into(),
+            ..DirectorOptions::default()
+        }
+    }
+
+    /// The defaults with only the first `n` backends of the pool configured.
+    pub fn with_configured_backends(n: usize) -> DirectorOptions {
+        DirectorOptions {
+            configured_backends: Some(n),
+            ..DirectorOptions::default()
+        }
+    }
 }
 
 impl Default for DirectorOptions {
@@ -146,8 +173,8 @@ pub struct TestDirector {
     pub metrics: Option<SocketAddr>,
     /// The configuration it runs with.
     pub yaml: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Runs the director; dropping it stops it.
+    _service: RuntimeThread,
 }
 
 impl TestDirector {
@@ -180,6 +207,18 @@ impl TestDirector {
         d
     }
 
+    /// Starts a pool of `backends` and a director with the default options over it.
+    pub fn with_pool(backends: usize) -> (Pool, TestDirector) {
+        Self::start_with_pool(backends, &DirectorOptions::default())
+    }
+
+    /// Starts a pool of `backends` and a director with `options` over it.
+    pub fn start_with_pool(backends: usize, options: &DirectorOptions) -> (Pool, TestDirector) {
+        let pool = Pool::start(backends);
+        let d = Self::start(&pool, options);
+        (pool, d)
+    }
+
     /// Starts a director over `pool` with `options`.
     pub fn start(pool: &Pool, options: &DirectorOptions) -> TestDirector {
         Self::start_yaml(&config_yaml(pool, options))
@@ -188,15 +227,8 @@ impl TestDirector {
     /// Starts a director from configuration text (listeners on port 0).
     pub fn start_yaml(yaml: &str) -> TestDirector {
         let config = Config::parse(yaml).unwrap_or_else(|e| panic!("test config: {e}\n{yaml}"));
-        let (tx, rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
+        let (service, (addrs, state, sessions, router, health, metrics)) =
+            RuntimeThread::start("director", |tx, stop| async move {
                 let d = Director::build(&config).await.expect("director builds");
                 tx.send((
                     d.listen_addrs(),
@@ -208,14 +240,10 @@ impl TestDirector {
                 ))
                 .unwrap();
                 d.run(async {
-                    let _ = stop_rx.await;
+                    let _ = stop.await;
                 })
                 .await;
             });
-            rt.shutdown_timeout(std::time::Duration::from_millis(100));
-        });
-        let (addrs, state, sessions, router, health, metrics) =
-            rx.recv().expect("director started");
         let find = |p: Protocol, t: ListenerTls| {
             addrs
                 .iter()
@@ -240,19 +268,53 @@ impl TestDirector {
             health,
             metrics,
             yaml: yaml.to_owned(),
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _service: service,
         }
+    }
+
+    /// A copy of the director's backend `template` at `ip` (and its host name), with its IMAP
+    /// port changed to `imap_port` when given: a fake backend to add beside the real ones.
+    pub fn backend_like(&self, template: IpAddr, ip: IpAddr, imap_port: Option<u16>) -> DirBackend {
+        let template = self.state.backends().get(template).unwrap().clone();
+        let mut settings = (*template.settings).clone();
+        if imap_port.is_some() {
+            settings.ports.imap = imap_port;
+        }
+        DirBackend {
+            ip,
+            host: ip.to_string(),
+            settings: Arc::new(settings),
+            ..template
+        }
+    }
+
+    /// The live sessions of `user`.
+    pub fn sessions_of(&self, user: &str) -> Vec<SessionInfo> {
+        self.sessions
+            .list()
+            .into_iter()
+            .filter(|s| s.username == user)
+            .collect()
+    }
+
+    /// The pool backend the router sends `user` to (its record, else the ring).
+    pub fn home<'p>(&self, pool: &'p Pool, user: &str) -> &'p Backend {
+        home(pool, &self.router, user)
     }
 }
 
-impl Drop for TestDirector {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// The pool backend `router` sends `user` to (its record, else the ring).
+pub fn home<'p>(pool: &'p Pool, router: &Router, user: &str) -> &'p Backend {
+    let ip = router.route(user, "").expect("a route").backend.ip;
+    pool.by_ip(ip).expect("a pool backend")
+}
+
+/// `yaml` with `listener` (a flow mapping) added first under `listeners:`.
+pub fn with_listener(yaml: &str, listener: &str) -> String {
+    yaml.replacen("listeners:\n", &format!("listeners:\n  - {listener}\n"), 1)
+}
+
+/// `yaml` with `lines` added under `limits:`.
+pub fn with_limits(yaml: &str, lines: &str) -> String {
+    yaml.replacen("limits:\n", &format!("limits:\n{lines}"), 1)
 }

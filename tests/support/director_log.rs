@@ -7,6 +7,9 @@
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 
+use super::logs::LOG_WAIT;
+use super::wait::wait_until;
+
 /// Everything the director logged in this test process (all tests share it).
 static DIRECTOR_LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 
@@ -37,4 +40,15 @@ pub fn capture_director_log() {
 /// What was captured so far.
 pub fn director_log() -> String {
     String::from_utf8_lossy(&DIRECTOR_LOG.lock().unwrap()).into_owned()
+}
+
+/// Waits up to [`LOG_WAIT`] until the director has logged a line that `matches`; returns the
+/// first such line. Panics naming `what`.
+pub fn wait_director_line(what: &str, matches: impl Fn(&str) -> bool) -> String {
+    wait_until(what, LOG_WAIT, || {
+        director_log()
+            .lines()
+            .find(|l| matches(l))
+            .map(str::to_owned)
+    })
 }

@@ -93,23 +93,7 @@ pub const USER_COUNT: usize = 200;
 /// Password of every ordinary test user.
 pub const PASSWORD: &str = "secret";
 
-/// A user whose password holds a double quote.
-pub const QUOTE_USER: &str = "quote.user";
-/// [`QUOTE_USER`]'s password.
-pub const QUOTE_PASSWORD: &str = "pa\"ss";
-/// A user whose password holds a backslash.
-pub const BACKSLASH_USER: &str = "backslash.user";
-/// [`BACKSLASH_USER`]'s password.
-pub const BACKSLASH_PASSWORD: &str = "pa\\ss";
-/// A user whose password ends like an IMAP literal announcement.
-pub const LITERAL_USER: &str = "literal.user";
-/// [`LITERAL_USER`]'s password.
-pub const LITERAL_PASSWORD: &str = "secret{3}";
-/// A user whose password holds spaces.
-pub const SPACE_USER: &str = "space.user";
-/// [`SPACE_USER`]'s password.
-pub const SPACE_PASSWORD: &str = "pa ss word";
-/// A user whose password holds all of the above at once.
+/// A user whose password holds all of the quoting traps of [`SPECIAL_USERS`] at once.
 pub const TRICKY_USER: &str = "tricky.user";
 /// [`TRICKY_USER`]'s password.
 pub const TRICKY_PASSWORD: &str = "a \"b\\ c {3}";
@@ -120,12 +104,13 @@ pub const MASTER_USER: &str = "master";
 /// [`MASTER_USER`]'s password.
 pub const MASTER_PASSWORD: &str = "masterpass";
 
-/// The special users and their passwords.
+/// Users whose passwords are traps for quoting, and those passwords: a double quote, a
+/// backslash, an ending like an IMAP literal announcement, spaces, and all of them at once.
 pub const SPECIAL_USERS: [(&str, &str); 5] = [
-    (QUOTE_USER, QUOTE_PASSWORD),
-    (BACKSLASH_USER, BACKSLASH_PASSWORD),
-    (LITERAL_USER, LITERAL_PASSWORD),
-    (SPACE_USER, SPACE_PASSWORD),
+    ("quote.user", "pa\"ss"),
+    ("backslash.user", "pa\\ss"),
+    ("literal.user", "secret{3}"),
+    ("space.user", "pa ss word"),
     (TRICKY_USER, TRICKY_PASSWORD),
 ];
 
@@ -284,6 +269,16 @@ impl Pool {
         self.backends.iter().find(|b| b.ip == ip)
     }
 
+    /// Address `z` of the pool's loopback block (`127.X.Y.z`), for a fake server beside the
+    /// backends: no backend has it unless the pool has `z` backends or more.
+    pub fn spare_ip(&self, z: u8) -> IpAddr {
+        let IpAddr::V4(v4) = self.backends[0].ip else {
+            unreachable!("pools are on IPv4 loopback")
+        };
+        let [_, x, y, _] = v4.octets();
+        IpAddr::V4(Ipv4Addr::new(127, x, y, z))
+    }
+
     /// The pool's temporary directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -389,20 +384,7 @@ impl Backend {
     /// Runs `doveadm -c CONF ARGS...` against this backend (e.g. `who`) and returns its
     /// stdout; panics if it fails.
     pub fn doveadm(&self, args: &[&str]) -> String {
-        let out = Command::new("doveadm")
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .expect("run doveadm");
-        assert!(
-            out.status.success(),
-            "doveadm {args:?} on {} failed: {}{}",
-            self.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        doveadm(&self.config, &self.name, args)
     }
 
     /// Its log so far, plus anything the master wrote to stderr (config errors).
@@ -500,39 +482,28 @@ impl Backend {
 
     /// Waits until the backend greets on its IMAP port, or panics with its log.
     fn wait_ready(&self) {
-        let deadline = Instant::now() + START_DEADLINE;
         let expected = self.greeting();
-        loop {
-            if !self.is_running() {
-                panic!(
-                    "Dovecot {} ({}) exited during start; config {}\n{}",
-                    self.name,
-                    self.ip,
-                    self.config.display(),
-                    self.log()
-                );
-            }
-            if let Some(greeting) = read_greeting(self.imap()) {
+        let started = Started {
+            who: format!("Dovecot {} ({})", self.name, self.ip),
+            awaited: format!("accept connections on {}", self.imap()),
+            config: &self.config,
+        };
+        started.wait(
+            || !self.is_running(),
+            || {
+                let Some(greeting) = read_greeting(self.imap()) else {
+                    return false;
+                };
                 assert!(
                     greeting.contains(&expected),
                     "{} greeted {greeting:?}, expected {expected:?}: another server on {}?",
                     self.name,
                     self.imap()
                 );
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "Dovecot {} did not accept connections on {} within {:?}; config {}\n{}",
-                    self.name,
-                    self.imap(),
-                    START_DEADLINE,
-                    self.config.display(),
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+                true
+            },
+            || self.log(),
+        );
     }
 
     /// Waits (up to 5 s) until the IMAP port refuses connections.
@@ -624,19 +595,7 @@ impl RefDirector {
 
     /// Runs `doveadm -c CONF ARGS...` and returns its stdout; panics if it fails.
     pub fn doveadm(&self, args: &[&str]) -> String {
-        let out = Command::new("doveadm")
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .expect("run doveadm");
-        assert!(
-            out.status.success(),
-            "doveadm {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        doveadm(&self.config, "the reference director", args)
     }
 
     /// The `Hashed:` line of `doveadm director status USER`, through the doveadm command (slow:
@@ -691,35 +650,20 @@ impl RefDirector {
 
     /// Waits until the admin socket answers.
     fn wait_ready(&self) {
-        let deadline = Instant::now() + START_DEADLINE;
         let socket = self.dir.join("run").join("director-admin");
-        loop {
-            let exited = match self.master.lock().unwrap().as_mut() {
+        let started = Started {
+            who: format!("reference Dovecot director ({})", self.ip),
+            awaited: format!("open {}", socket.display()),
+            config: &self.config,
+        };
+        started.wait(
+            || match self.master.lock().unwrap().as_mut() {
                 Some(c) => c.try_wait().ok().flatten().is_some(),
                 None => true,
-            };
-            if exited {
-                panic!(
-                    "reference Dovecot director ({}) exited during start; config {}\n{}",
-                    self.ip,
-                    self.config.display(),
-                    self.log()
-                );
-            }
-            if UnixStream::connect(&socket).is_ok() {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "reference Dovecot director ({}) did not open {} within {:?}\n{}",
-                    self.ip,
-                    socket.display(),
-                    START_DEADLINE,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
+            },
+            || UnixStream::connect(&socket).is_ok(),
+            || self.log(),
+        );
     }
 }
 
@@ -1096,23 +1040,10 @@ fn make_tls(dir: &Path, ips: &[IpAddr]) -> TlsFiles {
             ][..],
         ]
         .concat(),
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "cert.pem",
-            "-days",
-            "3650",
-            "-extfile",
-            "leaf.ext",
-        ],
+        "x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem \
+         -days 3650 -extfile leaf.ext"
+            .split_whitespace()
+            .collect(),
     ];
     for args in steps {
         let out = Command::new("openssl")
@@ -1173,6 +1104,20 @@ fn instance_settings(name: &str, ip: IpAddr, dir: &Path, ids: &MailIds) -> Strin
     out
 }
 
+/// What every login service of a backend may take.
+const LOGIN_LIMITS: &str = "  service_count = 0\n  client_limit = 1000\n  process_limit = 64\n";
+
+/// A backend's login service for `proto` (`imap`, `pop3`) with its plain, implicit-TLS
+/// (`<proto>s`) and PROXY-header (`<proto>_haproxy`) listeners on `ports`, in that order.
+fn login_service(proto: &str, [plain, tls, haproxy]: [u16; 3]) -> String {
+    format!(
+        "service {proto}-login {{\n  inet_listener {proto} {{\n    port = {plain}\n  }}\n  \
+         inet_listener {proto}s {{\n    port = {tls}\n    ssl = yes\n  }}\n  \
+         inet_listener {proto}_haproxy {{\n    port = {haproxy}\n    haproxy = yes\n  }}\n\
+         {LOGIN_LIMITS}}}\n"
+    )
+}
+
 fn backend_config(c: &BackendConfig) -> String {
     let pool = c.pool_dir.display();
     let mut out = instance_settings(c.name, c.ip, c.dir, c.ids);
@@ -1219,46 +1164,11 @@ userdb {{
   args = username_format=%Ln {pool}/passwd
   default_fields = uid={uid} gid={gid} home={pool}/home/%Ln
 }}
-service imap-login {{
-  inet_listener imap {{
-    port = {IMAP_PORT}
-  }}
-  inet_listener imaps {{
-    port = {IMAPS_PORT}
-    ssl = yes
-  }}
-  inet_listener imap_haproxy {{
-    port = {IMAP_HAPROXY_PORT}
-    haproxy = yes
-  }}
-  service_count = 0
-  client_limit = 1000
-  process_limit = 64
-}}
-service pop3-login {{
-  inet_listener pop3 {{
-    port = {POP3_PORT}
-  }}
-  inet_listener pop3s {{
-    port = {POP3S_PORT}
-    ssl = yes
-  }}
-  inet_listener pop3_haproxy {{
-    port = {POP3_HAPROXY_PORT}
-    haproxy = yes
-  }}
-  service_count = 0
-  client_limit = 1000
-  process_limit = 64
-}}
-service managesieve-login {{
+{imap_login}{pop3_login}service managesieve-login {{
   inet_listener sieve {{
     port = {SIEVE_PORT}
   }}
-  service_count = 0
-  client_limit = 1000
-  process_limit = 64
-}}
+{LOGIN_LIMITS}}}
 service lmtp {{
   inet_listener lmtp {{
     port = {LMTP_PORT}
@@ -1280,6 +1190,8 @@ plugin {{
 "#,
         cert = c.tls.cert.display(),
         key = c.tls.key.display(),
+        imap_login = login_service("imap", [IMAP_PORT, IMAPS_PORT, IMAP_HAPROXY_PORT]),
+        pop3_login = login_service("pop3", [POP3_PORT, POP3S_PORT, POP3_HAPROXY_PORT]),
     );
     out.push_str(c.extra);
     out.push('\n');
@@ -1288,6 +1200,18 @@ plugin {{
 
 fn director_config(ip: IpAddr, dir: &Path, mail_servers: &str, username_hash: &str) -> String {
     let mut out = instance_settings("refdirector", ip, dir, &mail_ids());
+    // The director proxies the plain ports only.
+    let login_service = |proto: &str, port: u16| {
+        format!(
+            "service {proto}-login {{\n  executable = {proto}-login director\n  \
+             inet_listener {proto} {{\n    port = {port}\n  }}\n  \
+             inet_listener {proto}s {{\n    port = 0\n  }}\n}}\n"
+        )
+    };
+    let (imap_login, pop3_login) = (
+        login_service("imap", IMAP_PORT),
+        login_service("pop3", POP3_PORT),
+    );
     let _ = write!(
         out,
         r#"protocols = imap pop3 lmtp
@@ -1318,25 +1242,7 @@ service director {{
     port = {DIRECTOR_RING_PORT}
   }}
 }}
-service imap-login {{
-  executable = imap-login director
-  inet_listener imap {{
-    port = {IMAP_PORT}
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
-}}
-service pop3-login {{
-  executable = pop3-login director
-  inet_listener pop3 {{
-    port = {POP3_PORT}
-  }}
-  inet_listener pop3s {{
-    port = 0
-  }}
-}}
-service lmtp {{
+{imap_login}{pop3_login}service lmtp {{
   inet_listener lmtp {{
     port = {LMTP_PORT}
   }}
@@ -1348,6 +1254,24 @@ protocol lmtp {{
 "#
     );
     out
+}
+
+/// Runs `doveadm -c CONFIG ARGS...` against the instance `who` and returns its stdout;
+/// panics if it fails.
+fn doveadm(config: &Path, who: &str, args: &[&str]) -> String {
+    let out = Command::new("doveadm")
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run doveadm");
+    assert!(
+        out.status.success(),
+        "doveadm {args:?} on {who} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Starts `dovecot -F -c CONFIG`, its stderr appended to `dir/stderr.log`.
@@ -1386,6 +1310,51 @@ fn read_greeting(addr: SocketAddr) -> Option<String> {
         }
     }
     Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// A Dovecot instance being started, for the messages of [`Started::wait`].
+struct Started<'a> {
+    /// The instance, as a message names it.
+    who: String,
+    /// What it does once ready (`accept connections on ...`).
+    awaited: String,
+    config: &'a Path,
+}
+
+impl Started<'_> {
+    /// Polls every 25 ms until `ready`, for at most [`START_DEADLINE`]; panics with the
+    /// instance's `log` if it `exited` first or takes longer.
+    fn wait(
+        &self,
+        exited: impl Fn() -> bool,
+        mut ready: impl FnMut() -> bool,
+        log: impl Fn() -> String,
+    ) {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if exited() {
+                panic!(
+                    "{} exited during start; config {}\n{}",
+                    self.who,
+                    self.config.display(),
+                    log()
+                );
+            }
+            if ready() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not {} within {START_DEADLINE:?}; config {}\n{}",
+                    self.who,
+                    self.awaited,
+                    self.config.display(),
+                    log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
 }
 
 /// `kill -SIG PID`.

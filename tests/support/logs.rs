@@ -8,26 +8,13 @@
 
 #![allow(dead_code)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::dovecot::Backend;
+use super::wait::wait_until;
 
 /// How long a log line may take to appear.
 pub const LOG_WAIT: Duration = Duration::from_secs(5);
-
-/// Calls `f` every 20 ms until it returns `Some`, for at most `timeout`; panics naming `what`.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("waited {timeout:?} in vain for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The lines of `log` that record a successful login of `user` by `service` (`imap-login`,
 /// `pop3-login`).

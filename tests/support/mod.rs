@@ -1,8 +1,15 @@
 //! Shared helpers of the integration tests.
 
+pub mod admin_cli;
 pub mod client;
+pub mod command;
 pub mod director;
 pub mod director_log;
 pub mod dovecot;
 pub mod logins;
 pub mod logs;
+pub mod ports;
+pub mod runtime_thread;
+pub mod serve;
+pub mod swaks;
+pub mod wait;
