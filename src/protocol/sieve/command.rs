@@ -11,11 +11,13 @@
 //! waits is a client no ManageSieve server answers, while one that sends `{n}` and its bytes
 //! must not have those bytes read as commands.
 //!
-//! Parsing runs in two steps, as in `imap::command`. *Framing* finds where a unit ends and
-//! enforces the limits before anything is buffered beyond them; it keeps its position between
-//! calls. *Tokenising* then reads the atoms, strings and parentheses of the framed bytes.
+//! Parsing runs in two steps, as in `imap::command`. *Framing* ([`literal::Framer`], shared
+//! with IMAP) finds where a unit ends and enforces the limits before anything is buffered
+//! beyond them. *Tokenising* then reads the atoms, strings and parentheses of the framed bytes.
 
 use std::fmt;
+
+use crate::protocol::literal::{self, Cursor, Frame};
 
 /// One word of a framed unit.
 #[derive(Clone, PartialEq, Eq)]
@@ -130,140 +132,51 @@ pub struct ParseError {
     pub fatal: bool,
 }
 
-/// Where framing stands in the unit at the front of the buffer.
-#[derive(Debug, Clone, Copy, Default)]
-struct Position {
-    /// Start of the line being framed (0, or just after a literal's bytes).
-    line_start: usize,
-    /// Where to look for the line's LF next: bytes before it were seen and hold none.
-    search_from: usize,
-    /// Literal bytes announced so far in this unit (not counted as line length).
-    literal_bytes: usize,
-    /// `Some(end)` while waiting for a literal's bytes, which end at `end`.
-    literal_end: Option<usize>,
-}
-
 /// Finds where a unit (a line, and after each literal header the literal and the rest of the
-/// line) ends, keeping its position between calls.
+/// line) ends, keeping its position between calls: [`literal::Framer`] without continuations,
+/// so `{n}` is read at once like `{n+}`.
 ///
 /// Contract: the caller passes its whole read buffer each time, only appends to it between
 /// calls that return `Ok(None)`, and drops the unit's bytes (or calls [`Framer::reset`] when
 /// it throws the buffer away, e.g. at STARTTLS) after a unit or an error.
 #[derive(Debug, Clone)]
-pub struct Framer {
-    /// Longest unit accepted, in bytes, literal contents excluded, line ends included.
-    max_line: usize,
-    /// Largest total of literal bytes in one unit.
-    max_literal: usize,
-    position: Position,
-}
+pub struct Framer(literal::Framer);
 
 impl Framer {
     /// A framer for units of at most `max_line` bytes outside literals and `max_literal`
     /// bytes of literals. A buffer then never needs more than `max_line + max_literal` bytes.
     pub fn new(max_line: usize, max_literal: usize) -> Self {
-        Framer {
-            max_line,
-            max_literal,
-            position: Position::default(),
-        }
+        Framer(literal::Framer::new(max_line, max_literal, false))
     }
 
     /// Forgets the partly framed unit: the buffer was emptied.
     pub fn reset(&mut self) {
-        self.position = Position::default();
+        self.0.reset();
     }
 
     /// `Ok(Some(end))`: a whole unit is `buf[..end]`; `Ok(None)`: read more.
     pub fn frame(&mut self, buf: &[u8]) -> Result<Option<usize>, ParseError> {
-        let result = self.advance(buf);
-        if !matches!(result, Ok(None)) {
-            self.reset();
-        }
-        result
-    }
-
-    fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, ParseError> {
-        let too_long = ParseError {
-            consumed: buf.len(),
-            message: "Too long command line.",
-            fatal: true,
+        let message = match self.0.frame(buf) {
+            // No continuation without continuations: only `Incomplete` asks for more.
+            Frame::Incomplete | Frame::Continuation => return Ok(None),
+            Frame::Complete(end) => return Ok(Some(end)),
+            Frame::TooLong => "Too long command line.",
+            // The literal's bytes are on their way (no client waits for a continuation), and
+            // passing over them is not worth the trouble: close.
+            Frame::LiteralTooLarge { .. } => "Literal too large.",
         };
-        loop {
-            let p = &mut self.position;
-            if let Some(end) = p.literal_end {
-                if buf.len() < end {
-                    return Ok(None);
-                }
-                p.literal_end = None;
-                p.line_start = end;
-                p.search_from = end;
-            }
-            let Some(lf) = buf[p.search_from..]
-                .iter()
-                .position(|b| *b == b'\n')
-                .map(|i| p.search_from + i)
-            else {
-                p.search_from = buf.len();
-                if buf.len() - p.literal_bytes > self.max_line {
-                    return Err(too_long);
-                }
-                return Ok(None);
-            };
-            let line_end = lf + 1;
-            if line_end - p.literal_bytes > self.max_line {
-                return Err(too_long);
-            }
-            let Some(size) = literal_header(strip_eol(&buf[p.line_start..line_end])) else {
-                return Ok(Some(line_end));
-            };
-            let total = size
-                .checked_add(p.literal_bytes)
-                .filter(|total| *total <= self.max_literal);
-            let Some(total) = total else {
-                // The literal's bytes are on their way (no client waits for a continuation),
-                // and passing over them is not worth the trouble: close.
-                return Err(ParseError {
-                    consumed: buf.len(),
-                    message: "Literal too large.",
-                    fatal: true,
-                });
-            };
-            p.literal_bytes = total;
-            p.literal_end = Some(line_end + size);
-        }
+        Err(ParseError {
+            consumed: buf.len(),
+            message,
+            fatal: true,
+        })
     }
-}
-
-/// A line without its LF or CRLF.
-fn strip_eol(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-/// If `line` (without its line end) ends in a literal header `{n+}` or `{n}`: its size. A
-/// size too large for `usize` is reported as `usize::MAX`.
-fn literal_header(line: &[u8]) -> Option<usize> {
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|b| *b == b'{')?;
-    let inner = &inner[open + 1..];
-    let digits = inner.strip_suffix(b"+").unwrap_or(inner);
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let size = digits.iter().try_fold(0usize, |n, d| {
-        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
-    });
-    Some(size.unwrap_or(usize::MAX))
 }
 
 /// Splits a framed unit (whose literals are known to be complete, line end included) into
 /// tokens. Tokens are separated by spaces; parentheses need none.
 pub fn tokens(unit: &[u8]) -> Result<Vec<Token>, &'static str> {
-    let mut cursor = Cursor {
-        bytes: unit,
-        pos: 0,
-    };
+    let mut cursor = Cursor::new(unit);
     let mut out = Vec::new();
     loop {
         while cursor.peek() == Some(b' ') {
@@ -278,8 +191,8 @@ pub fn tokens(unit: &[u8]) -> Result<Vec<Token>, &'static str> {
         }
         let token = match cursor.peek() {
             None => return Err("Missing line end."),
-            Some(b'"') => cursor.quoted()?,
-            Some(b'{') => cursor.literal()?,
+            Some(b'"') => Token::String(cursor.quoted()?),
+            Some(b'{') => Token::String(cursor.literal()?),
             Some(b'(') => {
                 cursor.pos += 1;
                 Token::Open
@@ -288,7 +201,7 @@ pub fn tokens(unit: &[u8]) -> Result<Vec<Token>, &'static str> {
                 cursor.pos += 1;
                 Token::Close
             }
-            Some(_) => cursor.atom()?,
+            Some(_) => atom(&mut cursor)?,
         };
         out.push(token);
         // A token must be followed by a space, a parenthesis or the line end.
@@ -303,97 +216,13 @@ fn token_is_word(token: Option<&Token>) -> bool {
     matches!(token, Some(Token::Atom(_) | Token::String(_)))
 }
 
-/// Reads the tokens of one framed unit.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl Cursor<'_> {
-    fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.pos).copied()
+fn atom(cursor: &mut Cursor<'_>) -> Result<Token, &'static str> {
+    // Only ASCII characters are accepted, so this cannot fail.
+    let word = std::str::from_utf8(cursor.take_while(is_atom_char)).unwrap_or_default();
+    if word.is_empty() {
+        return Err("Invalid characters in command.");
     }
-
-    fn eat_eol(&mut self) -> bool {
-        let rest = &self.bytes[self.pos..];
-        let len = if rest.starts_with(b"\r\n") {
-            2
-        } else if rest.starts_with(b"\n") {
-            1
-        } else {
-            return false;
-        };
-        self.pos += len;
-        true
-    }
-
-    fn atom(&mut self) -> Result<Token, &'static str> {
-        let start = self.pos;
-        while self.peek().is_some_and(is_atom_char) {
-            self.pos += 1;
-        }
-        // Only ASCII characters are accepted, so this cannot fail.
-        let word = std::str::from_utf8(&self.bytes[start..self.pos]).unwrap_or_default();
-        if word.is_empty() {
-            return Err("Invalid characters in command.");
-        }
-        Ok(Token::Atom(word.to_owned()))
-    }
-
-    fn quoted(&mut self) -> Result<Token, &'static str> {
-        self.pos += 1;
-        let mut value = Vec::new();
-        loop {
-            let Some(byte) = self.peek() else {
-                return Err("Missing '\"'.");
-            };
-            self.pos += 1;
-            match byte {
-                b'"' => return Ok(Token::String(value)),
-                b'\\' => match self.peek() {
-                    Some(escaped @ (b'"' | b'\\')) => {
-                        self.pos += 1;
-                        value.push(escaped);
-                    }
-                    _ => return Err("Invalid escape in quoted string."),
-                },
-                b'\r' | b'\n' => return Err("Missing '\"'."),
-                0 => return Err("NUL in quoted string."),
-                other => value.push(other),
-            }
-        }
-    }
-
-    fn literal(&mut self) -> Result<Token, &'static str> {
-        self.pos += 1;
-        let start = self.pos;
-        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
-            self.pos += 1;
-        }
-        let size: usize = std::str::from_utf8(&self.bytes[start..self.pos])
-            .ok()
-            .and_then(|digits| digits.parse().ok())
-            .ok_or("Invalid literal size.")?;
-        if self.peek() == Some(b'+') {
-            self.pos += 1;
-        }
-        if self.peek() != Some(b'}') {
-            return Err("Invalid literal.");
-        }
-        self.pos += 1;
-        if !self.eat_eol() {
-            return Err("Literal header not at the end of the line.");
-        }
-        // Framing checked that the literal's bytes are all here; stay safe anyway.
-        let end = self
-            .pos
-            .checked_add(size)
-            .filter(|end| *end <= self.bytes.len())
-            .ok_or("Truncated literal.")?;
-        let value = self.bytes[self.pos..end].to_vec();
-        self.pos = end;
-        Ok(Token::String(value))
-    }
+    Ok(Token::Atom(word.to_owned()))
 }
 
 /// Visible ASCII except the characters that start or end other tokens.
