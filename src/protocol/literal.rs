@@ -256,3 +256,80 @@ impl<'a> Cursor<'a> {
         Ok(value)
     }
 }
+
+/// Replaying a client's script through a parser cut into reads of every size, for the
+/// grammars' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::fmt::Debug;
+
+    /// What a parser made of the buffer, as [`replay`] needs to know it.
+    pub(crate) enum Step<E> {
+        /// More bytes are needed.
+        Incomplete,
+        /// An event that consumes nothing (a continuation request).
+        Waiting(E),
+        /// An event and the bytes it consumed; `fatal`: the session would close.
+        Consumed {
+            consumed: usize,
+            event: E,
+            fatal: bool,
+        },
+    }
+
+    /// Feeds `script` to `parse` `chunk` bytes at a time, as a session reads it, never
+    /// buffering more than `cap` bytes, and records every event. Stops at a fatal one.
+    pub(crate) fn replay<E>(
+        script: &[u8],
+        chunk: usize,
+        cap: usize,
+        mut parse: impl FnMut(&[u8]) -> Step<E>,
+    ) -> Vec<E> {
+        let mut buf = Vec::new();
+        let mut events = Vec::new();
+        let mut sent = 0;
+        while sent < script.len() {
+            // Like a session: never read more than the buffer's room.
+            let room = cap - buf.len();
+            assert!(room > 0, "the parser let the buffer fill up");
+            let take = chunk.min(room).min(script.len() - sent);
+            buf.extend_from_slice(&script[sent..sent + take]);
+            sent += take;
+            loop {
+                match parse(&buf) {
+                    Step::Incomplete => break,
+                    Step::Waiting(event) => events.push(event),
+                    Step::Consumed {
+                        consumed,
+                        event,
+                        fatal,
+                    } => {
+                        assert!(consumed > 0 && consumed <= buf.len());
+                        buf.drain(..consumed);
+                        events.push(event);
+                        if fatal {
+                            return events;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(buf.is_empty(), "bytes left over: {buf:?}");
+        events
+    }
+
+    /// Runs `replay_in` (a replay in chunks of the given size) in chunks of 1, 2, 4, … 512
+    /// bytes; every run must see the same events as one read of the whole script. Returns them.
+    pub(crate) fn replay_all<E: PartialEq + Debug>(
+        script: &[u8],
+        replay_in: impl Fn(usize) -> Vec<E>,
+    ) -> Vec<E> {
+        let whole = replay_in(script.len().max(1));
+        let mut chunk = 1;
+        while chunk <= 512 {
+            assert_eq!(replay_in(chunk), whole, "chunks of {chunk} bytes");
+            chunk *= 2;
+        }
+        whole
+    }
+}

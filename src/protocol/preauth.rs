@@ -140,19 +140,20 @@ pub(crate) trait Dialect: Sized + Send {
     /// The protocol the logins are for.
     const PROTOCOL: Protocol;
     /// Bytes asked of the socket per read (at most 2048).
-    const READ_CHUNK: usize;
+    const READ_CHUNK: usize = MAX_READ_CHUNK;
     /// The debug message when the pre-auth timeout ends a dialogue.
-    const TIMEOUT_LOG: &'static str;
+    const TIMEOUT_LOG: &'static str = "pre-auth timeout";
     /// What comes before the eviction text in its goodbye (a response code and a space).
-    const EVICTED_CODE: &'static str;
+    const EVICTED_CODE: &'static str = "";
     /// The goodbye text after the last invalid command allowed.
     const TOO_MANY_COMMANDS: &'static str;
     /// Whether a limit (invalid commands, failed logins) ends the dialogue with a goodbye of
     /// its own after the reply (IMAP's and ManageSieve's `BYE`). POP3 has none: there the
     /// reply is the last word, and the last invalid command is answered with the goodbye text.
-    const BYE_ON_LIMITS: bool;
+    const BYE_ON_LIMITS: bool = true;
 
-    type Command: Send;
+    /// What [`Dialect::parse`] finds at the front of the buffer.
+    type Parse: Parsed;
 
     /// The dialect's state at the start of a dialogue.
     fn new(limits: &PreauthLimits) -> Self;
@@ -170,14 +171,12 @@ pub(crate) trait Dialect: Sized + Send {
         format!("+ {challenge}\r\n")
     }
 
-    /// The next command, answering syntax errors on the way. `None`: close the connection.
-    fn next_command(
-        s: &mut Session<Self>,
-    ) -> impl Future<Output = io::Result<Option<Self::Command>>> + Send;
-    /// Runs one command.
+    /// The grammar: looks for a command at the front of `buf`.
+    fn parse(&mut self, buf: &[u8]) -> Self::Parse;
+    /// Runs what [`Dialect::parse`] found (a command, or a syntax error to answer).
     fn execute<A: Authenticator>(
         s: &mut Session<Self>,
-        command: Self::Command,
+        parsed: <Self::Parse as Parsed>::Found,
         auth: &A,
     ) -> impl Future<Output = io::Result<Flow>> + Send;
     /// Reads the client's answer to a SASL challenge.
@@ -417,10 +416,10 @@ impl<D: Dialect> Session<D> {
         let greeting = D::greeting(self);
         self.send(greeting.as_bytes()).await?;
         loop {
-            let Some(command) = D::next_command(self).await? else {
+            let Some(parsed) = self.parse(D::parse).await? else {
                 return Ok(None);
             };
-            match D::execute(self, command, auth).await? {
+            match D::execute(self, parsed, auth).await? {
                 Flow::Continue => {}
                 Flow::Close => return Ok(None),
                 Flow::Established(established) => return Ok(Some(*established)),
@@ -672,6 +671,48 @@ impl<D: Dialect> Session<D> {
         Ok(Flow::Close)
     }
 }
+
+/// Defines a protocol's `CommandName`: the commands its front end answers before login, each
+/// with its upper-case name, and `Other` for any other, kept by name (upper-cased) so the
+/// session can answer it as unknown. Gives `from_atom` (case-insensitive), `as_str` (the name
+/// as replies show it) and `Display`.
+macro_rules! command_names {
+    ($(#[$meta:meta])* $($variant:ident = $name:literal,)*) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum CommandName {
+            $($variant,)*
+            /// Any other command name, upper-cased.
+            Other(String),
+        }
+
+        impl CommandName {
+            /// Recognises a command name, case-insensitively.
+            pub fn from_atom(atom: &str) -> CommandName {
+                let upper = atom.to_ascii_uppercase();
+                match upper.as_str() {
+                    $($name => CommandName::$variant,)*
+                    _ => CommandName::Other(upper),
+                }
+            }
+
+            /// The upper-case name, as used in replies.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $(CommandName::$variant => $name,)*
+                    CommandName::Other(name) => name,
+                }
+            }
+        }
+
+        impl std::fmt::Display for CommandName {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use command_names;
 
 /// `text` with control characters replaced by spaces, safe to put in a reply line (a CR or LF
 /// would end the line and start another).

@@ -14,56 +14,11 @@ use std::fmt;
 
 use crate::protocol::literal::{Cursor, Frame, Framer};
 
-/// The commands a front end answers before login. Anything else is kept by name, so the
-/// session can answer "Unknown command".
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CommandName {
-    Capability,
-    Noop,
-    Logout,
-    Id,
-    Starttls,
-    Login,
-    Authenticate,
-    /// Any other command name, upper-cased.
-    Other(String),
-}
-
-impl CommandName {
-    /// Recognises a command name, case-insensitively.
-    pub fn from_atom(atom: &str) -> CommandName {
-        let upper = atom.to_ascii_uppercase();
-        match upper.as_str() {
-            "CAPABILITY" => CommandName::Capability,
-            "NOOP" => CommandName::Noop,
-            "LOGOUT" => CommandName::Logout,
-            "ID" => CommandName::Id,
-            "STARTTLS" => CommandName::Starttls,
-            "LOGIN" => CommandName::Login,
-            "AUTHENTICATE" => CommandName::Authenticate,
-            _ => CommandName::Other(upper),
-        }
-    }
-
-    /// The upper-case name, as used in replies ("Error in IMAP command LOGIN: ...").
-    pub fn as_str(&self) -> &str {
-        match self {
-            CommandName::Capability => "CAPABILITY",
-            CommandName::Noop => "NOOP",
-            CommandName::Logout => "LOGOUT",
-            CommandName::Id => "ID",
-            CommandName::Starttls => "STARTTLS",
-            CommandName::Login => "LOGIN",
-            CommandName::Authenticate => "AUTHENTICATE",
-            CommandName::Other(name) => name,
-        }
-    }
-}
-
-impl fmt::Display for CommandName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+crate::protocol::preauth::command_names! {
+    /// The commands a front end answers before login. Anything else is kept by name, so the
+    /// session can answer "Unknown command".
+    Capability = "CAPABILITY", Noop = "NOOP", Logout = "LOGOUT", Id = "ID",
+    Starttls = "STARTTLS", Login = "LOGIN", Authenticate = "AUTHENTICATE",
 }
 
 /// One argument of a command.
@@ -468,6 +423,7 @@ mod tests {
     }
 
     use super::*;
+    use crate::protocol::literal::testing::{self, Step};
 
     /// What a session would do with each parse result, for comparing runs.
     #[derive(Debug, PartialEq, Eq)]
@@ -481,60 +437,32 @@ mod tests {
         },
     }
 
-    /// Feeds `script` to a parser `chunk` bytes at a time, as a session reads it, and records
-    /// what the session would see. Stops at a fatal error.
-    fn replay(script: &[u8], chunk: usize, max_line: usize, max_literal: usize) -> Vec<Event> {
-        let cap = max_line + max_literal;
-        let mut parser = CommandParser::new(max_line, max_literal);
-        let mut buf = Vec::new();
-        let mut events = Vec::new();
-        let mut sent = 0;
-        while sent < script.len() {
-            // Like a session: never read more than the buffer's room.
-            let room = cap - buf.len();
-            assert!(room > 0, "the parser let the buffer fill up");
-            let take = chunk.min(room).min(script.len() - sent);
-            buf.extend_from_slice(&script[sent..sent + take]);
-            sent += take;
-            loop {
-                match parser.parse(&buf) {
-                    Parse::Incomplete => break,
-                    Parse::NeedContinuation => events.push(Event::Continuation),
-                    Parse::Command { consumed, command } => {
-                        assert!(consumed > 0 && consumed <= buf.len());
-                        buf.drain(..consumed);
-                        events.push(Event::Command(command));
-                    }
-                    Parse::Error(e) => {
-                        assert!(e.consumed > 0 && e.consumed <= buf.len());
-                        buf.drain(..e.consumed);
-                        events.push(Event::Error {
-                            tag: e.tag,
-                            code: e.code,
-                            fatal: e.fatal,
-                        });
-                        if e.fatal {
-                            return events;
-                        }
-                    }
-                }
-            }
-        }
-        assert!(buf.is_empty(), "bytes left over: {buf:?}");
-        events
-    }
-
-    /// Replays `script` in chunks of 1, 2, 4, … 512 bytes and checks that every run sees the
-    /// same events; returns them.
+    /// Replays `script` through a parser in chunks of 1, 2, 4, … 512 bytes, as a session
+    /// reads it, and checks that every run sees the same events; returns them. Stops at a
+    /// fatal error.
     fn replay_all(script: &[u8], max_line: usize, max_literal: usize) -> Vec<Event> {
-        let whole = replay(script, script.len().max(1), max_line, max_literal);
-        let mut chunk = 1;
-        while chunk <= 512 {
-            let events = replay(script, chunk, max_line, max_literal);
-            assert_eq!(events, whole, "chunks of {chunk} bytes");
-            chunk *= 2;
-        }
-        whole
+        testing::replay_all(script, |chunk| {
+            let mut parser = CommandParser::new(max_line, max_literal);
+            let cap = max_line + max_literal;
+            testing::replay(script, chunk, cap, |buf| match parser.parse(buf) {
+                Parse::Incomplete => Step::Incomplete,
+                Parse::NeedContinuation => Step::Waiting(Event::Continuation),
+                Parse::Command { consumed, command } => Step::Consumed {
+                    consumed,
+                    event: Event::Command(command),
+                    fatal: false,
+                },
+                Parse::Error(e) => Step::Consumed {
+                    consumed: e.consumed,
+                    fatal: e.fatal,
+                    event: Event::Error {
+                        tag: e.tag,
+                        code: e.code,
+                        fatal: e.fatal,
+                    },
+                },
+            })
+        })
     }
 
     fn commands(script: &[u8]) -> Vec<Event> {

@@ -45,13 +45,10 @@ impl Parsed for Parse {
 
 impl Dialect for Imap {
     const PROTOCOL: Protocol = Protocol::Imap;
-    const READ_CHUNK: usize = 2048;
-    const TIMEOUT_LOG: &'static str = "pre-auth timeout";
     const EVICTED_CODE: &'static str = "[UNAVAILABLE] ";
     const TOO_MANY_COMMANDS: &'static str = "Too many invalid IMAP commands.";
-    const BYE_ON_LIMITS: bool = true;
 
-    type Command = Command;
+    type Parse = Parse;
 
     fn new(limits: &PreauthLimits) -> Self {
         Imap {
@@ -101,28 +98,25 @@ impl Dialect for Imap {
         format!("{tag} {text}\r\n")
     }
 
-    async fn next_command(s: &mut Session<Self>) -> io::Result<Option<Command>> {
-        loop {
-            match s.parse(|imap, buf| imap.parser.parse(buf)).await? {
-                Some(Parse::Command { command, .. }) => return Ok(Some(command)),
-                Some(Parse::NeedContinuation) => s.send(b"+ Ready for literal data\r\n").await?,
-                Some(Parse::Error(error)) => {
-                    if let Flow::Close = syntax_error(s, error).await? {
-                        return Ok(None);
-                    }
-                }
-                // `parse` reads on while the parser finds too little; `None`: the client left.
-                Some(Parse::Incomplete) | None => return Ok(None),
-            }
-        }
+    fn parse(&mut self, buf: &[u8]) -> Parse {
+        self.parser.parse(buf)
     }
 
     async fn execute<A: Authenticator>(
         s: &mut Session<Self>,
-        command: Command,
+        parsed: Parse,
         auth: &A,
     ) -> io::Result<Flow> {
-        let Command { tag, name, args } = command;
+        let Command { tag, name, args } = match parsed {
+            Parse::Command { command, .. } => command,
+            Parse::NeedContinuation => {
+                s.send(b"+ Ready for literal data\r\n").await?;
+                return Ok(Flow::Continue);
+            }
+            Parse::Error(error) => return syntax_error(s, error).await,
+            // Never handed over: the session reads on.
+            Parse::Incomplete => return Ok(Flow::Continue),
+        };
         s.dialect.tag = tag;
         match name {
             CommandName::Capability

@@ -25,6 +25,8 @@ const AUTH_FAILED: &str = "Authentication failed.";
 
 /// POP3 before login.
 pub(crate) struct Pop3 {
+    /// Longest command line accepted, CRLF included.
+    max_line: usize,
     /// The name given by `USER`, for the next `PASS`.
     user: Option<String>,
 }
@@ -50,10 +52,13 @@ impl Dialect for Pop3 {
     const TOO_MANY_COMMANDS: &'static str = "Too many invalid commands.";
     const BYE_ON_LIMITS: bool = false;
 
-    type Command = Command;
+    type Parse = Parse;
 
-    fn new(_limits: &PreauthLimits) -> Self {
-        Pop3 { user: None }
+    fn new(limits: &PreauthLimits) -> Self {
+        Pop3 {
+            max_line: limits.max_line,
+            user: None,
+        }
     }
 
     fn buffer_cap(limits: &PreauthLimits) -> usize {
@@ -107,24 +112,24 @@ impl Dialect for Pop3 {
         format!("{line}\r\n")
     }
 
-    async fn next_command(s: &mut Session<Self>) -> io::Result<Option<Command>> {
-        let max_line = s.ctx.limits.max_line;
-        match s.parse(|_, buf| parse_line(buf, max_line)).await? {
-            Some(Parse::Line { command, .. }) => Ok(Some(command)),
-            Some(Parse::TooLong) => {
-                s.send(b"-ERR Input line too long.\r\n").await?;
-                Ok(None)
-            }
-            // `parse` reads on while the parser finds too little; `None`: the client left.
-            Some(Parse::Incomplete) | None => Ok(None),
-        }
+    fn parse(&mut self, buf: &[u8]) -> Parse {
+        parse_line(buf, self.max_line)
     }
 
     async fn execute<A: Authenticator>(
         s: &mut Session<Self>,
-        command: Command,
+        parsed: Parse,
         auth: &A,
     ) -> io::Result<Flow> {
+        let command = match parsed {
+            Parse::Line { command, .. } => command,
+            Parse::TooLong => {
+                s.send(b"-ERR Input line too long.\r\n").await?;
+                return Ok(Flow::Close);
+            }
+            // Never handed over: the session reads on.
+            Parse::Incomplete => return Ok(Flow::Continue),
+        };
         match command {
             Command::Capa => {
                 let capabilities = capabilities(s);

@@ -56,49 +56,10 @@ impl fmt::Debug for Token {
     }
 }
 
-/// The commands a front end answers before login. Anything else is kept by name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CommandName {
-    Capability,
-    Noop,
-    Logout,
-    Starttls,
-    Authenticate,
-    /// Any other command name, upper-cased.
-    Other(String),
-}
-
-impl CommandName {
-    /// Recognises a command name, case-insensitively.
-    pub fn from_atom(atom: &str) -> CommandName {
-        let upper = atom.to_ascii_uppercase();
-        match upper.as_str() {
-            "CAPABILITY" => CommandName::Capability,
-            "NOOP" => CommandName::Noop,
-            "LOGOUT" => CommandName::Logout,
-            "STARTTLS" => CommandName::Starttls,
-            "AUTHENTICATE" => CommandName::Authenticate,
-            _ => CommandName::Other(upper),
-        }
-    }
-
-    /// The upper-case name, as used in replies.
-    pub fn as_str(&self) -> &str {
-        match self {
-            CommandName::Capability => "CAPABILITY",
-            CommandName::Noop => "NOOP",
-            CommandName::Logout => "LOGOUT",
-            CommandName::Starttls => "STARTTLS",
-            CommandName::Authenticate => "AUTHENTICATE",
-            CommandName::Other(name) => name,
-        }
-    }
-}
-
-impl fmt::Display for CommandName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+crate::protocol::preauth::command_names! {
+    /// The commands a front end answers before login. Anything else is kept by name.
+    Capability = "CAPABILITY", Noop = "NOOP", Logout = "LOGOUT", Starttls = "STARTTLS",
+    Authenticate = "AUTHENTICATE",
 }
 
 /// A complete client command: its name and its arguments (atoms or strings, never
@@ -230,26 +191,11 @@ fn is_atom_char(b: u8) -> bool {
     b > 0x20 && b < 0x7f && !matches!(b, b'(' | b')' | b'{' | b'}' | b'"' | b'\\')
 }
 
-/// The streaming parser of one client session: commands, and SASL responses while an
-/// AUTHENTICATE is under way. Same contract as [`Framer`].
-#[derive(Debug, Clone)]
-pub struct CommandParser {
-    framer: Framer,
-}
+/// The streaming parser of one client session: the [`Framer`], with the grammar of commands
+/// and of SASL responses (while an AUTHENTICATE is under way). Same contract.
+pub type CommandParser = Framer;
 
-impl CommandParser {
-    /// See [`Framer::new`].
-    pub fn new(max_line: usize, max_literal: usize) -> Self {
-        CommandParser {
-            framer: Framer::new(max_line, max_literal),
-        }
-    }
-
-    /// Forgets a partly framed unit: the buffer was emptied.
-    pub fn reset(&mut self) {
-        self.framer.reset();
-    }
-
+impl Framer {
     /// Looks for a command at the front of `buf`. A grammar error consumes the whole framed
     /// unit, literals included, so the session stays in step with the client.
     pub fn command(&mut self, buf: &[u8]) -> Parse<Command> {
@@ -283,7 +229,7 @@ impl CommandParser {
         buf: &[u8],
         grammar: impl FnOnce(Vec<Token>) -> Result<T, &'static str>,
     ) -> Parse<T> {
-        let end = match self.framer.frame(buf) {
+        let end = match self.frame(buf) {
             Ok(Some(end)) => end,
             Ok(None) => return Parse::Incomplete,
             Err(error) => return Parse::Error(error),
@@ -340,6 +286,7 @@ pub fn string_bytes(bytes: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::literal::testing::{self, Step};
 
     /// What a session would see, for comparing runs.
     #[derive(Debug, PartialEq, Eq)]
@@ -348,65 +295,32 @@ mod tests {
         Error { fatal: bool },
     }
 
-    /// Feeds `script` to `parse` `chunk` bytes at a time, as a session reads it, never
-    /// buffering more than the limits allow, and records every result. Stops at a fatal error.
-    fn replay<T>(
-        script: &[u8],
-        chunk: usize,
-        max_line: usize,
-        max_literal: usize,
-        parse: fn(&mut CommandParser, &[u8]) -> Parse<T>,
-    ) -> Vec<Event<T>> {
-        let cap = max_line + max_literal + 1;
-        let mut parser = CommandParser::new(max_line, max_literal);
-        let mut buf = Vec::new();
-        let mut events = Vec::new();
-        let mut sent = 0;
-        while sent < script.len() {
-            let room = cap - buf.len();
-            assert!(room > 0, "the parser let the buffer fill up");
-            let take = chunk.min(room).min(script.len() - sent);
-            buf.extend_from_slice(&script[sent..sent + take]);
-            sent += take;
-            loop {
-                match parse(&mut parser, &buf) {
-                    Parse::Incomplete => break,
-                    Parse::Done { consumed, value } => {
-                        assert!(consumed > 0 && consumed <= buf.len());
-                        buf.drain(..consumed);
-                        events.push(Event::Value(value));
-                    }
-                    Parse::Error(e) => {
-                        assert!(e.consumed > 0 && e.consumed <= buf.len());
-                        buf.drain(..e.consumed);
-                        events.push(Event::Error { fatal: e.fatal });
-                        if e.fatal {
-                            return events;
-                        }
-                    }
-                }
-            }
-        }
-        assert!(buf.is_empty(), "bytes left over: {buf:?}");
-        events
-    }
-
-    /// Replays `script` in chunks of 1, 2, 4, … 512 bytes; every run must see the same events
-    /// as one read of the whole script. Returns them.
+    /// Replays `script` through `parse` in chunks of 1, 2, 4, … 512 bytes, as a session reads
+    /// it (never buffering more than the limits allow); every run must see the same events as
+    /// one read of the whole script. Returns them. Stops at a fatal error.
     fn replay_all<T: PartialEq + fmt::Debug>(
         script: &[u8],
         max_line: usize,
         max_literal: usize,
         parse: fn(&mut CommandParser, &[u8]) -> Parse<T>,
     ) -> Vec<Event<T>> {
-        let whole = replay(script, script.len().max(1), max_line, max_literal, parse);
-        let mut chunk = 1;
-        while chunk <= 512 {
-            let events = replay(script, chunk, max_line, max_literal, parse);
-            assert_eq!(events, whole, "chunks of {chunk} bytes");
-            chunk *= 2;
-        }
-        whole
+        testing::replay_all(script, |chunk| {
+            let mut parser = CommandParser::new(max_line, max_literal);
+            let cap = max_line + max_literal + 1;
+            testing::replay(script, chunk, cap, |buf| match parse(&mut parser, buf) {
+                Parse::Incomplete => Step::Incomplete,
+                Parse::Done { consumed, value } => Step::Consumed {
+                    consumed,
+                    event: Event::Value(value),
+                    fatal: false,
+                },
+                Parse::Error(e) => Step::Consumed {
+                    consumed: e.consumed,
+                    event: Event::Error { fatal: e.fatal },
+                    fatal: e.fatal,
+                },
+            })
+        })
     }
 
     fn commands(script: &[u8]) -> Vec<Event<Command>> {

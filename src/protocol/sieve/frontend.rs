@@ -55,13 +55,9 @@ impl<T> Parsed for Parse<T> {
 
 impl Dialect for ManageSieve {
     const PROTOCOL: Protocol = Protocol::Sieve;
-    const READ_CHUNK: usize = 2048;
-    const TIMEOUT_LOG: &'static str = "pre-auth timeout";
-    const EVICTED_CODE: &'static str = "";
     const TOO_MANY_COMMANDS: &'static str = "Too many invalid MANAGESIEVE commands.";
-    const BYE_ON_LIMITS: bool = true;
 
-    type Command = Command;
+    type Parse = Parse<Command>;
 
     fn new(limits: &PreauthLimits) -> Self {
         ManageSieve {
@@ -113,27 +109,21 @@ impl Dialect for ManageSieve {
         format!("\"{challenge}\"\r\n")
     }
 
-    async fn next_command(s: &mut Session<Self>) -> io::Result<Option<Command>> {
-        loop {
-            match s.parse(|sieve, buf| sieve.parser.command(buf)).await? {
-                Some(Parse::Done { value, .. }) => return Ok(Some(value)),
-                Some(Parse::Error(error)) => {
-                    if let Flow::Close = parse_error(s, error, COMMAND_ERROR).await? {
-                        return Ok(None);
-                    }
-                }
-                // `parse` reads on while the parser finds too little; `None`: the client left.
-                Some(Parse::Incomplete) | None => return Ok(None),
-            }
-        }
+    fn parse(&mut self, buf: &[u8]) -> Parse<Command> {
+        self.parser.command(buf)
     }
 
     async fn execute<A: Authenticator>(
         s: &mut Session<Self>,
-        command: Command,
+        parsed: Parse<Command>,
         auth: &A,
     ) -> io::Result<Flow> {
-        let Command { name, args } = command;
+        let Command { name, args } = match parsed {
+            Parse::Done { value, .. } => value,
+            Parse::Error(error) => return parse_error(s, error, COMMAND_ERROR).await,
+            // Never handed over: the session reads on.
+            Parse::Incomplete => return Ok(Flow::Continue),
+        };
         match name {
             CommandName::Capability | CommandName::Logout | CommandName::Starttls
                 if !args.is_empty() =>
