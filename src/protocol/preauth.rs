@@ -982,19 +982,11 @@ pub(crate) mod testing {
             std::fs::create_dir_all(&dir).unwrap();
             let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
             let out = std::process::Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=localhost",
-                ])
-                .args(["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+                .args("req -x509 -nodes -days 2 -subj /CN=localhost".split(' '))
+                .args("-newkey ec -pkeyopt ec_paramgen_curve:P-256".split(' '))
                 // CA:FALSE: webpki refuses a CA certificate as the server's own.
-                .args(["-addext", "subjectAltName=DNS:localhost"])
-                .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+                .args("-addext subjectAltName=DNS:localhost".split(' '))
+                .args("-addext basicConstraints=critical,CA:FALSE".split(' '))
                 .arg("-keyout")
                 .arg(&key)
                 .arg("-out")

@@ -360,7 +360,7 @@ mod tests {
     use super::*;
     use crate::protocol::decision::Secret;
     use crate::protocol::preauth::testing::{
-        b64, creds, established, tls_pair, Client, FakeAuth, Running as Session,
+        b64, closed, creds, established, tls_pair, Client, FakeAuth, Running as Session,
     };
     use crate::protocol::preauth::{testing, FrontendContext};
 
@@ -385,8 +385,8 @@ mod tests {
             greeting,
             format!("* OK [CAPABILITY {CAPS}] Director ready.")
         );
-        c.send(b"a CAPABILITY\r\n").await;
-        c.expect(&format!("* CAPABILITY {CAPS}")).await;
+        c.command("a CAPABILITY", &format!("* CAPABILITY {CAPS}"))
+            .await;
         c.expect("a OK Pre-login capabilities listed, post-login capabilities have more.")
             .await;
         c.send(b"b noop\r\nc ID (\"name\" \"test\" \"version\" NIL)\r\nd ID NIL\r\n")
@@ -399,11 +399,10 @@ mod tests {
         c.send(b"e ID (\"name\")\r\n").await;
         c.expect("e BAD Error in IMAP command ID: Invalid arguments.")
             .await;
-        c.send(b"f LOGOUT\r\n").await;
-        c.expect("* BYE Logging out").await;
+        c.command("f LOGOUT", "* BYE Logging out").await;
         c.expect("f OK Logout completed.").await;
         c.expect_closed().await;
-        assert!(session.await.unwrap().unwrap().is_none());
+        closed(session).await;
         assert!(auth.decisions().is_empty());
     }
 
@@ -492,10 +491,8 @@ mod tests {
     #[tokio::test]
     async fn login_with_synchronising_literals() {
         let (mut c, session, auth, _) = start(|_| {}).await;
-        c.send(b"a LOGIN {5}\r\n").await;
-        c.expect("+ Ready for literal data").await;
-        c.send(b"alice {7}\r\n").await;
-        c.expect("+ Ready for literal data").await;
+        c.command("a LOGIN {5}", "+ Ready for literal data").await;
+        c.command("alice {7}", "+ Ready for literal data").await;
         c.send(b"se\"c\r\nt\r\n").await;
         c.expect("a OK [CAPABILITY IMAP4rev1 IDLE] Logged in").await;
         established(session).await;
@@ -529,8 +526,7 @@ mod tests {
     #[tokio::test]
     async fn authenticate_plain_with_continuation() {
         let (mut c, session, auth, _) = start(|_| {}).await;
-        c.send(b"a authenticate plain\r\n").await;
-        c.expect("+ ").await;
+        c.command("a authenticate plain", "+ ").await;
         c.send(format!("{}\r\n", b64(b"\0alice\0secret")).as_bytes())
             .await;
         c.expect("a OK [CAPABILITY IMAP4rev1 IDLE] Logged in").await;
@@ -541,10 +537,9 @@ mod tests {
     #[tokio::test]
     async fn authenticate_login() {
         let (mut c, session, auth, _) = start(|_| {}).await;
-        c.send(b"a AUTHENTICATE LOGIN\r\n").await;
-        c.expect("+ VXNlcm5hbWU6").await;
-        c.send(format!("{}\r\n", b64(b"alice")).as_bytes()).await;
-        c.expect("+ UGFzc3dvcmQ6").await;
+        c.command("a AUTHENTICATE LOGIN", "+ VXNlcm5hbWU6").await;
+        c.command(&format!("{}", b64(b"alice")), "+ UGFzc3dvcmQ6")
+            .await;
         c.send(format!("{}\r\n", b64(b"secret")).as_bytes()).await;
         c.expect("a OK [CAPABILITY IMAP4rev1 IDLE] Logged in").await;
         established(session).await;
@@ -554,10 +549,9 @@ mod tests {
     #[tokio::test]
     async fn authenticate_cancelled_and_bad_responses() {
         let (mut c, session, auth, _) = start(|_| {}).await;
-        c.send(b"a AUTHENTICATE PLAIN\r\n").await;
-        c.expect("+ ").await;
-        c.send(b"*\r\n").await;
-        c.expect("a BAD Authentication aborted by client.").await;
+        c.command("a AUTHENTICATE PLAIN", "+ ").await;
+        c.command("*", "a BAD Authentication aborted by client.")
+            .await;
         c.send(b"b AUTHENTICATE PLAIN !!!\r\n").await;
         c.expect("b BAD Invalid base64 data in authentication response.")
             .await;
@@ -571,10 +565,9 @@ mod tests {
         c.send(b"e AUTHENTICATE PLAIN =\r\n").await;
         c.expect("e NO [AUTHENTICATIONFAILED] Authentication failed.")
             .await;
-        c.send(b"f LOGOUT\r\n").await;
-        c.expect("* BYE Logging out").await;
+        c.command("f LOGOUT", "* BYE Logging out").await;
         c.expect("f OK Logout completed.").await;
-        assert!(session.await.unwrap().unwrap().is_none());
+        closed(session).await;
         assert!(auth.decisions().is_empty());
     }
 
@@ -591,10 +584,9 @@ mod tests {
         c.send(format!("b AUTHENTICATE PLAIN {}\r\n", b64(b"\0alice\0secret")).as_bytes())
             .await;
         c.expect(&format!("b {PRIVACY_REQUIRED}")).await;
-        c.send(b"c LOGOUT\r\n").await;
-        c.expect("* BYE Logging out").await;
+        c.command("c LOGOUT", "* BYE Logging out").await;
         c.expect("c OK Logout completed.").await;
-        assert!(session.await.unwrap().unwrap().is_none());
+        closed(session).await;
         assert!(auth.decisions().is_empty());
 
         let (mut c, session, _, greeting) = start(|ctx| {
@@ -647,7 +639,7 @@ mod tests {
         c.expect("* BYE Too many invalid authentication attempts.")
             .await;
         c.expect_closed().await;
-        assert!(session.await.unwrap().unwrap().is_none());
+        closed(session).await;
     }
 
     #[tokio::test]
@@ -662,18 +654,16 @@ mod tests {
         c.send(b"c LOGIN alice\r\n").await;
         c.expect("c BAD Error in IMAP command LOGIN: Invalid arguments.")
             .await;
-        c.send(b"d LOGOUT\r\n").await;
-        c.expect("* BYE Logging out").await;
+        c.command("d LOGOUT", "* BYE Logging out").await;
         c.expect("d OK Logout completed.").await;
-        assert!(session.await.unwrap().unwrap().is_none());
+        closed(session).await;
         assert!(auth.decisions().is_empty());
     }
 
     #[tokio::test]
     async fn unknown_and_invalid_commands() {
         let (mut c, session, _, _) = start(|ctx| ctx.limits.max_bad_commands = 4).await;
-        c.send(b"a SELECT INBOX\r\n").await;
-        c.expect("a BAD Unknown command.").await;
+        c.command("a SELECT INBOX", "a BAD Unknown command.").await;
         c.send(b"garbage\r\n").await;
         c.expect("garbage BAD Error in IMAP command received by server.")
             .await;
@@ -685,48 +675,46 @@ mod tests {
             .await;
         c.expect("* BYE Too many invalid IMAP commands.").await;
         c.expect_closed().await;
-        assert!(session.await.unwrap().unwrap().is_none());
+        closed(session).await;
     }
 
     #[tokio::test]
     async fn oversized_input_is_refused() {
         let (mut c, session, _, _) = start(|_| {}).await;
-        c.send(b"a LOGIN {1000}\r\n").await;
-        c.expect("a BAD [TOOBIG] Literal too large.").await;
-        c.send(b"b AUTHENTICATE PLAIN\r\n").await;
-        c.expect("+ ").await;
+        c.command("a LOGIN {1000}", "a BAD [TOOBIG] Literal too large.")
+            .await;
+        c.command("b AUTHENTICATE PLAIN", "+ ").await;
         c.send(&[b'A'; 300]).await;
         c.expect("b BAD Authentication response too long.").await;
         c.expect("* BYE Too long authentication response.").await;
         c.expect_closed().await;
-        assert!(session.await.unwrap().unwrap().is_none());
+        closed(session).await;
 
         let (mut c, session, _, _) = start(|_| {}).await;
         c.send(&[b'a'; 400]).await;
         c.expect("* BYE Too long command line.").await;
         c.expect_closed().await;
-        assert!(session.await.unwrap().unwrap().is_none());
+        closed(session).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn preauth_timeout() {
         let (mut c, session, _, _) = start(|_| {}).await;
         let started = tokio::time::Instant::now();
-        c.send(b"a NOOP\r\n").await;
-        c.expect("a OK NOOP completed.").await;
+        c.command("a NOOP", "a OK NOOP completed.").await;
         c.expect("* BYE Disconnected for inactivity.").await;
         c.expect_closed().await;
         assert!(started.elapsed() >= Duration::from_secs(59));
-        assert!(session.await.unwrap().unwrap().is_none());
+        closed(session).await;
     }
 
     #[tokio::test]
     async fn starttls_without_certificate_is_refused() {
         let (mut c, session, _, _) = start(|_| {}).await;
-        c.send(b"a STARTTLS\r\n").await;
-        c.expect("a BAD TLS support isn't enabled.").await;
+        c.command("a STARTTLS", "a BAD TLS support isn't enabled.")
+            .await;
         drop(c);
-        assert!(session.await.unwrap().unwrap().is_none());
+        closed(session).await;
     }
 
     #[tokio::test]
@@ -753,12 +741,12 @@ mod tests {
             .await
             .unwrap();
         let mut c = Client::new(tls);
-        c.send(b"b CAPABILITY\r\n").await;
-        c.expect(&format!("* CAPABILITY {CAPS}")).await;
+        c.command("b CAPABILITY", &format!("* CAPABILITY {CAPS}"))
+            .await;
         c.expect("b OK Pre-login capabilities listed, post-login capabilities have more.")
             .await;
-        c.send(b"c STARTTLS\r\n").await;
-        c.expect("c BAD TLS is already active.").await;
+        c.command("c STARTTLS", "c BAD TLS is already active.")
+            .await;
         c.send(b"d LOGIN alice secret\r\n").await;
         c.expect("d OK [CAPABILITY IMAP4rev1 IDLE] Logged in").await;
         let est = established(session).await;

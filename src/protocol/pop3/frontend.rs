@@ -361,25 +361,33 @@ mod tests {
         }
     }
 
-    const FULL_CAPA: &[&str] = &[
-        "+OK",
-        "CAPA",
-        "TOP",
-        "UIDL",
-        "RESP-CODES",
-        "PIPELINING",
-        "AUTH-RESP-CODE",
-        "USER",
-        "SASL PLAIN LOGIN",
-        ".",
-    ];
+    /// The `CAPA` reply: the lines every connection gets, then `extra`, then the final dot.
+    fn capa<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut lines = vec![
+            "+OK",
+            "CAPA",
+            "TOP",
+            "UIDL",
+            "RESP-CODES",
+            "PIPELINING",
+            "AUTH-RESP-CODE",
+        ];
+        lines.extend_from_slice(extra);
+        lines.push(".");
+        lines
+    }
+
+    /// The `CAPA` reply where plaintext logins are allowed and STLS is not offered.
+    fn full_capa() -> Vec<&'static str> {
+        capa(&["USER", "SASL PLAIN LOGIN"])
+    }
 
     #[tokio::test]
     async fn greeting_capa_noop_quit() {
         let auth = FakeAuth::scripted([]);
         let mut c = Client::greeted(context(), &auth).await;
         c.send(b"capa\r\n").await;
-        c.expect_lines(FULL_CAPA).await;
+        c.expect_lines(&full_capa()).await;
         c.command("NOOP", "+OK").await;
         c.command("QUIT", "+OK Logging out").await;
         assert_eq!(c.finish().await, Outcome::NoSession);
@@ -393,17 +401,7 @@ mod tests {
         ctx.disable_plaintext_auth = true;
         let mut c = Client::greeted(ctx, &auth).await;
         c.send(b"CAPA\r\n").await;
-        c.expect_lines(&[
-            "+OK",
-            "CAPA",
-            "TOP",
-            "UIDL",
-            "RESP-CODES",
-            "PIPELINING",
-            "AUTH-RESP-CODE",
-            ".",
-        ])
-        .await;
+        c.expect_lines(&capa(&[])).await;
         c.command("USER alice", PLAINTEXT_DISALLOWED).await;
         c.command("PASS secret", PLAINTEXT_DISALLOWED).await;
         c.command("AUTH PLAIN AGFsaWNlAHB3", PLAINTEXT_DISALLOWED)
@@ -420,7 +418,7 @@ mod tests {
         ctx.trusted = true;
         let mut c = Client::greeted(ctx, &auth).await;
         c.send(b"CAPA\r\n").await;
-        c.expect_lines(FULL_CAPA).await;
+        c.expect_lines(&full_capa()).await;
         c.command("USER alice", "+OK").await;
         c.command("PASS secret", "+OK Logged in.").await;
     }
@@ -690,18 +688,7 @@ mod tests {
         ctx.disable_plaintext_auth = true;
         let mut c = Client::greeted(ctx, &auth).await;
         c.send(b"CAPA\r\n").await;
-        c.expect_lines(&[
-            "+OK",
-            "CAPA",
-            "TOP",
-            "UIDL",
-            "RESP-CODES",
-            "PIPELINING",
-            "AUTH-RESP-CODE",
-            "STLS",
-            ".",
-        ])
-        .await;
+        c.expect_lines(&capa(&["STLS"])).await;
     }
 
     #[tokio::test]

@@ -315,15 +315,13 @@ mod tests {
         c.send(b"capability\r\n").await;
         c.expect_lines(&CAPS).await;
         c.expect("OK \"Capability completed.\"").await;
-        c.send(b"NOOP\r\n").await;
-        c.expect("OK \"NOOP completed.\"").await;
+        c.command("NOOP", "OK \"NOOP completed.\"").await;
         c.send(b"NOOP \"STARTTLS-SYNC-42\"\r\n").await;
         c.expect("OK (TAG \"STARTTLS-SYNC-42\") \"Done\"").await;
         // A tag that cannot be quoted comes back as a literal.
         c.send(b"NOOP {3+}\r\na\r\n\r\n").await;
         c.expect_lines(&["OK (TAG {3}", "a", ") \"Done\""]).await;
-        c.send(b"LOGOUT\r\n").await;
-        c.expect("OK \"Logout completed.\"").await;
+        c.command("LOGOUT", "OK \"Logout completed.\"").await;
         c.expect_closed().await;
         closed(session).await;
         assert!(auth.decisions().is_empty());
@@ -365,24 +363,22 @@ mod tests {
     #[tokio::test]
     async fn authenticate_login_with_challenges() {
         let (mut c, session, auth) = greeted().await;
-        c.send(b"AUTHENTICATE \"LOGIN\"\r\n").await;
-        c.expect("\"VXNlcm5hbWU6\"").await;
-        c.send(format!("\"{}\"\r\n", b64(b"alice")).as_bytes())
+        c.command("AUTHENTICATE \"LOGIN\"", "\"VXNlcm5hbWU6\"")
             .await;
-        c.expect("\"UGFzc3dvcmQ6\"").await;
-        c.send(b"\"*\"\r\n").await;
-        c.expect("NO \"Authentication aborted by client.\"").await;
-        c.send(b"authenticate \"login\"\r\n").await;
-        c.expect("\"VXNlcm5hbWU6\"").await;
-        c.send(format!("\"{}\"\r\n", b64(b"alice")).as_bytes())
+        c.command(&format!("\"{}\"", b64(b"alice")), "\"UGFzc3dvcmQ6\"")
             .await;
-        c.expect("\"UGFzc3dvcmQ6\"").await;
+        c.command("\"*\"", "NO \"Authentication aborted by client.\"")
+            .await;
+        c.command("authenticate \"login\"", "\"VXNlcm5hbWU6\"")
+            .await;
+        c.command(&format!("\"{}\"", b64(b"alice")), "\"UGFzc3dvcmQ6\"")
+            .await;
         c.send(b"\"!!!\"\r\n").await;
         c.expect("NO \"Invalid base64 data in authentication response.\"")
             .await;
         // Answers as literals of both forms.
-        c.send(b"AUTHENTICATE \"LOGIN\"\r\n").await;
-        c.expect("\"VXNlcm5hbWU6\"").await;
+        c.command("AUTHENTICATE \"LOGIN\"", "\"VXNlcm5hbWU6\"")
+            .await;
         let (user, password) = (b64(b"alice"), b64(b"se cret"));
         c.send(format!("{{{}+}}\r\n{user}\r\n", user.len()).as_bytes())
             .await;
@@ -423,16 +419,13 @@ mod tests {
     #[tokio::test]
     async fn authenticate_with_a_challenge() {
         let (mut c, session, auth) = greeted().await;
-        c.send(b"AUTHENTICATE \"PLAIN\"\r\n").await;
-        c.expect("\"\"").await;
-        c.send(b"\"*\"\r\n").await;
-        c.expect("NO \"Authentication aborted by client.\"").await;
-        c.send(b"AUTHENTICATE \"PLAIN\"\r\n").await;
-        c.expect("\"\"").await;
+        c.command("AUTHENTICATE \"PLAIN\"", "\"\"").await;
+        c.command("\"*\"", "NO \"Authentication aborted by client.\"")
+            .await;
+        c.command("AUTHENTICATE \"PLAIN\"", "\"\"").await;
         c.send(b"bare-base64\r\n").await;
         c.expect("NO \"Invalid authentication response.\"").await;
-        c.send(b"AUTHENTICATE \"PLAIN\"\r\n").await;
-        c.expect("\"\"").await;
+        c.command("AUTHENTICATE \"PLAIN\"", "\"\"").await;
         let response = b64(b"\0alice\0secret");
         c.send(format!("{{{}+}}\r\n{response}\r\n", response.len()).as_bytes())
             .await;
@@ -457,8 +450,7 @@ mod tests {
         c.send(b"AUTHENTICATE\r\n").await;
         c.expect("NO \"Error in MANAGESIEVE command AUTHENTICATE: Invalid arguments.\"")
             .await;
-        c.send(b"LOGOUT\r\n").await;
-        c.expect("OK \"Logout completed.\"").await;
+        c.command("LOGOUT", "OK \"Logout completed.\"").await;
         closed(session).await;
         assert!(auth.decisions().is_empty());
     }
@@ -472,8 +464,7 @@ mod tests {
         c.send(format!("AUTHENTICATE \"PLAIN\" \"{}\"\r\n", b64(b"\0alice\0secret")).as_bytes())
             .await;
         c.expect(ENCRYPT_NEEDED).await;
-        c.send(b"LOGOUT\r\n").await;
-        c.expect("OK \"Logout completed.\"").await;
+        c.command("LOGOUT", "OK \"Logout completed.\"").await;
         closed(session).await;
         assert!(auth.decisions().is_empty());
 
@@ -535,15 +526,12 @@ mod tests {
         let (mut c, session, _) = start(|ctx| ctx.limits.max_bad_commands = 4).await;
         c.expect_lines(&CAPS).await;
         c.expect("OK \"Director ready.\"").await;
-        c.send(b"LISTSCRIPTS\r\n").await;
-        c.expect(COMMAND_ERROR).await;
-        c.send(b"NOOP \"open\r\n").await;
-        c.expect(COMMAND_ERROR).await;
+        c.command("LISTSCRIPTS", COMMAND_ERROR).await;
+        c.command("NOOP \"open", COMMAND_ERROR).await;
         c.send(b"CAPABILITY \"x\"\r\n").await;
         c.expect("NO \"Error in MANAGESIEVE command CAPABILITY: Invalid arguments.\"")
             .await;
-        c.send(b"\"x\"\r\n").await;
-        c.expect(COMMAND_ERROR).await;
+        c.command("\"x\"", COMMAND_ERROR).await;
         c.expect("BYE \"Too many invalid MANAGESIEVE commands.\"")
             .await;
         c.expect_closed().await;
@@ -559,8 +547,7 @@ mod tests {
         closed(session).await;
 
         let (mut c, session, _) = greeted().await;
-        c.send(b"AUTHENTICATE \"PLAIN\"\r\n").await;
-        c.expect("\"\"").await;
+        c.command("AUTHENTICATE \"PLAIN\"", "\"\"").await;
         c.send(&[b'A'; 300]).await;
         c.expect("BYE \"Too long command line.\"").await;
         c.expect_closed().await;
@@ -571,8 +558,7 @@ mod tests {
     async fn preauth_timeout() {
         let (mut c, session, _) = greeted().await;
         let started = tokio::time::Instant::now();
-        c.send(b"NOOP\r\n").await;
-        c.expect("OK \"NOOP completed.\"").await;
+        c.command("NOOP", "OK \"NOOP completed.\"").await;
         c.expect("BYE \"Disconnected for inactivity.\"").await;
         c.expect_closed().await;
         assert!(started.elapsed() >= Duration::from_secs(59));
@@ -582,8 +568,8 @@ mod tests {
     #[tokio::test]
     async fn starttls_without_certificate_is_refused() {
         let (mut c, session, _) = greeted().await;
-        c.send(b"STARTTLS\r\n").await;
-        c.expect("NO \"TLS support isn't enabled.\"").await;
+        c.command("STARTTLS", "NO \"TLS support isn't enabled.\"")
+            .await;
         drop(c);
         closed(session).await;
     }
@@ -623,8 +609,7 @@ mod tests {
         // RFC 5804 §2.2: the capabilities again, now with SASL and without STARTTLS.
         c.expect_lines(&CAPS).await;
         c.expect("OK \"TLS negotiation successful.\"").await;
-        c.send(b"STARTTLS\r\n").await;
-        c.expect("NO \"TLS is already active.\"").await;
+        c.command("STARTTLS", "NO \"TLS is already active.\"").await;
         c.send(format!("AUTHENTICATE \"PLAIN\" \"{}\"\r\n", b64(b"\0alice\0secret")).as_bytes())
             .await;
         c.expect("OK \"Logged in.\"").await;
