@@ -538,8 +538,7 @@ mod tests {
     async fn authenticate_login() {
         let (mut c, session, auth, _) = start(|_| {}).await;
         c.command("a AUTHENTICATE LOGIN", "+ VXNlcm5hbWU6").await;
-        c.command(&format!("{}", b64(b"alice")), "+ UGFzc3dvcmQ6")
-            .await;
+        c.command(&b64(b"alice"), "+ UGFzc3dvcmQ6").await;
         c.send(format!("{}\r\n", b64(b"secret")).as_bytes()).await;
         c.expect("a OK [CAPABILITY IMAP4rev1 IDLE] Logged in").await;
         established(session).await;
