@@ -126,9 +126,6 @@ pub struct Established {
 /// How long a last goodbye may take to write to a client that does not read.
 const BYE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Bytes read from the socket at most at once (on the stack); a dialect may read less.
-const MAX_READ_CHUNK: usize = 2048;
-
 /// The SASL challenges of LOGIN, base64: "Username:" and "Password:".
 const USERNAME_CHALLENGE: &str = "VXNlcm5hbWU6";
 const PASSWORD_CHALLENGE: &str = "UGFzc3dvcmQ6";
@@ -139,8 +136,6 @@ const PASSWORD_CHALLENGE: &str = "UGFzc3dvcmQ6";
 pub(crate) trait Dialect: Sized + Send {
     /// The protocol the logins are for.
     const PROTOCOL: Protocol;
-    /// Bytes asked of the socket per read (at most 2048).
-    const READ_CHUNK: usize = MAX_READ_CHUNK;
     /// The debug message when the pre-auth timeout ends a dialogue.
     const TIMEOUT_LOG: &'static str = "pre-auth timeout";
     /// What comes before the eviction text in its goodbye (a response code and a space).
@@ -154,6 +149,9 @@ pub(crate) trait Dialect: Sized + Send {
 
     /// What [`Dialect::parse`] finds at the front of the buffer.
     type Parse: Parsed;
+    /// Where a read from the socket lands (`[u8; N]`: at most `N` bytes a read), on the
+    /// stack of the dialogue's future.
+    type ReadChunk: ReadChunk;
 
     /// The dialect's state at the start of a dialogue.
     fn new(limits: &PreauthLimits) -> Self;
@@ -196,6 +194,22 @@ pub(crate) trait Dialect: Sized + Send {
     }
     /// Told the outcome of every login, for a dialect that logs it.
     fn logged(_s: &Session<Self>, _user: &str, _outcome: Result<(), &LoginFailure>) {}
+}
+
+/// A read buffer of a fixed size, for [`Dialect::ReadChunk`].
+pub(crate) trait ReadChunk: Send {
+    fn zeroed() -> Self;
+    fn bytes(&mut self) -> &mut [u8];
+}
+
+impl<const N: usize> ReadChunk for [u8; N] {
+    fn zeroed() -> Self {
+        [0; N]
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        self
+    }
 }
 
 /// The replies of the steps the core runs; each dialect words them.
@@ -462,17 +476,17 @@ impl<D: Dialect> Session<D> {
 
     /// Reads more bytes into the buffer. `false`: the client closed the connection.
     async fn fill(&mut self) -> io::Result<bool> {
-        const { assert!(D::READ_CHUNK <= MAX_READ_CHUNK) };
+        let mut chunk = D::ReadChunk::zeroed();
+        let chunk = chunk.bytes();
         let room = self
             .buffer_cap
             .saturating_sub(self.buf.len())
-            .min(D::READ_CHUNK);
+            .min(chunk.len());
         if room == 0 {
             // The parsers stop before this; never buffer more anyway.
             return Err(io::Error::other("pre-auth read buffer full"));
         }
         let client = self.client.as_mut().ok_or_else(handed_over)?;
-        let mut chunk = [0u8; MAX_READ_CHUNK];
         let n = client.read(&mut chunk[..room]).await?;
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(n > 0)

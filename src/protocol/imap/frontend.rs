@@ -48,6 +48,7 @@ impl Dialect for Imap {
     const EVICTED_CODE: &'static str = "[UNAVAILABLE] ";
     const TOO_MANY_COMMANDS: &'static str = "Too many invalid IMAP commands.";
 
+    type ReadChunk = [u8; 2048];
     type Parse = Parse;
 
     fn new(limits: &PreauthLimits) -> Self {

@@ -23,6 +23,9 @@ const PLAINTEXT_DISALLOWED: &str =
     "-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.";
 const AUTH_FAILED: &str = "Authentication failed.";
 
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 1024;
+
 /// POP3 before login.
 pub(crate) struct Pop3 {
     /// Longest command line accepted, CRLF included.
@@ -46,12 +49,12 @@ impl Parsed for Parse {
 
 impl Dialect for Pop3 {
     const PROTOCOL: Protocol = Protocol::Pop3;
-    const READ_CHUNK: usize = 1024;
     const TIMEOUT_LOG: &'static str = "pop3: disconnected for inactivity before login";
     const EVICTED_CODE: &'static str = "[SYS/TEMP] ";
     const TOO_MANY_COMMANDS: &'static str = "Too many invalid commands.";
     const BYE_ON_LIMITS: bool = false;
 
+    type ReadChunk = [u8; READ_CHUNK];
     type Parse = Parse;
 
     fn new(limits: &PreauthLimits) -> Self {
@@ -66,7 +69,7 @@ impl Dialect for Pop3 {
         // (or a SASL response line, CRLF included) is buffered. This leaves a whole read of
         // room above them.
         let line = limits.max_line.max(limits.max_literal.saturating_add(2));
-        line.saturating_add(Self::READ_CHUNK)
+        line.saturating_add(READ_CHUNK)
     }
 
     fn greeting(s: &Session<Self>) -> String {

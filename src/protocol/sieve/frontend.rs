@@ -57,6 +57,7 @@ impl Dialect for ManageSieve {
     const PROTOCOL: Protocol = Protocol::Sieve;
     const TOO_MANY_COMMANDS: &'static str = "Too many invalid MANAGESIEVE commands.";
 
+    type ReadChunk = [u8; 2048];
     type Parse = Parse<Command>;
 
     fn new(limits: &PreauthLimits) -> Self {
