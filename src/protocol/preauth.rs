@@ -6,8 +6,8 @@
 //! `sieve::frontend`) supplies only its grammar and its replies, as a [`Dialect`]; it never
 //! sees the ring or a backend address.
 //!
-//! [`run`] drives one dialogue: the [`Session`] holds the state, the dialect reads commands
-//! and answers them through the session's steps. Nothing here allocates per line beyond the
+//! [`run`] drives one dialogue: the [`Session`] holds the state and reads the client's bytes,
+//! the dialect parses them and runs each command through the session's steps. Nothing here allocates per line beyond the
 //! replies themselves, and the whole session is dropped when it hands an [`Established`] over
 //! to the relay.
 
