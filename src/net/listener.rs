@@ -20,7 +20,10 @@ use crate::net::refusals::{RefusalLog, RefusalReason};
 use crate::net::relay::{relay, Kick, RelayEnd};
 use crate::net::stream::ClientStream;
 use crate::protocol::decision::{ClientIdentity, Protocol};
-use crate::protocol::preauth::{Established, FrontendContext, PreauthLimits};
+use crate::protocol::imap::frontend::Imap;
+use crate::protocol::pop3::frontend::Pop3;
+use crate::protocol::preauth::{self, Established, FrontendContext, PreauthLimits};
+use crate::protocol::sieve::frontend::ManageSieve;
 use crate::server::shutdown::Shutdown;
 
 /// Settings every listener shares. A reload swaps in a new one (`ArcSwap`); each connection
@@ -350,29 +353,10 @@ impl Listener {
         // boxed so that their memory is freed when the relay starts: an idle relayed session
         // then holds only the relay's small state.
         let result = match self.protocol {
-            Protocol::Imap => {
-                Box::pin(crate::protocol::imap::frontend::run(
-                    client,
-                    ctx,
-                    &shared.login,
-                ))
-                .await
-            }
-            Protocol::Pop3 => {
-                Box::pin(crate::protocol::pop3::frontend::run(
-                    client,
-                    ctx,
-                    &shared.login,
-                ))
-                .await
-            }
+            Protocol::Imap => Box::pin(preauth::run::<Imap, _>(client, ctx, &shared.login)).await,
+            Protocol::Pop3 => Box::pin(preauth::run::<Pop3, _>(client, ctx, &shared.login)).await,
             Protocol::Sieve => {
-                Box::pin(crate::protocol::sieve::frontend::run(
-                    client,
-                    ctx,
-                    &shared.login,
-                ))
-                .await
+                Box::pin(preauth::run::<ManageSieve, _>(client, ctx, &shared.login)).await
             }
             other => {
                 warn!("{other} listeners are not supported yet");

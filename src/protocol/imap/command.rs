@@ -3,66 +3,22 @@
 //! says whether a whole command is there, whether the client waits for a continuation
 //! (`+ Ready for literal data`), or what was wrong.
 //!
-//! Parsing runs in two steps. *Framing* finds where a command ends: its line, and for each line
-//! that ends in a literal header (`{n}` or `{n+}`) the `n` bytes of the literal and the line
-//! after it. Framing keeps its position between calls, so a command that arrives one byte at a
-//! time is scanned once, and it enforces the limits before anything is buffered beyond them.
-//! *Grammar* then reads the tag, the command name and the arguments of the framed bytes. A
-//! grammar error consumes the whole framed command, literals included, so the session stays in
-//! step with the client.
+//! Parsing runs in two steps. *Framing* ([`crate::protocol::literal::Framer`], shared with
+//! ManageSieve) finds where a command ends: its line, and for each line that ends in a literal
+//! header (`{n}` or `{n+}`) the `n` bytes of the literal and the line after it, within the
+//! limits. *Grammar* then reads the tag, the command name and the arguments of the framed
+//! bytes. A grammar error consumes the whole framed command, literals included, so the session
+//! stays in step with the client.
 
 use std::fmt;
 
-/// The commands a front end answers before login. Anything else is kept by name, so the
-/// session can answer "Unknown command".
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CommandName {
-    Capability,
-    Noop,
-    Logout,
-    Id,
-    Starttls,
-    Login,
-    Authenticate,
-    /// Any other command name, upper-cased.
-    Other(String),
-}
+use crate::protocol::literal::{Cursor, Frame, Framer};
 
-impl CommandName {
-    /// Recognises a command name, case-insensitively.
-    pub fn from_atom(atom: &str) -> CommandName {
-        let upper = atom.to_ascii_uppercase();
-        match upper.as_str() {
-            "CAPABILITY" => CommandName::Capability,
-            "NOOP" => CommandName::Noop,
-            "LOGOUT" => CommandName::Logout,
-            "ID" => CommandName::Id,
-            "STARTTLS" => CommandName::Starttls,
-            "LOGIN" => CommandName::Login,
-            "AUTHENTICATE" => CommandName::Authenticate,
-            _ => CommandName::Other(upper),
-        }
-    }
-
-    /// The upper-case name, as used in replies ("Error in IMAP command LOGIN: ...").
-    pub fn as_str(&self) -> &str {
-        match self {
-            CommandName::Capability => "CAPABILITY",
-            CommandName::Noop => "NOOP",
-            CommandName::Logout => "LOGOUT",
-            CommandName::Id => "ID",
-            CommandName::Starttls => "STARTTLS",
-            CommandName::Login => "LOGIN",
-            CommandName::Authenticate => "AUTHENTICATE",
-            CommandName::Other(name) => name,
-        }
-    }
-}
-
-impl fmt::Display for CommandName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+crate::protocol::preauth::command_names! {
+    /// The commands a front end answers before login. Anything else is kept by name, so the
+    /// session can answer "Unknown command".
+    Capability = "CAPABILITY", Noop = "NOOP", Logout = "LOGOUT", Id = "ID",
+    Starttls = "STARTTLS", Login = "LOGIN", Authenticate = "AUTHENTICATE",
 }
 
 /// One argument of a command.
@@ -159,19 +115,6 @@ pub enum Parse {
     Error(ParseError),
 }
 
-/// Where framing stands in the command at the front of the buffer.
-#[derive(Debug, Clone, Copy, Default)]
-struct Framing {
-    /// Start of the line being framed (0, or just after a literal's bytes).
-    line_start: usize,
-    /// Where to look for the line's LF next: bytes before it were seen and hold none.
-    search_from: usize,
-    /// Total literal bytes announced so far in this command (not counted as line length).
-    literal_bytes: usize,
-    /// `Some(end)` while waiting for a literal's bytes, which end at `end`.
-    literal_end: Option<usize>,
-}
-
 /// The streaming command parser of one session.
 ///
 /// Contract: the caller passes its whole read buffer each time, only appends to it between
@@ -182,12 +125,8 @@ struct Framing {
 /// [`reset`]: CommandParser::reset
 #[derive(Debug, Clone)]
 pub struct CommandParser {
-    /// Longest command accepted, in bytes, literal contents excluded, CRLFs included.
-    max_line: usize,
-    /// Largest total of literal bytes in one command.
-    max_literal: usize,
-    /// Position in the command at the front of the buffer, kept between calls.
-    framing: Framing,
+    /// Finds where a command ends: its lines and literals, within the limits.
+    framer: Framer,
 }
 
 impl CommandParser {
@@ -196,151 +135,60 @@ impl CommandParser {
     /// never needs more than `max_line + max_literal` bytes.
     pub fn new(max_line: usize, max_literal: usize) -> Self {
         CommandParser {
-            max_line,
-            max_literal,
-            framing: Framing::default(),
+            framer: Framer::new(max_line, max_literal, true),
         }
     }
 
     /// Forgets the partly framed command: the buffer was emptied.
     pub fn reset(&mut self) {
-        self.framing = Framing::default();
+        self.framer.reset();
     }
 
     /// Looks at the front of `buf` (the session's read buffer).
     pub fn parse(&mut self, buf: &[u8]) -> Parse {
-        let end = match self.frame(buf) {
-            Ok(Some(end)) => end,
-            Ok(None) => return Parse::Incomplete,
-            Err(FrameStop::Continuation) => return Parse::NeedContinuation,
-            Err(FrameStop::Error(error)) => {
-                self.reset();
-                return Parse::Error(error);
-            }
+        let (consumed, code, message, fatal) = match self.framer.frame(buf) {
+            Frame::Incomplete => return Parse::Incomplete,
+            Frame::Continuation => return Parse::NeedContinuation,
+            Frame::Complete(end) => return grammar(&buf[..end]),
+            Frame::TooLong => (buf.len(), None, "Too long command line.", true),
+            // A synchronising literal was not sent: the client waits for `+`, so dropping the
+            // line keeps us in step. A non-synchronising one is on its way, and passing over
+            // it is not worth the trouble.
+            Frame::LiteralTooLarge { line_end, sync } => (
+                if sync { line_end } else { buf.len() },
+                Some("TOOBIG"),
+                "Literal too large.",
+                !sync,
+            ),
         };
-        self.reset();
-        let mut cursor = Cursor {
-            bytes: &buf[..end],
-            pos: 0,
-        };
-        match cursor.command() {
-            Ok(command) => Parse::Command {
-                consumed: end,
-                command,
-            },
-            Err(failure) => Parse::Error(ParseError {
-                consumed: end,
-                tag: failure.tag,
-                command: failure.command,
-                code: None,
-                message: failure.message.to_owned(),
-                fatal: false,
-            }),
-        }
-    }
-
-    /// Advances framing over `buf`. `Ok(Some(end))`: a whole command is `buf[..end]`.
-    fn frame(&mut self, buf: &[u8]) -> Result<Option<usize>, FrameStop> {
-        loop {
-            let f = &mut self.framing;
-            if let Some(end) = f.literal_end {
-                if buf.len() < end {
-                    return Ok(None);
-                }
-                f.literal_end = None;
-                f.line_start = end;
-                f.search_from = end;
-            }
-            let Some(lf) = memchr_lf(&buf[f.search_from..]).map(|i| f.search_from + i) else {
-                f.search_from = buf.len();
-                if buf.len() - f.literal_bytes > self.max_line {
-                    return Err(FrameStop::Error(too_long(buf)));
-                }
-                return Ok(None);
-            };
-            let line_end = lf + 1;
-            if line_end - f.literal_bytes > self.max_line {
-                return Err(FrameStop::Error(too_long(buf)));
-            }
-            let line = strip_eol(&buf[f.line_start..line_end]);
-            let Some((size, sync)) = literal_header(line) else {
-                return Ok(Some(line_end));
-            };
-            let total = size
-                .checked_add(f.literal_bytes)
-                .filter(|total| *total <= self.max_literal);
-            let Some(total) = total else {
-                let mut cursor = Cursor { bytes: buf, pos: 0 };
-                let (tag, command) = cursor.tag_and_name();
-                return Err(FrameStop::Error(ParseError {
-                    // A synchronising literal was not sent: the client waits for `+`, so
-                    // dropping the line keeps us in step. A non-synchronising one is on its
-                    // way, and passing over it is not worth the trouble.
-                    consumed: if sync { line_end } else { buf.len() },
-                    tag,
-                    command,
-                    code: Some("TOOBIG"),
-                    message: "Literal too large.".to_owned(),
-                    fatal: !sync,
-                }));
-            };
-            f.literal_bytes = total;
-            f.literal_end = Some(line_end + size);
-            if sync {
-                // Even if the bytes are already here (a client that did not wait), so that
-                // the dialogue does not depend on how the bytes were cut into reads.
-                return Err(FrameStop::Continuation);
-            }
-        }
+        let (tag, command) = tag_and_name(&mut Cursor::new(buf));
+        Parse::Error(ParseError {
+            consumed,
+            tag,
+            command,
+            code,
+            message: message.to_owned(),
+            fatal,
+        })
     }
 }
 
-/// Why framing stopped without a whole command.
-enum FrameStop {
-    Continuation,
-    Error(ParseError),
-}
-
-fn too_long(buf: &[u8]) -> ParseError {
-    let mut cursor = Cursor { bytes: buf, pos: 0 };
-    let (tag, command) = cursor.tag_and_name();
-    ParseError {
-        consumed: buf.len(),
-        tag,
-        command,
-        code: None,
-        message: "Too long command line.".to_owned(),
-        fatal: true,
+/// The command in a framed unit, or what is wrong with it.
+fn grammar(unit: &[u8]) -> Parse {
+    match command(&mut Cursor::new(unit)) {
+        Ok(command) => Parse::Command {
+            consumed: unit.len(),
+            command,
+        },
+        Err(failure) => Parse::Error(ParseError {
+            consumed: unit.len(),
+            tag: failure.tag,
+            command: failure.command,
+            code: None,
+            message: failure.message.to_owned(),
+            fatal: false,
+        }),
     }
-}
-
-fn memchr_lf(bytes: &[u8]) -> Option<usize> {
-    bytes.iter().position(|b| *b == b'\n')
-}
-
-/// A line without its LF or CRLF.
-fn strip_eol(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-/// If `line` (without CRLF) ends in a literal header `{n}` or `{n+}`: its size and whether it
-/// is synchronising. A size too large for `usize` is reported as `usize::MAX`.
-fn literal_header(line: &[u8]) -> Option<(usize, bool)> {
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|b| *b == b'{')?;
-    let inner = &inner[open + 1..];
-    let (digits, sync) = match inner.strip_suffix(b"+") {
-        Some(digits) => (digits, false),
-        None => (inner, true),
-    };
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let size = digits.iter().try_fold(0usize, |n, d| {
-        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
-    });
-    Some((size.unwrap_or(usize::MAX), sync))
 }
 
 /// The longest `x-session-ext-id` taken from a client (Dovecot's `LOGIN_MAX_SESSION_ID_LEN`).
@@ -418,180 +266,90 @@ struct Failure {
     message: &'static str,
 }
 
-/// Reads the grammar of one framed command (whose literals are known to be complete).
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+/// The tag and the command name at the cursor, as far as they can be read (for error
+/// replies).
+fn tag_and_name(c: &mut Cursor<'_>) -> (Option<String>, Option<CommandName>) {
+    let Some(tag) = word(c, is_tag_char) else {
+        return (None, None);
+    };
+    if c.at_eol() {
+        return (Some(tag), None);
+    }
+    if c.peek() != Some(b' ') {
+        return (None, None);
+    }
+    c.pos += 1;
+    let name = word(c, is_atom_char).map(|n| CommandName::from_atom(&n));
+    (Some(tag), name)
 }
 
-impl Cursor<'_> {
-    fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.pos).copied()
-    }
-
-    /// The tag and the command name, as far as they can be read (for error replies).
-    fn tag_and_name(&mut self) -> (Option<String>, Option<CommandName>) {
-        let Some(tag) = self.take_while(is_tag_char) else {
-            return (None, None);
-        };
-        if self.at_eol() {
-            return (Some(tag), None);
-        }
-        if self.peek() != Some(b' ') {
-            return (None, None);
-        }
-        self.pos += 1;
-        let name = self
-            .take_while(is_atom_char)
-            .map(|n| CommandName::from_atom(&n));
-        (Some(tag), name)
-    }
-
-    fn command(&mut self) -> Result<Command, Failure> {
-        let (tag, name) = self.tag_and_name();
-        let fail = |message| Failure {
-            tag: tag.clone(),
-            command: name.clone(),
-            message,
-        };
-        let Some(tag) = tag.clone() else {
-            return Err(fail("Invalid tag."));
-        };
-        let Some(name) = name.clone() else {
-            return Err(fail("Missing command name."));
-        };
-        let mut args = Vec::new();
-        loop {
-            match self.peek() {
-                Some(b' ') => {
-                    self.pos += 1;
-                    args.push(self.arg(0).map_err(fail)?);
-                }
-                _ if self.at_eol() => break,
-                _ => return Err(fail("Unexpected characters after arguments.")),
+/// The grammar of one framed command (whose literals are known to be complete).
+fn command(c: &mut Cursor<'_>) -> Result<Command, Failure> {
+    let (tag, name) = tag_and_name(c);
+    let fail = |message| Failure {
+        tag: tag.clone(),
+        command: name.clone(),
+        message,
+    };
+    let Some(tag) = tag.clone() else {
+        return Err(fail("Invalid tag."));
+    };
+    let Some(name) = name.clone() else {
+        return Err(fail("Missing command name."));
+    };
+    let mut args = Vec::new();
+    loop {
+        match c.peek() {
+            Some(b' ') => {
+                c.pos += 1;
+                args.push(arg(c, 0).map_err(fail)?);
             }
-        }
-        Ok(Command { tag, name, args })
-    }
-
-    /// Whether the cursor stands on the final LF or CRLF.
-    fn at_eol(&self) -> bool {
-        matches!(&self.bytes[self.pos..], b"\n" | b"\r\n")
-    }
-
-    /// Whether the cursor stands on an LF or CRLF (the end of a literal header's line).
-    fn eat_eol(&mut self) -> bool {
-        let rest = &self.bytes[self.pos..];
-        if rest.starts_with(b"\r\n") {
-            self.pos += 2;
-            true
-        } else if rest.starts_with(b"\n") {
-            self.pos += 1;
-            true
-        } else {
-            false
+            _ if c.at_eol() => break,
+            _ => return Err(fail("Unexpected characters after arguments.")),
         }
     }
+    Ok(Command { tag, name, args })
+}
 
-    fn take_while(&mut self, accept: fn(u8) -> bool) -> Option<String> {
-        let start = self.pos;
-        while self.peek().is_some_and(accept) {
-            self.pos += 1;
-        }
-        // Only ASCII characters are accepted, so this cannot fail.
-        let word = std::str::from_utf8(&self.bytes[start..self.pos]).ok()?;
-        (!word.is_empty()).then(|| word.to_owned())
+/// The non-empty word of `accept` characters at the cursor (ASCII only, so always text).
+fn word(c: &mut Cursor<'_>, accept: fn(u8) -> bool) -> Option<String> {
+    let word = std::str::from_utf8(c.take_while(accept)).ok()?;
+    (!word.is_empty()).then(|| word.to_owned())
+}
+
+fn arg(c: &mut Cursor<'_>, depth: usize) -> Result<Arg, &'static str> {
+    match c.peek() {
+        Some(b'"') => c.quoted().map(Arg::Quoted),
+        Some(b'{') => c.literal().map(Arg::Literal),
+        Some(b'(') => list(c, depth),
+        _ => match word(c, is_atom_char) {
+            Some(atom) if atom.eq_ignore_ascii_case("NIL") => Ok(Arg::Nil),
+            Some(atom) => Ok(Arg::Atom(atom)),
+            None if c.at_eol() || c.peek().is_none() => Err("Missing argument."),
+            None => Err("Invalid characters in argument."),
+        },
     }
+}
 
-    fn arg(&mut self, depth: usize) -> Result<Arg, &'static str> {
-        match self.peek() {
-            Some(b'"') => self.quoted(),
-            Some(b'{') => self.literal(),
-            Some(b'(') => self.list(depth),
-            _ => match self.take_while(is_atom_char) {
-                Some(atom) if atom.eq_ignore_ascii_case("NIL") => Ok(Arg::Nil),
-                Some(atom) => Ok(Arg::Atom(atom)),
-                None if self.at_eol() || self.peek().is_none() => Err("Missing argument."),
-                None => Err("Invalid characters in argument."),
-            },
-        }
+fn list(c: &mut Cursor<'_>, depth: usize) -> Result<Arg, &'static str> {
+    if depth >= MAX_LIST_DEPTH {
+        return Err("Lists nested too deeply.");
     }
-
-    fn quoted(&mut self) -> Result<Arg, &'static str> {
-        self.pos += 1;
-        let mut value = Vec::new();
-        loop {
-            let Some(byte) = self.peek() else {
-                return Err("Missing '\"'.");
-            };
-            self.pos += 1;
-            match byte {
-                b'"' => return Ok(Arg::Quoted(value)),
-                b'\\' => match self.peek() {
-                    Some(escaped @ (b'"' | b'\\')) => {
-                        self.pos += 1;
-                        value.push(escaped);
-                    }
-                    _ => return Err("Invalid escape in quoted string."),
-                },
-                b'\r' | b'\n' => return Err("Missing '\"'."),
-                0 => return Err("NUL in quoted string."),
-                other => value.push(other),
+    c.pos += 1;
+    let mut items = Vec::new();
+    if c.peek() == Some(b')') {
+        c.pos += 1;
+        return Ok(Arg::List(items));
+    }
+    loop {
+        items.push(arg(c, depth + 1)?);
+        match c.peek() {
+            Some(b' ') => c.pos += 1,
+            Some(b')') => {
+                c.pos += 1;
+                return Ok(Arg::List(items));
             }
-        }
-    }
-
-    fn literal(&mut self) -> Result<Arg, &'static str> {
-        self.pos += 1;
-        let start = self.pos;
-        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
-            self.pos += 1;
-        }
-        let size: usize = std::str::from_utf8(&self.bytes[start..self.pos])
-            .ok()
-            .and_then(|digits| digits.parse().ok())
-            .ok_or("Invalid literal size.")?;
-        if self.peek() == Some(b'+') {
-            self.pos += 1;
-        }
-        if self.peek() != Some(b'}') {
-            return Err("Invalid literal.");
-        }
-        self.pos += 1;
-        if !self.eat_eol() {
-            return Err("Literal header not at the end of the line.");
-        }
-        // Framing checked that the literal's bytes are all here; stay safe anyway.
-        let end = self
-            .pos
-            .checked_add(size)
-            .filter(|end| *end <= self.bytes.len());
-        let end = end.ok_or("Truncated literal.")?;
-        let value = self.bytes[self.pos..end].to_vec();
-        self.pos = end;
-        Ok(Arg::Literal(value))
-    }
-
-    fn list(&mut self, depth: usize) -> Result<Arg, &'static str> {
-        if depth >= MAX_LIST_DEPTH {
-            return Err("Lists nested too deeply.");
-        }
-        self.pos += 1;
-        let mut items = Vec::new();
-        if self.peek() == Some(b')') {
-            self.pos += 1;
-            return Ok(Arg::List(items));
-        }
-        loop {
-            items.push(self.arg(depth + 1)?);
-            match self.peek() {
-                Some(b' ') => self.pos += 1,
-                Some(b')') => {
-                    self.pos += 1;
-                    return Ok(Arg::List(items));
-                }
-                _ => return Err("Missing ')'."),
-            }
+            _ => return Err("Missing ')'."),
         }
     }
 }
@@ -665,6 +423,7 @@ mod tests {
     }
 
     use super::*;
+    use crate::protocol::literal::testing::{self, Step};
 
     /// What a session would do with each parse result, for comparing runs.
     #[derive(Debug, PartialEq, Eq)]
@@ -678,60 +437,32 @@ mod tests {
         },
     }
 
-    /// Feeds `script` to a parser `chunk` bytes at a time, as a session reads it, and records
-    /// what the session would see. Stops at a fatal error.
-    fn replay(script: &[u8], chunk: usize, max_line: usize, max_literal: usize) -> Vec<Event> {
-        let cap = max_line + max_literal;
-        let mut parser = CommandParser::new(max_line, max_literal);
-        let mut buf = Vec::new();
-        let mut events = Vec::new();
-        let mut sent = 0;
-        while sent < script.len() {
-            // Like a session: never read more than the buffer's room.
-            let room = cap - buf.len();
-            assert!(room > 0, "the parser let the buffer fill up");
-            let take = chunk.min(room).min(script.len() - sent);
-            buf.extend_from_slice(&script[sent..sent + take]);
-            sent += take;
-            loop {
-                match parser.parse(&buf) {
-                    Parse::Incomplete => break,
-                    Parse::NeedContinuation => events.push(Event::Continuation),
-                    Parse::Command { consumed, command } => {
-                        assert!(consumed > 0 && consumed <= buf.len());
-                        buf.drain(..consumed);
-                        events.push(Event::Command(command));
-                    }
-                    Parse::Error(e) => {
-                        assert!(e.consumed > 0 && e.consumed <= buf.len());
-                        buf.drain(..e.consumed);
-                        events.push(Event::Error {
-                            tag: e.tag,
-                            code: e.code,
-                            fatal: e.fatal,
-                        });
-                        if e.fatal {
-                            return events;
-                        }
-                    }
-                }
-            }
-        }
-        assert!(buf.is_empty(), "bytes left over: {buf:?}");
-        events
-    }
-
-    /// Replays `script` in chunks of 1, 2, 4, … 512 bytes and checks that every run sees the
-    /// same events; returns them.
+    /// Replays `script` through a parser in chunks of 1, 2, 4, … 512 bytes, as a session
+    /// reads it, and checks that every run sees the same events; returns them. Stops at a
+    /// fatal error.
     fn replay_all(script: &[u8], max_line: usize, max_literal: usize) -> Vec<Event> {
-        let whole = replay(script, script.len().max(1), max_line, max_literal);
-        let mut chunk = 1;
-        while chunk <= 512 {
-            let events = replay(script, chunk, max_line, max_literal);
-            assert_eq!(events, whole, "chunks of {chunk} bytes");
-            chunk *= 2;
-        }
-        whole
+        testing::replay_all(script, |chunk| {
+            let mut parser = CommandParser::new(max_line, max_literal);
+            let cap = max_line + max_literal;
+            testing::replay(script, chunk, cap, |buf| match parser.parse(buf) {
+                Parse::Incomplete => Step::Incomplete,
+                Parse::NeedContinuation => Step::Waiting(Event::Continuation),
+                Parse::Command { consumed, command } => Step::Consumed {
+                    consumed,
+                    event: Event::Command(command),
+                    fatal: false,
+                },
+                Parse::Error(e) => Step::Consumed {
+                    consumed: e.consumed,
+                    fatal: e.fatal,
+                    event: Event::Error {
+                        tag: e.tag,
+                        code: e.code,
+                        fatal: e.fatal,
+                    },
+                },
+            })
+        })
     }
 
     fn commands(script: &[u8]) -> Vec<Event> {

@@ -11,11 +11,13 @@
 //! waits is a client no ManageSieve server answers, while one that sends `{n}` and its bytes
 //! must not have those bytes read as commands.
 //!
-//! Parsing runs in two steps, as in `imap::command`. *Framing* finds where a unit ends and
-//! enforces the limits before anything is buffered beyond them; it keeps its position between
-//! calls. *Tokenising* then reads the atoms, strings and parentheses of the framed bytes.
+//! Parsing runs in two steps, as in `imap::command`. *Framing* ([`literal::Framer`], shared
+//! with IMAP) finds where a unit ends and enforces the limits before anything is buffered
+//! beyond them. *Tokenising* then reads the atoms, strings and parentheses of the framed bytes.
 
 use std::fmt;
+
+use crate::protocol::literal::{self, Cursor, Frame};
 
 /// One word of a framed unit.
 #[derive(Clone, PartialEq, Eq)]
@@ -54,49 +56,10 @@ impl fmt::Debug for Token {
     }
 }
 
-/// The commands a front end answers before login. Anything else is kept by name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CommandName {
-    Capability,
-    Noop,
-    Logout,
-    Starttls,
-    Authenticate,
-    /// Any other command name, upper-cased.
-    Other(String),
-}
-
-impl CommandName {
-    /// Recognises a command name, case-insensitively.
-    pub fn from_atom(atom: &str) -> CommandName {
-        let upper = atom.to_ascii_uppercase();
-        match upper.as_str() {
-            "CAPABILITY" => CommandName::Capability,
-            "NOOP" => CommandName::Noop,
-            "LOGOUT" => CommandName::Logout,
-            "STARTTLS" => CommandName::Starttls,
-            "AUTHENTICATE" => CommandName::Authenticate,
-            _ => CommandName::Other(upper),
-        }
-    }
-
-    /// The upper-case name, as used in replies.
-    pub fn as_str(&self) -> &str {
-        match self {
-            CommandName::Capability => "CAPABILITY",
-            CommandName::Noop => "NOOP",
-            CommandName::Logout => "LOGOUT",
-            CommandName::Starttls => "STARTTLS",
-            CommandName::Authenticate => "AUTHENTICATE",
-            CommandName::Other(name) => name,
-        }
-    }
-}
-
-impl fmt::Display for CommandName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+crate::protocol::preauth::command_names! {
+    /// The commands a front end answers before login. Anything else is kept by name.
+    Capability = "CAPABILITY", Noop = "NOOP", Logout = "LOGOUT", Starttls = "STARTTLS",
+    Authenticate = "AUTHENTICATE",
 }
 
 /// A complete client command: its name and its arguments (atoms or strings, never
@@ -130,140 +93,51 @@ pub struct ParseError {
     pub fatal: bool,
 }
 
-/// Where framing stands in the unit at the front of the buffer.
-#[derive(Debug, Clone, Copy, Default)]
-struct Position {
-    /// Start of the line being framed (0, or just after a literal's bytes).
-    line_start: usize,
-    /// Where to look for the line's LF next: bytes before it were seen and hold none.
-    search_from: usize,
-    /// Literal bytes announced so far in this unit (not counted as line length).
-    literal_bytes: usize,
-    /// `Some(end)` while waiting for a literal's bytes, which end at `end`.
-    literal_end: Option<usize>,
-}
-
 /// Finds where a unit (a line, and after each literal header the literal and the rest of the
-/// line) ends, keeping its position between calls.
+/// line) ends, keeping its position between calls: [`literal::Framer`] without continuations,
+/// so `{n}` is read at once like `{n+}`.
 ///
 /// Contract: the caller passes its whole read buffer each time, only appends to it between
 /// calls that return `Ok(None)`, and drops the unit's bytes (or calls [`Framer::reset`] when
 /// it throws the buffer away, e.g. at STARTTLS) after a unit or an error.
 #[derive(Debug, Clone)]
-pub struct Framer {
-    /// Longest unit accepted, in bytes, literal contents excluded, line ends included.
-    max_line: usize,
-    /// Largest total of literal bytes in one unit.
-    max_literal: usize,
-    position: Position,
-}
+pub struct Framer(literal::Framer);
 
 impl Framer {
     /// A framer for units of at most `max_line` bytes outside literals and `max_literal`
     /// bytes of literals. A buffer then never needs more than `max_line + max_literal` bytes.
     pub fn new(max_line: usize, max_literal: usize) -> Self {
-        Framer {
-            max_line,
-            max_literal,
-            position: Position::default(),
-        }
+        Framer(literal::Framer::new(max_line, max_literal, false))
     }
 
     /// Forgets the partly framed unit: the buffer was emptied.
     pub fn reset(&mut self) {
-        self.position = Position::default();
+        self.0.reset();
     }
 
     /// `Ok(Some(end))`: a whole unit is `buf[..end]`; `Ok(None)`: read more.
     pub fn frame(&mut self, buf: &[u8]) -> Result<Option<usize>, ParseError> {
-        let result = self.advance(buf);
-        if !matches!(result, Ok(None)) {
-            self.reset();
-        }
-        result
-    }
-
-    fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, ParseError> {
-        let too_long = ParseError {
-            consumed: buf.len(),
-            message: "Too long command line.",
-            fatal: true,
+        let message = match self.0.frame(buf) {
+            // No continuation without continuations: only `Incomplete` asks for more.
+            Frame::Incomplete | Frame::Continuation => return Ok(None),
+            Frame::Complete(end) => return Ok(Some(end)),
+            Frame::TooLong => "Too long command line.",
+            // The literal's bytes are on their way (no client waits for a continuation), and
+            // passing over them is not worth the trouble: close.
+            Frame::LiteralTooLarge { .. } => "Literal too large.",
         };
-        loop {
-            let p = &mut self.position;
-            if let Some(end) = p.literal_end {
-                if buf.len() < end {
-                    return Ok(None);
-                }
-                p.literal_end = None;
-                p.line_start = end;
-                p.search_from = end;
-            }
-            let Some(lf) = buf[p.search_from..]
-                .iter()
-                .position(|b| *b == b'\n')
-                .map(|i| p.search_from + i)
-            else {
-                p.search_from = buf.len();
-                if buf.len() - p.literal_bytes > self.max_line {
-                    return Err(too_long);
-                }
-                return Ok(None);
-            };
-            let line_end = lf + 1;
-            if line_end - p.literal_bytes > self.max_line {
-                return Err(too_long);
-            }
-            let Some(size) = literal_header(strip_eol(&buf[p.line_start..line_end])) else {
-                return Ok(Some(line_end));
-            };
-            let total = size
-                .checked_add(p.literal_bytes)
-                .filter(|total| *total <= self.max_literal);
-            let Some(total) = total else {
-                // The literal's bytes are on their way (no client waits for a continuation),
-                // and passing over them is not worth the trouble: close.
-                return Err(ParseError {
-                    consumed: buf.len(),
-                    message: "Literal too large.",
-                    fatal: true,
-                });
-            };
-            p.literal_bytes = total;
-            p.literal_end = Some(line_end + size);
-        }
+        Err(ParseError {
+            consumed: buf.len(),
+            message,
+            fatal: true,
+        })
     }
-}
-
-/// A line without its LF or CRLF.
-fn strip_eol(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-/// If `line` (without its line end) ends in a literal header `{n+}` or `{n}`: its size. A
-/// size too large for `usize` is reported as `usize::MAX`.
-fn literal_header(line: &[u8]) -> Option<usize> {
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|b| *b == b'{')?;
-    let inner = &inner[open + 1..];
-    let digits = inner.strip_suffix(b"+").unwrap_or(inner);
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let size = digits.iter().try_fold(0usize, |n, d| {
-        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
-    });
-    Some(size.unwrap_or(usize::MAX))
 }
 
 /// Splits a framed unit (whose literals are known to be complete, line end included) into
 /// tokens. Tokens are separated by spaces; parentheses need none.
 pub fn tokens(unit: &[u8]) -> Result<Vec<Token>, &'static str> {
-    let mut cursor = Cursor {
-        bytes: unit,
-        pos: 0,
-    };
+    let mut cursor = Cursor::new(unit);
     let mut out = Vec::new();
     loop {
         while cursor.peek() == Some(b' ') {
@@ -278,8 +152,8 @@ pub fn tokens(unit: &[u8]) -> Result<Vec<Token>, &'static str> {
         }
         let token = match cursor.peek() {
             None => return Err("Missing line end."),
-            Some(b'"') => cursor.quoted()?,
-            Some(b'{') => cursor.literal()?,
+            Some(b'"') => Token::String(cursor.quoted()?),
+            Some(b'{') => Token::String(cursor.literal()?),
             Some(b'(') => {
                 cursor.pos += 1;
                 Token::Open
@@ -288,7 +162,7 @@ pub fn tokens(unit: &[u8]) -> Result<Vec<Token>, &'static str> {
                 cursor.pos += 1;
                 Token::Close
             }
-            Some(_) => cursor.atom()?,
+            Some(_) => atom(&mut cursor)?,
         };
         out.push(token);
         // A token must be followed by a space, a parenthesis or the line end.
@@ -303,97 +177,13 @@ fn token_is_word(token: Option<&Token>) -> bool {
     matches!(token, Some(Token::Atom(_) | Token::String(_)))
 }
 
-/// Reads the tokens of one framed unit.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl Cursor<'_> {
-    fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.pos).copied()
+fn atom(cursor: &mut Cursor<'_>) -> Result<Token, &'static str> {
+    // Only ASCII characters are accepted, so this cannot fail.
+    let word = std::str::from_utf8(cursor.take_while(is_atom_char)).unwrap_or_default();
+    if word.is_empty() {
+        return Err("Invalid characters in command.");
     }
-
-    fn eat_eol(&mut self) -> bool {
-        let rest = &self.bytes[self.pos..];
-        let len = if rest.starts_with(b"\r\n") {
-            2
-        } else if rest.starts_with(b"\n") {
-            1
-        } else {
-            return false;
-        };
-        self.pos += len;
-        true
-    }
-
-    fn atom(&mut self) -> Result<Token, &'static str> {
-        let start = self.pos;
-        while self.peek().is_some_and(is_atom_char) {
-            self.pos += 1;
-        }
-        // Only ASCII characters are accepted, so this cannot fail.
-        let word = std::str::from_utf8(&self.bytes[start..self.pos]).unwrap_or_default();
-        if word.is_empty() {
-            return Err("Invalid characters in command.");
-        }
-        Ok(Token::Atom(word.to_owned()))
-    }
-
-    fn quoted(&mut self) -> Result<Token, &'static str> {
-        self.pos += 1;
-        let mut value = Vec::new();
-        loop {
-            let Some(byte) = self.peek() else {
-                return Err("Missing '\"'.");
-            };
-            self.pos += 1;
-            match byte {
-                b'"' => return Ok(Token::String(value)),
-                b'\\' => match self.peek() {
-                    Some(escaped @ (b'"' | b'\\')) => {
-                        self.pos += 1;
-                        value.push(escaped);
-                    }
-                    _ => return Err("Invalid escape in quoted string."),
-                },
-                b'\r' | b'\n' => return Err("Missing '\"'."),
-                0 => return Err("NUL in quoted string."),
-                other => value.push(other),
-            }
-        }
-    }
-
-    fn literal(&mut self) -> Result<Token, &'static str> {
-        self.pos += 1;
-        let start = self.pos;
-        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
-            self.pos += 1;
-        }
-        let size: usize = std::str::from_utf8(&self.bytes[start..self.pos])
-            .ok()
-            .and_then(|digits| digits.parse().ok())
-            .ok_or("Invalid literal size.")?;
-        if self.peek() == Some(b'+') {
-            self.pos += 1;
-        }
-        if self.peek() != Some(b'}') {
-            return Err("Invalid literal.");
-        }
-        self.pos += 1;
-        if !self.eat_eol() {
-            return Err("Literal header not at the end of the line.");
-        }
-        // Framing checked that the literal's bytes are all here; stay safe anyway.
-        let end = self
-            .pos
-            .checked_add(size)
-            .filter(|end| *end <= self.bytes.len())
-            .ok_or("Truncated literal.")?;
-        let value = self.bytes[self.pos..end].to_vec();
-        self.pos = end;
-        Ok(Token::String(value))
-    }
+    Ok(Token::Atom(word.to_owned()))
 }
 
 /// Visible ASCII except the characters that start or end other tokens.
@@ -401,26 +191,11 @@ fn is_atom_char(b: u8) -> bool {
     b > 0x20 && b < 0x7f && !matches!(b, b'(' | b')' | b'{' | b'}' | b'"' | b'\\')
 }
 
-/// The streaming parser of one client session: commands, and SASL responses while an
-/// AUTHENTICATE is under way. Same contract as [`Framer`].
-#[derive(Debug, Clone)]
-pub struct CommandParser {
-    framer: Framer,
-}
+/// The streaming parser of one client session: the [`Framer`], with the grammar of commands
+/// and of SASL responses (while an AUTHENTICATE is under way). Same contract.
+pub type CommandParser = Framer;
 
-impl CommandParser {
-    /// See [`Framer::new`].
-    pub fn new(max_line: usize, max_literal: usize) -> Self {
-        CommandParser {
-            framer: Framer::new(max_line, max_literal),
-        }
-    }
-
-    /// Forgets a partly framed unit: the buffer was emptied.
-    pub fn reset(&mut self) {
-        self.framer.reset();
-    }
-
+impl Framer {
     /// Looks for a command at the front of `buf`. A grammar error consumes the whole framed
     /// unit, literals included, so the session stays in step with the client.
     pub fn command(&mut self, buf: &[u8]) -> Parse<Command> {
@@ -454,7 +229,7 @@ impl CommandParser {
         buf: &[u8],
         grammar: impl FnOnce(Vec<Token>) -> Result<T, &'static str>,
     ) -> Parse<T> {
-        let end = match self.framer.frame(buf) {
+        let end = match self.frame(buf) {
             Ok(Some(end)) => end,
             Ok(None) => return Parse::Incomplete,
             Err(error) => return Parse::Error(error),
@@ -511,6 +286,7 @@ pub fn string_bytes(bytes: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::literal::testing::{self, Step};
 
     /// What a session would see, for comparing runs.
     #[derive(Debug, PartialEq, Eq)]
@@ -519,65 +295,32 @@ mod tests {
         Error { fatal: bool },
     }
 
-    /// Feeds `script` to `parse` `chunk` bytes at a time, as a session reads it, never
-    /// buffering more than the limits allow, and records every result. Stops at a fatal error.
-    fn replay<T>(
-        script: &[u8],
-        chunk: usize,
-        max_line: usize,
-        max_literal: usize,
-        parse: fn(&mut CommandParser, &[u8]) -> Parse<T>,
-    ) -> Vec<Event<T>> {
-        let cap = max_line + max_literal + 1;
-        let mut parser = CommandParser::new(max_line, max_literal);
-        let mut buf = Vec::new();
-        let mut events = Vec::new();
-        let mut sent = 0;
-        while sent < script.len() {
-            let room = cap - buf.len();
-            assert!(room > 0, "the parser let the buffer fill up");
-            let take = chunk.min(room).min(script.len() - sent);
-            buf.extend_from_slice(&script[sent..sent + take]);
-            sent += take;
-            loop {
-                match parse(&mut parser, &buf) {
-                    Parse::Incomplete => break,
-                    Parse::Done { consumed, value } => {
-                        assert!(consumed > 0 && consumed <= buf.len());
-                        buf.drain(..consumed);
-                        events.push(Event::Value(value));
-                    }
-                    Parse::Error(e) => {
-                        assert!(e.consumed > 0 && e.consumed <= buf.len());
-                        buf.drain(..e.consumed);
-                        events.push(Event::Error { fatal: e.fatal });
-                        if e.fatal {
-                            return events;
-                        }
-                    }
-                }
-            }
-        }
-        assert!(buf.is_empty(), "bytes left over: {buf:?}");
-        events
-    }
-
-    /// Replays `script` in chunks of 1, 2, 4, … 512 bytes; every run must see the same events
-    /// as one read of the whole script. Returns them.
+    /// Replays `script` through `parse` in chunks of 1, 2, 4, … 512 bytes, as a session reads
+    /// it (never buffering more than the limits allow); every run must see the same events as
+    /// one read of the whole script. Returns them. Stops at a fatal error.
     fn replay_all<T: PartialEq + fmt::Debug>(
         script: &[u8],
         max_line: usize,
         max_literal: usize,
         parse: fn(&mut CommandParser, &[u8]) -> Parse<T>,
     ) -> Vec<Event<T>> {
-        let whole = replay(script, script.len().max(1), max_line, max_literal, parse);
-        let mut chunk = 1;
-        while chunk <= 512 {
-            let events = replay(script, chunk, max_line, max_literal, parse);
-            assert_eq!(events, whole, "chunks of {chunk} bytes");
-            chunk *= 2;
-        }
-        whole
+        testing::replay_all(script, |chunk| {
+            let mut parser = CommandParser::new(max_line, max_literal);
+            let cap = max_line + max_literal + 1;
+            testing::replay(script, chunk, cap, |buf| match parse(&mut parser, buf) {
+                Parse::Incomplete => Step::Incomplete,
+                Parse::Done { consumed, value } => Step::Consumed {
+                    consumed,
+                    event: Event::Value(value),
+                    fatal: false,
+                },
+                Parse::Error(e) => Step::Consumed {
+                    consumed: e.consumed,
+                    event: Event::Error { fatal: e.fatal },
+                    fatal: e.fatal,
+                },
+            })
+        })
     }
 
     fn commands(script: &[u8]) -> Vec<Event<Command>> {
