@@ -39,6 +39,13 @@ impl Service {
         Service { listener, dir }
     }
 
+    /// A service and a client of it with this request timeout.
+    fn with_client(request_timeout: Duration) -> (Service, AuthClient) {
+        let service = Service::start();
+        let client = service.client(request_timeout);
+        (service, client)
+    }
+
     fn client(&self, request_timeout: Duration) -> AuthClient {
         AuthClient::new(AuthClientOptions {
             request_timeout,
@@ -100,8 +107,7 @@ fn plain(user: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_plain_login_is_one_request_and_one_answer() {
-    let service = Service::start();
-    let client = service.client(Duration::from_secs(5));
+    let (service, client) = Service::with_client(Duration::from_secs(5));
     let server = async {
         let mut conn = service.accept().await;
         let (id, tail) = conn.auth().await;
@@ -132,8 +138,7 @@ async fn a_plain_login_is_one_request_and_one_answer() {
 
 #[tokio::test]
 async fn unknown_mechanisms_private_ones_and_oversized_requests_never_reach_the_service() {
-    let service = Service::start();
-    let client = service.client(Duration::from_secs(5));
+    let (service, client) = Service::with_client(Duration::from_secs(5));
     let (_, mut conn) = tokio::join!(client.handshake(), service.accept());
     let info = RequestInfo::new("imap");
     for mech in ["GSSAPI", "APOP", "PLAIN\tservice=x"] {
@@ -159,8 +164,7 @@ async fn unknown_mechanisms_private_ones_and_oversized_requests_never_reach_the_
 
 #[tokio::test]
 async fn multi_step_exchanges_relay_challenges_and_responses() {
-    let service = Service::start();
-    let client = service.client(Duration::from_secs(5));
+    let (service, client) = Service::with_client(Duration::from_secs(5));
     let server = async {
         let mut conn = service.accept().await;
         let (id, tail) = conn.auth().await;
@@ -191,8 +195,7 @@ async fn multi_step_exchanges_relay_challenges_and_responses() {
 
 #[tokio::test]
 async fn a_dropped_challenge_is_cancelled_and_an_ended_one_answers_the_response() {
-    let service = Service::start();
-    let client = service.client(Duration::from_secs(5));
+    let (service, client) = Service::with_client(Duration::from_secs(5));
     let info = RequestInfo::new("imap");
     let (first, mut conn) = tokio::join!(client.start("LOGIN", None, &info), async {
         let mut conn = service.accept().await;
@@ -230,8 +233,7 @@ async fn a_dropped_challenge_is_cancelled_and_an_ended_one_answers_the_response(
 
 #[tokio::test]
 async fn many_requests_share_one_connection_and_get_their_own_answers() {
-    let service = Service::start();
-    let client = service.client(Duration::from_secs(10));
+    let (service, client) = Service::with_client(Duration::from_secs(10));
     let server = async {
         let mut conn = service.accept().await;
         let mut seen = Vec::new();
@@ -280,8 +282,7 @@ async fn futures_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
 
 #[tokio::test]
 async fn hostile_lines_fail_at_most_their_own_request() {
-    let service = Service::start();
-    let client = service.client(Duration::from_secs(5));
+    let (service, client) = Service::with_client(Duration::from_secs(5));
     let info = RequestInfo::new("imap");
     let (_, mut conn) = tokio::join!(client.handshake(), service.accept());
     let a = client.start("PLAIN", Some(b"a"), &info);
@@ -333,8 +334,7 @@ async fn hostile_lines_fail_at_most_their_own_request() {
 
 #[tokio::test]
 async fn a_request_without_an_answer_times_out_and_its_late_answer_is_ignored() {
-    let service = Service::start();
-    let client = service.client(Duration::from_millis(200));
+    let (service, client) = Service::with_client(Duration::from_millis(200));
     let info = RequestInfo::new("imap");
     let (_, mut conn) = tokio::join!(client.handshake(), service.accept());
     let started = Instant::now();
@@ -358,8 +358,7 @@ async fn a_request_without_an_answer_times_out_and_its_late_answer_is_ignored() 
 
 #[tokio::test]
 async fn a_lost_connection_fails_requests_in_flight_and_the_next_request_reconnects() {
-    let service = Service::start();
-    let client = service.client(Duration::from_secs(10));
+    let (service, client) = Service::with_client(Duration::from_secs(10));
     let info = RequestInfo::new("imap");
     let (_, mut conn) = tokio::join!(client.handshake(), service.accept());
     let started = Instant::now();
@@ -392,8 +391,7 @@ async fn a_lost_connection_fails_requests_in_flight_and_the_next_request_reconne
 
 #[tokio::test]
 async fn a_service_of_another_major_version_or_none_at_all_is_refused_clearly() {
-    let service = Service::start();
-    let client = service.client(Duration::from_secs(5));
+    let (service, client) = Service::with_client(Duration::from_secs(5));
     let (result, _conn) = tokio::join!(
         client.handshake(),
         service.accept_with("VERSION\t2\t0\nDONE\n")
@@ -463,25 +461,15 @@ async fn a_silent_service_fails_the_connection_within_the_connect_timeout() {
 
 #[test]
 fn endpoints_are_sockets_unless_host_and_port() {
-    assert_eq!(
-        Endpoint::parse("127.0.0.1:9999"),
-        Endpoint::Tcp("127.0.0.1:9999".into())
-    );
-    assert_eq!(
-        Endpoint::parse("[::1]:9999"),
-        Endpoint::Tcp("[::1]:9999".into())
-    );
-    assert_eq!(
-        Endpoint::parse("auth.example.org:12345"),
-        Endpoint::Tcp("auth.example.org:12345".into())
-    );
-    assert_eq!(
-        Endpoint::parse("/run/dovecot/auth-client"),
-        Endpoint::Unix("/run/dovecot/auth-client".into())
-    );
-    assert_eq!(
-        Endpoint::parse("auth-client"),
-        Endpoint::Unix("auth-client".into())
-    );
-    assert_eq!(Endpoint::parse("./a:1"), Endpoint::Unix("./a:1".into()));
+    for tcp in ["127.0.0.1:9999", "[::1]:9999", "auth.example.org:12345"] {
+        assert_eq!(Endpoint::parse(tcp), Endpoint::Tcp(tcp.into()));
+    }
+    for unix in [
+        "/run/dovecot/auth-client",
+        "auth-client",
+        "./a:1",
+        "host:notaport",
+    ] {
+        assert_eq!(Endpoint::parse(unix), Endpoint::Unix(unix.into()));
+    }
 }

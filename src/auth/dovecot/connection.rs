@@ -346,10 +346,13 @@ impl Shared {
 
     /// Routes one line from the service.
     fn dispatch(&self, line: &[u8]) {
-        let fields = |f| AuthFields::new(f);
         match parse_server_line(line) {
-            Ok(ServerLine::Ok { id, fields: f }) => self.answer(id, Ok(Reply::Ok(fields(f)))),
-            Ok(ServerLine::Fail { id, fields: f }) => self.answer(id, Ok(Reply::Fail(fields(f)))),
+            Ok(ServerLine::Ok { id, fields }) => {
+                self.answer(id, Ok(Reply::Ok(AuthFields::new(fields))))
+            }
+            Ok(ServerLine::Fail { id, fields }) => {
+                self.answer(id, Ok(Reply::Fail(AuthFields::new(fields))))
+            }
             Ok(ServerLine::Cont { id, data }) => self.answer(id, Ok(Reply::Cont(data))),
             Ok(_) => {
                 debug!(auth = %self.endpoint, line = %shown_bytes(line),

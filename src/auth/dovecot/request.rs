@@ -3,7 +3,7 @@
 //! the connection is secured. Passdbs use these (`%{rip}`, `%s`, `allow_nets`...), the auth
 //! penalty is counted per `rip`, and the service's log names them.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -90,7 +90,9 @@ impl RequestInfo {
         }
         optional(&mut out, "session", &self.session_id);
         optional(&mut out, "cert_username", &self.cert_username);
-        let ip = |a: Option<SocketAddr>| a.map(|a| canonical(a.ip()).to_string());
+        // An IPv4 client seen on a dual-stack socket (`::ffff:192.0.2.1`) is sent as IPv4,
+        // the way a passdb's networks are written.
+        let ip = |a: Option<SocketAddr>| a.map(|a| a.ip().to_canonical().to_string());
         let port = |a: Option<SocketAddr>| a.map(|a| a.port()).filter(|&p| p != 0);
         let differs =
             |real: Option<SocketAddr>, seen: Option<SocketAddr>| real.filter(|r| Some(*r) != seen);
@@ -122,12 +124,6 @@ impl RequestInfo {
         out.push(b'\n');
         out
     }
-}
-
-/// An IPv4 client seen on a dual-stack socket (`::ffff:192.0.2.1`) is sent as IPv4, the way
-/// the passdb's networks are written.
-fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
 }
 
 fn param(out: &mut Vec<u8>, key: &str, value: &str) {
