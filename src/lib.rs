@@ -50,6 +50,7 @@
 //!   `tests/fuzz_corpus.rs`.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 /// Property checks of the pre-login parsers, shared by the cargo-fuzz crate in `fuzz/` and
 /// the corpus replay test `tests/fuzz_corpus.rs`; not an API.
