@@ -10,7 +10,7 @@
 //!    `net::tls`); `net::admission` decides who may take a slot (a pool per listener, a cap
 //!    per client address, the oldest pre-login connection dropped to make room) and
 //!    `net::refusals` reports refusals at most once per interval. `net::stream` wraps plain
-//!    and TLS sockets in one type; `net::network` parses address networks, `net::resolve`
+//!    and TLS sockets in one type; `config::network` parses address networks, `net::resolve`
 //!    backend names.
 //! 2. `protocol`: the pre-authentication dialogue. `protocol::preauth` is the one session
 //!    core (buffer, limits, timeouts, STARTTLS, goodbyes, the SASL exchange, the login call);

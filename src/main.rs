@@ -320,7 +320,9 @@ fn main() -> ExitCode {
                     }
                 };
                 let set = director::state::BackendSet::new(backends);
-                let hash = config.user_hash().hash(&user);
+                let hash = director::routing::user_hash::UserHash::from_config(&config)
+                    .expect("checked when the configuration was loaded")
+                    .hash(&user);
                 match set.ring("").and_then(|r| r.lookup(hash)) {
                     Some(ip) => {
                         println!("{user}\thash={hash}\tbackend={ip}");

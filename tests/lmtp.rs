@@ -19,6 +19,7 @@ use director::config::Config;
 use director::net::stream::ClientStream;
 use director::protocol::decision::ClientIdentity;
 use director::protocol::lmtp::{serve_connection, LmtpSettings, RecipientUsername};
+use director::routing::user_hash::UserHash;
 use director::routing::Router;
 use director::state::backend::{AdminState, Backend as DirBackend, Health};
 use director::state::local::LocalState;
@@ -72,7 +73,10 @@ impl TestLmtp {
                     .await
                     .unwrap();
                 let state = Arc::new(LocalState::new(backends, config.user_expire.into()));
-                let router = Router::new(state.clone() as Arc<dyn State>, config.user_hash());
+                let router = Router::new(
+                    state.clone() as Arc<dyn State>,
+                    UserHash::from_config(&config).unwrap(),
+                );
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send((listener.local_addr().unwrap(), state, router.clone()))
                     .unwrap();

@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tracing::{info, warn};
 
+use crate::config::network::Network;
 use crate::config::{Config, ConfigError, MAX_WEIGHT};
-use crate::net::network::Network;
 use crate::routing::Router;
 use crate::state::backend::{AdminState, Backend, Health};
 use crate::state::moves::{MoveReason, MoveReport, Mover};
@@ -1102,7 +1102,9 @@ impl Listener for TcpAdmin {
     async fn accept(&mut self) -> (TcpStream, Peer) {
         loop {
             match self.listener.accept().await {
-                Ok((s, peer)) if crate::net::network::any_contains(&self.allow_from, peer.ip()) => {
+                Ok((s, peer))
+                    if crate::config::network::any_contains(&self.allow_from, peer.ip()) =>
+                {
                     return (s, Peer::Tcp(peer));
                 }
                 Ok((_, peer)) => {

@@ -6,14 +6,16 @@
 //! is built where it is used (`LmtpSettings::from_config` in `protocol::lmtp`, the checker's
 //! settings, check definitions and credentials in `health::checker`, TLS and sockets in
 //! `server::prepare`), and the checks that need those files are made there, with errors
-//! that name the field all the same. Values the file names and nothing else defines live
-//! here (`Forward`). Three value modules are used as they are, because each is the one
-//! parser of its text and imports nothing from the crate, so no import circle can come back
-//! through them: `net::network` (CIDR networks), `protocol::decision::Protocol` (the protocol
-//! names and default ports) and `routing::user_hash` (the `username_hash` template, parsed
-//! here so that a bad one is refused at load).
+//! that name the field all the same, and the `username_hash` template is parsed by
+//! `routing::user_hash` when a configuration is loaded (`server::prepare::load_config`).
+//! Values the file names and nothing else defines live here: `Forward`, [`Protocol`]
+//! (`protocol`), address networks (`network`). `config` imports nothing else of the crate.
 
+pub mod network;
+pub mod protocol;
 pub mod yaml;
+
+pub use protocol::Protocol;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -23,9 +25,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::net::network::Network;
-use crate::protocol::decision::Protocol;
-use crate::routing::user_hash::UserHash;
+use crate::config::network::Network;
 
 /// The largest weight a backend may have (Dovecot's vhost count; 100 is the default).
 pub const MAX_WEIGHT: u32 = 1000;
@@ -567,11 +567,6 @@ impl Config {
         Ok(config)
     }
 
-    /// The parsed `username_hash` template.
-    pub fn user_hash(&self) -> UserHash {
-        UserHash::new(&self.username_hash).expect("checked by validate")
-    }
-
     /// The settings of `backends[index]` with defaults applied.
     pub fn backend_settings(&self, index: usize) -> BackendSettings {
         self.settings_of(&self.backends[index])
@@ -630,7 +625,6 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        UserHash::new(&self.username_hash).map_err(|e| err("username_hash", e))?;
         if self.user_expire.0.is_zero() {
             return Err(err("user_expire", "must be longer than 0s"));
         }
@@ -891,8 +885,6 @@ mod tests {
             e.starts_with("user_expire: \"soon\" is not a duration"),
             "{e}"
         );
-        let e = error_of(&format!("{MINIMAL}username_hash: \"%x\"\n"));
-        assert!(e.starts_with("username_hash: "), "{e}");
         let e = error_of(&MINIMAL.replace("protocol: imap", "protocol: imap\n    tls: implicit"));
         assert!(e.starts_with("listeners[0].tls: needs"), "{e}");
         let e = error_of(&MINIMAL.replace("protocol: imap", "protocol: smtp"));

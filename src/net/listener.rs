@@ -12,10 +12,10 @@ use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::config::network::{any_contains, Network};
 use crate::config::ListenerTls;
 use crate::login::Login;
 use crate::net::admission::{refusal_line, Admitted, ConnectionPool, PerIpGuard, PerIpLimit, Slot};
-use crate::net::network::{any_contains, Network};
 use crate::net::refusals::{RefusalLog, RefusalReason};
 use crate::net::relay::{relay, Kick, RelayEnd};
 use crate::net::stream::ClientStream;

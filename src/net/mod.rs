@@ -5,7 +5,6 @@
 
 pub mod admission;
 pub mod listener;
-pub mod network;
 pub mod refusals;
 pub mod relay;
 pub mod resolve;

@@ -8,6 +8,8 @@
 
 use md5::{Digest, Md5};
 
+use crate::config::{Config, ConfigError};
+
 /// One piece of a parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -35,6 +37,13 @@ pub struct UserHash {
 pub struct TemplateError(String);
 
 impl UserHash {
+    /// The configuration's `username_hash` template; a bad one is an error that names the
+    /// field. Checked when a configuration is loaded (`server::prepare::load_config`) and
+    /// again wherever a router is built from one.
+    pub fn from_config(config: &Config) -> Result<UserHash, ConfigError> {
+        UserHash::new(&config.username_hash).map_err(|e| ConfigError(format!("username_hash: {e}")))
+    }
+
     /// Parses a template such as `%Lu`, `%Ln` or `%Ld`.
     pub fn new(template: &str) -> Result<Self, TemplateError> {
         let mut parts = Vec::new();

@@ -110,7 +110,10 @@ impl Director {
         let user_expire: Duration = config.user_expire.into();
         let state = Arc::new(LocalState::new(backends, user_expire));
         crate::state::file::restore(config, &*state)?;
-        let router = Router::new(state.clone() as Arc<dyn State>, config.user_hash());
+        let router = Router::new(
+            state.clone() as Arc<dyn State>,
+            crate::routing::user_hash::UserHash::from_config(config)?,
+        );
         let sessions = Sessions::new();
         let metrics = Metrics::new();
         let mover = Mover::new(state.clone() as Arc<dyn State>, sessions.clone())

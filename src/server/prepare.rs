@@ -16,12 +16,14 @@ use crate::config::{BackendTls, Config, ConfigError};
 use crate::health::checker::HealthChecker;
 use crate::net::listener::ListenSocket;
 use crate::net::tls::BackendTlsContext;
+use crate::routing::user_hash::UserHash;
 use crate::state::backend::{AdminState, Backend, Health};
 
 /// Reads and checks the configuration file at `path`: [`Config::load`], then the health
 /// checks, check files and credentials it names (whether or not `health.enabled`).
 pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
     let config = Config::load(path)?;
+    UserHash::from_config(&config).map_err(|e| e.in_file(path))?;
     HealthChecker::parts_of(&config).map_err(|e| e.in_file(path))?;
     Ok(config)
 }
@@ -143,4 +145,35 @@ pub fn backend_tls(config: &Config) -> Result<BackendTlsContext, ConfigError> {
             .push((s.tls_ca_file.clone(), s.tls_verify, connector));
     }
     Ok(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "listeners:\n  - protocol: imap\n    address: 127.0.0.1:1143\nbackends:\n  - host: 10.0.0.1\nhealth:\n  enabled: false\n";
+
+    /// A load refuses what the file's own checks and the runtime's checks refuse, and the
+    /// error names the file and the field.
+    #[test]
+    fn load_names_the_file_and_the_field() {
+        let dir = std::env::temp_dir().join(format!("director-prepare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("director.yaml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        load_config(&path).expect("the minimal file loads");
+        std::fs::write(&path, format!("{MINIMAL}username_hash: \"%x\"\n")).unwrap();
+        let e = load_config(&path).unwrap_err().0;
+        assert!(
+            e.starts_with(&format!("{}: username_hash: ", path.display())),
+            "{e}"
+        );
+        std::fs::write(&path, format!("{MINIMAL}user_expire: soon\n")).unwrap();
+        let e = load_config(&path).unwrap_err().0;
+        assert!(
+            e.starts_with(&format!("{}: user_expire: ", path.display())),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
