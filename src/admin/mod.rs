@@ -721,38 +721,18 @@ impl AdminContext {
             }
             AdminRequest::Down { host } => {
                 let ips = self.existing(&host).await?;
-                let mut r = reply("down; users moved off".into(), ips.clone());
                 for ip in &ips {
                     self.end_maintenance(*ip);
-                    self.state
-                        .set_admin(*ip, AdminState::Down)
-                        .map_err(state_err)?;
                 }
-                for ip in &ips {
-                    r.add(
-                        &self
-                            .mover
-                            .evacuate(*ip, MoveReason::Maintenance, false)
-                            .await,
-                    );
-                }
-                Ok(r)
+                self.take_down(reply("down; users moved off".into(), ips.clone()))
+                    .await
             }
             AdminRequest::Remove { host } => {
                 let ips = self.existing(&host).await?;
-                let mut r = reply("removed; users moved off".into(), ips.clone());
+                let r = self
+                    .take_down(reply("removed; users moved off".into(), ips.clone()))
+                    .await?;
                 for ip in &ips {
-                    self.state
-                        .set_admin(*ip, AdminState::Down)
-                        .map_err(state_err)?;
-                }
-                for ip in &ips {
-                    r.add(
-                        &self
-                            .mover
-                            .evacuate(*ip, MoveReason::Maintenance, false)
-                            .await,
-                    );
                     self.state.set_maintenance(*ip, None);
                     self.state.remove_backend(*ip).map_err(state_err)?;
                 }
@@ -905,6 +885,26 @@ impl AdminContext {
     }
 
     /// Ends a maintenance: previous weight back, admin up. False if there was none.
+    /// Sets the reply's backends down, then moves their users off, and adds each move's
+    /// report to the reply.
+    async fn take_down(&self, mut r: ChangeReply) -> Result<ChangeReply, AdminError> {
+        let ips = r.backends.clone();
+        for ip in &ips {
+            self.state
+                .set_admin(*ip, AdminState::Down)
+                .map_err(state_err)?;
+        }
+        for ip in &ips {
+            r.add(
+                &self
+                    .mover
+                    .evacuate(*ip, MoveReason::Maintenance, false)
+                    .await,
+            );
+        }
+        Ok(r)
+    }
+
     fn end_maintenance(&self, ip: IpAddr) -> bool {
         let Some(m) = self.state.maintenance().get(&ip).cloned() else {
             return false;

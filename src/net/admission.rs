@@ -396,22 +396,34 @@ mod tests {
 
     #[test]
     fn refusal_lines_per_protocol() {
-        assert_eq!(
-            refusal_line(Protocol::Imap, true, "h"),
-            "* BYE Too many connections from your address.\r\n"
-        );
-        assert_eq!(
-            refusal_line(Protocol::Pop3, true, "h"),
-            "-ERR [SYS/TEMP] Too many connections from your address.\r\n"
-        );
-        assert_eq!(
-            refusal_line(Protocol::Sieve, false, "h"),
-            "BYE \"Too many connections, try again later.\"\r\n"
-        );
-        assert_eq!(
-            refusal_line(Protocol::Lmtp, true, "mx.example"),
-            "421 4.3.2 mx.example Too many connections from your address.\r\n"
-        );
+        for (protocol, per_ip, host, line) in [
+            (
+                Protocol::Imap,
+                true,
+                "h",
+                "* BYE Too many connections from your address.\r\n",
+            ),
+            (
+                Protocol::Pop3,
+                true,
+                "h",
+                "-ERR [SYS/TEMP] Too many connections from your address.\r\n",
+            ),
+            (
+                Protocol::Sieve,
+                false,
+                "h",
+                "BYE \"Too many connections, try again later.\"\r\n",
+            ),
+            (
+                Protocol::Lmtp,
+                true,
+                "mx.example",
+                "421 4.3.2 mx.example Too many connections from your address.\r\n",
+            ),
+        ] {
+            assert_eq!(refusal_line(protocol, per_ip, host), line, "{protocol}");
+        }
     }
 
     #[test]

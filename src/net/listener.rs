@@ -187,17 +187,7 @@ impl Listener {
                             session_id: new_session_id(),
                             session_ext_id: None,
                         };
-                        // Boxed: the LMTP session's state must not enlarge every relayed session's task.
-                        let _ = Box::pin(crate::protocol::lmtp::serve_connection_until(
-                            client,
-                            identity.clone(),
-                            shared.login.router.clone(),
-                            shared.lmtp.clone(),
-                            shared.metrics.clone(),
-                            shutdown.clone(),
-                        ))
-                        .await;
-                        ended_by_shutdown(&shutdown, this.protocol, &identity);
+                        serve_lmtp(client, identity, &shared, &shutdown).await;
                     }
                 }
             });
@@ -297,17 +287,7 @@ impl Listener {
             else {
                 return;
             };
-            // Boxed: the LMTP session's state must not enlarge every relayed session's task.
-            let _ = Box::pin(crate::protocol::lmtp::serve_connection_until(
-                client,
-                identity.clone(),
-                shared.login.router.clone(),
-                shared.lmtp.clone(),
-                shared.metrics.clone(),
-                shutdown.clone(),
-            ))
-            .await;
-            ended_by_shutdown(shutdown, self.protocol, &identity);
+            serve_lmtp(client, identity, shared, shutdown).await;
             return;
         }
         let Some((mut slot, per_ip)) = self
@@ -453,6 +433,26 @@ impl Listener {
 
 /// Logs the end of a connection that ended while the director was stopping (pre-login or
 /// LMTP: relayed sessions log their own line); `false` if it is not stopping.
+/// Serves one LMTP connection to its end, and notes an end by shutdown.
+async fn serve_lmtp(
+    client: ClientStream,
+    identity: ClientIdentity,
+    shared: &ListenerShared,
+    shutdown: &Shutdown,
+) {
+    // Boxed: the LMTP session's state must not enlarge every relayed session's task.
+    let _ = Box::pin(crate::protocol::lmtp::serve_connection_until(
+        client,
+        identity.clone(),
+        shared.login.router.clone(),
+        shared.lmtp.clone(),
+        shared.metrics.clone(),
+        shutdown.clone(),
+    ))
+    .await;
+    ended_by_shutdown(shutdown, Protocol::Lmtp, &identity);
+}
+
 fn ended_by_shutdown(shutdown: &Shutdown, protocol: Protocol, identity: &ClientIdentity) -> bool {
     if !shutdown.is_stopping() {
         return false;

@@ -77,6 +77,29 @@ impl Direction {
         }
     }
 
+    /// Copies while this direction is open and notes `closed` as the first end when its
+    /// reader reaches the end of stream; an error ends the relay.
+    fn poll_side<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        closed: RelayEnd,
+        first_end: &mut Option<RelayEnd>,
+    ) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if !self.done {
+            if let Poll::Ready(r) = self.poll_copy(cx, Pin::new(reader), Pin::new(writer)) {
+                r?;
+                first_end.get_or_insert(closed);
+            }
+        }
+        Ok(())
+    }
+
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -177,36 +200,29 @@ where
                 return Poll::Ready(None);
             }
         }
-        if !up.done {
-            // A client that vanishes mid-write is an error too.
-            if let Poll::Ready(r) =
-                up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *backend))
-            {
-                match r {
-                    Ok(()) => {
-                        first_end.get_or_insert(RelayEnd::ClientClosed);
-                    }
-                    Err(e) => {
-                        error = Some(format!("client to backend: {e}"));
-                        return Poll::Ready(None);
-                    }
-                }
-            }
-        }
-        if !down.done {
-            if let Poll::Ready(r) =
-                down.poll_copy(cx, Pin::new(&mut *backend), Pin::new(&mut *client))
-            {
-                match r {
-                    Ok(()) => {
-                        first_end.get_or_insert(RelayEnd::BackendClosed);
-                    }
-                    Err(e) => {
-                        error = Some(format!("backend to client: {e}"));
-                        return Poll::Ready(None);
-                    }
-                }
-            }
+        // A client that vanishes mid-write is an error too.
+        let copied = up
+            .poll_side(
+                cx,
+                &mut *client,
+                &mut *backend,
+                RelayEnd::ClientClosed,
+                &mut first_end,
+            )
+            .map_err(|e| format!("client to backend: {e}"))
+            .and_then(|()| {
+                down.poll_side(
+                    cx,
+                    &mut *backend,
+                    &mut *client,
+                    RelayEnd::BackendClosed,
+                    &mut first_end,
+                )
+                .map_err(|e| format!("backend to client: {e}"))
+            });
+        if let Err(e) = copied {
+            error = Some(e);
+            return Poll::Ready(None);
         }
         // The backend has closed and everything it sent reached the client: nothing the
         // client still sends could be served, so the session is over (the client was sent

@@ -72,25 +72,24 @@ impl StickyTable {
 
     /// Points `hash` at `backend` (a move, or a failover before any session started).
     pub fn set(&mut self, hash: u32, backend: IpAddr, now: Instant) {
-        let rec = self.records.entry(hash).or_insert(StickyRecord {
-            backend,
-            sessions: 0,
-            touched: now,
-        });
-        rec.backend = backend;
-        rec.touched = now;
+        self.point(hash, backend, now);
     }
 
     /// A session of `hash` started on `backend`.
     pub fn session_started(&mut self, hash: u32, backend: IpAddr, now: Instant) {
+        self.point(hash, backend, now).sessions += 1;
+    }
+
+    /// The record of `hash`, made if missing, pointed at `backend` and touched.
+    fn point(&mut self, hash: u32, backend: IpAddr, now: Instant) -> &mut StickyRecord {
         let rec = self.records.entry(hash).or_insert(StickyRecord {
             backend,
             sessions: 0,
             touched: now,
         });
         rec.backend = backend;
-        rec.sessions += 1;
         rec.touched = now;
+        rec
     }
 
     /// A session of `hash` ended: the record's expiry clock starts when none are left.

@@ -246,22 +246,7 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 fn path_and_params(s: &str) -> Option<(String, Vec<Param>)> {
     let s = s.trim_start_matches(' ');
     let inner = s.strip_prefix('<')?;
-    let mut quoted = false;
-    let mut escaped = false;
-    let mut end = None;
-    for (i, c) in inner.char_indices() {
-        if escaped {
-            escaped = false;
-        } else if quoted && c == '\\' {
-            escaped = true;
-        } else if c == '"' {
-            quoted = !quoted;
-        } else if c == '>' && !quoted {
-            end = Some(i);
-            break;
-        }
-    }
-    let end = end?;
+    let (end, _) = unquoted(inner).find(|&(_, c)| c == '>')?;
     let path = &inner[..end];
     let rest = &inner[end + 1..];
     if !rest.is_empty() && !rest.starts_with(' ') {
@@ -327,24 +312,31 @@ pub fn username_of(path: &str, mode: RecipientUsername, delimiter: Option<char>)
     }
 }
 
-/// Splits a mailbox at the `@` that is not inside the quoted local part.
-fn split_mailbox(path: &str) -> (&str, Option<&str>) {
+/// The characters of `s` outside its quoted strings (in which `\\` escapes the next
+/// character), with their offsets; the quotes themselves are left out.
+fn unquoted(s: &str) -> impl Iterator<Item = (usize, char)> + '_ {
     let mut quoted = false;
     let mut escaped = false;
-    let mut at = None;
-    for (i, c) in path.char_indices() {
+    s.char_indices().filter(move |&(_, c)| {
         if escaped {
             escaped = false;
+            false
         } else if quoted && c == '\\' {
             escaped = true;
+            false
         } else if c == '"' {
             quoted = !quoted;
-        } else if c == '@' && !quoted {
-            at = Some(i);
+            false
+        } else {
+            !quoted
         }
-    }
-    match at {
-        Some(i) => (&path[..i], Some(&path[i + 1..])),
+    })
+}
+
+/// Splits a mailbox at the `@` that is not inside the quoted local part.
+fn split_mailbox(path: &str) -> (&str, Option<&str>) {
+    match unquoted(path).filter(|&(_, c)| c == '@').last() {
+        Some((i, _)) => (&path[..i], Some(&path[i + 1..])),
         None => (path, None),
     }
 }

@@ -202,6 +202,13 @@ mod tests {
         );
     }
 
+    fn auth(mechanism: &str, initial_response: Option<&str>) -> Command {
+        Command::Auth {
+            mechanism: mechanism.into(),
+            initial_response: initial_response.map(Into::into),
+        }
+    }
+
     #[test]
     fn auth_forms() {
         let script = b"AUTH\r\nauth plain\r\nAUTH PLAIN AGFsaWNlAHB3\r\nAUTH login =\r\nAUTH \r\n";
@@ -210,27 +217,9 @@ mod tests {
             8192,
             &[
                 line(6, Command::AuthList),
-                line(
-                    12,
-                    Command::Auth {
-                        mechanism: "PLAIN".into(),
-                        initial_response: None,
-                    },
-                ),
-                line(
-                    25,
-                    Command::Auth {
-                        mechanism: "PLAIN".into(),
-                        initial_response: Some("AGFsaWNlAHB3".into()),
-                    },
-                ),
-                line(
-                    14,
-                    Command::Auth {
-                        mechanism: "LOGIN".into(),
-                        initial_response: Some("=".into()),
-                    },
-                ),
+                line(12, auth("PLAIN", None)),
+                line(25, auth("PLAIN", Some("AGFsaWNlAHB3"))),
+                line(14, auth("LOGIN", Some("="))),
                 line(7, Command::AuthList),
             ],
         );
