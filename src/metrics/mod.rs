@@ -14,7 +14,7 @@
 //! This file knows no runtime type: label values come from the callers (a reason's or a
 //! result's name, a backend as a [`BackendLabel`]), so every part can count here without
 //! the catalogue depending on it. The one type it names is
-//! [`Protocol`](crate::protocol::decision::Protocol), a plain value that imports nothing. The
+//! [`Protocol`](crate::config::Protocol), a plain value that imports nothing. The
 //! label values it starts at 0 are listed here ([`MOVE_REASONS`], [`REFUSAL_REASONS`]); the
 //! enums that name them have tests that keep the lists in step.
 
@@ -30,7 +30,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::protocol::decision::Protocol;
+use crate::config::Protocol;
 
 /// What kind of metric a catalogue entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::{Metrics, LOGIN_PROTOCOLS};
 use crate::health::checker::HealthChecker;
 use crate::health::probe::CheckCode;
-use crate::protocol::decision::Protocol;
+use crate::config::Protocol;
 use crate::state::backend::{AdminState, Health};
 use crate::state::sessions::Sessions;
 use crate::state::State;

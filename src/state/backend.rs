@@ -5,9 +5,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::config::BackendSettings;
+use crate::config::{BackendSettings, Protocol};
 use crate::metrics::BackendLabel;
-use crate::protocol::decision::Protocol;
 
 /// What an administrator decided about a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
