@@ -8,9 +8,9 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use super::{Metrics, LOGIN_PROTOCOLS};
+use crate::config::Protocol;
 use crate::health::checker::HealthChecker;
 use crate::health::probe::CheckCode;
-use crate::config::Protocol;
 use crate::state::backend::{AdminState, Health};
 use crate::state::sessions::Sessions;
 use crate::state::State;

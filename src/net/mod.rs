@@ -8,5 +8,6 @@ pub mod listener;
 pub mod refusals;
 pub mod relay;
 pub mod resolve;
+pub mod shutdown;
 pub mod stream;
 pub mod tls;

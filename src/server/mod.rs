@@ -3,7 +3,6 @@
 
 pub mod prepare;
 pub mod reload;
-pub mod shutdown;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,13 +18,13 @@ use crate::login::Login;
 use crate::metrics::server::{MetricsContext, MetricsServer};
 use crate::metrics::Metrics;
 use crate::net::listener::ListenerShared;
+use crate::net::shutdown::{Phase, Shutdown, ShutdownTrigger};
 use crate::protocol::decision::Protocol;
 use crate::protocol::lmtp::LmtpSettings;
 use crate::protocol::preauth::PreauthLimits;
 use crate::routing::Router;
 use crate::server::prepare::{backend_tls, bind_listener, resolve_backends, server_tls};
 use crate::server::reload::{Prepared, Reloader, ReloaderParts, RunningListener};
-use crate::server::shutdown::{Phase, Shutdown, ShutdownTrigger};
 use crate::state::local::LocalState;
 use crate::state::moves::Mover;
 use crate::state::sessions::Sessions;
@@ -186,7 +185,7 @@ impl Director {
             health: health.clone(),
             admin: admin_context,
         });
-        let (trigger, shutdown) = crate::server::shutdown::channel();
+        let (trigger, shutdown) = crate::net::shutdown::channel();
         Ok(Director {
             state,
             health,

@@ -136,7 +136,7 @@ pub async fn serve_connection(
         router,
         settings,
         metrics,
-        crate::server::shutdown::Shutdown::default(),
+        crate::net::shutdown::Shutdown::default(),
     )
     .await
 }
@@ -149,7 +149,7 @@ pub async fn serve_connection_until(
     router: Router,
     settings: Arc<LmtpSettings>,
     metrics: crate::metrics::Metrics,
-    shutdown: crate::server::shutdown::Shutdown,
+    shutdown: crate::net::shutdown::Shutdown,
 ) -> io::Result<()> {
     session::Session::new(client, identity, router, settings, metrics, shutdown)
         .run()
