@@ -1,6 +1,7 @@
 //! The running director: built from a [`Config`], it binds the listeners, resolves the
 //! backends, and serves until told to stop.
 
+pub mod listener;
 pub mod prepare;
 pub mod reload;
 
@@ -17,12 +18,12 @@ use crate::health::checker::HealthChecker;
 use crate::login::Login;
 use crate::metrics::server::{MetricsContext, MetricsServer};
 use crate::metrics::Metrics;
-use crate::net::listener::ListenerShared;
 use crate::net::shutdown::{Phase, Shutdown, ShutdownTrigger};
 use crate::protocol::decision::Protocol;
 use crate::protocol::lmtp::LmtpSettings;
 use crate::protocol::preauth::PreauthLimits;
 use crate::routing::Router;
+use crate::server::listener::ListenerShared;
 use crate::server::prepare::{backend_tls, bind_listener, resolve_backends, server_tls};
 use crate::server::reload::{Prepared, Reloader, ReloaderParts, RunningListener};
 use crate::state::local::LocalState;
