@@ -4,6 +4,7 @@
 pub mod listener;
 pub mod prepare;
 pub mod reload;
+pub mod scrape;
 
 use std::future::Future;
 use std::net::SocketAddr;
