@@ -18,8 +18,6 @@
 //! label values it starts at 0 are listed here ([`MOVE_REASONS`], [`REFUSAL_REASONS`]); the
 //! enums that name them have tests that keep the lists in step.
 
-pub mod server;
-
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

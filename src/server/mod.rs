@@ -2,6 +2,7 @@
 //! backends, and serves until told to stop.
 
 pub mod listener;
+pub mod metrics_server;
 pub mod prepare;
 pub mod reload;
 pub mod scrape;
@@ -17,7 +18,6 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, ConfigError, ListenerTls};
 use crate::health::checker::HealthChecker;
 use crate::login::Login;
-use crate::metrics::server::{MetricsContext, MetricsServer};
 use crate::metrics::Metrics;
 use crate::net::shutdown::{Phase, Shutdown, ShutdownTrigger};
 use crate::protocol::decision::Protocol;
@@ -25,6 +25,7 @@ use crate::protocol::lmtp::LmtpSettings;
 use crate::protocol::preauth::PreauthLimits;
 use crate::routing::Router;
 use crate::server::listener::ListenerShared;
+use crate::server::metrics_server::{MetricsContext, MetricsServer};
 use crate::server::prepare::{backend_tls, bind_listener, resolve_backends, server_tls};
 use crate::server::reload::{Prepared, Reloader, ReloaderParts, RunningListener};
 use crate::state::local::LocalState;
