@@ -23,13 +23,13 @@ use crate::net::shutdown::{Phase, Shutdown, ShutdownTrigger};
 use crate::protocol::decision::Protocol;
 use crate::protocol::lmtp::LmtpSettings;
 use crate::protocol::preauth::PreauthLimits;
-use crate::routing::Router;
 use crate::server::listener::ListenerShared;
 use crate::server::metrics_server::{MetricsContext, MetricsServer};
 use crate::server::prepare::{backend_tls, bind_listener, resolve_backends, server_tls};
 use crate::server::reload::{Prepared, Reloader, ReloaderParts, RunningListener};
 use crate::state::local::LocalState;
 use crate::state::moves::Mover;
+use crate::state::router::Router;
 use crate::state::sessions::Sessions;
 use crate::state::State;
 

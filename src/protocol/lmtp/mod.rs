@@ -30,7 +30,7 @@ use crate::config::{LmtpConfig, RecipientUsernameName};
 use crate::net::stream::ClientStream;
 use crate::net::tls::BackendTlsContext;
 use crate::protocol::decision::ClientIdentity;
-use crate::routing::Router;
+use crate::state::router::Router;
 
 /// Settings of the LMTP service (one per listener, or shared).
 #[derive(Debug, Clone)]
