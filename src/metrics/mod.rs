@@ -13,10 +13,10 @@
 //!
 //! This file knows no runtime type: label values come from the callers (a reason's or a
 //! result's name, a backend as a [`BackendLabel`]), so every part can count here without
-//! the catalogue depending on it. The one type it names is
-//! [`Protocol`](crate::config::Protocol), a plain value that imports nothing. The
-//! label values it starts at 0 are listed here ([`MOVE_REASONS`], [`REFUSAL_REASONS`]); the
-//! enums that name them have tests that keep the lists in step.
+//! the catalogue depending on it. The one type it names is [`Protocol`], a plain value of the
+//! configuration that imports nothing. The label values it starts at 0 are listed here
+//! ([`MOVE_REASONS`], [`REFUSAL_REASONS`]); the enums that name them have tests that keep the
+//! lists in step.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
