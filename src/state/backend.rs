@@ -67,7 +67,7 @@ pub struct Backend {
 
 impl Backend {
     /// Whether users who already have a record on this backend may keep using it. A
-    /// backend in maintenance serves only its allowed test users (see `routing`).
+    /// backend in maintenance serves only its allowed test users (see `state::router`).
     pub fn serves_existing(&self) -> bool {
         self.admin == AdminState::Up && self.health == Health::Up
     }
