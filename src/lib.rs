@@ -3,51 +3,65 @@
 //!
 //! # Layout
 //!
-//! The folders follow one session, then the concerns around it. A module imports only from
-//! modules of its own stage or earlier ones; `config` is a leaf that the runtime reads.
+//! The folders are layers, listed from the bottom up: a folder imports only from the folders
+//! before it in this list, so each can be read knowing only what comes before it, and no
+//! import goes round in a circle.
 //!
-//! 1. `net`: `net::listener` accepts connections (optional PROXY header, implicit TLS from
-//!    `net::tls`); `net::admission` decides who may take a slot (a pool per listener, a cap
-//!    per client address, the oldest pre-login connection dropped to make room) and
-//!    `net::refusals` reports refusals at most once per interval. `net::stream` wraps plain
-//!    and TLS sockets in one type; `config::network` parses address networks, `net::resolve`
+//! 1. `config` (YAML parsed only in `config::yaml`) is plain settings and imports nothing of
+//!    the crate; its values (`config::Protocol`, `config::network` address networks) are
+//!    what every layer passes around. `untrusted` shows client-chosen text in log lines
+//!    (truncated, escaped) and is a leaf too.
+//! 2. `metrics`: the one catalogue of Prometheus metrics (name, help, labels), depending on no
+//!    runtime module, so every layer above counts its events there.
+//! 3. `routing`: the stateless arithmetic of where users go, compatible with Dovecot's
+//!    director: `routing::user_hash`, the consistent-hash `routing::ring` and the
+//!    `routing::sticky` records that keep a user where it is.
+//! 4. `state`: the one trait for shared state (`state::backend`, weights, rings, sticky
+//!    records) and its in-memory implementation `state::local`; `state::file` keeps what
+//!    admins changed across restarts; `state::sessions` knows every live session by user and
+//!    backend; `state::moves` changes a user's backend safely (sessions ended first);
+//!    `state::router` picks a user's backend over the state (a live sticky record first, then
+//!    the ring of the user's tag).
+//! 5. `net`: sockets and bytes below any protocol. `net::admission` decides who may take a
+//!    slot (a pool per listener, a cap per client address, the oldest pre-login connection
+//!    dropped to make room) and `net::refusals` reports refusals at most once per interval;
+//!    `net::stream` wraps plain and TLS sockets in one type (`net::tls`); `net::relay`
+//!    copies bytes both ways until a side closes or the session is kicked;
+//!    `net::shutdown` is the graceful stop every connection watches; `net::resolve` resolves
 //!    backend names.
-//! 2. `protocol`: the pre-authentication dialogue. `protocol::preauth` is the one session
-//!    core (buffer, limits, timeouts, STARTTLS, goodbyes, the SASL exchange, the login call);
-//!    `protocol::imap`, `protocol::pop3` and `protocol::sieve` (ManageSieve) supply only their
-//!    grammar and replies. It ends in a [`protocol::decision::Decision`]: who the user is,
-//!    their credentials and the client's identity. `protocol::sasl` decodes SASL responses,
-//!    `protocol::proxy_protocol` the HAProxy header.
-//! 3. `login` turns a decision into a logged-in backend connection: `routing` picks the
-//!    backend (`routing::sticky` record first, then `routing::ring`, keyed by
-//!    `routing::user_hash`) and each protocol's `backend_login` speaks to it over
-//!    `protocol::backend_dialogue` (reading replies, deadlines, STARTTLS).
-//! 4. `net::relay` copies bytes both ways until a side closes or the session is kicked.
-//! 5. `protocol::lmtp` is mail delivery (RFC 2033): each recipient routed like a login, the
-//!    message streamed to every recipient's backend, one reply per recipient.
+//! 6. `protocol`: the mail protocols. `protocol::preauth` is the one pre-authentication
+//!    session core (buffer, limits, timeouts, STARTTLS, goodbyes, the SASL exchange, the
+//!    login call); `protocol::imap`, `protocol::pop3` and `protocol::sieve` (ManageSieve)
+//!    supply only their grammar and replies. It ends in a [`protocol::decision::Decision`]:
+//!    who the user is, their credentials and the client's identity. Each protocol's
+//!    `backend_login` speaks to a backend over `protocol::backend_dialogue` (reading replies,
+//!    deadlines, STARTTLS). `protocol::lmtp` is mail delivery (RFC 2033): each recipient
+//!    routed like a login, the message streamed to every recipient's backend, one reply per
+//!    recipient. `protocol::sasl` decodes SASL responses, `protocol::proxy_protocol` the
+//!    HAProxy header.
+//! 7. `health`: `health::checker` keeps one verdict per backend (rise/fall; a login that finds
+//!    its backend unresponsive before sending credentials only brings the next check
+//!    forward); `health::probe` runs the checks of `checks/*.yaml`, speaking the protocols.
+//! 8. `auth`: a client of Dovecot's auth service (authentication at the director).
+//! 9. `login` turns a decision into a logged-in backend connection: the router picks the
+//!    backend, the protocol's `backend_login` logs in, the health checker hears of a backend
+//!    that does not answer.
+//! 10. `admin`: the admin API (HTTP+JSON on a unix socket, optionally TCP) behind the CLI's
+//!     verbs (`admin::client`).
+//! 11. `server` composes it all: `server::listener` accepts connections (optional PROXY
+//!     header, implicit TLS) and takes each through admission, its protocol's front end,
+//!     login and the relay; `server::metrics_server` serves `/metrics`, `/healthz` and
+//!     `/readyz`, with `server::scrape` setting the gauges that mirror state at scrape time;
+//!     `server::prepare` makes ready what a configuration needs from outside (names, files,
+//!     sockets) and `server::reload` swaps a new configuration in without dropping a session.
 //!
-//! Around the session:
+//! A session crosses the layers from the top down: `server::listener` accepts it,
+//! `net::admission` gives it a slot, its protocol's front end speaks until the decision,
+//! `login` routes it (`state::router`) and logs in, and `net::relay` carries its bytes until
+//! it ends.
 //!
-//! - `state`: the one trait for shared state (`state::backend`, weights, sticky records) and
-//!   its in-memory implementation `state::local`; `state::file` keeps what admins changed
-//!   across restarts; `state::sessions` knows every live session by user and backend;
-//!   `state::moves` changes a user's backend safely (sessions ended first).
-//! - `health`: `health::checker` keeps one verdict per backend (rise/fall; a login that finds
-//!   its backend unresponsive before sending credentials only brings the next check
-//!   forward); `health::probe` runs the checks of `checks/*.yaml`.
-//! - `admin`: the admin API (HTTP+JSON on a unix socket, optionally TCP) behind the CLI's
-//!   verbs (`admin::client`).
-//! - `metrics`: the one catalogue of Prometheus metrics (name, help, labels), depending on no
-//!   runtime module; `metrics::scrape` sets the gauges that mirror state at scrape time and
-//!   `metrics::server` serves `/metrics`, `/healthz` and `/readyz`.
-//! - `config` (YAML parsed only in `config::yaml`) is plain settings; `server` starts it all
-//!   (`server::prepare` makes ready what a configuration needs from outside: names, files,
-//!   sockets), `server::reload` swaps a new configuration in without dropping a session and
-//!   `server::shutdown` is the graceful stop.
-//! - `auth`: a client of Dovecot's auth service (authentication at the director).
-//! - `untrusted` shows client-chosen text in log lines (truncated, escaped);
-//!   `fuzz_targets` drives every pre-login parser for the fuzzers in `fuzz/` and for
-//!   `tests/fuzz_corpus.rs`.
+//! `fuzz_targets` drives every pre-login parser for the fuzzers in `fuzz/` and for
+//! `tests/fuzz_corpus.rs`.
 
 pub mod admin;
 pub mod auth;

@@ -40,8 +40,8 @@ use crate::protocol::backend_login::{
 };
 use crate::protocol::decision::{Decision, Protocol};
 use crate::protocol::preauth::{Authenticator, BackendLink, LoginFailure};
-use crate::routing::{Route, RouteReason, Router};
 use crate::state::backend::Backend;
+use crate::state::router::{Route, RouteReason, Router};
 use crate::state::sessions::{EndHook, SessionGuard, Sessions};
 
 /// What clients are told when no backend can take them.
@@ -403,7 +403,7 @@ impl Login {
     /// Routes the user; while a move of the user is under way (its sessions are being ended),
     /// waits for it (bounded), so that the login follows the new record.
     async fn route(&self, user: &str) -> Result<Route, LoginFailure> {
-        let unavailable = |e: crate::routing::RouteError| {
+        let unavailable = |e: crate::state::router::RouteError| {
             warn!(user = %crate::untrusted::shown(user), error = %e, "no backend for login");
             LoginFailure::Unavailable {
                 message: UNAVAILABLE_TEXT.into(),

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use director::routing::RouteReason;
+use director::state::router::RouteReason;
 use support::client::{imap_login, pop3_login, quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, PASSWORD};

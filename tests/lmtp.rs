@@ -20,9 +20,9 @@ use director::net::stream::ClientStream;
 use director::protocol::decision::ClientIdentity;
 use director::protocol::lmtp::{serve_connection, LmtpSettings, RecipientUsername};
 use director::routing::user_hash::UserHash;
-use director::routing::Router;
 use director::state::backend::{AdminState, Backend as DirBackend, Health};
 use director::state::local::LocalState;
+use director::state::router::Router;
 use director::state::State;
 
 use support::client::Conn;

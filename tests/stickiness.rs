@@ -11,8 +11,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use director::config::Config;
-use director::routing::RouteReason;
 use director::state::backend::{AdminState, Backend, Health};
+use director::state::router::RouteReason;
 use director::state::State;
 use support::client::{imap_login, Conn};
 use support::director::{config_yaml, DirectorOptions, TestDirector};

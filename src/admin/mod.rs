@@ -32,9 +32,9 @@ use tracing::{info, warn};
 
 use crate::config::network::Network;
 use crate::config::{Config, ConfigError, MAX_WEIGHT};
-use crate::routing::Router;
 use crate::state::backend::{AdminState, Backend, Health};
 use crate::state::moves::{MoveReason, MoveReport, Mover};
+use crate::state::router::Router;
 use crate::state::sessions::Sessions;
 use crate::state::{ChecksPause, Maintenance, State};
 

@@ -20,9 +20,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use crate::config::HumanDuration;
+use crate::config::{HumanDuration, Protocol};
 use crate::net::stream::BackendStream;
-use crate::protocol::decision::{Protocol, Secret};
+use crate::protocol::decision::Secret;
 
 /// The shipped checks, by name, as built into the binary.
 pub const BUILT_IN: [(&str, &str); 4] = [

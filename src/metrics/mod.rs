@@ -8,18 +8,15 @@
 //!
 //! Events (logins, connections, checks, moves) are counted where they happen. Gauges that
 //! mirror state (backend health, admin state, weight, records, live sessions, pause) are
-//! computed at scrape time from the state and the session registry (`scrape`), so they are
-//! always right and need no updates scattered through the code.
+//! computed at scrape time from the state and the session registry (`crate::server::scrape`),
+//! so they are always right and need no updates scattered through the code.
 //!
 //! This file knows no runtime type: label values come from the callers (a reason's or a
 //! result's name, a backend as a [`BackendLabel`]), so every part can count here without
-//! the catalogue depending on it. The one type it names is
-//! [`Protocol`](crate::protocol::decision::Protocol), a plain value that imports nothing. The
-//! label values it starts at 0 are listed here ([`MOVE_REASONS`], [`REFUSAL_REASONS`]); the
-//! enums that name them have tests that keep the lists in step.
-
-pub mod scrape;
-pub mod server;
+//! the catalogue depending on it. The one type it names is [`Protocol`], a plain value of the
+//! configuration that imports nothing. The label values it starts at 0 are listed here
+//! ([`MOVE_REASONS`], [`REFUSAL_REASONS`]); the enums that name them have tests that keep the
+//! lists in step.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -30,7 +27,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::protocol::decision::Protocol;
+use crate::config::Protocol;
 
 /// What kind of metric a catalogue entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,7 +254,7 @@ pub const CATALOGUE: &[MetricDef] = &[
 ];
 
 /// The protocols clients log in with (LMTP has no login).
-const LOGIN_PROTOCOLS: [Protocol; 3] = [Protocol::Imap, Protocol::Pop3, Protocol::Sieve];
+pub(crate) const LOGIN_PROTOCOLS: [Protocol; 3] = [Protocol::Imap, Protocol::Pop3, Protocol::Sieve];
 const ALL_PROTOCOLS: [Protocol; 4] = [
     Protocol::Imap,
     Protocol::Pop3,
@@ -370,35 +367,37 @@ pub struct BackendLabel<'a> {
 /// The registered metrics. Cheap to clone: every clone updates the same series.
 #[derive(Clone)]
 pub struct Metrics {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    registry: Registry,
-    connections_total: IntCounterVec,
-    connections: IntGaugeVec,
-    logins_total: IntCounterVec,
-    login_duration: HistogramVec,
-    relay_bytes_total: IntCounterVec,
-    backend_up: IntGaugeVec,
-    backend_admin_state: IntGaugeVec,
-    backend_weight: IntGaugeVec,
-    backend_last_check: IntGaugeVec,
-    backend_check_duration: HistogramVec,
-    backend_check_results_total: IntCounterVec,
-    backend_health_transitions_total: IntCounterVec,
-    backend_users: IntGaugeVec,
-    backend_sessions: IntGaugeVec,
-    backend_logins_total: IntCounterVec,
-    backend_connect_failures_total: IntCounterVec,
-    sticky_records: IntGauge,
-    moves_total: IntCounterVec,
-    kicks_total: IntCounterVec,
-    checks_paused: IntGauge,
-    lmtp_recipients_total: IntCounterVec,
-    connections_refused_total: IntCounterVec,
+/// The series. Visible to the crate for the scrape (`crate::server::scrape`), which sets the
+/// gauges that mirror state from the state itself, above this catalogue.
+pub(crate) struct Inner {
+    pub(crate) registry: Registry,
+    pub(crate) connections_total: IntCounterVec,
+    pub(crate) connections: IntGaugeVec,
+    pub(crate) logins_total: IntCounterVec,
+    pub(crate) login_duration: HistogramVec,
+    pub(crate) relay_bytes_total: IntCounterVec,
+    pub(crate) backend_up: IntGaugeVec,
+    pub(crate) backend_admin_state: IntGaugeVec,
+    pub(crate) backend_weight: IntGaugeVec,
+    pub(crate) backend_last_check: IntGaugeVec,
+    pub(crate) backend_check_duration: HistogramVec,
+    pub(crate) backend_check_results_total: IntCounterVec,
+    pub(crate) backend_health_transitions_total: IntCounterVec,
+    pub(crate) backend_users: IntGaugeVec,
+    pub(crate) backend_sessions: IntGaugeVec,
+    pub(crate) backend_logins_total: IntCounterVec,
+    pub(crate) backend_connect_failures_total: IntCounterVec,
+    pub(crate) sticky_records: IntGauge,
+    pub(crate) moves_total: IntCounterVec,
+    pub(crate) kicks_total: IntCounterVec,
+    pub(crate) checks_paused: IntGauge,
+    pub(crate) lmtp_recipients_total: IntCounterVec,
+    pub(crate) connections_refused_total: IntCounterVec,
     /// Scrapes reset and refill the state gauges: one at a time.
-    refresh: Mutex<()>,
+    pub(crate) refresh: Mutex<()>,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {

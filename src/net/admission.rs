@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::protocol::decision::Protocol;
+use crate::config::Protocol;
 
 /// The key a client address is counted under: IPv4 as it is (IPv4-mapped IPv6 too), IPv6 by
 /// its /64 prefix.

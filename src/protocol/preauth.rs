@@ -70,7 +70,7 @@ pub struct FrontendContext {
     pub greeting: String,
     /// The director's stop: when it starts, the client gets the protocol's goodbye
     /// (`* BYE Server shutting down.`) and the dialogue ends.
-    pub shutdown: crate::server::shutdown::Shutdown,
+    pub shutdown: crate::net::shutdown::Shutdown,
     /// Fires when the listener is full and this connection, the oldest not logged in, must
     /// make room: the front end says BYE ([`crate::net::admission::EVICTED_TEXT`]) and closes.
     pub eviction: crate::net::admission::Eviction,

@@ -1,9 +1,11 @@
 //! The running director: built from a [`Config`], it binds the listeners, resolves the
 //! backends, and serves until told to stop.
 
+pub mod listener;
+pub mod metrics_server;
 pub mod prepare;
 pub mod reload;
-pub mod shutdown;
+pub mod scrape;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,18 +18,18 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, ConfigError, ListenerTls};
 use crate::health::checker::HealthChecker;
 use crate::login::Login;
-use crate::metrics::server::{MetricsContext, MetricsServer};
 use crate::metrics::Metrics;
-use crate::net::listener::ListenerShared;
+use crate::net::shutdown::{Phase, Shutdown, ShutdownTrigger};
 use crate::protocol::decision::Protocol;
 use crate::protocol::lmtp::LmtpSettings;
 use crate::protocol::preauth::PreauthLimits;
-use crate::routing::Router;
+use crate::server::listener::ListenerShared;
+use crate::server::metrics_server::{MetricsContext, MetricsServer};
 use crate::server::prepare::{backend_tls, bind_listener, resolve_backends, server_tls};
 use crate::server::reload::{Prepared, Reloader, ReloaderParts, RunningListener};
-use crate::server::shutdown::{Phase, Shutdown, ShutdownTrigger};
 use crate::state::local::LocalState;
 use crate::state::moves::Mover;
+use crate::state::router::Router;
 use crate::state::sessions::Sessions;
 use crate::state::State;
 
@@ -186,7 +188,7 @@ impl Director {
             health: health.clone(),
             admin: admin_context,
         });
-        let (trigger, shutdown) = crate::server::shutdown::channel();
+        let (trigger, shutdown) = crate::net::shutdown::channel();
         Ok(Director {
             state,
             health,

@@ -14,9 +14,9 @@ use tokio::net::TcpListener;
 
 use crate::config::{BackendTls, Config, ConfigError};
 use crate::health::checker::HealthChecker;
-use crate::net::listener::ListenSocket;
 use crate::net::tls::BackendTlsContext;
 use crate::routing::user_hash::UserHash;
+use crate::server::listener::ListenSocket;
 use crate::state::backend::{AdminState, Backend, Health};
 
 /// Reads and checks the configuration file at `path`: [`Config::load`], then the health

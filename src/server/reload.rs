@@ -20,9 +20,9 @@ use crate::admin::AdminContext;
 use crate::config::{Config, ConfigError, ListenerConfig, ListenerTls};
 use crate::health::checker::HealthChecker;
 use crate::net::admission::ConnectionPool;
-use crate::net::listener::{ListenSocket, Listener, ListenerShared};
+use crate::net::shutdown::Shutdown;
 use crate::protocol::decision::Protocol;
-use crate::server::shutdown::Shutdown;
+use crate::server::listener::{ListenSocket, Listener, ListenerShared};
 use crate::state::State;
 
 /// Applies a new log level or filter (`log_level`); `Err` names what is wrong with it.

@@ -5,9 +5,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::config::BackendSettings;
+use crate::config::{BackendSettings, Protocol};
 use crate::metrics::BackendLabel;
-use crate::protocol::decision::Protocol;
 
 /// What an administrator decided about a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -68,7 +67,7 @@ pub struct Backend {
 
 impl Backend {
     /// Whether users who already have a record on this backend may keep using it. A
-    /// backend in maintenance serves only its allowed test users (see `routing`).
+    /// backend in maintenance serves only its allowed test users (see `state::router`).
     pub fn serves_existing(&self) -> bool {
         self.admin == AdminState::Up && self.health == Health::Up
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use crate::protocol::decision::Protocol;
+use crate::config::Protocol;
 
 /// What is known about one live session.
 #[derive(Debug, Clone)]

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use director::config::{Config, ListenerTls};
 use director::health::checker::HealthChecker;
 use director::protocol::decision::Protocol;
-use director::routing::Router;
 use director::server::Director;
 use director::state::backend::Backend as DirBackend;
 use director::state::local::LocalState;
+use director::state::router::Router;
 use director::state::sessions::{SessionInfo, Sessions};
 use director::state::State;
 

@@ -30,7 +30,7 @@ use crate::config::{LmtpConfig, RecipientUsernameName};
 use crate::net::stream::ClientStream;
 use crate::net::tls::BackendTlsContext;
 use crate::protocol::decision::ClientIdentity;
-use crate::routing::Router;
+use crate::state::router::Router;
 
 /// Settings of the LMTP service (one per listener, or shared).
 #[derive(Debug, Clone)]
@@ -136,7 +136,7 @@ pub async fn serve_connection(
         router,
         settings,
         metrics,
-        crate::server::shutdown::Shutdown::default(),
+        crate::net::shutdown::Shutdown::default(),
     )
     .await
 }
@@ -149,7 +149,7 @@ pub async fn serve_connection_until(
     router: Router,
     settings: Arc<LmtpSettings>,
     metrics: crate::metrics::Metrics,
-    shutdown: crate::server::shutdown::Shutdown,
+    shutdown: crate::net::shutdown::Shutdown,
 ) -> io::Result<()> {
     session::Session::new(client, identity, router, settings, metrics, shutdown)
         .run()

@@ -21,10 +21,10 @@ use super::command::{
 };
 use super::LmtpSettings;
 use crate::metrics::{Metrics, RecipientResult};
+use crate::net::shutdown::{Phase, Shutdown};
 use crate::net::stream::ClientStream;
 use crate::protocol::decision::ClientIdentity;
-use crate::routing::Router;
-use crate::server::shutdown::{Phase, Shutdown};
+use crate::state::router::Router;
 
 /// Read size from the client (also the most of a message held at once).
 const CHUNK: usize = 64 * 1024;

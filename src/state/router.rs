@@ -1,9 +1,5 @@
-//! Routing: which backend a user goes to. A live sticky record wins; otherwise the ring of the
-//! user's tag decides and a record is made. Routing never sees protocol syntax.
-
-pub mod ring;
-pub mod sticky;
-pub mod user_hash;
+//! The router: which backend a user goes to. A live sticky record wins; otherwise the ring of
+//! the user's tag decides and a record is made. Routing never sees protocol syntax.
 
 use std::fmt;
 use std::sync::Arc;

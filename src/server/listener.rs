@@ -18,13 +18,13 @@ use crate::login::Login;
 use crate::net::admission::{refusal_line, Admitted, ConnectionPool, PerIpGuard, PerIpLimit, Slot};
 use crate::net::refusals::{RefusalLog, RefusalReason};
 use crate::net::relay::{relay, Kick, RelayEnd};
+use crate::net::shutdown::Shutdown;
 use crate::net::stream::ClientStream;
 use crate::protocol::decision::{ClientIdentity, Protocol};
 use crate::protocol::imap::frontend::Imap;
 use crate::protocol::pop3::frontend::Pop3;
 use crate::protocol::preauth::{self, Established, FrontendContext, PreauthLimits};
 use crate::protocol::sieve::frontend::ManageSieve;
-use crate::server::shutdown::Shutdown;
 
 /// Settings every listener shares. A reload swaps in a new one (`ArcSwap`); each connection
 /// keeps the one it was accepted with.

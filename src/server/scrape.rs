@@ -1,16 +1,16 @@
 //! The gauges that mirror state, set at scrape time: backends (health, admin state, weight,
 //! users, live sessions, last check), sticky records, checks paused. Reading the state, the
-//! session registry and the health checker is done here, next to the catalogue, so that the
-//! catalogue ([`super`]) depends on none of them and every part can count events there.
+//! session registry and the health checker is done here, above the catalogue, so that the
+//! catalogue ([`crate::metrics`]) depends on none of them and every part can count there.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use super::{Metrics, LOGIN_PROTOCOLS};
+use crate::config::Protocol;
 use crate::health::checker::HealthChecker;
 use crate::health::probe::CheckCode;
-use crate::protocol::decision::Protocol;
+use crate::metrics::{Metrics, LOGIN_PROTOCOLS};
 use crate::state::backend::{AdminState, Health};
 use crate::state::sessions::Sessions;
 use crate::state::State;
