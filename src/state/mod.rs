@@ -1,6 +1,6 @@
 //! The shared state of a director: backends (with weights and states), the rings built from
 //! them, and the sticky records. One trait, so that the in-memory implementation
-//! (`local_state`) can later be joined by one that several directors share (etcd). The
+//! (`local`) can later be joined by one that several directors share (etcd). The
 //! [`router`] reads it to send a user to a backend.
 
 pub mod backend;
