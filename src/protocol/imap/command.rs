@@ -447,11 +447,9 @@ mod tests {
             testing::replay(script, chunk, cap, |buf| match parser.parse(buf) {
                 Parse::Incomplete => Step::Incomplete,
                 Parse::NeedContinuation => Step::Waiting(Event::Continuation),
-                Parse::Command { consumed, command } => Step::Consumed {
-                    consumed,
-                    event: Event::Command(command),
-                    fatal: false,
-                },
+                Parse::Command { consumed, command } => {
+                    Step::consumed(consumed, Event::Command(command))
+                }
                 Parse::Error(e) => Step::Consumed {
                     consumed: e.consumed,
                     fatal: e.fatal,

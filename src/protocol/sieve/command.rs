@@ -309,11 +309,7 @@ mod tests {
             let cap = max_line + max_literal + 1;
             testing::replay(script, chunk, cap, |buf| match parse(&mut parser, buf) {
                 Parse::Incomplete => Step::Incomplete,
-                Parse::Done { consumed, value } => Step::Consumed {
-                    consumed,
-                    event: Event::Value(value),
-                    fatal: false,
-                },
+                Parse::Done { consumed, value } => Step::consumed(consumed, Event::Value(value)),
                 Parse::Error(e) => Step::Consumed {
                     consumed: e.consumed,
                     event: Event::Error { fatal: e.fatal },
