@@ -426,7 +426,8 @@ const MOVE_WAIT: Duration = Duration::from_secs(15);
 /// How long a login waits for the user's sessions on another backend to end.
 const SESSIONS_ELSEWHERE_WAIT: Duration = Duration::from_secs(10);
 /// Routing rounds of one login: a login called off (its user moved, its backend taken down)
-/// routes again, a bounded number of times.
+/// routes again, a bounded number of times: `continue 'round` after the last round ends the
+/// login as unavailable.
 const ROUNDS: usize = 4;
 
 impl Authenticator for Login {
@@ -499,9 +500,6 @@ impl Login {
                 let maintenance_user = route.reason == RouteReason::Maintenance;
                 if !self.still_serves(backend.ip, maintenance_user) {
                     drop(pending);
-                    if last_round {
-                        break;
-                    }
                     continue 'round;
                 }
                 let result = self
@@ -535,9 +533,6 @@ impl Login {
                             drop(pending);
                             warn!(session = %session_id, user = %shown_user, backend = %addr,
                                   "backend stopped serving during the login");
-                            if last_round {
-                                break;
-                            }
                             continue 'round;
                         }
                         let state = self.router.state().clone();
@@ -581,9 +576,6 @@ impl Login {
                         drop(pending);
                         debug!(session = %session_id, user = %shown_user, backend = %addr,
                                "login called off: the user's backend changed; routing again");
-                        if last_round {
-                            break;
-                        }
                         continue 'round;
                     }
                     Err(Failed::BeforeCredentials { code, error }) => {

@@ -918,54 +918,64 @@ mod tests {
 
     #[test]
     fn bad_check_files_name_the_file_and_field() {
-        let e = parse_err("port: smtp\nsteps: [{expect: '220'}]\n");
-        assert!(
-            e.starts_with("checks/x.yaml: port: unknown variant `smtp`"),
-            "{e}"
-        );
-        let e = parse_err("port: imap\nsteps: [{expect: a, sned: b}]\n");
-        assert!(
-            e.starts_with("checks/x.yaml: steps[0].sned: unknown field"),
-            "{e}"
-        );
-        let e = parse_err(
-            "port: imap\nsteps: [{expect: a}, {send: 'LOGIN {user} {pass}', login: true}]\n",
-        );
-        assert!(
-            e.starts_with("checks/x.yaml: steps[1].send: unknown placeholder {pass}"),
-            "{e}"
-        );
+        // A check file, and how its error starts.
+        let starts = [
+            (
+                "port: smtp\nsteps: [{expect: '220'}]\n",
+                "checks/x.yaml: port: unknown variant `smtp`",
+            ),
+            (
+                "port: imap\nsteps: [{expect: a, sned: b}]\n",
+                "checks/x.yaml: steps[0].sned: unknown field",
+            ),
+            (
+                "port: imap\nsteps: [{expect: a}, {send: 'LOGIN {user} {pass}', login: true}]\n",
+                "checks/x.yaml: steps[1].send: unknown placeholder {pass}",
+            ),
+            (
+                "port: imap\nsteps: [{send: x, skip: ['* ']}]\n",
+                "checks/x.yaml: steps[0].skip: needs expect",
+            ),
+            (
+                "port: imap\nsteps: [{expect: a, timeout: soon}]\n",
+                "checks/x.yaml: steps[0].timeout: \"soon\" is not a duration",
+            ),
+            (
+                "port: imap\nsteps: [{login: true}]\n",
+                "checks/x.yaml: steps[0]: does nothing",
+            ),
+            (
+                "port: imap\ntls: implicit\nsteps: [{expect: a, starttls: true}]\n",
+                "checks/x.yaml: steps[0].starttls: ",
+            ),
+        ];
+        for (text, start) in starts {
+            let e = parse_err(text);
+            assert!(e.starts_with(start), "{text:?}: {e}");
+        }
+        // A check file, and its whole error.
+        let whole = [
+            (
+                "port: imap\nsteps: [{expect: a, expect_until: b}]\n",
+                "checks/x.yaml: steps[0]: give only one of expect, expect_pattern, expect_until",
+            ),
+            (
+                "port: imap\nsteps: [{expect: a, timeout: 0s}]\n",
+                "checks/x.yaml: steps[0].timeout: must be > 0",
+            ),
+            (
+                "port: imap\nsteps: []\n",
+                "checks/x.yaml: steps: at least one step is needed",
+            ),
+        ];
+        for (text, want) in whole {
+            assert_eq!(parse_err(text), want, "{text:?}");
+        }
         let e = parse_err("port: imap\nsteps: [{send: 'LOGIN {user} x'}]\n");
         assert!(
             e.contains("steps[0].send: credentials placeholders are only allowed in login steps"),
             "{e}"
         );
-        let e = parse_err("port: imap\nsteps: [{expect: a, expect_until: b}]\n");
-        assert_eq!(
-            e,
-            "checks/x.yaml: steps[0]: give only one of expect, expect_pattern, expect_until"
-        );
-        let e = parse_err("port: imap\nsteps: [{send: x, skip: ['* ']}]\n");
-        assert!(
-            e.starts_with("checks/x.yaml: steps[0].skip: needs expect"),
-            "{e}"
-        );
-        let e = parse_err("port: imap\nsteps: [{expect: a, timeout: 0s}]\n");
-        assert_eq!(e, "checks/x.yaml: steps[0].timeout: must be > 0");
-        let e = parse_err("port: imap\nsteps: [{expect: a, timeout: soon}]\n");
-        assert!(
-            e.starts_with("checks/x.yaml: steps[0].timeout: \"soon\" is not a duration"),
-            "{e}"
-        );
-        let e = parse_err("port: imap\nsteps: []\n");
-        assert_eq!(e, "checks/x.yaml: steps: at least one step is needed");
-        let e = parse_err("port: imap\nsteps: [{login: true}]\n");
-        assert!(
-            e.starts_with("checks/x.yaml: steps[0]: does nothing"),
-            "{e}"
-        );
-        let e = parse_err("port: imap\ntls: implicit\nsteps: [{expect: a, starttls: true}]\n");
-        assert!(e.starts_with("checks/x.yaml: steps[0].starttls: "), "{e}");
     }
 
     #[test]

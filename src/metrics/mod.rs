@@ -57,201 +57,111 @@ pub struct MetricDef {
     pub labels: &'static [&'static str],
 }
 
-const fn def(
-    name: &'static str,
-    kind: Kind,
-    labels: &'static [&'static str],
-    help: &'static str,
-) -> MetricDef {
-    MetricDef {
-        name,
-        help,
-        kind,
-        labels,
-    }
+/// Declares each metric as a constant (its help text as its documentation) and lists them all,
+/// in the order given, in [`CATALOGUE`].
+macro_rules! catalogue {
+    ($($constant:ident: $kind:ident $name:literal $labels:tt $help:literal;)+) => {
+        $(
+            #[doc = $help]
+            pub const $constant: MetricDef = MetricDef {
+                name: $name,
+                help: $help,
+                kind: $kind,
+                labels: &$labels,
+            };
+        )+
+        /// Every metric the director exports.
+        pub const CATALOGUE: &[MetricDef] = &[$($constant),+];
+    };
 }
 
 use Kind::{Counter, Gauge, Histogram};
 
-pub const BUILD_INFO: MetricDef = def(
-    "director_build_info",
-    Gauge,
-    &["version"],
-    "Always 1; the version label tells which director build runs.",
-);
-pub const CONNECTIONS_TOTAL: MetricDef = def(
-    "director_connections_total",
-    Counter,
-    &["protocol"],
-    "Client connections accepted, by protocol.",
-);
-pub const CONNECTIONS: MetricDef = def(
-    "director_connections",
-    Gauge,
-    &["protocol"],
-    "Client connections open now (pre-login and relayed), by protocol.",
-);
-pub const LOGINS_TOTAL: MetricDef = def(
-    "director_logins_total",
-    Counter,
-    &["protocol", "result"],
-    "Client logins by result: ok, auth_failed (the backend refused the credentials), \
-     unavailable (no backend could take the session), refused (the director refused it: the \
-     user's sessions were still on another backend).",
-);
-pub const LOGIN_DURATION: MetricDef = def(
-    "director_login_duration_seconds",
-    Histogram,
-    &["protocol"],
-    "Client-visible login latency: from the client's login command (or the end of its SASL \
-     exchange) to the director's answer, routing and backend login included.",
-);
-pub const RELAY_BYTES_TOTAL: MetricDef = def(
-    "director_relay_bytes_total",
-    Counter,
-    &["protocol", "direction"],
-    "Bytes relayed after login, counted when a session ends; direction \"in\" is client to \
-     backend, \"out\" backend to client.",
-);
-pub const BACKEND_UP: MetricDef = def(
-    "director_backend_up",
-    Gauge,
-    &["backend", "tag"],
-    "Health of a backend as the health checker sees it: 1 up, 0 down.",
-);
-pub const BACKEND_ADMIN_STATE: MetricDef = def(
-    "director_backend_admin_state",
-    Gauge,
-    &["backend", "tag", "state"],
-    "What an administrator set for a backend: 1 for its current state (up, down, \
-     maintenance), 0 for the others.",
-);
-pub const BACKEND_WEIGHT: MetricDef = def(
-    "director_backend_weight",
-    Gauge,
-    &["backend", "tag"],
-    "Weight of a backend (points on the ring; 0 takes no new users).",
-);
-pub const BACKEND_LAST_CHECK: MetricDef = def(
-    "director_backend_last_check_result",
-    Gauge,
-    &["backend", "tag", "result"],
-    "Result code of the backend's last health check (or failed login): 1 for that code.",
-);
-pub const BACKEND_CHECK_DURATION: MetricDef = def(
-    "director_backend_check_duration_seconds",
-    Histogram,
-    &["backend", "tag", "result"],
-    "Duration of health checks of a backend; result is ok or failed.",
-);
-pub const BACKEND_CHECK_RESULTS_TOTAL: MetricDef = def(
-    "director_backend_check_results_total",
-    Counter,
-    &["backend", "tag", "result"],
-    "Health checks of a backend by result code (ok, connection_refused, connect_timeout, \
-     tls_failure, wrong_response, response_timeout, login_failed, closed).",
-);
-pub const BACKEND_HEALTH_TRANSITIONS_TOTAL: MetricDef = def(
-    "director_backend_health_transitions_total",
-    Counter,
-    &["backend", "tag", "to"],
-    "Changes of a backend's health found by the health checker, by new health (up, down).",
-);
-pub const BACKEND_USERS: MetricDef = def(
-    "director_backend_users",
-    Gauge,
-    &["backend", "tag"],
-    "Users with a live sticky record on a backend.",
-);
-pub const BACKEND_SESSIONS: MetricDef = def(
-    "director_backend_sessions",
-    Gauge,
-    &["backend", "tag", "protocol"],
-    "Sessions relayed to a backend now, by protocol.",
-);
-pub const BACKEND_LOGINS_TOTAL: MetricDef = def(
-    "director_backend_logins_total",
-    Counter,
-    &["backend", "tag", "protocol", "result"],
-    "Backend login attempts by result: ok, auth_failed, unavailable (a temporary failure \
-     answered by the backend), error (the backend could not be used).",
-);
-pub const BACKEND_CONNECT_FAILURES_TOTAL: MetricDef = def(
-    "director_backend_connect_failures_total",
-    Counter,
-    &["backend", "tag"],
-    "Connections to a backend for a login that failed or timed out.",
-);
-pub const STICKY_RECORDS: MetricDef = def(
-    "director_sticky_records",
-    Gauge,
-    &[],
-    "Live sticky records (users bound to a backend).",
-);
-pub const MOVES_TOTAL: MetricDef = def(
-    "director_moves_total",
-    Counter,
-    &["reason"],
-    "Users whose record was moved to another backend or dropped, by reason (admin, flush, \
-     health_down, maintenance, kick).",
-);
-pub const KICKS_TOTAL: MetricDef = def(
-    "director_kicks_total",
-    Counter,
-    &["reason"],
-    "Sessions ended by the director (kick, move, evacuation), by reason.",
-);
-pub const CHECKS_PAUSED: MetricDef = def(
-    "director_checks_paused",
-    Gauge,
-    &[],
-    "1 while an administrator has paused the health checks, else 0.",
-);
-pub const LMTP_RECIPIENTS_TOTAL: MetricDef = def(
-    "director_lmtp_recipients_total",
-    Counter,
-    &["result"],
-    "LMTP recipients by outcome: delivered (2xx after DATA), deferred (4xx) or rejected (5xx), \
-     at RCPT or after DATA.",
-);
-
-pub const CONNECTIONS_REFUSED_TOTAL: MetricDef = def(
-    "director_connections_refused_total",
-    Counter,
-    &["protocol", "reason"],
-    "Client connections turned away before login, by reason: untrusted_proxy_peer (a peer \
-     outside proxy_trusted_networks on a proxy_protocol listener), bad_proxy_header, \
-     not_allowed (LMTP allow_from), per_ip_limit (limits.max_preauth_per_ip), listener_full \
-     (the listener's pool holds only logged-in sessions), evicted (the oldest connection not \
-     logged in yet, dropped to make room in a full pool).",
-);
-
-/// Every metric the director exports.
-pub const CATALOGUE: &[MetricDef] = &[
-    BUILD_INFO,
-    CONNECTIONS_TOTAL,
-    CONNECTIONS,
-    LOGINS_TOTAL,
-    LOGIN_DURATION,
-    RELAY_BYTES_TOTAL,
-    BACKEND_UP,
-    BACKEND_ADMIN_STATE,
-    BACKEND_WEIGHT,
-    BACKEND_LAST_CHECK,
-    BACKEND_CHECK_DURATION,
-    BACKEND_CHECK_RESULTS_TOTAL,
-    BACKEND_HEALTH_TRANSITIONS_TOTAL,
-    BACKEND_USERS,
-    BACKEND_SESSIONS,
-    BACKEND_LOGINS_TOTAL,
-    BACKEND_CONNECT_FAILURES_TOTAL,
-    STICKY_RECORDS,
-    MOVES_TOTAL,
-    KICKS_TOTAL,
-    CHECKS_PAUSED,
-    LMTP_RECIPIENTS_TOTAL,
-    CONNECTIONS_REFUSED_TOTAL,
-];
+// Each entry: constant, kind, name, labels, help.
+catalogue! {
+    BUILD_INFO: Gauge "director_build_info"
+        ["version"]
+        "Always 1; the version label tells which director build runs.";
+    CONNECTIONS_TOTAL: Counter "director_connections_total"
+        ["protocol"]
+        "Client connections accepted, by protocol.";
+    CONNECTIONS: Gauge "director_connections"
+        ["protocol"]
+        "Client connections open now (pre-login and relayed), by protocol.";
+    LOGINS_TOTAL: Counter "director_logins_total"
+        ["protocol", "result"]
+        "Client logins by result: ok, auth_failed (the backend refused the credentials), \
+        unavailable (no backend could take the session), refused (the director refused it: the \
+        user's sessions were still on another backend).";
+    LOGIN_DURATION: Histogram "director_login_duration_seconds"
+        ["protocol"]
+        "Client-visible login latency: from the client's login command (or the end of its SASL \
+        exchange) to the director's answer, routing and backend login included.";
+    RELAY_BYTES_TOTAL: Counter "director_relay_bytes_total"
+        ["protocol", "direction"]
+        "Bytes relayed after login, counted when a session ends; direction \"in\" is client to \
+        backend, \"out\" backend to client.";
+    BACKEND_UP: Gauge "director_backend_up"
+        ["backend", "tag"]
+        "Health of a backend as the health checker sees it: 1 up, 0 down.";
+    BACKEND_ADMIN_STATE: Gauge "director_backend_admin_state"
+        ["backend", "tag", "state"]
+        "What an administrator set for a backend: 1 for its current state (up, down, \
+        maintenance), 0 for the others.";
+    BACKEND_WEIGHT: Gauge "director_backend_weight"
+        ["backend", "tag"]
+        "Weight of a backend (points on the ring; 0 takes no new users).";
+    BACKEND_LAST_CHECK: Gauge "director_backend_last_check_result"
+        ["backend", "tag", "result"]
+        "Result code of the backend's last health check (or failed login): 1 for that code.";
+    BACKEND_CHECK_DURATION: Histogram "director_backend_check_duration_seconds"
+        ["backend", "tag", "result"]
+        "Duration of health checks of a backend; result is ok or failed.";
+    BACKEND_CHECK_RESULTS_TOTAL: Counter "director_backend_check_results_total"
+        ["backend", "tag", "result"]
+        "Health checks of a backend by result code (ok, connection_refused, connect_timeout, \
+        tls_failure, wrong_response, response_timeout, login_failed, closed).";
+    BACKEND_HEALTH_TRANSITIONS_TOTAL: Counter "director_backend_health_transitions_total"
+        ["backend", "tag", "to"]
+        "Changes of a backend's health found by the health checker, by new health (up, down).";
+    BACKEND_USERS: Gauge "director_backend_users"
+        ["backend", "tag"]
+        "Users with a live sticky record on a backend.";
+    BACKEND_SESSIONS: Gauge "director_backend_sessions"
+        ["backend", "tag", "protocol"]
+        "Sessions relayed to a backend now, by protocol.";
+    BACKEND_LOGINS_TOTAL: Counter "director_backend_logins_total"
+        ["backend", "tag", "protocol", "result"]
+        "Backend login attempts by result: ok, auth_failed, unavailable (a temporary failure \
+        answered by the backend), error (the backend could not be used).";
+    BACKEND_CONNECT_FAILURES_TOTAL: Counter "director_backend_connect_failures_total"
+        ["backend", "tag"]
+        "Connections to a backend for a login that failed or timed out.";
+    STICKY_RECORDS: Gauge "director_sticky_records"
+        []
+        "Live sticky records (users bound to a backend).";
+    MOVES_TOTAL: Counter "director_moves_total"
+        ["reason"]
+        "Users whose record was moved to another backend or dropped, by reason (admin, flush, \
+        health_down, maintenance, kick).";
+    KICKS_TOTAL: Counter "director_kicks_total"
+        ["reason"]
+        "Sessions ended by the director (kick, move, evacuation), by reason.";
+    CHECKS_PAUSED: Gauge "director_checks_paused"
+        []
+        "1 while an administrator has paused the health checks, else 0.";
+    LMTP_RECIPIENTS_TOTAL: Counter "director_lmtp_recipients_total"
+        ["result"]
+        "LMTP recipients by outcome: delivered (2xx after DATA), deferred (4xx) or rejected (5xx), \
+        at RCPT or after DATA.";
+    CONNECTIONS_REFUSED_TOTAL: Counter "director_connections_refused_total"
+        ["protocol", "reason"]
+        "Client connections turned away before login, by reason: untrusted_proxy_peer (a peer \
+        outside proxy_trusted_networks on a proxy_protocol listener), bad_proxy_header, \
+        not_allowed (LMTP allow_from), per_ip_limit (limits.max_preauth_per_ip), listener_full \
+        (the listener's pool holds only logged-in sessions), evicted (the oldest connection not \
+        logged in yet, dropped to make room in a full pool).";
+}
 
 /// The protocols clients log in with (LMTP has no login).
 pub(crate) const LOGIN_PROTOCOLS: [Protocol; 3] = [Protocol::Imap, Protocol::Pop3, Protocol::Sieve];

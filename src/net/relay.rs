@@ -264,7 +264,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     #[tokio::test]
     async fn copies_both_ways_with_leftovers_and_ends_on_close() {
@@ -333,20 +333,25 @@ mod tests {
         assert_eq!(got, b"* BYE kicked\r\n");
     }
 
+    /// A relay with nothing left over from the login, never kicked, lingering 10 seconds.
+    async fn relay_unkicked(client: &mut DuplexStream, backend: &mut DuplexStream) -> RelayStats {
+        relay(
+            client,
+            Vec::new(),
+            backend,
+            Vec::new(),
+            std::future::pending(),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
     #[tokio::test(start_paused = true)]
     async fn linger_ends_a_half_closed_session() {
         let (client_far, mut client_near) = tokio::io::duplex(64);
         let (_backend_far, mut backend_near) = tokio::io::duplex(64);
         drop(client_far);
-        let stats = relay(
-            &mut client_near,
-            Vec::new(),
-            &mut backend_near,
-            Vec::new(),
-            std::future::pending(),
-            Duration::from_secs(10),
-        )
-        .await;
+        let stats = relay_unkicked(&mut client_near, &mut backend_near).await;
         assert_eq!(stats.end, RelayEnd::ClientClosed);
     }
 
@@ -360,15 +365,7 @@ mod tests {
             .unwrap();
         drop(backend_far);
         let started = tokio::time::Instant::now();
-        let stats = relay(
-            &mut client_near,
-            Vec::new(),
-            &mut backend_near,
-            Vec::new(),
-            std::future::pending(),
-            Duration::from_secs(10),
-        )
-        .await;
+        let stats = relay_unkicked(&mut client_near, &mut backend_near).await;
         // The client never closed, yet the relay ended without waiting for the linger.
         assert!(started.elapsed() < Duration::from_secs(1));
         assert_eq!(stats.end, RelayEnd::BackendClosed);

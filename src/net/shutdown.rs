@@ -10,6 +10,8 @@
 //! Every connection task holds a [`Shutdown`]; the director's [`ShutdownTrigger`] sees when
 //! the last one is dropped.
 
+use std::time::Duration;
+
 use tokio::sync::watch;
 
 /// Where a stop is.
@@ -98,12 +100,16 @@ impl ShutdownTrigger {
     pub async fn all_done(&self) {
         self.phase.closed().await
     }
+
+    /// Whether every connection finishes within `wait`.
+    pub async fn all_done_within(&self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.all_done()).await.is_ok()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn phases_are_seen_in_order_and_the_end_of_every_holder() {
@@ -125,9 +131,10 @@ mod tests {
         trigger.set(Phase::Draining); // never back
         assert!(task.await.unwrap());
         drop(shutdown);
-        tokio::time::timeout(Duration::from_secs(1), trigger.all_done())
-            .await
-            .expect("every holder gone");
+        assert!(
+            trigger.all_done_within(Duration::from_secs(1)).await,
+            "every holder gone"
+        );
     }
 
     #[tokio::test(start_paused = true)]

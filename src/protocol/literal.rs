@@ -277,6 +277,17 @@ pub(crate) mod testing {
         },
     }
 
+    impl<E> Step<E> {
+        /// An event that consumed `consumed` bytes and leaves the session open.
+        pub(crate) fn consumed(consumed: usize, event: E) -> Self {
+            Step::Consumed {
+                consumed,
+                event,
+                fatal: false,
+            }
+        }
+    }
+
     /// Feeds `script` to `parse` `chunk` bytes at a time, as a session reads it, never
     /// buffering more than `cap` bytes, and records every event. Stops at a fatal one.
     pub(crate) fn replay<E>(

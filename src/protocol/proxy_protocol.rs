@@ -632,26 +632,24 @@ mod tests {
         }
     }
 
+    /// The error of reading a header from all of `input`, which must fail.
+    async fn read_header_err(mut input: &[u8]) -> ProxyError {
+        read_header(&mut input, Duration::from_secs(5))
+            .await
+            .unwrap_err()
+    }
+
     #[tokio::test]
     async fn read_header_truncated() {
-        let mut slice = &b"PROXY TCP4 192.168.0.1 19"[..];
-        let err = read_header(&mut slice, Duration::from_secs(5))
-            .await
-            .unwrap_err();
+        let err = read_header_err(b"PROXY TCP4 192.168.0.1 19").await;
         assert!(matches!(err, ProxyError::Truncated(25)), "{err:?}");
-        let mut slice = &b""[..];
-        let err = read_header(&mut slice, Duration::from_secs(5))
-            .await
-            .unwrap_err();
+        let err = read_header_err(b"").await;
         assert!(matches!(err, ProxyError::Truncated(0)), "{err:?}");
     }
 
     #[tokio::test]
     async fn read_header_bad_signature() {
-        let mut slice = &b"* OK IMAP4rev1 ready\r\n"[..];
-        let err = read_header(&mut slice, Duration::from_secs(5))
-            .await
-            .unwrap_err();
+        let err = read_header_err(b"* OK IMAP4rev1 ready\r\n").await;
         assert!(matches!(err, ProxyError::BadSignature), "{err:?}");
         assert!(err.to_string().contains("PROXY"));
     }

@@ -131,26 +131,24 @@ impl StickyTable {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
     #[test]
     fn record_lives_while_sessions_then_expires() {
         let t0 = Instant::now();
         let exp = Duration::from_secs(900);
         let mut t = StickyTable::new(exp);
-        assert_eq!(t.bind(1, ip("10.0.0.1"), t0), ip("10.0.0.1"));
+        // Two backends.
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert_eq!(t.bind(1, a, t0), a);
         // A second login proposes another backend (the ring changed): the record wins.
-        assert_eq!(t.bind(1, ip("10.0.0.2"), t0), ip("10.0.0.1"));
-        t.session_started(1, ip("10.0.0.1"), t0);
+        assert_eq!(t.bind(1, b, t0), a);
+        t.session_started(1, a, t0);
         // With a live session the record never expires.
         assert!(t.get(1, t0 + exp * 10).is_some());
         t.session_ended(1, t0 + exp * 10);
         assert!(t.get(1, t0 + exp * 10 + exp / 2).is_some());
         assert!(t.get(1, t0 + exp * 11 + Duration::from_secs(1)).is_none());
         // After expiry, the next login follows the ring.
-        assert_eq!(t.bind(1, ip("10.0.0.2"), t0 + exp * 12), ip("10.0.0.2"));
+        assert_eq!(t.bind(1, b, t0 + exp * 12), b);
         assert_eq!(t.purge(t0 + exp * 14), 1);
     }
 }

@@ -246,19 +246,13 @@ impl Director {
         info!(grace = ?grace, sessions = self.sessions.list().len(),
               "shutting down: no new connections, clients not logged in sent away, sessions end within the grace");
         self.trigger.set(Phase::Draining);
-        if tokio::time::timeout(grace, self.trigger.all_done())
-            .await
-            .is_err()
-        {
+        if !self.trigger.all_done_within(grace).await {
             info!(
                 connections = self.trigger.live(),
                 "shutdown grace over: closing the remaining sessions"
             );
             self.trigger.set(Phase::Closing);
-            if tokio::time::timeout(CLOSE_WAIT, self.trigger.all_done())
-                .await
-                .is_err()
-            {
+            if !self.trigger.all_done_within(CLOSE_WAIT).await {
                 warn!(
                     connections = self.trigger.live(),
                     "connections still open at exit"

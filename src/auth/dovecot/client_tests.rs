@@ -71,6 +71,23 @@ impl Service {
     async fn accept(&self) -> ServiceConn {
         self.accept_with(HANDSHAKE).await
     }
+
+    /// Accepts a connection and reads its first request, whose rest after the id must be
+    /// `tail`; returns the connection and the request's id.
+    async fn accept_auth(&self, tail: &str) -> (ServiceConn, u32) {
+        let mut conn = self.accept().await;
+        let (id, got) = conn.auth().await;
+        assert_eq!(got, tail);
+        (conn, id)
+    }
+
+    /// A service, a client of it with this request timeout, and the connection of the
+    /// client's handshake.
+    async fn connected(request_timeout: Duration) -> (Service, AuthClient, ServiceConn) {
+        let (service, client) = Service::with_client(request_timeout);
+        let (_, conn) = tokio::join!(client.handshake(), service.accept());
+        (service, client, conn)
+    }
 }
 
 impl Drop for Service {
@@ -109,9 +126,9 @@ fn plain(user: &str) -> Vec<u8> {
 async fn a_plain_login_is_one_request_and_one_answer() {
     let (service, client) = Service::with_client(Duration::from_secs(5));
     let server = async {
-        let mut conn = service.accept().await;
-        let (id, tail) = conn.auth().await;
-        assert_eq!(tail, "PLAIN\tservice=imap\tresp=AHVzZXIxAHB3");
+        let (mut conn, id) = service
+            .accept_auth("PLAIN\tservice=imap\tresp=AHVzZXIxAHB3")
+            .await;
         conn.send(&format!(
             "OK\t{id}\tuser=user1\tproxy\thost=127.0.0.2\tport=10143\tpass=pw\n"
         ))
@@ -138,8 +155,7 @@ async fn a_plain_login_is_one_request_and_one_answer() {
 
 #[tokio::test]
 async fn unknown_mechanisms_private_ones_and_oversized_requests_never_reach_the_service() {
-    let (service, client) = Service::with_client(Duration::from_secs(5));
-    let (_, mut conn) = tokio::join!(client.handshake(), service.accept());
+    let (_service, client, mut conn) = Service::connected(Duration::from_secs(5)).await;
     let info = RequestInfo::new("imap");
     for mech in ["GSSAPI", "APOP", "PLAIN\tservice=x"] {
         let err = client.start(mech, None, &info).await.unwrap_err();
@@ -166,9 +182,7 @@ async fn unknown_mechanisms_private_ones_and_oversized_requests_never_reach_the_
 async fn multi_step_exchanges_relay_challenges_and_responses() {
     let (service, client) = Service::with_client(Duration::from_secs(5));
     let server = async {
-        let mut conn = service.accept().await;
-        let (id, tail) = conn.auth().await;
-        assert_eq!(tail, "LOGIN\tservice=pop3");
+        let (mut conn, id) = service.accept_auth("LOGIN\tservice=pop3").await;
         conn.send(&format!("CONT\t{id}\tVXNlcm5hbWU6\n")).await;
         assert_eq!(conn.line().await, format!("CONT\t{id}\tdXNlcjE="));
         conn.send(&format!("CONT\t{id}\tUGFzc3dvcmQ6\n")).await;
@@ -282,9 +296,8 @@ async fn futures_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
 
 #[tokio::test]
 async fn hostile_lines_fail_at_most_their_own_request() {
-    let (service, client) = Service::with_client(Duration::from_secs(5));
+    let (_service, client, mut conn) = Service::connected(Duration::from_secs(5)).await;
     let info = RequestInfo::new("imap");
-    let (_, mut conn) = tokio::join!(client.handshake(), service.accept());
     let a = client.start("PLAIN", Some(b"a"), &info);
     let b = client.start("PLAIN", Some(b"b"), &info);
     let c = client.start("PLAIN", Some(b"c"), &info);
@@ -334,9 +347,8 @@ async fn hostile_lines_fail_at_most_their_own_request() {
 
 #[tokio::test]
 async fn a_request_without_an_answer_times_out_and_its_late_answer_is_ignored() {
-    let (service, client) = Service::with_client(Duration::from_millis(200));
+    let (_service, client, mut conn) = Service::connected(Duration::from_millis(200)).await;
     let info = RequestInfo::new("imap");
-    let (_, mut conn) = tokio::join!(client.handshake(), service.accept());
     let started = Instant::now();
     let (step, (id, _)) = tokio::join!(client.start("PLAIN", Some(b"x"), &info), conn.auth());
     let err = step.unwrap_err();
@@ -358,9 +370,8 @@ async fn a_request_without_an_answer_times_out_and_its_late_answer_is_ignored() 
 
 #[tokio::test]
 async fn a_lost_connection_fails_requests_in_flight_and_the_next_request_reconnects() {
-    let (service, client) = Service::with_client(Duration::from_secs(10));
+    let (service, client, mut conn) = Service::connected(Duration::from_secs(10)).await;
     let info = RequestInfo::new("imap");
-    let (_, mut conn) = tokio::join!(client.handshake(), service.accept());
     let started = Instant::now();
     let requests: Vec<_> = (0..5)
         .map(|_| {

@@ -435,6 +435,9 @@ mod tests {
         sasl::encode_plain(credentials)
     }
 
+    /// A greeting with capabilities but no SASL-IR nor LITERAL+.
+    const GREETING: &str = "* OK [CAPABILITY IMAP4rev1] ready\r\n";
+
     const DOVECOT_GREETING: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE \
                                     IDLE LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n";
 
@@ -481,12 +484,7 @@ mod tests {
     #[tokio::test]
     async fn login_with_quoted_strings() {
         let script = [("L LOGIN \"alice\" \"sec ret\"", "L OK Logged in\r\n")];
-        let outcome = plays(
-            "* OK [CAPABILITY IMAP4rev1] ready\r\n",
-            &script,
-            Credentials::plain("alice", "sec ret"),
-        )
-        .await;
+        let outcome = plays(GREETING, &script, Credentials::plain("alice", "sec ret")).await;
         assert_eq!(outcome, logged_in("Logged in"));
     }
 
@@ -503,12 +501,7 @@ mod tests {
             (NASTY_LINES[0], ""),
             (NASTY_LINES[1], "L OK Logged in\r\n"),
         ];
-        let outcome = plays(
-            "* OK [CAPABILITY IMAP4rev1] ready\r\n",
-            &script,
-            Credentials::plain("alice", NASTY),
-        )
-        .await;
+        let outcome = plays(GREETING, &script, Credentials::plain("alice", NASTY)).await;
         assert_eq!(outcome, logged_in("Logged in"));
     }
 
@@ -534,12 +527,7 @@ mod tests {
     async fn refused_literal_ends_the_login() {
         let login = format!("L LOGIN \"alice\" {{{}}}", NASTY.len());
         let script = [(login.as_str(), "L BAD Literal too large\r\n")];
-        let outcome = plays(
-            "* OK [CAPABILITY IMAP4rev1] ready\r\n",
-            &script,
-            Credentials::plain("alice", NASTY),
-        )
-        .await;
+        let outcome = plays(GREETING, &script, Credentials::plain("alice", NASTY)).await;
         assert_eq!(outcome, Outcome::AuthFailed("Literal too large".into()));
     }
 
@@ -641,7 +629,7 @@ mod tests {
             auth_username: "master".into(),
             password: crate::protocol::decision::Secret::new("pw"),
         };
-        let backend = scripted("* OK [CAPABILITY IMAP4rev1] ready\r\n", &[]).await;
+        let backend = scripted(GREETING, &[]).await;
         let (outcome, _) = run(backend, master, Forward::None).await;
         assert_eq!(outcome, Outcome::Unsendable);
         let backend = scripted("* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] ready\r\n", &[]).await;

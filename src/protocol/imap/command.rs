@@ -447,11 +447,9 @@ mod tests {
             testing::replay(script, chunk, cap, |buf| match parser.parse(buf) {
                 Parse::Incomplete => Step::Incomplete,
                 Parse::NeedContinuation => Step::Waiting(Event::Continuation),
-                Parse::Command { consumed, command } => Step::Consumed {
-                    consumed,
-                    event: Event::Command(command),
-                    fatal: false,
-                },
+                Parse::Command { consumed, command } => {
+                    Step::consumed(consumed, Event::Command(command))
+                }
                 Parse::Error(e) => Step::Consumed {
                     consumed: e.consumed,
                     fatal: e.fatal,
@@ -475,6 +473,10 @@ mod tests {
             name,
             args,
         })
+    }
+
+    fn login(tag: &str, username: Arg, password: Arg) -> Event {
+        cmd(tag, CommandName::Login, vec![username, password])
     }
 
     fn atom(s: &str) -> Arg {
@@ -508,11 +510,7 @@ mod tests {
             vec![
                 cmd("a1", CommandName::Capability, vec![]),
                 cmd("a2", CommandName::Noop, vec![]),
-                cmd(
-                    "A3",
-                    CommandName::Login,
-                    vec![atom("alice"), atom("secret")]
-                ),
+                login("A3", atom("alice"), atom("secret")),
                 cmd(
                     "a4",
                     CommandName::Authenticate,
@@ -531,16 +529,8 @@ mod tests {
         assert_eq!(
             events,
             vec![
-                cmd(
-                    "a",
-                    CommandName::Login,
-                    vec![quoted(b"al ice"), quoted(b"p\"w\\d")]
-                ),
-                cmd(
-                    "b",
-                    CommandName::Login,
-                    vec![quoted(b""), quoted("é".as_bytes())]
-                ),
+                login("a", quoted(b"al ice"), quoted(b"p\"w\\d")),
+                login("b", quoted(b""), quoted("é".as_bytes())),
             ]
         );
     }
@@ -553,11 +543,7 @@ mod tests {
             vec![
                 Event::Continuation,
                 Event::Continuation,
-                cmd(
-                    "a",
-                    CommandName::Login,
-                    vec![literal(b"alice"), literal(b"secret")]
-                ),
+                login("a", literal(b"alice"), literal(b"secret")),
                 cmd("b", CommandName::Noop, vec![]),
             ]
         );
@@ -566,14 +552,7 @@ mod tests {
     #[test]
     fn non_synchronising_literals() {
         let events = commands(b"a LOGIN {5+}\r\nalice {0+}\r\n\r\n");
-        assert_eq!(
-            events,
-            vec![cmd(
-                "a",
-                CommandName::Login,
-                vec![literal(b"alice"), literal(b"")]
-            )]
-        );
+        assert_eq!(events, vec![login("a", literal(b"alice"), literal(b""))]);
     }
 
     #[test]
@@ -581,10 +560,10 @@ mod tests {
         let events = commands(b"a LOGIN alice {22+}\r\np\"w\r\nb LOGOUT\r\n\0\\{3}\r\n\r\n");
         assert_eq!(
             events,
-            vec![cmd(
+            vec![login(
                 "a",
-                CommandName::Login,
-                vec![atom("alice"), literal(b"p\"w\r\nb LOGOUT\r\n\0\\{3}\r\n")]
+                atom("alice"),
+                literal(b"p\"w\r\nb LOGOUT\r\n\0\\{3}\r\n")
             )]
         );
     }

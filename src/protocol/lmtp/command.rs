@@ -205,21 +205,12 @@ pub fn parse_line(line: &[u8]) -> Result<Command, SyntaxError> {
         "HELO" => Ok(Command::Helo),
         "EHLO" => Ok(Command::Ehlo),
         "MAIL" => {
-            let rest = strip_prefix_ci(rest, "FROM:").ok_or(SyntaxError::Arguments(
-                "Syntax: MAIL FROM:<address> [parameters]",
-            ))?;
-            let (path, params) = path_and_params(rest).ok_or(SyntaxError::Arguments(
-                "Syntax: MAIL FROM:<address> [parameters]",
-            ))?;
+            let (path, params) =
+                path_after(rest, "FROM:", "Syntax: MAIL FROM:<address> [parameters]")?;
             Ok(Command::Mail(MailFrom { path, params }))
         }
         "RCPT" => {
-            let rest = strip_prefix_ci(rest, "TO:").ok_or(SyntaxError::Arguments(
-                "Syntax: RCPT TO:<address> [parameters]",
-            ))?;
-            let (path, params) = path_and_params(rest).ok_or(SyntaxError::Arguments(
-                "Syntax: RCPT TO:<address> [parameters]",
-            ))?;
+            let (path, params) = path_after(rest, "TO:", "Syntax: RCPT TO:<address> [parameters]")?;
             if path.is_empty() {
                 return Err(SyntaxError::Arguments("An empty recipient address"));
             }
@@ -239,6 +230,18 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     let head = s.get(..prefix.len())?;
     head.eq_ignore_ascii_case(prefix)
         .then(|| &s[prefix.len()..])
+}
+
+/// `keyword` (`FROM:` or `TO:`, any case) then [`path_and_params`]; `syntax` is the error if
+/// either is missing or malformed.
+fn path_after(
+    rest: &str,
+    keyword: &str,
+    syntax: &'static str,
+) -> Result<(String, Vec<Param>), SyntaxError> {
+    strip_prefix_ci(rest, keyword)
+        .and_then(path_and_params)
+        .ok_or(SyntaxError::Arguments(syntax))
 }
 
 /// `<path> [SP param]*` (a space after the colon is tolerated, as most servers do). The path

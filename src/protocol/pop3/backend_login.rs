@@ -246,6 +246,15 @@ mod tests {
         .await
     }
 
+    /// A backend that answers CAPA with `capa` and any other command with `reply`.
+    async fn answers_capa(capa: &'static str, reply: &'static str) -> Backend {
+        fake_backend("+OK ready\r\n", move |line| match line {
+            "CAPA" => capa.into(),
+            _ => reply.into(),
+        })
+        .await
+    }
+
     fn identity() -> ClientIdentity {
         fake_backend::identity("198.51.100.1:110", "dir-1a2b")
     }
@@ -335,11 +344,7 @@ mod tests {
 
     #[tokio::test]
     async fn xclient_refused_is_a_backend_error() {
-        let backend = fake_backend("+OK ready\r\n", |line| match line {
-            "CAPA" => CAPA_XCLIENT.into(),
-            _ => "-ERR You are not from trusted IP\r\n".into(),
-        })
-        .await;
+        let backend = answers_capa(CAPA_XCLIENT, "-ERR You are not from trusted IP\r\n").await;
         let (result, seen) = run(backend, &alice(), Forward::Auto).await;
         assert_eq!(result, Outcome::Protocol);
         assert_eq!(
@@ -360,10 +365,10 @@ mod tests {
 
     #[tokio::test]
     async fn user_refused_is_an_auth_failure() {
-        let backend = fake_backend("+OK ready\r\n", |line| match line {
-            "CAPA" => CAPA_USER_ONLY.into(),
-            _ => "-ERR [AUTH] Plaintext authentication disallowed.\r\n".into(),
-        })
+        let backend = answers_capa(
+            CAPA_USER_ONLY,
+            "-ERR [AUTH] Plaintext authentication disallowed.\r\n",
+        )
         .await;
         let (result, seen) = run(backend, &alice(), Forward::Auto).await;
         assert_eq!(
@@ -481,11 +486,7 @@ mod tests {
         assert_eq!((result, seen.len()), (Outcome::Closed, 0));
 
         // Closes instead of answering the login.
-        let backend = fake_backend("+OK ready\r\n", |line| match line {
-            "CAPA" => CAPA_PLAIN.into(),
-            _ => CLOSE.into(),
-        })
-        .await;
+        let backend = answers_capa(CAPA_PLAIN, CLOSE).await;
         let (result, seen) = run(backend, &alice(), Forward::Auto).await;
         assert_eq!((result, seen.len()), (Outcome::Closed, 2));
     }

@@ -176,30 +176,18 @@ mod tests {
     fn check(script: &[u8], max_line: usize, want: &[Parse]) {
         let mut chunk = 1;
         while chunk <= 512 {
-            assert_eq!(replay(script, chunk, max_line), want, "chunk size {chunk}");
+            assert_eq!(
+                replay(script, chunk, max_line),
+                want,
+                "{}, chunk size {chunk}",
+                String::from_utf8_lossy(script).escape_debug()
+            );
             chunk *= 2;
         }
     }
 
     fn line(consumed: usize, command: Command) -> Parse {
         Parse::Line { consumed, command }
-    }
-
-    #[test]
-    fn session_script() {
-        let script = b"capa\r\nUSER alice\r\nPASS  secret with spaces \r\nStLs\r\nnoop\nQUIT\r\n";
-        check(
-            script,
-            8192,
-            &[
-                line(6, Command::Capa),
-                line(12, Command::User("alice".into())),
-                line(27, Command::Pass(" secret with spaces ".into())),
-                line(6, Command::Stls),
-                line(5, Command::Noop),
-                line(6, Command::Quit),
-            ],
-        );
     }
 
     fn auth(mechanism: &str, initial_response: Option<&str>) -> Command {
@@ -210,36 +198,47 @@ mod tests {
     }
 
     #[test]
-    fn auth_forms() {
-        let script = b"AUTH\r\nauth plain\r\nAUTH PLAIN AGFsaWNlAHB3\r\nAUTH login =\r\nAUTH \r\n";
-        check(
-            script,
-            8192,
-            &[
-                line(6, Command::AuthList),
-                line(12, auth("PLAIN", None)),
-                line(25, auth("PLAIN", Some("AGFsaWNlAHB3"))),
-                line(14, auth("LOGIN", Some("="))),
-                line(7, Command::AuthList),
-            ],
-        );
-    }
-
-    #[test]
-    fn unknown_empty_and_non_utf8() {
-        let script = b"APOP alice abc\r\n\r\nUSER \xff\xfe\r\nPASS\r\nUSER\r\nxyz\xff\r\n";
-        check(
-            script,
-            8192,
-            &[
-                line(16, Command::Other("APOP".into())),
-                line(2, Command::Other(String::new())),
-                line(9, Command::NotUtf8 { keyword: "USER" }),
-                line(6, Command::Pass(String::new())),
-                line(6, Command::User(String::new())),
-                line(6, Command::Other("XYZ\u{fffd}".into())),
-            ],
-        );
+    fn scripts_of_commands() {
+        let scripts: [(&[u8], Vec<Parse>); 3] = [
+            // A session: keywords in any case, arguments kept as sent, a bare LF.
+            (
+                b"capa\r\nUSER alice\r\nPASS  secret with spaces \r\nStLs\r\nnoop\nQUIT\r\n",
+                vec![
+                    line(6, Command::Capa),
+                    line(12, Command::User("alice".into())),
+                    line(27, Command::Pass(" secret with spaces ".into())),
+                    line(6, Command::Stls),
+                    line(5, Command::Noop),
+                    line(6, Command::Quit),
+                ],
+            ),
+            // The forms of AUTH.
+            (
+                b"AUTH\r\nauth plain\r\nAUTH PLAIN AGFsaWNlAHB3\r\nAUTH login =\r\nAUTH \r\n",
+                vec![
+                    line(6, Command::AuthList),
+                    line(12, auth("PLAIN", None)),
+                    line(25, auth("PLAIN", Some("AGFsaWNlAHB3"))),
+                    line(14, auth("LOGIN", Some("="))),
+                    line(7, Command::AuthList),
+                ],
+            ),
+            // Unknown, empty and non-UTF-8 lines.
+            (
+                b"APOP alice abc\r\n\r\nUSER \xff\xfe\r\nPASS\r\nUSER\r\nxyz\xff\r\n",
+                vec![
+                    line(16, Command::Other("APOP".into())),
+                    line(2, Command::Other(String::new())),
+                    line(9, Command::NotUtf8 { keyword: "USER" }),
+                    line(6, Command::Pass(String::new())),
+                    line(6, Command::User(String::new())),
+                    line(6, Command::Other("XYZ\u{fffd}".into())),
+                ],
+            ),
+        ];
+        for (script, want) in scripts {
+            check(script, 8192, &want);
+        }
     }
 
     #[test]

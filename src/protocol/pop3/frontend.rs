@@ -364,6 +364,33 @@ mod tests {
         }
     }
 
+    /// A client greeted in the [`context`] with `adjust` applied, whose logins are answered
+    /// with `answers`.
+    async fn greeted_with(
+        answers: impl IntoIterator<Item = Scripted>,
+        adjust: impl FnOnce(&mut FrontendContext),
+    ) -> (Client, Arc<FakeAuth>) {
+        let auth = FakeAuth::scripted(answers);
+        let mut ctx = context();
+        adjust(&mut ctx);
+        let client = Client::greeted(ctx, &auth).await;
+        (client, auth)
+    }
+
+    /// A client greeted in the default context, whose logins are answered with `answers`.
+    async fn greeted(answers: impl IntoIterator<Item = Scripted>) -> (Client, Arc<FakeAuth>) {
+        greeted_with(answers, |_| {}).await
+    }
+
+    /// Expects the session established, and the first login to have been alice's.
+    async fn logged_in_as_alice(c: Client, auth: &FakeAuth) {
+        assert!(matches!(c.outcome().await, Outcome::Established { .. }));
+        assert_eq!(
+            auth.decisions()[0].credentials,
+            Credentials::plain("alice", "secret")
+        );
+    }
+
     /// The `CAPA` reply: the lines every connection gets, then `extra`, then the final dot.
     fn capa<'a>(extra: &[&'a str]) -> Vec<&'a str> {
         let mut lines = vec![
@@ -387,8 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn greeting_capa_noop_quit() {
-        let auth = FakeAuth::scripted([]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, auth) = greeted([]).await;
         c.send(b"capa\r\n").await;
         c.expect_lines(&full_capa()).await;
         c.command("NOOP", "+OK").await;
@@ -399,10 +425,10 @@ mod tests {
 
     #[tokio::test]
     async fn plaintext_disallowed_on_an_insecure_connection() {
-        let auth = FakeAuth::scripted([Scripted::Ok("Logged in.")]);
-        let mut ctx = context();
-        ctx.disable_plaintext_auth = true;
-        let mut c = Client::greeted(ctx, &auth).await;
+        let (mut c, auth) = greeted_with([Scripted::Ok("Logged in.")], |ctx| {
+            ctx.disable_plaintext_auth = true
+        })
+        .await;
         c.send(b"CAPA\r\n").await;
         c.expect_lines(&capa(&[])).await;
         c.command("USER alice", PLAINTEXT_DISALLOWED).await;
@@ -428,8 +454,7 @@ mod tests {
 
     #[tokio::test]
     async fn user_pass_logs_in_with_spaces_in_the_password() {
-        let auth = FakeAuth::scripted([Scripted::Ok("Logged in.")]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, auth) = greeted([Scripted::Ok("Logged in.")]).await;
         c.command("USER alice", "+OK").await;
         c.command("PASS  correct horse ", "+OK Logged in.").await;
         assert_eq!(
@@ -453,30 +478,23 @@ mod tests {
 
     #[tokio::test]
     async fn pass_needs_user() {
-        let auth = FakeAuth::scripted([]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, auth) = greeted([]).await;
         c.command("PASS secret", "-ERR No username given.").await;
         assert!(auth.decisions().is_empty());
     }
 
     #[tokio::test]
     async fn auth_plain_with_initial_response() {
-        let auth = FakeAuth::scripted([Scripted::Ok("Logged in.")]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, auth) = greeted([Scripted::Ok("Logged in.")]).await;
         let ir = b64(b"\0alice\0secret");
         c.command(&format!("AUTH PLAIN {ir}"), "+OK Logged in.")
             .await;
-        assert!(matches!(c.outcome().await, Outcome::Established { .. }));
-        assert_eq!(
-            auth.decisions()[0].credentials,
-            Credentials::plain("alice", "secret")
-        );
+        logged_in_as_alice(c, &auth).await;
     }
 
     #[tokio::test]
     async fn auth_plain_with_a_continuation_and_authzid() {
-        let auth = FakeAuth::scripted([Scripted::Ok("Logged in.")]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, auth) = greeted([Scripted::Ok("Logged in.")]).await;
         c.command("auth plain", "+ ").await;
         c.command(&b64(b"bob\0master\0pw"), "+OK Logged in.").await;
         assert_eq!(
@@ -495,22 +513,16 @@ mod tests {
 
     #[tokio::test]
     async fn auth_login() {
-        let auth = FakeAuth::scripted([Scripted::Ok("Logged in.")]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, auth) = greeted([Scripted::Ok("Logged in.")]).await;
         c.command("AUTH LOGIN", "+ VXNlcm5hbWU6").await;
         c.command(&b64(b"alice"), "+ UGFzc3dvcmQ6").await;
         c.command(&b64(b"secret"), "+OK Logged in.").await;
-        assert!(matches!(c.outcome().await, Outcome::Established { .. }));
-        assert_eq!(
-            auth.decisions()[0].credentials,
-            Credentials::plain("alice", "secret")
-        );
+        logged_in_as_alice(c, &auth).await;
     }
 
     #[tokio::test]
     async fn auth_cancel_list_and_unknown_mechanism() {
-        let auth = FakeAuth::scripted([]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, auth) = greeted([]).await;
         c.command("AUTH PLAIN", "+ ").await;
         c.command("*", "-ERR Authentication aborted by client.")
             .await;
@@ -530,11 +542,11 @@ mod tests {
 
     #[tokio::test]
     async fn failed_login_then_success() {
-        let auth = FakeAuth::scripted([
+        let (mut c, auth) = greeted([
             Scripted::AuthFailed("Authentication failed."),
             Scripted::Ok("Logged in."),
-        ]);
-        let mut c = Client::greeted(context(), &auth).await;
+        ])
+        .await;
         c.command("USER alice", "+OK").await;
         c.command("PASS wrong", "-ERR [AUTH] Authentication failed.")
             .await;
@@ -545,11 +557,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn too_many_failures_close_after_a_delay_each() {
-        let auth = FakeAuth::scripted([Scripted::AuthFailed("Password mismatch\r\n+OK fake")]);
-        let mut ctx = context();
-        ctx.limits.auth_failure_delay = Duration::from_secs(2);
-        ctx.limits.max_auth_failures = 3;
-        let mut c = Client::greeted(ctx, &auth).await;
+        let (mut c, auth) = greeted_with(
+            [Scripted::AuthFailed("Password mismatch\r\n+OK fake")],
+            |ctx| {
+                ctx.limits.auth_failure_delay = Duration::from_secs(2);
+                ctx.limits.max_auth_failures = 3;
+            },
+        )
+        .await;
         c.command("USER alice", "+OK").await;
         let started = tokio::time::Instant::now();
         // The backend's text cannot add a line of its own.
@@ -566,14 +581,15 @@ mod tests {
 
     #[tokio::test]
     async fn unavailable_is_not_an_auth_failure() {
-        let auth = FakeAuth::scripted([
-            Scripted::Unavailable("No backend available."),
-            Scripted::Unavailable(""),
-            Scripted::Ok("Logged in."),
-        ]);
-        let mut ctx = context();
-        ctx.limits.max_auth_failures = 1;
-        let mut c = Client::greeted(ctx, &auth).await;
+        let (mut c, _auth) = greeted_with(
+            [
+                Scripted::Unavailable("No backend available."),
+                Scripted::Unavailable(""),
+                Scripted::Ok("Logged in."),
+            ],
+            |ctx| ctx.limits.max_auth_failures = 1,
+        )
+        .await;
         c.command("USER alice", "+OK").await;
         c.command("PASS pw", "-ERR [SYS/TEMP] No backend available.")
             .await;
@@ -587,10 +603,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_commands_until_too_many() {
-        let auth = FakeAuth::scripted([]);
-        let mut ctx = context();
-        ctx.limits.max_bad_commands = 3;
-        let mut c = Client::greeted(ctx, &auth).await;
+        let (mut c, _auth) = greeted_with([], |ctx| ctx.limits.max_bad_commands = 3).await;
         c.command("APOP alice 0123456789abcdef", "-ERR Unknown command.")
             .await;
         c.command("", "-ERR Unknown command.").await;
@@ -600,8 +613,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_usernames_are_refused() {
-        let auth = FakeAuth::scripted([]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, auth) = greeted([]).await;
         c.send(b"USER \xff\xfe\r\n").await;
         c.expect("-ERR Invalid characters in argument.").await;
         c.command("USER ", "-ERR No username given.").await;
@@ -625,8 +637,7 @@ mod tests {
 
     #[tokio::test]
     async fn pipelined_commands_after_login_are_handed_over() {
-        let auth = FakeAuth::scripted([Scripted::Ok("Logged in.")]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, _auth) = greeted([Scripted::Ok("Logged in.")]).await;
         c.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nLIST\r\n")
             .await;
         c.expect_lines(&["+OK", "+OK Logged in."]).await;
@@ -641,10 +652,7 @@ mod tests {
 
     #[tokio::test]
     async fn over_long_lines_close_the_connection() {
-        let auth = FakeAuth::scripted([]);
-        let mut ctx = context();
-        ctx.limits.max_line = 64;
-        let mut c = Client::greeted(ctx, &auth).await;
+        let (mut c, auth) = greeted_with([], |ctx| ctx.limits.max_line = 64).await;
         c.send(format!("USER {}", "a".repeat(100)).as_bytes()).await;
         c.expect("-ERR Input line too long.").await;
         assert_eq!(c.finish().await, Outcome::NoSession);
@@ -661,8 +669,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn inactivity_ends_the_dialogue() {
-        let auth = FakeAuth::scripted([]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, _auth) = greeted([]).await;
         c.command("USER alice", "+OK").await;
         let started = tokio::time::Instant::now();
         c.expect("-ERR Disconnected for inactivity.").await;
@@ -672,8 +679,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_leaving_is_no_session() {
-        let auth = FakeAuth::scripted([]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, _auth) = greeted([]).await;
         c.send(b"USER alice\r\nPASS").await;
         c.expect("+OK").await;
         c.close_write().await;
@@ -682,8 +688,7 @@ mod tests {
 
     #[tokio::test]
     async fn stls_offered_only_when_configured() {
-        let auth = FakeAuth::scripted([]);
-        let mut c = Client::greeted(context(), &auth).await;
+        let (mut c, auth) = greeted([]).await;
         c.command("STLS", "-ERR TLS support isn't enabled.").await;
 
         let mut ctx = context();
@@ -696,10 +701,10 @@ mod tests {
 
     #[tokio::test]
     async fn commands_pipelined_after_stls_are_discarded() {
-        let auth = FakeAuth::scripted([Scripted::Ok("Logged in.")]);
-        let mut ctx = context();
-        ctx.starttls = Some(tls_pair().0);
-        let mut c = Client::greeted(ctx, &auth).await;
+        let (mut c, auth) = greeted_with([Scripted::Ok("Logged in.")], |ctx| {
+            ctx.starttls = Some(tls_pair().0)
+        })
+        .await;
         c.send(b"STLS\r\nUSER alice\r\nPASS secret\r\n").await;
         c.expect("+OK Begin TLS negotiation now.").await;
         // No reply to USER or PASS: they were thrown away, and the handshake then fails

@@ -335,29 +335,32 @@ mod tests {
 
     #[tokio::test]
     async fn no_xclient_unless_offered_and_wanted() {
-        let (tcp, backend) = dovecot_like(GREETING_NO_XCLIENT, "OK\r\n").await;
-        let result = run_login(tcp, &alice(), Forward::Auto).await.unwrap();
-        let BackendLoginResult::LoggedIn {
-            ref success_text, ..
-        } = result
-        else {
-            panic!("not logged in");
-        };
-        assert_eq!(success_text, "");
-        drop(result);
-        assert_eq!(backend.await.unwrap(), vec![AUTH_ALICE.to_owned()]);
-
-        let (tcp, backend) = dovecot_like(GREETING, "OK (SASL \"\") \"Logged in.\"\r\n").await;
-        let result = run_login(tcp, &alice(), Forward::ProxyV2).await.unwrap();
-        let BackendLoginResult::LoggedIn {
-            ref success_text, ..
-        } = result
-        else {
-            panic!("not logged in");
-        };
-        assert_eq!(success_text, "(SASL \"\") \"Logged in.\"");
-        drop(result);
-        assert_eq!(backend.await.unwrap(), vec![AUTH_ALICE.to_owned()]);
+        // Not offered; offered but another way of forwarding is configured.
+        for (greeting, reply, forward, text) in [
+            (GREETING_NO_XCLIENT, "OK\r\n", Forward::Auto, ""),
+            (
+                GREETING,
+                "OK (SASL \"\") \"Logged in.\"\r\n",
+                Forward::ProxyV2,
+                "(SASL \"\") \"Logged in.\"",
+            ),
+        ] {
+            let (tcp, backend) = dovecot_like(greeting, reply).await;
+            let result = run_login(tcp, &alice(), forward).await.unwrap();
+            let BackendLoginResult::LoggedIn {
+                ref success_text, ..
+            } = result
+            else {
+                panic!("not logged in: {reply:?}");
+            };
+            assert_eq!(success_text, text);
+            drop(result);
+            assert_eq!(
+                backend.await.unwrap(),
+                vec![AUTH_ALICE.to_owned()],
+                "{reply:?}"
+            );
+        }
     }
 
     #[tokio::test]

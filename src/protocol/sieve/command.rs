@@ -309,11 +309,7 @@ mod tests {
             let cap = max_line + max_literal + 1;
             testing::replay(script, chunk, cap, |buf| match parse(&mut parser, buf) {
                 Parse::Incomplete => Step::Incomplete,
-                Parse::Done { consumed, value } => Step::Consumed {
-                    consumed,
-                    event: Event::Value(value),
-                    fatal: false,
-                },
+                Parse::Done { consumed, value } => Step::consumed(consumed, Event::Value(value)),
                 Parse::Error(e) => Step::Consumed {
                     consumed: e.consumed,
                     event: Event::Error { fatal: e.fatal },
@@ -428,6 +424,18 @@ mod tests {
         );
     }
 
+    const FATAL: Event<Command> = Event::Error { fatal: true };
+
+    /// The commands of `script` read with lines and literals of at most 64 bytes.
+    fn commands_within_64(script: &[u8]) -> Vec<Event<Command>> {
+        replay_all(script, 64, 64, CommandParser::command)
+    }
+
+    /// `head`, then `n` times `x`, then `tail`.
+    fn padded(head: &[u8], n: usize, tail: &[u8]) -> Vec<u8> {
+        [head, &vec![b'x'; n], tail].concat()
+    }
+
     #[test]
     fn line_limit_counts_the_line_end_and_is_fatal() {
         assert_eq!(
@@ -436,49 +444,33 @@ mod tests {
         );
         assert_eq!(
             replay_all(b"NOOP\r\n", 5, 0, CommandParser::command),
-            vec![Event::Error { fatal: true }]
+            vec![FATAL]
         );
-        let mut script = b"NOOP \"".to_vec();
-        script.extend(std::iter::repeat_n(b'x', 200));
-        script.extend_from_slice(b"\"\r\nNOOP\r\n");
         assert_eq!(
-            replay_all(&script, 64, 64, CommandParser::command),
-            vec![Event::Error { fatal: true }]
+            commands_within_64(&padded(b"NOOP \"", 200, b"\"\r\nNOOP\r\n")),
+            vec![FATAL]
         );
     }
 
     #[test]
     fn literal_limit_is_fatal_and_counts_every_literal() {
-        let mut script = b"AUTHENTICATE \"PLAIN\" {100+}\r\n".to_vec();
-        script.extend(std::iter::repeat_n(b'x', 100));
-        script.extend_from_slice(b"\r\n");
+        // One literal too large, two that are too large together, and a size beyond usize.
+        for script in [
+            padded(b"AUTHENTICATE \"PLAIN\" {100+}\r\n", 100, b"\r\n"),
+            padded(b"X {40+}\r\n", 40, b" {40+}\r\n"),
+            b"X {99999999999999999999999+}\r\n".to_vec(),
+        ] {
+            assert_eq!(
+                commands_within_64(&script),
+                vec![FATAL],
+                "{}",
+                String::from_utf8_lossy(&script)
+            );
+        }
+        // Exactly at the limit is fine.
         assert_eq!(
-            replay_all(&script, 64, 64, CommandParser::command),
-            vec![Event::Error { fatal: true }]
-        );
-        let mut script = b"X {40+}\r\n".to_vec();
-        script.extend(std::iter::repeat_n(b'x', 40));
-        script.extend_from_slice(b" {40+}\r\n");
-        assert_eq!(
-            replay_all(&script, 64, 64, CommandParser::command),
-            vec![Event::Error { fatal: true }]
-        );
-        // Exactly at the limit is fine; a size beyond usize is too large.
-        let mut script = b"X {64+}\r\n".to_vec();
-        script.extend(std::iter::repeat_n(b'x', 64));
-        script.extend_from_slice(b"\r\n");
-        assert_eq!(
-            replay_all(&script, 64, 64, CommandParser::command),
+            commands_within_64(&padded(b"X {64+}\r\n", 64, b"\r\n")),
             vec![cmd(CommandName::Other("X".into()), vec![s(&[b'x'; 64])])]
-        );
-        assert_eq!(
-            replay_all(
-                b"X {99999999999999999999999+}\r\n",
-                64,
-                64,
-                CommandParser::command
-            ),
-            vec![Event::Error { fatal: true }]
         );
     }
 

@@ -302,12 +302,42 @@ mod tests {
         (client, session, auth)
     }
 
+    /// `AUTHENTICATE "PLAIN"` with `response` (base64-encoded here) as its initial response.
+    fn plain_ir(response: &[u8]) -> String {
+        format!("AUTHENTICATE \"PLAIN\" \"{}\"", b64(response))
+    }
+
+    /// `text` as a synchronising literal (which ManageSieve reads at once all the same).
+    fn literal(text: &str) -> String {
+        format!("{{{}}}\r\n{text}", text.len())
+    }
+
+    /// `text` as a non-synchronising literal.
+    fn literal_plus(text: &str) -> String {
+        format!("{{{}+}}\r\n{text}", text.len())
+    }
+
     /// Like [`start`], and reads the usual greeting.
-    async fn greeted() -> (Client, Session, Arc<FakeAuth>) {
-        let (mut c, session, auth) = start(|_| {}).await;
+    async fn greeted_with(
+        adjust: impl FnOnce(&mut FrontendContext),
+    ) -> (Client, Session, Arc<FakeAuth>) {
+        let (mut c, session, auth) = start(adjust).await;
         c.expect_lines(&CAPS).await;
         c.expect("OK \"Director ready.\"").await;
         (c, session, auth)
+    }
+
+    /// Expects `last` as the last line, then the end of the connection and of the session,
+    /// with no login.
+    async fn closes_after(c: &mut Client, session: Session, last: &str) {
+        c.expect(last).await;
+        c.expect_closed().await;
+        closed(session).await;
+    }
+
+    /// A session with the default context, greeted.
+    async fn greeted() -> (Client, Session, Arc<FakeAuth>) {
+        greeted_with(|_| {}).await
     }
 
     #[tokio::test]
@@ -381,12 +411,8 @@ mod tests {
         c.command("AUTHENTICATE \"LOGIN\"", "\"VXNlcm5hbWU6\"")
             .await;
         let (user, password) = (b64(b"alice"), b64(b"se cret"));
-        c.send(format!("{{{}+}}\r\n{user}\r\n", user.len()).as_bytes())
-            .await;
-        c.expect("\"UGFzc3dvcmQ6\"").await;
-        c.send(format!("{{{}}}\r\n{password}\r\n", password.len()).as_bytes())
-            .await;
-        c.expect("OK \"Logged in.\"").await;
+        c.command(&literal_plus(&user), "\"UGFzc3dvcmQ6\"").await;
+        c.command(&literal(&password), "OK \"Logged in.\"").await;
         established(session).await;
         assert_eq!(auth.credentials(), vec![creds("alice", "alice", "se cret")]);
     }
@@ -394,15 +420,11 @@ mod tests {
     #[tokio::test]
     async fn authenticate_login_with_initial_response() {
         let (mut c, session, auth) = greeted().await;
-        c.send(format!("AUTHENTICATE \"LOGIN\" \"{}\"\r\n", b64(b"alice")).as_bytes())
-            .await;
-        c.expect("\"UGFzc3dvcmQ6\"").await;
-        c.send(format!("\"{}\"\r\n", b64(b"wrong")).as_bytes())
-            .await;
-        c.expect("NO \"Authentication failed.\"").await;
-        c.send(format!("AUTHENTICATE \"LOGIN\" \"{}\"\r\n", b64(b"alice")).as_bytes())
-            .await;
-        c.expect("\"UGFzc3dvcmQ6\"").await;
+        let login = format!("AUTHENTICATE \"LOGIN\" \"{}\"", b64(b"alice"));
+        c.command(&login, "\"UGFzc3dvcmQ6\"").await;
+        let wrong = format!("\"{}\"", b64(b"wrong"));
+        c.command(&wrong, "NO \"Authentication failed.\"").await;
+        c.command(&login, "\"UGFzc3dvcmQ6\"").await;
         c.send(format!("\"{}\"\r\nLISTSCRIPTS\r\n", b64(b"secret")).as_bytes())
             .await;
         c.expect("OK \"Logged in.\"").await;
@@ -428,9 +450,8 @@ mod tests {
         c.expect("NO \"Invalid authentication response.\"").await;
         c.command("AUTHENTICATE \"PLAIN\"", "\"\"").await;
         let response = b64(b"\0alice\0secret");
-        c.send(format!("{{{}+}}\r\n{response}\r\n", response.len()).as_bytes())
+        c.command(&literal_plus(&response), "OK \"Logged in.\"")
             .await;
-        c.expect("OK \"Logged in.\"").await;
         established(session).await;
         assert_eq!(auth.credentials(), vec![creds("alice", "alice", "secret")]);
     }
@@ -445,9 +466,8 @@ mod tests {
         c.expect("NO \"Invalid base64 data in authentication response.\"")
             .await;
         // A malformed PLAIN response is a failed login, and no login is tried.
-        c.send(format!("AUTHENTICATE \"PLAIN\" \"{}\"\r\n", b64(b"alice")).as_bytes())
+        c.command(&plain_ir(b"alice"), "NO \"Authentication failed.\"")
             .await;
-        c.expect("NO \"Authentication failed.\"").await;
         c.send(b"AUTHENTICATE\r\n").await;
         c.expect("NO \"Error in MANAGESIEVE command AUTHENTICATE: Invalid arguments.\"")
             .await;
@@ -462,23 +482,19 @@ mod tests {
         c.expect_lines(&[IMPLEMENTATION, SIEVE, NOTIFY, "\"SASL\" \"\"", VERSION])
             .await;
         c.expect("OK \"Director ready.\"").await;
-        c.send(format!("AUTHENTICATE \"PLAIN\" \"{}\"\r\n", b64(b"\0alice\0secret")).as_bytes())
+        c.command(&plain_ir(b"\0alice\0secret"), ENCRYPT_NEEDED)
             .await;
-        c.expect(ENCRYPT_NEEDED).await;
         c.command("LOGOUT", "OK \"Logout completed.\"").await;
         closed(session).await;
         assert!(auth.decisions().is_empty());
 
-        let (mut c, session, _) = start(|ctx| {
+        let (mut c, session, _) = greeted_with(|ctx| {
             ctx.disable_plaintext_auth = true;
             ctx.trusted = true;
         })
         .await;
-        c.expect_lines(&CAPS).await;
-        c.expect("OK \"Director ready.\"").await;
-        c.send(format!("AUTHENTICATE \"PLAIN\" \"{}\"\r\n", b64(b"\0alice\0secret")).as_bytes())
+        c.command(&plain_ir(b"\0alice\0secret"), "OK \"Logged in.\"")
             .await;
-        c.expect("OK \"Logged in.\"").await;
         established(session).await;
     }
 
@@ -491,10 +507,8 @@ mod tests {
             ("wrong", "NO \"Authentication failed.\""),
             ("secret", "OK \"Logged in.\""),
         ] {
-            let response = b64(format!("\0alice\0{password}").as_bytes());
-            c.send(format!("AUTHENTICATE \"PLAIN\" \"{response}\"\r\n").as_bytes())
-                .await;
-            c.expect(reply).await;
+            let response = format!("\0alice\0{password}");
+            c.command(&plain_ir(response.as_bytes()), reply).await;
         }
         established(session).await;
         assert_eq!(auth.decisions().len(), 4);
@@ -502,57 +516,51 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn too_many_failures_close_the_connection_after_a_delay() {
-        let (mut c, session, _) = start(|ctx| {
+        let (mut c, session, _) = greeted_with(|ctx| {
             ctx.limits.auth_failure_delay = Duration::from_secs(2);
         })
         .await;
-        c.expect_lines(&CAPS).await;
-        c.expect("OK \"Director ready.\"").await;
         let started = tokio::time::Instant::now();
-        let response = b64(b"\0alice\0wrong");
+        let wrong = plain_ir(b"\0alice\0wrong");
         for _ in 0..3 {
-            c.send(format!("AUTHENTICATE \"PLAIN\" \"{response}\"\r\n").as_bytes())
-                .await;
-            c.expect("NO \"Authentication failed.\"").await;
+            c.command(&wrong, "NO \"Authentication failed.\"").await;
         }
         assert!(started.elapsed() >= Duration::from_secs(6));
-        c.expect("BYE \"Too many invalid authentication attempts.\"")
-            .await;
-        c.expect_closed().await;
-        closed(session).await;
+        closes_after(
+            &mut c,
+            session,
+            "BYE \"Too many invalid authentication attempts.\"",
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn unknown_and_invalid_commands() {
-        let (mut c, session, _) = start(|ctx| ctx.limits.max_bad_commands = 4).await;
-        c.expect_lines(&CAPS).await;
-        c.expect("OK \"Director ready.\"").await;
+        let (mut c, session, _) = greeted_with(|ctx| ctx.limits.max_bad_commands = 4).await;
         c.command("LISTSCRIPTS", COMMAND_ERROR).await;
         c.command("NOOP \"open", COMMAND_ERROR).await;
         c.send(b"CAPABILITY \"x\"\r\n").await;
         c.expect("NO \"Error in MANAGESIEVE command CAPABILITY: Invalid arguments.\"")
             .await;
         c.command("\"x\"", COMMAND_ERROR).await;
-        c.expect("BYE \"Too many invalid MANAGESIEVE commands.\"")
-            .await;
-        c.expect_closed().await;
-        closed(session).await;
+        closes_after(
+            &mut c,
+            session,
+            "BYE \"Too many invalid MANAGESIEVE commands.\"",
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn oversized_input_is_refused() {
         let (mut c, session, _) = greeted().await;
         c.send(b"AUTHENTICATE \"PLAIN\" {1000+}\r\n").await;
-        c.expect("BYE \"Literal too large.\"").await;
-        c.expect_closed().await;
-        closed(session).await;
+        closes_after(&mut c, session, "BYE \"Literal too large.\"").await;
 
         let (mut c, session, _) = greeted().await;
         c.command("AUTHENTICATE \"PLAIN\"", "\"\"").await;
         c.send(&[b'A'; 300]).await;
-        c.expect("BYE \"Too long command line.\"").await;
-        c.expect_closed().await;
-        closed(session).await;
+        closes_after(&mut c, session, "BYE \"Too long command line.\"").await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -611,9 +619,8 @@ mod tests {
         c.expect_lines(&CAPS).await;
         c.expect("OK \"TLS negotiation successful.\"").await;
         c.command("STARTTLS", "NO \"TLS is already active.\"").await;
-        c.send(format!("AUTHENTICATE \"PLAIN\" \"{}\"\r\n", b64(b"\0alice\0secret")).as_bytes())
+        c.command(&plain_ir(b"\0alice\0secret"), "OK \"Logged in.\"")
             .await;
-        c.expect("OK \"Logged in.\"").await;
         let est = established(session).await;
         assert!(est.client.is_tls());
         let decisions = auth.decisions();
