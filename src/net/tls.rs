@@ -60,7 +60,7 @@ pub enum TlsError {
         kind: FileKind,
         /// Where it is.
         path: PathBuf,
-        /// What is wrong with it ([`pem_problem`]).
+        /// What is wrong with it (`pem_problem`).
         problem: String,
     },
     /// The file holds no `BEGIN CERTIFICATE` block.

@@ -3,10 +3,10 @@
 //! failed logins and their delay), STARTTLS with the discard of bytes sent before TLS, the
 //! goodbye on timeout, shutdown and eviction, the SASL exchange (PLAIN, LOGIN) and the one
 //! call to the [`Authenticator`]. A protocol (`imap::frontend`, `pop3::frontend`,
-//! `sieve::frontend`) supplies only its grammar and its replies, as a [`Dialect`]; it never
+//! `sieve::frontend`) supplies only its grammar and its replies, as a `Dialect`; it never
 //! sees the ring or a backend address.
 //!
-//! [`run`] drives one dialogue: the [`Session`] holds the state and reads the client's bytes,
+//! `run` drives one dialogue: the `Session` holds the state and reads the client's bytes,
 //! the dialect parses them and runs each command through the session's steps. Nothing here allocates per line beyond the
 //! replies themselves, and the whole session is dropped when it hands an [`Established`] over
 //! to the relay.

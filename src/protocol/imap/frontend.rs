@@ -2,7 +2,7 @@
 //! CAPABILITY, NOOP, ID, STARTTLS, LOGOUT, and LOGIN / AUTHENTICATE (PLAIN, LOGIN; SASL-IR).
 //!
 //! IMAP's grammar lives in [`super::command`]; this file holds its commands and replies, as a
-//! [`Dialect`] of the pre-authentication core ([`crate::protocol::preauth`]), which owns the
+//! `Dialect` of the pre-authentication core ([`crate::protocol::preauth`]), which owns the
 //! connection, the limits, STARTTLS, the SASL exchange and the login.
 
 use std::borrow::Cow;

@@ -3,7 +3,7 @@
 //! succeeds (the session goes to the relay) or the client leaves or is sent away.
 //!
 //! POP3's grammar lives in [`super::command`]; this file holds its commands and replies, as a
-//! [`Dialect`] of the pre-authentication core ([`crate::protocol::preauth`]), which owns the
+//! `Dialect` of the pre-authentication core ([`crate::protocol::preauth`]), which owns the
 //! connection, the limits, STLS (bytes a client pipelines after it are thrown away rather than
 //! read as if TLS protected them), the SASL exchange and the login. The director checks no
 //! password: credentials go to [`Authenticator::login`], which lets the backend decide.

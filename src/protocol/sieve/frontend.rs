@@ -3,7 +3,7 @@
 //! (with or without an initial response).
 //!
 //! ManageSieve's grammar lives in [`super::command`]; this file holds its commands and
-//! replies, as a [`Dialect`] of the pre-authentication core ([`crate::protocol::preauth`]),
+//! replies, as a `Dialect` of the pre-authentication core ([`crate::protocol::preauth`]),
 //! which owns the connection, the limits, STARTTLS, the SASL exchange and the login.
 //!
 //! The capabilities offered before login are Dovecot's (Pigeonhole 0.5 on Debian 12), not the
