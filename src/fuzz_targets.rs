@@ -203,7 +203,7 @@ pub fn imap_command(data: &[u8]) {
 }
 
 fn imap_session(mut client: Client<'_>, max_line: usize, max_literal: usize) -> Vec<ImapEvent> {
-    // As `imap::frontend::Session::new`.
+    // As the IMAP dialect (`imap::frontend`, `Dialect::new` and `buffer_cap`) sets up.
     let cap = max_line + max_literal + 2;
     let mut parser = imap::CommandParser::new(max_line, max_literal);
     let mut buf = Vec::new();
@@ -422,7 +422,7 @@ fn imap_credentials(
     }
 }
 
-/// One SASL response line, as `imap::frontend::Session::sasl_response` reads it.
+/// One SASL response line, as the IMAP dialect's `Dialect::sasl_response` reads it.
 fn imap_sasl_response(
     client: &mut Client<'_>,
     buf: &mut Vec<u8>,
@@ -556,7 +556,7 @@ fn pop3_session(mut client: Client<'_>, max_line: usize, max_literal: usize) -> 
     }
 }
 
-/// One SASL response line, as `pop3::frontend::Session::sasl_response` reads it.
+/// One SASL response line, as the POP3 dialect's `Dialect::sasl_response` reads it.
 fn pop3_sasl_response(
     client: &mut Client<'_>,
     buf: &mut Vec<u8>,
@@ -625,7 +625,7 @@ pub fn sieve_command(data: &[u8]) {
 }
 
 fn sieve_session(mut client: Client<'_>, max_line: usize, max_literal: usize) -> Vec<SieveEvent> {
-    // As `sieve::frontend::Session::new`.
+    // As the ManageSieve dialect (`sieve::frontend`, `Dialect::new` and `buffer_cap`) sets up.
     let cap = max_line + max_literal + 1;
     let mut parser = sieve::CommandParser::new(max_line, max_literal);
     let mut buf = Vec::new();
