@@ -8,13 +8,14 @@
 //! `anvil-auth-penalty` socket), as in the other tests: failed logins from one address would
 //! slow the later ones down. Dovecot still flushes failures every 500 ms.
 
+mod support;
+
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
@@ -23,6 +24,9 @@ use director::auth::dovecot::{
     AuthClient, AuthClientOptions, AuthError, AuthFields, Endpoint, RequestInfo, Step, Transport,
 };
 use md5::{Digest, Md5};
+use support::dovecot::{
+    allocate_block, command_stdout, current_uid, kill_children, signal, spawn_dovecot,
+};
 
 /// The TCP port of the auth service's login listener, on the instance's own address.
 const AUTH_PORT: u16 = 10990;
@@ -82,16 +86,7 @@ impl AuthService {
 
     /// Starts the master and waits until both listeners accept connections.
     fn run(&mut self) {
-        let stderr = fs::File::create(self.dir.join("stderr.log")).unwrap();
-        let child = Command::new("dovecot")
-            .arg("-F")
-            .arg("-c")
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .stdout(stderr.try_clone().unwrap())
-            .stderr(stderr)
-            .spawn()
-            .expect("Dovecot is not installed: run ./scripts/test (it installs the packages)");
+        let child = spawn_dovecot(&self.config, &self.dir);
         self.master = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         let socket = self.dir.join("run").join("auth-client");
@@ -115,9 +110,7 @@ impl AuthService {
         };
         let pid = master.id();
         signal(pid, "STOP");
-        for child in children(pid) {
-            signal(child, "KILL");
-        }
+        kill_children(pid, "KILL");
         signal(pid, "KILL");
         let _ = master.wait();
     }
@@ -198,48 +191,14 @@ service anvil {{
     out
 }
 
-/// A free `127.X.Y.1` (X from the pid, Y from a counter, as tests/support does) and a fresh
-/// directory for it.
+/// A free `127.X.Y.1` (the harness's own address blocks) and a fresh directory for it.
 fn allocate() -> (IpAddr, PathBuf) {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let pid = std::process::id();
-    for _ in 0..512 {
-        let c = NEXT.fetch_add(1, Ordering::Relaxed);
-        let x = 1 + ((pid + c / 256) % 254) as u8;
-        let ip = IpAddr::V4(Ipv4Addr::new(127, x, (c % 256) as u8, 1));
-        if TcpListener::bind((ip, AUTH_PORT)).is_err() {
-            continue;
-        }
-        let dir = std::env::temp_dir().join(format!("director-authtest-{pid}-{c}"));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("state")).unwrap();
-        // The auth process runs as Dovecot's internal user and reads the passwd-file.
-        for path in [&dir, &dir.join("state")] {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        return (ip, dir);
-    }
-    panic!("no free 127.X.Y.1 for the auth service");
-}
-
-fn current_uid() -> u32 {
-    command_stdout("id", &["-u"]).parse().unwrap_or(0)
-}
-
-fn command_stdout(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// `kill -SIG PID`, for the processes of an instance this test started.
-fn signal(pid: u32, sig: &str) {
-    let args = [format!("-{sig}"), pid.to_string()];
-    let status = Command::new("kill")
-        .args(&args)
-        .stderr(Stdio::null())
-        .status();
-    drop(status);
+    let ((x, y), dir) = allocate_block(1);
+    fs::create_dir_all(dir.join("state")).unwrap();
+    // The auth process runs as Dovecot's internal user and reads the passwd-file.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.join("state"), fs::Permissions::from_mode(0o755)).unwrap();
+    (IpAddr::V4(Ipv4Addr::new(127, x, y, 1)), dir)
 }
 
 /// The direct children of `pid` (every Dovecot service is a child of the master).

@@ -857,7 +857,7 @@ fn check_installed() {
 }
 
 /// Picks a free `127.X.Y.*` block for this process and call, and makes its directory.
-fn allocate_block(hosts: usize) -> ((u8, u8), PathBuf) {
+pub fn allocate_block(hosts: usize) -> ((u8, u8), PathBuf) {
     let pid = std::process::id();
     for _ in 0..512 {
         let c = NEXT_BLOCK.fetch_add(1, Ordering::Relaxed);
@@ -955,7 +955,7 @@ fn mail_ids() -> MailIds {
     }
 }
 
-fn current_uid() -> u32 {
+pub fn current_uid() -> u32 {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
@@ -965,7 +965,7 @@ fn current_uid() -> u32 {
         .unwrap_or(0)
 }
 
-fn command_stdout(cmd: &str, args: &[&str]) -> String {
+pub fn command_stdout(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -1275,7 +1275,7 @@ fn doveadm(config: &Path, who: &str, args: &[&str]) -> String {
 }
 
 /// Starts `dovecot -F -c CONFIG`, its stderr appended to `dir/stderr.log`.
-fn spawn_dovecot(config: &Path, dir: &Path) -> Child {
+pub fn spawn_dovecot(config: &Path, dir: &Path) -> Child {
     let stderr = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1358,7 +1358,7 @@ impl Started<'_> {
 }
 
 /// `kill -SIG PID`.
-fn signal(pid: u32, sig: &str) {
+pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
@@ -1367,7 +1367,7 @@ fn signal(pid: u32, sig: &str) {
 }
 
 /// `pkill -SIG -P PID`: the direct children (Dovecot's services are all children of master).
-fn kill_children(pid: u32, sig: &str) {
+pub fn kill_children(pid: u32, sig: &str) {
     let _ = Command::new("pkill")
         .arg(format!("-{sig}"))
         .arg("-P")
