@@ -18,7 +18,10 @@
 //! - A login is called off whenever its user is moved or kicked or its backend stops serving
 //!   (the checker took it down): it routes again and goes to the user's new backend at once.
 //!
-//! A later issue plugs authentication at the director and master-user logins in here.
+//! With an auth service (`auth.mode: dovecot`), the service has checked the client before any
+//! of this: the login goes on with the credentials and the route it gave (a [`Verified`]):
+//! its name for the user is what is routed, a `host` pins the user outside the ring, a
+//! `director_tag` picks the pool, and `port`, TLS and `proxy_timeout` apply to this login.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -29,7 +32,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::config::BackendTls;
+use crate::auth::service::{AuthService, Exchange};
+use crate::config::{BackendSettings, BackendTls};
 use crate::health::checker::HealthChecker;
 use crate::health::probe::CheckCode;
 use crate::metrics::{BackendLoginOutcome, LoginResult, Metrics};
@@ -38,8 +42,10 @@ use crate::net::tls::BackendTlsContext;
 use crate::protocol::backend_login::{
     BackendError, BackendLoginRequest, BackendLoginResult, Forward, StartTls,
 };
-use crate::protocol::decision::{Decision, Protocol};
-use crate::protocol::preauth::{Authenticator, BackendLink, LoginFailure};
+use crate::protocol::decision::{Decision, Protocol, Verified};
+use crate::protocol::preauth::{
+    Authenticator, BackendLink, LoginFailure, SaslClient, SaslMechanism, SaslStep,
+};
 use crate::state::backend::Backend;
 use crate::state::router::{Route, RouteReason, Router};
 use crate::state::sessions::{EndHook, SessionGuard, Sessions};
@@ -60,6 +66,50 @@ pub struct Login {
     /// Dovecot's `auth_master_user_separator`: a login `user*master` is routed, registered
     /// and logged as `user`. `None`: logins are taken whole.
     pub master_user_separator: Option<char>,
+    /// The settings of a backend that an auth service names (`host`) and the configuration
+    /// does not: `backend_defaults`.
+    pub default_settings: Arc<BackendSettings>,
+}
+
+/// The authenticator of one listener: its auth service, if it has one, then the backend
+/// login. Made on the stack for each connection.
+pub struct ListenerAuth<'a> {
+    pub login: &'a Login,
+    pub service: Option<&'a AuthService>,
+}
+
+impl Authenticator for ListenerAuth<'_> {
+    type Exchange = Exchange;
+
+    async fn mechanisms(&self) -> Option<Vec<SaslMechanism>> {
+        match self.service {
+            Some(service) => Some(service.mechanisms().await),
+            None => None,
+        }
+    }
+
+    async fn sasl_start(
+        &self,
+        mechanism: &str,
+        initial: Option<&[u8]>,
+        client: &SaslClient<'_>,
+    ) -> SaslStep<Exchange> {
+        match self.service {
+            Some(service) => service.start(mechanism, initial, client).await,
+            None => SaslStep::Unsupported,
+        }
+    }
+
+    async fn sasl_next(&self, exchange: Exchange, response: &[u8]) -> SaslStep<Exchange> {
+        match self.service {
+            Some(service) => service.next(exchange, response).await,
+            None => SaslStep::Unsupported,
+        }
+    }
+
+    async fn login(&self, decision: &Decision) -> Result<BackendLink, LoginFailure> {
+        self.login.login(decision).await
+    }
 }
 
 /// How far one backend login got, told by [`Login::try_backend`] to the watch around it
@@ -174,10 +224,15 @@ impl Login {
             }
             ok
         };
+        let forward_fields = decision
+            .verified
+            .as_ref()
+            .map_or(&[][..], |v| v.forward.as_slice());
         let req = BackendLoginRequest {
             credentials: &decision.credentials,
             identity: &decision.identity,
             forward: settings.forward,
+            forward_fields,
             starttls,
             reply_timeout: settings.login_timeout,
             commit: &commit,
@@ -211,18 +266,17 @@ impl Login {
         pending: &SessionGuard,
     ) -> Result<BackendLoginResult, Failed> {
         let hash = route.user_hash;
-        let maintenance_user = route.reason == RouteReason::Maintenance;
         let primary = route.backend.ip;
         let progress = Progress::default();
         let commit = || {
-            if !self.still_serves(backend.ip, maintenance_user) {
+            if !self.still_serves(backend.ip, route.reason) {
                 return false;
             }
             let state = self.router.state();
             if state.is_moving(hash) {
                 return false;
             }
-            if !maintenance_user {
+            if route.reason == RouteReason::Ring || route.reason == RouteReason::Sticky {
                 let record = state.record(hash, Instant::now()).map(|r| r.backend);
                 let expected =
                     record.is_none_or(|ip| ip == backend.ip || (failover && ip == primary));
@@ -366,24 +420,33 @@ fn classify(
 
 impl Login {
     /// Whether `ip` may still take this login: it serves existing users, or it is in
-    /// maintenance and the user is one of its allowed test users.
-    fn still_serves(&self, ip: std::net::IpAddr, maintenance_user: bool) -> bool {
+    /// maintenance and the user is one of its allowed test users, or it is a backend outside
+    /// the director's pool that an auth service pinned the user to (its health is not ours
+    /// to know).
+    fn still_serves(&self, ip: std::net::IpAddr, reason: RouteReason) -> bool {
         let set = self.router.state().backends();
-        set.get(ip).is_some_and(|b| {
-            b.serves_existing()
-                || (maintenance_user
-                    && b.admin == crate::state::backend::AdminState::Maintenance
-                    && b.health == crate::state::backend::Health::Up)
-        })
+        match set.get(ip) {
+            None => reason == RouteReason::Pinned,
+            Some(b) => {
+                b.serves_existing()
+                    || (reason == RouteReason::Maintenance
+                        && b.admin == crate::state::backend::AdminState::Maintenance
+                        && b.health == crate::state::backend::Health::Up)
+            }
+        }
     }
 
     /// Routes the user, waiting (a bounded time) until every live session and committed
     /// login of the user is on the backend routed to: the route is taken again while waiting,
     /// so a record that another login moves is followed. `None`: they stayed elsewhere.
-    async fn route_where_bound(&self, user: &str) -> Result<Option<Route>, LoginFailure> {
+    async fn route_where_bound(
+        &self,
+        user: &str,
+        verified: Option<&Verified>,
+    ) -> Result<Option<Route>, LoginFailure> {
         let deadline = Instant::now() + SESSIONS_ELSEWHERE_WAIT;
         loop {
-            let route = self.route(user).await?;
+            let route = self.route(user, verified).await?;
             let ip = route.backend.ip;
             if self
                 .sessions
@@ -402,14 +465,10 @@ impl Login {
 
     /// Routes the user; while a move of the user is under way (its sessions are being ended),
     /// waits for it (bounded), so that the login follows the new record.
-    async fn route(&self, user: &str) -> Result<Route, LoginFailure> {
-        let unavailable = |e: crate::state::router::RouteError| {
-            warn!(user = %crate::untrusted::shown(user), error = %e, "no backend for login");
-            LoginFailure::Unavailable {
-                message: UNAVAILABLE_TEXT.into(),
-            }
-        };
-        let route = self.router.route(user, "").map_err(unavailable)?;
+    /// An auth service's `host` pins the user there, outside the ring; its `director_tag`
+    /// picks the ring.
+    async fn route(&self, user: &str, verified: Option<&Verified>) -> Result<Route, LoginFailure> {
+        let route = self.route_now(user, verified).await?;
         if !self.router.state().is_moving(route.user_hash) {
             return Ok(route);
         }
@@ -417,8 +476,138 @@ impl Login {
         while self.router.state().is_moving(route.user_hash) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.router.route(user, "").map_err(unavailable)
+        self.route_now(user, verified).await
     }
+
+    async fn route_now(
+        &self,
+        user: &str,
+        verified: Option<&Verified>,
+    ) -> Result<Route, LoginFailure> {
+        if let Some(v) = verified.filter(|v| v.host.is_some() || v.hostip.is_some()) {
+            return self.pinned(user, v).await;
+        }
+        let tag = verified.and_then(|v| v.tag.as_deref()).unwrap_or_default();
+        self.router.route(user, tag).map_err(|e| {
+            warn!(user = %crate::untrusted::shown(user), error = %e, "no backend for login");
+            let message = match e {
+                crate::state::router::RouteError::NoBackend(tag) if !tag.is_empty() => {
+                    format!(
+                        "{UNAVAILABLE_TEXT} (no server of pool {} is up)",
+                        crate::untrusted::shown(&tag)
+                    )
+                }
+                _ => UNAVAILABLE_TEXT.into(),
+            };
+            LoginFailure::Unavailable { message }
+        })
+    }
+
+    /// The route to the backend an auth service named for the user (`host`, `hostip`). A
+    /// configured backend is used with its settings and state (one that is down or in
+    /// maintenance takes nobody); another address gets `backend_defaults`.
+    async fn pinned(&self, user: &str, v: &Verified) -> Result<Route, LoginFailure> {
+        let shown_user = crate::untrusted::shown(user);
+        let host = v.host.clone().unwrap_or_default();
+        let ip = match v.hostip {
+            Some(ip) => ip,
+            None => match resolve_host(&host).await {
+                Ok(ip) => ip,
+                Err(error) => {
+                    warn!(user = %shown_user, host = %crate::untrusted::shown(&host), %error,
+                          "the auth service's host for the user does not resolve");
+                    return Err(LoginFailure::Unavailable {
+                        message: UNAVAILABLE_TEXT.into(),
+                    });
+                }
+            },
+        };
+        let set = self.router.state().backends();
+        let backend = match set.get(ip) {
+            Some(b) if b.serves_existing() => b.clone(),
+            Some(b) => {
+                warn!(user = %shown_user, backend = %ip, admin = b.admin.name(), health = b.health.name(),
+                      "the auth service pins the user to a backend that takes nobody now");
+                return Err(LoginFailure::Unavailable {
+                    message: UNAVAILABLE_TEXT.into(),
+                });
+            }
+            None => {
+                let name = if host.is_empty() {
+                    ip.to_string()
+                } else {
+                    host
+                };
+                let mut settings = (*self.default_settings).clone();
+                settings.tls_server_name = name.clone();
+                Backend {
+                    ip,
+                    host: name,
+                    weight: 0,
+                    tag: String::new(),
+                    admin: crate::state::backend::AdminState::Up,
+                    health: crate::state::backend::Health::Up,
+                    settings: Arc::new(settings),
+                }
+            }
+        };
+        Ok(Route {
+            user_hash: self.router.hash(user),
+            backend,
+            reason: RouteReason::Pinned,
+            fallbacks: Vec::new(),
+        })
+    }
+}
+
+/// The address of a host an auth service named: an IP literal, or the first address of a
+/// name (bounded: a login does not wait long on DNS).
+async fn resolve_host(host: &str) -> std::io::Result<std::net::IpAddr> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse() {
+        return Ok(ip);
+    }
+    let lookup = tokio::net::lookup_host((bare, 0));
+    match tokio::time::timeout(Duration::from_secs(5), lookup).await {
+        Ok(addrs) => addrs?
+            .map(|a| a.ip())
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address")),
+        Err(_) => Err(std::io::Error::other("DNS lookup timed out")),
+    }
+}
+
+/// `backend` as this login uses it: the port, TLS and login timeout an auth service set for
+/// the user, when it set any.
+fn for_user(backend: &Backend, verified: Option<&Verified>, protocol: Protocol) -> Backend {
+    let mut backend = backend.clone();
+    let Some(v) =
+        verified.filter(|v| v.port.is_some() || v.tls.is_some() || v.proxy_timeout.is_some())
+    else {
+        return backend;
+    };
+    let mut s = (*backend.settings).clone();
+    if let Some(port) = v.port {
+        let slot = match protocol {
+            Protocol::Imap => &mut s.ports.imap,
+            Protocol::Pop3 => &mut s.ports.pop3,
+            Protocol::Lmtp => &mut s.ports.lmtp,
+            Protocol::Sieve => &mut s.ports.sieve,
+        };
+        *slot = Some(port);
+    }
+    if let Some(tls) = v.tls {
+        s.tls = tls.mode;
+        s.tls_verify = tls.verify;
+    }
+    if let Some(timeout) = v.proxy_timeout {
+        s.login_timeout = timeout;
+    }
+    backend.settings = Arc::new(s);
+    backend
 }
 
 /// How long a login waits for a move of its user to end.
@@ -430,15 +619,17 @@ const SESSIONS_ELSEWHERE_WAIT: Duration = Duration::from_secs(10);
 /// login as unavailable.
 const ROUNDS: usize = 4;
 
-impl Authenticator for Login {
+impl Login {
     /// Logs in, counting the login by result and its client-visible latency.
-    async fn login(&self, decision: &Decision) -> Result<BackendLink, LoginFailure> {
+    pub async fn login(&self, decision: &Decision) -> Result<BackendLink, LoginFailure> {
         let started = Instant::now();
         let mut refused = false;
         let result = self.route_and_login(decision, &mut refused).await;
         let outcome = match &result {
             Ok(_) => LoginResult::Ok,
-            Err(LoginFailure::AuthFailed { .. }) => LoginResult::AuthFailed,
+            Err(LoginFailure::AuthFailed { .. } | LoginFailure::Referral { .. }) => {
+                LoginResult::AuthFailed
+            }
             Err(LoginFailure::Unavailable { .. }) if refused => LoginResult::Refused,
             Err(LoginFailure::Unavailable { .. }) => LoginResult::Unavailable,
         };
@@ -461,7 +652,8 @@ impl Login {
     ) -> Result<BackendLink, LoginFailure> {
         // The mailbox's user (a master login `user*master` is for `user`); the backend
         // still gets the credentials as the client sent them.
-        let user = decision.credentials.mail_user(self.master_user_separator);
+        let user = decision.mail_user(self.master_user_separator);
+        let verified = decision.verified.as_ref();
         let shown_user = crate::untrusted::shown(user);
         let session_id = &decision.identity.session_id;
         let unavailable = || LoginFailure::Unavailable {
@@ -472,7 +664,7 @@ impl Login {
             // has sessions on another backend (its backend went down or into maintenance and
             // the move that ends them is on its way), wait for them to end; if they do not,
             // the client is told to come back later.
-            let Some(route) = self.route_where_bound(user).await? else {
+            let Some(route) = self.route_where_bound(user, verified).await? else {
                 warn!(session = %session_id, user = %shown_user,
                       "user still has sessions on another backend: login refused for now");
                 *refused = true;
@@ -480,8 +672,13 @@ impl Login {
             };
             let hash = route.user_hash;
             let last_round = round + 1 == ROUNDS;
-            let mut candidates = vec![route.backend.clone()];
-            candidates.extend(route.fallbacks.iter().cloned());
+            let mut candidates = vec![for_user(&route.backend, verified, decision.protocol)];
+            candidates.extend(
+                route
+                    .fallbacks
+                    .iter()
+                    .map(|b| for_user(b, verified, decision.protocol)),
+            );
             for (attempt, backend) in candidates.iter().enumerate() {
                 if attempt > 0 && self.sessions.count_user_bound(hash) > 0 {
                     // The user is live on its backend through another session: moving it now
@@ -497,8 +694,7 @@ impl Login {
                 // user or the backend's evacuation kicks the reservation, which calls the login
                 // off, and its commit keeps two logins of one user off two backends.
                 let pending = self.sessions.reserve(decision.protocol, user, hash, addr);
-                let maintenance_user = route.reason == RouteReason::Maintenance;
-                if !self.still_serves(backend.ip, maintenance_user) {
+                if !self.still_serves(backend.ip, route.reason) {
                     drop(pending);
                     continue 'round;
                 }
@@ -528,7 +724,7 @@ impl Login {
                         // The backend may have stopped serving while we logged in, and the
                         // move that ends its sessions may have run before ours existed: do
                         // not start a session there.
-                        if !self.still_serves(backend.ip, maintenance_user) {
+                        if !self.still_serves(backend.ip, route.reason) {
                             drop(stream);
                             drop(pending);
                             warn!(session = %session_id, user = %shown_user, backend = %addr,
@@ -541,13 +737,25 @@ impl Login {
                                   "user moved: its backend did not answer before the login");
                             state.rebind(hash, backend.ip, Instant::now());
                         }
-                        state.session_started(hash, backend.ip, Instant::now());
-                        let hook: EndHook = Arc::new(move |info| {
-                            state.session_ended(info.user_hash, Instant::now())
+                        // A user pinned to a backend of the pool has its record there, so
+                        // that a login of the user without the pin follows it; a backend
+                        // outside the pool has no records.
+                        let in_pool = state.backends().get(backend.ip).is_some();
+                        if route.reason == RouteReason::Pinned && in_pool {
+                            let recorded = state.record(hash, Instant::now()).map(|r| r.backend);
+                            if recorded != Some(backend.ip) {
+                                state.rebind(hash, backend.ip, Instant::now());
+                            }
+                        }
+                        let hook: Option<EndHook> = in_pool.then(|| {
+                            state.session_started(hash, backend.ip, Instant::now());
+                            Arc::new(move |info: &crate::state::sessions::SessionInfo| {
+                                state.session_ended(info.user_hash, Instant::now())
+                            }) as EndHook
                         });
                         let session =
                             self.sessions
-                                .register(decision.protocol, user, hash, addr, Some(hook));
+                                .register(decision.protocol, user, hash, addr, hook);
                         drop(pending);
                         info!(session = %session_id, user = %shown_user, backend = %addr, reason = %route.reason, "logged in");
                         return Ok(BackendLink {

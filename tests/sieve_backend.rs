@@ -42,6 +42,7 @@ async fn try_login(
         credentials: &credentials,
         identity: &identity,
         forward: Forward::Auto,
+        forward_fields: &[],
         starttls,
         reply_timeout: Duration::from_secs(20),
         commit: &director::protocol::backend_login::always_commit,

@@ -15,3 +15,5 @@
 //! - later, perhaps: both (the auth service's answer first, the backend's login as today).
 
 pub mod dovecot;
+pub mod passdb;
+pub mod service;

@@ -11,10 +11,12 @@
 //! Values the file names and nothing else defines live here: `Forward`, [`Protocol`]
 //! (`protocol`), address networks (`network`). `config` imports nothing else of the crate.
 
+pub mod auth;
 pub mod network;
 pub mod protocol;
 pub mod yaml;
 
+pub use auth::{AuthConfig, AuthMode};
 pub use protocol::Protocol;
 
 use std::collections::HashSet;
@@ -129,6 +131,10 @@ pub struct Config {
     /// acting for `user`) is routed and kept with `user`'s own sessions. "": none.
     #[serde(default)]
     pub auth_master_user_separator: String,
+    /// Who checks credentials: `passthrough` (the backend) or a Dovecot auth service; a
+    /// listener may have its own.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// Which log lines are written (`info`, `debug`, or a filter like
     /// `info,director::health::probe=debug`); `RUST_LOG`, when set, wins. Changed by a reload.
     #[serde(default = "default_log_level")]
@@ -363,6 +369,9 @@ pub struct ListenerConfig {
     /// listener has its own pool, so a flood on one cannot starve another.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Who checks the credentials of this listener's clients; default: the top-level `auth`.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
 }
 
 /// A protocol name in the configuration.
@@ -624,6 +633,14 @@ impl Config {
         })
     }
 
+    /// Who checks the credentials of `listeners[index]`'s clients, and the field that says so.
+    pub fn listener_auth(&self, index: usize) -> (&AuthConfig, String) {
+        match &self.listeners[index].auth {
+            Some(own) => (own, format!("listeners[{index}].auth")),
+            None => (&self.auth, "auth".into()),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.user_expire.0.is_zero() {
             return Err(err("user_expire", "must be longer than 0s"));
@@ -637,6 +654,7 @@ impl Config {
                 ),
             )
         })?;
+        self.auth.validate("auth")?;
         if self.listeners.is_empty() {
             return Err(err("listeners", "at least one listener is needed"));
         }
@@ -696,6 +714,11 @@ impl Config {
                     format_args!("listeners[{i}] has proxy_protocol: true, so the load balancers allowed to send PROXY headers must be listed here (anyone else could claim any client address)"),
                 ));
             }
+            if let Some(own) = &l.auth {
+                own.validate(&format!("listeners[{i}].auth"))?;
+            }
+            let (auth, field) = self.listener_auth(i);
+            auth.validate_for(&field, l.protocol == ProtocolName::Lmtp)?;
             if self.listener_tls(i) != ListenerTls::None && self.tls.is_none() {
                 return Err(err(
                     format_args!("listeners[{i}].tls"),
@@ -822,6 +845,60 @@ mod tests {
             e.starts_with("auth_master_user_separator: must be one character"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn auth_is_checked_where_it_is_set_and_where_it_is_used() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.auth.mode, AuthMode::Passthrough);
+        assert_eq!(c.listener_auth(0).0.mode, AuthMode::Passthrough);
+        let dovecot =
+            format!("{MINIMAL}auth: {{mode: dovecot, socket: /run/dovecot/director-login}}\n");
+        let c = Config::parse(&dovecot).unwrap();
+        assert_eq!(
+            c.listener_auth(0).0.socket.as_deref(),
+            Some("/run/dovecot/director-login")
+        );
+        let e = error_of(&format!("{MINIMAL}auth: {{mode: dovecot}}\n"));
+        assert!(
+            e.starts_with("auth.socket: is needed in dovecot mode"),
+            "{e}"
+        );
+        let e = error_of(&format!("{MINIMAL}auth: {{socket: /x}}\n"));
+        assert!(e.starts_with("auth.mode: is passthrough"), "{e}");
+        let e = error_of(&format!("{MINIMAL}auth: {{mode: ldap}}\n"));
+        assert!(e.starts_with("auth.mode: unknown variant `ldap`"), "{e}");
+        let e = error_of(&format!(
+            "{MINIMAL}auth: {{mode: dovecot, socket: x, request_timeout: 0s}}\n"
+        ));
+        assert_eq!(e, "auth.request_timeout: must be longer than 0s");
+        // A listener of its own: passthrough beside a global dovecot, and the reverse.
+        let own = MINIMAL.replace(
+            "address: 127.0.0.1:1143",
+            "address: 127.0.0.1:1143\n    auth: {mode: passthrough}",
+        );
+        let c = Config::parse(&format!("{own}auth: {{mode: dovecot, socket: s}}\n")).unwrap();
+        assert_eq!(
+            c.listener_auth(0),
+            (&AuthConfig::default(), "listeners[0].auth".into())
+        );
+        let e = error_of(&MINIMAL.replace(
+            "address: 127.0.0.1:1143",
+            "address: 127.0.0.1:1143\n    auth: {mode: dovecot}",
+        ));
+        assert!(e.starts_with("listeners[0].auth.socket: is needed"), "{e}");
+        // LMTP in dovecot mode looks recipients up over the auth-master socket.
+        let lmtp = format!("{MINIMAL}auth: {{mode: dovecot, socket: s}}\n").replace(
+            "listeners:\n",
+            "listeners:\n  - protocol: lmtp\n    address: 127.0.0.1:24\n",
+        );
+        let e = error_of(&lmtp);
+        assert!(
+            e.starts_with("auth.master_socket: is needed by an LMTP listener"),
+            "{e}"
+        );
+        let c = Config::parse(&lmtp.replace("socket: s}", "socket: s, master_socket: m}")).unwrap();
+        assert_eq!(c.listener_auth(0).0.master_socket.as_deref(), Some("m"));
     }
 
     #[test]
@@ -975,6 +1052,7 @@ mod example_tests {
         assert!(c.disable_plaintext_auth);
         assert_eq!(c.log_level, default_log_level());
         assert_eq!(c.shutdown_grace, default_shutdown_grace());
+        assert_eq!(c.auth, AuthConfig::default());
         let (e, d) = (&c.lmtp, LmtpConfig::default());
         assert_eq!(e.recipient_username, d.recipient_username);
         assert_eq!(e.recipient_delimiter, d.recipient_delimiter);

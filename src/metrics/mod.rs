@@ -161,6 +161,16 @@ catalogue! {
         not_allowed (LMTP allow_from), per_ip_limit (limits.max_preauth_per_ip), listener_full \
         (the listener's pool holds only logged-in sessions), evicted (the oldest connection not \
         logged in yet, dropped to make room in a full pool).";
+    AUTH_REQUESTS_TOTAL: Counter "director_auth_requests_total"
+        ["result"]
+        "Authentications at the auth service (auth.mode: dovecot) by result: ok, failed (wrong \
+        credentials), refused (right credentials but nologin), tempfail (the service could not \
+        tell, or its answer lacked what a proxy needs), error (the service could not be reached \
+        or did not answer in time).";
+    AUTH_SERVICE_UP: Gauge "director_auth_service_up"
+        ["endpoint"]
+        "1 while the auth service answers (or has not failed yet), 0 from its first failure until \
+        it answers again.";
 }
 
 /// The protocols clients log in with (LMTP has no login).
@@ -217,6 +227,35 @@ impl LoginResult {
         LoginResult::AuthFailed,
         LoginResult::Unavailable,
         LoginResult::Refused,
+    ];
+}
+
+/// How an authentication at the auth service ended, for `director_auth_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthResult {
+    Ok,
+    Failed,
+    Refused,
+    TempFail,
+    Error,
+}
+
+impl AuthResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthResult::Ok => "ok",
+            AuthResult::Failed => "failed",
+            AuthResult::Refused => "refused",
+            AuthResult::TempFail => "tempfail",
+            AuthResult::Error => "error",
+        }
+    }
+    const ALL: [AuthResult; 5] = [
+        AuthResult::Ok,
+        AuthResult::Failed,
+        AuthResult::Refused,
+        AuthResult::TempFail,
+        AuthResult::Error,
     ];
 }
 
@@ -306,6 +345,8 @@ pub(crate) struct Inner {
     pub(crate) checks_paused: IntGauge,
     pub(crate) lmtp_recipients_total: IntCounterVec,
     pub(crate) connections_refused_total: IntCounterVec,
+    pub(crate) auth_requests_total: IntCounterVec,
+    pub(crate) auth_service_up: IntGaugeVec,
     /// Scrapes reset and refill the state gauges: one at a time.
     pub(crate) refresh: Mutex<()>,
 }
@@ -382,6 +423,8 @@ impl Metrics {
             checks_paused: gauge(&r, &CHECKS_PAUSED),
             lmtp_recipients_total: counter_vec(&r, &LMTP_RECIPIENTS_TOTAL),
             connections_refused_total: counter_vec(&r, &CONNECTIONS_REFUSED_TOTAL),
+            auth_requests_total: counter_vec(&r, &AUTH_REQUESTS_TOTAL),
+            auth_service_up: gauge_vec(&r, &AUTH_SERVICE_UP),
             registry: r,
             refresh: Mutex::new(()),
         };
@@ -404,6 +447,11 @@ impl Metrics {
             for d in ["in", "out"] {
                 inner.relay_bytes_total.with_label_values(&[p.name(), d]);
             }
+        }
+        for result in AuthResult::ALL {
+            inner
+                .auth_requests_total
+                .with_label_values(&[result.name()]);
         }
         for reason in MOVE_REASONS {
             inner.moves_total.with_label_values(&[reason]);
@@ -438,6 +486,22 @@ impl Metrics {
     }
 
     /// A client login ended with `result`, `elapsed` after the client asked.
+    /// One authentication at the auth service.
+    pub fn auth(&self, result: AuthResult) {
+        self.inner
+            .auth_requests_total
+            .with_label_values(&[result.name()])
+            .inc();
+    }
+
+    /// Whether the auth service at `endpoint` answers.
+    pub fn auth_service_up(&self, endpoint: String, up: bool) {
+        self.inner
+            .auth_service_up
+            .with_label_values(&[endpoint.as_str()])
+            .set(i64::from(up));
+    }
+
     pub fn login(&self, protocol: Protocol, result: LoginResult, elapsed: Duration) {
         self.inner
             .logins_total
@@ -621,8 +685,10 @@ mod tests {
     fn every_catalogue_entry_is_registered_with_its_help() {
         let m = Metrics::new();
         let families = m.registry().gather();
-        // Every metric without per-backend labels exists from the start.
-        for d in CATALOGUE.iter().filter(|d| !d.labels.contains(&"backend")) {
+        // Every metric without per-backend (or per-auth-service) labels exists from the start.
+        let per_instance =
+            |d: &&MetricDef| d.labels.contains(&"backend") || d.labels.contains(&"endpoint");
+        for d in CATALOGUE.iter().filter(|d| !per_instance(d)) {
             let f = families
                 .iter()
                 .find(|f| f.name() == d.name)

@@ -26,6 +26,8 @@ pub struct BackendLoginRequest<'a> {
     pub credentials: &'a Credentials,
     pub identity: &'a ClientIdentity,
     pub forward: Forward,
+    /// Fields an auth service asked to pass on (`forward_NAME`): IMAP `ID` `x-forward-NAME`.
+    pub forward_fields: &'a [(String, String)],
     /// `Some`: issue STARTTLS/STLS after the greeting and fail if the backend does not offer it.
     pub starttls: Option<StartTls>,
     /// Time allowed for each reply from the backend.

@@ -3,8 +3,10 @@
 //! Routing and backend login never see protocol syntax: they see a [`Decision`].
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
+use crate::config::BackendTls;
 pub use crate::config::Protocol;
 
 /// A password. Its `Debug` never shows the value, so it cannot reach a log by accident.
@@ -83,14 +85,64 @@ pub struct ClientIdentity {
     pub session_ext_id: Option<String>,
 }
 
+/// What an auth service said about a client that passed its check (Dovecot's passdb fields):
+/// who the user is, and how to reach the user's backend. Absent fields leave the listener's
+/// and the backend's own settings in force.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// The user as the service names it (`user`: normalised, e.g. lower-cased or with its
+    /// domain added): what routing hashes, and what records, sessions, kicks and logs use.
+    pub user: String,
+    /// `host`: a backend outside the ring for this user (a name, or an address).
+    pub host: Option<String>,
+    /// `hostip`: the address of `host`, saving a lookup.
+    pub hostip: Option<IpAddr>,
+    /// `port`: the backend's port for this protocol.
+    pub port: Option<u16>,
+    /// `ssl=yes|any-cert` (implicit TLS) or `starttls=yes|any-cert`: TLS to the backend for
+    /// this user.
+    pub tls: Option<UserTls>,
+    /// `proxy_timeout`: how long the backend login may take, instead of the backend's own.
+    pub proxy_timeout: Option<Duration>,
+    /// `forward_NAME=VALUE`: sent on to the backend (IMAP `ID` field `x-forward-NAME`).
+    pub forward: Vec<(String, String)>,
+    /// `director_tag`: only backends of this tag take the user.
+    pub tag: Option<String>,
+}
+
+/// TLS to the backend that an auth service asked for, for one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserTls {
+    /// [`BackendTls::Implicit`] or [`BackendTls::Starttls`].
+    pub mode: BackendTls,
+    /// `false` for `any-cert`: the backend's certificate is not checked.
+    pub verify: bool,
+}
+
 /// The end of a successful pre-authentication dialogue.
 #[derive(Debug, Clone)]
 pub struct Decision {
     pub protocol: Protocol,
+    /// What the backend login sends: the client's own credentials, or (after an auth
+    /// service's check) those it said to use (`destuser`, `master`, `pass`).
     pub credentials: Credentials,
     pub identity: ClientIdentity,
     /// Whether the client connection is TLS (implicit or after STARTTLS).
     pub secured: bool,
+    /// `Some` when an auth service checked the client (`auth.mode: dovecot`): its word on
+    /// the user and the route. `None`: the backend is the judge of the credentials.
+    pub verified: Option<Verified>,
+}
+
+impl Decision {
+    /// The user whose mailbox this login opens (see [`Credentials::mail_user`]); the auth
+    /// service's name for the user when it checked the login.
+    pub fn mail_user(&self, separator: Option<char>) -> &str {
+        match &self.verified {
+            Some(v) => &v.user,
+            None => self.credentials.mail_user(separator),
+        }
+    }
 }
 
 #[cfg(test)]

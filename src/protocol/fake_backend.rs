@@ -138,6 +138,7 @@ impl Attempt {
             credentials: &self.credentials,
             identity: &self.identity,
             forward: self.forward,
+            forward_fields: &[],
             starttls: self.starttls.clone(),
             reply_timeout: Duration::from_secs(5),
             commit: &always_commit,

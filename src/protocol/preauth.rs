@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 
 use crate::net::stream::{BackendStream, ClientStream};
-use crate::protocol::decision::{ClientIdentity, Credentials, Decision, Protocol};
+use crate::protocol::decision::{ClientIdentity, Credentials, Decision, Protocol, Verified};
 use crate::protocol::sasl::{self, SaslError};
 use crate::state::sessions::SessionGuard;
 
@@ -99,15 +99,84 @@ pub enum LoginFailure {
     /// with a temporary error). Not the client's fault: IMAP `[UNAVAILABLE]`,
     /// POP3 `-ERR [SYS/TEMP]`.
     Unavailable { message: String },
+    /// The user is served elsewhere: the auth service said `nologin` with a `host`. IMAP
+    /// answers with a `REFERRAL` (RFC 2221) to `host`; the others refuse with `message`.
+    Referral {
+        user: String,
+        host: String,
+        message: String,
+    },
 }
 
-/// Turns a front end's decision into a logged-in backend connection. Implemented by
+/// Turns a front end's decision into a logged-in backend connection, and, where an auth
+/// service checks credentials at the director, runs the SASL exchange with it. Implemented by
 /// [`crate::login::Login`]; tests may implement it to drive a front end alone.
 pub trait Authenticator: Send + Sync {
+    /// A SASL exchange under way at the auth service, between two steps. Dropping it gives
+    /// the exchange up.
+    type Exchange: Send;
+
+    /// The mechanisms the auth service offers (not the private ones), asked once a
+    /// connection, before the greeting. `None`: no auth service, the director checks no
+    /// password and offers PLAIN and LOGIN, whose credentials go to the backend.
+    fn mechanisms(&self) -> impl Future<Output = Option<Vec<SaslMechanism>>> + Send;
+
+    /// Starts an authentication at the auth service with `mechanism` (as the service spells
+    /// it) and the client's decoded initial response, if any.
+    fn sasl_start(
+        &self,
+        mechanism: &str,
+        initial: Option<&[u8]>,
+        client: &SaslClient<'_>,
+    ) -> impl Future<Output = SaslStep<Self::Exchange>> + Send;
+
+    /// Sends the client's decoded answer to the last challenge.
+    fn sasl_next(
+        &self,
+        exchange: Self::Exchange,
+        response: &[u8],
+    ) -> impl Future<Output = SaslStep<Self::Exchange>> + Send;
+
     fn login(
         &self,
         decision: &Decision,
     ) -> impl Future<Output = Result<BackendLink, LoginFailure>> + Send;
+}
+
+/// A SASL mechanism an auth service offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaslMechanism {
+    /// As the service spells it (`PLAIN`, `SCRAM-SHA-256`).
+    pub name: String,
+    /// It sends the password in clear (PLAIN, LOGIN): offered only where plaintext logins are.
+    pub plaintext: bool,
+}
+
+/// Who is authenticating, for the auth service's request (its log, its penalty, passdbs that
+/// look at addresses).
+#[derive(Debug, Clone, Copy)]
+pub struct SaslClient<'a> {
+    pub protocol: Protocol,
+    pub identity: &'a ClientIdentity,
+    /// The client's connection is TLS.
+    pub tls: bool,
+    /// The client is in a trusted network.
+    pub trusted: bool,
+}
+
+/// The auth service's answer to one step of a SASL exchange.
+pub enum SaslStep<X> {
+    /// Relay this challenge (decoded) to the client, then its answer with the exchange.
+    Challenge(Vec<u8>, X),
+    /// The client passed: log in to the backend with `credentials`, as `verified` says.
+    Verified {
+        credentials: Credentials,
+        verified: Verified,
+    },
+    /// The client did not pass, or the service could not tell (temporary).
+    Failed(LoginFailure),
+    /// The service does not offer this mechanism.
+    Unsupported,
 }
 
 /// A session handed from a front end to the relay.
@@ -185,7 +254,7 @@ pub(crate) trait Dialect: Sized + Send {
 
     /// What an initial response (sent with the mechanism) stands for; `None`: there is none,
     /// send the first challenge.
-    fn initial_response(_mechanism: Mechanism, response: Vec<u8>) -> Option<Answer> {
+    fn initial_response(_mechanism: &str, response: Vec<u8>) -> Option<Answer> {
         Some(Answer::Response(response))
     }
     /// The credentials in the client's SASL responses.
@@ -234,6 +303,12 @@ pub(crate) enum Reply<'a> {
     LoginFailed(&'a str),
     /// Why no backend could take the session (maybe empty).
     Unavailable(&'a str),
+    /// The user is served at `host` (maybe empty `message`).
+    Referral {
+        user: &'a str,
+        host: &'a str,
+        message: &'a str,
+    },
 }
 
 /// What to do after a command.
@@ -406,6 +481,9 @@ pub(crate) struct Session<D> {
     bad_commands: u32,
     /// Failed logins so far, against `max_auth_failures`.
     auth_failures: u32,
+    /// The auth service's mechanisms; `None`: no auth service (see
+    /// [`Authenticator::mechanisms`]).
+    offered: Option<Vec<SaslMechanism>>,
     pub(crate) dialect: D,
 }
 
@@ -421,12 +499,14 @@ impl<D: Dialect> Session<D> {
             buffer_cap: D::buffer_cap(&ctx.limits),
             bad_commands: 0,
             auth_failures: 0,
+            offered: None,
             dialect: D::new(&ctx.limits),
             ctx,
         }
     }
 
     async fn dialogue<A: Authenticator>(&mut self, auth: &A) -> io::Result<Option<Established>> {
+        self.offered = auth.mechanisms().await;
         let greeting = D::greeting(self);
         self.send(greeting.as_bytes()).await?;
         loop {
@@ -449,6 +529,23 @@ impl<D: Dialect> Session<D> {
     /// connection (Dovecot's `disable_plaintext_auth`, `login_trusted_networks`).
     pub(crate) fn plaintext_allowed(&self) -> bool {
         !self.ctx.disable_plaintext_auth || self.ctx.trusted || self.is_tls()
+    }
+
+    /// The SASL mechanisms to advertise now (IMAP `AUTH=`, POP3 `SASL`, ManageSieve
+    /// `"SASL"`): PLAIN and LOGIN where plaintext logins are allowed, or, with an auth
+    /// service, what it offers, its plaintext ones only where plaintext logins are allowed (as
+    /// Dovecot's login processes decide).
+    pub(crate) fn advertised_mechanisms(&self) -> Vec<&str> {
+        let plaintext = self.plaintext_allowed();
+        match &self.offered {
+            None if plaintext => vec!["PLAIN", "LOGIN"],
+            None => Vec::new(),
+            Some(offered) => offered
+                .iter()
+                .filter(|m| plaintext || !m.plaintext)
+                .map(|m| m.name.as_str())
+                .collect(),
+        }
     }
 
     /// Whether STARTTLS is offered to this client now.
@@ -566,6 +663,9 @@ impl<D: Dialect> Session<D> {
         initial: Option<Vec<u8>>,
         auth: &A,
     ) -> io::Result<Flow> {
+        if self.offered.is_some() {
+            return self.authenticate_at_service(mechanism, initial, auth).await;
+        }
         if !self.plaintext_allowed() {
             self.answer(Reply::PlaintextDisallowed).await?;
             return Ok(Flow::Continue);
@@ -574,7 +674,11 @@ impl<D: Dialect> Session<D> {
             self.answer(Reply::UnsupportedMechanism).await?;
             return Ok(Flow::Continue);
         };
-        let first = match initial.and_then(|r| D::initial_response(mechanism, r)) {
+        let name = match mechanism {
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+        };
+        let first = match initial.and_then(|r| D::initial_response(name, r)) {
             Some(answer) => self.response(answer).await?,
             None => self.challenge(mechanism.first_challenge()).await?,
         };
@@ -593,6 +697,102 @@ impl<D: Dialect> Session<D> {
             },
         };
         self.login_with(D::credentials(responses), auth).await
+    }
+
+    /// A SASL authentication relayed to the auth service: its challenges go to the client and
+    /// the client's answers to it, whatever the mechanism, until it says yes or no.
+    async fn authenticate_at_service<A: Authenticator>(
+        &mut self,
+        mechanism: &[u8],
+        initial: Option<Vec<u8>>,
+        auth: &A,
+    ) -> io::Result<Flow> {
+        let offered = self.offered.as_deref().unwrap_or_default();
+        let Some(mech) = offered
+            .iter()
+            .find(|m| m.name.as_bytes().eq_ignore_ascii_case(mechanism))
+            .cloned()
+        else {
+            self.answer(Reply::UnsupportedMechanism).await?;
+            return Ok(Flow::Continue);
+        };
+        if mech.plaintext && !self.plaintext_allowed() {
+            self.answer(Reply::PlaintextDisallowed).await?;
+            return Ok(Flow::Continue);
+        }
+        let first = match initial.and_then(|r| D::initial_response(&mech.name, r)) {
+            None => None,
+            Some(answer) => match self.response(answer).await? {
+                Err(flow) => return Ok(flow),
+                Ok(response) => match self.decoded(&response).await? {
+                    Ok(decoded) => Some(decoded),
+                    Err(flow) => return Ok(flow),
+                },
+            },
+        };
+        let client = self.sasl_client();
+        let step = auth.sasl_start(&mech.name, first.as_deref(), &client).await;
+        self.sasl_exchange(step, auth).await
+    }
+
+    /// Who the client is, for the auth service.
+    fn sasl_client(&self) -> SaslClient<'_> {
+        SaslClient {
+            protocol: D::PROTOCOL,
+            identity: &self.ctx.identity,
+            tls: self.is_tls(),
+            trusted: self.ctx.trusted,
+        }
+    }
+
+    /// Relays the auth service's challenges and the client's answers from `step` on, then
+    /// logs in (or answers why not).
+    async fn sasl_exchange<A: Authenticator>(
+        &mut self,
+        mut step: SaslStep<A::Exchange>,
+        auth: &A,
+    ) -> io::Result<Flow> {
+        loop {
+            match step {
+                SaslStep::Challenge(data, exchange) => {
+                    let challenge = sasl::encode_base64(&data);
+                    let response = match self.challenge(&challenge).await? {
+                        Ok(response) => response,
+                        // Dropping the exchange cancels it at the service.
+                        Err(flow) => return Ok(flow),
+                    };
+                    let decoded = match self.decoded(&response).await? {
+                        Ok(decoded) => decoded,
+                        Err(flow) => return Ok(flow),
+                    };
+                    step = auth.sasl_next(exchange, &decoded).await;
+                }
+                SaslStep::Verified {
+                    credentials,
+                    verified,
+                } => return self.login_as(credentials, Some(verified), auth).await,
+                SaslStep::Failed(failure) => {
+                    let user = String::new();
+                    return self.refused(&user, failure).await;
+                }
+                SaslStep::Unsupported => {
+                    self.answer(Reply::UnsupportedMechanism).await?;
+                    return Ok(Flow::Continue);
+                }
+            }
+        }
+    }
+
+    /// A client's base64 SASL response, decoded; one that is not base64 is answered as an
+    /// invalid command, and `Err` holds what to do then.
+    async fn decoded(&mut self, response: &[u8]) -> io::Result<Result<Vec<u8>, Flow>> {
+        match sasl::decode_base64(response) {
+            Ok(decoded) => Ok(Ok(decoded)),
+            Err(_) => {
+                let reply = D::reply(self, Reply::NotBase64);
+                Ok(Err(self.bad_command(reply.as_bytes()).await?))
+            }
+        }
     }
 
     /// Sends a SASL challenge and reads the client's response. `Err` holds what to do instead
@@ -633,9 +833,38 @@ impl<D: Dialect> Session<D> {
 
     /// The one place a front end's login goes through: asks `auth` for a logged-in backend
     /// for this client's credentials and answers the client.
+    /// With an auth service, the user and password are checked there first (as SASL PLAIN,
+    /// which is what Dovecot's login processes make of IMAP `LOGIN` and POP3 `USER`/`PASS`).
     pub(crate) async fn login<A: Authenticator>(
         &mut self,
         credentials: Credentials,
+        auth: &A,
+    ) -> io::Result<Flow> {
+        if self.offered.is_none() {
+            return self.login_as(credentials, None, auth).await;
+        }
+        let plain = sasl::plain_response(&credentials);
+        let client = self.sasl_client();
+        let step = auth.sasl_start("PLAIN", Some(&plain), &client).await;
+        if let SaslStep::Challenge(..) = step {
+            // PLAIN with its response has nothing more to ask: a service that asks is broken.
+            return self
+                .refused(
+                    &credentials.username,
+                    LoginFailure::Unavailable {
+                        message: String::new(),
+                    },
+                )
+                .await;
+        }
+        self.sasl_exchange(step, auth).await
+    }
+
+    /// Asks `auth` for a logged-in backend with `credentials` and answers the client.
+    async fn login_as<A: Authenticator>(
+        &mut self,
+        credentials: Credentials,
+        verified: Option<Verified>,
         auth: &A,
     ) -> io::Result<Flow> {
         let decision = Decision {
@@ -643,28 +872,54 @@ impl<D: Dialect> Session<D> {
             credentials,
             identity: self.ctx.identity.clone(),
             secured: self.is_tls(),
+            verified,
         };
         let result = auth.login(&decision).await;
-        D::logged(
-            self,
-            &decision.credentials.username,
-            result.as_ref().map(|_| ()),
-        );
+        let shown_user = decision.mail_user(None);
+        D::logged(self, shown_user, result.as_ref().map(|_| ()));
         match result {
             Ok(backend) => {
                 self.answer(Reply::LoggedIn(&backend.success_text)).await?;
                 let client = self.client.take().ok_or_else(handed_over)?;
+                let username = match decision.verified {
+                    Some(v) => v.user,
+                    None => decision.credentials.username,
+                };
                 Ok(Flow::Established(Box::new(Established {
                     client,
                     client_leftover: std::mem::take(&mut self.buf),
                     backend,
-                    username: decision.credentials.username,
+                    username,
                     identity: self.ctx.identity.clone(),
                 })))
             }
-            Err(LoginFailure::AuthFailed { message }) => self.login_failed(&message).await,
-            Err(LoginFailure::Unavailable { message }) => {
+            Err(failure) => {
+                let user = shown_user.to_owned();
+                self.refused(&user, failure).await
+            }
+        }
+    }
+
+    /// Answers a login that got no backend session.
+    async fn refused(&mut self, user: &str, failure: LoginFailure) -> io::Result<Flow> {
+        match failure {
+            LoginFailure::AuthFailed { message } => self.login_failed(&message).await,
+            LoginFailure::Unavailable { message } => {
                 self.answer(Reply::Unavailable(&message)).await?;
+                Ok(Flow::Continue)
+            }
+            LoginFailure::Referral {
+                user: referred,
+                host,
+                message,
+            } => {
+                let user = if referred.is_empty() { user } else { &referred };
+                self.answer(Reply::Referral {
+                    user,
+                    host: &host,
+                    message: &message,
+                })
+                .await?;
                 Ok(Flow::Continue)
             }
         }
@@ -751,7 +1006,7 @@ pub(crate) mod testing {
 
     use super::{
         run, Authenticator, BackendLink, Dialect, Established, FrontendContext, LoginFailure,
-        PreauthLimits,
+        PreauthLimits, SaslClient, SaslMechanism, SaslStep,
     };
     use crate::net::stream::{BackendStream, ClientStream};
     use crate::protocol::decision::{ClientIdentity, Decision};
@@ -773,6 +1028,10 @@ pub(crate) mod testing {
         /// Without a script: the success text of a login.
         success_text: &'static str,
         decisions: Mutex<Vec<Decision>>,
+        /// `Some`: an auth service is in front (see [`FakeAuth::with_service`]).
+        service: Option<Vec<SaslMechanism>>,
+        /// What the fake auth service was sent: (mechanism or "", decoded data).
+        sasl: Mutex<Vec<(String, Vec<u8>)>>,
         /// The fake backend logins connect to (never accepted: the queue holds them).
         backend: std::net::TcpListener,
         sessions: Sessions,
@@ -784,6 +1043,8 @@ pub(crate) mod testing {
                 script: script.map(|answers| Mutex::new(answers.into())),
                 success_text,
                 decisions: Mutex::new(Vec::new()),
+                service: None,
+                sasl: Mutex::new(Vec::new()),
                 backend: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
                 sessions: Sessions::new(),
             })
@@ -798,6 +1059,60 @@ pub(crate) mod testing {
         /// Answers the logins with `answers`, in turn.
         pub(crate) fn scripted(answers: impl IntoIterator<Item = Scripted>) -> Arc<Self> {
             FakeAuth::new(Some(answers.into_iter().collect()), "")
+        }
+
+        /// Like [`FakeAuth::by_password`], behind a fake auth service that offers PLAIN,
+        /// LOGIN (plaintext) and CRAM-MD5. PLAIN passes with password "right" (user
+        /// normalised to lower case); CRAM-MD5 challenges with `<1.2@fake>` and passes on the
+        /// response `alice 0123` as user "alice" with the passdb's password "frompassdb";
+        /// user "moved" gets a referral to `new.example`; user "busy" a temporary failure.
+        pub(crate) fn with_service() -> Arc<Self> {
+            let mut auth = Arc::into_inner(FakeAuth::new(None, "Logged in")).unwrap();
+            let mech = |name: &str, plaintext| SaslMechanism {
+                name: name.into(),
+                plaintext,
+            };
+            auth.service = Some(vec![
+                mech("PLAIN", true),
+                mech("LOGIN", true),
+                mech("CRAM-MD5", false),
+            ]);
+            Arc::new(auth)
+        }
+
+        /// What the fake auth service was sent: (mechanism, initial response) for a start,
+        /// ("", response) for each next step.
+        pub(crate) fn sasl(&self) -> Vec<(String, Vec<u8>)> {
+            self.sasl.lock().unwrap().clone()
+        }
+
+        fn judge_plain(&self, response: &[u8]) -> SaslStep<String> {
+            let Ok(c) = crate::protocol::sasl::parse_plain(response) else {
+                return SaslStep::Failed(LoginFailure::AuthFailed {
+                    message: String::new(),
+                });
+            };
+            let user = c.username.to_lowercase();
+            match (user.as_str(), c.password.expose()) {
+                ("moved", _) => SaslStep::Failed(LoginFailure::Referral {
+                    user,
+                    host: "new.example".into(),
+                    message: "Moved".into(),
+                }),
+                ("busy", _) => SaslStep::Failed(LoginFailure::Unavailable {
+                    message: "Auth busy".into(),
+                }),
+                (_, "right") => SaslStep::Verified {
+                    credentials: crate::protocol::decision::Credentials::plain(&user, "right"),
+                    verified: crate::protocol::decision::Verified {
+                        user,
+                        ..Default::default()
+                    },
+                },
+                _ => SaslStep::Failed(LoginFailure::AuthFailed {
+                    message: String::new(),
+                }),
+            }
         }
 
         pub(crate) fn decisions(&self) -> Vec<Decision> {
@@ -832,6 +1147,54 @@ pub(crate) mod testing {
     }
 
     impl Authenticator for FakeAuth {
+        /// The mechanism of the exchange.
+        type Exchange = String;
+
+        async fn mechanisms(&self) -> Option<Vec<SaslMechanism>> {
+            self.service.clone()
+        }
+
+        async fn sasl_start(
+            &self,
+            mechanism: &str,
+            initial: Option<&[u8]>,
+            _client: &SaslClient<'_>,
+        ) -> SaslStep<String> {
+            self.sasl
+                .lock()
+                .unwrap()
+                .push((mechanism.into(), initial.unwrap_or_default().to_vec()));
+            match (mechanism, initial) {
+                ("PLAIN", Some(response)) => self.judge_plain(response),
+                ("PLAIN", None) => SaslStep::Challenge(Vec::new(), "PLAIN".into()),
+                ("CRAM-MD5", _) => SaslStep::Challenge(b"<1.2@fake>".to_vec(), "CRAM-MD5".into()),
+                _ => SaslStep::Unsupported,
+            }
+        }
+
+        async fn sasl_next(&self, mechanism: String, response: &[u8]) -> SaslStep<String> {
+            self.sasl
+                .lock()
+                .unwrap()
+                .push((String::new(), response.to_vec()));
+            match mechanism.as_str() {
+                "PLAIN" => self.judge_plain(response),
+                _ if response == b"alice 0123" => SaslStep::Verified {
+                    credentials: crate::protocol::decision::Credentials::plain(
+                        "alice",
+                        "frompassdb",
+                    ),
+                    verified: crate::protocol::decision::Verified {
+                        user: "alice".into(),
+                        ..Default::default()
+                    },
+                },
+                _ => SaslStep::Failed(LoginFailure::AuthFailed {
+                    message: "Wrong.".into(),
+                }),
+            }
+        }
+
         async fn login(&self, decision: &Decision) -> Result<BackendLink, LoginFailure> {
             self.decisions.lock().unwrap().push(decision.clone());
             match self.answer(decision.credentials.password.expose()) {

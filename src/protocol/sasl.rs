@@ -54,6 +54,12 @@ pub fn parse_plain(decoded: &[u8]) -> Result<Credentials, SaslError> {
 /// Encodes credentials as a base64 PLAIN response for a backend. The authorization identity
 /// is sent only when it differs from the authentication identity (master-user logins).
 pub fn encode_plain(credentials: &Credentials) -> String {
+    STANDARD.encode(plain_response(credentials))
+}
+
+/// Credentials as a PLAIN response, before base64: `[authzid] NUL authcid NUL password`,
+/// the authorization identity only when it differs from the authentication identity.
+pub fn plain_response(credentials: &Credentials) -> Vec<u8> {
     let mut raw = Vec::new();
     if credentials.username != credentials.auth_username {
         raw.extend_from_slice(credentials.username.as_bytes());
@@ -62,7 +68,7 @@ pub fn encode_plain(credentials: &Credentials) -> String {
     raw.extend_from_slice(credentials.auth_username.as_bytes());
     raw.push(0);
     raw.extend_from_slice(credentials.password.expose().as_bytes());
-    STANDARD.encode(raw)
+    raw
 }
 
 /// Base64 for a LOGIN-mechanism challenge or any other short text.

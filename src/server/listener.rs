@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::network::{any_contains, Network};
 use crate::config::ListenerTls;
-use crate::login::Login;
+use crate::login::{ListenerAuth, Login};
 use crate::net::admission::{refusal_line, Admitted, ConnectionPool, PerIpGuard, PerIpLimit, Slot};
 use crate::net::refusals::{RefusalLog, RefusalReason};
 use crate::net::relay::{relay, Kick, RelayEnd};
@@ -30,6 +30,8 @@ use crate::protocol::sieve::frontend::ManageSieve;
 /// keeps the one it was accepted with.
 pub struct ListenerShared {
     pub login: Login,
+    /// The auth services of the listeners with `auth.mode: dovecot`, by socket.
+    pub auth: std::collections::HashMap<String, crate::auth::service::AuthService>,
     /// For implicit TLS and STARTTLS; `None` when no certificate is configured.
     pub tls: Option<TlsAcceptor>,
     pub trusted_networks: Vec<Network>,
@@ -127,6 +129,8 @@ pub struct Listener {
     pub name: String,
     /// This listener's own connection slots (`max_connections`).
     pub pool: Arc<ConnectionPool>,
+    /// The auth service's socket (`auth.mode: dovecot`); `None`: passthrough.
+    pub auth_socket: Option<String>,
 }
 
 impl Listener {
@@ -329,15 +333,29 @@ impl Listener {
             shutdown: shutdown.clone(),
             eviction: eviction.clone(),
         };
+        let service = match &self.auth_socket {
+            None => None,
+            Some(socket) => match shared.auth.get(socket) {
+                Some(service) => Some(service),
+                None => {
+                    // Never passthrough by mistake: a listener that must authenticate and
+                    // cannot takes nobody.
+                    warn!(auth = %socket, "no auth service for this listener: connection closed");
+                    return;
+                }
+            },
+        };
+        let auth = ListenerAuth {
+            login: &shared.login,
+            service,
+        };
         // The pre-login futures (front end and backend login, with their read buffers) are
         // boxed so that their memory is freed when the relay starts: an idle relayed session
         // then holds only the relay's small state.
         let result = match self.protocol {
-            Protocol::Imap => Box::pin(preauth::run::<Imap, _>(client, ctx, &shared.login)).await,
-            Protocol::Pop3 => Box::pin(preauth::run::<Pop3, _>(client, ctx, &shared.login)).await,
-            Protocol::Sieve => {
-                Box::pin(preauth::run::<ManageSieve, _>(client, ctx, &shared.login)).await
-            }
+            Protocol::Imap => Box::pin(preauth::run::<Imap, _>(client, ctx, &auth)).await,
+            Protocol::Pop3 => Box::pin(preauth::run::<Pop3, _>(client, ctx, &auth)).await,
+            Protocol::Sieve => Box::pin(preauth::run::<ManageSieve, _>(client, ctx, &auth)).await,
             other => {
                 warn!("{other} listeners are not supported yet");
                 return;

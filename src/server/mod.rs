@@ -1,6 +1,7 @@
 //! The running director: built from a [`Config`], it binds the listeners, resolves the
 //! backends, and serves until told to stop.
 
+pub mod auth_services;
 pub mod listener;
 pub mod metrics_server;
 pub mod prepare;
@@ -69,6 +70,7 @@ fn listener_shared(
     login: &Login,
     per_ip: &Arc<crate::net::admission::PerIpLimit>,
     refusals: &crate::net::refusals::RefusalLog,
+    auth_services: &auth_services::AuthServices,
 ) -> ListenerShared {
     let l = &config.limits;
     per_ip.set_max(l.max_preauth_per_ip);
@@ -80,7 +82,9 @@ fn listener_shared(
             health: login.health.clone(),
             metrics: login.metrics.clone(),
             master_user_separator: config.auth_master_user_separator.chars().next(),
+            default_settings: Arc::new(config.settings_for_host("")),
         },
+        auth: auth_services.for_config(config, &login.metrics),
         tls: prepared.tls.clone(),
         trusted_networks: config.trusted_networks.clone(),
         disable_plaintext_auth: config.disable_plaintext_auth,
@@ -129,11 +133,18 @@ impl Director {
             health: health.clone(),
             metrics: metrics.clone(),
             master_user_separator: config.auth_master_user_separator.chars().next(),
+            default_settings: Arc::new(config.settings_for_host("")),
         };
+        let auth_services = auth_services::AuthServices::default();
         let per_ip = crate::net::admission::PerIpLimit::new(config.limits.max_preauth_per_ip);
         let refusals = crate::net::refusals::RefusalLog::default();
         let shared = Arc::new(ArcSwap::from_pointee(listener_shared(
-            config, &prepared, &login, &per_ip, &refusals,
+            config,
+            &prepared,
+            &login,
+            &per_ip,
+            &refusals,
+            &auth_services,
         )));
         let admin = crate::admin::AdminContext::new(
             state.clone(),
@@ -182,7 +193,7 @@ impl Director {
             listeners,
             shared,
             build_shared: Arc::new(move |config, prepared| {
-                listener_shared(config, prepared, &login, &per_ip, &refusals)
+                listener_shared(config, prepared, &login, &per_ip, &refusals, &auth_services)
             }),
             state: state.clone() as Arc<dyn State>,
             health: health.clone(),

@@ -110,6 +110,12 @@ impl RunningListener {
             allow_from: self.entry.allow_from.clone(),
             name: self.socket.describe(),
             pool: self.pool.clone(),
+            auth_socket: self
+                .entry
+                .auth
+                .as_ref()
+                .and_then(crate::server::auth_services::login_socket)
+                .map(str::to_owned),
         };
         info!(protocol = %self.protocol, address = %listener.name, tls = ?self.tls, "listening");
         self.task = Some(tokio::spawn(listener.serve(
@@ -140,6 +146,9 @@ fn entry_of(config: &Config, index: usize) -> (ListenerConfig, ListenerTls) {
     let tls = config.listener_tls(index);
     let mut entry = config.listeners[index].clone();
     entry.tls = Some(tls);
+    // Who checks its clients, made explicit too: a change of the top-level `auth` restarts
+    // the listeners that follow it.
+    entry.auth = Some(config.listener_auth(index).0.clone());
     (entry, tls)
 }
 

@@ -31,6 +31,8 @@ pub enum RouteReason {
     Ring,
     /// An allowed test user of a backend in maintenance.
     Maintenance,
+    /// The backend an auth service named for the user (`host`), outside the ring.
+    Pinned,
 }
 
 impl fmt::Display for RouteReason {
@@ -39,6 +41,7 @@ impl fmt::Display for RouteReason {
             RouteReason::Sticky => "sticky",
             RouteReason::Ring => "ring",
             RouteReason::Maintenance => "maintenance",
+            RouteReason::Pinned => "pinned",
         })
     }
 }

@@ -24,7 +24,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -72,12 +72,28 @@ struct Inner {
     options: AuthClientOptions,
     /// The connection while it lives.
     current: Mutex<Option<Arc<Connection>>>,
-    /// Held while connecting (cold path only): the number of the last failed attempt and
-    /// its error, for the callers that waited on it.
-    connecting: tokio::sync::Mutex<Option<(u64, AuthError)>>,
+    /// Held while connecting (cold path only): the last failed attempt, for the callers
+    /// that waited on it and for the back-off.
+    connecting: tokio::sync::Mutex<Option<Failure>>,
     /// Connection attempts finished so far.
     attempts: AtomicU64,
 }
+
+/// A failed connection attempt.
+struct Failure {
+    /// Its number (see `Inner::attempts`).
+    attempt: u64,
+    error: AuthError,
+    /// No new attempt before this: callers get `error` at once meanwhile, so a service that
+    /// is down costs each login nothing and gets no storm of connection attempts.
+    retry_at: Instant,
+    /// The pause after this failure; doubled (up to [`MAX_BACKOFF`]) by the next one.
+    backoff: Duration,
+}
+
+/// The first pause after a failed connection attempt, and the longest.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The service's answer to one SASL step.
 #[derive(Debug)]
@@ -169,9 +185,9 @@ impl AuthClient {
         if let Some(conn) = self.live() {
             return Ok(conn);
         }
-        if let Some((attempt, error)) = &*last_failure {
-            if *attempt > seen {
-                return Err(error.clone());
+        if let Some(failure) = &*last_failure {
+            if failure.attempt > seen || Instant::now() < failure.retry_at {
+                return Err(failure.error.clone());
             }
         }
         let options = &self.inner.options;
@@ -192,7 +208,15 @@ impl AuthClient {
                 Ok(conn)
             }
             Err(error) => {
-                *last_failure = Some((attempt, error.clone()));
+                let backoff = last_failure
+                    .as_ref()
+                    .map_or(MIN_BACKOFF, |f| (f.backoff * 2).min(MAX_BACKOFF));
+                *last_failure = Some(Failure {
+                    attempt,
+                    error: error.clone(),
+                    retry_at: Instant::now() + backoff,
+                    backoff,
+                });
                 Err(error)
             }
         }

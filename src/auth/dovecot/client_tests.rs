@@ -421,6 +421,13 @@ async fn a_service_of_another_major_version_or_none_at_all_is_refused_clearly() 
     );
     assert!(err.to_string().contains("2.0"), "{err}");
 
+    // Within the back-off after a failure, callers get that failure without a new attempt.
+    let again = tokio::time::timeout(Duration::from_millis(50), client.handshake()).await;
+    assert!(
+        matches!(again, Ok(Err(AuthError::Version { major: 2, .. }))),
+        "{again:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let (result, _conn) = tokio::join!(
         client.handshake(),
         service.accept_with("VERSION\t1\t2\nMECH\tPLAIN\nSPID\tx\n")

@@ -70,7 +70,7 @@ pub async fn login(
     let mut first = Vec::new();
     if req.forward == Forward::Auto && capabilities.has("ID") {
         // Pipelined with the login: its replies are skipped while waiting for the login's.
-        first.extend_from_slice(id_command(req.identity).as_bytes());
+        first.extend_from_slice(id_command(req.identity, req.forward_fields).as_bytes());
     }
     first.extend(parts.next().unwrap_or_default());
     req.may_send_credentials()?;
@@ -280,8 +280,9 @@ fn is_quotable(b: u8) -> bool {
     (0x01..0x80).contains(&b) && !matches!(b, b'\r' | b'\n' | b'"' | b'\\')
 }
 
-/// `ID` with the client's identity, as Dovecot's proxy sends it.
-fn id_command(identity: &ClientIdentity) -> String {
+/// `ID` with the client's identity, as Dovecot's proxy sends it, and the fields an auth
+/// service asked to forward (`x-forward-NAME`).
+fn id_command(identity: &ClientIdentity, forward: &[(String, String)]) -> String {
     let ip = |ip: IpAddr| ip.to_canonical().to_string();
     let fields = [
         ("x-session-id", identity.session_id.clone()),
@@ -294,11 +295,18 @@ fn id_command(identity: &ClientIdentity) -> String {
         .session_ext_id
         .as_ref()
         .map(|id| ("x-session-ext-id", id.clone()));
-    let list: Vec<String> = fields
+    let mut list: Vec<String> = fields
         .iter()
         .chain(ext.iter())
         .map(|(key, value)| format!("\"{key}\" {}", quote(value)))
         .collect();
+    for (name, value) in forward {
+        list.push(format!(
+            "{} {}",
+            quote(&format!("x-forward-{name}")),
+            quote(value)
+        ));
+    }
     format!("I ID ({})\r\n", list.join(" "))
 }
 
@@ -582,7 +590,7 @@ mod tests {
         let mut id = identity();
         id.session_ext_id = Some("abc123".into());
         assert_eq!(
-            id_command(&id),
+            id_command(&id, &[]),
             "I ID (\"x-session-id\" \"sess\\\"1\" \"x-originating-ip\" \"192.0.2.7\" \
              \"x-originating-port\" \"50123\" \"x-connected-ip\" \"198.51.100.1\" \
              \"x-connected-port\" \"143\" \"x-session-ext-id\" \"abc123\")\r\n"

@@ -95,6 +95,16 @@ impl Dialect for Imap {
                 let message = printable_or(message, "Service temporarily unavailable.");
                 return format!("{tag} NO [UNAVAILABLE] {message}\r\n");
             }
+            Reply::Referral {
+                user,
+                host,
+                message,
+            } => {
+                // RFC 2221 login referral, with an IMAP URL (RFC 5092) naming the user.
+                let message = printable_or(message, "Try this server instead.");
+                let (user, host) = (url_escaped(user), url_escaped(host));
+                return format!("{tag} NO [REFERRAL imap://{user};AUTH=*@{host}/] {message}\r\n");
+            }
         };
         format!("{tag} {text}\r\n")
     }
@@ -246,9 +256,11 @@ fn capabilities(s: &Session<Imap>) -> String {
     if s.offers_starttls() {
         caps.push_str(" STARTTLS");
     }
-    if s.plaintext_allowed() {
-        caps.push_str(" AUTH=PLAIN AUTH=LOGIN");
-    } else {
+    for mechanism in s.advertised_mechanisms() {
+        caps.push_str(" AUTH=");
+        caps.push_str(mechanism);
+    }
+    if !s.plaintext_allowed() {
         caps.push_str(" LOGINDISABLED");
     }
     caps
@@ -346,6 +358,19 @@ fn text(bytes: &[u8]) -> Option<String> {
 }
 
 /// `text` made printable, or `default` where that leaves nothing but blanks.
+/// `text` for an IMAP URL: what is not unreserved (RFC 3986) or `:` percent-encoded.
+fn url_escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn printable_or(text: &str, default: &'static str) -> Cow<'static, str> {
     match printable(text) {
         text if text.trim().is_empty() => Cow::Borrowed(default),
@@ -760,5 +785,151 @@ mod tests {
     #[test]
     fn secrets_stay_hidden() {
         assert!(!format!("{:?}", Secret::new("hunter2")).contains("hunter2"));
+    }
+}
+
+/// With an auth service in front: what is advertised, and the SASL exchange relayed.
+#[cfg(test)]
+mod auth_service_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::protocol::preauth::testing::{self, b64, closed, established, Client, FakeAuth};
+    use crate::protocol::preauth::FrontendContext;
+
+    async fn start(
+        adjust: impl FnOnce(&mut FrontendContext),
+    ) -> (Client, testing::Running, Arc<FakeAuth>, String) {
+        let auth = FakeAuth::with_service();
+        let (mut client, session) = testing::start::<Imap>(&auth, adjust).await;
+        let greeting = client.line().await.unwrap();
+        (client, session, auth, greeting)
+    }
+
+    #[tokio::test]
+    async fn the_services_mechanisms_are_advertised_plaintext_ones_only_where_allowed() {
+        let (_, _, _, greeting) = start(|_| {}).await;
+        assert!(
+            greeting.contains("AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5]"),
+            "{greeting}"
+        );
+        let (mut c, _, _, greeting) = start(|ctx| ctx.disable_plaintext_auth = true).await;
+        assert!(
+            greeting.contains(" AUTH=CRAM-MD5 LOGINDISABLED]") && !greeting.contains("AUTH=PLAIN"),
+            "{greeting}"
+        );
+        // PLAIN is refused there; CRAM-MD5 is not a plaintext mechanism and goes on.
+        c.command(
+            "a AUTHENTICATE PLAIN",
+            "a NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.",
+        )
+        .await;
+        c.command(
+            "b AUTHENTICATE CRAM-MD5",
+            &format!("+ {}", b64(b"<1.2@fake>")),
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_challenge_mechanism_is_relayed_and_the_service_decides() {
+        let (mut c, session, auth, _) = start(|_| {}).await;
+        c.command(
+            "a AUTHENTICATE cram-md5",
+            &format!("+ {}", b64(b"<1.2@fake>")),
+        )
+        .await;
+        c.send(format!("{}\r\n", b64(b"alice 0123")).as_bytes())
+            .await;
+        c.expect("a OK Logged in").await;
+        let est = established(session).await;
+        assert_eq!(est.username, "alice");
+        assert_eq!(
+            auth.sasl(),
+            vec![
+                ("CRAM-MD5".into(), Vec::new()),
+                (String::new(), b"alice 0123".to_vec())
+            ]
+        );
+        // The backend login uses what the service said, not anything the client sent.
+        let d = &auth.decisions()[0];
+        assert_eq!(d.credentials.password.expose(), "frompassdb");
+        assert_eq!(d.verified.as_ref().unwrap().user, "alice");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_answer_fails_and_no_backend_login_is_tried() {
+        let (mut c, session, auth, _) = start(|_| {}).await;
+        c.command(
+            "a AUTHENTICATE CRAM-MD5",
+            &format!("+ {}", b64(b"<1.2@fake>")),
+        )
+        .await;
+        c.command(&b64(b"alice ffff"), "a NO [AUTHENTICATIONFAILED] Wrong.")
+            .await;
+        c.command(
+            "b AUTHENTICATE CRAM-MD5",
+            &format!("+ {}", b64(b"<1.2@fake>")),
+        )
+        .await;
+        c.command("*", "b BAD Authentication aborted by client.")
+            .await;
+        c.command(
+            "c AUTHENTICATE SCRAM-SHA-1",
+            "c NO Unsupported authentication mechanism.",
+        )
+        .await;
+        c.command(
+            "d AUTHENTICATE CRAM-MD5",
+            &format!("+ {}", b64(b"<1.2@fake>")),
+        )
+        .await;
+        c.command(
+            "!!",
+            "d BAD Invalid base64 data in authentication response.",
+        )
+        .await;
+        assert!(auth.decisions().is_empty());
+        drop(c);
+        closed(session).await;
+    }
+
+    #[tokio::test]
+    async fn login_goes_to_the_service_as_plain_and_its_user_is_routed() {
+        let (mut c, session, auth, _) = start(|_| {}).await;
+        c.command(
+            "a LOGIN Alice wrong",
+            "a NO [AUTHENTICATIONFAILED] Authentication failed.",
+        )
+        .await;
+        c.command("b LOGIN Alice right", "b OK Logged in").await;
+        assert_eq!(established(session).await.username, "alice");
+        assert_eq!(
+            auth.sasl(),
+            vec![
+                ("PLAIN".into(), b"\0Alice\0wrong".to_vec()),
+                ("PLAIN".into(), b"\0Alice\0right".to_vec())
+            ]
+        );
+        assert_eq!(auth.decisions().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn nologin_with_a_host_is_a_referral_and_a_temporary_failure_says_so() {
+        let (mut c, _, auth, _) = start(|_| {}).await;
+        c.command(
+            "a LOGIN moved right",
+            "a NO [REFERRAL imap://moved;AUTH=*@new.example/] Moved",
+        )
+        .await;
+        c.command("b LOGIN busy right", "b NO [UNAVAILABLE] Auth busy")
+            .await;
+        let line = format!("c AUTHENTICATE PLAIN {}", b64(b"\0moved\0x"));
+        c.command(
+            &line,
+            "c NO [REFERRAL imap://moved;AUTH=*@new.example/] Moved",
+        )
+        .await;
+        assert!(auth.decisions().is_empty());
     }
 }

@@ -95,7 +95,8 @@ impl Dialect for Pop3 {
                     text => format!("+OK {text}\r\n"),
                 };
             }
-            Reply::LoginFailed(message) => {
+            // POP3 has no referral: the auth service's reason is the refusal.
+            Reply::LoginFailed(message) | Reply::Referral { message, .. } => {
                 let message = if message.is_empty() {
                     AUTH_FAILED
                 } else {
@@ -240,6 +241,9 @@ impl Dialect for Pop3 {
             Err(LoginFailure::Unavailable { message }) => {
                 tracing::debug!(session = %session, user = %user, "pop3: no backend: {message}");
             }
+            Err(LoginFailure::Referral { .. }) => {
+                tracing::debug!(session = %session, user = %user, "pop3: served elsewhere");
+            }
         }
     }
 }
@@ -253,7 +257,11 @@ fn capabilities(s: &Session<Pop3>) -> String {
         capa.push_str("STLS\r\n");
     }
     if s.plaintext_allowed() {
-        capa.push_str("USER\r\nSASL PLAIN LOGIN\r\n");
+        capa.push_str("USER\r\n");
+    }
+    let mechanisms = s.advertised_mechanisms();
+    if !mechanisms.is_empty() {
+        capa.push_str(&format!("SASL {}\r\n", mechanisms.join(" ")));
     }
     capa.push_str(".\r\n");
     capa

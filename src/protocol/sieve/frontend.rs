@@ -19,8 +19,7 @@ use super::command::{
 };
 use crate::protocol::decision::Protocol;
 use crate::protocol::preauth::{
-    printable, Answer, Authenticator, Dialect, Flow, Mechanism, Parsed, PreauthLimits, Reply,
-    Session, Tls,
+    printable, Answer, Authenticator, Dialect, Flow, Parsed, PreauthLimits, Reply, Session, Tls,
 };
 
 /// The Sieve extensions announced before login: those of Dovecot's Pigeonhole on the
@@ -101,6 +100,11 @@ impl Dialect for ManageSieve {
             Reply::Unavailable(message) => {
                 let message = trimmed_or(message, "Service temporarily unavailable.");
                 return format!("NO (TRYLATER) {}\r\n", quote(message));
+            }
+            Reply::Referral { host, message, .. } => {
+                let message = trimmed_or(message, "Try this server instead.");
+                let url = format!("sieve://{}", printable(host).replace(' ', ""));
+                return format!("NO (REFERRAL {}) {}\r\n", quote(&url), quote(message));
             }
         };
         format!("{line}\r\n")
@@ -213,10 +217,10 @@ impl Dialect for ManageSieve {
     }
 
     /// `"*"` cancels already; an empty LOGIN initial response is none (the username is asked).
-    fn initial_response(mechanism: Mechanism, response: Vec<u8>) -> Option<Answer> {
+    fn initial_response(mechanism: &str, response: Vec<u8>) -> Option<Answer> {
         if response == b"*" {
             Some(Answer::Cancel)
-        } else if response.is_empty() && mechanism == Mechanism::Login {
+        } else if response.is_empty() && mechanism.eq_ignore_ascii_case("LOGIN") {
             None
         } else {
             Some(Answer::Response(response))
@@ -230,11 +234,10 @@ fn capabilities(s: &Session<ManageSieve>) -> String {
     let mut caps = String::from("\"IMPLEMENTATION\" \"Director\"\r\n");
     caps.push_str(&format!("\"SIEVE\" \"{SIEVE_EXTENSIONS}\"\r\n"));
     caps.push_str("\"NOTIFY\" \"mailto\"\r\n");
-    if s.plaintext_allowed() {
-        caps.push_str("\"SASL\" \"PLAIN LOGIN\"\r\n");
-    } else {
-        caps.push_str("\"SASL\" \"\"\r\n");
-    }
+    caps.push_str(&format!(
+        "\"SASL\" \"{}\"\r\n",
+        s.advertised_mechanisms().join(" ")
+    ));
     if s.offers_starttls() {
         caps.push_str("\"STARTTLS\"\r\n");
     }

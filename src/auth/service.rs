@@ -1,0 +1,252 @@
+//! The auth service as the front ends use it (`auth.mode: dovecot`): the mechanisms to offer,
+//! the SASL steps relayed, and each answer turned into the session's next move. The service's
+//! state (reachable or not) is logged once per change and shown in metrics; while it cannot
+//! be reached, clients get a temporary failure (the credentials were not judged) and the
+//! listeners without an auth service go on as before.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::dovecot::{AuthClient, AuthError, AuthFields, Challenge, RequestInfo, Step, Transport};
+use super::passdb::{clear_password, verdict};
+use crate::metrics::{AuthResult, Metrics};
+use crate::protocol::preauth::{LoginFailure, SaslClient, SaslMechanism, SaslStep};
+use crate::untrusted::shown;
+
+/// What clients are told when the auth service cannot answer.
+pub const AUTH_UNAVAILABLE_TEXT: &str = "Authentication service is temporarily unavailable.";
+
+/// One auth service, shared by the listeners configured with it; cheap to clone.
+#[derive(Clone)]
+pub struct AuthService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: AuthClient,
+    metrics: Metrics,
+    /// The mechanisms of the last handshake, offered while the service cannot be reached (its
+    /// logins then fail temporarily).
+    last_mechanisms: Mutex<Option<Vec<SaslMechanism>>>,
+    /// Whether the last contact worked: the service's state changes are logged once.
+    up: AtomicBool,
+}
+
+/// An exchange under way: the service's challenge, and what the client said so far (for
+/// a mechanism that sends the password in clear, the backend login needs it).
+pub struct Exchange {
+    challenge: Challenge,
+    mechanism: String,
+    responses: Vec<Vec<u8>>,
+}
+
+impl AuthService {
+    pub fn new(client: AuthClient, metrics: Metrics) -> Self {
+        metrics.auth_service_up(client.endpoint().to_string(), true);
+        AuthService {
+            inner: Arc::new(Inner {
+                client,
+                metrics,
+                last_mechanisms: Mutex::new(None),
+                up: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    pub fn client(&self) -> &AuthClient {
+        &self.inner.client
+    }
+
+    /// The mechanisms the service offers (connecting if needed). While it cannot be reached:
+    /// those of its last handshake, or PLAIN and LOGIN before the first.
+    pub async fn mechanisms(&self) -> Vec<SaslMechanism> {
+        match self.inner.client.handshake().await {
+            Ok(handshake) => {
+                self.reached();
+                let offered: Vec<SaslMechanism> = handshake
+                    .mechanisms
+                    .iter()
+                    .filter(|m| !m.flags.private)
+                    .map(|m| SaslMechanism {
+                        name: m.name.clone(),
+                        plaintext: m.flags.plaintext,
+                    })
+                    .collect();
+                let mut last = self.lock_last();
+                if last.as_ref() != Some(&offered) {
+                    *last = Some(offered.clone());
+                }
+                offered
+            }
+            Err(error) => {
+                self.unreachable(&error);
+                self.lock_last().clone().unwrap_or_else(|| {
+                    ["PLAIN", "LOGIN"]
+                        .map(|name| SaslMechanism {
+                            name: name.into(),
+                            plaintext: true,
+                        })
+                        .into()
+                })
+            }
+        }
+    }
+
+    /// Starts an authentication (see [`crate::protocol::preauth::Authenticator::sasl_start`]).
+    pub async fn start(
+        &self,
+        mechanism: &str,
+        initial: Option<&[u8]>,
+        client: &SaslClient<'_>,
+    ) -> SaslStep<Exchange> {
+        let info = request_info(client);
+        let responses = initial.map(|r| vec![r.to_vec()]).unwrap_or_default();
+        let answer = self.inner.client.start(mechanism, initial, &info).await;
+        self.step(answer, mechanism.to_owned(), responses)
+    }
+
+    /// Sends the client's answer to the last challenge.
+    pub async fn next(&self, exchange: Exchange, response: &[u8]) -> SaslStep<Exchange> {
+        let Exchange {
+            challenge,
+            mechanism,
+            mut responses,
+        } = exchange;
+        responses.push(response.to_vec());
+        let answer = challenge.respond(response).await;
+        self.step(answer, mechanism, responses)
+    }
+
+    fn step(
+        &self,
+        answer: Result<Step, AuthError>,
+        mechanism: String,
+        responses: Vec<Vec<u8>>,
+    ) -> SaslStep<Exchange> {
+        let metrics = &self.inner.metrics;
+        match answer {
+            Ok(Step::Continue(challenge)) => {
+                self.reached();
+                SaslStep::Challenge(
+                    challenge.data().to_vec(),
+                    Exchange {
+                        challenge,
+                        mechanism,
+                        responses,
+                    },
+                )
+            }
+            Ok(Step::Ok(fields)) => {
+                self.reached();
+                let password = clear_password(&mechanism, &responses);
+                match verdict(&fields, password) {
+                    Ok((credentials, verified)) => {
+                        metrics.auth(AuthResult::Ok);
+                        SaslStep::Verified {
+                            credentials,
+                            verified,
+                        }
+                    }
+                    Err(refusal) => {
+                        metrics.auth(match refusal {
+                            LoginFailure::Unavailable { .. } => AuthResult::TempFail,
+                            _ => AuthResult::Refused,
+                        });
+                        log_refusal(&fields, &refusal);
+                        SaslStep::Failed(refusal)
+                    }
+                }
+            }
+            Ok(Step::Fail(fields)) => {
+                self.reached();
+                let message = fields.reason().unwrap_or_default().to_owned();
+                if fields.temp() {
+                    metrics.auth(AuthResult::TempFail);
+                    tracing::info!(user = %shown(fields.user().unwrap_or_default()),
+                                   reason = %shown(&message), "auth service: temporary failure");
+                    let message = if message.is_empty() {
+                        AUTH_UNAVAILABLE_TEXT.to_owned()
+                    } else {
+                        message
+                    };
+                    SaslStep::Failed(LoginFailure::Unavailable { message })
+                } else {
+                    metrics.auth(AuthResult::Failed);
+                    SaslStep::Failed(LoginFailure::AuthFailed { message })
+                }
+            }
+            Err(AuthError::UnsupportedMechanism(_)) => SaslStep::Unsupported,
+            Err(error @ AuthError::TooLong { .. }) => {
+                metrics.auth(AuthResult::Failed);
+                tracing::info!(%error, "auth request refused");
+                SaslStep::Failed(LoginFailure::AuthFailed {
+                    message: String::new(),
+                })
+            }
+            Err(error) => {
+                metrics.auth(AuthResult::Error);
+                self.unreachable(&error);
+                SaslStep::Failed(LoginFailure::Unavailable {
+                    message: AUTH_UNAVAILABLE_TEXT.into(),
+                })
+            }
+        }
+    }
+
+    /// The service answered: log its return once.
+    fn reached(&self) {
+        if !self.inner.up.swap(true, Ordering::AcqRel) {
+            let endpoint = self.inner.client.endpoint().to_string();
+            tracing::info!(auth = %endpoint, "auth service reachable again");
+            self.inner.metrics.auth_service_up(endpoint, true);
+        }
+    }
+
+    /// The service could not be used: log the first failure of a run of them.
+    fn unreachable(&self, error: &AuthError) {
+        if self.inner.up.swap(false, Ordering::AcqRel) {
+            let endpoint = self.inner.client.endpoint().to_string();
+            tracing::warn!(auth = %endpoint, %error,
+                           "auth service unusable: logins get a temporary failure until it answers again");
+            self.inner.metrics.auth_service_up(endpoint, false);
+        }
+    }
+
+    fn lock_last(&self) -> std::sync::MutexGuard<'_, Option<Vec<SaslMechanism>>> {
+        self.inner
+            .last_mechanisms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Logs why a user the service accepted is still turned away.
+fn log_refusal(fields: &AuthFields, refusal: &LoginFailure) {
+    let user = shown(fields.user().unwrap_or_default());
+    match refusal {
+        LoginFailure::Referral { host, .. } => {
+            tracing::info!(user = %user, host = %shown(host), "auth service: nologin, referred elsewhere");
+        }
+        LoginFailure::AuthFailed { .. } => {
+            tracing::info!(user = %user, "auth service: nologin");
+        }
+        // Logged where it was found (a passdb without what a proxy needs).
+        LoginFailure::Unavailable { .. } => {}
+    }
+}
+
+/// The `AUTH` line's description of the client, as Dovecot's login processes give it.
+fn request_info(client: &SaslClient<'_>) -> RequestInfo {
+    let mut info = RequestInfo::new(client.protocol.name());
+    info.session_id = Some(client.identity.session_id.clone());
+    info.local = Some(client.identity.local);
+    info.remote = Some(client.identity.client);
+    info.transport = if client.tls {
+        Transport::Tls
+    } else if client.trusted {
+        Transport::Trusted
+    } else {
+        Transport::Insecure
+    };
+    info
+}
