@@ -46,6 +46,8 @@ pub mod error;
 pub mod fields;
 pub mod handshake;
 pub mod request;
+#[cfg(test)]
+mod test_socket;
 pub mod wire;
 
 pub use client::{AuthClient, AuthClientOptions, Challenge, Endpoint, Step};
