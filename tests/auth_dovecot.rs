@@ -1,35 +1,19 @@
-//! The auth-client of `director::auth::dovecot` against a real Dovecot 2.3 auth service: an
-//! instance of its own (`dovecot -F -c CONF`, no mail protocols) with a passwd-file passdb
-//! whose users carry extra fields, reached on a unix socket (`auth-client`, authentication
-//! only) and on TCP (`inet_listener director-login`: a login socket, which also returns the
-//! password of a proxied login).
-//!
-//! The penalty and the failure delay are off (`auth_failure_delay = 0`, no
-//! `anvil-auth-penalty` socket), as in the other tests: failed logins from one address would
-//! slow the later ones down. Dovecot still flushes failures every 500 ms.
+//! The auth-client of `director::auth::dovecot` against a real Dovecot 2.3 auth service
+//! (`support::auth_service`) with a passwd-file passdb whose users carry extra fields, reached
+//! on a unix socket (`auth-client`, authentication only) and on TCP (`inet_listener
+//! director-login`: a login socket, which also returns the password of a proxied login).
 
 mod support;
 
 use std::fmt::Write as _;
-use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use director::auth::dovecot::{
-    AuthClient, AuthClientOptions, AuthError, AuthFields, Endpoint, RequestInfo, Step, Transport,
-};
+use director::auth::dovecot::{AuthClient, AuthError, AuthFields, RequestInfo, Step, Transport};
 use md5::{Digest, Md5};
-use support::dovecot::{
-    allocate_block, command_stdout, current_uid, kill_children, signal, spawn_dovecot,
-};
-
-/// The TCP port of the auth service's login listener, on the instance's own address.
-const AUTH_PORT: u16 = 10990;
+use support::auth_service::{AuthService, AuthServiceConfig, MECHANISMS};
+use support::dovecot::signal;
 
 const USERS: &str = "\
 user0001:{PLAIN}pass1::::::proxy=y host=127.0.0.2 port=10143 destuser=u1@backend
@@ -37,184 +21,8 @@ user0002:{PLAIN}pass2::::::nologin=y reason=Moved_to_the_new_site
 user0003:{PLAIN}pa ss\"3::::::
 ";
 
-/// One Dovecot instance that runs only the auth service. Dropping it kills it.
-struct AuthService {
-    dir: PathBuf,
-    ip: IpAddr,
-    config: PathBuf,
-    master: Option<Child>,
-}
-
-impl AuthService {
-    fn start() -> AuthService {
-        let (ip, dir) = allocate();
-        fs::write(dir.join("passwd"), USERS).unwrap();
-        let config = dir.join("dovecot.conf");
-        fs::write(&config, config_text(ip, &dir)).unwrap();
-        let mut service = AuthService {
-            dir,
-            ip,
-            config,
-            master: None,
-        };
-        service.run();
-        service
-    }
-
-    /// The unix socket that only authenticates.
-    fn unix(&self) -> Endpoint {
-        Endpoint::Unix(self.dir.join("run").join("auth-client"))
-    }
-
-    /// The TCP login listener.
-    fn tcp(&self) -> Endpoint {
-        Endpoint::Tcp(SocketAddr::new(self.ip, AUTH_PORT).to_string())
-    }
-
-    fn client(&self, endpoint: Endpoint, request_timeout: Duration) -> AuthClient {
-        AuthClient::new(AuthClientOptions {
-            request_timeout,
-            ..AuthClientOptions::new(endpoint)
-        })
-    }
-
-    fn log(&self) -> String {
-        let mut log = fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default();
-        log.push_str(&fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default());
-        log
-    }
-
-    /// Starts the master and waits until both listeners accept connections.
-    fn run(&mut self) {
-        let child = spawn_dovecot(&self.config, &self.dir);
-        self.master = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let socket = self.dir.join("run").join("auth-client");
-        while UnixStream::connect(&socket).is_err()
-            || TcpStream::connect((self.ip, AUTH_PORT)).is_err()
-        {
-            let exited = self.master.as_mut().unwrap().try_wait().unwrap().is_some();
-            assert!(
-                !exited && Instant::now() < deadline,
-                "Dovecot did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-
-    /// Kills the master and all its children (SIGKILL): the listeners close.
-    fn kill(&mut self) {
-        let Some(mut master) = self.master.take() else {
-            return;
-        };
-        let pid = master.id();
-        signal(pid, "STOP");
-        kill_children(pid, "KILL");
-        signal(pid, "KILL");
-        let _ = master.wait();
-    }
-
-    /// The pid of the auth process (the master starts it on the first connection).
-    fn auth_pid(&self) -> u32 {
-        let master = self.master.as_ref().expect("running").id();
-        children(master)
-            .into_iter()
-            .find(|&pid| {
-                // Its title is `<instance_name>/auth`.
-                fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| c.split(|&b| b == 0).next().unwrap().ends_with(b"/auth"))
-            })
-            .expect("an auth process")
-    }
-}
-
-impl Drop for AuthService {
-    fn drop(&mut self) {
-        self.kill();
-        if std::env::var("DIRECTOR_TEST_KEEP").is_ok_and(|v| v == "1") {
-            eprintln!("keeping {}", self.dir.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn config_text(ip: IpAddr, dir: &Path) -> String {
-    let d = dir.display();
-    let mut out = format!(
-        "base_dir = {d}/run\n\
-         state_dir = {d}/state\n\
-         instance_name = director-authtest-{}\n\
-         log_path = {d}/dovecot.log\n\
-         listen = {ip}\n\
-         protocols =\n\
-         shutdown_clients = yes\n",
-        dir.file_name().unwrap().to_string_lossy()
-    );
-    if current_uid() != 0 {
-        let user = command_stdout("id", &["-un"]);
-        let _ = writeln!(
-            out,
-            "default_internal_user = {user}\ndefault_login_user = {user}"
-        );
-    }
-    let _ = write!(
-        out,
-        r#"auth_mechanisms = plain login cram-md5 scram-sha-1 scram-sha-256
-disable_plaintext_auth = no
-auth_failure_delay = 0
-auth_verbose = yes
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%Ln {d}/passwd
-}}
-userdb {{
-  driver = static
-  args = uid=65534 gid=65534 home=/nonexistent
-}}
-service auth {{
-  unix_listener auth-client {{
-    mode = 0666
-  }}
-  inet_listener director-login {{
-    port = {AUTH_PORT}
-  }}
-}}
-service anvil {{
-  unix_listener anvil-auth-penalty {{
-    mode = 0
-  }}
-}}
-"#
-    );
-    out
-}
-
-/// A free `127.X.Y.1` (the harness's own address blocks) and a fresh directory for it.
-fn allocate() -> (IpAddr, PathBuf) {
-    let ((x, y), dir) = allocate_block(1);
-    fs::create_dir_all(dir.join("state")).unwrap();
-    // The auth process runs as Dovecot's internal user and reads the passwd-file.
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(dir.join("state"), fs::Permissions::from_mode(0o755)).unwrap();
-    (IpAddr::V4(Ipv4Addr::new(127, x, y, 1)), dir)
-}
-
-/// The direct children of `pid` (every Dovecot service is a child of the master).
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let status = fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"));
-        if ppid.and_then(|p| p.trim().parse().ok()) == Some(pid) {
-            out.push(child);
-        }
-    }
-    out
+fn start() -> AuthService {
+    AuthService::start(AuthServiceConfig::with_users(USERS))
 }
 
 fn plain(user: &str, pass: &str) -> Vec<u8> {
@@ -267,7 +75,7 @@ fn hex(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn the_handshake_lists_the_configured_mechanisms_on_both_listeners() {
-    let service = AuthService::start();
+    let service = start();
     for endpoint in [service.unix(), service.tcp()] {
         let client = service.client(endpoint, Duration::from_secs(10));
         let handshake = client.handshake().await.unwrap();
@@ -276,10 +84,7 @@ async fn the_handshake_lists_the_configured_mechanisms_on_both_listeners() {
             .iter()
             .map(|m| m.name.as_str())
             .collect();
-        assert_eq!(
-            names,
-            ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"]
-        );
+        assert_eq!(names, MECHANISMS);
         let plain = handshake.mechanism("plain").unwrap();
         assert!(plain.flags.plaintext && !plain.flags.private);
         assert!(
@@ -290,11 +95,15 @@ async fn the_handshake_lists_the_configured_mechanisms_on_both_listeners() {
                 .mutual_auth
         );
         assert!(handshake.mechanism("CRAM-MD5").unwrap().flags.dictionary);
+        assert!(handshake.mechanism("DIGEST-MD5").unwrap().flags.mutual_auth);
         let insecure: Vec<&str> = handshake
             .advertisable(false, false)
             .map(|m| m.name.as_str())
             .collect();
-        assert_eq!(insecure, ["CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"]);
+        assert_eq!(
+            insecure,
+            ["CRAM-MD5", "DIGEST-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"]
+        );
         assert_eq!(handshake.version.0, 1);
         assert!(handshake.server_pid > 0 && !handshake.cookie.is_empty());
     }
@@ -302,7 +111,7 @@ async fn the_handshake_lists_the_configured_mechanisms_on_both_listeners() {
 
 #[tokio::test]
 async fn plain_returns_the_user_and_the_passdb_extra_fields() {
-    let service = AuthService::start();
+    let service = start();
     let login = service.client(service.tcp(), Duration::from_secs(10));
     let info = client_info("sess-plain");
     let fields = expect_ok(
@@ -345,7 +154,7 @@ async fn plain_returns_the_user_and_the_passdb_extra_fields() {
 
 #[tokio::test]
 async fn a_wrong_password_fails_and_is_not_temporary() {
-    let service = AuthService::start();
+    let service = start();
     let client = service.client(service.unix(), Duration::from_secs(10));
     let info = client_info("sess-wrong");
     for (user, pass) in [("user0003", "nope"), ("nobody", "x")] {
@@ -364,7 +173,7 @@ async fn a_wrong_password_fails_and_is_not_temporary() {
 
 #[tokio::test]
 async fn login_takes_two_challenges() {
-    let service = AuthService::start();
+    let service = start();
     let client = service.client(service.unix(), Duration::from_secs(10));
     let info = RequestInfo::new("pop3");
     let Step::Continue(username) = client.start("LOGIN", None, &info).await.unwrap() else {
@@ -382,7 +191,7 @@ async fn login_takes_two_challenges() {
 
 #[tokio::test]
 async fn cram_md5_accepts_a_computed_response() {
-    let service = AuthService::start();
+    let service = start();
     let client = service.client(service.unix(), Duration::from_secs(10));
     let info = RequestInfo::new("imap");
     let md5 = |data: &[u8]| Md5::digest(data).to_vec();
@@ -469,7 +278,7 @@ async fn scram_sha_256(
 
 #[tokio::test]
 async fn scram_sha_256_proves_both_sides() {
-    let service = AuthService::start();
+    let service = start();
     let client = service.client(service.unix(), Duration::from_secs(10));
     let info = RequestInfo::new("imap");
     let fields = expect_ok(scram_sha_256(&client, &info, "user0003", "pa ss\"3").await);
@@ -486,7 +295,7 @@ async fn scram_sha_256_proves_both_sides() {
 
 #[tokio::test]
 async fn fifty_concurrent_requests_share_one_connection_and_get_their_own_answers() {
-    let service = AuthService::start();
+    let service = start();
     let client = service.client(service.tcp(), Duration::from_secs(20));
     let before = client.handshake().await.unwrap();
     let tasks: Vec<_> = (0..50)
@@ -522,7 +331,7 @@ async fn fifty_concurrent_requests_share_one_connection_and_get_their_own_answer
 
 #[tokio::test]
 async fn a_killed_auth_process_fails_requests_in_flight_and_the_next_request_reconnects() {
-    let service = AuthService::start();
+    let service = start();
     let timeout = Duration::from_secs(10);
     let client = service.client(service.unix(), timeout);
     let first = client.handshake().await.unwrap();
@@ -569,7 +378,7 @@ async fn a_killed_auth_process_fails_requests_in_flight_and_the_next_request_rec
 
 #[tokio::test]
 async fn a_frozen_service_times_out_and_a_restarted_one_is_reconnected() {
-    let mut service = AuthService::start();
+    let mut service = start();
     let client = service.client(service.tcp(), Duration::from_millis(1500));
     let info = RequestInfo::new("imap");
     expect_ok(
@@ -578,8 +387,7 @@ async fn a_frozen_service_times_out_and_a_restarted_one_is_reconnected() {
             .await,
     );
 
-    let auth = service.auth_pid();
-    signal(auth, "STOP");
+    service.freeze();
     let err = client
         .start("PLAIN", Some(&plain("user0001", "pass1")), &info)
         .await
@@ -590,7 +398,7 @@ async fn a_frozen_service_times_out_and_a_restarted_one_is_reconnected() {
     );
     assert_eq!(client.in_flight(), 0);
     // Thawed, it answers the late request (ignored) and the next one on the same connection.
-    signal(auth, "CONT");
+    service.thaw();
     let fields = expect_ok(
         client
             .start("PLAIN", Some(&plain("user0003", "pa ss\"3")), &info)

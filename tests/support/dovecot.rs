@@ -685,7 +685,7 @@ impl Drop for RefDirector {
 /// dies without running destructors (SIGKILL, Ctrl-C), it kills every Dovecot master whose
 /// `master.pid` lies under the directory (checking that the pid still runs a config from
 /// there), their children, and removes the directory unless kept.
-struct Watchdog {
+pub struct Watchdog {
     child: Mutex<Option<Child>>,
 }
 
@@ -701,7 +701,7 @@ done
 "#;
 
 impl Watchdog {
-    fn spawn(dir: &Path) -> Watchdog {
+    pub fn spawn(dir: &Path) -> Watchdog {
         let keep = std::env::var(KEEP_ENV).unwrap_or_default();
         let child = Command::new("sh")
             .arg("-c")
@@ -721,7 +721,7 @@ impl Watchdog {
     }
 
     /// Ends the watchdog (and its `sleep`): the owner cleaned up itself.
-    fn disarm(&self) {
+    pub fn disarm(&self) {
         if let Some(mut child) = self.child.lock().unwrap().take() {
             signal(child.id(), "STOP");
             kill_children(child.id(), "KILL");
@@ -887,7 +887,8 @@ fn set_mode(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
 }
 
-fn remove_unless_kept(dir: &Path) {
+/// Removes a test instance's directory, unless [`KEEP_ENV`] asks to keep it for a post-mortem.
+pub fn remove_unless_kept(dir: &Path) {
     if std::env::var(KEEP_ENV).is_ok_and(|v| v == "1") {
         eprintln!("{KEEP_ENV}=1: keeping {}", dir.display());
     } else {
@@ -1078,6 +1079,23 @@ struct BackendConfig<'a> {
 }
 
 /// Settings every instance needs to live beside others, and to run as non-root.
+/// [`instance_settings`] for an instance that runs no mail processes (an auth service): its
+/// internal users are the current user unless we are root.
+pub fn service_instance_settings(name: &str, ip: IpAddr, dir: &Path) -> String {
+    let root = current_uid() == 0;
+    let user = if root {
+        String::new()
+    } else {
+        command_stdout("id", &["-un"])
+    };
+    let ids = MailIds {
+        root,
+        user,
+        vmail: None,
+    };
+    instance_settings(name, ip, dir, &ids)
+}
+
 fn instance_settings(name: &str, ip: IpAddr, dir: &Path, ids: &MailIds) -> String {
     let d = dir.display();
     let instance = format!(
@@ -1313,18 +1331,18 @@ fn read_greeting(addr: SocketAddr) -> Option<String> {
 }
 
 /// A Dovecot instance being started, for the messages of [`Started::wait`].
-struct Started<'a> {
+pub struct Started<'a> {
     /// The instance, as a message names it.
-    who: String,
+    pub who: String,
     /// What it does once ready (`accept connections on ...`).
-    awaited: String,
-    config: &'a Path,
+    pub awaited: String,
+    pub config: &'a Path,
 }
 
 impl Started<'_> {
     /// Polls every 25 ms until `ready`, for at most [`START_DEADLINE`]; panics with the
     /// instance's `log` if it `exited` first or takes longer.
-    fn wait(
+    pub fn wait(
         &self,
         exited: impl Fn() -> bool,
         mut ready: impl FnMut() -> bool,

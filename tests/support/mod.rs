@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests.
 
 pub mod admin_cli;
+pub mod auth_service;
 pub mod client;
 pub mod command;
 pub mod director;

@@ -1,14 +1,12 @@
 //! [`AuthClient`] against a scripted auth service on a unix socket: the multiplexing, the
 //! failures, and what a hostile or broken service can and cannot do to it.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixListener;
 
+use super::test_socket::TestSocket;
 use super::*;
 
 const HANDSHAKE: &str = "VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\n\
@@ -16,8 +14,7 @@ const HANDSHAKE: &str = "VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tpla
 
 /// A scripted auth service: the test plays its side of each connection.
 struct Service {
-    listener: UnixListener,
-    dir: PathBuf,
+    socket: TestSocket,
 }
 
 struct ServiceConn {
@@ -27,16 +24,9 @@ struct ServiceConn {
 
 impl Service {
     fn start() -> Service {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "director-auth-unit-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let listener = UnixListener::bind(dir.join("auth-client")).unwrap();
-        Service { listener, dir }
+        Service {
+            socket: TestSocket::bind("auth-client"),
+        }
     }
 
     /// A service and a client of it with this request timeout.
@@ -50,13 +40,13 @@ impl Service {
         AuthClient::new(AuthClientOptions {
             request_timeout,
             connect_timeout: Duration::from_secs(2),
-            ..AuthClientOptions::new(Endpoint::Unix(self.dir.join("auth-client")))
+            ..AuthClientOptions::new(self.socket.endpoint())
         })
     }
 
     /// Accepts a connection, checks the client's handshake and sends `handshake`.
     async fn accept_with(&self, handshake: &str) -> ServiceConn {
-        let (stream, _) = self.listener.accept().await.unwrap();
+        let (stream, _) = self.socket.listener.accept().await.unwrap();
         let (r, out) = stream.into_split();
         let mut conn = ServiceConn {
             lines: BufReader::new(r).lines(),
@@ -87,12 +77,6 @@ impl Service {
         let (service, client) = Service::with_client(request_timeout);
         let (_, conn) = tokio::join!(client.handshake(), service.accept());
         (service, client, conn)
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -439,7 +423,7 @@ async fn a_service_of_another_major_version_or_none_at_all_is_refused_clearly() 
     );
 
     let missing = AuthClient::new(AuthClientOptions::new(Endpoint::Unix(
-        service.dir.join("nothing-here"),
+        service.socket.dir().join("nothing-here"),
     )));
     let err = missing.handshake().await.unwrap_err();
     assert!(
@@ -453,7 +437,7 @@ async fn a_silent_service_fails_the_connection_within_the_connect_timeout() {
     let service = Service::start();
     let client = AuthClient::new(AuthClientOptions {
         connect_timeout: Duration::from_millis(200),
-        ..AuthClientOptions::new(Endpoint::Unix(service.dir.join("auth-client")))
+        ..AuthClientOptions::new(service.socket.endpoint())
     });
     let started = Instant::now();
     let callers: Vec<_> = (0..3)
@@ -462,7 +446,7 @@ async fn a_silent_service_fails_the_connection_within_the_connect_timeout() {
             tokio::spawn(async move { client.handshake().await })
         })
         .collect();
-    let _accepted = service.listener.accept().await.unwrap();
+    let _accepted = service.socket.listener.accept().await.unwrap();
     for r in futures_all(callers).await {
         assert!(
             matches!(r.unwrap_err(), AuthError::Connect { reason, .. } if reason.contains("no handshake"))
@@ -470,7 +454,8 @@ async fn a_silent_service_fails_the_connection_within_the_connect_timeout() {
     }
     // The three callers shared one attempt.
     assert!(started.elapsed() < Duration::from_secs(2));
-    let another = tokio::time::timeout(Duration::from_millis(100), service.listener.accept());
+    let another =
+        tokio::time::timeout(Duration::from_millis(100), service.socket.listener.accept());
     assert!(
         another.await.is_err(),
         "a second connection attempt was made"

@@ -107,8 +107,8 @@ pub struct Connection {
     reader: AbortHandle,
 }
 
-type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+pub(super) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub(super) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 impl Connection {
     /// Connects, sends `VERSION` and `CPID`, and reads the service's handshake, all within
@@ -444,7 +444,8 @@ async fn handshake(
     }
 }
 
-async fn connect(endpoint: &Endpoint) -> io::Result<(BoxRead, BoxWrite)> {
+/// Opens a stream to `endpoint`, split in halves (also the auth-master client's way in).
+pub(super) async fn connect(endpoint: &Endpoint) -> io::Result<(BoxRead, BoxWrite)> {
     Ok(match endpoint {
         Endpoint::Unix(path) => {
             let (r, w) = UnixStream::connect(path).await?.into_split();

@@ -1,5 +1,7 @@
-//! Why an authentication got no answer from the auth service. A `FAIL` is not an error: it is
-//! an answer ([`super::Step::Fail`]).
+//! Why an authentication or a lookup got no answer from the auth service. A `FAIL` of an
+//! authentication is not an error: it is an answer ([`super::Step::Fail`]). A `FAIL` of an
+//! auth-master lookup is one ([`AuthError::LookupFailed`]): the service could not tell whether
+//! the user exists.
 
 use std::time::Duration;
 
@@ -32,15 +34,25 @@ pub enum AuthError {
     /// escaped: the name is the client's.
     #[error("mechanism {0} is not offered by the auth service")]
     UnsupportedMechanism(String),
-    /// The request does not fit in one protocol line (a huge initial response).
+    /// The request does not fit in one protocol line (a huge initial response, a huge user
+    /// name in a lookup).
     #[error("auth request of {len} bytes does not fit in one line of at most {max}")]
     TooLong { len: usize, max: usize },
+    /// An auth-master lookup answered `FAIL`: the passdb or userdb failed (a database down, a
+    /// passdb that cannot look users up without a password). `reason` is the service's text,
+    /// shown escaped.
+    #[error("auth service {endpoint}: lookup failed: {}", .reason.as_deref().unwrap_or("no reason given"))]
+    LookupFailed {
+        endpoint: String,
+        reason: Option<String>,
+    },
 }
 
 impl AuthError {
     /// Whether the failure is the service's (or the way to it): the client's credentials were
     /// not judged, and trying again later may work. `UnsupportedMechanism` and `TooLong` are
-    /// the client's own.
+    /// the client's own. `LookupFailed` counts as temporary even when a configuration is at
+    /// fault, as Dovecot's LMTP proxy counts it (451): mail waits until the operator fixes it.
     pub fn is_temporary(&self) -> bool {
         !matches!(
             self,

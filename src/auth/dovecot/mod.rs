@@ -1,13 +1,16 @@
 //! A client of Dovecot's auth service (the auth-client protocol, version 1.x), the one
 //! Dovecot's login processes speak: the director relays each SASL step of a client to the
-//! auth service and gets back `OK` or `FAIL` with the passdb's fields.
+//! auth service and gets back `OK` or `FAIL` with the passdb's fields. And a client of its
+//! auth-master protocol, which looks a user up without a password (an LMTP recipient).
 //!
 //! - [`client`]: [`AuthClient`], one connection shared by every request, reconnected on next
 //!   use after a loss; [`Step`] and [`Challenge`] are the answers of a SASL exchange.
 //! - [`connection`]: one connection: handshake, request ids, the reader and writer tasks.
 //! - [`handshake`]: what the service announces ([`Mechanism`]s and their flags).
 //! - [`request`]: [`RequestInfo`], what the `AUTH` line tells about the client.
-//! - [`fields`]: [`AuthFields`], the fields of `OK` and `FAIL`.
+//! - [`master`]: [`AuthMaster`], passdb and userdb lookups over an auth-master socket
+//!   ([`Lookup`], [`LookupInfo`]).
+//! - [`fields`]: [`AuthFields`], the fields of `OK` and `FAIL` (and of a lookup).
 //! - [`wire`]: the line format (tab-escaping, capped lines, parsing the server's lines).
 //! - [`error`]: [`AuthError`], why an authentication got no answer.
 //!
@@ -45,11 +48,17 @@ pub mod connection;
 pub mod error;
 pub mod fields;
 pub mod handshake;
+pub mod master;
+#[cfg(test)]
+mod master_tests;
 pub mod request;
+#[cfg(test)]
+mod test_socket;
 pub mod wire;
 
 pub use client::{AuthClient, AuthClientOptions, Challenge, Endpoint, Step};
 pub use error::AuthError;
 pub use fields::AuthFields;
 pub use handshake::{Handshake, MechFlags, Mechanism};
+pub use master::{AuthMaster, AuthMasterOptions, Lookup, LookupInfo};
 pub use request::{RequestInfo, Transport};

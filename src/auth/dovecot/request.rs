@@ -90,31 +90,10 @@ impl RequestInfo {
         }
         optional(&mut out, "session", &self.session_id);
         optional(&mut out, "cert_username", &self.cert_username);
-        // An IPv4 client seen on a dual-stack socket (`::ffff:192.0.2.1`) is sent as IPv4,
-        // the way a passdb's networks are written.
-        let ip = |a: Option<SocketAddr>| a.map(|a| a.ip().to_canonical().to_string());
-        let port = |a: Option<SocketAddr>| a.map(|a| a.port()).filter(|&p| p != 0);
-        let differs =
-            |real: Option<SocketAddr>, seen: Option<SocketAddr>| real.filter(|r| Some(*r) != seen);
-        let (real_local, real_remote) = (
-            differs(self.real_local, self.local),
-            differs(self.real_remote, self.remote),
-        );
-        optional(&mut out, "lip", &ip(self.local));
-        optional(&mut out, "rip", &ip(self.remote));
-        optional(&mut out, "lport", &port(self.local).map(|p| p.to_string()));
-        optional(&mut out, "rport", &port(self.remote).map(|p| p.to_string()));
-        optional(&mut out, "real_lip", &ip(real_local));
-        optional(&mut out, "real_rip", &ip(real_remote));
-        optional(
+        push_addresses(
             &mut out,
-            "real_lport",
-            &port(real_local).map(|p| p.to_string()),
-        );
-        optional(
-            &mut out,
-            "real_rport",
-            &port(real_remote).map(|p| p.to_string()),
+            [self.local, self.remote],
+            [self.real_local, self.real_remote],
         );
         optional(&mut out, "local_name", &self.local_name);
         optional(&mut out, "client_id", &self.client_id);
@@ -126,14 +105,41 @@ impl RequestInfo {
     }
 }
 
-fn param(out: &mut Vec<u8>, key: &str, value: &str) {
+/// Appends both ends of the client's connection as Dovecot's clients send them (`lip`, `rip`,
+/// `lport`, `rport`), then the director's own TCP ends (`real_*`) where they differ from those.
+/// Shared with the auth-master lookups, which describe the client the same way.
+pub(super) fn push_addresses(
+    out: &mut Vec<u8>,
+    [local, remote]: [Option<SocketAddr>; 2],
+    [real_local, real_remote]: [Option<SocketAddr>; 2],
+) {
+    // An IPv4 client seen on a dual-stack socket (`::ffff:192.0.2.1`) is sent as IPv4, the
+    // way a passdb's networks are written.
+    let ip = |a: Option<SocketAddr>| a.map(|a| a.ip().to_canonical().to_string());
+    let port = |a: Option<SocketAddr>| a.map(|a| a.port()).filter(|&p| p != 0);
+    let differs =
+        |real: Option<SocketAddr>, seen: Option<SocketAddr>| real.filter(|r| Some(*r) != seen);
+    let (real_local, real_remote) = (differs(real_local, local), differs(real_remote, remote));
+    optional(out, "lip", &ip(local));
+    optional(out, "rip", &ip(remote));
+    optional(out, "lport", &port(local).map(|p| p.to_string()));
+    optional(out, "rport", &port(remote).map(|p| p.to_string()));
+    optional(out, "real_lip", &ip(real_local));
+    optional(out, "real_rip", &ip(real_remote));
+    optional(out, "real_lport", &port(real_local).map(|p| p.to_string()));
+    optional(out, "real_rport", &port(real_remote).map(|p| p.to_string()));
+}
+
+/// Appends `<TAB>key=value`, the value tab-escaped.
+pub(super) fn param(out: &mut Vec<u8>, key: &str, value: &str) {
     out.push(b'\t');
     out.extend_from_slice(key.as_bytes());
     out.push(b'=');
     escape_into(out, value.as_bytes());
 }
 
-fn optional(out: &mut Vec<u8>, key: &str, value: &Option<String>) {
+/// [`param`] for a value that may be absent or empty (then nothing is sent).
+pub(super) fn optional(out: &mut Vec<u8>, key: &str, value: &Option<String>) {
     if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
         param(out, key, v);
     }

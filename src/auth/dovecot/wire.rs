@@ -175,7 +175,8 @@ pub fn answer_id(head: &[u8]) -> Option<u32> {
     }
 }
 
-fn parse_fields<'a>(args: impl Iterator<Item = &'a [u8]>) -> Vec<Field> {
+/// The `key[=value]` parameters of an answer, unescaped; empty ones are skipped.
+pub fn parse_fields<'a>(args: impl Iterator<Item = &'a [u8]>) -> Vec<Field> {
     args.filter(|a| !a.is_empty())
         .map(|arg| {
             let arg = unescape(arg);
@@ -187,7 +188,8 @@ fn parse_fields<'a>(args: impl Iterator<Item = &'a [u8]>) -> Vec<Field> {
         .collect()
 }
 
-fn parse_u32(arg: &[u8]) -> Option<u32> {
+/// A decimal number as Dovecot writes one: digits only, no sign, no spaces.
+pub fn parse_u32(arg: &[u8]) -> Option<u32> {
     if arg.is_empty() || !arg.iter().all(u8::is_ascii_digit) {
         return None;
     }
