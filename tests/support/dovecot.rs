@@ -887,7 +887,8 @@ fn set_mode(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
 }
 
-fn remove_unless_kept(dir: &Path) {
+/// Removes a test's directory, unless [`KEEP_ENV`] asks to keep it (then says where it is).
+pub fn remove_unless_kept(dir: &Path) {
     if std::env::var(KEEP_ENV).is_ok_and(|v| v == "1") {
         eprintln!("{KEEP_ENV}=1: keeping {}", dir.display());
     } else {
@@ -1075,6 +1076,12 @@ struct BackendConfig<'a> {
     tls: &'a TlsFiles,
     ids: &'a MailIds,
     extra: &'a str,
+}
+
+/// [`instance_settings`] for a Dovecot instance that a test configures itself (an auth service
+/// alone, say): the head of its config.
+pub fn own_instance_settings(name: &str, ip: IpAddr, dir: &Path) -> String {
+    instance_settings(name, ip, dir, &mail_ids())
 }
 
 /// Settings every instance needs to live beside others, and to run as non-root.
