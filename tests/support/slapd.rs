@@ -222,8 +222,8 @@ impl Slapd {
         )
     }
 
-    /// Polls with a search as [`ROOT_DN`] until the whole directory answers; panics with the
-    /// log if slapd exits or takes longer than [`START_DEADLINE`].
+    /// Polls with a search as [`ROOT_DN`] until the directory answers; panics if slapd exits
+    /// first (with its log) or takes longer than [`START_DEADLINE`].
     fn wait_ready(&mut self) {
         let uri = self.uri();
         let child = self.child.as_mut().expect("slapd was spawned");
