@@ -887,7 +887,7 @@ fn set_mode(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// Removes a test instance's directory, unless [`KEEP_ENV`] asks to keep it for a post-mortem.
+/// Removes a test's directory, unless [`KEEP_ENV`] asks to keep it (then says where it is).
 pub fn remove_unless_kept(dir: &Path) {
     if std::env::var(KEEP_ENV).is_ok_and(|v| v == "1") {
         eprintln!("{KEEP_ENV}=1: keeping {}", dir.display());

@@ -12,5 +12,6 @@ pub mod logs;
 pub mod ports;
 pub mod runtime_thread;
 pub mod serve;
+pub mod slapd;
 pub mod swaks;
 pub mod wait;
