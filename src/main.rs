@@ -70,7 +70,8 @@ enum Command {
     /// Users with a sticky record, optionally only those of one backend.
     Map { host: Option<String> },
     /// Add a backend (a name adds every address it resolves to), or set an existing one's
-    /// weight and tag. Nobody with a record moves.
+    /// weight and tag (`--tag TAG`, or `HOST@TAG` as Dovecot writes it). Nobody with a record
+    /// moves.
     Add {
         host: String,
         /// Points on the ring, 0..1000 (default 100).
@@ -139,10 +140,18 @@ impl Command {
             Command::Status { user: None } => AdminRequest::Status,
             Command::Status { user: Some(u) } => AdminRequest::UserStatus { user: u.clone() },
             Command::Map { host } => AdminRequest::Map { host: host.clone() },
-            Command::Add { host, weight, tag } => AdminRequest::Add {
-                host: host.clone(),
-                weight: *weight,
-                tag: tag.clone(),
+            // `HOST@TAG`, as Dovecot's `doveadm director add` takes a tagged host.
+            Command::Add { host, weight, tag } => match (host.split_once('@'), tag) {
+                (Some((bare, at_tag)), None) => AdminRequest::Add {
+                    host: bare.to_owned(),
+                    weight: *weight,
+                    tag: Some(at_tag.to_owned()),
+                },
+                _ => AdminRequest::Add {
+                    host: host.clone(),
+                    weight: *weight,
+                    tag: tag.clone(),
+                },
             },
             Command::Update { host, weight } => AdminRequest::Update {
                 host: host.clone(),
@@ -445,5 +454,33 @@ impl StopSignals {
     /// Completes at the first stop signal.
     async fn first(self) {
         let _ = self.first.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(args: &[&str]) -> Option<AdminRequest> {
+        let cli =
+            Cli::try_parse_from(std::iter::once("director").chain(args.iter().copied())).unwrap();
+        cli.command.request()
+    }
+
+    #[test]
+    fn add_takes_a_tag_as_dovecot_writes_it_or_as_an_option() {
+        let tagged = |host: &str, tag: &str| AdminRequest::Add {
+            host: host.into(),
+            weight: Some(50),
+            tag: Some(tag.into()),
+        };
+        assert_eq!(
+            request(&["add", "10.0.0.3@vip", "50"]),
+            Some(tagged("10.0.0.3", "vip"))
+        );
+        assert_eq!(
+            request(&["add", "10.0.0.3", "50", "--tag", "vip"]),
+            Some(tagged("10.0.0.3", "vip"))
+        );
     }
 }

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use director::state::State;
+use support::auth_service::{AuthService, AuthServiceConfig, LOGIN_PORT};
 use support::client::{imap_login, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, PASSWORD};
@@ -162,13 +163,21 @@ fn every_panel_and_alert_query_returns_data_from_a_real_prometheus() {
     }
 
     // A director under traffic, with a health checker, and one backend that dies so the
-    // check-result and move series exist.
+    // check-result and move series exist. Its logins go through a real Dovecot auth service,
+    // so that the auth series exist too.
+    let users: String = (1..=50)
+        .map(|i| format!("{}:{{PLAIN}}{PASSWORD}::::::proxy=y\n", user(i)))
+        .collect();
+    let auth = AuthService::start(AuthServiceConfig::with_users(&users));
     let (pool, d) = TestDirector::start_with_pool(
         3,
-        &DirectorOptions::with_extra(
-            "metrics: {address: 127.0.0.1:0}\n\
-             health: {interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}\n",
-        ),
+        &DirectorOptions::with_extra(&format!(
+            "metrics: {{address: 127.0.0.1:0}}\n\
+             health: {{interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}}\n\
+             auth: {{mode: dovecot, socket: \"{}:{LOGIN_PORT}\", master_socket: {}}}\n",
+            auth.ip(),
+            auth.master_socket().display()
+        )),
     );
     let prom = start_prometheus(pool.dir(), d.metrics.expect("metrics listener"));
     // Prometheus applies its first target list a few seconds after start: wait for the first

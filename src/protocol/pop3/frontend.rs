@@ -802,3 +802,36 @@ mod tests {
         assert!(decisions[0].secured);
     }
 }
+
+/// With an auth service in front: CAPA lists its mechanisms, and logins go through it.
+#[cfg(test)]
+mod auth_service_tests {
+    use super::*;
+    use crate::protocol::preauth::testing::{self, b64, established, FakeAuth};
+
+    #[tokio::test]
+    async fn capa_lists_the_services_mechanisms_and_user_pass_goes_through_it() {
+        let auth = FakeAuth::with_service();
+        let (mut c, session) = testing::start::<Pop3>(&auth, |_| {}).await;
+        c.expect("+OK Director ready.").await;
+        c.send(b"CAPA\r\n").await;
+        let mut capa = Vec::new();
+        while let Some(line) = c.line().await {
+            if line == "." {
+                break;
+            }
+            capa.push(line);
+        }
+        assert!(
+            capa.contains(&"SASL PLAIN LOGIN CRAM-MD5".to_owned()),
+            "{capa:?}"
+        );
+        c.command("USER moved", "+OK").await;
+        c.command("PASS right", "-ERR [AUTH] Moved").await;
+        c.command("AUTH CRAM-MD5", &format!("+ {}", b64(b"<1.2@fake>")))
+            .await;
+        c.command(&b64(b"alice 0123"), "+OK Logged in").await;
+        assert_eq!(established(session).await.username, "alice");
+        assert_eq!(auth.sasl()[0], ("PLAIN".into(), b"\0moved\0right".to_vec()));
+    }
+}

@@ -632,3 +632,40 @@ mod tests {
         assert!(decisions[0].secured);
     }
 }
+
+/// With an auth service in front: the SASL capability lists its mechanisms, and the
+/// exchange is relayed.
+#[cfg(test)]
+mod auth_service_tests {
+    use super::*;
+    use crate::protocol::preauth::testing::{self, b64, established, FakeAuth};
+
+    #[tokio::test]
+    async fn the_sasl_capability_lists_the_services_mechanisms_and_the_exchange_is_relayed() {
+        let auth = FakeAuth::with_service();
+        let (mut c, session) = testing::start::<ManageSieve>(&auth, |ctx| {
+            ctx.disable_plaintext_auth = true;
+        })
+        .await;
+        let mut caps = Vec::new();
+        while let Some(line) = c.line().await {
+            if line.starts_with("OK") {
+                break;
+            }
+            caps.push(line);
+        }
+        // Plaintext logins are not allowed here: only CRAM-MD5 is offered.
+        assert!(
+            caps.contains(&"\"SASL\" \"CRAM-MD5\"".to_owned()),
+            "{caps:?}"
+        );
+        c.command(
+            "AUTHENTICATE \"CRAM-MD5\"",
+            &format!("\"{}\"", b64(b"<1.2@fake>")),
+        )
+        .await;
+        c.command(&format!("\"{}\"", b64(b"alice 0123")), "OK Logged in")
+            .await;
+        assert_eq!(established(session).await.username, "alice");
+    }
+}
