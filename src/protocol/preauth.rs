@@ -771,10 +771,12 @@ impl<D: Dialect> Session<D> {
                     credentials,
                     verified,
                 } => return self.login_as(credentials, Some(verified), auth).await,
-                SaslStep::Failed(failure) => {
-                    let user = String::new();
-                    return self.refused(&user, failure).await;
+                // The service already held its failures back (its `auth_failure_delay`), as it
+                // does for Dovecot's own login processes: no second delay here.
+                SaslStep::Failed(LoginFailure::AuthFailed { message }) => {
+                    return self.count_failed_login(&message).await;
                 }
+                SaslStep::Failed(failure) => return self.refused("", failure).await,
                 SaslStep::Unsupported => {
                     self.answer(Reply::UnsupportedMechanism).await?;
                     return Ok(Flow::Continue);
@@ -929,6 +931,12 @@ impl<D: Dialect> Session<D> {
     /// reaches `max_auth_failures` ends the dialogue.
     pub(crate) async fn login_failed(&mut self, message: &str) -> io::Result<Flow> {
         tokio::time::sleep(self.ctx.limits.auth_failure_delay).await;
+        self.count_failed_login(message).await
+    }
+
+    /// Answers a failed login at once; the one that reaches `max_auth_failures` ends the
+    /// dialogue.
+    async fn count_failed_login(&mut self, message: &str) -> io::Result<Flow> {
         self.answer(Reply::LoginFailed(message)).await?;
         self.auth_failures += 1;
         if self.auth_failures < self.ctx.limits.max_auth_failures {
