@@ -30,6 +30,8 @@ struct Inner {
     last_mechanisms: Mutex<Option<Vec<SaslMechanism>>>,
     /// Whether the last contact worked: the service's state changes are logged once.
     up: AtomicBool,
+    /// A reconnection runs in the background (see [`AuthService::mechanisms`]).
+    reconnecting: AtomicBool,
 }
 
 /// An exchange under way: the service's challenge, and what the client said so far (for
@@ -49,6 +51,7 @@ impl AuthService {
                 metrics,
                 last_mechanisms: Mutex::new(None),
                 up: AtomicBool::new(true),
+                reconnecting: AtomicBool::new(false),
             }),
         }
     }
@@ -57,9 +60,36 @@ impl AuthService {
         &self.inner.client
     }
 
-    /// The mechanisms the service offers (connecting if needed). While it cannot be reached:
-    /// those of its last handshake, or PLAIN and LOGIN before the first.
+    /// The mechanisms the service offers (connecting if needed). Once they are known, a
+    /// greeting never waits for the service: while no connection is open, the last known
+    /// ones are offered at once and the connection is made again in the background (a
+    /// frozen service cannot hold every greeting for the connect timeout). Before the first
+    /// handshake, if the service cannot be reached: PLAIN and LOGIN (their logins then fail
+    /// temporarily).
     pub async fn mechanisms(&self) -> Vec<SaslMechanism> {
+        if !self.inner.client.is_connected() {
+            if let Some(last) = self.lock_last().clone() {
+                self.reconnect_in_background();
+                return last;
+            }
+        }
+        self.handshake().await
+    }
+
+    /// One background reconnection at a time.
+    fn reconnect_in_background(&self) {
+        if self.inner.reconnecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let service = self.clone();
+        tokio::spawn(async move {
+            service.handshake().await;
+            service.inner.reconnecting.store(false, Ordering::Release);
+        });
+    }
+
+    /// The mechanisms of a (new) handshake, or the fallback.
+    async fn handshake(&self) -> Vec<SaslMechanism> {
         match self.inner.client.handshake().await {
             Ok(handshake) => {
                 self.reached();

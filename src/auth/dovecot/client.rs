@@ -143,6 +143,11 @@ impl AuthClient {
         Ok(Arc::clone(self.connection().await?.handshake()))
     }
 
+    /// Whether a connection to the service is open now.
+    pub fn is_connected(&self) -> bool {
+        self.live().is_some()
+    }
+
     /// How many requests are in flight on the current connection (0 when there is none).
     pub fn in_flight(&self) -> usize {
         self.live().map_or(0, |c| c.in_flight())
