@@ -7,6 +7,19 @@
 //! Every director here hashes `%u` (case kept), so a route by the name the client typed and one
 //! by the name the passdb returns can differ. Which backend served a session: IMAP `ID`'s
 //! `x-backend`, the backends' login lines and `doveadm who`.
+//!
+//! # Facts about Dovecot 2.3.19 these tests rely on
+//!
+//! - A login socket returns `pass=` (the client's password) on a `proxy` login only when the
+//!   client's mechanism carried the password in clear (PLAIN, LOGIN) and the passdb set no
+//!   `pass` itself. For CRAM-MD5 and SCRAM the passdb must return `pass` (or `master`+`pass`).
+//! - `nologin` users get an `OK` with `nologin` (and `reason`, `host`), not a `FAIL`.
+//! - A backend's auth process logs a master login as `Master user logging in as USER`.
+//! - A second `service imap-login { inet_listener ... }` block adds a listener to the first.
+//!   In `login_log_format_elements`, `%{lport}` is the port the client reached the *director*
+//!   on (forwarded in IMAP `ID`), `%{real_lport}` the backend's own port.
+//! - A failed login straight to a backend penalises the client address (auth penalty): the
+//!   director's next login for that address waits seconds. These tests never fail one there.
 
 mod support;
 
@@ -140,6 +153,15 @@ fn challenge(line: &str) -> Vec<u8> {
         .strip_prefix("+ ")
         .unwrap_or_else(|| panic!("not a challenge: {line:?}"));
     STANDARD.decode(data).unwrap()
+}
+
+/// Starts SCRAM-SHA-256 as `tag` with an initial response, and answers the server's first
+/// message with the proof.
+fn scram_to_proof(c: &mut Conn, tag: &str, scram: &mut ScramSha256) {
+    let first = base64(&scram.client_first());
+    c.send(format!("{tag} AUTHENTICATE SCRAM-SHA-256 {first}\r\n").as_bytes());
+    let server_first = challenge(&c.continuation());
+    c.send(format!("{}\r\n", base64(&scram.client_final(&server_first))).as_bytes());
 }
 
 #[test]
@@ -296,15 +318,7 @@ fn cram_md5_and_scram_sha_256_log_in_with_the_password_the_service_returns() {
     // SCRAM-SHA-256 with an initial response; the server proves it knows the password too.
     let scram_home = d.home(&pool, &scram_user);
     let mut scram = ScramSha256::new(&scram_user, PASSWORD);
-    c.send(
-        format!(
-            "s AUTHENTICATE SCRAM-SHA-256 {}\r\n",
-            base64(&scram.client_first())
-        )
-        .as_bytes(),
-    );
-    let server_first = challenge(&c.continuation());
-    c.send(format!("{}\r\n", base64(&scram.client_final(&server_first))).as_bytes());
+    scram_to_proof(&mut c, "s", &mut scram);
     let server_final = challenge(&c.continuation());
     assert_eq!(server_final, scram.server_final());
     c.send(b"\r\n");
@@ -317,15 +331,7 @@ fn cram_md5_and_scram_sha_256_log_in_with_the_password_the_service_returns() {
     // A wrong password fails at the proof, and no backend hears of it.
     let mut c = Conn::imap_greeted(d.imap);
     let mut scram = ScramSha256::new(&scram_user, "wrong");
-    c.send(
-        format!(
-            "w AUTHENTICATE SCRAM-SHA-256 {}\r\n",
-            base64(&scram.client_first())
-        )
-        .as_bytes(),
-    );
-    let server_first = challenge(&c.continuation());
-    c.send(format!("{}\r\n", base64(&scram.client_final(&server_first))).as_bytes());
+    scram_to_proof(&mut c, "w", &mut scram);
     assert_tagged(
         &c.until_tagged("w"),
         "w",
@@ -356,20 +362,6 @@ fn cram_md5_and_scram_sha_256_log_in_with_the_password_the_service_returns() {
     });
     assert!(line.contains("ERROR"), "{line}");
     no_backend_saw(&pool, &no_pass);
-}
-
-/// The lines of a ManageSieve greeting, up to its `OK`.
-fn sieve_greeting(c: &mut Conn) -> Vec<String> {
-    let mut lines = Vec::new();
-    loop {
-        let line = c.line();
-        assert!(!line.is_empty(), "closed during the greeting: {lines:?}");
-        let done = line.starts_with("OK");
-        lines.push(line);
-        if done {
-            return lines;
-        }
-    }
 }
 
 #[test]
@@ -413,8 +405,7 @@ fn pop3_and_managesieve_offer_the_services_mechanisms_and_log_in_through_it() {
     assert_eq!(home.who(&pop3_cram), 1);
 
     // ManageSieve: the SASL capability, then PLAIN with an initial response.
-    let mut c = Conn::connect(d.sieve);
-    let greeting = sieve_greeting(&mut c);
+    let (mut c, greeting) = Conn::sieve_greeted(d.sieve);
     let expected = format!("\"SASL\" \"{mechanisms}\"");
     assert!(greeting.contains(&expected), "{greeting:?}");
     let plain = base64(format!("\0{sieve_plain}\0{PASSWORD}").as_bytes());
@@ -430,8 +421,7 @@ fn pop3_and_managesieve_offer_the_services_mechanisms_and_log_in_through_it() {
         &sieve_plain,
     );
     // CRAM-MD5: the challenge comes as a quoted string, the answer goes as one.
-    let mut c = Conn::connect(d.sieve);
-    sieve_greeting(&mut c);
+    let (mut c, _) = Conn::sieve_greeted(d.sieve);
     c.send(b"AUTHENTICATE \"CRAM-MD5\"\r\n");
     let quoted = c.line();
     let chal = STANDARD.decode(quoted.trim_matches('"')).unwrap();
