@@ -5,15 +5,12 @@
 
 mod support;
 
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
 use director::auth::dovecot::{AuthClient, AuthError, AuthFields, RequestInfo, Step, Transport};
-use md5::{Digest, Md5};
 use support::auth_service::{AuthService, AuthServiceConfig, MECHANISMS};
 use support::dovecot::signal;
+use support::sasl::{cram_md5, ScramSha256};
 
 const USERS: &str = "\
 user0001:{PLAIN}pass1::::::proxy=y host=127.0.0.2 port=10143 destuser=u1@backend
@@ -52,25 +49,6 @@ fn expect_fail(step: Result<Step, AuthError>) -> AuthFields {
         Ok(Step::Fail(fields)) => fields,
         other => panic!("expected FAIL, got {other:?}"),
     }
-}
-
-fn hmac<const BLOCK: usize>(hash: impl Fn(&[u8]) -> Vec<u8>, key: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut k = if key.len() > BLOCK {
-        hash(key)
-    } else {
-        key.to_vec()
-    };
-    k.resize(BLOCK, 0);
-    let pad = |byte: u8| k.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
-    let inner = hash(&[pad(0x36), data.to_vec()].concat());
-    hash(&[pad(0x5c), inner].concat())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 #[tokio::test]
@@ -194,15 +172,13 @@ async fn cram_md5_accepts_a_computed_response() {
     let service = start();
     let client = service.client(service.unix(), Duration::from_secs(10));
     let info = RequestInfo::new("imap");
-    let md5 = |data: &[u8]| Md5::digest(data).to_vec();
     for (pass, ok) in [("pass1", true), ("wrong", false)] {
         let Step::Continue(challenge) = client.start("CRAM-MD5", None, &info).await.unwrap() else {
             panic!("CRAM-MD5 sent no challenge");
         };
         assert!(challenge.data().starts_with(b"<"), "{challenge:?}");
-        let digest = hmac::<64>(md5, pass.as_bytes(), challenge.data());
-        let response = format!("user0001 {}", hex(&digest));
-        let step = challenge.respond(response.as_bytes()).await;
+        let response = cram_md5("user0001", pass, challenge.data());
+        let step = challenge.respond(&response).await;
         if ok {
             assert_eq!(expect_ok(step).user(), Some("user0001"));
         } else {
@@ -218,58 +194,25 @@ async fn scram_sha_256(
     user: &str,
     pass: &str,
 ) -> Result<Step, AuthError> {
-    use ring::{digest, pbkdf2};
-    let sha256 = |data: &[u8]| digest::digest(&digest::SHA256, data).as_ref().to_vec();
-    let client_first_bare = format!("n={user},r=rOprNGfwEbeRWgbNEkqO");
+    let mut scram = ScramSha256::new(user, pass);
     let first = client
-        .start(
-            "SCRAM-SHA-256",
-            Some(format!("n,,{client_first_bare}").as_bytes()),
-            info,
-        )
+        .start("SCRAM-SHA-256", Some(&scram.client_first()), info)
         .await?;
     let Step::Continue(server_first) = first else {
         return Ok(first);
     };
-    let server_first_text = String::from_utf8(server_first.data().to_vec()).unwrap();
-    let attr = |name: &str| {
-        server_first_text
-            .split(',')
-            .find_map(|a| a.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no {name} in {server_first_text:?}"))
-            .to_owned()
-    };
-    let (nonce, salt, iterations) = (attr("r="), attr("s="), attr("i="));
-    assert!(nonce.starts_with("rOprNGfwEbeRWgbNEkqO"));
-    let mut salted = [0u8; 32];
-    pbkdf2::derive(
-        pbkdf2::PBKDF2_HMAC_SHA256,
-        iterations.parse().unwrap(),
-        &STANDARD.decode(salt).unwrap(),
-        pass.as_bytes(),
-        &mut salted,
-    );
-    let mac = |key: &[u8], data: &[u8]| hmac::<64>(sha256, key, data);
-    let client_key = mac(&salted, b"Client Key");
-    let without_proof = format!("c=biws,r={nonce}");
-    let auth_message = format!("{client_first_bare},{server_first_text},{without_proof}");
-    let signature = mac(&sha256(&client_key), auth_message.as_bytes());
-    let proof: Vec<u8> = client_key
-        .iter()
-        .zip(&signature)
-        .map(|(a, b)| a ^ b)
-        .collect();
-    let client_final = format!("{without_proof},p={}", STANDARD.encode(proof));
-    let server_signature = mac(&mac(&salted, b"Server Key"), auth_message.as_bytes());
-    let expected_final = format!("v={}", STANDARD.encode(server_signature));
-    match server_first.respond(client_final.as_bytes()).await? {
+    let client_final = scram.client_final(server_first.data());
+    match server_first.respond(&client_final).await? {
         // Without final-resp-ok the server-final-message comes as one more challenge.
         Step::Continue(server_final) => {
-            assert_eq!(server_final.data(), expected_final.as_bytes());
+            assert_eq!(server_final.data(), scram.server_final());
             server_final.respond(b"").await
         }
         Step::Ok(fields) => {
-            assert_eq!(fields.final_response(), Some(expected_final.into_bytes()));
+            assert_eq!(
+                fields.final_response().as_deref(),
+                Some(scram.server_final())
+            );
             Ok(Step::Ok(fields))
         }
         fail => Ok(fail),

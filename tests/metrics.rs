@@ -5,17 +5,17 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
 use director::metrics::CATALOGUE;
 use director::state::backend::AdminState;
 use director::state::State;
-use support::client::{curl, imap_login, pop3_login, quote, Conn};
+use support::client::{imap_login, pop3_login, quote, Conn};
 use support::command::run;
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, PASSWORD};
+use support::scrape::{get, sample};
 use support::wait::wait_until;
 
 fn options() -> DirectorOptions {
@@ -23,37 +23,6 @@ fn options() -> DirectorOptions {
         "metrics:\n  address: 127.0.0.1:0\n\
          health:\n  interval: 500ms\n  fast_interval: 200ms\n  rise: 2\n  fall: 2\n",
     )
-}
-
-/// GET `path` on the metrics listener: (status, body).
-fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let url = format!("http://{addr}{path}");
-    let (ok, out, err) = curl(&["-w", "\n%{http_code}", &url]);
-    assert!(ok, "curl {url}: {err}");
-    let (body, code) = out.rsplit_once('\n').expect("status line");
-    (code.trim().parse().expect("status code"), body.to_owned())
-}
-
-/// The sum of the samples of `name` whose labels include every one of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let (series, value) = line.rsplit_once(' ').expect("sample line");
-        let (n, l) = match series.split_once('{') {
-            Some((n, l)) => (n, l),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        if labels
-            .iter()
-            .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        {
-            *found.get_or_insert(0.0) += value.parse::<f64>().expect("value");
-        }
-    }
-    found
 }
 
 fn promtool_check(text: &str) -> (bool, String) {

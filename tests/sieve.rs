@@ -109,17 +109,7 @@ fn sasl_login_through_the_director() {
 
     // A raw client: the capability names LOGIN; the challenges come as strings, the answers
     // go as a literal and a quoted string; then the session is the backend's.
-    let mut c = Conn::connect(d.sieve);
-    let mut greeting = Vec::new();
-    loop {
-        let line = c.line();
-        assert!(!line.is_empty(), "closed during the greeting: {greeting:?}");
-        let done = line.starts_with("OK");
-        greeting.push(line);
-        if done {
-            break;
-        }
-    }
+    let (mut c, greeting) = Conn::sieve_greeted(d.sieve);
     assert!(
         greeting.iter().any(|l| l == "\"SASL\" \"PLAIN LOGIN\""),
         "{greeting:?}"
@@ -143,8 +133,7 @@ fn sasl_login_through_the_director() {
     assert_eq!(logins.len(), 2, "{logins:?}");
 
     // With an initial response, and a wrong password: a failed login.
-    let mut c = Conn::connect(d.sieve);
-    while !c.line().starts_with("OK") {}
+    let (mut c, _) = Conn::sieve_greeted(d.sieve);
     c.send(format!("AUTHENTICATE \"LOGIN\" \"{name}\"\r\n").as_bytes());
     assert_eq!(c.line(), "\"UGFzc3dvcmQ6\"");
     c.send(format!("\"{}\"\r\n", base64(b"wrong")).as_bytes());

@@ -10,12 +10,7 @@ use support::client::{curl, imap_append, imap_login, pop3_login, quote, Conn};
 use support::command::openssl;
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
-use support::logs::{login_lines, wait_login};
-
-/// The tags Dovecot puts in a login line for the way the connection is protected.
-fn tls_flag(line: &str) -> bool {
-    line.split(", ").any(|f| f == "TLS")
-}
+use support::logs::{login_lines, tls_flag, wait_login};
 
 /// A CA of our own that signed nothing the pool uses: backends cannot be verified with it.
 fn other_ca(dir: &Path) -> PathBuf {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::config::{BackendTls, Config, ConfigError};
+use crate::config::{AuthMode, BackendTls, Config, ConfigError};
 use crate::health::checker::HealthChecker;
 use crate::net::tls::BackendTlsContext;
 use crate::routing::user_hash::UserHash;
@@ -126,23 +126,47 @@ fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener
     Ok(listener)
 }
 
-/// Builds the TLS connectors the backends need.
+/// Builds the TLS connectors the backends need: those their settings ask for and, where an
+/// auth service checks logins, those its passdb may ask for one user (`ssl=`, `starttls=`, with
+/// `any-cert` or not) on any backend of the configuration or outside it (`backend_defaults`),
+/// even though no backend is configured with TLS.
 pub fn backend_tls(config: &Config) -> Result<BackendTlsContext, ConfigError> {
-    let mut ctx = BackendTlsContext::default();
+    let per_user =
+        (0..config.listeners.len()).any(|i| config.listener_auth(i).0.mode == AuthMode::Dovecot);
+    let mut wanted = Vec::new();
     for i in 0..config.backends.len() {
         let s = config.backend_settings(i);
-        if s.tls == BackendTls::None
-            || ctx
-                .connectors
-                .iter()
-                .any(|(ca, v, _)| *ca == s.tls_ca_file && *v == s.tls_verify)
+        let field = format!("backends[{i}].tls_ca_file");
+        if s.tls != BackendTls::None {
+            wanted.push((field.clone(), s.tls_ca_file.clone(), s.tls_verify));
+        }
+        if per_user {
+            wanted.push((field.clone(), s.tls_ca_file.clone(), false));
+            if s.tls_ca_file.is_some() {
+                wanted.push((field, s.tls_ca_file, true));
+            }
+        }
+    }
+    if per_user {
+        let ca = config.backend_defaults.tls_ca_file.clone();
+        let field = "backend_defaults.tls_ca_file".to_owned();
+        wanted.push((field.clone(), ca.clone(), false));
+        if ca.is_some() {
+            wanted.push((field, ca, true));
+        }
+    }
+    let mut ctx = BackendTlsContext::default();
+    for (field, ca_file, verify) in wanted {
+        if ctx
+            .connectors
+            .iter()
+            .any(|(ca, v, _)| *ca == ca_file && *v == verify)
         {
             continue;
         }
-        let connector = crate::net::tls::connector(s.tls_ca_file.as_deref(), s.tls_verify)
-            .map_err(|e| ConfigError(format!("backends[{i}].tls_ca_file: {e}")))?;
-        ctx.connectors
-            .push((s.tls_ca_file.clone(), s.tls_verify, connector));
+        let connector = crate::net::tls::connector(ca_file.as_deref(), verify)
+            .map_err(|e| ConfigError(format!("{field}: {e}")))?;
+        ctx.connectors.push((ca_file, verify, connector));
     }
     Ok(ctx)
 }

@@ -254,6 +254,22 @@ impl Conn {
         c
     }
 
+    /// Connects to a ManageSieve server and reads its greeting (capability lines up to `OK`);
+    /// returns the connection and those lines.
+    pub fn sieve_greeted(addr: SocketAddr) -> (Conn, Vec<String>) {
+        let mut c = Conn::connect(addr);
+        let mut lines = Vec::new();
+        loop {
+            let line = c.line();
+            assert!(!line.is_empty(), "closed during the greeting: {lines:?}");
+            let done = line.starts_with("OK");
+            lines.push(line);
+            if done {
+                return (c, lines);
+            }
+        }
+    }
+
     /// [`Conn::imap`], panicking unless the tagged reply is `tag OK`.
     pub fn imap_ok(&mut self, tag: &str, command: &str) -> Vec<String> {
         let reply = self.imap(tag, command);

@@ -387,6 +387,19 @@ impl Backend {
         doveadm(&self.config, &self.name, args)
     }
 
+    /// How many connections `doveadm who` lists for `user` on this backend (one line per
+    /// user and protocol: `user0001 3 imap (pids) (ips)`): the backend's own word on who is
+    /// logged in there.
+    pub fn who(&self, user: &str) -> usize {
+        self.doveadm(&["who"])
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(user)).then(|| f.next().unwrap().parse::<usize>().unwrap())
+            })
+            .sum()
+    }
+
     /// Its log so far, plus anything the master wrote to stderr (config errors).
     pub fn log(&self) -> String {
         let mut out = fs::read_to_string(self.log_path()).unwrap_or_default();

@@ -49,3 +49,9 @@ pub fn field(line: &str, key: &str) -> Option<String> {
     let value = line[start..].split([',', ' ']).next()?;
     Some(value.trim_matches(['<', '>']).to_owned())
 }
+
+/// Whether a Dovecot login line says the connection was TLS (its `TLS` tag; a plaintext one
+/// has none, or `secured` for a trusted network).
+pub fn tls_flag(line: &str) -> bool {
+    line.split(", ").any(|f| f == "TLS")
+}

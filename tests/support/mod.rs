@@ -11,6 +11,8 @@ pub mod logins;
 pub mod logs;
 pub mod ports;
 pub mod runtime_thread;
+pub mod sasl;
+pub mod scrape;
 pub mod serve;
 pub mod slapd;
 pub mod swaks;
