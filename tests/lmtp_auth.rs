@@ -8,7 +8,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use support::auth_service::{AuthService, AuthServiceConfig};
 use support::client::{curl, Conn};
@@ -16,7 +15,6 @@ use support::director::{config_yaml, with_listener, DirectorOptions, TestDirecto
 use support::director_log::{capture_director_log, director_log, wait_director_line};
 use support::dovecot::{user, Pool};
 use support::swaks::{self, Target};
-use support::wait::wait_until;
 
 /// A director over the first `configured` backends of `pool`, backend `tagged` (if any)
 /// tagged `vip`, with an LMTP listener whose recipients are looked up on `auth`'s auth-master
@@ -46,19 +44,6 @@ fn director(
 /// Delivers a message with `body` to `to`.
 fn deliver(lmtp: SocketAddr, to: &str, body: &str) -> (bool, String) {
     swaks::lmtp(Target::Tcp(lmtp), &["--to", to, "--body", body])
-}
-
-/// Waits until `u` has a message containing `needle`; returns it.
-fn wait_for_message(pool: &Pool, u: &str, needle: &str) -> String {
-    wait_until(
-        &format!("{u} to get {needle:?}"),
-        Duration::from_secs(10),
-        || {
-            pool.inbox_contents(u)
-                .into_iter()
-                .find(|m| m.contains(needle))
-        },
-    )
 }
 
 /// Sends an LMTP command; returns the last line of its reply.
@@ -112,7 +97,7 @@ fn pinned_tagged_and_unknown_recipients_are_routed_as_the_passdb_says() {
         let body = format!("for {u}");
         let (ok, out) = deliver(lmtp, &format!("{u}@example.org"), &body);
         assert!(ok, "{u}: {out}");
-        let msg = wait_for_message(&pool, u, &body);
+        let msg = pool.wait_for_message(u, &body);
         let name = &pool.backend(backend).name;
         assert!(
             msg.contains(&format!("by {name}")),
@@ -132,7 +117,7 @@ fn pinned_tagged_and_unknown_recipients_are_routed_as_the_passdb_says() {
     let reply = cmd(&mut c, "Subject: mixed\r\n\r\nmixed transaction\r\n.");
     assert!(reply.starts_with("250 "), "{reply}");
     assert!(cmd(&mut c, "QUIT").starts_with("221 "));
-    wait_for_message(&pool, &plain, "mixed transaction");
+    pool.wait_for_message(&plain, "mixed transaction");
 
     let rejected = "director_lmtp_recipients_total{result=\"rejected\"}";
     assert_eq!(metric(&d, rejected), 1.0);
@@ -187,7 +172,7 @@ fn while_the_auth_service_is_down_recipients_get_451_and_one_log_line() {
     auth.run();
     let (ok, out) = deliver(lmtp, &to, "after the restart");
     assert!(ok, "{out}");
-    wait_for_message(&pool, &u, "after the restart");
+    pool.wait_for_message(&u, "after the restart");
     wait_director_line("the auth-master socket reported back", |l| {
         l.contains("auth service reachable again") && l.contains(&endpoint)
     });

@@ -671,6 +671,20 @@ impl Drop for ConnectionGuard {
 }
 
 #[cfg(test)]
+impl Metrics {
+    /// For unit tests: the value of `name`'s series with a label valued `label`, if it exists.
+    pub(crate) fn sample(&self, name: &str, label: &str) -> Option<f64> {
+        self.registry()
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric())
+            .find(|s| s.get_label().iter().any(|l| l.value() == label))
+            .map(|s| s.get_counter().get_value() + s.get_gauge().get_value())
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::net::refusals::RefusalReason;
