@@ -42,7 +42,8 @@
 //! 7. `health`: `health::checker` keeps one verdict per backend (rise/fall; a login that finds
 //!    its backend unresponsive before sending credentials only brings the next check
 //!    forward); `health::probe` runs the checks of `checks/*.yaml`, speaking the protocols.
-//! 8. `auth`: a client of Dovecot's auth service (authentication at the director).
+//! 8. `auth`: a client of Dovecot's auth service (authentication at the director, and LMTP
+//!    recipients looked up over its auth-master socket: `auth::lookups`).
 //! 9. `login` turns a decision into a logged-in backend connection: the router picks the
 //!    backend, the protocol's `backend_login` logs in, the health checker hears of a backend
 //!    that does not answer.

@@ -479,6 +479,20 @@ impl Login {
         self.route_now(user, verified).await
     }
 
+    /// Where a user an auth service looked up goes for `protocol` (an LMTP recipient): routed
+    /// as its login would be (pinned, tagged or the ring), with its port and TLS applied to the
+    /// backend. A move of the user under way is the caller's to wait for.
+    pub async fn route_verified(
+        &self,
+        verified: &Verified,
+        protocol: Protocol,
+    ) -> Result<Route, LoginFailure> {
+        let mut route = self.route_now(&verified.user, Some(verified)).await?;
+        route.backend = for_user(&route.backend, Some(verified), protocol);
+        route.fallbacks.clear();
+        Ok(route)
+    }
+
     async fn route_now(
         &self,
         user: &str,

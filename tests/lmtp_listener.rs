@@ -4,29 +4,13 @@
 
 mod support;
 
-use std::time::Duration;
-
 use support::director::{config_yaml, with_listener, DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool};
 use support::swaks::{self, Target};
-use support::wait::wait_until;
 
 /// Delivers a message to `to` with `body` through `target`.
 fn swaks(target: Target, to: &str, body: &str) -> (bool, String) {
     swaks::lmtp(target, &["--to", to, "--body", body])
-}
-
-/// Waits until `u` has a message containing `needle`; returns it.
-fn wait_for_message(pool: &Pool, u: &str, needle: &str) -> String {
-    wait_until(
-        &format!("{u} to get {needle:?}"),
-        Duration::from_secs(10),
-        || {
-            pool.inbox_contents(u)
-                .into_iter()
-                .find(|m| m.contains(needle))
-        },
-    )
 }
 
 #[test]
@@ -55,7 +39,7 @@ fn tcp_with_allow_from_and_unix_socket_listeners() {
     let backend = d.home(&pool, &format!("{u}@example.org")).name.clone();
     let (ok, out) = swaks(Target::Tcp(allowed), &format!("{u}@example.org"), "via tcp");
     assert!(ok, "{out}");
-    let msg = wait_for_message(&pool, &u, "via tcp");
+    let msg = pool.wait_for_message(&u, "via tcp");
     assert!(msg.contains(&format!("by {backend}")), "{msg}");
 
     // Not in allow_from: a 554 and nothing delivered.
@@ -75,7 +59,7 @@ fn tcp_with_allow_from_and_unix_socket_listeners() {
         "via unix",
     );
     assert!(ok, "{out}");
-    wait_for_message(&pool, &u2, "via unix");
+    pool.wait_for_message(&u2, "via unix");
     assert!(pool
         .inbox_contents(&u)
         .iter()
@@ -98,7 +82,7 @@ fn starttls_to_the_backends_lmtp() {
         "over tls",
     );
     assert!(ok, "{out}");
-    let msg = wait_for_message(&pool, &u, "over tls");
+    let msg = pool.wait_for_message(&u, "over tls");
     assert!(
         msg.contains("LMTPS"),
         "the backend did not receive it over TLS:\n{msg}"

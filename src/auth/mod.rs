@@ -15,5 +15,7 @@
 //! - later, perhaps: both (the auth service's answer first, the backend's login as today).
 
 pub mod dovecot;
+pub mod lookups;
 pub mod passdb;
+pub mod reachability;
 pub mod service;

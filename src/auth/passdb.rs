@@ -1,6 +1,8 @@
 //! What a passdb's answer means for the session, with Dovecot's meanings of its fields: the
 //! auth service said `OK` with fields, and this turns them into the backend login's
-//! credentials and the route ([`Verified`]), or into the refusal the client gets.
+//! credentials and the route ([`Verified`]), or into the refusal the client gets. A lookup
+//! without a password (an LMTP recipient, over the auth-master socket) reads only the route
+//! ([`route`]).
 //!
 //! - `user`: the user as the passdb names it; routing hashes it.
 //! - `destuser`: log in to the backend as this user instead.
@@ -54,15 +56,7 @@ pub fn verdict(
     fields: &AuthFields,
     client_password: Option<Secret>,
 ) -> Result<(Credentials, Verified), LoginFailure> {
-    let misconfigured = |what: &str| {
-        tracing::error!("auth service: {what}: the login is refused for now (check the passdb)");
-        LoginFailure::Unavailable {
-            message: String::new(),
-        }
-    };
-    let Some(user) = fields.user().filter(|u| !u.is_empty()) else {
-        return Err(misconfigured("OK without a user"));
-    };
+    let user = user_of(fields)?;
     let reason = fields.reason().unwrap_or_default().to_owned();
     if fields.nologin() {
         if fields.temp() {
@@ -108,6 +102,15 @@ pub fn verdict(
             }
         }
     };
+    Ok((credentials, route(fields)?))
+}
+
+/// The route a passdb's answer gives its user (`user`, `host`, `hostip`, `port`, TLS,
+/// `proxy_timeout`, `forward_*`, `director_tag`), without credentials: what a lookup without
+/// a password (an LMTP recipient) needs. `nologin` is not read here: it refuses logins, not
+/// mail. A value that cannot be used is the passdb's fault: logged, and a temporary failure.
+pub fn route(fields: &AuthFields) -> Result<Verified, LoginFailure> {
+    let user = user_of(fields)?;
     let hostip = match fields.hostip() {
         None | Some("") => None,
         Some(ip) => Some(ip.parse::<IpAddr>().map_err(|_| {
@@ -158,7 +161,7 @@ pub fn verdict(
             tracing::debug!(user = %shown(user), field = %shown(key), "auth service: field ignored");
         }
     }
-    let verified = Verified {
+    Ok(Verified {
         user: user.to_owned(),
         host: fields.host().filter(|h| !h.is_empty()).map(str::to_owned),
         hostip,
@@ -170,8 +173,24 @@ pub fn verdict(
             .get("director_tag")
             .filter(|t| !t.is_empty())
             .map(str::to_owned),
-    };
-    Ok((credentials, verified))
+    })
+}
+
+/// The answer's `user`, which every answer that says yes must carry.
+fn user_of(fields: &AuthFields) -> Result<&str, LoginFailure> {
+    fields
+        .user()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| misconfigured("OK without a user"))
+}
+
+/// A passdb answer the director cannot act on: logged as the operator's to fix, and a
+/// temporary failure for the client (a login, or an LMTP recipient).
+fn misconfigured(what: &str) -> LoginFailure {
+    tracing::error!("auth service: {what}: turned away for now (check the passdb)");
+    LoginFailure::Unavailable {
+        message: String::new(),
+    }
 }
 
 /// Dovecot's `proxy_timeout`: seconds, or milliseconds with `ms` (`500ms`); also any duration

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use super::dovecot::{AuthClient, AuthError, AuthFields, Challenge, RequestInfo, Step, Transport};
 use super::passdb::{clear_password, verdict};
+use super::reachability::Reachability;
 use crate::metrics::{AuthResult, Metrics};
 use crate::protocol::preauth::{LoginFailure, SaslClient, SaslMechanism, SaslStep};
 use crate::untrusted::shown;
@@ -29,7 +30,7 @@ struct Inner {
     /// logins then fail temporarily).
     last_mechanisms: Mutex<Option<Vec<SaslMechanism>>>,
     /// Whether the last contact worked: the service's state changes are logged once.
-    up: AtomicBool,
+    state: Reachability,
     /// A reconnection runs in the background (see [`AuthService::mechanisms`]).
     reconnecting: AtomicBool,
 }
@@ -44,13 +45,17 @@ pub struct Exchange {
 
 impl AuthService {
     pub fn new(client: AuthClient, metrics: Metrics) -> Self {
-        metrics.auth_service_up(client.endpoint().to_string(), true);
+        let state = Reachability::new(
+            client.endpoint().to_string(),
+            "logins get a temporary failure",
+            metrics.clone(),
+        );
         AuthService {
             inner: Arc::new(Inner {
                 client,
                 metrics,
                 last_mechanisms: Mutex::new(None),
-                up: AtomicBool::new(true),
+                state,
                 reconnecting: AtomicBool::new(false),
             }),
         }
@@ -92,7 +97,7 @@ impl AuthService {
     async fn handshake(&self) -> Vec<SaslMechanism> {
         match self.inner.client.handshake().await {
             Ok(handshake) => {
-                self.reached();
+                self.inner.state.reached();
                 let offered: Vec<SaslMechanism> = handshake
                     .mechanisms
                     .iter()
@@ -109,7 +114,7 @@ impl AuthService {
                 offered
             }
             Err(error) => {
-                self.unreachable(&error);
+                self.inner.state.failed(&error);
                 self.lock_last().clone().unwrap_or_else(|| {
                     ["PLAIN", "LOGIN"]
                         .map(|name| SaslMechanism {
@@ -156,7 +161,7 @@ impl AuthService {
         let metrics = &self.inner.metrics;
         match answer {
             Ok(Step::Continue(challenge)) => {
-                self.reached();
+                self.inner.state.reached();
                 SaslStep::Challenge(
                     challenge.data().to_vec(),
                     Exchange {
@@ -167,7 +172,7 @@ impl AuthService {
                 )
             }
             Ok(Step::Ok(fields)) => {
-                self.reached();
+                self.inner.state.reached();
                 let password = clear_password(&mechanism, &responses);
                 match verdict(&fields, password) {
                     Ok((credentials, verified)) => {
@@ -188,7 +193,7 @@ impl AuthService {
                 }
             }
             Ok(Step::Fail(fields)) => {
-                self.reached();
+                self.inner.state.reached();
                 let message = fields.reason().unwrap_or_default().to_owned();
                 if fields.temp() {
                     metrics.auth(AuthResult::TempFail);
@@ -215,30 +220,11 @@ impl AuthService {
             }
             Err(error) => {
                 metrics.auth(AuthResult::Error);
-                self.unreachable(&error);
+                self.inner.state.failed(&error);
                 SaslStep::Failed(LoginFailure::Unavailable {
                     message: AUTH_UNAVAILABLE_TEXT.into(),
                 })
             }
-        }
-    }
-
-    /// The service answered: log its return once.
-    fn reached(&self) {
-        if !self.inner.up.swap(true, Ordering::AcqRel) {
-            let endpoint = self.inner.client.endpoint().to_string();
-            tracing::info!(auth = %endpoint, "auth service reachable again");
-            self.inner.metrics.auth_service_up(endpoint, true);
-        }
-    }
-
-    /// The service could not be used: log the first failure of a run of them.
-    fn unreachable(&self, error: &AuthError) {
-        if self.inner.up.swap(false, Ordering::AcqRel) {
-            let endpoint = self.inner.client.endpoint().to_string();
-            tracing::warn!(auth = %endpoint, %error,
-                           "auth service unusable: logins get a temporary failure until it answers again");
-            self.inner.metrics.auth_service_up(endpoint, false);
         }
     }
 

@@ -167,6 +167,12 @@ catalogue! {
         credentials), refused (right credentials but nologin), tempfail (the service could not \
         tell, or its answer lacked what a proxy needs), error (the service could not be reached \
         or did not answer in time).";
+    AUTH_LOOKUPS_TOTAL: Counter "director_auth_lookups_total"
+        ["result"]
+        "User lookups without a password at the auth service's auth-master socket (LMTP recipients, \
+        auth.mode: dovecot) by result: found, not_found, tempfail (the answer lacked what routing \
+        needs), error (the service could not be reached, failed the lookup or did not answer in \
+        time).";
     AUTH_SERVICE_UP: Gauge "director_auth_service_up"
         ["endpoint"]
         "1 while the auth service answers (or has not failed yet), 0 from its first failure until \
@@ -259,6 +265,32 @@ impl AuthResult {
     ];
 }
 
+/// How a user lookup at the auth-master socket ended, for `director_auth_lookups_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupResult {
+    Found,
+    NotFound,
+    TempFail,
+    Error,
+}
+
+impl LookupResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            LookupResult::Found => "found",
+            LookupResult::NotFound => "not_found",
+            LookupResult::TempFail => "tempfail",
+            LookupResult::Error => "error",
+        }
+    }
+    const ALL: [LookupResult; 4] = [
+        LookupResult::Found,
+        LookupResult::NotFound,
+        LookupResult::TempFail,
+        LookupResult::Error,
+    ];
+}
+
 /// How one backend login attempt ended, for `director_backend_logins_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendLoginOutcome {
@@ -346,6 +378,7 @@ pub(crate) struct Inner {
     pub(crate) lmtp_recipients_total: IntCounterVec,
     pub(crate) connections_refused_total: IntCounterVec,
     pub(crate) auth_requests_total: IntCounterVec,
+    pub(crate) auth_lookups_total: IntCounterVec,
     pub(crate) auth_service_up: IntGaugeVec,
     /// Scrapes reset and refill the state gauges: one at a time.
     pub(crate) refresh: Mutex<()>,
@@ -424,6 +457,7 @@ impl Metrics {
             lmtp_recipients_total: counter_vec(&r, &LMTP_RECIPIENTS_TOTAL),
             connections_refused_total: counter_vec(&r, &CONNECTIONS_REFUSED_TOTAL),
             auth_requests_total: counter_vec(&r, &AUTH_REQUESTS_TOTAL),
+            auth_lookups_total: counter_vec(&r, &AUTH_LOOKUPS_TOTAL),
             auth_service_up: gauge_vec(&r, &AUTH_SERVICE_UP),
             registry: r,
             refresh: Mutex::new(()),
@@ -452,6 +486,9 @@ impl Metrics {
             inner
                 .auth_requests_total
                 .with_label_values(&[result.name()]);
+        }
+        for result in LookupResult::ALL {
+            inner.auth_lookups_total.with_label_values(&[result.name()]);
         }
         for reason in MOVE_REASONS {
             inner.moves_total.with_label_values(&[reason]);
@@ -490,6 +527,14 @@ impl Metrics {
     pub fn auth(&self, result: AuthResult) {
         self.inner
             .auth_requests_total
+            .with_label_values(&[result.name()])
+            .inc();
+    }
+
+    /// One user lookup at an auth-master socket.
+    pub fn auth_lookup(&self, result: LookupResult) {
+        self.inner
+            .auth_lookups_total
             .with_label_values(&[result.name()])
             .inc();
     }
@@ -622,6 +667,20 @@ pub struct ConnectionGuard(IntGauge);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+impl Metrics {
+    /// For unit tests: the value of `name`'s series with a label valued `label`, if it exists.
+    pub(crate) fn sample(&self, name: &str, label: &str) -> Option<f64> {
+        self.registry()
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric())
+            .find(|s| s.get_label().iter().any(|l| l.value() == label))
+            .map(|s| s.get_counter().get_value() + s.get_gauge().get_value())
     }
 }
 

@@ -22,9 +22,11 @@ use crate::net::shutdown::Shutdown;
 use crate::net::stream::ClientStream;
 use crate::protocol::decision::{ClientIdentity, Protocol};
 use crate::protocol::imap::frontend::Imap;
+use crate::protocol::lmtp::serve_connection_until;
 use crate::protocol::pop3::frontend::Pop3;
 use crate::protocol::preauth::{self, Established, FrontendContext, PreauthLimits};
 use crate::protocol::sieve::frontend::ManageSieve;
+use crate::server::lmtp_recipients::DovecotRecipients;
 
 /// Settings every listener shares. A reload swaps in a new one (`ArcSwap`); each connection
 /// keeps the one it was accepted with.
@@ -32,6 +34,9 @@ pub struct ListenerShared {
     pub login: Login,
     /// The auth services of the listeners with `auth.mode: dovecot`, by socket.
     pub auth: std::collections::HashMap<String, crate::auth::service::AuthService>,
+    /// The recipient lookups of the LMTP listeners with `auth.mode: dovecot`, by auth-master
+    /// socket.
+    pub lookups: std::collections::HashMap<String, crate::auth::lookups::UserLookups>,
     /// For implicit TLS and STARTTLS; `None` when no certificate is configured.
     pub tls: Option<TlsAcceptor>,
     pub trusted_networks: Vec<Network>,
@@ -131,12 +136,68 @@ pub struct Listener {
     pub pool: Arc<ConnectionPool>,
     /// The auth service's socket (`auth.mode: dovecot`); `None`: passthrough.
     pub auth_socket: Option<String>,
+    /// LMTP in `auth.mode: dovecot`: the auth-master socket its recipients are looked up on;
+    /// `None`: recipients go by the ring.
+    pub master_socket: Option<String>,
 }
 
 impl Listener {
     /// Where it listens, for logs.
     pub fn describe(&self) -> String {
         self.name.clone()
+    }
+
+    /// Serves one LMTP connection to its end, its recipients routed by the ring or looked up
+    /// in the user database, and notes an end by shutdown.
+    async fn serve_lmtp(
+        &self,
+        client: ClientStream,
+        identity: ClientIdentity,
+        shared: &ListenerShared,
+        shutdown: &Shutdown,
+    ) {
+        let router = shared.login.router.clone();
+        let (settings, metrics) = (shared.lmtp.clone(), shared.metrics.clone());
+        let session = identity.clone();
+        // Boxed: the LMTP session's state must not enlarge every relayed session's task.
+        let _ = match &self.master_socket {
+            None => {
+                let ring = router.clone();
+                Box::pin(serve_connection_until(
+                    client,
+                    session,
+                    router,
+                    ring,
+                    settings,
+                    metrics,
+                    shutdown.clone(),
+                ))
+                .await
+            }
+            Some(socket) => {
+                let Some(lookups) = shared.lookups.get(socket) else {
+                    // Never the ring by mistake: a listener that must look recipients up and
+                    // cannot takes nobody (the MTA retries).
+                    warn!(auth = %socket, "no auth-master client for this listener: connection closed");
+                    return;
+                };
+                let lookup = DovecotRecipients {
+                    login: &shared.login,
+                    lookups,
+                };
+                Box::pin(serve_connection_until(
+                    client,
+                    session,
+                    router,
+                    lookup,
+                    settings,
+                    metrics,
+                    shutdown.clone(),
+                ))
+                .await
+            }
+        };
+        ended_by_shutdown(shutdown, Protocol::Lmtp, &identity);
     }
 
     /// Accepts connections on `socket` until the director stops (or the task is aborted: a
@@ -191,7 +252,7 @@ impl Listener {
                             session_id: new_session_id(),
                             session_ext_id: None,
                         };
-                        serve_lmtp(client, identity, &shared, &shutdown).await;
+                        this.serve_lmtp(client, identity, &shared, &shutdown).await;
                     }
                 }
             });
@@ -291,7 +352,7 @@ impl Listener {
             else {
                 return;
             };
-            serve_lmtp(client, identity, shared, shutdown).await;
+            self.serve_lmtp(client, identity, shared, shutdown).await;
             return;
         }
         let Some((mut slot, per_ip)) = self
@@ -451,26 +512,6 @@ impl Listener {
 
 /// Logs the end of a connection that ended while the director was stopping (pre-login or
 /// LMTP: relayed sessions log their own line); `false` if it is not stopping.
-/// Serves one LMTP connection to its end, and notes an end by shutdown.
-async fn serve_lmtp(
-    client: ClientStream,
-    identity: ClientIdentity,
-    shared: &ListenerShared,
-    shutdown: &Shutdown,
-) {
-    // Boxed: the LMTP session's state must not enlarge every relayed session's task.
-    let _ = Box::pin(crate::protocol::lmtp::serve_connection_until(
-        client,
-        identity.clone(),
-        shared.login.router.clone(),
-        shared.lmtp.clone(),
-        shared.metrics.clone(),
-        shutdown.clone(),
-    ))
-    .await;
-    ended_by_shutdown(shutdown, Protocol::Lmtp, &identity);
-}
-
 fn ended_by_shutdown(shutdown: &Shutdown, protocol: Protocol, identity: &ClientIdentity) -> bool {
     if !shutdown.is_stopping() {
         return false;

@@ -3,6 +3,7 @@
 
 pub mod auth_services;
 pub mod listener;
+pub mod lmtp_recipients;
 pub mod metrics_server;
 pub mod prepare;
 pub mod reload;
@@ -85,6 +86,7 @@ fn listener_shared(
             default_settings: Arc::new(config.settings_for_host("")),
         },
         auth: auth_services.for_config(config, &login.metrics),
+        lookups: auth_services.lookups_for_config(config, &login.metrics),
         tls: prepared.tls.clone(),
         trusted_networks: config.trusted_networks.clone(),
         disable_plaintext_auth: config.disable_plaintext_auth,

@@ -116,6 +116,13 @@ impl RunningListener {
                 .as_ref()
                 .and_then(crate::server::auth_services::login_socket)
                 .map(str::to_owned),
+            master_socket: self
+                .entry
+                .auth
+                .as_ref()
+                .filter(|_| self.protocol == Protocol::Lmtp)
+                .and_then(crate::server::auth_services::master_socket)
+                .map(str::to_owned),
         };
         info!(protocol = %self.protocol, address = %listener.name, tls = ?self.tls, "listening");
         self.task = Some(tokio::spawn(listener.serve(

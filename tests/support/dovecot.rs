@@ -316,6 +316,25 @@ impl Pool {
             .map(|p| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned())
             .collect()
     }
+
+    /// Waits (10 s at most) until `user` has a message containing `needle`; returns it.
+    pub fn wait_for_message(&self, user: &str, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self
+                .inbox_contents(user)
+                .into_iter()
+                .find(|m| m.contains(needle));
+            if let Some(message) = found {
+                return message;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{user} did not get {needle:?} within 10s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Pool {

@@ -53,7 +53,7 @@ pub mod master;
 mod master_tests;
 pub mod request;
 #[cfg(test)]
-mod test_socket;
+pub(super) mod test_socket;
 pub mod wire;
 
 pub use client::{AuthClient, AuthClientOptions, Challenge, Endpoint, Step};

@@ -6,6 +6,8 @@
 //!   username). No I/O.
 //! - `backend_conn`: one connection to a backend's LMTP service (greeting, loop check, LHLO,
 //!   XCLIENT).
+//! - `lookup`: where each recipient goes ([`RecipientLookup`]): the ring, or (`auth.mode:
+//!   dovecot`) the user database, which may also say the user does not exist.
 //! - `session`: one client connection, its transactions, and the rule that keeps mail safe:
 //!   a recipient gets 250 only after its backend said 250; whatever goes wrong on our side or
 //!   a backend's gives a 4xx, so the MTA keeps the message and retries.
@@ -16,6 +18,9 @@
 
 pub mod backend_conn;
 pub mod command;
+pub mod lookup;
+#[cfg(test)]
+mod lookup_tests;
 pub mod session;
 
 use std::io;
@@ -25,6 +30,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 pub use command::RecipientUsername;
+pub use lookup::{RecipientLookup, RecipientRoute};
 
 use crate::config::{LmtpConfig, RecipientUsernameName};
 use crate::net::stream::ClientStream;
@@ -130,10 +136,12 @@ pub async fn serve_connection(
     settings: Arc<LmtpSettings>,
     metrics: crate::metrics::Metrics,
 ) -> io::Result<()> {
+    let lookup = router.clone();
     serve_connection_until(
         client,
         identity,
         router,
+        lookup,
         settings,
         metrics,
         crate::net::shutdown::Shutdown::default(),
@@ -141,19 +149,24 @@ pub async fn serve_connection(
     .await
 }
 
-/// [`serve_connection`] that also watches the director's stop: between transactions the
-/// client gets `421` at once, a transaction under way may finish within the grace.
-pub async fn serve_connection_until(
+/// [`serve_connection`] with `lookup` saying where each recipient goes, that also watches
+/// the director's stop: between transactions the client gets `421` at once, a transaction
+/// under way may finish within the grace. `router` keeps the users' records while their mail
+/// is delivered.
+pub async fn serve_connection_until<L: RecipientLookup>(
     client: ClientStream,
     identity: ClientIdentity,
     router: Router,
+    lookup: L,
     settings: Arc<LmtpSettings>,
     metrics: crate::metrics::Metrics,
     shutdown: crate::net::shutdown::Shutdown,
 ) -> io::Result<()> {
-    session::Session::new(client, identity, router, settings, metrics, shutdown)
-        .run()
-        .await
+    session::Session::new(
+        client, identity, router, lookup, settings, metrics, shutdown,
+    )
+    .run()
+    .await
 }
 
 /// Turns a client away (e.g. not in a TCP listener's `allow_from`): a `554` greeting, as RFC

@@ -6,9 +6,12 @@
 //! The safety rule: a recipient is told 250 after DATA only when its backend said 250 for it.
 //! Anything that fails on the way (connect, timeout, dropped connection, garbage) gives that
 //! backend's recipients `451 4.4.0`, never a 5xx of our own. A message over the size limit is
-//! not delivered anywhere: the backend connections are dropped before the final dot.
+//! not delivered anywhere: the backend connections are dropped before the final dot. The one
+//! 5xx of our own at RCPT is for a user the user database does not know (`auth.mode:
+//! dovecot`), worded as the backend would word it; a user database that cannot tell gives
+//! `451 4.3.0`.
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,11 +22,14 @@ use super::backend_conn::{BackendConn, BackendFailure, Hello};
 use super::command::{
     username_of, Command, CommandParser, DataScanner, MailFrom, Parse, RcptTo, Reply, SyntaxError,
 };
+use super::lookup::{RecipientLookup, RecipientRoute};
 use super::LmtpSettings;
+use crate::config::BackendTls;
 use crate::metrics::{Metrics, RecipientResult};
 use crate::net::shutdown::{Phase, Shutdown};
 use crate::net::stream::ClientStream;
 use crate::protocol::decision::ClientIdentity;
+use crate::state::backend::Backend;
 use crate::state::router::Router;
 
 /// Read size from the client (also the most of a message held at once).
@@ -34,9 +40,27 @@ fn unavailable() -> Reply {
     Reply::new(451, "4.4.0 Backend unavailable, try again later")
 }
 
+/// Which recipients share a backend connection: those of one address, with one TLS setting
+/// (an auth service may give a user its own port or TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UpstreamKey {
+    addr: SocketAddr,
+    tls: (BackendTls, bool),
+}
+
+impl UpstreamKey {
+    fn of(backend: &Backend) -> Self {
+        let s = &backend.settings;
+        UpstreamKey {
+            addr: backend.address(crate::protocol::decision::Protocol::Lmtp),
+            tls: (s.tls, s.tls_verify),
+        }
+    }
+}
+
 /// A backend taking part in the transaction.
 struct Upstream {
-    ip: IpAddr,
+    key: UpstreamKey,
     /// `None` once it failed (or after the transaction ended).
     conn: Option<BackendConn>,
     /// What its recipients get if it failed.
@@ -60,7 +84,9 @@ impl Upstream {
 /// A recipient the backend accepted.
 struct Recipient {
     path: String,
-    user_hash: u32,
+    /// The user's hash, whose record the delivery keeps alive; `None` for a backend outside
+    /// the pool (an auth service's `host`), which has no records.
+    user_hash: Option<u32>,
     /// Index into the transaction's upstreams.
     upstream: usize,
     /// Position among that upstream's accepted recipients.
@@ -83,11 +109,12 @@ enum Next {
     Close,
 }
 
-/// One client connection.
-pub struct Session {
+/// One client connection; `L` says where each recipient goes.
+pub struct Session<L> {
     client: ClientStream,
     identity: ClientIdentity,
     router: Router,
+    lookup: L,
     settings: Arc<LmtpSettings>,
     /// Bytes read from the client and not yet used.
     buf: Vec<u8>,
@@ -115,11 +142,12 @@ enum Wait {
     Stopping,
 }
 
-impl Session {
+impl<L: RecipientLookup> Session<L> {
     pub fn new(
         client: ClientStream,
         identity: ClientIdentity,
         router: Router,
+        lookup: L,
         settings: Arc<LmtpSettings>,
         metrics: Metrics,
         shutdown: Shutdown,
@@ -129,6 +157,7 @@ impl Session {
             client,
             identity,
             router,
+            lookup,
             parser: CommandParser::new(settings.max_line_length),
             settings,
             buf: Vec::new(),
@@ -364,32 +393,53 @@ impl Session {
     /// Routes a recipient, opens its backend's connection if needed, and passes RCPT on.
     async fn route_recipient(&mut self, rcpt: &RcptTo, username: &str) -> Reply {
         let session = self.identity.session_id.clone();
-        let mut route = self.router.route(username, "");
-        if let Ok(r) = &route {
+        let mut answer = self.lookup.lookup(username, &self.identity).await;
+        if let RecipientRoute::Deliver { route, .. } = &answer {
             let state = self.router.state();
-            if state.is_moving(r.user_hash) {
+            if state.is_moving(route.user_hash) {
                 // A move of this user is under way: wait for it, then follow the new record.
+                let hash = route.user_hash;
                 let deadline = Instant::now() + self.settings.move_wait;
-                while state.is_moving(r.user_hash) && Instant::now() < deadline {
+                while state.is_moving(hash) && Instant::now() < deadline {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
-                if state.is_moving(r.user_hash) {
+                if state.is_moving(hash) {
                     warn!(session = %session, user = %crate::untrusted::shown(username), "recipient's user is being moved: try again later");
                     return unavailable();
                 }
-                route = self.router.route(username, "");
+                answer = self.lookup.lookup(username, &self.identity).await;
             }
         }
-        let route = match route {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(session = %session, user = %crate::untrusted::shown(username), error = %e, "no backend for recipient");
+        let route = match answer {
+            RecipientRoute::Deliver { user, route } => {
+                if user != username {
+                    debug!(session = %session, rcpt = %crate::untrusted::shown(&rcpt.path),
+                           user = %crate::untrusted::shown(&user), "recipient's user as the user database names it");
+                }
+                route
+            }
+            // Dovecot's words (its LMTP service, and its LMTP proxy's lookup failure).
+            RecipientRoute::Unknown => {
+                return Reply::new(
+                    550,
+                    format!("5.1.1 <{}> User doesn't exist: {username}", rcpt.path),
+                )
+            }
+            RecipientRoute::LookupFailed => {
+                return Reply::new(
+                    451,
+                    format!("4.3.0 <{}> Temporary user lookup failure", rcpt.path),
+                )
+            }
+            RecipientRoute::NoBackend(why) => {
+                warn!(session = %session, user = %crate::untrusted::shown(username), error = %why, "no backend for recipient");
                 return unavailable();
             }
         };
         let backend = route.backend;
         let tx = self.tx.as_mut().expect("checked by rcpt");
-        let up = match tx.upstreams.iter().position(|u| u.ip == backend.ip) {
+        let key = UpstreamKey::of(&backend);
+        let up = match tx.upstreams.iter().position(|u| u.key == key) {
             Some(i) => i,
             None => {
                 let hello = Hello {
@@ -400,7 +450,7 @@ impl Session {
                 };
                 let addr = backend.address(crate::protocol::decision::Protocol::Lmtp);
                 let mut upstream = Upstream {
-                    ip: backend.ip,
+                    key,
                     conn: None,
                     failure: None,
                     accepted: 0,
@@ -453,19 +503,19 @@ impl Session {
         match conn.command(&format!("RCPT TO:<{}>", rcpt.path)).await {
             Ok(reply) => {
                 if reply.is_positive() {
+                    // Keeps the user's record alive while the delivery is under way.
+                    let state = self.router.state();
+                    let in_pool = state.backends().get(backend.ip).is_some();
+                    if in_pool {
+                        state.session_started(route.user_hash, backend.ip, Instant::now());
+                    }
                     tx.recipients.push(Recipient {
                         path: rcpt.path.clone(),
-                        user_hash: route.user_hash,
+                        user_hash: in_pool.then_some(route.user_hash),
                         upstream: up,
                         index: upstream.accepted,
                     });
                     upstream.accepted += 1;
-                    // Keeps the user's record alive while the delivery is under way.
-                    self.router.state().session_started(
-                        route.user_hash,
-                        backend.ip,
-                        Instant::now(),
-                    );
                 }
                 reply
             }
@@ -495,11 +545,11 @@ impl Session {
             match conn.command("DATA").await {
                 Ok(r) if r.code == 354 => {}
                 Ok(r) => {
-                    warn!(session = %session, backend = %u.ip, reply = %r, "backend refused DATA");
+                    warn!(session = %session, backend = %u.key.addr, reply = %r, "backend refused DATA");
                     u.fail(if r.code >= 400 { r } else { unavailable() });
                 }
                 Err(e) => {
-                    warn!(session = %session, backend = %u.ip, error = %e, "backend failed at DATA");
+                    warn!(session = %session, backend = %u.key.addr, error = %e, "backend failed at DATA");
                     u.fail(unavailable());
                 }
             }
@@ -557,7 +607,7 @@ impl Session {
                 match conn.reply_within(timeout).await {
                     Ok(r) => u.data_replies.push(r),
                     Err(e) => {
-                        warn!(session = %session, backend = %u.ip, error = %e, got = u.data_replies.len(),
+                        warn!(session = %session, backend = %u.key.addr, error = %e, got = u.data_replies.len(),
                               of = u.accepted, "backend failed after the message was sent");
                         u.fail(unavailable());
                     }
@@ -573,7 +623,7 @@ impl Session {
                 .cloned()
                 .or_else(|| u.failure.clone())
                 .unwrap_or_else(unavailable);
-            info!(session = %session, from = %crate::untrusted::shown(&tx.mail.path), to = %crate::untrusted::shown(&r.path), backend = %u.ip,
+            info!(session = %session, from = %crate::untrusted::shown(&tx.mail.path), to = %crate::untrusted::shown(&r.path), backend = %u.key.addr,
                   reply = %reply, ms = tx.started.elapsed().as_millis() as u64, "delivery");
             self.metrics
                 .lmtp_recipient(RecipientResult::from_code(reply.code));
@@ -616,7 +666,7 @@ impl Session {
                         continue;
                     };
                     if let Err(e) = conn.send(&self.buf[..n]).await {
-                        warn!(session = %session, backend = %u.ip, error = %e, "backend failed while receiving the message");
+                        warn!(session = %session, backend = %u.key.addr, error = %e, "backend failed while receiving the message");
                         u.fail(unavailable());
                     }
                 }
@@ -679,8 +729,8 @@ impl Session {
     async fn end_transaction(&mut self) {
         let Some(tx) = self.tx.take() else { return };
         let now = Instant::now();
-        for r in &tx.recipients {
-            self.router.state().session_ended(r.user_hash, now);
+        for hash in tx.recipients.iter().filter_map(|r| r.user_hash) {
+            self.router.state().session_ended(hash, now);
         }
         for u in tx.upstreams {
             if let Some(conn) = u.conn {
