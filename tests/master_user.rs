@@ -10,7 +10,7 @@ use support::admin_cli::AdminCli;
 use support::client::{base64, imap_login, pop3_login, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::director_log::{capture_director_log, director_log};
-use support::dovecot::{user, Backend, Pool, MASTER_PASSWORD, MASTER_USER, PASSWORD};
+use support::dovecot::{user, Pool, MASTER_PASSWORD, MASTER_USER, PASSWORD};
 use support::logs::LOG_WAIT;
 use support::wait::wait_until;
 
@@ -38,18 +38,6 @@ fn split_user(d: &TestDirector) -> String {
             own != whole
         })
         .expect("some user's master login hashes elsewhere")
-}
-
-/// How many connections `doveadm who` on `b` counts for `u` (one line per user and
-/// protocol: `user0001 3 imap (pids) (ips)`).
-fn who(b: &Backend, u: &str) -> usize {
-    b.doveadm(&["who"])
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next() == Some(u)).then(|| f.next().unwrap().parse::<usize>().unwrap())
-        })
-        .sum()
 }
 
 #[test]
@@ -80,8 +68,8 @@ fn a_master_login_lands_on_the_users_backend_and_is_kicked_with_it() {
     pop3.pop3_ok("STAT");
 
     // The backends agree: the user is on one of them only.
-    assert_eq!(who(home, &u), 4, "doveadm who on {}", home.name);
-    assert_eq!(who(other, &u), 0, "{u} also on {}", other.name);
+    assert_eq!(home.who(&u), 4, "doveadm who on {}", home.name);
+    assert_eq!(other.who(&u), 0, "{u} also on {}", other.name);
 
     // The director registered every session under the user's name.
     let sessions = d.sessions_of(&u);

@@ -387,6 +387,18 @@ impl Backend {
         doveadm(&self.config, &self.name, args)
     }
 
+    /// How many connections `doveadm who` counts for `user` (one line per user and
+    /// protocol: `user0001 3 imap (pids) (ips)`).
+    pub fn who(&self, user: &str) -> usize {
+        self.doveadm(&["who"])
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(user)).then(|| f.next().unwrap().parse::<usize>().unwrap())
+            })
+            .sum()
+    }
+
     /// Its log so far, plus anything the master wrote to stderr (config errors).
     pub fn log(&self) -> String {
         let mut out = fs::read_to_string(self.log_path()).unwrap_or_default();

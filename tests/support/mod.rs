@@ -11,6 +11,7 @@ pub mod logins;
 pub mod logs;
 pub mod ports;
 pub mod runtime_thread;
+pub mod sasl_digest;
 pub mod serve;
 pub mod slapd;
 pub mod swaks;
