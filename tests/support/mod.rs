@@ -13,6 +13,7 @@ pub mod ports;
 pub mod runtime_thread;
 pub mod sasl;
 pub mod scrape;
+pub mod sasl_digest;
 pub mod serve;
 pub mod slapd;
 pub mod swaks;

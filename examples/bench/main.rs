@@ -1,62 +1,33 @@
-//! Benchmarks of the director against a direct connection to the same real Dovecot backend:
-//! login latency, relay throughput (a large FETCH) and memory per idle (IDLE) session.
-//! Run with `./scripts/bench` (release build); it prints the figures for BENCHMARKS.md.
+//! Benchmarks of the director against a direct connection to the same real Dovecot backend.
+//! Run with `./scripts/bench [auth]` (release build); it prints the figures for BENCHMARKS.md.
 //!
-//! Environment: BENCH_LOGINS (default 300), BENCH_IDLE (default 1000),
-//! BENCH_MESSAGE_MIB (default 20), BENCH_FETCHES (default 5).
+//! - No argument: login latency, relay throughput (a large FETCH) and memory per idle (IDLE)
+//!   session. Environment: BENCH_LOGINS (default 300), BENCH_IDLE (default 1000),
+//!   BENCH_MESSAGE_MIB (default 20), BENCH_FETCHES (default 5).
+//! - `auth`: logins through a Dovecot auth service (dovecot mode) against passthrough and
+//!   direct logins ([`auth`]).
 
-#[path = "../tests/support/dovecot.rs"]
+#[path = "../../tests/support/dovecot.rs"]
 mod dovecot;
-#[path = "../tests/support/env.rs"]
+#[path = "../../tests/support/env.rs"]
 mod env;
-#[path = "../tests/support/ports.rs"]
+#[path = "../../tests/support/ports.rs"]
 mod ports;
-#[path = "../tests/support/wait.rs"]
+#[path = "../../tests/support/wait.rs"]
 mod wait;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+mod auth;
+#[path = "../../tests/support/auth_service.rs"]
+mod auth_service;
+mod director_process;
+mod imap;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-struct Imap {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-}
-
-impl Imap {
-    fn connect(addr: SocketAddr) -> Imap {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_nodelay(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut c = Imap {
-            r: BufReader::new(s.try_clone().unwrap()),
-            w: s,
-        };
-        let g = c.line();
-        assert!(g.starts_with("* OK"), "greeting {g}");
-        c
-    }
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.r.read_line(&mut l).unwrap();
-        l
-    }
-    fn cmd(&mut self, tag: &str, c: &str) -> String {
-        write!(self.w, "{tag} {c}\r\n").unwrap();
-        loop {
-            let l = self.line();
-            assert!(!l.is_empty(), "closed during {c}");
-            if l.starts_with(&format!("{tag} ")) {
-                return l;
-            }
-        }
-    }
-    fn login(&mut self, user: &str) {
-        let r = self.cmd("a", &format!("LOGIN {user} {}", dovecot::PASSWORD));
-        assert!(r.starts_with("a OK"), "{r}");
-    }
-}
+use director_process::DirectorProcess;
+use imap::Imap;
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -108,6 +79,15 @@ fn fetch(addr: SocketAddr, user: &str, size: usize, n: usize) -> Duration {
 }
 
 fn main() {
+    match std::env::args().nth(1).as_deref() {
+        None => relay(),
+        Some("auth") => auth::run(),
+        Some(other) => panic!("unknown benchmark {other:?}: none (login, relay, idle) or `auth`"),
+    }
+}
+
+/// Login, relay and idle-memory figures, director vs direct.
+fn relay() {
     let n_logins = env::env_or("BENCH_LOGINS", 300);
     let n_idle = env::env_or("BENCH_IDLE", 1000);
     let mib = env::env_or("BENCH_MESSAGE_MIB", 20);
@@ -124,42 +104,14 @@ fn main() {
     let backend = pool.backend(0).imap();
     let port = ports::free_port();
     let cfg = pool.dir().join("bench-director.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "trusted_networks: [127.0.0.0/8]\nlisteners:\n  - {{protocol: imap, address: 127.0.0.1:{port}}}\n\
-             backend_defaults:\n  ports: {{imap: {}}}\nbackends:\n  - host: {}\n",
-            dovecot::IMAP_PORT,
-            pool.backend(0).ip
-        ),
-    )
-    .unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .unwrap()
-        .join("director");
-    let child: Child = Command::new(&bin)
-        .args(["serve", "-c"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-    // Kills the director even if the benchmark panics.
-    struct Reap(Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let child = Reap(child);
+    let yaml = format!(
+        "trusted_networks: [127.0.0.0/8]\nlisteners:\n  - {{protocol: imap, address: 127.0.0.1:{port}}}\n\
+         backend_defaults:\n  ports: {{imap: {}}}\nbackends:\n  - host: {}\n",
+        dovecot::IMAP_PORT,
+        pool.backend(0).ip
+    );
     let director: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait::wait_for("the director to listen", Duration::from_secs(20), || {
-        TcpStream::connect(director).is_ok()
-    });
+    let child = DirectorProcess::start(&cfg, &yaml, director);
 
     println!(
         "# director benchmark ({} logins, {} idle sessions, {mib} MiB message)",
@@ -212,7 +164,7 @@ fn main() {
     );
 
     // Idle sessions: logged in and in IDLE.
-    let pid = child.0.id();
+    let pid = child.pid();
     let mut warm: Vec<Imap> = Vec::new();
     for i in 0..20 {
         let mut c = Imap::connect(director);
