@@ -33,7 +33,9 @@ use director::routing::ring::Ring;
 use director::routing::user_hash::UserHash;
 use support::admin_cli::AdminCli;
 use support::auth_service::{AuthService, AuthServiceConfig, LOGIN_PORT, MECHANISMS};
-use support::client::{assert_ok, assert_tagged, base64, curl, imap_login, quote, Conn};
+use support::client::{
+    assert_ok, assert_tagged, base64, curl_imap_cram_md5, imap_login, quote, Conn,
+};
 use support::command::run;
 use support::director::{config_yaml, with_listener, DirectorOptions, TestDirector};
 use support::director_log::{capture_director_log, director_log, wait_director_line};
@@ -293,18 +295,7 @@ fn cram_md5_and_scram_sha_256_log_in_with_the_password_the_service_returns() {
     }
 
     // curl computes CRAM-MD5; the backend gets a plain login with the service's `pass`.
-    let url = format!("imap://127.0.0.1:{}/", d.imap.port());
-    let login = format!("{cram_user}:{PASSWORD}");
-    let (ok, out, err) = curl(&[
-        &url,
-        "-u",
-        &login,
-        "--login-options",
-        "AUTH=CRAM-MD5",
-        "-X",
-        "ID NIL",
-        "-v",
-    ]);
+    let (ok, out, err) = curl_imap_cram_md5(d.imap, &cram_user, PASSWORD);
     assert!(ok, "curl CRAM-MD5: {err}");
     assert!(err.contains("AUTHENTICATE CRAM-MD5"), "{err}");
     let cram_home = d.home(&pool, &cram_user);

@@ -56,7 +56,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use support::auth_service::{AuthService, AuthServiceConfig, LOGIN_PORT};
-use support::client::{assert_ok, base64, curl, imap_login, quote, Conn};
+use support::client::{assert_ok, base64, curl_imap_cram_md5, imap_login, quote, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Backend, Pool, PoolOptions, MASTER_PASSWORD, MASTER_USER, PASSWORD};
 use support::logs::{field, login_lines, wait_logins, LOG_WAIT};
@@ -336,18 +336,7 @@ fn cram_md5_and_digest_md5_open_sessions_through_the_master_login_the_passdb_nam
     }
 
     // CRAM-MD5 from curl.
-    let url = format!("imap://{}/", d.imap);
-    let login = format!("{VICTIM}:{VICTIM_LDAP_PASSWORD}");
-    let (ok, out, err) = curl(&[
-        "-v",
-        &url,
-        "-u",
-        &login,
-        "--login-options",
-        "AUTH=CRAM-MD5",
-        "-X",
-        "ID NIL",
-    ]);
+    let (ok, out, err) = curl_imap_cram_md5(d.imap, VICTIM, VICTIM_LDAP_PASSWORD);
     assert!(ok, "curl CRAM-MD5: {out}\n{err}\n{}", site.auth.log());
     assert!(
         err.contains("AUTHENTICATE CRAM-MD5"),
@@ -428,16 +417,7 @@ fn a_wrong_password_is_refused_before_any_backend_hears_of_it() {
             "{reply:?}"
         );
     }
-    let url = format!("imap://{}/", d.imap);
-    let (ok, out, err) = curl(&[
-        &url,
-        "-u",
-        &format!("{VICTIM}:wrong"),
-        "--login-options",
-        "AUTH=CRAM-MD5",
-        "-X",
-        "ID NIL",
-    ]);
+    let (ok, out, err) = curl_imap_cram_md5(d.imap, VICTIM, "wrong");
     assert!(!ok, "CRAM-MD5 with a wrong password: {out}");
     assert!(err.contains("denied") || err.contains("Login"), "{err}");
 

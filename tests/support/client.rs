@@ -374,6 +374,27 @@ pub fn curl(args: &[&str]) -> (bool, String, String) {
     (out.ok, out.stdout, out.stderr)
 }
 
+/// curl logging in to the IMAP server at `addr` with SASL CRAM-MD5 (curl computes the
+/// response) and sending `ID NIL`, verbose: (success, stdout, stderr with the dialogue).
+pub fn curl_imap_cram_md5(
+    addr: std::net::SocketAddr,
+    user: &str,
+    password: &str,
+) -> (bool, String, String) {
+    let url = format!("imap://{addr}/");
+    let login = format!("{user}:{password}");
+    curl(&[
+        "-v",
+        &url,
+        "-u",
+        &login,
+        "--login-options",
+        "AUTH=CRAM-MD5",
+        "-X",
+        "ID NIL",
+    ])
+}
+
 /// The size announced by an IMAP literal at the end of `line` (`{n}` or `{n+}`), if any.
 pub fn literal_size(line: &str) -> Option<usize> {
     let inner = line.strip_suffix('}')?;
