@@ -44,7 +44,7 @@ use crate::protocol::backend_login::{
 };
 use crate::protocol::decision::{Decision, Protocol, Verified};
 use crate::protocol::preauth::{
-    Authenticator, BackendLink, LoginFailure, SaslClient, SaslMechanism, SaslStep,
+    Authenticator, BackendLink, LoginFailure, Mechanisms, SaslClient, SaslStep,
 };
 use crate::state::backend::Backend;
 use crate::state::router::{Route, RouteReason, Router};
@@ -81,7 +81,7 @@ pub struct ListenerAuth<'a> {
 impl Authenticator for ListenerAuth<'_> {
     type Exchange = Exchange;
 
-    async fn mechanisms(&self) -> Option<Vec<SaslMechanism>> {
+    async fn mechanisms(&self) -> Option<Mechanisms> {
         match self.service {
             Some(service) => Some(service.mechanisms().await),
             None => None,

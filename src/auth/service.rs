@@ -7,11 +7,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::dovecot::{AuthClient, AuthError, AuthFields, Challenge, RequestInfo, Step, Transport};
+use super::dovecot::{
+    AuthClient, AuthError, AuthFields, Challenge, Handshake, RequestInfo, Step, Transport,
+};
 use super::passdb::{clear_password, verdict};
 use super::reachability::Reachability;
 use crate::metrics::{AuthResult, Metrics};
-use crate::protocol::preauth::{LoginFailure, SaslClient, SaslMechanism, SaslStep};
+use crate::protocol::preauth::{LoginFailure, Mechanisms, SaslClient, SaslMechanism, SaslStep};
 use crate::untrusted::shown;
 
 /// What clients are told when the auth service cannot answer.
@@ -28,7 +30,9 @@ struct Inner {
     metrics: Metrics,
     /// The mechanisms of the last handshake, offered while the service cannot be reached (its
     /// logins then fail temporarily).
-    last_mechanisms: Mutex<Option<Vec<SaslMechanism>>>,
+    /// Kept with the handshake they were read from: a connection's handshake is read once,
+    /// and each greeting after that gets the same list without copying it.
+    last_mechanisms: Mutex<Option<(Arc<Handshake>, Mechanisms)>>,
     /// Whether the last contact worked: the service's state changes are logged once.
     state: Reachability,
     /// A reconnection runs in the background (see [`AuthService::mechanisms`]).
@@ -71,9 +75,9 @@ impl AuthService {
     /// frozen service cannot hold every greeting for the connect timeout). Before the first
     /// handshake, if the service cannot be reached: PLAIN and LOGIN (their logins then fail
     /// temporarily).
-    pub async fn mechanisms(&self) -> Vec<SaslMechanism> {
+    pub async fn mechanisms(&self) -> Mechanisms {
         if !self.inner.client.is_connected() {
-            if let Some(last) = self.lock_last().clone() {
+            if let Some((_, last)) = self.lock_last().clone() {
                 self.reconnect_in_background();
                 return last;
             }
@@ -94,11 +98,17 @@ impl AuthService {
     }
 
     /// The mechanisms of a (new) handshake, or the fallback.
-    async fn handshake(&self) -> Vec<SaslMechanism> {
+    async fn handshake(&self) -> Mechanisms {
         match self.inner.client.handshake().await {
             Ok(handshake) => {
                 self.inner.state.reached();
-                let offered: Vec<SaslMechanism> = handshake
+                let mut last = self.lock_last();
+                if let Some((seen, offered)) = &*last {
+                    if Arc::ptr_eq(seen, &handshake) {
+                        return offered.clone();
+                    }
+                }
+                let offered: Mechanisms = handshake
                     .mechanisms
                     .iter()
                     .filter(|m| !m.flags.private)
@@ -107,22 +117,20 @@ impl AuthService {
                         plaintext: m.flags.plaintext,
                     })
                     .collect();
-                let mut last = self.lock_last();
-                if last.as_ref() != Some(&offered) {
-                    *last = Some(offered.clone());
-                }
+                *last = Some((handshake, offered.clone()));
                 offered
             }
             Err(error) => {
                 self.inner.state.failed(&error);
-                self.lock_last().clone().unwrap_or_else(|| {
-                    ["PLAIN", "LOGIN"]
+                match &*self.lock_last() {
+                    Some((_, offered)) => offered.clone(),
+                    None => ["PLAIN", "LOGIN"]
                         .map(|name| SaslMechanism {
                             name: name.into(),
                             plaintext: true,
                         })
-                        .into()
-                })
+                        .into(),
+                }
             }
         }
     }
@@ -228,7 +236,7 @@ impl AuthService {
         }
     }
 
-    fn lock_last(&self) -> std::sync::MutexGuard<'_, Option<Vec<SaslMechanism>>> {
+    fn lock_last(&self) -> std::sync::MutexGuard<'_, Option<(Arc<Handshake>, Mechanisms)>> {
         self.inner
             .last_mechanisms
             .lock()

@@ -119,7 +119,7 @@ pub trait Authenticator: Send + Sync {
     /// The mechanisms the auth service offers (not the private ones), asked once a
     /// connection, before the greeting. `None`: no auth service, the director checks no
     /// password and offers PLAIN and LOGIN, whose credentials go to the backend.
-    fn mechanisms(&self) -> impl Future<Output = Option<Vec<SaslMechanism>>> + Send;
+    fn mechanisms(&self) -> impl Future<Output = Option<Mechanisms>> + Send;
 
     /// Starts an authentication at the auth service with `mechanism` (as the service spells
     /// it) and the client's decoded initial response, if any.
@@ -142,6 +142,9 @@ pub trait Authenticator: Send + Sync {
         decision: &Decision,
     ) -> impl Future<Output = Result<BackendLink, LoginFailure>> + Send;
 }
+
+/// The mechanisms an auth service offers, shared by every connection that offers them.
+pub type Mechanisms = std::sync::Arc<[SaslMechanism]>;
 
 /// A SASL mechanism an auth service offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -483,7 +486,7 @@ pub(crate) struct Session<D> {
     auth_failures: u32,
     /// The auth service's mechanisms; `None`: no auth service (see
     /// [`Authenticator::mechanisms`]).
-    offered: Option<Vec<SaslMechanism>>,
+    offered: Option<Mechanisms>,
     pub(crate) dialect: D,
 }
 
@@ -535,17 +538,31 @@ impl<D: Dialect> Session<D> {
     /// `"SASL"`): PLAIN and LOGIN where plaintext logins are allowed, or, with an auth
     /// service, what it offers, its plaintext ones only where plaintext logins are allowed (as
     /// Dovecot's login processes decide).
-    pub(crate) fn advertised_mechanisms(&self) -> Vec<&str> {
+    pub(crate) fn advertised_mechanisms(&self) -> impl Iterator<Item = &str> {
         let plaintext = self.plaintext_allowed();
-        match &self.offered {
-            None if plaintext => vec!["PLAIN", "LOGIN"],
-            None => Vec::new(),
-            Some(offered) => offered
+        let local: &[&str] = match self.offered {
+            None if plaintext => &["PLAIN", "LOGIN"],
+            _ => &[],
+        };
+        let offered = self.offered.as_deref().unwrap_or_default();
+        local.iter().copied().chain(
+            offered
                 .iter()
-                .filter(|m| plaintext || !m.plaintext)
-                .map(|m| m.name.as_str())
-                .collect(),
+                .filter(move |m| plaintext || !m.plaintext)
+                .map(|m| m.name.as_str()),
+        )
+    }
+
+    /// [`Session::advertised_mechanisms`] separated by spaces (POP3 `SASL`, ManageSieve).
+    pub(crate) fn advertised_mechanism_list(&self) -> String {
+        let mut list = String::new();
+        for mechanism in self.advertised_mechanisms() {
+            if !list.is_empty() {
+                list.push(' ');
+            }
+            list.push_str(mechanism);
         }
+        list
     }
 
     /// Whether STARTTLS is offered to this client now.
@@ -1014,7 +1031,7 @@ pub(crate) mod testing {
 
     use super::{
         run, Authenticator, BackendLink, Dialect, Established, FrontendContext, LoginFailure,
-        PreauthLimits, SaslClient, SaslMechanism, SaslStep,
+        Mechanisms, PreauthLimits, SaslClient, SaslMechanism, SaslStep,
     };
     use crate::net::stream::{BackendStream, ClientStream};
     use crate::protocol::decision::{ClientIdentity, Decision};
@@ -1037,7 +1054,7 @@ pub(crate) mod testing {
         success_text: &'static str,
         decisions: Mutex<Vec<Decision>>,
         /// `Some`: an auth service is in front (see [`FakeAuth::with_service`]).
-        service: Option<Vec<SaslMechanism>>,
+        service: Option<Mechanisms>,
         /// What the fake auth service was sent: (mechanism or "", decoded data).
         sasl: Mutex<Vec<(String, Vec<u8>)>>,
         /// The fake backend logins connect to (never accepted: the queue holds them).
@@ -1080,11 +1097,14 @@ pub(crate) mod testing {
                 name: name.into(),
                 plaintext,
             };
-            auth.service = Some(vec![
-                mech("PLAIN", true),
-                mech("LOGIN", true),
-                mech("CRAM-MD5", false),
-            ]);
+            auth.service = Some(
+                vec![
+                    mech("PLAIN", true),
+                    mech("LOGIN", true),
+                    mech("CRAM-MD5", false),
+                ]
+                .into(),
+            );
             Arc::new(auth)
         }
 
@@ -1158,7 +1178,7 @@ pub(crate) mod testing {
         /// The mechanism of the exchange.
         type Exchange = String;
 
-        async fn mechanisms(&self) -> Option<Vec<SaslMechanism>> {
+        async fn mechanisms(&self) -> Option<Mechanisms> {
             self.service.clone()
         }
 

@@ -259,9 +259,9 @@ fn capabilities(s: &Session<Pop3>) -> String {
     if s.plaintext_allowed() {
         capa.push_str("USER\r\n");
     }
-    let mechanisms = s.advertised_mechanisms();
+    let mechanisms = s.advertised_mechanism_list();
     if !mechanisms.is_empty() {
-        capa.push_str(&format!("SASL {}\r\n", mechanisms.join(" ")));
+        capa.push_str(&format!("SASL {mechanisms}\r\n"));
     }
     capa.push_str(".\r\n");
     capa

@@ -236,7 +236,7 @@ fn capabilities(s: &Session<ManageSieve>) -> String {
     caps.push_str("\"NOTIFY\" \"mailto\"\r\n");
     caps.push_str(&format!(
         "\"SASL\" \"{}\"\r\n",
-        s.advertised_mechanisms().join(" ")
+        s.advertised_mechanism_list()
     ));
     if s.offers_starttls() {
         caps.push_str("\"STARTTLS\"\r\n");
