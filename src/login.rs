@@ -576,21 +576,12 @@ impl Login {
 
 /// The address of a host an auth service named: an IP literal, or the first address of a
 /// name (bounded: a login does not wait long on DNS).
-async fn resolve_host(host: &str) -> std::io::Result<std::net::IpAddr> {
-    let bare = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if let Ok(ip) = bare.parse() {
-        return Ok(ip);
-    }
-    let lookup = tokio::net::lookup_host((bare, 0));
+async fn resolve_host(host: &str) -> Result<std::net::IpAddr, String> {
+    let lookup = crate::net::resolve::resolve_host(host);
     match tokio::time::timeout(Duration::from_secs(5), lookup).await {
-        Ok(addrs) => addrs?
-            .map(|a| a.ip())
-            .next()
-            .ok_or_else(|| std::io::Error::other("no address")),
-        Err(_) => Err(std::io::Error::other("DNS lookup timed out")),
+        Ok(Ok(addresses)) => Ok(addresses[0]),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("DNS lookup timed out after 5s".into()),
     }
 }
 
