@@ -502,7 +502,7 @@ impl Login {
             return self.pinned(user, v).await;
         }
         let tag = verified.and_then(|v| v.tag.as_deref()).unwrap_or_default();
-        self.router.route(user, tag).map_err(|e| {
+        self.router.route(user, tag).await.map_err(|e| {
             warn!(user = %crate::untrusted::shown(user), error = %e, "no backend for login");
             let message = match e {
                 crate::state::router::RouteError::NoBackend(tag) if !tag.is_empty() => {
@@ -685,10 +685,16 @@ impl Login {
                     .map(|b| for_user(b, verified, decision.protocol)),
             );
             for (attempt, backend) in candidates.iter().enumerate() {
-                if attempt > 0 && self.sessions.count_user_bound(hash) > 0 {
+                let clustered = matches!(
+                    self.router.state().mode(),
+                    crate::state::StateMode::Cluster { .. }
+                );
+                if attempt > 0 && (clustered || self.sessions.count_user_bound(hash) > 0) {
                     // The user is live on its backend through another session: moving it now
                     // could put it on two backends at once. If the health checker takes that
-                    // backend down, it moves the user safely; then route again.
+                    // backend down, it moves the user safely; then route again. In a cluster
+                    // another director may hold such a session (or reach the backend this
+                    // one cannot): only the checker's move may change the user's backend.
                     if !last_round && self.wait_for_move_off(hash, route.backend.ip).await {
                         continue 'round;
                     }
@@ -740,7 +746,11 @@ impl Login {
                         if attempt > 0 {
                             info!(session = %session_id, user = %shown_user, from = %route.backend.ip, to = %backend.ip,
                                   "user moved: its backend did not answer before the login");
-                            state.rebind(hash, backend.ip, Instant::now());
+                            if let Err(e) = state.rebind(hash, backend.ip, Instant::now()).await {
+                                warn!(session = %session_id, user = %shown_user, error = %e,
+                                      "the user's new backend cannot be recorded: temporary failure");
+                                return Err(unavailable());
+                            }
                         }
                         // A user pinned to a backend of the pool has its record there, so
                         // that a login of the user without the pin follows it; a backend
@@ -749,7 +759,12 @@ impl Login {
                         if route.reason == RouteReason::Pinned && in_pool {
                             let recorded = state.record(hash, Instant::now()).map(|r| r.backend);
                             if recorded != Some(backend.ip) {
-                                state.rebind(hash, backend.ip, Instant::now());
+                                if let Err(e) = state.rebind(hash, backend.ip, Instant::now()).await
+                                {
+                                    warn!(session = %session_id, user = %shown_user, error = %e,
+                                          "the user's pinned backend cannot be recorded: temporary failure");
+                                    return Err(unavailable());
+                                }
                             }
                         }
                         let hook: Option<EndHook> = in_pool.then(|| {

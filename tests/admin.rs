@@ -13,7 +13,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use director::state::backend::AdminState;
-use director::state::State;
 use support::admin_cli::AdminCli;
 use support::client::{imap_login, Conn};
 use support::director::{DirectorOptions, TestDirector};

@@ -20,7 +20,9 @@ use std::net::{IpAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use support::client::{curl, quote, Conn};
-use support::director::{config_yaml, with_limits, with_listener, DirectorOptions, TestDirector};
+use support::director::{
+    config_yaml, ready, with_limits, with_listener, DirectorOptions, TestDirector,
+};
 use support::director_log::{capture_director_log, director_log};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logs::{field, wait_login};
@@ -85,7 +87,7 @@ fn eleven_thousand_idle_connections_from_one_address_do_not_lock_out_another() {
     imap_login(&mut c, &u);
     let login_time = started.elapsed();
     let home = pool
-        .by_ip(d.router.route(&u, "").unwrap().backend.ip)
+        .by_ip(ready(d.router.route(&u, "")).unwrap().backend.ip)
         .unwrap();
     let line = wait_login(home, "imap-login", &u);
     assert_eq!(field(&line, "rip").as_deref(), Some("127.0.0.7"), "{line}");

@@ -37,7 +37,7 @@ use support::client::{
     assert_ok, assert_tagged, base64, curl_imap_cram_md5, imap_login, quote, Conn,
 };
 use support::command::run;
-use support::director::{config_yaml, with_listener, DirectorOptions, TestDirector};
+use support::director::{config_yaml, ready, with_listener, DirectorOptions, TestDirector};
 use support::director_log::{capture_director_log, director_log, wait_director_line};
 use support::dovecot::{
     user, Backend, Pool, PoolOptions, IMAP_PORT, MASTER_PASSWORD, MASTER_USER, PASSWORD,
@@ -584,7 +584,7 @@ fn a_tagged_user_goes_only_to_its_pool_and_waits_when_none_of_it_is_up() {
 
     for u in &vip {
         let (mut c, backend) = imap_login(d.imap, u, PASSWORD);
-        let ring = d.router.route(u, "vip").unwrap().backend.ip;
+        let ring = ready(d.router.route(u, "vip")).unwrap().backend.ip;
         assert_eq!(backend, pool.by_ip(ring).unwrap().name, "{u}");
         assert!(tagged.contains(&backend.as_str()), "{u} on {backend}");
         c.imap_ok("z", "LOGOUT");

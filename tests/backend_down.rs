@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use director::state::router::RouteReason;
 use support::client::{imap_login, pop3_login, quote, Conn};
-use support::director::{DirectorOptions, TestDirector};
+use support::director::{ready, DirectorOptions, TestDirector};
 use support::dovecot::{user, PASSWORD};
 use support::logs::{login_lines, wait_login};
 
@@ -21,16 +21,16 @@ fn imap_login_line(u: &str) -> String {
 fn dead_backend_sends_a_new_user_to_the_next_in_ring_order_and_it_sticks() {
     let (pool, d) = TestDirector::with_pool(3);
     // Two users whose ring backend is the same one: one for IMAP, one for POP3.
-    let first = d.router.route(&user(50), "").unwrap();
+    let first = ready(d.router.route(&user(50), "")).unwrap();
     let dead = first.backend.ip;
     let other = (51..200)
         .map(user)
-        .find(|u| d.router.route(u, "").unwrap().backend.ip == dead)
+        .find(|u| ready(d.router.route(u, "")).unwrap().backend.ip == dead)
         .expect("another user on the same backend");
     let (ui, up) = (user(50), other);
     let next_i = pool.by_ip(first.fallbacks[0].ip).unwrap();
     let next_p = pool
-        .by_ip(d.router.route(&up, "").unwrap().fallbacks[0].ip)
+        .by_ip(ready(d.router.route(&up, "")).unwrap().fallbacks[0].ip)
         .unwrap();
     let dead = pool.by_ip(dead).unwrap();
     dead.kill();
@@ -40,7 +40,7 @@ fn dead_backend_sends_a_new_user_to_the_next_in_ring_order_and_it_sticks() {
     let mut pop3 = pop3_login(d.pop3, &up, PASSWORD);
     wait_login(next_p, "pop3-login", &up);
     for u in [&ui, &up] {
-        let route = d.router.route(u, "").unwrap();
+        let route = ready(d.router.route(u, "")).unwrap();
         assert_eq!(route.reason, RouteReason::Sticky, "{u}");
         assert_ne!(
             route.backend.ip, dead.ip,
@@ -147,7 +147,7 @@ fn hung_only_backend_is_unavailable_within_the_timeout() {
 fn hung_backend_sends_a_new_user_to_the_next_in_ring_order() {
     let (pool, d) = TestDirector::start_with_pool(2, &short_timeouts());
     let u = user(72);
-    let route = d.router.route(&u, "").unwrap();
+    let route = ready(d.router.route(&u, "")).unwrap();
     let hung = pool.by_ip(route.backend.ip).unwrap();
     let next = pool.by_ip(route.fallbacks[0].ip).unwrap();
     hung.pause();

@@ -11,7 +11,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use director::state::State;
 use support::auth_service::{AuthService, AuthServiceConfig, LOGIN_PORT};
 use support::client::{imap_login, Conn};
 use support::director::{DirectorOptions, TestDirector};

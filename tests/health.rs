@@ -11,9 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use director::health::probe::CheckCode;
 use director::state::backend::{AdminState, Health};
-use director::state::{ChecksPause, State};
+use director::state::ChecksPause;
 use support::client::imap_login;
-use support::director::{DirectorOptions, TestDirector};
+use support::director::{ready, DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logins::{LoginLoop, Timed};
 use support::wait::wait_until;
@@ -234,7 +234,7 @@ fn paused_checks_leave_a_killed_backend_up_until_resumed() {
     let dead = pool.backend(0);
     let u = (40..200)
         .map(user)
-        .find(|u| d.router.route(u, "").unwrap().backend.ip == dead.ip)
+        .find(|u| ready(d.router.route(u, "")).unwrap().backend.ip == dead.ip)
         .expect("a user of the backend");
     dead.kill();
     // Passive failover still works while paused.

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use director::state::backend::Health;
-use director::state::State;
 use support::director::TestDirector;
 use support::dovecot::{user, Pool, PoolOptions};
 use support::logins::{LoginLoop, Timed};

@@ -20,9 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use director::state::backend::Health;
-use director::state::State;
 use support::client::imap_login;
-use support::director::TestDirector;
+use support::director::{ready, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logins::{LoginLoop, Timed};
 use support::wait::wait_until;
@@ -50,7 +49,7 @@ fn director(pool: &Pool, logs_in: bool) -> TestDirector {
 fn users_of(d: &TestDirector, ip: IpAddr, n: usize) -> Vec<String> {
     let users: Vec<String> = (1..=200)
         .map(user)
-        .filter(|u| d.router.route(u, "").is_ok_and(|r| r.backend.ip == ip))
+        .filter(|u| ready(d.router.route(u, "")).is_ok_and(|r| r.backend.ip == ip))
         .take(n)
         .collect();
     assert_eq!(users.len(), n, "not enough users on {ip}");

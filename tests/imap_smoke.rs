@@ -4,7 +4,7 @@
 mod support;
 
 use support::client::{imap_login, Conn};
-use support::director::TestDirector;
+use support::director::{ready, TestDirector};
 use support::dovecot::{user, PASSWORD};
 
 #[test]
@@ -12,7 +12,7 @@ fn imap_login_lands_on_the_rings_backend_and_sticks() {
     let (pool, d) = TestDirector::with_pool(3);
     for i in 1..=6 {
         let u = user(i);
-        let expected_ip = d.router.route(&u, "").unwrap().backend.ip;
+        let expected_ip = ready(d.router.route(&u, "")).unwrap().backend.ip;
         let expected = pool.by_ip(expected_ip).unwrap().name.clone();
         let (mut c1, b1) = imap_login(d.imap, &u, PASSWORD);
         assert_eq!(b1, expected, "{u}");

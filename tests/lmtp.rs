@@ -26,7 +26,7 @@ use director::state::router::Router;
 use director::state::State;
 
 use support::client::Conn;
-use support::director::{config_yaml, home, DirectorOptions};
+use support::director::{config_yaml, home, ready, DirectorOptions};
 use support::dovecot::{user, Pool};
 use support::runtime_thread::RuntimeThread;
 use support::swaks::{self, Target};
@@ -212,7 +212,7 @@ fn users_on_distinct_backends(l: &TestLmtp, n: usize) -> Vec<String> {
     let mut seen: Vec<IpAddr> = Vec::new();
     for i in 1..=200 {
         let u = user(i);
-        let ip = l.router.route(&u, "").unwrap().backend.ip;
+        let ip = ready(l.router.route(&u, "")).unwrap().backend.ip;
         if !seen.contains(&ip) {
             seen.push(ip);
             out.push(u);
@@ -563,7 +563,10 @@ fn garbage_from_a_backend_at_data_gives_451() {
         .set_admin(pool.backend(0).ip, AdminState::Up)
         .unwrap();
     l.state.set_weight(pool.backend(0).ip, 0).unwrap();
-    assert_eq!(l.router.route(&user(2), "").unwrap().backend.ip, fake.ip());
+    assert_eq!(
+        ready(l.router.route(&user(2), "")).unwrap().backend.ip,
+        fake.ip()
+    );
     let (mut c, _) = connect(&l);
     assert!(cmd(&mut c, "MAIL FROM:<a@b.example>").starts_with("250 "));
     assert!(cmd(&mut c, "RCPT TO:<user0001@example.org>").starts_with("250 "));

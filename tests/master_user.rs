@@ -8,7 +8,7 @@ mod support;
 
 use support::admin_cli::AdminCli;
 use support::client::{base64, imap_login, pop3_login, Conn};
-use support::director::{DirectorOptions, TestDirector};
+use support::director::{ready, DirectorOptions, TestDirector};
 use support::director_log::{capture_director_log, director_log};
 use support::dovecot::{user, Pool, MASTER_PASSWORD, MASTER_USER, PASSWORD};
 use support::logs::LOG_WAIT;
@@ -33,8 +33,11 @@ fn split_user(d: &TestDirector) -> String {
     (1..=200)
         .map(user)
         .find(|u| {
-            let own = d.router.route(u, "").unwrap().backend.ip;
-            let whole = d.router.route(&master_login(u), "").unwrap().backend.ip;
+            let own = ready(d.router.route(u, "")).unwrap().backend.ip;
+            let whole = ready(d.router.route(&master_login(u), ""))
+                .unwrap()
+                .backend
+                .ip;
             own != whole
         })
         .expect("some user's master login hashes elsewhere")

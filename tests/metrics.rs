@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use director::metrics::CATALOGUE;
 use director::state::backend::AdminState;
-use director::state::State;
 use support::client::{imap_login, pop3_login, quote, Conn};
 use support::command::run;
 use support::director::{DirectorOptions, TestDirector};

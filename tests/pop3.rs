@@ -3,8 +3,6 @@
 
 mod support;
 
-use director::state::State;
-
 use support::client::{base64, curl, imap_append, imap_login, pop3_login, Conn};
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PoolOptions, PASSWORD};

@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 use director::config::Config;
 use director::state::backend::{AdminState, Backend, Health};
 use director::state::router::RouteReason;
-use director::state::State;
 use support::client::{imap_login, Conn};
-use support::director::{config_yaml, DirectorOptions, TestDirector};
+use support::director::{config_yaml, ready, DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::wait::wait_for;
 
@@ -111,7 +110,7 @@ fn weights_share_new_users_and_logins_land_where_the_router_says() {
         }
         let (c, landed) = imap_login(d.imap, &u, PASSWORD);
         assert_eq!(landed, expected, "{u} logged in");
-        let route = d.router.route(&u, "").unwrap();
+        let route = ready(d.router.route(&u, "")).unwrap();
         assert_eq!(
             name(&pool, route.backend.ip),
             landed,
@@ -129,10 +128,7 @@ fn weights_share_new_users_and_logins_land_where_the_router_says() {
     let n = 10_000usize;
     let mut counts: BTreeMap<IpAddr, usize> = BTreeMap::new();
     for i in 0..n {
-        let route = d
-            .router
-            .route(&format!("share{i}@example.org"), "")
-            .unwrap();
+        let route = ready(d.router.route(&format!("share{i}@example.org"), "")).unwrap();
         assert_eq!(route.reason, RouteReason::Ring);
         *counts.entry(route.backend.ip).or_default() += 1;
     }
@@ -220,7 +216,7 @@ fn ring_changes_move_nobody_with_a_record() {
     for i in 101..=170 {
         let u = user(i);
         let (was, now) = (lookup(&old, &u), lookup(&new, &u));
-        let route = d.router.route(&u, "").unwrap();
+        let route = ready(d.router.route(&u, "")).unwrap();
         assert_eq!(route.reason, RouteReason::Ring, "{u}");
         assert_eq!(route.backend.ip, now, "{u}: router and new ring disagree");
         if was != now {

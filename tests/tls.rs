@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use support::client::{curl, imap_append, imap_login, pop3_login, quote, Conn};
 use support::command::openssl;
-use support::director::{DirectorOptions, TestDirector};
+use support::director::{ready, DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logs::{login_lines, tls_flag, wait_login};
 
@@ -72,7 +72,7 @@ fn clients_use_implicit_tls_imaps_and_pop3s() {
         "ID NIL",
     ]);
     assert!(ok, "curl imaps ID: {err}");
-    let route = d.router.route(&u, "").unwrap();
+    let route = ready(d.router.route(&u, "")).unwrap();
     let home = pool.by_ip(route.backend.ip).unwrap();
     assert!(
         out.contains(&format!("\"x-backend\" \"{}\"", home.name)),
@@ -167,7 +167,7 @@ fn clients_use_starttls_and_stls_where_plaintext_is_refused() {
 fn login_both_ways(pool: &Pool, d: &TestDirector, u: &str) -> (String, String) {
     let (mut imap, backend) = imap_login(d.imap, u, PASSWORD);
     let home = pool
-        .by_ip(d.router.route(u, "").unwrap().backend.ip)
+        .by_ip(ready(d.router.route(u, "")).unwrap().backend.ip)
         .unwrap();
     assert_eq!(backend, home.name);
     let r = imap.imap("s", "SELECT INBOX");

@@ -237,6 +237,9 @@ pub struct ChangeReply {
     pub stayed: usize,
     /// Users left as they were: a move of theirs was already under way.
     pub busy: usize,
+    /// Users whose move failed: the cluster state (etcd) could not be changed.
+    #[serde(default)]
+    pub failed: usize,
 }
 
 impl ChangeReply {
@@ -245,6 +248,7 @@ impl ChangeReply {
         self.dropped += r.dropped;
         self.kicked += r.kicked;
         self.busy += r.busy;
+        self.failed += r.failed;
     }
 }
 
@@ -277,6 +281,10 @@ impl AdminError {
     }
     fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, message)
+    }
+    /// The change could not be made now (the cluster state is unreachable): nothing queued.
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 }
 
@@ -432,6 +440,7 @@ impl AdminContext {
                         dropped: r.dropped,
                         kicked: r.kicked,
                         busy: r.busy,
+                        failed: r.failed,
                     });
                     total.backends.extend(r.backends);
                 }
@@ -705,16 +714,17 @@ impl AdminContext {
                 check_weight(weight)?;
                 let ips = self.existing(&host).await?;
                 for ip in &ips {
-                    self.set_weight(*ip, weight);
+                    self.set_weight(*ip, weight).await?;
                 }
                 Ok(reply(format!("weight {weight}"), ips))
             }
             AdminRequest::Up { host } => {
                 let ips = self.existing(&host).await?;
                 for ip in &ips {
-                    self.end_maintenance(*ip);
+                    self.end_maintenance(*ip).await?;
                     self.state
                         .set_admin(*ip, AdminState::Up)
+                        .await
                         .map_err(state_err)?;
                 }
                 Ok(reply("up".into(), ips))
@@ -722,7 +732,7 @@ impl AdminContext {
             AdminRequest::Down { host } => {
                 let ips = self.existing(&host).await?;
                 for ip in &ips {
-                    self.end_maintenance(*ip);
+                    self.end_maintenance(*ip).await?;
                 }
                 self.take_down(reply("down; users moved off".into(), ips.clone()))
                     .await
@@ -733,8 +743,11 @@ impl AdminContext {
                     .take_down(reply("removed; users moved off".into(), ips.clone()))
                     .await?;
                 for ip in &ips {
-                    self.state.set_maintenance(*ip, None);
-                    self.state.remove_backend(*ip).map_err(state_err)?;
+                    self.state
+                        .set_maintenance(*ip, None)
+                        .await
+                        .map_err(state_err)?;
+                    self.state.remove_backend(*ip).await.map_err(state_err)?;
                 }
                 Ok(r)
             }
@@ -756,13 +769,18 @@ impl AdminContext {
                         "{user} is being moved already; try again"
                     )));
                 }
+                if report.failed > 0 {
+                    return Err(AdminError::unavailable(format!(
+                        "{user} not moved: the cluster state cannot be changed now (see the log)"
+                    )));
+                }
                 let mut r = reply(format!("{user} moved"), vec![ip]);
                 r.add(&report);
                 Ok(r)
             }
             AdminRequest::Kick { user } => {
                 let hash = self.router.hash(&user);
-                let kicked = self.mover.kick(hash).await;
+                let kicked = self.mover.kick_everywhere(hash).await.map_err(state_err)?;
                 self.mover.metrics.moved(MoveReason::Kick, 0, kicked);
                 info!(user = %crate::untrusted::shown(&user), user_hash = hash, kicked, reason = %MoveReason::Kick, "user kicked");
                 Ok(ChangeReply {
@@ -799,7 +817,7 @@ impl AdminContext {
             }
             AdminRequest::MaintenanceStop { host } => {
                 let ip = self.one(&host).await?;
-                if !self.end_maintenance(ip) {
+                if !self.end_maintenance(ip).await? {
                     return Err(AdminError::conflict(format!("{ip} is not in maintenance")));
                 }
                 Ok(reply("maintenance ended".into(), vec![ip]))
@@ -808,7 +826,9 @@ impl AdminContext {
                 let since = SystemTime::now();
                 let until = for_secs.map(|s| since + Duration::from_secs(s));
                 self.state
-                    .set_checks_pause(Some(ChecksPause { since, until }));
+                    .set_checks_pause(Some(ChecksPause { since, until }))
+                    .await
+                    .map_err(state_err)?;
                 Ok(reply(
                     match for_secs {
                         Some(s) => format!("health checks paused for {s}s"),
@@ -818,7 +838,7 @@ impl AdminContext {
                 ))
             }
             AdminRequest::ChecksResume => {
-                self.state.set_checks_pause(None);
+                self.state.set_checks_pause(None).await.map_err(state_err)?;
                 Ok(reply("health checks resumed".into(), Vec::new()))
             }
             AdminRequest::Status
@@ -847,7 +867,7 @@ impl AdminContext {
                 Some(existing) => {
                     // Dovecot's `add` of a known host sets its weight (and here its tag).
                     if let Some(w) = weight {
-                        self.set_weight(*ip, w);
+                        self.set_weight(*ip, w).await?;
                     }
                     if let Some(t) = &tag {
                         let mut b = self
@@ -857,31 +877,36 @@ impl AdminContext {
                             .cloned()
                             .unwrap_or_else(|| existing.clone());
                         b.tag = t.clone();
-                        self.state.upsert_backend(b);
+                        self.state.upsert_backend(b).await.map_err(state_err)?;
                     }
                 }
-                None => self.state.upsert_backend(Backend {
-                    ip: *ip,
-                    host: host.to_owned(),
-                    weight: weight.unwrap_or(100),
-                    tag: tag.clone().unwrap_or_default(),
-                    admin: AdminState::Up,
-                    health: Health::Up,
-                    settings: Arc::new(self.config.load().settings_for_host(host)),
-                }),
+                None => self
+                    .state
+                    .upsert_backend(Backend {
+                        ip: *ip,
+                        host: host.to_owned(),
+                        weight: weight.unwrap_or(100),
+                        tag: tag.clone().unwrap_or_default(),
+                        admin: AdminState::Up,
+                        health: Health::Up,
+                        settings: Arc::new(self.config.load().settings_for_host(host)),
+                    })
+                    .await
+                    .map_err(state_err)?,
             }
         }
         Ok(reply("added".into(), ips))
     }
 
     /// Sets a weight; in maintenance, the weight restored at its end.
-    fn set_weight(&self, ip: IpAddr, weight: u32) {
+    async fn set_weight(&self, ip: IpAddr, weight: u32) -> Result<(), AdminError> {
         if let Some(mut m) = self.state.maintenance().get(&ip).cloned() {
             m.previous_weight = weight;
-            self.state.set_maintenance(ip, Some(m));
+            self.state.set_maintenance(ip, Some(m)).await
         } else {
-            let _ = self.state.set_weight(ip, weight);
+            self.state.set_weight(ip, weight).await
         }
+        .map_err(state_err)
     }
 
     /// Ends a maintenance: previous weight back, admin up. False if there was none.
@@ -892,6 +917,7 @@ impl AdminContext {
         for ip in &ips {
             self.state
                 .set_admin(*ip, AdminState::Down)
+                .await
                 .map_err(state_err)?;
         }
         for ip in &ips {
@@ -905,14 +931,23 @@ impl AdminContext {
         Ok(r)
     }
 
-    fn end_maintenance(&self, ip: IpAddr) -> bool {
+    async fn end_maintenance(&self, ip: IpAddr) -> Result<bool, AdminError> {
         let Some(m) = self.state.maintenance().get(&ip).cloned() else {
-            return false;
+            return Ok(false);
         };
-        self.state.set_maintenance(ip, None);
-        let _ = self.state.set_weight(ip, m.previous_weight);
-        let _ = self.state.set_admin(ip, AdminState::Up);
-        true
+        self.state
+            .set_maintenance(ip, None)
+            .await
+            .map_err(state_err)?;
+        self.state
+            .set_weight(ip, m.previous_weight)
+            .await
+            .map_err(state_err)?;
+        self.state
+            .set_admin(ip, AdminState::Up)
+            .await
+            .map_err(state_err)?;
+        Ok(true)
     }
 
     async fn maintenance_start(
@@ -931,18 +966,22 @@ impl AdminContext {
             Some(m) => m.previous_weight,
             None => b.weight,
         };
-        self.state.set_maintenance(
-            ip,
-            Some(Maintenance {
-                previous_weight,
-                allowed_users: allow_users.clone(),
-                since,
-                until,
-            }),
-        );
-        self.state.set_weight(ip, 0).map_err(state_err)?;
+        self.state
+            .set_maintenance(
+                ip,
+                Some(Maintenance {
+                    previous_weight,
+                    allowed_users: allow_users.clone(),
+                    since,
+                    until,
+                }),
+            )
+            .await
+            .map_err(state_err)?;
+        self.state.set_weight(ip, 0).await.map_err(state_err)?;
         self.state
             .set_admin(ip, AdminState::Maintenance)
+            .await
             .map_err(state_err)?;
         let mut r = reply("maintenance started; users moved off".into(), vec![ip]);
         // Everyone but the allowed users leaves, to where the ring (without this backend)
@@ -994,8 +1033,13 @@ impl AdminContext {
             .collect();
         for hash in users {
             if force {
-                self.state.remove_record(hash);
-                r.dropped += 1;
+                match self.state.remove_record(hash).await {
+                    Ok(()) => r.dropped += 1,
+                    Err(e) => {
+                        warn!(user_hash = hash, error = %e, "record not dropped");
+                        r.failed += 1;
+                    }
+                }
                 continue;
             }
             let to = set.ring(&tag).and_then(|ring| ring.lookup(hash));
@@ -1039,7 +1083,12 @@ fn check_weight(w: u32) -> Result<(), AdminError> {
 }
 
 fn state_err(e: crate::state::StateError) -> AdminError {
-    AdminError::not_found(e.to_string())
+    use crate::state::StateError;
+    match e {
+        StateError::Unavailable(_) | StateError::Fenced => AdminError::unavailable(e.to_string()),
+        StateError::NoSuchBackend(_) => AdminError::not_found(e.to_string()),
+        StateError::WeightTooLarge(_) => AdminError::bad(e.to_string()),
+    }
 }
 
 fn join(ips: &[IpAddr]) -> String {

@@ -298,6 +298,14 @@ impl HealthChecker {
     /// user's credentials (or waits long for it). The backend is checked at once, or
     /// `fast_interval` after its last check started if that is later; the check decides.
     pub fn suspect(&self, ip: IpAddr, code: CheckCode, detail: impl std::fmt::Display) {
+        if !self.inner.state.is_checker() {
+            debug!(backend = %ip, code = %code, detail = %detail,
+                   "backend suspect: telling the cluster's checker");
+            self.inner
+                .state
+                .report_suspect(ip, &format!("{code}: {detail}"));
+            return;
+        }
         debug!(backend = %ip, code = %code, detail = %detail, "backend suspect: checking it now");
         if let Some(t) = self.inner.trackers.lock().unwrap().get(&ip) {
             t.wake.notify_one();
@@ -363,7 +371,8 @@ impl HealthChecker {
                 return;
             };
             let started = tokio::time::Instant::now();
-            let wait = if self.skipped(&backend) {
+            // In a cluster only the elected director checks; the others wait their turn.
+            let wait = if self.skipped(&backend) || !self.inner.state.is_checker() {
                 let mut trackers = self.inner.trackers.lock().unwrap();
                 self.tracker(&mut trackers, ip).counter.reset();
                 s.interval
@@ -377,7 +386,7 @@ impl HealthChecker {
                 );
                 debug!(backend = %ip, code = %result.code, check = %result.check,
                        latency = ?result.latency, detail = %result.detail, "health check");
-                if self.observe(ip, result) {
+                if self.observe(ip, result).await {
                     s.fast_interval
                 } else {
                     s.interval
@@ -405,7 +414,7 @@ impl HealthChecker {
 
     /// Counts a result and acts on a change of health. Returns whether the backend's results
     /// are unsettled (the fast interval applies).
-    fn observe(&self, ip: IpAddr, result: CheckResult) -> bool {
+    async fn observe(&self, ip: IpAddr, result: CheckResult) -> bool {
         let set = self.inner.state.backends();
         let Some(backend) = set.get(ip) else {
             return false;
@@ -425,17 +434,19 @@ impl HealthChecker {
                 .backends()
                 .get(ip)
                 .map_or(backend.health, |b| b.health);
-            let change = t.counter.observe(current, result.code.is_ok());
-            if let Some(h) = change {
-                if self.inner.state.set_health(ip, h).is_err() {
-                    return false;
-                }
-            }
-            match change {
+            match t.counter.observe(current, result.code.is_ok()) {
                 Some(h) => h,
                 None => return t.counter.unsettled(),
             }
         };
+        // Only this backend's loop changes its health, so nothing changed it meanwhile.
+        if let Err(e) = self.inner.state.set_health(ip, change).await {
+            warn!(backend = %ip, health = change.name(), error = %e,
+                  "backend health not recorded: the next check decides again");
+            let mut trackers = self.inner.trackers.lock().unwrap();
+            self.tracker(&mut trackers, ip).counter.reset();
+            return true;
+        }
         self.inner
             .mover
             .metrics

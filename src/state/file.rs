@@ -167,7 +167,12 @@ pub fn load(path: &Path) -> Result<Option<SavedState>, ConfigError> {
 /// Makes `state` what `saved` says: its backend list replaces the configuration's. A
 /// maintenance or pause whose end has passed (`now`) is over: the backend gets its previous
 /// weight back and is up.
-pub fn apply(saved: &SavedState, config: &Config, state: &dyn State, now: SystemTime) {
+pub fn apply(
+    saved: &SavedState,
+    config: &Config,
+    state: &crate::state::local::LocalState,
+    now: SystemTime,
+) {
     let keep: Vec<IpAddr> = saved.backends.iter().map(|b| b.ip).collect();
     for ip in state.backends().backends.keys() {
         if !keep.contains(ip) {
@@ -224,7 +229,10 @@ pub fn apply(saved: &SavedState, config: &Config, state: &dyn State, now: System
 }
 
 /// At start: reads the configured state file, if any, and applies it to `state`.
-pub fn restore(config: &Config, state: &dyn State) -> Result<(), ConfigError> {
+pub fn restore(
+    config: &Config,
+    state: &crate::state::local::LocalState,
+) -> Result<(), ConfigError> {
     let Some(path) = &config.state_file else {
         return Ok(());
     };

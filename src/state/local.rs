@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use crate::config::MAX_WEIGHT;
 use crate::routing::sticky::{StickyRecord, StickyTable};
 use crate::state::backend::{AdminState, Backend, Health};
-use crate::state::{BackendSet, ChecksPause, Maintenance, State, StateError};
+use crate::state::{done, BackendSet, ChecksPause, Maintenance, State, StateError, StateFuture};
 
 /// State held in this process.
 pub struct LocalState {
@@ -65,12 +65,14 @@ impl LocalState {
     }
 }
 
-impl State for LocalState {
-    fn backends(&self) -> Arc<BackendSet> {
+/// The changes, synchronous: the local state needs no round trip. Tests and the state file
+/// use them directly; the rest of the director goes through [`State`].
+impl LocalState {
+    pub fn backends(&self) -> Arc<BackendSet> {
         self.backends.load_full()
     }
 
-    fn upsert_backend(&self, backend: Backend) {
+    pub fn upsert_backend(&self, backend: Backend) {
         let _ = self.modify(|list| {
             list.retain(|b| b.ip != backend.ip);
             list.push(backend);
@@ -78,7 +80,7 @@ impl State for LocalState {
         });
     }
 
-    fn remove_backend(&self, ip: IpAddr) -> Result<(), StateError> {
+    pub fn remove_backend(&self, ip: IpAddr) -> Result<(), StateError> {
         self.modify(|list| {
             let before = list.len();
             list.retain(|b| b.ip != ip);
@@ -89,22 +91,22 @@ impl State for LocalState {
         })
     }
 
-    fn set_weight(&self, ip: IpAddr, weight: u32) -> Result<(), StateError> {
+    pub fn set_weight(&self, ip: IpAddr, weight: u32) -> Result<(), StateError> {
         if weight > MAX_WEIGHT {
             return Err(StateError::WeightTooLarge(weight));
         }
         self.modify_one(ip, |b| b.weight = weight)
     }
 
-    fn set_admin(&self, ip: IpAddr, admin: AdminState) -> Result<(), StateError> {
+    pub fn set_admin(&self, ip: IpAddr, admin: AdminState) -> Result<(), StateError> {
         self.modify_one(ip, |b| b.admin = admin)
     }
 
-    fn set_health(&self, ip: IpAddr, health: Health) -> Result<(), StateError> {
+    pub fn set_health(&self, ip: IpAddr, health: Health) -> Result<(), StateError> {
         self.modify_one(ip, |b| b.health = health)
     }
 
-    fn set_settings(
+    pub fn set_settings(
         &self,
         ip: IpAddr,
         settings: Arc<crate::config::BackendSettings>,
@@ -112,34 +114,34 @@ impl State for LocalState {
         self.modify_one(ip, |b| b.settings = settings)
     }
 
-    fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord> {
+    pub fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord> {
         self.sticky.lock().unwrap().get(hash, now)
     }
 
-    fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> IpAddr {
+    pub fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> IpAddr {
         self.sticky.lock().unwrap().bind(hash, proposed, now)
     }
 
-    fn rebind(&self, hash: u32, backend: IpAddr, now: Instant) {
+    pub fn rebind(&self, hash: u32, backend: IpAddr, now: Instant) {
         self.sticky.lock().unwrap().set(hash, backend, now)
     }
 
-    fn session_started(&self, hash: u32, backend: IpAddr, now: Instant) {
+    pub fn session_started(&self, hash: u32, backend: IpAddr, now: Instant) {
         self.sticky
             .lock()
             .unwrap()
             .session_started(hash, backend, now)
     }
 
-    fn session_ended(&self, hash: u32, now: Instant) {
+    pub fn session_ended(&self, hash: u32, now: Instant) {
         self.sticky.lock().unwrap().session_ended(hash, now)
     }
 
-    fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)> {
+    pub fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)> {
         self.sticky.lock().unwrap().live(now)
     }
 
-    fn purge_expired(&self, now: Instant) -> usize {
+    pub fn purge_expired(&self, now: Instant) -> usize {
         let mut sticky = self.sticky.lock().unwrap();
         let n = sticky.purge(now);
         if n > 0 {
@@ -151,23 +153,23 @@ impl State for LocalState {
         n
     }
 
-    fn remove_record(&self, hash: u32) {
+    pub fn remove_record(&self, hash: u32) {
         self.sticky.lock().unwrap().remove(hash);
     }
 
-    fn begin_move(&self, hash: u32) -> bool {
+    pub fn begin_move(&self, hash: u32) -> bool {
         self.moving.lock().unwrap().insert(hash)
     }
 
-    fn end_move(&self, hash: u32) {
+    pub fn end_move(&self, hash: u32) {
         self.moving.lock().unwrap().remove(&hash);
     }
 
-    fn is_moving(&self, hash: u32) -> bool {
+    pub fn is_moving(&self, hash: u32) -> bool {
         self.moving.lock().unwrap().contains(&hash)
     }
 
-    fn checks_pause(&self) -> Option<ChecksPause> {
+    pub fn checks_pause(&self) -> Option<ChecksPause> {
         let mut pause = self.checks_pause.lock().unwrap();
         if let Some(ChecksPause { until: Some(t), .. }) = *pause {
             if std::time::SystemTime::now() >= t {
@@ -177,15 +179,15 @@ impl State for LocalState {
         *pause
     }
 
-    fn set_checks_pause(&self, pause: Option<ChecksPause>) {
+    pub fn set_checks_pause(&self, pause: Option<ChecksPause>) {
         *self.checks_pause.lock().unwrap() = pause;
     }
 
-    fn maintenance(&self) -> Arc<BTreeMap<IpAddr, Maintenance>> {
+    pub fn maintenance(&self) -> Arc<BTreeMap<IpAddr, Maintenance>> {
         self.maintenance.load_full()
     }
 
-    fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>) {
+    pub fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>) {
         let _guard = self.change.lock().unwrap();
         let mut map = (**self.maintenance.load()).clone();
         match maintenance {
@@ -195,14 +197,126 @@ impl State for LocalState {
         self.maintenance.store(Arc::new(map));
     }
 
-    fn note_username(&self, hash: u32, username: &str) {
+    pub fn note_username(&self, hash: u32, username: &str) {
         let mut names = self.usernames.lock().unwrap();
         if names.get(&hash).map(String::as_str) != Some(username) {
             names.insert(hash, username.to_owned());
         }
     }
 
-    fn username(&self, hash: u32) -> Option<String> {
+    pub fn username(&self, hash: u32) -> Option<String> {
         self.usernames.lock().unwrap().get(&hash).cloned()
+    }
+}
+
+impl State for LocalState {
+    fn backends(&self) -> Arc<BackendSet> {
+        LocalState::backends(self)
+    }
+
+    fn upsert_backend(&self, backend: Backend) -> StateFuture<'_, ()> {
+        LocalState::upsert_backend(self, backend);
+        done(Ok(()))
+    }
+
+    fn remove_backend(&self, ip: IpAddr) -> StateFuture<'_, ()> {
+        done(LocalState::remove_backend(self, ip))
+    }
+
+    fn set_weight(&self, ip: IpAddr, weight: u32) -> StateFuture<'_, ()> {
+        done(LocalState::set_weight(self, ip, weight))
+    }
+
+    fn set_admin(&self, ip: IpAddr, admin: AdminState) -> StateFuture<'_, ()> {
+        done(LocalState::set_admin(self, ip, admin))
+    }
+
+    fn set_health(&self, ip: IpAddr, health: Health) -> StateFuture<'_, ()> {
+        done(LocalState::set_health(self, ip, health))
+    }
+
+    fn set_settings(
+        &self,
+        ip: IpAddr,
+        settings: Arc<crate::config::BackendSettings>,
+    ) -> Result<(), StateError> {
+        LocalState::set_settings(self, ip, settings)
+    }
+
+    fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord> {
+        LocalState::record(self, hash, now)
+    }
+
+    fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> StateFuture<'_, IpAddr> {
+        done(Ok(LocalState::bind(self, hash, proposed, now)))
+    }
+
+    fn rebind(&self, hash: u32, backend: IpAddr, now: Instant) -> StateFuture<'_, ()> {
+        LocalState::rebind(self, hash, backend, now);
+        done(Ok(()))
+    }
+
+    fn session_started(&self, hash: u32, backend: IpAddr, now: Instant) {
+        LocalState::session_started(self, hash, backend, now)
+    }
+
+    fn session_ended(&self, hash: u32, now: Instant) {
+        LocalState::session_ended(self, hash, now)
+    }
+
+    fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)> {
+        LocalState::records(self, now)
+    }
+
+    fn purge_expired(&self, now: Instant) -> StateFuture<'_, usize> {
+        done(Ok(LocalState::purge_expired(self, now)))
+    }
+
+    fn remove_record(&self, hash: u32) -> StateFuture<'_, ()> {
+        LocalState::remove_record(self, hash);
+        done(Ok(()))
+    }
+
+    fn begin_move(&self, hash: u32) -> StateFuture<'_, bool> {
+        done(Ok(LocalState::begin_move(self, hash)))
+    }
+
+    fn finish_move(&self, hash: u32, to: Option<IpAddr>) -> StateFuture<'_, ()> {
+        match to {
+            Some(ip) => LocalState::rebind(self, hash, ip, Instant::now()),
+            None => LocalState::remove_record(self, hash),
+        }
+        LocalState::end_move(self, hash);
+        done(Ok(()))
+    }
+
+    fn is_moving(&self, hash: u32) -> bool {
+        LocalState::is_moving(self, hash)
+    }
+
+    fn checks_pause(&self) -> Option<ChecksPause> {
+        LocalState::checks_pause(self)
+    }
+
+    fn set_checks_pause(&self, pause: Option<ChecksPause>) -> StateFuture<'_, ()> {
+        LocalState::set_checks_pause(self, pause);
+        done(Ok(()))
+    }
+
+    fn maintenance(&self) -> Arc<BTreeMap<IpAddr, Maintenance>> {
+        LocalState::maintenance(self)
+    }
+
+    fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>) -> StateFuture<'_, ()> {
+        LocalState::set_maintenance(self, ip, maintenance);
+        done(Ok(()))
+    }
+
+    fn note_username(&self, hash: u32, username: &str) {
+        LocalState::note_username(self, hash, username)
+    }
+
+    fn username(&self, hash: u32) -> Option<String> {
+        LocalState::username(self, hash)
     }
 }

@@ -11,7 +11,9 @@ pub mod router;
 pub mod sessions;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -95,31 +97,64 @@ pub enum StateError {
     NoSuchBackend(IpAddr),
     #[error("weight {0} is above the maximum {max}", max = crate::config::MAX_WEIGHT)]
     WeightTooLarge(u32),
+    /// The shared state (etcd) could not be read or written: nothing was changed.
+    #[error("the cluster state (etcd) is unreachable: {0}; nothing was changed")]
+    Unavailable(String),
+    /// This director lost its place in the cluster (its etcd lease) and serves nobody until
+    /// it has one again.
+    #[error("this director is cut off from the cluster (no etcd lease)")]
+    Fenced,
 }
 
-/// The director's shared state.
+/// What a state change returns: ready at once for the local state, after a round trip to
+/// etcd for the cluster's.
+pub type StateFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StateError>> + Send + 'a>>;
+
+/// A change that is already done (the local state's writes).
+pub fn done<'a, T: Send + 'a>(result: Result<T, StateError>) -> StateFuture<'a, T> {
+    Box::pin(std::future::ready(result))
+}
+
+/// Where the state lives, for `director status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateMode {
+    /// This director's memory (and its state file).
+    Single,
+    /// Shared by every director of a cluster through etcd.
+    Cluster {
+        director_id: String,
+        /// Whether this director holds its etcd lease (serves logins).
+        serving: bool,
+        /// Whether this director runs the cluster's health checks.
+        checker: bool,
+    },
+}
+
+/// The director's shared state. Reads are local (the cluster keeps a replica) and never
+/// wait; changes return a [`StateFuture`], since the cluster's go through etcd and may fail.
 pub trait State: Send + Sync {
     /// The current backends and rings.
     fn backends(&self) -> Arc<BackendSet>;
 
     /// Adds a backend, or replaces the one with the same IP (keeping nobody's record from
     /// moving: records are untouched).
-    fn upsert_backend(&self, backend: Backend);
+    fn upsert_backend(&self, backend: Backend) -> StateFuture<'_, ()>;
 
     /// Removes a backend. Records pointing to it stop binding their users.
-    fn remove_backend(&self, ip: IpAddr) -> Result<(), StateError>;
+    fn remove_backend(&self, ip: IpAddr) -> StateFuture<'_, ()>;
 
     /// Changes a backend's weight. Users with records stay; new users follow the new ring.
-    fn set_weight(&self, ip: IpAddr, weight: u32) -> Result<(), StateError>;
+    fn set_weight(&self, ip: IpAddr, weight: u32) -> StateFuture<'_, ()>;
 
     /// Sets what an administrator decided.
-    fn set_admin(&self, ip: IpAddr, admin: AdminState) -> Result<(), StateError>;
+    fn set_admin(&self, ip: IpAddr, admin: AdminState) -> StateFuture<'_, ()>;
 
     /// Sets what the health checker found.
-    fn set_health(&self, ip: IpAddr, health: Health) -> Result<(), StateError>;
+    fn set_health(&self, ip: IpAddr, health: Health) -> StateFuture<'_, ()>;
 
-    /// Replaces a backend's ports, TLS and forwarding (a reload of the configuration).
-    /// Sessions already relayed keep the connection they have.
+    /// Replaces a backend's ports, TLS and forwarding (a reload of the configuration: local
+    /// to this director, like its configuration). Sessions already relayed keep the
+    /// connection they have.
     fn set_settings(
         &self,
         ip: IpAddr,
@@ -130,11 +165,11 @@ pub trait State: Send + Sync {
     fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord>;
 
     /// The backend the user is bound to: its live record's, or `proposed`, which is recorded.
-    fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> IpAddr;
+    fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> StateFuture<'_, IpAddr>;
 
     /// Points the user's record at `backend`. Callers must make sure the user has no live
     /// session elsewhere first (a user is never on two backends at once).
-    fn rebind(&self, hash: u32, backend: IpAddr, now: Instant);
+    fn rebind(&self, hash: u32, backend: IpAddr, now: Instant) -> StateFuture<'_, ()>;
 
     /// A session started on `backend`: the record is kept alive until it ends.
     fn session_started(&self, hash: u32, backend: IpAddr, now: Instant);
@@ -146,17 +181,20 @@ pub trait State: Send + Sync {
     fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)>;
 
     /// Drops expired records; returns how many.
-    fn purge_expired(&self, now: Instant) -> usize;
+    fn purge_expired(&self, now: Instant) -> StateFuture<'_, usize>;
 
     /// Drops the record of a user hash (a forced flush, or nowhere left to move it).
-    fn remove_record(&self, hash: u32);
+    fn remove_record(&self, hash: u32) -> StateFuture<'_, ()>;
 
-    /// Marks a user hash as being moved: its logins wait until [`State::end_move`].
-    /// Returns false if a move of that user is already under way.
-    fn begin_move(&self, hash: u32) -> bool;
+    /// Marks a user hash as being moved: its logins wait until [`State::finish_move`].
+    /// Returns false if a move of that user is already under way. In a cluster every
+    /// director sees the mark and ends its sessions of the user.
+    fn begin_move(&self, hash: u32) -> StateFuture<'_, bool>;
 
-    /// Ends a move started with [`State::begin_move`].
-    fn end_move(&self, hash: u32);
+    /// Ends a move started with [`State::begin_move`], once this director's sessions of the
+    /// user are gone: points the record at `to`, or drops it (`None`). In a cluster it first
+    /// waits until every other live director has ended its sessions of the user.
+    fn finish_move(&self, hash: u32, to: Option<IpAddr>) -> StateFuture<'_, ()>;
 
     /// Whether a user hash is being moved.
     fn is_moving(&self, hash: u32) -> bool;
@@ -165,7 +203,7 @@ pub trait State: Send + Sync {
     fn checks_pause(&self) -> Option<ChecksPause>;
 
     /// Pauses (`Some`) or resumes (`None`) all health checks.
-    fn set_checks_pause(&self, pause: Option<ChecksPause>);
+    fn set_checks_pause(&self, pause: Option<ChecksPause>) -> StateFuture<'_, ()>;
 
     /// Backends in maintenance, with what to restore and their allowed users. Read on every
     /// login (routing sends allowed users to their backend), so without locking.
@@ -173,7 +211,7 @@ pub trait State: Send + Sync {
 
     /// Starts (`Some`) or ends (`None`) the maintenance record of a backend. The caller sets
     /// the backend's admin state and weight.
-    fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>);
+    fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>) -> StateFuture<'_, ()>;
 
     /// Remembers the username behind a user hash, for admin output (records hold hashes).
     fn note_username(&self, _hash: u32, _username: &str) {}
@@ -181,5 +219,26 @@ pub trait State: Send + Sync {
     /// The last username seen for a user hash, if it is remembered.
     fn username(&self, _hash: u32) -> Option<String> {
         None
+    }
+
+    /// Whether this director may start backend sessions now: a cluster member that lost its
+    /// etcd lease may not ([`StateError::Fenced`]).
+    fn serving(&self) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    /// Whether this director runs the health checks (in a cluster, only the elected one).
+    fn is_checker(&self) -> bool {
+        true
+    }
+
+    /// Tells the cluster's checker that a real login found `ip` unresponsive (passive
+    /// health). Single directors check at once themselves; this is for cluster members
+    /// that do not run the checks.
+    fn report_suspect(&self, _ip: IpAddr, _detail: &str) {}
+
+    /// Where the state lives.
+    fn mode(&self) -> StateMode {
+        StateMode::Single
     }
 }

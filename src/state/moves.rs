@@ -77,6 +77,8 @@ pub struct MoveReport {
     pub kicked: usize,
     /// Users left as they were: a move of theirs was already under way.
     pub busy: usize,
+    /// Users whose move failed: the shared state could not be changed (etcd unreachable).
+    pub failed: usize,
 }
 
 /// Performs moves over the shared state and this director's sessions.
@@ -121,6 +123,24 @@ impl Mover {
         kicked
     }
 
+    /// `director kick USER`: ends the user's sessions on every director. Alone, or in a
+    /// cluster for a user without a record, that is this director's sessions; in a cluster
+    /// the user's record is marked as moving (to where it is) so that every director ends
+    /// its sessions and acknowledges before logins of the user go on.
+    pub async fn kick_everywhere(&self, hash: u32) -> Result<usize, crate::state::StateError> {
+        let record = self.state.record(hash, Instant::now());
+        let (crate::state::StateMode::Cluster { .. }, Some(record)) = (self.state.mode(), record)
+        else {
+            return Ok(self.kick(hash).await);
+        };
+        if !self.state.begin_move(hash).await? {
+            return Ok(self.kick(hash).await);
+        }
+        let kicked = self.kick(hash).await;
+        self.state.finish_move(hash, Some(record.backend)).await?;
+        Ok(kicked)
+    }
+
     /// Ends the sessions of `hash` relayed to `ip` and waits (up to a limit) until they are
     /// gone. Returns how many sessions were told to end.
     pub async fn kick_on(&self, hash: u32, ip: IpAddr) -> usize {
@@ -141,22 +161,28 @@ impl Mover {
     /// record when `to` is `None`). Logins of the user wait while this runs.
     pub async fn move_user(&self, hash: u32, to: Option<IpAddr>, reason: MoveReason) -> MoveReport {
         let mut report = MoveReport::default();
-        if !self.state.begin_move(hash) {
-            report.busy = 1;
-            return report;
+        match self.state.begin_move(hash).await {
+            Ok(true) => {}
+            Ok(false) => {
+                report.busy = 1;
+                return report;
+            }
+            Err(e) => {
+                warn!(user_hash = hash, error = %e, "user not moved");
+                report.failed = 1;
+                return report;
+            }
         }
         report.kicked = self.kick(hash).await;
-        match to {
-            Some(ip) => {
-                self.state.rebind(hash, ip, Instant::now());
-                report.moved = 1;
-            }
-            None => {
-                self.state.remove_record(hash);
-                report.dropped = 1;
-            }
+        if let Err(e) = self.state.finish_move(hash, to).await {
+            warn!(user_hash = hash, to = ?to, error = %e, "move not finished");
+            report.failed = 1;
+            return report;
         }
-        self.state.end_move(hash);
+        match to {
+            Some(_) => report.moved = 1,
+            None => report.dropped = 1,
+        }
         self.metrics
             .moved(reason, report.moved + report.dropped, report.kicked);
         info!(user_hash = hash, to = ?to, reason = %reason, kicked = report.kicked, "user moved");
@@ -200,11 +226,21 @@ impl Mover {
                 continue;
             }
             let r = if force {
-                self.state.remove_record(hash);
-                self.metrics.moved(reason, 1, 0);
-                MoveReport {
-                    dropped: 1,
-                    ..MoveReport::default()
+                match self.state.remove_record(hash).await {
+                    Ok(()) => {
+                        self.metrics.moved(reason, 1, 0);
+                        MoveReport {
+                            dropped: 1,
+                            ..MoveReport::default()
+                        }
+                    }
+                    Err(e) => {
+                        warn!(user_hash = hash, error = %e, "record not dropped");
+                        MoveReport {
+                            failed: 1,
+                            ..MoveReport::default()
+                        }
+                    }
                 }
             } else {
                 let to = set
@@ -216,6 +252,7 @@ impl Mover {
             total.dropped += r.dropped;
             total.kicked += r.kicked;
             total.busy += r.busy;
+            total.failed += r.failed;
         }
         if !force {
             for hash in strays {

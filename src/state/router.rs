@@ -51,6 +51,9 @@ impl fmt::Display for RouteReason {
 pub enum RouteError {
     #[error("no backend can take users of tag {0:?}")]
     NoBackend(String),
+    /// The shared state could not record the user (etcd unreachable, this director fenced).
+    #[error("{0}")]
+    State(#[from] crate::state::StateError),
 }
 
 /// Routes users over a [`State`].
@@ -75,12 +78,13 @@ impl Router {
     }
 
     /// Where `username` (of `tag`, "" for untagged) goes now, binding it if it had no record.
-    pub fn route(&self, username: &str, tag: &str) -> Result<Route, RouteError> {
+    pub async fn route(&self, username: &str, tag: &str) -> Result<Route, RouteError> {
         let now = Instant::now();
         let hash = self.hash(username);
+        self.state.serving()?;
         self.state.note_username(hash, username);
         let set = self.state.backends();
-        if let Some(route) = self.maintenance_route(username, hash, &set, now) {
+        if let Some(route) = self.maintenance_route(username, hash, &set, now).await? {
             return Ok(route);
         }
         let candidates: Vec<Backend> = set
@@ -102,14 +106,14 @@ impl Router {
                 let first = candidates
                     .first()
                     .ok_or_else(|| RouteError::NoBackend(tag.to_owned()))?;
-                let bound = self.state.bind(hash, first.ip, now);
+                let bound = self.state.bind(hash, first.ip, now).await?;
                 match set.get(bound).filter(|b| b.serves_existing()) {
                     // Someone else bound the user a moment ago: follow their record.
                     Some(b) if bound != first.ip => (b.clone(), RouteReason::Sticky),
                     Some(_) => (first.clone(), RouteReason::Ring),
                     // A record to a backend that no longer serves: the ring decides.
                     None => {
-                        self.state.rebind(hash, first.ip, now);
+                        self.state.rebind(hash, first.ip, now).await?;
                         (first.clone(), RouteReason::Ring)
                     }
                 }
@@ -130,29 +134,33 @@ impl Router {
     /// An allowed test user of a backend in maintenance goes there (and its record follows,
     /// unless it still has live sessions elsewhere: then the record wins, so that the user is
     /// never on two backends; `maintenance start` moves allowed users there first).
-    fn maintenance_route(
+    async fn maintenance_route(
         &self,
         username: &str,
         hash: u32,
         set: &crate::state::BackendSet,
         now: Instant,
-    ) -> Option<Route> {
+    ) -> Result<Option<Route>, RouteError> {
         let maintenance = self.state.maintenance();
-        let (ip, _) = maintenance.iter().find(|(_, m)| m.allows(username))?;
-        let backend = set.get(*ip)?.clone();
-        let bound = self.state.bind(hash, backend.ip, now);
+        let Some((ip, _)) = maintenance.iter().find(|(_, m)| m.allows(username)) else {
+            return Ok(None);
+        };
+        let Some(backend) = set.get(*ip).cloned() else {
+            return Ok(None);
+        };
+        let bound = self.state.bind(hash, backend.ip, now).await?;
         if bound != backend.ip {
             match self.state.record(hash, now) {
-                Some(r) if r.sessions > 0 => return None,
-                _ => self.state.rebind(hash, backend.ip, now),
+                Some(r) if r.sessions > 0 => return Ok(None),
+                _ => self.state.rebind(hash, backend.ip, now).await?,
             }
         }
-        Some(Route {
+        Ok(Some(Route {
             user_hash: hash,
             backend,
             reason: RouteReason::Maintenance,
             fallbacks: Vec::new(),
-        })
+        }))
     }
 }
 
@@ -181,29 +189,41 @@ mod tests {
         }
     }
 
-    fn router(backends: Vec<Backend>) -> Router {
+    fn router(backends: Vec<Backend>) -> (Router, Arc<LocalState>) {
         let state = Arc::new(LocalState::new(backends, Duration::from_secs(900)));
-        Router::new(state, UserHash::default())
+        (Router::new(state.clone(), UserHash::default()), state)
+    }
+
+    fn route(r: &Router, user: &str) -> Result<Route, RouteError> {
+        block_on(r.route(user, ""))
+    }
+
+    /// Runs a future that never waits (the local state's) to its end.
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
     }
 
     #[test]
     fn records_outlive_ring_changes() {
-        let r = router(vec![backend("10.0.0.1", 100), backend("10.0.0.2", 100)]);
+        let (r, state) = router(vec![backend("10.0.0.1", 100), backend("10.0.0.2", 100)]);
         let users: Vec<String> = (0..200).map(|i| format!("user{i}")).collect();
         let before: Vec<IpAddr> = users
             .iter()
-            .map(|u| r.route(u, "").unwrap().backend.ip)
+            .map(|u| route(&r, u).unwrap().backend.ip)
             .collect();
         // A new heavy backend would take most new users, but nobody bound moves.
-        r.state().upsert_backend(backend("10.0.0.3", 1000));
+        state.upsert_backend(backend("10.0.0.3", 1000));
         for (u, b) in users.iter().zip(&before) {
-            let route = r.route(u, "").unwrap();
+            let route = route(&r, u).unwrap();
             assert_eq!(route.backend.ip, *b);
             assert_eq!(route.reason, RouteReason::Sticky);
         }
         let new_on_third = (0..200)
             .filter(|i| {
-                r.route(&format!("new{i}"), "")
+                route(&r, &format!("new{i}"))
                     .unwrap()
                     .backend
                     .ip
@@ -216,19 +236,17 @@ mod tests {
 
     #[test]
     fn down_backend_loses_its_records_and_empty_ring_errors() {
-        let r = router(vec![backend("10.0.0.1", 100), backend("10.0.0.2", 100)]);
-        let first = r.route("alice", "").unwrap();
-        r.state()
-            .set_admin(first.backend.ip, AdminState::Down)
-            .unwrap();
-        let again = r.route("alice", "").unwrap();
+        let (r, state) = router(vec![backend("10.0.0.1", 100), backend("10.0.0.2", 100)]);
+        let first = route(&r, "alice").unwrap();
+        state.set_admin(first.backend.ip, AdminState::Down).unwrap();
+        let again = route(&r, "alice").unwrap();
         assert_ne!(again.backend.ip, first.backend.ip);
         assert!(again.fallbacks.is_empty());
-        r.state().set_weight(again.backend.ip, 0).unwrap();
+        state.set_weight(again.backend.ip, 0).unwrap();
         // Weight 0: the user with a record stays, a new user has nowhere to go.
-        assert_eq!(r.route("alice", "").unwrap().backend.ip, again.backend.ip);
+        assert_eq!(route(&r, "alice").unwrap().backend.ip, again.backend.ip);
         assert_eq!(
-            r.route("bob", "").unwrap_err(),
+            route(&r, "bob").unwrap_err(),
             RouteError::NoBackend(String::new())
         );
     }

@@ -15,7 +15,6 @@ use director::state::backend::Backend as DirBackend;
 use director::state::local::LocalState;
 use director::state::router::Router;
 use director::state::sessions::{SessionInfo, Sessions};
-use director::state::State;
 
 use super::dovecot::{Backend, Pool, IMAP_PORT, LMTP_PORT, POP3_PORT, SIEVE_PORT};
 use super::runtime_thread::RuntimeThread;
@@ -305,8 +304,19 @@ impl TestDirector {
 
 /// The pool backend `router` sends `user` to (its record, else the ring).
 pub fn home<'p>(pool: &'p Pool, router: &Router, user: &str) -> &'p Backend {
-    let ip = router.route(user, "").expect("a route").backend.ip;
+    let ip = ready(router.route(user, "")).expect("a route").backend.ip;
     pool.by_ip(ip).expect("a pool backend")
+}
+
+/// The output of a future that does not wait (routing over the local state never does), from
+/// a test thread or inside a runtime alike.
+pub fn ready<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("the local state waited"),
+    }
 }
 
 /// `yaml` with `listener` (a flow mapping) added first under `listeners:`.

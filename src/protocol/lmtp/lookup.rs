@@ -46,12 +46,14 @@ impl RecipientLookup for Router {
         _identity: &ClientIdentity,
     ) -> impl Future<Output = RecipientRoute> + Send {
         // The session logs a recipient without a backend.
-        std::future::ready(match self.route(username, "") {
-            Ok(route) => RecipientRoute::Deliver {
-                user: username.to_owned(),
-                route,
-            },
-            Err(error) => RecipientRoute::NoBackend(error.to_string()),
-        })
+        async move {
+            match self.route(username, "").await {
+                Ok(route) => RecipientRoute::Deliver {
+                    user: username.to_owned(),
+                    route,
+                },
+                Err(error) => RecipientRoute::NoBackend(error.to_string()),
+            }
+        }
     }
 }
