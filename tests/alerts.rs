@@ -25,7 +25,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn alert_rules_pass_promtool_and_their_unit_tests() {
     let text = promtool(&["check", "rules", "alerts.yml"]);
-    assert!(text.contains("SUCCESS: 6 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 8 rules found"), "{text}");
     let text = promtool(&["test", "rules", "alerts_test.yml"]);
     assert!(text.contains("SUCCESS"), "{text}");
     // Every alert has a unit test that makes it fire.
@@ -39,6 +39,8 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
         "DirectorLoginFailureRatioHigh",
         "DirectorChecksPausedTooLong",
         "DirectorAuthServiceDown",
+        "DirectorClusterLeaseLost",
+        "DirectorClusterWatchLagging",
         "DirectorDown",
     ] {
         assert!(
@@ -67,7 +69,27 @@ fn dashboard_is_grafana_json_with_the_expected_variables_and_panels() {
     assert_eq!(dash["templating"]["list"][0]["query"], "prometheus");
     let panels = dash["panels"].as_array().unwrap();
     assert!(panels.len() >= 10);
+    let mut ids = std::collections::HashSet::new();
     for p in panels {
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "panel id {} twice",
+            p["id"]
+        );
+    }
+    // Rows only group: an expanded row holds no panels of its own (a collapsed row would
+    // hide its panels, and their queries, from these checks and the Prometheus test).
+    let rows: Vec<&str> = panels
+        .iter()
+        .filter(|p| p["type"] == "row")
+        .map(|p| {
+            assert_eq!(p["collapsed"], false, "row {} is collapsed", p["title"]);
+            assert!(p["panels"].as_array().is_none_or(|a| a.is_empty()));
+            p["title"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(rows, ["Cluster"]);
+    for p in panels.iter().filter(|p| p["type"] != "row") {
         let targets = p["targets"].as_array().unwrap();
         assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
         for t in targets {

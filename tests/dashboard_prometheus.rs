@@ -136,7 +136,11 @@ fn every_panel_and_alert_query_returns_data_from_a_real_prometheus() {
     )
     .unwrap();
     let mut exprs: Vec<(String, String)> = Vec::new();
+    // Rows (type "row") only group panels; tests/alerts.rs checks that none hides any.
     for p in dash["panels"].as_array().unwrap() {
+        if p["type"] == "row" {
+            continue;
+        }
         for t in p["targets"].as_array().unwrap() {
             exprs.push((
                 p["title"].as_str().unwrap().to_owned(),

@@ -9,22 +9,25 @@
 //! Events (logins, connections, checks, moves) are counted where they happen. Gauges that
 //! mirror state (backend health, admin state, weight, records, live sessions, pause) are
 //! computed at scrape time from the state and the session registry (`crate::server::scrape`),
-//! so they are always right and need no updates scattered through the code.
+//! so they are always right and need no updates scattered through the code. The cluster
+//! gauges (`director_cluster_*`: mode, lease, fencing, members, checker, moves awaiting acks,
+//! watch lag) are set by the etcd state when they change: only it knows them, and a scrape
+//! must not wait on etcd. A director without a `cluster` section leaves them at 0.
 //!
 //! This file knows no runtime type: label values come from the callers (a reason's or a
 //! result's name, a backend as a [`BackendLabel`]), so every part can count here without
 //! the catalogue depending on it. The one type it names is [`Protocol`], a plain value of the
 //! configuration that imports nothing. The label values it starts at 0 are listed here
-//! ([`MOVE_REASONS`], [`REFUSAL_REASONS`]); the enums that name them have tests that keep the
-//! lists in step.
+//! ([`MOVE_REASONS`], [`REFUSAL_REASONS`], [`ETCD_OPS`]); the enums that name them have tests
+//! that keep the lists in step.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::config::Protocol;
@@ -177,6 +180,41 @@ catalogue! {
         ["endpoint"]
         "1 while the auth service answers (or has not failed yet), 0 from its first failure until \
         it answers again.";
+    CLUSTER_MODE: Gauge "director_cluster_mode"
+        []
+        "1 when the director shares its state with other directors in etcd (a cluster section), \
+        0 when it runs alone.";
+    CLUSTER_LEASE_UP: Gauge "director_cluster_lease_up"
+        []
+        "1 while the director holds its etcd membership lease, else 0.";
+    CLUSTER_FENCED: Gauge "director_cluster_fenced"
+        []
+        "1 while the director, unable to renew its lease, refuses new logins (temporary failure) \
+        and has ended the sessions it relayed (unless set to keep them); 0 otherwise.";
+    CLUSTER_MEMBERS: Gauge "director_cluster_members"
+        []
+        "Live directors in the cluster as this director sees them, itself included.";
+    CLUSTER_CHECKER: Gauge "director_cluster_checker"
+        []
+        "1 while this director is the elected health checker of the cluster, else 0.";
+    CLUSTER_MOVES_AWAITING_ACKS: Gauge "director_cluster_moves_awaiting_acks"
+        []
+        "Moves started by this director that wait for the other directors to acknowledge that \
+        they ended the user's sessions.";
+    CLUSTER_WATCH_LAG: Gauge "director_cluster_watch_lag_seconds"
+        []
+        "How far behind etcd the director's replica was at the last change it applied: the time \
+        from the change's write to its application.";
+    ETCD_REQUEST_DURATION: Histogram "director_etcd_request_duration_seconds"
+        ["op"]
+        "Round-trip time of requests to etcd, by operation (get, txn, put, delete, lease_grant, \
+        lease_keepalive, watch), failed ones included.";
+    ETCD_ERRORS_TOTAL: Counter "director_etcd_errors_total"
+        ["op"]
+        "Requests to etcd that failed or timed out, by operation.";
+    CLUSTER_LEASE_LOST_TOTAL: Counter "director_cluster_lease_lost_total"
+        []
+        "Times the director could not renew its etcd membership lease.";
 }
 
 /// The protocols clients log in with (LMTP has no login).
@@ -200,6 +238,17 @@ pub const REFUSAL_REASONS: [&str; 6] = [
     "listener_full",
     "evicted",
 ];
+/// The `op` values of [`ETCD_REQUEST_DURATION`] and [`ETCD_ERRORS_TOTAL`]: the kinds of
+/// request the cluster state sends to etcd.
+pub const ETCD_OPS: [&str; 7] = [
+    "get",
+    "txn",
+    "put",
+    "delete",
+    "lease_grant",
+    "lease_keepalive",
+    "watch",
+];
 
 /// Login latency buckets, in seconds.
 const LOGIN_BUCKETS: &[f64] = &[
@@ -208,6 +257,11 @@ const LOGIN_BUCKETS: &[f64] = &[
 /// Health check latency buckets, in seconds.
 const CHECK_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// etcd round-trip buckets, in seconds: a loopback or LAN request takes a millisecond or less,
+/// a slow disk on an etcd member (fsync) or a leader election seconds.
+const ETCD_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 /// How a client login ended, for `director_logins_total`.
@@ -380,6 +434,17 @@ pub(crate) struct Inner {
     pub(crate) auth_requests_total: IntCounterVec,
     pub(crate) auth_lookups_total: IntCounterVec,
     pub(crate) auth_service_up: IntGaugeVec,
+    pub(crate) cluster_mode: IntGauge,
+    pub(crate) cluster_lease_up: IntGauge,
+    pub(crate) cluster_fenced: IntGauge,
+    pub(crate) cluster_members: IntGauge,
+    pub(crate) cluster_checker: IntGauge,
+    pub(crate) cluster_moves_awaiting_acks: IntGauge,
+    /// In seconds, with a fraction: the one gauge that is not a whole number.
+    pub(crate) cluster_watch_lag: prometheus::Gauge,
+    pub(crate) etcd_request_duration: HistogramVec,
+    pub(crate) etcd_errors_total: IntCounterVec,
+    pub(crate) cluster_lease_lost_total: IntCounter,
     /// Scrapes reset and refill the state gauges: one at a time.
     pub(crate) refresh: Mutex<()>,
 }
@@ -410,6 +475,19 @@ fn gauge_vec(r: &Registry, d: &MetricDef) -> IntGaugeVec {
 fn gauge(r: &Registry, d: &MetricDef) -> IntGauge {
     debug_assert!(d.kind == Gauge && d.labels.is_empty());
     register(r, IntGauge::with_opts(Opts::new(d.name, d.help)).unwrap())
+}
+
+fn float_gauge(r: &Registry, d: &MetricDef) -> prometheus::Gauge {
+    debug_assert!(d.kind == Gauge && d.labels.is_empty());
+    register(
+        r,
+        prometheus::Gauge::with_opts(Opts::new(d.name, d.help)).unwrap(),
+    )
+}
+
+fn counter(r: &Registry, d: &MetricDef) -> IntCounter {
+    debug_assert!(d.kind == Counter && d.labels.is_empty());
+    register(r, IntCounter::with_opts(Opts::new(d.name, d.help)).unwrap())
 }
 
 fn histogram_vec(r: &Registry, d: &MetricDef, buckets: &[f64]) -> HistogramVec {
@@ -459,6 +537,16 @@ impl Metrics {
             auth_requests_total: counter_vec(&r, &AUTH_REQUESTS_TOTAL),
             auth_lookups_total: counter_vec(&r, &AUTH_LOOKUPS_TOTAL),
             auth_service_up: gauge_vec(&r, &AUTH_SERVICE_UP),
+            cluster_mode: gauge(&r, &CLUSTER_MODE),
+            cluster_lease_up: gauge(&r, &CLUSTER_LEASE_UP),
+            cluster_fenced: gauge(&r, &CLUSTER_FENCED),
+            cluster_members: gauge(&r, &CLUSTER_MEMBERS),
+            cluster_checker: gauge(&r, &CLUSTER_CHECKER),
+            cluster_moves_awaiting_acks: gauge(&r, &CLUSTER_MOVES_AWAITING_ACKS),
+            cluster_watch_lag: float_gauge(&r, &CLUSTER_WATCH_LAG),
+            etcd_request_duration: histogram_vec(&r, &ETCD_REQUEST_DURATION, ETCD_BUCKETS),
+            etcd_errors_total: counter_vec(&r, &ETCD_ERRORS_TOTAL),
+            cluster_lease_lost_total: counter(&r, &CLUSTER_LEASE_LOST_TOTAL),
             registry: r,
             refresh: Mutex::new(()),
         };
@@ -500,6 +588,10 @@ impl Metrics {
             RecipientResult::Rejected,
         ] {
             inner.lmtp_recipients_total.with_label_values(&[r.name()]);
+        }
+        for op in ETCD_OPS {
+            inner.etcd_request_duration.with_label_values(&[op]);
+            inner.etcd_errors_total.with_label_values(&[op]);
         }
         Metrics {
             inner: Arc::new(inner),
@@ -651,6 +743,64 @@ impl Metrics {
             .inc();
     }
 
+    /// Whether the director runs in cluster mode (a `cluster` section) or alone.
+    pub fn cluster_mode(&self, on: bool) {
+        self.inner.cluster_mode.set(i64::from(on));
+    }
+
+    /// Whether the director holds its etcd membership lease.
+    pub fn cluster_lease_up(&self, up: bool) {
+        self.inner.cluster_lease_up.set(i64::from(up));
+    }
+
+    /// Whether the director is fenced: it could not renew its lease, refuses new logins and
+    /// has ended its sessions (unless set to keep them).
+    pub fn cluster_fenced(&self, fenced: bool) {
+        self.inner.cluster_fenced.set(i64::from(fenced));
+    }
+
+    /// The live directors this director sees, itself included.
+    pub fn cluster_members(&self, n: usize) {
+        self.inner.cluster_members.set(n as i64);
+    }
+
+    /// Whether this director is the elected health checker.
+    pub fn cluster_checker(&self, elected: bool) {
+        self.inner.cluster_checker.set(i64::from(elected));
+    }
+
+    /// Moves started by this director that wait for other directors' acknowledgements now.
+    pub fn cluster_moves_awaiting_acks(&self, n: usize) {
+        self.inner.cluster_moves_awaiting_acks.set(n as i64);
+    }
+
+    /// How far behind etcd the replica was at the change just applied (now minus the change's
+    /// write time). The gauge keeps its value until the next call: a caught-up watch with no
+    /// changes to apply should say so with a zero, or an old lag would show for ever.
+    pub fn cluster_watch_lag(&self, lag: Duration) {
+        self.inner.cluster_watch_lag.set(lag.as_secs_f64());
+    }
+
+    /// One request to etcd of kind `op` (one of [`ETCD_OPS`]) took `elapsed`, answered or not.
+    pub fn etcd_request(&self, op: &str, elapsed: Duration) {
+        debug_assert!(ETCD_OPS.contains(&op), "{op} is not in ETCD_OPS");
+        self.inner
+            .etcd_request_duration
+            .with_label_values(&[op])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// One request to etcd of kind `op` (one of [`ETCD_OPS`]) failed or timed out.
+    pub fn etcd_error(&self, op: &str) {
+        debug_assert!(ETCD_OPS.contains(&op), "{op} is not in ETCD_OPS");
+        self.inner.etcd_errors_total.with_label_values(&[op]).inc();
+    }
+
+    /// The director could not renew its etcd membership lease.
+    pub fn cluster_lease_lost(&self) {
+        self.inner.cluster_lease_lost_total.inc();
+    }
+
     /// The text exposition of every metric as the registry holds it now.
     pub fn text(&self) -> String {
         let mut out = Vec::new();
@@ -774,6 +924,17 @@ mod tests {
         m.lmtp_recipient(RecipientResult::from_code(250));
         m.refused(Protocol::Lmtp, RefusalReason::PerIpLimit);
         m.moved(MoveReason::HealthDown, 2, 3);
+        m.cluster_mode(true);
+        m.cluster_lease_up(true);
+        m.cluster_members(3);
+        m.cluster_checker(true);
+        m.cluster_moves_awaiting_acks(2);
+        m.cluster_watch_lag(Duration::from_millis(1500));
+        m.etcd_request("txn", Duration::from_millis(2));
+        m.etcd_request("txn", Duration::from_secs(7));
+        m.etcd_error("lease_keepalive");
+        m.cluster_lease_lost();
+        m.cluster_fenced(true);
         let state = crate::state::local::LocalState::new(Vec::new(), Duration::from_secs(60));
         let text = m.render(&state, &Sessions::new(), None);
         for line in [
@@ -789,9 +950,64 @@ mod tests {
             "director_kicks_total{reason=\"health_down\"} 3",
             "director_sticky_records 0",
             "director_checks_paused 0",
+            "director_cluster_mode 1",
+            "director_cluster_lease_up 1",
+            "director_cluster_fenced 1",
+            "director_cluster_members 3",
+            "director_cluster_checker 1",
+            "director_cluster_moves_awaiting_acks 2",
+            "director_cluster_watch_lag_seconds 1.5",
+            "director_etcd_request_duration_seconds_count{op=\"txn\"} 2",
+            "director_etcd_request_duration_seconds_bucket{op=\"txn\",le=\"0.0025\"} 1",
+            "director_etcd_request_duration_seconds_bucket{op=\"txn\",le=\"5\"} 1",
+            "director_etcd_request_duration_seconds_count{op=\"get\"} 0",
+            "director_etcd_errors_total{op=\"lease_keepalive\"} 1",
+            "director_etcd_errors_total{op=\"watch\"} 0",
+            "director_cluster_lease_lost_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
         assert!(text.contains("director_build_info{version=\""));
+    }
+
+    #[test]
+    fn a_single_director_exports_the_cluster_series_at_zero() {
+        let text = Metrics::new().text();
+        for name in [
+            "director_cluster_mode",
+            "director_cluster_lease_up",
+            "director_cluster_fenced",
+            "director_cluster_members",
+            "director_cluster_checker",
+            "director_cluster_moves_awaiting_acks",
+            "director_cluster_watch_lag_seconds",
+            "director_cluster_lease_lost_total",
+        ] {
+            let line = format!("{name} 0");
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        for op in ETCD_OPS {
+            for line in [
+                format!("director_etcd_errors_total{{op=\"{op}\"}} 0"),
+                format!("director_etcd_request_duration_seconds_count{{op=\"{op}\"}} 0"),
+            ] {
+                assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn label_values_started_at_zero_are_distinct_snake_case() {
+        let lists: [&[&str]; 3] = [&MOVE_REASONS, &REFUSAL_REASONS, &ETCD_OPS];
+        for list in lists {
+            let mut seen = HashSet::new();
+            for v in list {
+                assert!(seen.insert(v), "{v} listed twice");
+                assert!(
+                    !v.is_empty() && v.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                    "{v}: not snake_case"
+                );
+            }
+        }
     }
 }
