@@ -201,6 +201,22 @@ impl Command {
 }
 
 /// Runs one admin verb against the running director.
+/// `check-config`'s second line: single or cluster, and where the state is kept.
+fn mode_line(config: &Config) -> String {
+    match (&config.cluster, &config.state_file) {
+        (Some(c), _) => format!(
+            "mode: cluster: director_id {}, state in etcd {} under {}",
+            c.director_id,
+            c.etcd.endpoints.join(" "),
+            c.etcd.prefix
+        ),
+        (None, Some(path)) => format!("mode: single director: state kept in {}", path.display()),
+        (None, None) => {
+            "mode: single director: no state_file, admin changes last until it stops".into()
+        }
+    }
+}
+
 fn admin_verb(config: &Config, req: &AdminRequest, json: bool) -> ExitCode {
     match client::call(&config.admin.socket, req) {
         Ok(value) => match client::print(req, &value, json) {
@@ -313,6 +329,7 @@ fn main() -> ExitCode {
             Command::CheckConfig => match check(&config).await {
                 Ok(n) => {
                     println!("{}: OK ({n} backends)", cli.config.display());
+                    println!("{}", mode_line(&config));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -69,6 +69,92 @@ fn check_config_accepts_the_shipped_example() {
     let (code, stdout, stderr) = check_config(&path);
     assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("OK (2 backends)"), "{stdout}");
+    assert!(stdout.contains("mode: single director"), "{stdout}");
+}
+
+#[test]
+fn check_config_says_the_mode_and_checks_the_cluster_section() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("cli", "cluster");
+    let (code, stdout, stderr) = check_config(&write(&dir, "single.yaml", GOOD));
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains("mode: single director: no state_file"),
+        "{stdout}"
+    );
+
+    let cluster = format!(
+        "{GOOD}cluster:\n  director_id: director1\n  etcd:\n    endpoints: [http://127.0.0.1:2379, http://127.0.0.2:2379]\n"
+    );
+    // etcd is not contacted: nothing listens on these ports.
+    let (code, stdout, stderr) = check_config(&write(&dir, "cluster.yaml", &cluster));
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains("mode: cluster: director_id director1, state in etcd http://127.0.0.1:2379 http://127.0.0.2:2379 under /director/"),
+        "{stdout}"
+    );
+
+    let password = dir.join("etcd.password");
+    fs::write(&password, "s3cret\n").unwrap();
+    fs::set_permissions(&password, fs::Permissions::from_mode(0o644)).unwrap();
+    let missing_ca = dir.join("no-such-ca.pem");
+    let cases = [
+        (
+            "state-file.yaml",
+            format!(
+                "{cluster}state_file: {}\n",
+                dir.join("state.yaml").display()
+            ),
+            "state_file: not used with cluster: etcd holds the state; remove it".to_owned(),
+        ),
+        (
+            "timeout.yaml",
+            format!("{cluster}  move_timeout: 5s\n"),
+            "cluster.move_timeout: must be longer than cluster.lease_ttl (10s)".to_owned(),
+        ),
+        (
+            "endpoint.yaml",
+            cluster.replace("http://127.0.0.2:2379", "127.0.0.2:2379"),
+            "cluster.etcd.endpoints[1]: \"127.0.0.2:2379\" is not http://host:port".to_owned(),
+        ),
+        (
+            "password.yaml",
+            format!(
+                "{cluster}    user: director\n    password_file: {}\n",
+                password.display()
+            ),
+            format!(
+                "cluster.etcd.password_file: {}: mode 0644 lets group or others",
+                password.display()
+            ),
+        ),
+        (
+            "ca.yaml",
+            format!(
+                "{}    ca_file: {}\n",
+                cluster.replace("http://", "https://"),
+                missing_ca.display()
+            ),
+            format!(
+                "cluster.etcd.ca_file: {}: cannot read",
+                missing_ca.display()
+            ),
+        ),
+    ];
+    for (file, yaml, expected) in cases {
+        let path = write(&dir, file, &yaml);
+        let (code, stdout, stderr) = check_config(&path);
+        assert_eq!(code, Some(2), "{file}: stdout: {stdout}\nstderr: {stderr}");
+        assert!(!stdout.contains("OK"), "{file}: {stdout}");
+        assert!(stderr.contains(&expected), "{file}: {stderr}");
+    }
+    fs::set_permissions(&password, fs::Permissions::from_mode(0o600)).unwrap();
+    let yaml = format!(
+        "{cluster}    user: director\n    password_file: {}\n",
+        password.display()
+    );
+    let (code, stdout, stderr) = check_config(&write(&dir, "password-ok.yaml", &yaml));
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
 }
 
 #[test]

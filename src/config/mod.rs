@@ -9,14 +9,17 @@
 //! that name the field all the same, and the `username_hash` template is parsed by
 //! `routing::user_hash` when a configuration is loaded (`server::prepare::load_config`).
 //! Values the file names and nothing else defines live here: `Forward`, [`Protocol`]
-//! (`protocol`), address networks (`network`). `config` imports nothing else of the crate.
+//! (`protocol`), address networks (`network`). The `cluster` section (several directors
+//! sharing their state in etcd) is in `cluster`. `config` imports nothing else of the crate.
 
 pub mod auth;
+pub mod cluster;
 pub mod network;
 pub mod protocol;
 pub mod yaml;
 
 pub use auth::{AuthConfig, AuthMode};
+pub use cluster::{ClusterConfig, EtcdConfig};
 pub use protocol::Protocol;
 
 use std::collections::HashSet;
@@ -69,6 +72,17 @@ impl From<HumanDuration> for Duration {
     }
 }
 
+/// Reads a field of type `Duration` written like a [`HumanDuration`]
+/// (`#[serde(deserialize_with = "duration")]`).
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    HumanDuration::deserialize(d).map(Duration::from)
+}
+
+/// [`duration`] for an `Option<Duration>` field (with `#[serde(default)]`).
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    Option::<HumanDuration>::deserialize(d).map(|o| o.map(Duration::from))
+}
+
 fn secs(n: u64) -> HumanDuration {
     HumanDuration(Duration::from_secs(n))
 }
@@ -109,9 +123,13 @@ pub struct Config {
     pub backend_defaults: BackendDefaults,
     pub backends: Vec<BackendConfig>,
     /// Where admin state (backends added or removed, weights, up/down, maintenance, pauses)
-    /// is kept across restarts, written atomically. `None`: not kept.
+    /// is kept across restarts, written atomically. `None`: not kept. Not with `cluster`.
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// Several directors acting as one, their state shared in etcd. `None`: this director is
+    /// single, its state its own.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     /// The LMTP service.
     #[serde(default)]
     pub lmtp: LmtpConfig,
@@ -641,9 +659,38 @@ impl Config {
         }
     }
 
+    /// How often sticky records are refreshed in etcd
+    /// ([`ClusterConfig::record_refresh_for`]); `None` for a single director.
+    pub fn record_refresh(&self) -> Option<Duration> {
+        self.cluster
+            .as_ref()
+            .map(|c| c.record_refresh_for(self.user_expire.into()))
+    }
+
+    /// What other directors show as this one's address: `cluster.advertise`, else the first
+    /// TCP listener's address; `None` for a single director (or one with unix sockets only).
+    pub fn cluster_advertise(&self) -> Option<String> {
+        let cluster = self.cluster.as_ref()?;
+        cluster.advertise.clone().or_else(|| {
+            self.listeners
+                .iter()
+                .find_map(|l| l.address)
+                .map(|a| a.to_string())
+        })
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.user_expire.0.is_zero() {
             return Err(err("user_expire", "must be longer than 0s"));
+        }
+        if let Some(cluster) = &self.cluster {
+            if self.state_file.is_some() {
+                return Err(err(
+                    "state_file",
+                    "not used with cluster: etcd holds the state; remove it",
+                ));
+            }
+            cluster.validate(self.user_expire.into())?;
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
             err(

@@ -58,8 +58,9 @@ pub async fn resolve_backends(config: &Config) -> Result<Vec<Backend>, ConfigErr
 }
 
 /// What `check-config` checks beyond parsing: backends resolve, the certificate and key and
-/// the backends' CA files load, the health checks and credentials load. Returns the number of
-/// backends. (Listener addresses are not bound: the running director may hold them.)
+/// the backends' CA files load, the health checks and credentials load, the admin token and
+/// the etcd files can be read. Returns the number of backends. (Listener addresses are not
+/// bound: the running director may hold them; etcd is not contacted.)
 pub async fn check(config: &Config) -> Result<usize, ConfigError> {
     let backends = resolve_backends(config).await?;
     server_tls(config)?;
@@ -70,6 +71,10 @@ pub async fn check(config: &Config) -> Result<usize, ConfigError> {
     // The admin token file, with the checks `serve` makes (not readable by group or others).
     if let Some(t) = &config.admin.tcp {
         crate::admin::read_token(&t.token_file)?;
+    }
+    // The etcd CA, client certificate and key, and password files can be read.
+    if let Some(cluster) = &config.cluster {
+        cluster.etcd.check_files()?;
     }
     Ok(backends.len())
 }
