@@ -169,6 +169,7 @@ pub fn print(req: &AdminRequest, value: &serde_json::Value, json: bool) -> Resul
                 ("sessions ended", c.kicked),
                 ("stayed", c.stayed),
                 ("busy", c.busy),
+                ("failed", c.failed),
             ];
             let counts: Vec<String> = counts
                 .iter()
@@ -251,6 +252,40 @@ fn print_status(s: &StatusReply) {
         None => println!("health checks: running"),
     }
     println!("records: {}, sessions: {}", s.records, s.sessions);
+    match &s.cluster {
+        None => println!("mode: single director (state kept here)"),
+        Some(c) => {
+            println!(
+                "mode: cluster, this director {} ({}{})",
+                c.director_id,
+                if c.serving {
+                    "serving"
+                } else {
+                    "FENCED: no etcd lease, refusing logins"
+                },
+                if c.checker {
+                    ", runs the health checks"
+                } else {
+                    ""
+                }
+            );
+            println!(
+                "{:<20} {:<24} {:<10} {:>10} {:>8} {:<7}",
+                "director", "address", "version", "lease age", "sessions", "checker"
+            );
+            for m in &c.members {
+                println!(
+                    "{:<20} {:<24} {:<10} {:>9}s {:>8} {:<7}",
+                    m.id,
+                    m.address,
+                    m.version,
+                    m.lease_age_secs,
+                    m.sessions,
+                    if m.checker { "yes" } else { "-" }
+                );
+            }
+        }
+    }
 }
 
 /// Splits a command line into words: blanks separate, single quotes group (as `dump` quotes),

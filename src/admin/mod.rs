@@ -36,7 +36,7 @@ use crate::state::backend::{AdminState, Backend, Health};
 use crate::state::moves::{MoveReason, MoveReport, Mover};
 use crate::state::router::Router;
 use crate::state::sessions::Sessions;
-use crate::state::{ChecksPause, Maintenance, State};
+use crate::state::{ChecksPause, Maintenance, State, StateMode};
 
 /// The health checker's last result per backend: code (`ok`, `connect_refused`...) and
 /// latency. The checker plugs it in with [`AdminContext::set_check_results`]; until then
@@ -145,6 +145,24 @@ pub struct StatusReply {
     pub records: usize,
     /// Live sessions on this director.
     pub sessions: usize,
+    /// `single` or `cluster`.
+    #[serde(default)]
+    pub mode: String,
+    /// This director's place in the cluster (cluster mode only).
+    #[serde(default)]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A cluster member's view of the cluster, in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub director_id: String,
+    /// Whether this director holds its etcd lease and serves logins.
+    pub serving: bool,
+    /// Whether this director runs the cluster's health checks.
+    pub checker: bool,
+    /// The live directors (this one included while it holds its lease).
+    pub members: Vec<crate::state::cluster::MemberStatus>,
 }
 
 /// One backend in `status`.
@@ -568,6 +586,23 @@ impl AdminContext {
             }),
             records: records.len(),
             sessions: self.mover.sessions.list().len(),
+            mode: match self.state.mode() {
+                StateMode::Single => "single".into(),
+                StateMode::Cluster { .. } => "cluster".into(),
+            },
+            cluster: match self.state.mode() {
+                StateMode::Single => None,
+                StateMode::Cluster {
+                    director_id,
+                    serving,
+                    checker,
+                } => Some(ClusterStatus {
+                    director_id,
+                    serving,
+                    checker,
+                    members: self.state.members(),
+                }),
+            },
         }
     }
 

@@ -35,6 +35,9 @@ pub struct MetricsContext {
 impl MetricsContext {
     /// `Ok` when the director can route new users, else why not.
     pub fn readiness(&self) -> Result<(), String> {
+        if let Err(e) = self.state.serving() {
+            return Err(e.to_string());
+        }
         if let Some(h) = &self.health {
             if !h.first_round_done() {
                 return Err("the first round of health checks is not done yet".into());

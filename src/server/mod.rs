@@ -29,6 +29,7 @@ use crate::server::listener::ListenerShared;
 use crate::server::metrics_server::{MetricsContext, MetricsServer};
 use crate::server::prepare::{backend_tls, bind_listener, resolve_backends, server_tls};
 use crate::server::reload::{Prepared, Reloader, ReloaderParts, RunningListener};
+use crate::state::cluster::ClusterState;
 use crate::state::local::LocalState;
 use crate::state::moves::Mover;
 use crate::state::router::Router;
@@ -41,7 +42,13 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A director ready to serve.
 pub struct Director {
+    /// The state as single-director tests change it directly: the director's own, or in a
+    /// cluster the replica's backends (read-only there: changes must go through `shared`).
     pub state: Arc<LocalState>,
+    /// The state every part of the director uses: local, or the cluster's in etcd.
+    pub shared: Arc<dyn State>,
+    /// The cluster membership, with `cluster` configured.
+    pub cluster: Option<ClusterState>,
     /// The health checker (`None` when `health.enabled` is false); its last results are
     /// what `status` shows.
     pub health: Option<HealthChecker>,
@@ -54,6 +61,8 @@ pub struct Director {
     /// The connections' side of the stop, handed to the listeners when the director runs.
     shutdown: Shutdown,
     user_expire: Duration,
+    /// Moves users (the cluster's janitor uses it).
+    mover: Mover,
     /// The admin API (bound at build, so that a bad socket or token file fails the start).
     pub admin: crate::admin::AdminServer,
     /// The catalogue of metrics every part counts on.
@@ -116,17 +125,42 @@ impl Director {
     pub async fn build(config: &Config) -> Result<Director, ConfigError> {
         let backends = resolve_backends(config).await?;
         let user_expire: Duration = config.user_expire.into();
-        let state = Arc::new(LocalState::new(backends, user_expire));
-        crate::state::file::restore(config, &*state)?;
-        let router = Router::new(
-            state.clone() as Arc<dyn State>,
-            crate::routing::user_hash::UserHash::from_config(config)?,
-        );
         let sessions = Sessions::new();
         let metrics = Metrics::new();
-        let mover = Mover::new(state.clone() as Arc<dyn State>, sessions.clone())
-            .with_metrics(metrics.clone());
-        let health = HealthChecker::from_config(config, state.clone() as Arc<dyn State>, mover)?;
+        let (state, shared_state, cluster): (Arc<LocalState>, Arc<dyn State>, _) = match &config
+            .cluster
+        {
+            Some(c) => {
+                let mut c = c.clone();
+                c.advertise = config.cluster_advertise();
+                let cluster =
+                    ClusterState::start(config, &c, backends, sessions.clone(), metrics.clone())
+                        .await?;
+                (cluster.local(), Arc::new(cluster.clone()), Some(cluster))
+            }
+            None => {
+                let state = Arc::new(LocalState::new(backends, user_expire));
+                crate::state::file::restore(config, &state)?;
+                (state.clone(), state, None)
+            }
+        };
+        let router = Router::new(
+            shared_state.clone(),
+            crate::routing::user_hash::UserHash::from_config(config)?,
+        );
+        let mover =
+            Mover::new(shared_state.clone(), sessions.clone()).with_metrics(metrics.clone());
+        let health = HealthChecker::from_config(config, shared_state.clone(), mover.clone())?;
+        if let (Some(cluster), Some(checker)) = (&cluster, &health) {
+            let checker = checker.clone();
+            cluster.on_suspect(move |ip| {
+                checker.suspect(
+                    ip,
+                    crate::health::probe::CheckCode::ResponseTimeout,
+                    "a login through another director",
+                )
+            });
+        }
         let prepared = Prepared::at_start(server_tls(config)?, Arc::new(backend_tls(config)?));
         let login = Login {
             router: router.clone(),
@@ -149,7 +183,7 @@ impl Director {
             &auth_services,
         )));
         let admin = crate::admin::AdminContext::new(
-            state.clone(),
+            shared_state.clone(),
             sessions.clone(),
             router.clone(),
             Arc::new(config.clone()),
@@ -173,7 +207,7 @@ impl Director {
                     address,
                     MetricsContext {
                         metrics: metrics.clone(),
-                        state: state.clone(),
+                        state: shared_state.clone(),
                         sessions: sessions.clone(),
                         health: health.clone(),
                     },
@@ -197,13 +231,16 @@ impl Director {
             build_shared: Arc::new(move |config, prepared| {
                 listener_shared(config, prepared, &login, &per_ip, &refusals, &auth_services)
             }),
-            state: state.clone() as Arc<dyn State>,
+            state: shared_state.clone(),
             health: health.clone(),
             admin: admin_context,
         });
         let (trigger, shutdown) = crate::net::shutdown::channel();
         Ok(Director {
             state,
+            shared: shared_state,
+            cluster,
+            mover,
             health,
             sessions,
             router,
@@ -240,18 +277,23 @@ impl Director {
             info!(address = %address, "metrics listening (/metrics, /healthz, /readyz)");
             tokio::spawn(m.serve())
         });
-        let state = self.state.clone();
+        let state = self.shared.clone();
         let every = (self.user_expire / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
         let sweeper = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                let n = state.purge_expired(Instant::now());
-                if n > 0 {
-                    debug!(expired = n, "sticky records expired");
+                match state.purge_expired(Instant::now()).await {
+                    Ok(0) => {}
+                    Ok(n) => debug!(expired = n, "sticky records expired"),
+                    Err(e) => debug!(error = %e, "sticky records not purged"),
                 }
             }
         });
+        let janitor = self
+            .cluster
+            .clone()
+            .map(|c| tokio::spawn(janitor(c, self.mover.clone())));
         let checker = self.health.map(|h| tokio::spawn(h.run()));
         shutdown.await;
         self.reloader.stop();
@@ -273,6 +315,12 @@ impl Director {
             }
         }
         sweeper.abort();
+        if let Some(j) = janitor {
+            j.abort();
+        }
+        if let Some(c) = &self.cluster {
+            c.leave().await;
+        }
         if let Some(c) = checker {
             c.abort();
         }
@@ -281,5 +329,41 @@ impl Director {
             m.abort();
         }
         info!("shut down");
+    }
+}
+
+/// The cluster's janitor, run by the elected checker: users whose record points to a backend
+/// that no longer serves them (down, removed) and that nobody is moving (the director that
+/// took the backend down died, or the checker changed mid-evacuation) are moved off.
+async fn janitor(state: ClusterState, mover: Mover) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        if !state.is_checker() {
+            continue;
+        }
+        let set = state.backends();
+        let stranded: std::collections::BTreeSet<std::net::IpAddr> = state
+            .records(Instant::now())
+            .into_iter()
+            .filter(|(hash, r)| {
+                !state.being_moved(*hash)
+                    && set.get(r.backend).is_none_or(|b| {
+                        !b.serves_existing()
+                            && b.admin != crate::state::backend::AdminState::Maintenance
+                    })
+            })
+            .map(|(_, r)| r.backend)
+            .collect();
+        for ip in stranded {
+            let reason = match set.get(ip) {
+                Some(b) if b.health == crate::state::backend::Health::Down => {
+                    crate::state::moves::MoveReason::HealthDown
+                }
+                _ => crate::state::moves::MoveReason::Maintenance,
+            };
+            info!(backend = %ip, "cluster: users left on a backend that does not serve them: moving them");
+            mover.evacuate(ip, reason, false).await;
+        }
     }
 }

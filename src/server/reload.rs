@@ -329,7 +329,12 @@ impl Reloader {
         }
         self.admin.set_config(new.clone());
         let state_file = new.state_file.as_ref().filter(|p| p.exists());
-        if let Some(path) = state_file {
+        if new.cluster.is_some() {
+            if format!("{:?}", old.backends) != format!("{:?}", new.backends) {
+                info!("backends: etcd holds the cluster's backend list; the configuration's list is not applied (use director add/remove)");
+            }
+            done.push("backends: kept (etcd holds the list)".into());
+        } else if let Some(path) = state_file {
             if format!("{:?}", old.backends) != format!("{:?}", new.backends) {
                 info!(state_file = %path.display(),
                       "backends: the state file holds the backend list, as at start; the configuration's list is not applied (use director add/remove)");
@@ -472,6 +477,7 @@ fn keep_what_needs_a_restart(old: &Config, mut new: Config) -> (Config, Vec<&'st
     keep!(admin, "admin");
     keep!(metrics, "metrics.address");
     keep!(state_file, "state_file");
+    keep!(cluster, "cluster");
     keep!(username_hash, "username_hash");
     keep!(user_expire, "user_expire");
     keep!(log_format, "log_format");

@@ -65,6 +65,16 @@ impl LocalState {
     }
 }
 
+impl LocalState {
+    /// Replaces every backend and the maintenance map at once (the cluster's replica,
+    /// rebuilt from etcd).
+    pub fn replace(&self, backends: Vec<Backend>, maintenance: BTreeMap<IpAddr, Maintenance>) {
+        let _guard = self.change.lock().unwrap();
+        self.backends.store(Arc::new(BackendSet::new(backends)));
+        self.maintenance.store(Arc::new(maintenance));
+    }
+}
+
 /// The changes, synchronous: the local state needs no round trip. Tests and the state file
 /// use them directly; the rest of the director goes through [`State`].
 impl LocalState {

@@ -4,6 +4,7 @@
 //! [`router`] reads it to send a user to a backend.
 
 pub mod backend;
+pub mod cluster;
 pub mod file;
 pub mod local;
 pub mod moves;
@@ -240,5 +241,10 @@ pub trait State: Send + Sync {
     /// Where the state lives.
     fn mode(&self) -> StateMode {
         StateMode::Single
+    }
+
+    /// The live directors of the cluster (none for a single director).
+    fn members(&self) -> Vec<crate::state::cluster::MemberStatus> {
+        Vec::new()
     }
 }

@@ -236,6 +236,16 @@ impl Sessions {
         n
     }
 
+    /// Ends every session and login under way (a cluster member cut off from etcd);
+    /// returns how many were told to end.
+    pub fn kick_all(&self) -> usize {
+        let map = self.inner.lock().unwrap();
+        for e in map.values() {
+            e.kick.notify_one();
+        }
+        map.len()
+    }
+
     /// Ends every session of users with this hash; returns how many were told to end.
     pub fn kick_user(&self, user_hash: u32) -> usize {
         let map = self.inner.lock().unwrap();

@@ -3,6 +3,7 @@
 pub mod admin_cli;
 pub mod auth_service;
 pub mod client;
+pub mod cluster;
 pub mod command;
 pub mod director;
 pub mod director_log;

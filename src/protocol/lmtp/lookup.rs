@@ -40,20 +40,14 @@ pub trait RecipientLookup: Send + Sync {
 
 /// The ring, by the recipient's username (no tag), as before authentication existed.
 impl RecipientLookup for Router {
-    fn lookup(
-        &self,
-        username: &str,
-        _identity: &ClientIdentity,
-    ) -> impl Future<Output = RecipientRoute> + Send {
+    async fn lookup(&self, username: &str, _identity: &ClientIdentity) -> RecipientRoute {
         // The session logs a recipient without a backend.
-        async move {
-            match self.route(username, "").await {
-                Ok(route) => RecipientRoute::Deliver {
-                    user: username.to_owned(),
-                    route,
-                },
-                Err(error) => RecipientRoute::NoBackend(error.to_string()),
-            }
+        match self.route(username, "").await {
+            Ok(route) => RecipientRoute::Deliver {
+                user: username.to_owned(),
+                route,
+            },
+            Err(error) => RecipientRoute::NoBackend(error.to_string()),
         }
     }
 }

@@ -1,0 +1,1277 @@
+//! The [`State`] that several directors share through etcd (DESIGN.md, "Cluster mode").
+//!
+//! Reads come from this director's replica ([`replica`]), kept current by one watch, so a
+//! login with a record costs no round trip. Writes are etcd transactions that compare the
+//! revision the replica holds (never read-then-write); a writer then waits until its write is
+//! in the replica. A sticky record is created by a "create if absent" transaction: of two
+//! directors racing on a new user, the loser takes the winner's backend.
+//!
+//! A move (kick, move, flush, evacuation): the record is marked `moving` (logins of the user
+//! wait on every director); every other director sees the mark, ends its sessions of the
+//! user and writes an acknowledgement under its lease; the mover, having ended its own,
+//! waits for an acknowledgement from every live director (one whose lease expired is no
+//! longer a member), then writes the record's new backend. Fencing ([`lease`]) makes that
+//! safe against a director that cannot hear of the move: before its lease can expire it
+//! has stopped serving and ended its sessions.
+//!
+//! Health: one director at a time runs the checks, elected through the `checker` key
+//! under its lease; others pass their logins' failures to it (`suspects/`).
+
+pub mod etcd;
+pub mod keys;
+pub mod lease;
+pub mod replica;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use etcd_client::{Compare, CompareOp, DeleteOptions, EventType, TxnOp, TxnOpResponse};
+use tracing::{debug, info, warn};
+
+use crate::config::{BackendSettings, ClusterConfig, Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::routing::sticky::StickyRecord;
+use crate::state::backend::{AdminState, Backend, Health};
+use crate::state::local::LocalState;
+use crate::state::sessions::Sessions;
+use crate::state::{
+    BackendSet, ChecksPause, Maintenance, State, StateError, StateFuture, StateMode,
+};
+
+use self::etcd::Etcd;
+use self::keys::{
+    encode, now_ms, unix_ms, BackendValue, HealthValue, Keys, MaintenanceValue, MoveMark,
+    PauseValue, SuspectValue, UserValue,
+};
+use self::replica::{Effect, Replica, Versioned};
+
+/// How long an acknowledging director waits for its sessions of a moved user to end
+/// (the local mover's limit too).
+const SESSION_END_WAIT: Duration = Duration::from_secs(10);
+/// Transactions retried after a conflict (another director wrote the key meanwhile).
+const CAS_TRIES: usize = 5;
+/// The least time between two suspicions of one backend sent by this director.
+const SUSPECT_EVERY: Duration = Duration::from_secs(1);
+
+/// The cluster's state, as one director holds it.
+#[derive(Clone)]
+pub struct ClusterState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    me: String,
+    keys: Keys,
+    etcd: Etcd,
+    cluster: ClusterConfig,
+    user_expire: Duration,
+    refresh: Duration,
+    /// Backends with health, maintenance and the checks pause, rebuilt from the replica:
+    /// read on every login without locking.
+    local: Arc<LocalState>,
+    replica: Replica,
+    /// The configuration's settings per host name, for backends the replica names.
+    config: Mutex<Arc<Config>>,
+    /// Settings a reload gave a backend.
+    settings: Mutex<HashMap<IpAddr, Arc<BackendSettings>>>,
+    sessions: Sessions,
+    metrics: Metrics,
+    /// This director's lease (0: none).
+    lease: AtomicI64,
+    /// Whether this director may start backend sessions (holds its lease, replica fresh).
+    serving: AtomicBool,
+    /// This director's sessions per user, for refreshes.
+    usage: Mutex<HashMap<u32, Usage>>,
+    /// Moves this director runs: user hash -> move id.
+    own_moves: Mutex<HashMap<u32, String>>,
+    /// Moves of others this director has acknowledged or is acknowledging.
+    acking: Mutex<HashSet<String>>,
+    move_counter: AtomicU64,
+    awaiting_acks: AtomicUsize,
+    /// Called on the checker when another director suspects a backend.
+    on_suspect: OnceLock<Box<dyn Fn(IpAddr) + Send + Sync>>,
+    suspects_sent: Mutex<HashMap<IpAddr, Instant>>,
+    started_ms: u64,
+}
+
+/// This director's use of one user's record.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    sessions: u32,
+    /// The last session ended since the record was last refreshed: refresh it once more
+    /// so that its expiry counts from the end.
+    ended: bool,
+}
+
+/// A live director, for `director status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemberStatus {
+    pub id: String,
+    pub address: String,
+    pub version: String,
+    /// Seconds since it took its lease.
+    pub lease_age_secs: u64,
+    pub sessions: u64,
+    /// Whether it runs the health checks.
+    pub checker: bool,
+}
+
+fn unavailable(what: impl std::fmt::Display) -> StateError {
+    StateError::Unavailable(what.to_string())
+}
+
+/// The revision a transaction's answer carries.
+fn revision_of(r: &etcd_client::TxnResponse) -> i64 {
+    r.header().map_or(0, |h| h.revision())
+}
+
+/// The key-values a transaction's `get` branch returned.
+fn got(r: &etcd_client::TxnResponse) -> Vec<etcd_client::KeyValue> {
+    r.op_responses()
+        .into_iter()
+        .filter_map(|o| match o {
+            TxnOpResponse::Get(g) => Some(g.kvs().to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+impl ClusterState {
+    /// Connects to etcd, adds the configured backends if the cluster has none yet, loads the
+    /// replica and starts the watch, the lease (membership, election, fencing) and the
+    /// record refresher. Fails when etcd cannot be reached: a director does not start
+    /// without its shared state.
+    pub async fn start(
+        config: &Config,
+        cluster: &ClusterConfig,
+        configured: Vec<Backend>,
+        sessions: Sessions,
+        metrics: Metrics,
+    ) -> Result<ClusterState, ConfigError> {
+        let etcd = Etcd::connect(&cluster.etcd, metrics.clone()).await?;
+        let keys = Keys::new(&cluster.etcd.prefix);
+        let user_expire: Duration = config.user_expire.into();
+        let inner = Arc::new(Inner {
+            me: cluster.director_id.clone(),
+            replica: Replica::new(keys.clone(), &cluster.director_id),
+            keys,
+            etcd,
+            cluster: cluster.clone(),
+            user_expire,
+            refresh: cluster.record_refresh_for(user_expire),
+            local: Arc::new(LocalState::new(Vec::new(), user_expire)),
+            config: Mutex::new(Arc::new(config.clone())),
+            settings: Mutex::new(HashMap::new()),
+            sessions,
+            metrics,
+            lease: AtomicI64::new(0),
+            serving: AtomicBool::new(false),
+            usage: Mutex::new(HashMap::new()),
+            own_moves: Mutex::new(HashMap::new()),
+            acking: Mutex::new(HashSet::new()),
+            move_counter: AtomicU64::new(0),
+            awaiting_acks: AtomicUsize::new(0),
+            on_suspect: OnceLock::new(),
+            suspects_sent: Mutex::new(HashMap::new()),
+            started_ms: now_ms(),
+        });
+        inner.metrics.cluster_mode(true);
+        let state = ClusterState { inner };
+        let fail = |e: StateError| {
+            ConfigError(format!(
+                "cluster.etcd: {e} (endpoints {})",
+                cluster.etcd.endpoints.join(", ")
+            ))
+        };
+        state.seed(&configured).await.map_err(fail)?;
+        let revision = state.load().await.map_err(fail)?;
+        tokio::spawn(state.clone().watch_loop(revision));
+        lease::start(state.clone()).await;
+        tokio::spawn(state.clone().refresh_loop());
+        info!(director_id = %state.inner.me, prefix = %state.inner.keys.prefix(),
+              backends = state.inner.local.backends().backends.len(),
+              records = state.inner.replica.contents.lock().unwrap().users.len(),
+              "cluster: joined; state in etcd");
+        Ok(state)
+    }
+
+    /// The replica's backends, maintenance and pause as a [`LocalState`] (read-only use:
+    /// changes made to it directly do not reach etcd).
+    pub fn local(&self) -> Arc<LocalState> {
+        self.inner.local.clone()
+    }
+
+    /// Whether a director is moving user `hash` now (its record carries a move mark).
+    pub fn being_moved(&self, hash: u32) -> bool {
+        self.user(hash).is_some_and(|r| r.value.moving.is_some())
+    }
+
+    /// Sets what the checker does when another director suspects a backend.
+    pub fn on_suspect(&self, f: impl Fn(IpAddr) + Send + Sync + 'static) {
+        let _ = self.inner.on_suspect.set(Box::new(f));
+    }
+
+    /// A new configuration (reload): settings of backends the replica names come from it.
+    pub fn set_config(&self, config: Arc<Config>) {
+        *self.inner.config.lock().unwrap() = config;
+        self.inner.settings.lock().unwrap().clear();
+        self.rebuild_backends();
+    }
+
+    /// The live directors.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        let c = self.inner.replica.contents.lock().unwrap();
+        let now = now_ms();
+        c.members
+            .iter()
+            .map(|(id, m)| MemberStatus {
+                id: id.clone(),
+                address: m.value.address.clone(),
+                version: m.value.version.clone(),
+                lease_age_secs: now.saturating_sub(m.value.since) / 1000,
+                sessions: m.value.sessions,
+                checker: c.checker.as_deref() == Some(id.as_str()),
+            })
+            .collect()
+    }
+
+    /// When the configured backends are the first: adds each that etcd lacks, but only if
+    /// etcd has no backend at all (afterwards admins own the list, as with the state file).
+    async fn seed(&self, configured: &[Backend]) -> Result<(), StateError> {
+        let i = &self.inner;
+        let existing = i
+            .etcd
+            .get_prefix(&format!("{}backends/", i.keys.prefix()))
+            .await?;
+        if !existing.kvs().is_empty() {
+            return Ok(());
+        }
+        for b in configured {
+            let key = i.keys.backend(b.ip);
+            let value = BackendValue {
+                host: b.host.clone(),
+                weight: b.weight,
+                tag: b.tag.clone(),
+                admin: b.admin,
+                maintenance: None,
+            };
+            i.etcd
+                .txn(
+                    vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+                    vec![TxnOp::put(key, encode(&value), None)],
+                    vec![],
+                )
+                .await?;
+        }
+        info!(
+            backends = configured.len(),
+            "cluster: etcd had no backends: added the configured ones"
+        );
+        Ok(())
+    }
+
+    /// Loads the whole prefix into the replica; returns its revision.
+    async fn load(&self) -> Result<i64, StateError> {
+        let r = self.inner.etcd.get_prefix(self.inner.keys.prefix()).await?;
+        let revision = r.header().map_or(0, |h| h.revision());
+        let effects = self.inner.replica.load(r.kvs(), revision);
+        for e in effects {
+            self.act(e);
+        }
+        Ok(revision)
+    }
+
+    /// Keeps the replica current: one watch from `revision`; when it breaks, a full load
+    /// and a new watch.
+    async fn watch_loop(self, mut revision: i64) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self
+                .inner
+                .etcd
+                .watch(self.inner.keys.prefix(), revision + 1)
+                .await
+            {
+                Ok(mut stream) => {
+                    backoff = Duration::from_millis(100);
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(resp)) => {
+                                if resp.canceled() || resp.compact_revision() > 0 {
+                                    warn!(reason = %resp.cancel_reason(), "cluster: watch cancelled: reloading the state");
+                                    break;
+                                }
+                                let mut lag = None;
+                                for ev in resp.events() {
+                                    let Some(kv) = ev.kv() else { continue };
+                                    if ev.event_type() == EventType::Put {
+                                        if let Some(v) = keys::decode::<UserValue>(kv.value()) {
+                                            lag = Some(now_ms().saturating_sub(v.refreshed));
+                                        }
+                                    }
+                                    if let Some(e) = self.inner.replica.apply(ev.event_type(), kv) {
+                                        self.act(e);
+                                    }
+                                    revision = revision.max(kv.mod_revision());
+                                }
+                                if let Some(h) = resp.header() {
+                                    revision = revision.max(h.revision());
+                                }
+                                self.inner
+                                    .metrics
+                                    .cluster_watch_lag(Duration::from_millis(lag.unwrap_or(0)));
+                                self.inner.replica.set_applied(revision);
+                            }
+                            Ok(None) => {
+                                warn!("cluster: the etcd watch ended: watching again");
+                                break;
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "cluster: the etcd watch failed: watching again");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "cluster: cannot watch etcd");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            // The watch may have missed changes (a compaction): read everything again.
+            match self.load().await {
+                Ok(r) => revision = r,
+                Err(e) => {
+                    debug!(error = %e, "cluster: cannot reload the state");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Acts on what a change calls for.
+    fn act(&self, effect: Effect) {
+        match effect {
+            Effect::Backends => self.rebuild_backends(),
+            Effect::Pause(p) => self.inner.local.set_checks_pause(p.map(|p| ChecksPause {
+                since: from_ms(p.since),
+                until: p.until.map(from_ms),
+            })),
+            Effect::MoveStarted { hash, move_id } => self.acknowledge(hash, move_id),
+            Effect::CheckerGone => {
+                if self.inner.serving.load(Ordering::Acquire) {
+                    tokio::spawn(lease::campaign(self.clone()));
+                }
+                self.members_changed();
+            }
+            Effect::Suspect(ip) => {
+                if self.is_checker() {
+                    if let Some(f) = self.inner.on_suspect.get() {
+                        f(ip);
+                    }
+                }
+            }
+            Effect::Members => self.members_changed(),
+        }
+    }
+
+    fn members_changed(&self) {
+        let (n, checker) = {
+            let c = self.inner.replica.contents.lock().unwrap();
+            (c.members.len(), c.checker.clone())
+        };
+        self.inner.metrics.cluster_members(n);
+        self.inner
+            .metrics
+            .cluster_checker(self.is_serving() && checker.as_deref() == Some(&*self.inner.me));
+    }
+
+    /// Rebuilds the backend set (and rings) and the maintenance map from the replica.
+    fn rebuild_backends(&self) {
+        let i = &self.inner;
+        let (list, maintenance) = {
+            let c = i.replica.contents.lock().unwrap();
+            let config = i.config.lock().unwrap().clone();
+            let settings = i.settings.lock().unwrap();
+            let mut list = Vec::new();
+            let mut maintenance = BTreeMap::new();
+            for (ip, b) in &c.backends {
+                let v = &b.value;
+                list.push(Backend {
+                    ip: *ip,
+                    host: v.host.clone(),
+                    weight: v.weight,
+                    tag: v.tag.clone(),
+                    admin: v.admin,
+                    health: c.health.get(ip).copied().unwrap_or(Health::Up),
+                    settings: settings
+                        .get(ip)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(config.settings_for_host(&v.host))),
+                });
+                if let Some(m) = &v.maintenance {
+                    maintenance.insert(
+                        *ip,
+                        Maintenance {
+                            previous_weight: m.previous_weight,
+                            allowed_users: m.allowed_users.clone(),
+                            since: from_ms(m.since),
+                            until: m.until.map(from_ms),
+                        },
+                    );
+                }
+            }
+            (list, maintenance)
+        };
+        i.local.replace(list, maintenance);
+    }
+
+    /// Another director is moving user `hash`: ends this director's sessions of the user
+    /// (logins of the user already wait: the replica shows the move), then acknowledges.
+    fn acknowledge(&self, hash: u32, move_id: String) {
+        if !self.inner.acking.lock().unwrap().insert(move_id.clone()) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let i = &me.inner;
+            let kicked = i.sessions.kick_user(hash);
+            let deadline = Instant::now() + SESSION_END_WAIT;
+            while i.sessions.count_user(hash) > 0 {
+                if Instant::now() >= deadline {
+                    warn!(user_hash = hash, move_id = %move_id, "cluster: sessions still open after a kick for another director's move");
+                    break;
+                }
+                i.sessions.kick_user(hash);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let lease = i.lease.load(Ordering::Acquire);
+            if lease == 0 {
+                // No lease: this director is fenced and serves nobody; the mover does not
+                // wait for it once its lease has expired.
+                i.acking.lock().unwrap().remove(&move_id);
+                return;
+            }
+            match i
+                .etcd
+                .put(&i.keys.ack(&move_id, &i.me), Vec::new(), lease)
+                .await
+            {
+                Ok(_) => {
+                    debug!(user_hash = hash, move_id = %move_id, kicked, "cluster: move acknowledged")
+                }
+                Err(e) => {
+                    warn!(user_hash = hash, move_id = %move_id, error = %e, "cluster: cannot acknowledge a move");
+                    i.acking.lock().unwrap().remove(&move_id);
+                }
+            }
+        });
+    }
+
+    fn is_serving(&self) -> bool {
+        self.inner.serving.load(Ordering::Acquire)
+    }
+
+    /// The replica's record of `hash`.
+    fn user(&self, hash: u32) -> Option<Versioned<UserValue>> {
+        self.inner
+            .replica
+            .contents
+            .lock()
+            .unwrap()
+            .users
+            .get(&hash)
+            .cloned()
+    }
+
+    /// Waits until the replica holds `revision`; an error if the watch is behind.
+    async fn caught_up(&self, revision: i64) -> Result<(), StateError> {
+        if self
+            .inner
+            .replica
+            .wait_for(revision, self.inner.etcd.timeout())
+            .await
+        {
+            Ok(())
+        } else {
+            Err(unavailable(
+                "this director's copy of the cluster state is behind etcd",
+            ))
+        }
+    }
+
+    /// Writes the user's record if it still is at `expected` (its mod revision; 0: absent).
+    /// `Ok(true)`: written, and in the replica. `Ok(false)`: it changed meanwhile; the
+    /// replica now shows how.
+    async fn cas_user(
+        &self,
+        hash: u32,
+        expected: i64,
+        value: Option<&UserValue>,
+    ) -> Result<bool, StateError> {
+        let i = &self.inner;
+        let key = i.keys.user(hash);
+        let compare = if expected == 0 {
+            Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key.clone(), CompareOp::Equal, expected)
+        };
+        let op = match value {
+            Some(v) => TxnOp::put(key.clone(), encode(v), None),
+            None => TxnOp::delete(key.clone(), None),
+        };
+        let r = i
+            .etcd
+            .txn(vec![compare], vec![op], vec![TxnOp::get(key, None)])
+            .await?;
+        let revision = if r.succeeded() {
+            revision_of(&r)
+        } else {
+            got(&r)
+                .first()
+                .map_or(revision_of(&r), |kv| kv.mod_revision())
+        };
+        self.caught_up(revision).await?;
+        Ok(r.succeeded())
+    }
+
+    /// Changes backend `ip`'s value with `f`, compared against the replica's revision.
+    async fn update_backend(
+        &self,
+        ip: IpAddr,
+        f: impl Fn(&mut BackendValue) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let i = &self.inner;
+        for _ in 0..CAS_TRIES {
+            let Some(current) = i
+                .replica
+                .contents
+                .lock()
+                .unwrap()
+                .backends
+                .get(&ip)
+                .cloned()
+            else {
+                return Err(StateError::NoSuchBackend(ip));
+            };
+            let mut value = current.value.clone();
+            f(&mut value)?;
+            let key = i.keys.backend(ip);
+            let r = i
+                .etcd
+                .txn(
+                    vec![Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        current.mod_rev,
+                    )],
+                    vec![TxnOp::put(key.clone(), encode(&value), None)],
+                    vec![TxnOp::get(key, None)],
+                )
+                .await?;
+            let revision = if r.succeeded() {
+                revision_of(&r)
+            } else {
+                match got(&r).first() {
+                    Some(kv) => kv.mod_revision(),
+                    None => return Err(StateError::NoSuchBackend(ip)),
+                }
+            };
+            self.caught_up(revision).await?;
+            if r.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(unavailable(format!(
+            "backend {ip} kept changing under this change"
+        )))
+    }
+
+    /// The refresher: every few seconds, rewrites the records of users with sessions here
+    /// whose last refresh is `record_refresh` old, and once more those whose last session
+    /// here ended since. The elected checker also drops expired records and finishes moves
+    /// whose director died.
+    async fn refresh_loop(self) {
+        let tick = (self.inner.refresh / 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let mut interval = tokio::time::interval(tick);
+        loop {
+            interval.tick().await;
+            if !self.is_serving() {
+                continue;
+            }
+            self.refresh_once().await;
+        }
+    }
+
+    async fn refresh_once(&self) {
+        let i = &self.inner;
+        let refresh_ms = i.refresh.as_millis() as u64;
+        let now = now_ms();
+        let due: Vec<(u32, Versioned<UserValue>, bool)> = {
+            let usage = i.usage.lock().unwrap();
+            let c = i.replica.contents.lock().unwrap();
+            usage
+                .iter()
+                .filter_map(|(hash, u)| {
+                    let rec = c.users.get(hash)?;
+                    if rec.value.moving.is_some() {
+                        return None;
+                    }
+                    let age = now.saturating_sub(rec.value.refreshed);
+                    let due = (u.sessions > 0 && age >= refresh_ms)
+                        || (u.ended && age >= refresh_ms / 10);
+                    due.then(|| (*hash, rec.clone(), u.ended))
+                })
+                .collect()
+        };
+        for (hash, rec, ended) in due {
+            let mut value = rec.value.clone();
+            value.refreshed = now_ms();
+            match self.cas_user(hash, rec.mod_rev, Some(&value)).await {
+                Ok(_) => {
+                    if ended {
+                        let mut usage = i.usage.lock().unwrap();
+                        if let Some(u) = usage.get_mut(&hash) {
+                            u.ended = false;
+                            if u.sessions == 0 {
+                                usage.remove(&hash);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!(user_hash = hash, error = %e, "cluster: record not refreshed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A unique move id: this director, its start, a counter.
+    fn move_id(&self) -> String {
+        let n = self.inner.move_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{:x}-{n}", self.inner.me, self.inner.started_ms)
+    }
+
+    /// Whether `director` holds a lease now.
+    fn is_member(&self, director: &str) -> bool {
+        self.inner
+            .replica
+            .contents
+            .lock()
+            .unwrap()
+            .members
+            .contains_key(director)
+    }
+
+    async fn begin_move_inner(&self, hash: u32) -> Result<bool, StateError> {
+        self.serving()?;
+        for _ in 0..CAS_TRIES {
+            let current = self.user(hash);
+            let id = self.move_id();
+            let mark = Some(MoveMark {
+                id: id.clone(),
+                by: self.inner.me.clone(),
+            });
+            let (expected, value) = match &current {
+                Some(rec) => {
+                    if let Some(m) = &rec.value.moving {
+                        if self.is_member(&m.by) {
+                            return Ok(false);
+                        }
+                        // Its director died mid-move: this move takes over (every live
+                        // director acknowledges again, under the new id).
+                        warn!(user_hash = hash, dead = %m.by, "cluster: taking over a move whose director is gone");
+                    }
+                    let mut v = rec.value.clone();
+                    v.moving = mark;
+                    v.refreshed = now_ms();
+                    (rec.mod_rev, v)
+                }
+                None => (
+                    0,
+                    UserValue {
+                        backend: None,
+                        refreshed: now_ms(),
+                        moving: mark,
+                    },
+                ),
+            };
+            if self.cas_user(hash, expected, Some(&value)).await? {
+                self.inner.own_moves.lock().unwrap().insert(hash, id);
+                return Ok(true);
+            }
+        }
+        Err(unavailable("the user's record kept changing"))
+    }
+
+    async fn finish_move_inner(&self, hash: u32, to: Option<IpAddr>) -> Result<(), StateError> {
+        let i = &self.inner;
+        let Some(id) = i.own_moves.lock().unwrap().remove(&hash) else {
+            return Err(unavailable("no move of this user was begun here"));
+        };
+        i.awaiting_acks.fetch_add(1, Ordering::Relaxed);
+        i.metrics
+            .cluster_moves_awaiting_acks(i.awaiting_acks.load(Ordering::Relaxed));
+        let waited = self.wait_for_acks(&id).await;
+        i.awaiting_acks.fetch_sub(1, Ordering::Relaxed);
+        i.metrics
+            .cluster_moves_awaiting_acks(i.awaiting_acks.load(Ordering::Relaxed));
+        if let Err(missing) = waited {
+            warn!(user_hash = hash, move_id = %id, missing = %missing.join(","),
+                  timeout = ?i.cluster.move_timeout,
+                  "cluster: directors did not acknowledge the move in time: going on (their leases must have expired)");
+        }
+        let Some(rec) = self.user(hash) else {
+            return Err(unavailable("the moved user's record vanished"));
+        };
+        if rec.value.moving.as_ref().map(|m| m.id.as_str()) != Some(id.as_str()) {
+            return Err(unavailable("another director took the move over"));
+        }
+        let key = i.keys.user(hash);
+        let op = match to {
+            Some(ip) => TxnOp::put(
+                key.clone(),
+                encode(&UserValue {
+                    backend: Some(ip),
+                    refreshed: now_ms(),
+                    moving: None,
+                }),
+                None,
+            ),
+            None => TxnOp::delete(key.clone(), None),
+        };
+        let acks = TxnOp::delete(i.keys.acks(&id), Some(DeleteOptions::new().with_prefix()));
+        let r = i
+            .etcd
+            .txn(
+                vec![Compare::mod_revision(key, CompareOp::Equal, rec.mod_rev)],
+                vec![op, acks],
+                vec![],
+            )
+            .await?;
+        self.caught_up(revision_of(&r)).await?;
+        if !r.succeeded() {
+            return Err(unavailable(
+                "the moved user's record changed during the move",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits until every live director but this one has acknowledged move `id`, at most
+    /// `move_timeout`. Err: those that did not.
+    async fn wait_for_acks(&self, id: &str) -> Result<(), Vec<String>> {
+        let i = &self.inner;
+        let deadline = tokio::time::Instant::now() + i.cluster.move_timeout;
+        loop {
+            let notified = i.replica.changed.notified();
+            let missing: Vec<String> = {
+                let c = i.replica.contents.lock().unwrap();
+                let acked = c.acks.get(id);
+                c.members
+                    .keys()
+                    .filter(|m| **m != i.me && !acked.is_some_and(|a| a.contains(*m)))
+                    .cloned()
+                    .collect()
+            };
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(missing);
+            }
+            let _ = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(250)),
+                notified,
+            )
+            .await;
+        }
+    }
+
+    async fn bind_inner(&self, hash: u32, proposed: IpAddr) -> Result<IpAddr, StateError> {
+        self.serving()?;
+        for _ in 0..CAS_TRIES {
+            match self.user(hash) {
+                Some(rec) => {
+                    let Some(backend) = rec.value.backend else {
+                        // A user without a record being moved: its login waits.
+                        return Ok(proposed);
+                    };
+                    // A record near its expiry is refreshed first, so that the checker cannot
+                    // drop it while this login starts a session on its backend.
+                    let age = now_ms().saturating_sub(rec.value.refreshed);
+                    if rec.value.moving.is_some()
+                        || age < (self.inner.user_expire / 2).as_millis() as u64
+                    {
+                        return Ok(backend);
+                    }
+                    let mut v = rec.value.clone();
+                    v.refreshed = now_ms();
+                    if self.cas_user(hash, rec.mod_rev, Some(&v)).await? {
+                        return Ok(backend);
+                    }
+                }
+                None => {
+                    let v = UserValue {
+                        backend: Some(proposed),
+                        refreshed: now_ms(),
+                        moving: None,
+                    };
+                    if self.cas_user(hash, 0, Some(&v)).await? {
+                        return Ok(proposed);
+                    }
+                }
+            }
+        }
+        Err(unavailable("the user's record kept changing"))
+    }
+
+    /// Points the record at `backend` outside a move (a pinned user).
+    async fn rebind_inner(&self, hash: u32, backend: IpAddr) -> Result<(), StateError> {
+        self.serving()?;
+        for _ in 0..CAS_TRIES {
+            let current = self.user(hash);
+            if current.as_ref().is_some_and(|r| r.value.moving.is_some()) {
+                return Err(unavailable("the user is being moved"));
+            }
+            let v = UserValue {
+                backend: Some(backend),
+                refreshed: now_ms(),
+                moving: None,
+            };
+            if self
+                .cas_user(hash, current.map_or(0, |r| r.mod_rev), Some(&v))
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Err(unavailable("the user's record kept changing"))
+    }
+
+    async fn remove_record_inner(&self, hash: u32) -> Result<(), StateError> {
+        for _ in 0..CAS_TRIES {
+            let Some(rec) = self.user(hash) else {
+                return Ok(());
+            };
+            if rec.value.moving.is_some() {
+                return Err(unavailable("the user is being moved"));
+            }
+            if self.cas_user(hash, rec.mod_rev, None).await? {
+                return Ok(());
+            }
+        }
+        Err(unavailable("the user's record kept changing"))
+    }
+
+    /// The checker's housekeeping: drops records unrefreshed for `user_expire`, and
+    /// finishes moves whose director died (dropping the record once everyone acknowledged:
+    /// the user's next login goes where the ring says).
+    async fn purge_inner(&self) -> Result<usize, StateError> {
+        if !self.is_checker() {
+            return Ok(0);
+        }
+        let expire_ms = self.inner.user_expire.as_millis() as u64;
+        let now = now_ms();
+        let (expired, orphaned): (Vec<_>, Vec<_>) = {
+            let c = self.inner.replica.contents.lock().unwrap();
+            let expired = c
+                .users
+                .iter()
+                .filter(|(_, r)| {
+                    r.value.moving.is_none() && now.saturating_sub(r.value.refreshed) > expire_ms
+                })
+                .map(|(h, r)| (*h, r.mod_rev))
+                .take(1000)
+                .collect();
+            let orphaned = c
+                .users
+                .iter()
+                .filter(|(_, r)| {
+                    r.value
+                        .moving
+                        .as_ref()
+                        .is_some_and(|m| !c.members.contains_key(&m.by))
+                })
+                .map(|(h, _)| *h)
+                .take(100)
+                .collect();
+            (expired, orphaned)
+        };
+        let mut n = 0;
+        for (hash, rev) in expired {
+            if self.inner.usage.lock().unwrap().contains_key(&hash) {
+                continue;
+            }
+            if self.cas_user(hash, rev, None).await? {
+                n += 1;
+            }
+        }
+        for hash in orphaned {
+            if self.begin_move_inner(hash).await? {
+                self.inner.sessions.kick_user(hash);
+                self.finish_move_inner(hash, None).await?;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn set_health_inner(&self, ip: IpAddr, health: Health) -> Result<(), StateError> {
+        let i = &self.inner;
+        let value = HealthValue {
+            health,
+            by: i.me.clone(),
+            at: now_ms(),
+        };
+        // Only the director holding the checker's seat writes verdicts.
+        let r = i
+            .etcd
+            .txn(
+                vec![Compare::value(
+                    i.keys.checker(),
+                    CompareOp::Equal,
+                    i.me.clone(),
+                )],
+                vec![TxnOp::put(i.keys.health(ip), encode(&value), None)],
+                vec![],
+            )
+            .await?;
+        if !r.succeeded() {
+            return Err(unavailable(
+                "this director is no longer the cluster's checker",
+            ));
+        }
+        self.caught_up(revision_of(&r)).await
+    }
+
+    async fn upsert_backend_inner(&self, backend: Backend) -> Result<(), StateError> {
+        let i = &self.inner;
+        let maintenance = i
+            .replica
+            .contents
+            .lock()
+            .unwrap()
+            .backends
+            .get(&backend.ip)
+            .and_then(|b| b.value.maintenance.clone());
+        let value = BackendValue {
+            host: backend.host.clone(),
+            weight: backend.weight,
+            tag: backend.tag.clone(),
+            admin: backend.admin,
+            maintenance,
+        };
+        i.settings
+            .lock()
+            .unwrap()
+            .insert(backend.ip, backend.settings.clone());
+        let revision = i
+            .etcd
+            .put(&i.keys.backend(backend.ip), encode(&value), 0)
+            .await?;
+        self.caught_up(revision).await
+    }
+
+    async fn remove_backend_inner(&self, ip: IpAddr) -> Result<(), StateError> {
+        let i = &self.inner;
+        let key = i.keys.backend(ip);
+        let r = i
+            .etcd
+            .txn(
+                vec![Compare::create_revision(key.clone(), CompareOp::Greater, 0)],
+                vec![
+                    TxnOp::delete(key, None),
+                    TxnOp::delete(i.keys.health(ip), None),
+                ],
+                vec![],
+            )
+            .await?;
+        if !r.succeeded() {
+            return Err(StateError::NoSuchBackend(ip));
+        }
+        self.caught_up(revision_of(&r)).await
+    }
+
+    async fn set_checks_pause_inner(&self, pause: Option<ChecksPause>) -> Result<(), StateError> {
+        let i = &self.inner;
+        let key = i.keys.checks_pause();
+        let revision = match pause {
+            Some(p) => {
+                let v = PauseValue {
+                    since: unix_ms(p.since),
+                    until: p.until.map(unix_ms),
+                };
+                i.etcd.put(&key, encode(&v), 0).await?
+            }
+            None => {
+                let r = i
+                    .etcd
+                    .txn(vec![], vec![TxnOp::delete(key, None)], vec![])
+                    .await?;
+                revision_of(&r)
+            }
+        };
+        self.caught_up(revision).await
+    }
+
+    /// Tells the checker that a login found `ip` unresponsive (at most once a second).
+    async fn report_suspect_inner(&self, ip: IpAddr, detail: String) {
+        let i = &self.inner;
+        let lease = i.lease.load(Ordering::Acquire);
+        if lease == 0 {
+            return;
+        }
+        let value = SuspectValue {
+            detail: crate::untrusted::shown(&detail).to_string(),
+            at: now_ms(),
+        };
+        if let Err(e) = i
+            .etcd
+            .put(&i.keys.suspect(ip, &i.me), encode(&value), lease)
+            .await
+        {
+            debug!(backend = %ip, error = %e, "cluster: cannot report a suspect backend");
+        }
+    }
+}
+
+/// A time in [`unix_ms`] as a `SystemTime`.
+fn from_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// A [`Maintenance`] as etcd keeps it.
+fn maintenance_value(m: &Maintenance) -> MaintenanceValue {
+    MaintenanceValue {
+        previous_weight: m.previous_weight,
+        allowed_users: m.allowed_users.clone(),
+        since: unix_ms(m.since),
+        until: m.until.map(unix_ms),
+    }
+}
+
+impl State for ClusterState {
+    fn backends(&self) -> Arc<BackendSet> {
+        self.inner.local.backends()
+    }
+
+    fn upsert_backend(&self, backend: Backend) -> StateFuture<'_, ()> {
+        Box::pin(self.upsert_backend_inner(backend))
+    }
+
+    fn remove_backend(&self, ip: IpAddr) -> StateFuture<'_, ()> {
+        Box::pin(self.remove_backend_inner(ip))
+    }
+
+    fn set_weight(&self, ip: IpAddr, weight: u32) -> StateFuture<'_, ()> {
+        Box::pin(async move {
+            if weight > crate::config::MAX_WEIGHT {
+                return Err(StateError::WeightTooLarge(weight));
+            }
+            self.update_backend(ip, |b| {
+                b.weight = weight;
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    fn set_admin(&self, ip: IpAddr, admin: AdminState) -> StateFuture<'_, ()> {
+        Box::pin(self.update_backend(ip, move |b| {
+            b.admin = admin;
+            Ok(())
+        }))
+    }
+
+    fn set_health(&self, ip: IpAddr, health: Health) -> StateFuture<'_, ()> {
+        Box::pin(self.set_health_inner(ip, health))
+    }
+
+    fn set_settings(&self, ip: IpAddr, settings: Arc<BackendSettings>) -> Result<(), StateError> {
+        self.inner.settings.lock().unwrap().insert(ip, settings);
+        self.rebuild_backends();
+        Ok(())
+    }
+
+    fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord> {
+        let rec = self.user(hash)?;
+        let sessions = self
+            .inner
+            .usage
+            .lock()
+            .unwrap()
+            .get(&hash)
+            .map_or(0, |u| u.sessions);
+        let age = Duration::from_millis(now_ms().saturating_sub(rec.value.refreshed));
+        Some(StickyRecord {
+            backend: rec.value.backend?,
+            sessions,
+            touched: now.checked_sub(age).unwrap_or(now),
+        })
+    }
+
+    fn bind(&self, hash: u32, proposed: IpAddr, _now: Instant) -> StateFuture<'_, IpAddr> {
+        Box::pin(self.bind_inner(hash, proposed))
+    }
+
+    fn rebind(&self, hash: u32, backend: IpAddr, _now: Instant) -> StateFuture<'_, ()> {
+        Box::pin(self.rebind_inner(hash, backend))
+    }
+
+    fn session_started(&self, hash: u32, _backend: IpAddr, _now: Instant) {
+        self.inner
+            .usage
+            .lock()
+            .unwrap()
+            .entry(hash)
+            .or_default()
+            .sessions += 1;
+    }
+
+    fn session_ended(&self, hash: u32, _now: Instant) {
+        if let Some(u) = self.inner.usage.lock().unwrap().get_mut(&hash) {
+            u.sessions = u.sessions.saturating_sub(1);
+            if u.sessions == 0 {
+                u.ended = true;
+            }
+        }
+    }
+
+    fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)> {
+        let hashes: Vec<u32> = self
+            .inner
+            .replica
+            .contents
+            .lock()
+            .unwrap()
+            .users
+            .keys()
+            .copied()
+            .collect();
+        hashes
+            .into_iter()
+            .filter_map(|h| self.record(h, now).map(|r| (h, r)))
+            .collect()
+    }
+
+    fn purge_expired(&self, _now: Instant) -> StateFuture<'_, usize> {
+        Box::pin(self.purge_inner())
+    }
+
+    fn remove_record(&self, hash: u32) -> StateFuture<'_, ()> {
+        Box::pin(self.remove_record_inner(hash))
+    }
+
+    fn begin_move(&self, hash: u32) -> StateFuture<'_, bool> {
+        Box::pin(self.begin_move_inner(hash))
+    }
+
+    fn finish_move(&self, hash: u32, to: Option<IpAddr>) -> StateFuture<'_, ()> {
+        Box::pin(self.finish_move_inner(hash, to))
+    }
+
+    /// A move under way, or a record whose backend no longer serves (the checker or an
+    /// admin moves such users; their logins wait for it rather than move them alone).
+    fn is_moving(&self, hash: u32) -> bool {
+        let Some(rec) = self.user(hash) else {
+            return false;
+        };
+        if rec.value.moving.is_some() {
+            return true;
+        }
+        let Some(ip) = rec.value.backend else {
+            return true;
+        };
+        let set = self.inner.local.backends();
+        match set.get(ip) {
+            None => true,
+            Some(b) => !b.serves_existing() && b.admin != AdminState::Maintenance,
+        }
+    }
+
+    fn checks_pause(&self) -> Option<ChecksPause> {
+        self.inner.local.checks_pause()
+    }
+
+    fn set_checks_pause(&self, pause: Option<ChecksPause>) -> StateFuture<'_, ()> {
+        Box::pin(self.set_checks_pause_inner(pause))
+    }
+
+    fn maintenance(&self) -> Arc<BTreeMap<IpAddr, Maintenance>> {
+        self.inner.local.maintenance()
+    }
+
+    fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>) -> StateFuture<'_, ()> {
+        let value = maintenance.as_ref().map(maintenance_value);
+        Box::pin(self.update_backend(ip, move |b| {
+            b.maintenance = value.clone();
+            Ok(())
+        }))
+    }
+
+    fn note_username(&self, hash: u32, username: &str) {
+        self.inner.local.note_username(hash, username)
+    }
+
+    fn username(&self, hash: u32) -> Option<String> {
+        self.inner.local.username(hash)
+    }
+
+    fn serving(&self) -> Result<(), StateError> {
+        if self.is_serving() {
+            Ok(())
+        } else {
+            Err(StateError::Fenced)
+        }
+    }
+
+    fn is_checker(&self) -> bool {
+        self.is_serving()
+            && self
+                .inner
+                .replica
+                .contents
+                .lock()
+                .unwrap()
+                .checker
+                .as_deref()
+                == Some(self.inner.me.as_str())
+    }
+
+    fn report_suspect(&self, ip: IpAddr, detail: &str) {
+        {
+            let mut sent = self.inner.suspects_sent.lock().unwrap();
+            let now = Instant::now();
+            if sent.get(&ip).is_some_and(|t| now < *t + SUSPECT_EVERY) {
+                return;
+            }
+            sent.insert(ip, now);
+        }
+        tokio::spawn(self.clone().report_owned(ip, detail.to_owned()));
+    }
+
+    fn members(&self) -> Vec<MemberStatus> {
+        ClusterState::members(self)
+    }
+
+    fn mode(&self) -> StateMode {
+        StateMode::Cluster {
+            director_id: self.inner.me.clone(),
+            serving: self.is_serving(),
+            checker: self.is_checker(),
+        }
+    }
+}
+
+impl ClusterState {
+    async fn report_owned(self, ip: IpAddr, detail: String) {
+        self.report_suspect_inner(ip, detail).await
+    }
+}

@@ -1,0 +1,156 @@
+//! Two directors in front of one pool, sharing their state through a real etcd: the three
+//! ways two independent directors put one user on two backends (issue 10's first
+//! paragraph), each ending with the user on one backend as the backends themselves report
+//! it (`doveadm who`), plus admin changes and restarts seen by every director.
+
+mod support;
+
+use std::time::Duration;
+
+use support::admin_cli::AdminCli;
+use support::client::imap_login;
+use support::cluster::{sessions_by_backend, start_member, start_members, wait_only_on};
+use support::dovecot::{user, Pool, PASSWORD};
+use support::etcd::EtcdCluster;
+use support::wait::wait_until;
+
+/// The backend's health as director `cli` reports it.
+fn health(cli: &AdminCli, ip: std::net::IpAddr) -> String {
+    cli.backend_status(ip)["health"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn wait_health(cli: &AdminCli, ip: std::net::IpAddr, want: &str) {
+    wait_until(&format!("{ip} {want}"), Duration::from_secs(15), || {
+        (health(cli, ip) == want).then_some(())
+    });
+}
+
+/// Sequence 1: a user moved by director 1 after its backend died, logging in through
+/// director 2 once the backend is back, lands where director 1 moved it.
+#[test]
+fn a_move_after_a_backend_death_holds_on_the_other_director() {
+    let pool = Pool::start(2);
+    let etcd = EtcdCluster::start_one();
+    let ds = start_members(&pool, &etcd.endpoints(), 2);
+    let (c1, c2) = (AdminCli::of(&ds[0]), AdminCli::of(&ds[1]));
+    let u = user(7);
+    let (mut first, on) = imap_login(ds[0].imap, &u, PASSWORD);
+    let dead = pool.backends.iter().find(|b| b.name == on).unwrap();
+    let other = pool.backends.iter().find(|b| b.name != on).unwrap();
+    dead.kill();
+    wait_health(&c1, dead.ip, "down");
+    wait_health(&c2, dead.ip, "down");
+    assert!(first.ended(), "the session on the dead backend ended");
+    // The client reconnects through director 1: it goes to the other backend.
+    let (mut again, again_on) = imap_login(ds[0].imap, &u, PASSWORD);
+    assert_eq!(again_on, other.name);
+    dead.start();
+    wait_health(&c1, dead.ip, "up");
+    wait_health(&c2, dead.ip, "up");
+    // Director 2 has no session of the user; the ring would send it back to `dead`.
+    let (mut through_2, on_2) = imap_login(ds[1].imap, &u, PASSWORD);
+    assert_eq!(on_2, other.name, "director 2 follows the shared record");
+    wait_only_on(&pool, &u, &other.name);
+    assert_eq!(
+        sessions_by_backend(&pool, &u),
+        vec![(other.name.clone(), 2)]
+    );
+    again.imap_ok("n1", "NOOP");
+    through_2.imap_ok("n2", "NOOP");
+}
+
+/// Sequence 2: `move` and `down` on director 1 end the user's sessions on director 2 first,
+/// and director 2 routes by them.
+#[test]
+fn move_and_down_on_one_director_hold_on_the_other() {
+    let pool = Pool::start(2);
+    let etcd = EtcdCluster::start_one();
+    let ds = start_members(&pool, &etcd.endpoints(), 2);
+    let (c1, c2) = (AdminCli::of(&ds[0]), AdminCli::of(&ds[1]));
+    let u = user(11);
+    let (mut held, on) = imap_login(ds[1].imap, &u, PASSWORD);
+    let from = pool.backends.iter().find(|b| b.name == on).unwrap();
+    let to = pool.backends.iter().find(|b| b.name != on).unwrap();
+
+    let out = c1.ok(&["move", &u, &to.ip.to_string()]);
+    assert!(out.contains("moved"), "{out}");
+    assert!(
+        held.ended(),
+        "director 2's session was ended by director 1's move"
+    );
+    let (mut after, after_on) = imap_login(ds[1].imap, &u, PASSWORD);
+    assert_eq!(after_on, to.name, "director 2 routes by the move");
+    wait_only_on(&pool, &u, &to.name);
+
+    // `down` on director 1: director 2 sees it, and its session there ends.
+    c1.ok(&["down", &to.ip.to_string()]);
+    assert_eq!(c2.backend_status(to.ip)["admin"], "down");
+    assert!(
+        after.ended(),
+        "director 2's session on the downed backend ended"
+    );
+    let (_back, back_on) = imap_login(ds[1].imap, &u, PASSWORD);
+    assert_eq!(back_on, from.name);
+    wait_only_on(&pool, &u, &from.name);
+
+    // Weights and kicks too.
+    c2.ok(&["update", &from.ip.to_string(), "42"]);
+    assert_eq!(c1.backend_status(from.ip)["weight"], 42);
+    let (mut via_1, _) = imap_login(ds[0].imap, &u, PASSWORD);
+    c2.ok(&["kick", &u]);
+    assert!(
+        via_1.ended(),
+        "a kick on director 2 ends director 1's session"
+    );
+}
+
+/// Sequence 3: one health verdict for the cluster, from one elected checker; admin state
+/// survives a restart of every director.
+#[test]
+fn one_checker_one_verdict_and_state_survives_restarts() {
+    let pool = Pool::start(2);
+    let etcd = EtcdCluster::start_one();
+    let mut ds = start_members(&pool, &etcd.endpoints(), 2);
+    let c1 = AdminCli::of(&ds[0]);
+    let checkers = |cli: &AdminCli| -> Vec<String> {
+        let s = cli.json(&["status"]);
+        assert_eq!(s["mode"], "cluster");
+        s["cluster"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["checker"] == true)
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    wait_until("two members", Duration::from_secs(10), || {
+        (c1.json(&["status"])["cluster"]["members"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2)
+            .then_some(())
+    });
+    assert_eq!(checkers(&c1).len(), 1, "exactly one checker");
+    let b = pool.backend(0);
+    b.kill();
+    for d in &ds {
+        wait_health(&AdminCli::of(d), b.ip, "down");
+    }
+    b.start();
+    for d in &ds {
+        wait_health(&AdminCli::of(d), b.ip, "up");
+    }
+    // An admin decision outlives every director.
+    c1.ok(&["down", &pool.backend(1).ip.to_string()]);
+    ds.clear();
+    let d3 = start_member(&pool, &etcd.endpoints(), "d3");
+    let c3 = AdminCli::of(&d3);
+    assert_eq!(c3.backend_status(pool.backend(1).ip)["admin"], "down");
+    wait_until("d3 checks", Duration::from_secs(10), || {
+        (checkers(&c3) == vec!["d3".to_owned()]).then_some(())
+    });
+}
