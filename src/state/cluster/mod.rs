@@ -95,7 +95,15 @@ struct Inner {
     on_suspect: OnceLock<Box<dyn Fn(IpAddr) + Send + Sync>>,
     suspects_sent: Mutex<HashMap<IpAddr, Instant>>,
     started_ms: u64,
+    /// [`NO_ACKS_ENV`] was set: moves neither end other directors' sessions nor wait.
+    no_acks: bool,
 }
+
+/// Set to `1` in a director's environment, it takes no part in the move protocol: it ends
+/// no sessions for other directors' moves and does not wait for acknowledgements of its
+/// own. Unsafe (users end up on two backends); it exists so that the chaos test can prove
+/// that its oracle catches exactly that.
+pub const NO_ACKS_ENV: &str = "DIRECTOR_UNSAFE_NO_MOVE_ACKS";
 
 /// This director's use of one user's record.
 #[derive(Debug, Default, Clone, Copy)]
@@ -178,7 +186,11 @@ impl ClusterState {
             on_suspect: OnceLock::new(),
             suspects_sent: Mutex::new(HashMap::new()),
             started_ms: now_ms(),
+            no_acks: std::env::var(NO_ACKS_ENV).is_ok_and(|v| v == "1"),
         });
+        if inner.no_acks {
+            warn!("{NO_ACKS_ENV}=1: this director ignores the move protocol: users WILL end up on two backends");
+        }
         inner.metrics.cluster_mode(true);
         let state = ClusterState { inner };
         let fail = |e: StateError| {
@@ -435,6 +447,9 @@ impl ClusterState {
     /// Another director is moving user `hash`: ends this director's sessions of the user
     /// (logins of the user already wait: the replica shows the move), then acknowledges.
     fn acknowledge(&self, hash: u32, move_id: String) {
+        if self.inner.no_acks {
+            return;
+        }
         if !self.inner.acking.lock().unwrap().insert(move_id.clone()) {
             return;
         }
@@ -769,6 +784,9 @@ impl ClusterState {
     /// `move_timeout`. Err: those that did not.
     async fn wait_for_acks(&self, id: &str) -> Result<(), Vec<String>> {
         let i = &self.inner;
+        if i.no_acks {
+            return Ok(());
+        }
         let deadline = tokio::time::Instant::now() + i.cluster.move_timeout;
         loop {
             let notified = i.replica.changed.notified();
