@@ -498,6 +498,13 @@ impl Login {
         user: &str,
         verified: Option<&Verified>,
     ) -> Result<Route, LoginFailure> {
+        // A cluster member cut off from etcd starts no backend session, pinned or not.
+        if let Err(e) = self.router.state().serving() {
+            warn!(user = %crate::untrusted::shown(user), error = %e, "login refused: temporary failure");
+            return Err(LoginFailure::Unavailable {
+                message: UNAVAILABLE_TEXT.into(),
+            });
+        }
         if let Some(v) = verified.filter(|v| v.host.is_some() || v.hostip.is_some()) {
             return self.pinned(user, v).await;
         }

@@ -5,13 +5,18 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::admin_cli::AdminCli;
 use support::client::imap_login;
-use support::cluster::{sessions_by_backend, start_member, start_members, wait_only_on};
+use support::cluster::{
+    member_options, sessions_by_backend, start_member, start_members, wait_only_on,
+};
+use support::director::{config_yaml, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::etcd::EtcdCluster;
+use support::logins::try_login;
+use support::scrape::get;
 use support::wait::wait_until;
 
 /// The backend's health as director `cli` reports it.
@@ -153,4 +158,98 @@ fn one_checker_one_verdict_and_state_survives_restarts() {
     wait_until("d3 checks", Duration::from_secs(10), || {
         (checkers(&c3) == vec!["d3".to_owned()]).then_some(())
     });
+}
+
+/// The director cut off from etcd fences itself before its lease can expire: its sessions
+/// end, logins get a temporary failure, `/readyz` says why, admin changes fail clearly; the
+/// other director moves the user without waiting for it past its lease; healed, it rejoins
+/// by itself and follows what changed meanwhile.
+#[test]
+fn a_director_cut_off_from_etcd_fences_and_rejoins() {
+    let pool = Pool::start(2);
+    let etcd = EtcdCluster::start_one();
+    let d1 = start_member(&pool, &etcd.endpoints(), "d1");
+    let d2 = TestDirector::start_yaml(&config_yaml(
+        &pool,
+        &member_options(
+            &etcd.cuttable_endpoints(),
+            "d2",
+            "metrics:\n  address: 127.0.0.1:0\n",
+        ),
+    ));
+    let (c1, c2) = (AdminCli::of(&d1), AdminCli::of(&d2));
+    let readyz = d2.metrics.expect("metrics listener");
+    wait_until("d2 ready", Duration::from_secs(10), || {
+        (get(readyz, "/readyz").0 == 200).then_some(())
+    });
+    let u = user(3);
+    let (mut held, on) = imap_login(d2.imap, &u, PASSWORD);
+    let to = pool.backends.iter().find(|b| b.name != on).unwrap();
+
+    let mut cut = etcd.partition();
+    cut.cut();
+    let started = Instant::now();
+    assert!(held.ended(), "the fenced director ended its session");
+    let fenced_after = started.elapsed();
+    assert!(
+        fenced_after < Duration::from_secs(3),
+        "fenced {fenced_after:?} after the cut, before the 3 s lease could expire"
+    );
+    let (code, body) = get(readyz, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("cut off from the cluster"), "{body}");
+    match try_login(d2.imap, &u) {
+        Err(e) => assert!(e.contains("UNAVAILABLE"), "{e}"),
+        Ok(b) => panic!("a fenced director logged {u} in on {b}"),
+    }
+    let refused = c2.run(&["update", &to.ip.to_string(), "7"], None);
+    assert!(!refused.ok, "an admin change on the cut-off director fails");
+    assert!(
+        refused.stderr.contains("etcd") && refused.stderr.contains("nothing was changed"),
+        "{}",
+        refused.stderr
+    );
+    // The move on d1 waits for d2's acknowledgement only until d2's lease expires.
+    let out = c1.ok(&["move", &u, &to.ip.to_string()]);
+    assert!(out.contains("moved"), "{out}");
+    assert_eq!(
+        c1.backend_status(to.ip)["weight"],
+        100,
+        "nothing was queued"
+    );
+
+    cut.heal();
+    wait_until("d2 rejoins", Duration::from_secs(15), || {
+        (get(readyz, "/readyz").0 == 200).then_some(())
+    });
+    let (_c, back_on) = imap_login(d2.imap, &u, PASSWORD);
+    assert_eq!(
+        back_on, to.name,
+        "the rejoined director follows the move it missed"
+    );
+    wait_only_on(&pool, &u, &to.name);
+}
+
+/// With `keep_sessions_when_fenced`, a cut-off director keeps relaying what it has (the
+/// operator accepted the risk) and still refuses new logins.
+#[test]
+fn keep_sessions_when_fenced_keeps_them() {
+    let pool = Pool::start(1);
+    let etcd = EtcdCluster::start_one();
+    let yaml = config_yaml(&pool, &member_options(&etcd.cuttable_endpoints(), "d1", "")).replace(
+        "  lease_ttl: 3s\n",
+        "  lease_ttl: 3s\n  keep_sessions_when_fenced: true\n",
+    );
+    let d = TestDirector::start_yaml(&yaml);
+    let u = user(4);
+    let (mut held, _) = imap_login(d.imap, &u, PASSWORD);
+    let mut cut = etcd.partition();
+    cut.cut();
+    wait_until("fenced", Duration::from_secs(10), || {
+        try_login(d.imap, &user(5))
+            .err()
+            .filter(|e| e.contains("UNAVAILABLE"))
+    });
+    held.imap_ok("n1", "NOOP");
+    cut.heal();
 }

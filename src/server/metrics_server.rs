@@ -38,7 +38,8 @@ impl MetricsContext {
         if let Err(e) = self.state.serving() {
             return Err(e.to_string());
         }
-        if let Some(h) = &self.health {
+        // In a cluster only the elected checker checks; the others take its verdicts.
+        if let Some(h) = self.health.as_ref().filter(|_| self.state.is_checker()) {
             if !h.first_round_done() {
                 return Err("the first round of health checks is not done yet".into());
             }

@@ -330,8 +330,14 @@ impl ClusterState {
                                     }
                                     revision = revision.max(kv.mod_revision());
                                 }
-                                if let Some(h) = resp.header() {
-                                    revision = revision.max(h.revision());
+                                // A progress notification (no events) vouches that every
+                                // change up to its header's revision was sent. The answer
+                                // that creates a watch carries the current revision before
+                                // the older events it will replay: it vouches for nothing.
+                                if resp.events().is_empty() && !resp.created() {
+                                    if let Some(h) = resp.header() {
+                                        revision = revision.max(h.revision());
+                                    }
                                 }
                                 self.inner
                                     .metrics
@@ -521,6 +527,22 @@ impl ClusterState {
         }
     }
 
+    /// Waits until the replica holds no record of `hash`.
+    async fn gone(&self, hash: u32) -> Result<(), StateError> {
+        let deadline = tokio::time::Instant::now() + self.inner.etcd.timeout();
+        loop {
+            let notified = self.inner.replica.changed.notified();
+            if self.user(hash).is_none() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(unavailable(
+                    "this director's copy of the cluster state is behind etcd",
+                ));
+            }
+        }
+    }
+
     /// Writes the user's record if it still is at `expected` (its mod revision; 0: absent).
     /// `Ok(true)`: written, and in the replica. `Ok(false)`: it changed meanwhile; the
     /// replica now shows how.
@@ -545,15 +567,16 @@ impl ClusterState {
             .etcd
             .txn(vec![compare], vec![op], vec![TxnOp::get(key, None)])
             .await?;
-        let revision = if r.succeeded() {
-            revision_of(&r)
-        } else {
-            got(&r)
-                .first()
-                .map_or(revision_of(&r), |kv| kv.mod_revision())
-        };
-        self.caught_up(revision).await?;
-        Ok(r.succeeded())
+        if r.succeeded() {
+            self.caught_up(revision_of(&r)).await?;
+            return Ok(true);
+        }
+        match got(&r).first() {
+            Some(kv) => self.caught_up(kv.mod_revision()).await?,
+            // Deleted meanwhile: wait until the replica has seen the deletion.
+            None => self.gone(hash).await?,
+        }
+        Ok(false)
     }
 
     /// Changes backend `ip`'s value with `f`, compared against the replica's revision.
@@ -771,13 +794,12 @@ impl ClusterState {
                 vec![],
             )
             .await?;
-        self.caught_up(revision_of(&r)).await?;
         if !r.succeeded() {
             return Err(unavailable(
                 "the moved user's record changed during the move",
             ));
         }
-        Ok(())
+        self.caught_up(revision_of(&r)).await
     }
 
     /// Waits until every live director but this one has acknowledged move `id`, at most
@@ -1029,10 +1051,20 @@ impl ClusterState {
                 i.etcd.put(&key, encode(&v), 0).await?
             }
             None => {
+                if i.local.checks_pause().is_none() {
+                    return Ok(());
+                }
                 let r = i
                     .etcd
                     .txn(vec![], vec![TxnOp::delete(key, None)], vec![])
                     .await?;
+                let deleted = r
+                    .op_responses()
+                    .iter()
+                    .any(|o| matches!(o, TxnOpResponse::Delete(d) if d.deleted() > 0));
+                if !deleted {
+                    return Ok(());
+                }
                 revision_of(&r)
             }
         };
