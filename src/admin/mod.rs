@@ -384,6 +384,12 @@ impl AdminContext {
         self
     }
 
+    /// The moves of flushes, downs and maintenance run `n` at once.
+    pub fn with_parallelism(mut self, n: usize) -> Self {
+        self.mover = self.mover.with_parallelism(n);
+        self
+    }
+
     /// Plugs in the health checker's last results, shown by `status`.
     pub fn set_check_results(&self, results: CheckResults) {
         *self.check_results.lock().unwrap() = Some(results);
@@ -1025,31 +1031,24 @@ impl AdminContext {
         let now = Instant::now();
         let set = self.state.backends();
         let tag = set.get(ip).map(|b| b.tag.clone()).unwrap_or_default();
-        for (hash, rec) in self.state.records(now) {
-            if rec.backend == ip && !allowed.contains(&hash) {
-                let to = set.ring(&tag).and_then(|ring| ring.lookup(hash));
-                r.add(
-                    &self
-                        .mover
-                        .move_user(hash, to, MoveReason::Maintenance)
-                        .await,
-                );
-            }
-        }
-        for hash in allowed {
-            if self
-                .state
-                .record(hash, now)
-                .is_some_and(|rec| rec.backend != ip)
-            {
-                r.add(
-                    &self
-                        .mover
-                        .move_user(hash, Some(ip), MoveReason::Maintenance)
-                        .await,
-                );
-            }
-        }
+        let mut moves: Vec<(u32, Option<IpAddr>)> = self
+            .state
+            .records(now)
+            .into_iter()
+            .filter(|(hash, rec)| rec.backend == ip && !allowed.contains(hash))
+            .map(|(hash, _)| (hash, set.ring(&tag).and_then(|ring| ring.lookup(hash))))
+            .collect();
+        moves.extend(
+            allowed
+                .into_iter()
+                .filter(|hash| {
+                    self.state
+                        .record(*hash, now)
+                        .is_some_and(|rec| rec.backend != ip)
+                })
+                .map(|hash| (hash, Some(ip))),
+        );
+        r.add(&self.mover.move_many(moves, MoveReason::Maintenance).await);
         Ok(r)
     }
 
@@ -1066,6 +1065,7 @@ impl AdminContext {
             .filter(|(_, rec)| rec.backend == ip)
             .map(|(h, _)| h)
             .collect();
+        let mut moves = Vec::new();
         for hash in users {
             if force {
                 match self.state.remove_record(hash).await {
@@ -1082,8 +1082,9 @@ impl AdminContext {
                 r.stayed += 1;
                 continue;
             }
-            r.add(&self.mover.move_user(hash, to, MoveReason::Flush).await);
+            moves.push((hash, to));
         }
+        r.add(&self.mover.move_many(moves, MoveReason::Flush).await);
     }
 }
 

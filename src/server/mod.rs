@@ -149,7 +149,12 @@ impl Director {
             crate::routing::user_hash::UserHash::from_config(config)?,
         );
         let mover =
-            Mover::new(shared_state.clone(), sessions.clone()).with_metrics(metrics.clone());
+            Mover::new(shared_state.clone(), sessions.clone())
+                .with_metrics(metrics.clone())
+                .with_parallelism(config.cluster.as_ref().map_or(
+                    crate::state::moves::DEFAULT_PARALLELISM,
+                    |c| c.move_parallelism,
+                ));
         let health = HealthChecker::from_config(config, shared_state.clone(), mover.clone())?;
         if let (Some(cluster), Some(checker)) = (&cluster, &health) {
             let checker = checker.clone();
@@ -188,7 +193,8 @@ impl Director {
             router.clone(),
             Arc::new(config.clone()),
         )
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_parallelism(mover.parallelism);
         if let Some(checker) = &health {
             let checker = checker.clone();
             admin.set_check_results(Arc::new(move || {

@@ -81,6 +81,17 @@ pub struct MoveReport {
     pub failed: usize,
 }
 
+impl MoveReport {
+    /// Adds another report's counts.
+    pub fn add(&mut self, r: &MoveReport) {
+        self.moved += r.moved;
+        self.dropped += r.dropped;
+        self.kicked += r.kicked;
+        self.busy += r.busy;
+        self.failed += r.failed;
+    }
+}
+
 /// Performs moves over the shared state and this director's sessions.
 #[derive(Clone)]
 pub struct Mover {
@@ -88,7 +99,12 @@ pub struct Mover {
     pub sessions: Sessions,
     /// Counts moves and kicks by reason (the health checker counts its checks here too).
     pub metrics: Metrics,
+    /// Moves run at once by [`Mover::move_many`] (`cluster.move_parallelism`).
+    pub parallelism: usize,
 }
+
+/// Moves run at once when nothing says otherwise (Dovecot's director's default).
+pub const DEFAULT_PARALLELISM: usize = 100;
 
 impl Mover {
     pub fn new(state: Arc<dyn State>, sessions: Sessions) -> Self {
@@ -96,7 +112,42 @@ impl Mover {
             state,
             sessions,
             metrics: Metrics::new(),
+            parallelism: DEFAULT_PARALLELISM,
         }
+    }
+
+    /// The same mover, running `n` moves at once.
+    pub fn with_parallelism(mut self, n: usize) -> Self {
+        self.parallelism = n.max(1);
+        self
+    }
+
+    /// Moves each user to its target, up to [`Mover::parallelism`] at once (in a cluster a
+    /// move waits for every director's acknowledgement: one at a time, a thousand users
+    /// would take a thousand round trips). Returns the sum of their reports.
+    pub async fn move_many(
+        &self,
+        moves: Vec<(u32, Option<IpAddr>)>,
+        reason: MoveReason,
+    ) -> MoveReport {
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.parallelism));
+        let mut running = tokio::task::JoinSet::new();
+        for (hash, to) in moves {
+            let permit = limit.clone().acquire_owned().await.expect("never closed");
+            let me = self.clone();
+            running.spawn(async move {
+                let r = me.move_user(hash, to, reason).await;
+                drop(permit);
+                r
+            });
+        }
+        let mut total = MoveReport::default();
+        while let Some(r) = running.join_next().await {
+            if let Ok(r) = r {
+                total.add(&r);
+            }
+        }
+        total
     }
 
     /// The same mover, counting on the director's `metrics`.
@@ -214,45 +265,59 @@ impl Mover {
             .into_iter()
             .filter(|h| !users.contains(h))
             .collect();
-        for hash in users {
-            // A user who logged in again meanwhile may already be bound elsewhere: end only
-            // its sessions here, leave its new session alone.
-            if self
-                .state
-                .record(hash, Instant::now())
-                .is_none_or(|r| r.backend != from)
-            {
-                strays.push(hash);
-                continue;
-            }
-            let r = if force {
-                match self.state.remove_record(hash).await {
-                    Ok(()) => {
-                        self.metrics.moved(reason, 1, 0);
-                        MoveReport {
-                            dropped: 1,
-                            ..MoveReport::default()
-                        }
-                    }
-                    Err(e) => {
-                        warn!(user_hash = hash, error = %e, "record not dropped");
-                        MoveReport {
-                            failed: 1,
-                            ..MoveReport::default()
-                        }
-                    }
-                }
-            } else {
+        let targets: Vec<(u32, Option<IpAddr>)> = users
+            .into_iter()
+            .map(|hash| {
                 let to = set
                     .ring(&tag)
                     .and_then(|ring| ring.candidates(hash).into_iter().find(|ip| *ip != from));
-                self.move_user(hash, to, reason).await
-            };
-            total.moved += r.moved;
-            total.dropped += r.dropped;
-            total.kicked += r.kicked;
-            total.busy += r.busy;
-            total.failed += r.failed;
+                (hash, to)
+            })
+            .collect();
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.parallelism));
+        let mut running = tokio::task::JoinSet::new();
+        for (hash, to) in targets {
+            let permit = limit.clone().acquire_owned().await.expect("never closed");
+            let me = self.clone();
+            running.spawn(async move {
+                let _permit = permit;
+                // A user who logged in again meanwhile may already be bound elsewhere: end
+                // only its sessions here, leave its new session alone.
+                if me
+                    .state
+                    .record(hash, Instant::now())
+                    .is_none_or(|r| r.backend != from)
+                {
+                    return (MoveReport::default(), Some(hash));
+                }
+                let r = if force {
+                    match me.state.remove_record(hash).await {
+                        Ok(()) => {
+                            me.metrics.moved(reason, 1, 0);
+                            MoveReport {
+                                dropped: 1,
+                                ..MoveReport::default()
+                            }
+                        }
+                        Err(e) => {
+                            warn!(user_hash = hash, error = %e, "record not dropped");
+                            MoveReport {
+                                failed: 1,
+                                ..MoveReport::default()
+                            }
+                        }
+                    }
+                } else {
+                    me.move_user(hash, to, reason).await
+                };
+                (r, None)
+            });
+        }
+        while let Some(done) = running.join_next().await {
+            if let Ok((r, stray)) = done {
+                total.add(&r);
+                strays.extend(stray);
+            }
         }
         if !force {
             for hash in strays {
