@@ -1,7 +1,8 @@
 //! The dashboard against a real Prometheus (Debian's package): Prometheus scrapes a director
 //! that serves real Dovecot backends under some traffic, then every panel's PromQL is run
 //! through Prometheus' HTTP API. Each must parse and return data, so a renamed metric that a
-//! panel still uses fails here. The alert rules' expressions are checked the same way.
+//! panel still uses fails here. The alert rules' expressions are checked the same way. The
+//! director is a cluster member over a real etcd, so the Cluster row shows real series.
 
 mod support;
 
@@ -13,8 +14,10 @@ use std::time::{Duration, Instant};
 
 use support::auth_service::{AuthService, AuthServiceConfig, LOGIN_PORT};
 use support::client::{imap_login, Conn};
+use support::cluster::cluster_section;
 use support::director::{DirectorOptions, TestDirector};
 use support::dovecot::{user, PASSWORD};
+use support::etcd::EtcdCluster;
 use support::ports::free_port;
 use support::wait::wait_for;
 
@@ -172,14 +175,17 @@ fn every_panel_and_alert_query_returns_data_from_a_real_prometheus() {
         .map(|i| format!("{}:{{PLAIN}}{PASSWORD}::::::proxy=y\n", user(i)))
         .collect();
     let auth = AuthService::start(AuthServiceConfig::with_users(&users));
+    // A cluster member (over a real etcd), so that the cluster and etcd series are real.
+    let etcd = EtcdCluster::start_one();
     let (pool, d) = TestDirector::start_with_pool(
         3,
         &DirectorOptions::with_extra(&format!(
             "metrics: {{address: 127.0.0.1:0}}\n\
              health: {{interval: 300ms, fast_interval: 100ms, rise: 2, fall: 2}}\n\
-             auth: {{mode: dovecot, socket: \"{}:{LOGIN_PORT}\", master_socket: {}}}\n",
+             auth: {{mode: dovecot, socket: \"{}:{LOGIN_PORT}\", master_socket: {}}}\n{}",
             auth.ip(),
-            auth.master_socket().display()
+            auth.master_socket().display(),
+            cluster_section(&etcd.endpoints(), "d1", "")
         )),
     );
     let prom = start_prometheus(pool.dir(), d.metrics.expect("metrics listener"));

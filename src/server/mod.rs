@@ -148,13 +148,16 @@ impl Director {
             shared_state.clone(),
             crate::routing::user_hash::UserHash::from_config(config)?,
         );
-        let mover =
-            Mover::new(shared_state.clone(), sessions.clone())
-                .with_metrics(metrics.clone())
-                .with_parallelism(config.cluster.as_ref().map_or(
-                    crate::state::moves::DEFAULT_PARALLELISM,
-                    |c| c.move_parallelism,
-                ));
+        let mover = Mover::new(shared_state.clone(), sessions.clone())
+            .with_metrics(metrics.clone())
+            .with_parallelism(
+                config
+                    .cluster
+                    .as_ref()
+                    .map_or(crate::state::moves::DEFAULT_PARALLELISM, |c| {
+                        c.move_parallelism
+                    }),
+            );
         let health = HealthChecker::from_config(config, shared_state.clone(), mover.clone())?;
         if let (Some(cluster), Some(checker)) = (&cluster, &health) {
             let checker = checker.clone();

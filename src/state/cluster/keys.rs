@@ -183,7 +183,7 @@ pub struct UserValue {
     /// A move under way: logins wait, every director ends its sessions of the user and
     /// acknowledges.
     #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
-    pub moving: Option<MoveMark>,
+    pub moving: Option<Box<MoveMark>>,
 }
 
 /// A move of one user under way.

@@ -713,10 +713,10 @@ impl ClusterState {
         for _ in 0..CAS_TRIES {
             let current = self.user(hash);
             let id = self.move_id();
-            let mark = Some(MoveMark {
+            let mark = Some(Box::new(MoveMark {
                 id: id.clone(),
                 by: self.inner.me.clone(),
-            });
+            }));
             let (expected, value) = match &current {
                 Some(rec) => {
                     if let Some(m) = &rec.value.moving {
