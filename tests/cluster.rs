@@ -253,3 +253,37 @@ fn keep_sessions_when_fenced_keeps_them() {
     held.imap_ok("n1", "NOOP");
     cut.heal();
 }
+
+/// A record lives while any director has a session of its user, however long, and expires
+/// `user_expire` after the last one ends, for every director.
+#[test]
+fn records_live_with_sessions_on_any_director_and_expire_after_the_last() {
+    let pool = Pool::start(2);
+    let etcd = EtcdCluster::start_one();
+    let top = "user_expire: 4s\n";
+    let d1 = TestDirector::start_yaml(&config_yaml(
+        &pool,
+        &member_options(&etcd.endpoints(), "d1", top),
+    ));
+    let d2 = TestDirector::start_yaml(&config_yaml(
+        &pool,
+        &member_options(&etcd.endpoints(), "d2", top),
+    ));
+    let c2 = AdminCli::of(&d2);
+    let u = user(21);
+    let (mut held, on) = imap_login(d1.imap, &u, PASSWORD);
+    let home = pool.backends.iter().find(|b| b.name == on).unwrap();
+    // Nobody new goes to `home` now: only the record can send the user there.
+    c2.ok(&["update", &home.ip.to_string(), "0"]);
+    std::thread::sleep(Duration::from_secs(7));
+    held.imap_ok("n1", "NOOP");
+    let (_through_2, on_2) = imap_login(d2.imap, &u, PASSWORD);
+    assert_eq!(on_2, home.name, "the record outlived user_expire while d1 had a session");
+    drop(_through_2);
+    held.imap_ok("z", "LOGOUT");
+    let current = |cli: &AdminCli| cli.json(&["status", &u])["current"].clone();
+    wait_until("the record expires", Duration::from_secs(20), || {
+        current(&c2).is_null().then_some(())
+    });
+    assert!(current(&AdminCli::of(&d1)).is_null(), "gone for d1 too");
+}

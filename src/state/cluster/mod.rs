@@ -53,6 +53,8 @@ use self::replica::{Effect, Replica, Versioned};
 const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 /// Transactions retried after a conflict (another director wrote the key meanwhile).
 const CAS_TRIES: usize = 5;
+/// Record refreshes in flight at once.
+const REFRESHES_AT_ONCE: usize = 32;
 /// The least time between two suspicions of one backend sent by this director.
 const SUSPECT_EVERY: Duration = Duration::from_secs(1);
 
@@ -652,8 +654,10 @@ impl ClusterState {
         let refresh_ms = i.refresh.as_millis() as u64;
         let now = now_ms();
         let due: Vec<(u32, Versioned<UserValue>, bool)> = {
-            let usage = i.usage.lock().unwrap();
+            let mut usage = i.usage.lock().unwrap();
             let c = i.replica.contents.lock().unwrap();
+            // Users without a session here whose record is gone need nothing more.
+            usage.retain(|hash, u| u.sessions > 0 || c.users.contains_key(hash));
             usage
                 .iter()
                 .filter_map(|(hash, u)| {
@@ -668,13 +672,30 @@ impl ClusterState {
                 })
                 .collect()
         };
+        // Many at once (each is a round trip), without waiting for the watch: the next
+        // refresh compares against whatever revision the replica then holds.
+        let limit = Arc::new(tokio::sync::Semaphore::new(REFRESHES_AT_ONCE));
+        let mut running = tokio::task::JoinSet::new();
         for (hash, rec, ended) in due {
-            let mut value = rec.value.clone();
-            value.refreshed = now_ms();
-            match self.cas_user(hash, rec.mod_rev, Some(&value)).await {
-                Ok(_) => {
-                    if ended {
-                        let mut usage = i.usage.lock().unwrap();
+            let permit = limit.clone().acquire_owned().await.expect("never closed");
+            let me = self.clone();
+            running.spawn(async move {
+                let _permit = permit;
+                let mut value = rec.value.clone();
+                value.refreshed = now_ms();
+                let key = me.inner.keys.user(hash);
+                let r = me
+                    .inner
+                    .etcd
+                    .txn(
+                        vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rec.mod_rev)],
+                        vec![TxnOp::put(key, encode(&value), None)],
+                        vec![],
+                    )
+                    .await;
+                match r {
+                    Ok(_) if ended => {
+                        let mut usage = me.inner.usage.lock().unwrap();
                         if let Some(u) = usage.get_mut(&hash) {
                             u.ended = false;
                             if u.sessions == 0 {
@@ -682,13 +703,12 @@ impl ClusterState {
                             }
                         }
                     }
+                    Ok(_) => {}
+                    Err(e) => debug!(user_hash = hash, error = %e, "cluster: record not refreshed"),
                 }
-                Err(e) => {
-                    debug!(user_hash = hash, error = %e, "cluster: record not refreshed");
-                    break;
-                }
-            }
+            });
         }
+        while running.join_next().await.is_some() {}
     }
 
     /// A unique move id: this director, its start, a counter.
