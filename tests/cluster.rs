@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::admin_cli::AdminCli;
-use support::client::imap_login;
+use support::client::{imap_login, Conn};
 use support::cluster::{
     member_options, sessions_by_backend, start_member, start_members, wait_only_on,
 };
@@ -202,6 +202,9 @@ fn a_director_cut_off_from_etcd_fences_and_rejoins() {
         Err(e) => assert!(e.contains("UNAVAILABLE"), "{e}"),
         Ok(b) => panic!("a fenced director logged {u} in on {b}"),
     }
+    let mut pop3 = Conn::pop3_greeted(d2.pop3);
+    let answer = pop3.pop3_user_pass(&u, PASSWORD);
+    assert!(answer.starts_with("-ERR [SYS/TEMP]"), "{answer}");
     let refused = c2.run(&["update", &to.ip.to_string(), "7"], None);
     assert!(!refused.ok, "an admin change on the cut-off director fails");
     assert!(
@@ -278,7 +281,10 @@ fn records_live_with_sessions_on_any_director_and_expire_after_the_last() {
     std::thread::sleep(Duration::from_secs(7));
     held.imap_ok("n1", "NOOP");
     let (_through_2, on_2) = imap_login(d2.imap, &u, PASSWORD);
-    assert_eq!(on_2, home.name, "the record outlived user_expire while d1 had a session");
+    assert_eq!(
+        on_2, home.name,
+        "the record outlived user_expire while d1 had a session"
+    );
     drop(_through_2);
     held.imap_ok("z", "LOGOUT");
     let current = |cli: &AdminCli| cli.json(&["status", &u])["current"].clone();
@@ -286,4 +292,57 @@ fn records_live_with_sessions_on_any_director_and_expire_after_the_last() {
         current(&c2).is_null().then_some(())
     });
     assert!(current(&AdminCli::of(&d1)).is_null(), "gone for d1 too");
+}
+
+/// etcd with authentication on: a director with the right user and password file joins; one
+/// with a wrong password does not start, and says why.
+#[test]
+fn etcd_authentication() {
+    let pool = Pool::start(1);
+    let etcd = EtcdCluster::start_one();
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "add", "director:dirpw"],
+        &["role", "add", "director"],
+        &[
+            "role",
+            "grant-permission",
+            "director",
+            "--prefix=true",
+            "readwrite",
+            "/director/",
+        ],
+        &["user", "grant-role", "director", "director"],
+        &["auth", "enable"],
+    ] {
+        etcd.etcdctl(args);
+    }
+    let secret = pool.dir().join("etcd-password");
+    let with_password = |password: &str| {
+        std::fs::write(&secret, format!("{password}\n")).unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        config_yaml(&pool, &member_options(&etcd.endpoints(), "d1", "")).replace(
+            "    connect_timeout: 1s\n",
+            &format!(
+                "    connect_timeout: 1s\n    user: director\n    password_file: {}\n",
+                secret.display()
+            ),
+        )
+    };
+    let d = TestDirector::start_yaml(&with_password("dirpw"));
+    let (_c, _) = imap_login(d.imap, &user(1), PASSWORD);
+    drop(d);
+    let config = director::config::Config::parse(&with_password("wrong")).unwrap();
+    let err = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(director::server::Director::build(&config))
+        .err()
+        .expect("a wrong etcd password stops the start");
+    eprintln!("the start fails with: {}", err.0);
+    assert!(
+        err.0.contains("cluster.etcd") && err.0.contains("authentication failed"),
+        "{}",
+        err.0
+    );
 }

@@ -688,7 +688,11 @@ impl ClusterState {
                     .inner
                     .etcd
                     .txn(
-                        vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rec.mod_rev)],
+                        vec![Compare::mod_revision(
+                            key.clone(),
+                            CompareOp::Equal,
+                            rec.mod_rev,
+                        )],
                         vec![TxnOp::put(key, encode(&value), None)],
                         vec![],
                     )
