@@ -468,6 +468,15 @@ impl Login {
     /// An auth service's `host` pins the user there, outside the ring; its `director_tag`
     /// picks the ring.
     async fn route(&self, user: &str, verified: Option<&Verified>) -> Result<Route, LoginFailure> {
+        // In a cluster a record on a backend that no longer serves is a move to come (the
+        // checker's or an admin's): wait for it before routing, rather than route alone.
+        let hash = self.router.hash(user);
+        if self.router.state().is_moving(hash) {
+            let deadline = Instant::now() + MOVE_WAIT;
+            while self.router.state().is_moving(hash) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let route = self.route_now(user, verified).await?;
         if !self.router.state().is_moving(route.user_hash) {
             return Ok(route);

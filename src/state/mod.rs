@@ -168,6 +168,12 @@ pub trait State: Send + Sync {
     /// The backend the user is bound to: its live record's, or `proposed`, which is recorded.
     fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> StateFuture<'_, IpAddr>;
 
+    /// A login is about to use the user's record: in a cluster an old one is refreshed first,
+    /// so that no purge drops it meanwhile. Alone, nothing to do.
+    fn keep(&self, _hash: u32, _now: Instant) -> StateFuture<'_, ()> {
+        done(Ok(()))
+    }
+
     /// Points the user's record at `backend`. Callers must make sure the user has no live
     /// session elsewhere first (a user is never on two backends at once).
     fn rebind(&self, hash: u32, backend: IpAddr, now: Instant) -> StateFuture<'_, ()>;

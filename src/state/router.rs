@@ -54,6 +54,14 @@ pub enum RouteError {
     /// The shared state could not record the user (etcd unreachable, this director fenced).
     #[error("{0}")]
     State(#[from] crate::state::StateError),
+    /// A cluster's record points to a backend that does not serve, and no move came.
+    #[error("the user's backend does not serve and the user was not moved")]
+    Stranded,
+}
+
+/// Whether `state` is shared by several directors.
+fn clustered(state: &dyn State) -> bool {
+    matches!(state.mode(), crate::state::StateMode::Cluster { .. })
 }
 
 /// Routes users over a [`State`].
@@ -101,7 +109,12 @@ impl Router {
             .filter(|b| b.serves_existing())
             .cloned();
         let (backend, reason) = match recorded {
-            Some(b) => (b, RouteReason::Sticky),
+            Some(b) => {
+                // In a cluster an old record is refreshed first, so that no director's purge
+                // drops it under this login.
+                self.state.keep(hash, now).await?;
+                (b, RouteReason::Sticky)
+            }
             None => {
                 let first = candidates
                     .first()
@@ -111,6 +124,9 @@ impl Router {
                     // Someone else bound the user a moment ago: follow their record.
                     Some(b) if bound != first.ip => (b.clone(), RouteReason::Sticky),
                     Some(_) => (first.clone(), RouteReason::Ring),
+                    // In a cluster another director may still serve the user there: only a
+                    // move (the checker's, an admin's) may change its backend.
+                    None if clustered(&*self.state) => return Err(RouteError::Stranded),
                     // A record to a backend that no longer serves: the ring decides.
                     None => {
                         self.state.rebind(hash, first.ip, now).await?;
@@ -150,6 +166,11 @@ impl Router {
         };
         let bound = self.state.bind(hash, backend.ip, now).await?;
         if bound != backend.ip {
+            // In a cluster the user may have sessions elsewhere through another director:
+            // `maintenance start` moved allowed users here; a record elsewhere wins.
+            if clustered(&*self.state) {
+                return Ok(None);
+            }
             match self.state.record(hash, now) {
                 Some(r) if r.sessions > 0 => return Ok(None),
                 _ => self.state.rebind(hash, backend.ip, now).await?,

@@ -1195,6 +1195,16 @@ impl State for ClusterState {
         Box::pin(self.bind_inner(hash, proposed))
     }
 
+    fn keep(&self, hash: u32, _now: Instant) -> StateFuture<'_, ()> {
+        Box::pin(async move {
+            match self.user(hash).and_then(|r| r.value.backend) {
+                // `bind` refreshes a record near its expiry and returns it as it is otherwise.
+                Some(backend) => self.bind_inner(hash, backend).await.map(|_| ()),
+                None => Ok(()),
+            }
+        })
+    }
+
     fn rebind(&self, hash: u32, backend: IpAddr, _now: Instant) -> StateFuture<'_, ()> {
         Box::pin(self.rebind_inner(hash, backend))
     }
