@@ -346,3 +346,49 @@ fn etcd_authentication() {
         err.0
     );
 }
+
+/// A login through a director that does not check finds a dead backend: the checker (another
+/// director, whose own checks are far apart) hears of it and takes the backend down at once.
+#[test]
+fn a_login_failure_on_any_director_reaches_the_checker() {
+    let pool = Pool::start(2);
+    let etcd = EtcdCluster::start_one();
+    // Checks every 60 s: only a suspicion can bring a backend down within seconds.
+    let slow = "health:\n  enabled: true\n  interval: 60s\n  fast_interval: 200ms\n";
+    let options = |id: &str| {
+        let mut o = member_options(&etcd.endpoints(), id, "");
+        o.extra = o.extra.replace(support::cluster::FAST_HEALTH, slow);
+        o
+    };
+    let d1 = TestDirector::start_yaml(&config_yaml(&pool, &options("d1")));
+    let c1 = AdminCli::of(&d1);
+    wait_until("d1 checks", Duration::from_secs(10), || {
+        c1.json(&["status"])["cluster"]["checker"]
+            .as_bool()
+            .filter(|c| *c)
+    });
+    // The first round of checks is done before d2 starts.
+    wait_until("first checks", Duration::from_secs(10), || {
+        pool.backends
+            .iter()
+            .all(|b| !c1.backend_status(b.ip)["check"].is_null())
+            .then_some(())
+    });
+    let d2 = TestDirector::start_yaml(&config_yaml(&pool, &options("d2")));
+    let u = user(31);
+    let (mut first, home) = imap_login(d2.imap, &u, PASSWORD);
+    first.imap_ok("z", "LOGOUT");
+    let dead = pool.backends.iter().find(|b| b.name == home).unwrap();
+    let live = pool.backends.iter().find(|b| b.name != home).unwrap();
+    dead.kill();
+    let started = Instant::now();
+    // The login waits for the checker's verdict and move, then lands on the live backend.
+    let (_c, on) = imap_login(d2.imap, &u, PASSWORD);
+    assert_eq!(on, live.name);
+    assert_eq!(health(&c1, dead.ip), "down");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "down after {:?}: the suspicion did not reach the checker",
+        started.elapsed()
+    );
+}
