@@ -40,6 +40,8 @@ struct Counters {
     puts: f64,
     deletes: f64,
     proposals: f64,
+    /// The size of etcd's database file: without compaction every revision stays in it.
+    db_bytes: f64,
 }
 
 fn counters(etcd: SocketAddr) -> Counters {
@@ -49,6 +51,7 @@ fn counters(etcd: SocketAddr) -> Counters {
         puts: sample(&m, "etcd_mvcc_put_total", &[]),
         deletes: sample(&m, "etcd_mvcc_delete_total", &[]),
         proposals: sample(&m, "etcd_server_proposals_committed_total", &[]),
+        db_bytes: sample(&m, "etcd_mvcc_db_total_size_in_bytes", &[]),
     }
 }
 
@@ -131,6 +134,11 @@ pub fn run(pool: &Pool) {
         rate(|c| c.proposals)
     );
     println!("| expected from the code: users / period | {expected:.1} |");
+    println!(
+        "| etcd database growth (no compaction: etcd 3.4's default) | {:.0} KiB/s, {:.0} bytes per write |",
+        rate(|c| c.db_bytes) / 1024.0,
+        (end.db_bytes - start.db_bytes) / (end.revision - start.revision).max(1.0)
+    );
     println!(
         "| directors' etcd transactions (both), mean time | {:.1}/s, {:.2} ms |",
         dir_txns / secs,
