@@ -97,13 +97,22 @@ impl Director {
             imap,
             Some(&log),
         )?;
-        Ok(Director {
+        let d = Director {
             name: name.to_owned(),
             imap,
             metrics: ports::local(metrics_port),
             start_time: t.elapsed(),
             process,
-        })
+        };
+        if cluster.is_some() {
+            // A member listens even while it cannot hold its lease yet (it answers logins
+            // with a temporary failure then): wait until it serves, as a load balancer
+            // polling /readyz would.
+            super::wait("the member to serve", Duration::from_secs(30), || {
+                d.process.status()["cluster"]["serving"] == true
+            });
+        }
+        Ok(d)
     }
 
     /// Its `/metrics` text.

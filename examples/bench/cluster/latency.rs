@@ -6,7 +6,7 @@
 //! `BENCH_CLUSTER_LATENCY_USERS` users (default 400) log in once each: **new users** (in a
 //! cluster, one "create if absent" transaction and the wait until the watch brings it
 //! back); then the same users again: **users with a record** (routed from the replica).
-//! `BENCH_CLUSTER_ROUNDS` rounds (default 3), the directors' order reversed every other
+//! `BENCH_CLUSTER_ROUNDS` rounds (default 5), the directors' order reversed every other
 //! round; the percentiles are over every login of the rounds. The member's own etcd
 //! transaction time (its `director_etcd_request_duration_seconds{op="txn"}`) splits a new
 //! user's cost into the transaction and the rest.
@@ -32,7 +32,7 @@ struct Samples {
 
 pub fn run(pool: &Pool) {
     let users = env_or("BENCH_CLUSTER_LATENCY_USERS", 400usize);
-    let rounds = env_or("BENCH_CLUSTER_ROUNDS", 3usize);
+    let rounds = env_or("BENCH_CLUSTER_ROUNDS", 5usize);
     let etcd = EtcdCluster::start_one();
     let single = Director::single(pool, "single");
     let member = Director::member(

@@ -94,14 +94,39 @@ pub fn run() {
         }
         println!("\n## {name} (load average before: {})", load_average());
         let t = Instant::now();
+        let retried = RETRIED.load(Ordering::Relaxed);
         figure(&pool);
         println!("({name}: {:.0} s)", t.elapsed().as_secs_f64());
+        let retried = RETRIED.load(Ordering::Relaxed) - retried;
+        if retried > 0 {
+            println!("{retried} logins got a temporary failure and were tried again; the directors' warnings:");
+            for line in warnings(&pool).iter().rev().take(12).rev() {
+                println!("  {line}");
+            }
+        }
     }
     println!(
         "\nload average at the end: {}; whole run {:.0} s",
         load_average(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The warnings and errors in the logs of the directors of the last figure.
+fn warnings(pool: &Pool) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(pool.dir()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("director-") && name.ends_with(".log") {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            out.extend(
+                text.lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .map(|l| format!("{name}: {l}")),
+            );
+        }
+    }
+    out
 }
 
 /// Adds `user0201`..`user{n}` (the pool's password) to the pool's passwd file.
@@ -128,11 +153,38 @@ fn direct_logins(addr: SocketAddr, users: RangeInclusive<usize>, clients: usize)
     load(&[addr], n, clients, &list);
 }
 
-/// Connect, `LOGIN`, `LOGOUT`; the time from before connecting to the `LOGIN`'s `OK`.
+/// Logins that got a temporary failure (`NO [UNAVAILABLE]`) and were tried again.
+static RETRIED: AtomicUsize = AtomicUsize::new(0);
+
+/// How often a login that gets a temporary failure is tried again, 200 ms apart.
+const TRIES: usize = 25;
+
+/// Connects and logs `user` in. A temporary failure (etcd slow to answer on a busy
+/// machine, a director not serving yet) is counted and the login tried again; anything
+/// else stops the benchmark.
+pub fn login(addr: SocketAddr, user: usize) -> Imap {
+    for _ in 0..TRIES {
+        let mut c = Imap::connect(addr);
+        match c.try_login(&dovecot::user(user)) {
+            Ok(()) => return c,
+            Err(r) if r.contains("[UNAVAILABLE]") => {
+                RETRIED.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(r) => panic!("LOGIN {}: {r}", dovecot::user(user)),
+        }
+    }
+    panic!(
+        "LOGIN {}: a temporary failure {TRIES} times",
+        dovecot::user(user)
+    );
+}
+
+/// Connect, `LOGIN`, `LOGOUT`; the time from before connecting to the `LOGIN`'s `OK` (tries
+/// again after a temporary failure included).
 pub fn timed_login(addr: SocketAddr, user: usize) -> Duration {
     let t = Instant::now();
-    let mut c = Imap::connect(addr);
-    c.login(&dovecot::user(user));
+    let mut c = login(addr, user);
     let took = t.elapsed();
     c.cmd("z", "LOGOUT");
     took
@@ -182,8 +234,7 @@ pub struct Held {
 impl Held {
     /// Logs `user` in at `addr` and asks the backend its name.
     pub fn open(addr: SocketAddr, user: usize) -> Held {
-        let mut imap = Imap::connect(addr);
-        imap.login(&dovecot::user(user));
+        let mut imap = login(addr, user);
         write!(imap.w, "i ID NIL\r\n").unwrap();
         let mut backend = String::new();
         loop {
