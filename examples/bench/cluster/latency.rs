@@ -9,7 +9,8 @@
 //! `BENCH_CLUSTER_ROUNDS` rounds (default 5), the directors' order reversed every other
 //! round; the percentiles are over every login of the rounds. The member's own etcd
 //! transaction time (its `director_etcd_request_duration_seconds{op="txn"}`) splits a new
-//! user's cost into the transaction and the rest.
+//! user's cost into the transaction and the rest; its count of etcd requests of any kind
+//! during the runs of users with a record shows whether they cost a round trip.
 
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ struct Samples {
     /// The member's etcd transactions during the new-user runs: count and total time.
     txns: f64,
     txn_seconds: f64,
+    /// The member's etcd requests of any kind during the runs of users with a record.
+    record_requests: f64,
 }
 
 pub fn run(pool: &Pool) {
@@ -59,19 +62,13 @@ pub fn run(pool: &Pool) {
         for which in order {
             let d = [&single, &member][which];
             forget_records(d);
-            let txn = |d: &Director| {
-                let m = d.metrics_text();
-                let l = [("op", "txn")];
-                (
-                    sample(&m, "director_etcd_request_duration_seconds_count", &l),
-                    sample(&m, "director_etcd_request_duration_seconds_sum", &l),
-                )
-            };
-            let before = txn(d);
+            let before = etcd_requests(d, &[("op", "txn")]);
             let mut new: Vec<Duration> = (1..=users).map(|u| timed_login(d.imap, u)).collect();
-            let after = txn(d);
+            let after = etcd_requests(d, &[("op", "txn")]);
+            let requests_before = etcd_requests(d, &[]).0;
             let mut record: Vec<Duration> = (1..=users).map(|u| timed_login(d.imap, u)).collect();
             let s = &mut results[which];
+            s.record_requests += etcd_requests(d, &[]).0 - requests_before;
             s.txns += after.0 - before.0;
             s.txn_seconds += after.1 - before.1;
             s.new.extend_from_slice(&new);
@@ -113,14 +110,28 @@ pub fn run(pool: &Pool) {
             );
         }
     }
+    println!(
+        "\nthe member's etcd requests of any kind (its lease renewals and refreshes included) during the runs of users with a record: {:.0} for {} logins",
+        clustered.record_requests,
+        users * rounds
+    );
     if clustered.txns > 0.0 {
         println!(
-            "\nthe member's etcd transactions during the new-user runs: {:.0} for {} logins, mean {:.2} ms each",
+            "the member's etcd transactions during the new-user runs: {:.0} for {} logins, mean {:.2} ms each",
             clustered.txns,
             users * rounds,
             clustered.txn_seconds / clustered.txns * 1e3
         );
     }
+}
+
+/// `d`'s etcd requests with `labels` so far (all when none): how many, and their seconds.
+fn etcd_requests(d: &Director, labels: &[(&str, &str)]) -> (f64, f64) {
+    let m = d.metrics_text();
+    (
+        sample(&m, "director_etcd_request_duration_seconds_count", labels),
+        sample(&m, "director_etcd_request_duration_seconds_sum", labels),
+    )
 }
 
 /// Drops every record of `d` (`flush all -F`) and waits until it holds none.
