@@ -256,13 +256,13 @@ fn load(addr: SocketAddr, logins: usize, clients: usize) -> (Duration, Vec<Durat
 }
 
 /// The `p`th percentile of sorted `v` (nearest rank).
-fn percentile(v: &[Duration], p: usize) -> Duration {
+pub(crate) fn percentile(v: &[Duration], p: usize) -> Duration {
     let rank = (v.len() * p).div_ceil(100).max(1);
     v[rank - 1]
 }
 
 /// utime and stime of process `pid` (all its threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> (u64, u64) {
+pub(crate) fn cpu_ticks(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
     // The command name may hold spaces; the fields after it are fixed: state is field 3,
@@ -273,14 +273,14 @@ fn cpu_ticks(pid: u32) -> (u64, u64) {
 }
 
 /// One clock tick (`getconf CLK_TCK`, the unit of `/proc/PID/stat` times).
-fn clock_tick() -> Duration {
+pub(crate) fn clock_tick() -> Duration {
     let hz: u64 = dovecot::command_stdout("getconf", &["CLK_TCK"])
         .parse()
         .expect("getconf CLK_TCK");
     Duration::from_nanos(1_000_000_000 / hz)
 }
 
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -291,7 +291,7 @@ fn cpu_micros(cpu: Option<Cpu>, f: fn(Cpu) -> Duration) -> Option<f64> {
     cpu.map(|c| f(c).as_secs_f64() * 1e6)
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 

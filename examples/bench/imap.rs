@@ -45,7 +45,18 @@ impl Imap {
 
     /// `LOGIN user` with the pool's password; panics unless it succeeds.
     pub fn login(&mut self, user: &str) {
+        if let Err(r) = self.try_login(user) {
+            panic!("{r}");
+        }
+    }
+
+    /// `LOGIN user` with the pool's password; the tagged answer unless it is `OK`.
+    pub fn try_login(&mut self, user: &str) -> Result<(), String> {
         let r = self.cmd("a", &format!("LOGIN {user} {}", crate::dovecot::PASSWORD));
-        assert!(r.starts_with("a OK"), "{r}");
+        if r.starts_with("a OK") {
+            Ok(())
+        } else {
+            Err(r)
+        }
     }
 }

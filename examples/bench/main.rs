@@ -1,16 +1,26 @@
 //! Benchmarks of the director against a direct connection to the same real Dovecot backend.
-//! Run with `./scripts/bench [auth]` (release build); it prints the figures for BENCHMARKS.md.
+//! Run with `./scripts/bench [auth|cluster]` (release build); it prints the figures for
+//! BENCHMARKS.md.
 //!
 //! - No argument: login latency, relay throughput (a large FETCH) and memory per idle (IDLE)
 //!   session. Environment: BENCH_LOGINS (default 300), BENCH_IDLE (default 1000),
 //!   BENCH_MESSAGE_MIB (default 20), BENCH_FETCHES (default 5).
 //! - `auth`: logins through a Dovecot auth service (dovecot mode) against passthrough and
 //!   direct logins ([`auth`]).
+//! - `cluster`: what cluster mode costs (etcd in the login path, logins/s over two
+//!   directors, a move across three, etcd writes of record refreshes, memory per record,
+//!   the checker's fail-over) ([`cluster`]).
 
+#[path = "../../tests/support/command.rs"]
+mod command;
 #[path = "../../tests/support/dovecot.rs"]
 mod dovecot;
 #[path = "../../tests/support/env.rs"]
 mod env;
+#[path = "../../tests/support/etcd.rs"]
+mod etcd;
+#[path = "../../tests/support/partition.rs"]
+mod partition;
 #[path = "../../tests/support/ports.rs"]
 mod ports;
 #[path = "../../tests/support/wait.rs"]
@@ -19,6 +29,7 @@ mod wait;
 mod auth;
 #[path = "../../tests/support/auth_service.rs"]
 mod auth_service;
+mod cluster;
 mod director_process;
 mod imap;
 
@@ -82,7 +93,10 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         None => relay(),
         Some("auth") => auth::run(),
-        Some(other) => panic!("unknown benchmark {other:?}: none (login, relay, idle) or `auth`"),
+        Some("cluster") => cluster::run(),
+        Some(other) => {
+            panic!("unknown benchmark {other:?}: none (login, relay, idle), `auth` or `cluster`")
+        }
     }
 }
 

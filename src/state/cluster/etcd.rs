@@ -13,6 +13,11 @@ use crate::config::{ConfigError, EtcdConfig};
 use crate::metrics::Metrics;
 use crate::state::StateError;
 
+/// The largest answer to a full read of the prefix. gRPC's default (4 MiB) holds only about
+/// 53,000 sticky records (about 79 bytes each with key and metadata): a director over more
+/// could neither start nor reload its replica after a broken watch. 1 GiB: some 13 million.
+const MAX_RANGE_ANSWER: usize = 1 << 30;
+
 /// A connected etcd client.
 #[derive(Clone)]
 pub struct Etcd {
@@ -113,7 +118,10 @@ impl Etcd {
 
     /// Every key under `prefix`.
     pub async fn get_prefix(&self, prefix: &str) -> Result<GetResponse, StateError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_RANGE_ANSWER);
         self.timed("get", kv.get(prefix, Some(GetOptions::new().with_prefix())))
             .await
     }
