@@ -372,7 +372,12 @@ impl HealthChecker {
             };
             let started = tokio::time::Instant::now();
             // In a cluster only the elected director checks; the others wait their turn.
-            let wait = if self.skipped(&backend) || !self.inner.state.is_checker() {
+            let wait = if !self.inner.state.is_checker() {
+                // Looks again soon: a director elected checker starts checking at once.
+                let mut trackers = self.inner.trackers.lock().unwrap();
+                self.tracker(&mut trackers, ip).counter.reset();
+                s.fast_interval
+            } else if self.skipped(&backend) {
                 let mut trackers = self.inner.trackers.lock().unwrap();
                 self.tracker(&mut trackers, ip).counter.reset();
                 s.interval

@@ -343,14 +343,20 @@ impl Director {
 
 /// The cluster's janitor, run by the elected checker: users whose record points to a backend
 /// that no longer serves them (down, removed) and that nobody is moving (the director that
-/// took the backend down died, or the checker changed mid-evacuation) are moved off.
+/// took the backend down died, or the checker changed mid-evacuation) are moved off, once
+/// they have been left there for `move_timeout` (an admin's evacuation on another director
+/// may still be under way); and etcd's old history is compacted.
 async fn janitor(state: ClusterState, mover: Mover) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut stranded_since: std::collections::HashMap<std::net::IpAddr, Instant> =
+        std::collections::HashMap::new();
     loop {
         tick.tick().await;
         if !state.is_checker() {
+            stranded_since.clear();
             continue;
         }
+        state.compact_history().await;
         let set = state.backends();
         let stranded: std::collections::BTreeSet<std::net::IpAddr> = state
             .records(Instant::now())
@@ -364,7 +370,12 @@ async fn janitor(state: ClusterState, mover: Mover) {
             })
             .map(|(_, r)| r.backend)
             .collect();
+        stranded_since.retain(|ip, _| stranded.contains(ip));
         for ip in stranded {
+            let since = *stranded_since.entry(ip).or_insert_with(Instant::now);
+            if since.elapsed() < state.move_timeout() {
+                continue;
+            }
             let reason = match set.get(ip) {
                 Some(b) if b.health == crate::state::backend::Health::Down => {
                     crate::state::moves::MoveReason::HealthDown
@@ -373,6 +384,7 @@ async fn janitor(state: ClusterState, mover: Mover) {
             };
             info!(backend = %ip, "cluster: users left on a backend that does not serve them: moving them");
             mover.evacuate(ip, reason, false).await;
+            stranded_since.remove(&ip);
         }
     }
 }

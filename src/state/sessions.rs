@@ -125,6 +125,16 @@ impl Sessions {
             .collect()
     }
 
+    /// How many live sessions (not logins under way) there are, without copying them.
+    pub fn count(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|e| !e.info.pending)
+            .count()
+    }
+
     /// All live sessions and logins under way.
     pub fn list_with_pending(&self) -> Vec<SessionInfo> {
         self.inner

@@ -163,6 +163,15 @@ impl Etcd {
         self.timed("txn", kv.txn(txn)).await
     }
 
+    /// Drops etcd's history of every key before `revision` (counted as a `delete`): without
+    /// it every refresh write stays in etcd's database until its quota is full.
+    pub async fn compact(&self, revision: i64) -> Result<(), StateError> {
+        let mut kv = self.client.kv_client();
+        self.timed("delete", kv.compact(revision, None))
+            .await
+            .map(|_| ())
+    }
+
     /// A new lease of `ttl`; returns its id.
     pub async fn grant(&self, ttl: Duration) -> Result<i64, StateError> {
         let mut lease = self.client.lease_client();

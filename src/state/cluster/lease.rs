@@ -64,7 +64,7 @@ async fn acquire(state: &ClusterState) -> Option<Held> {
         }
     };
     let since_ms = now_ms();
-    let sessions = i.sessions.list().len() as u64;
+    let sessions = i.sessions.count() as u64;
     let value = member(state, since_ms, sessions);
     let revision = match i.etcd.put(&i.keys.member(&i.me), encode(&value), id).await {
         Ok(r) => r,
@@ -124,7 +124,7 @@ async fn keep(state: ClusterState, mut held: Option<Held>) {
         match renewed {
             Some(Ok(granted)) if granted > 0 => {
                 h.expires = sent + Duration::from_secs(granted as u64);
-                let sessions = i.sessions.list().len() as u64;
+                let sessions = i.sessions.count() as u64;
                 if sessions != h.sessions {
                     let value = member(&state, h.since_ms, sessions);
                     if i.etcd
@@ -169,12 +169,12 @@ fn fence(state: &ClusterState, why: &str) {
     i.metrics.cluster_fenced(true);
     i.metrics.cluster_lease_lost();
     i.metrics.cluster_checker(false);
-    let sessions = i.sessions.list_with_pending();
+    let sessions = i.sessions.count();
     if i.cluster.keep_sessions_when_fenced {
-        error!(director_id = %i.me, why, sessions = sessions.len(),
+        error!(director_id = %i.me, why, sessions,
                "cluster: cut off from etcd: new logins get a temporary failure; keeping the relayed sessions (keep_sessions_when_fenced)");
     } else {
-        error!(director_id = %i.me, why, sessions = sessions.len(),
+        error!(director_id = %i.me, why, sessions,
                "cluster: cut off from etcd: new logins get a temporary failure; ending the relayed sessions");
         let kicked = i.sessions.kick_all();
         if kicked > 0 {

@@ -53,6 +53,8 @@ use self::replica::{Effect, Replica, Versioned};
 const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 /// Transactions retried after a conflict (another director wrote the key meanwhile).
 const CAS_TRIES: usize = 5;
+/// How often, and how much, of etcd's history the checker compacts.
+const COMPACT_EVERY: Duration = Duration::from_secs(600);
 /// Record refreshes in flight at once.
 const REFRESHES_AT_ONCE: usize = 32;
 /// The least time between two suspicions of one backend sent by this director.
@@ -97,6 +99,8 @@ struct Inner {
     on_suspect: OnceLock<Box<dyn Fn(IpAddr) + Send + Sync>>,
     suspects_sent: Mutex<HashMap<IpAddr, Instant>>,
     started_ms: u64,
+    /// Revisions sampled for compaction, oldest first.
+    history: Mutex<std::collections::VecDeque<(Instant, i64)>>,
     /// [`NO_ACKS_ENV`] was set: moves neither end other directors' sessions nor wait.
     no_acks: bool,
 }
@@ -189,6 +193,7 @@ impl ClusterState {
             suspects_sent: Mutex::new(HashMap::new()),
             started_ms: now_ms(),
             no_acks: std::env::var(NO_ACKS_ENV).is_ok_and(|v| v == "1"),
+            history: Mutex::new(std::collections::VecDeque::new()),
         });
         if inner.no_acks {
             warn!("{NO_ACKS_ENV}=1: this director ignores the move protocol: users WILL end up on two backends");
@@ -217,6 +222,42 @@ impl ClusterState {
     /// changes made to it directly do not reach etcd).
     pub fn local(&self) -> Arc<LocalState> {
         self.inner.local.clone()
+    }
+
+    /// How long a move may wait for acknowledgements (`cluster.move_timeout`).
+    pub fn move_timeout(&self) -> Duration {
+        self.inner.cluster.move_timeout
+    }
+
+    /// The elected checker's housekeeping of etcd: every [`COMPACT_EVERY`], the history
+    /// older than [`COMPACT_EVERY`] is dropped (a director whose watch is further behind
+    /// than that reads the state afresh). Called from the janitor.
+    pub async fn compact_history(&self) {
+        let now = Instant::now();
+        let revision = self.inner.replica.applied();
+        let due = {
+            let mut samples = self.inner.history.lock().unwrap();
+            if samples
+                .back()
+                .is_none_or(|(at, _)| now >= *at + COMPACT_EVERY)
+            {
+                samples.push_back((now, revision));
+            }
+            let mut due = None;
+            while samples
+                .front()
+                .is_some_and(|(at, _)| now >= *at + COMPACT_EVERY)
+            {
+                due = samples.pop_front().map(|(_, r)| r);
+            }
+            due
+        };
+        if let Some(r) = due.filter(|r| *r > 0) {
+            match self.inner.etcd.compact(r).await {
+                Ok(()) => debug!(revision = r, "cluster: etcd history compacted"),
+                Err(e) => debug!(revision = r, error = %e, "cluster: etcd history not compacted"),
+            }
+        }
     }
 
     /// Whether a director is moving user `hash` now (its record carries a move mark).
