@@ -392,3 +392,44 @@ fn a_login_failure_on_any_director_reaches_the_checker() {
         started.elapsed()
     );
 }
+
+/// A director reads a state larger than one etcd answer (gRPC's 4 MiB) page by page, at one
+/// revision, and routes by it.
+#[test]
+fn a_large_state_loads_in_pages() {
+    let pool = Pool::start(2);
+    let etcd = EtcdCluster::start_one();
+    let home = pool.backend(1);
+    // 25,000 records (2.5 pages), 128 puts per transaction (etcd's default limit).
+    let records = 25_000u32;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    for chunk in (0..records).collect::<Vec<_>>().chunks(128) {
+        // etcdctl txn: no comparisons (an empty line), the puts, an empty line, no failure ops.
+        let mut txn = String::from("\n");
+        for h in chunk {
+            txn += &format!(
+                "put /director/users/{:08x} {{\"b\":\"{}\",\"r\":{now_ms}}}\n",
+                h * 7919,
+                home.ip
+            );
+        }
+        txn += "\n\n";
+        let mut cmd = std::process::Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", etcd.endpoints().join(",")))
+            .arg("txn");
+        let ran = support::command::run(&mut cmd, Some(txn.as_bytes())).unwrap();
+        assert!(ran.ok, "{}", ran.text());
+    }
+    let d = start_member(&pool, &etcd.endpoints(), "d1");
+    let status = AdminCli::of(&d).json(&["status"]);
+    assert_eq!(status["records"], records, "every record loaded");
+    assert_eq!(
+        AdminCli::of(&d).backend_status(home.ip)["users"],
+        records,
+        "all on the backend their records name"
+    );
+}

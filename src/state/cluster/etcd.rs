@@ -126,6 +126,31 @@ impl Etcd {
             .await
     }
 
+    /// Up to `limit` keys from `from` (inclusive) to the end of `prefix`, as of `revision`
+    /// (0: now). Pages of a full read, so that neither answer nor memory grows with the
+    /// number of records.
+    pub async fn get_page(
+        &self,
+        prefix: &str,
+        from: Vec<u8>,
+        revision: i64,
+        limit: i64,
+    ) -> Result<GetResponse, StateError> {
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let mut options = GetOptions::new().with_range(end).with_limit(limit);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_RANGE_ANSWER);
+        self.timed("get", kv.get(from, Some(options))).await
+    }
+
     /// One key.
     pub async fn get(&self, key: &str) -> Result<GetResponse, StateError> {
         let mut kv = self.client.kv_client();

@@ -55,6 +55,8 @@ const SESSION_END_WAIT: Duration = Duration::from_secs(10);
 const CAS_TRIES: usize = 5;
 /// How often, and how much, of etcd's history the checker compacts.
 const COMPACT_EVERY: Duration = Duration::from_secs(600);
+/// Keys per page of a full read of the state.
+const LOAD_PAGE: i64 = 10_000;
 /// Record refreshes in flight at once.
 const REFRESHES_AT_ONCE: usize = 32;
 /// The least time between two suspicions of one backend sent by this director.
@@ -331,9 +333,27 @@ impl ClusterState {
 
     /// Loads the whole prefix into the replica; returns its revision.
     async fn load(&self) -> Result<i64, StateError> {
-        let r = self.inner.etcd.get_prefix(self.inner.keys.prefix()).await?;
-        let revision = r.header().map_or(0, |h| h.revision());
-        let effects = self.inner.replica.load(r.kvs(), revision);
+        let i = &self.inner;
+        let prefix = i.keys.prefix();
+        let mut loading = i.replica.start_load();
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        loop {
+            let page = i.etcd.get_page(prefix, from, revision, LOAD_PAGE).await?;
+            if revision == 0 {
+                // Every later page is read as of the first one's revision.
+                revision = page.header().map_or(0, |h| h.revision());
+            }
+            i.replica.load_page(&mut loading, page.kvs());
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        let effects = i.replica.finish_load(loading, revision);
         for e in effects {
             self.act(e);
         }

@@ -53,6 +53,13 @@ pub struct Contents {
     pub acks: HashMap<String, HashSet<String>>,
 }
 
+/// A full read under way.
+pub struct Loading {
+    fresh: Contents,
+    moves: Vec<Effect>,
+    pause: Option<PauseValue>,
+}
+
 /// The replica and the revision it has applied.
 pub struct Replica {
     keys: Keys,
@@ -101,25 +108,41 @@ impl Replica {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Replaces everything with a full read of the prefix (at start and after the watch
-    /// broke). Returns the effects to act on: every move under way by another director.
-    pub fn load(&self, kvs: &[KeyValue], revision: i64) -> Vec<Effect> {
-        let mut fresh = Contents::default();
-        let mut effects = vec![Effect::Backends, Effect::Members];
-        let mut pause = None;
+    /// Starts a full read of the prefix (at start and after the watch broke), page by page
+    /// ([`Replica::load_page`]) into fresh contents that [`Replica::finish_load`] swaps in.
+    pub fn start_load(&self) -> Loading {
+        Loading {
+            fresh: Contents::default(),
+            moves: Vec::new(),
+            pause: None,
+        }
+    }
+
+    /// Adds one page of a full read.
+    pub fn load_page(&self, loading: &mut Loading, kvs: &[KeyValue]) {
         for kv in kvs {
-            if let Some(e) = self.put(&mut fresh, kv) {
-                match e {
-                    Effect::Pause(p) => pause = p,
-                    Effect::MoveStarted { .. } => effects.push(e),
-                    _ => {}
-                }
+            match self.put(&mut loading.fresh, kv) {
+                Some(Effect::Pause(p)) => loading.pause = p,
+                Some(e @ Effect::MoveStarted { .. }) => loading.moves.push(e),
+                _ => {}
             }
         }
+    }
+
+    /// Replaces everything with what was read, as of `revision`. Returns the effects to act
+    /// on: the backends and members to rebuild, the pause, every move under way by another
+    /// director, and an election if the checker's seat is free.
+    pub fn finish_load(&self, loading: Loading, revision: i64) -> Vec<Effect> {
+        let Loading {
+            fresh,
+            mut moves,
+            pause,
+        } = loading;
+        let mut effects = vec![Effect::Backends, Effect::Members, Effect::Pause(pause)];
         if fresh.checker.is_none() {
             effects.push(Effect::CheckerGone);
         }
-        effects.push(Effect::Pause(pause));
+        effects.append(&mut moves);
         *self.contents.lock().unwrap() = fresh;
         self.set_applied(revision);
         effects
