@@ -84,6 +84,7 @@ async fn acquire(state: &ClusterState) -> Option<Held> {
         return None;
     }
     let was_fenced = !i.serving.swap(true, Ordering::AcqRel);
+    state.acknowledge_moves_under_way();
     i.metrics.cluster_lease_up(true);
     i.metrics.cluster_fenced(false);
     campaign(state.clone()).await;

@@ -444,6 +444,26 @@ impl ClusterState {
         i.local.replace(list, maintenance);
     }
 
+    /// Acknowledges every move of another director that the replica shows under way. The
+    /// lease holder calls it on taking a lease: a move seen while this director had none (at
+    /// its start, or while fenced) could not be acknowledged then, and its mover, counting
+    /// this director as a member again, would wait for it until `move_timeout`.
+    pub(super) fn acknowledge_moves_under_way(&self) {
+        let moves: Vec<(u32, String)> = {
+            let c = self.inner.replica.contents.lock().unwrap();
+            c.users
+                .iter()
+                .filter_map(|(hash, r)| {
+                    let m = r.value.moving.as_ref()?;
+                    (m.by != self.inner.me).then(|| (*hash, m.id.clone()))
+                })
+                .collect()
+        };
+        for (hash, move_id) in moves {
+            self.acknowledge(hash, move_id);
+        }
+    }
+
     /// Another director is moving user `hash`: ends this director's sessions of the user
     /// (logins of the user already wait: the replica shows the move), then acknowledges.
     fn acknowledge(&self, hash: u32, move_id: String) {
