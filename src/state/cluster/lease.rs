@@ -91,6 +91,10 @@ async fn acquire(state: &ClusterState) -> Option<Held> {
     if was_fenced {
         info!(director_id = %i.me, lease_ttl = ?ttl, "cluster: lease held: serving");
     }
+    // Moves of this director that nothing runs (begun before a crash and a restart under
+    // the same id, or not finished for an etcd error): finish them now, rather than leave
+    // their users' logins waiting until the next refresh round.
+    tokio::spawn(state.clone().finish_own_orphaned_moves());
     Some(Held {
         id,
         expires: sent + ttl,
