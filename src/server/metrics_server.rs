@@ -4,8 +4,8 @@
 //! - `GET /metrics`: the catalogue ([`crate::metrics`]) in Prometheus' text format.
 //! - `GET /healthz`: `200 ok` while the process serves requests (liveness).
 //! - `GET /readyz`: `200 ready` when the director can route: its first round of health checks
-//!   is done (or health checks are off) and at least one backend takes new users; else `503`
-//!   with the reason. A TCP load balancer or keepalived in front of several directors uses it
+//!   is done (or health checks are off; in a cluster: it holds its lease, and routes by the
+//!   cluster's verdicts) and at least one backend takes new users; else `503` with the reason. A TCP load balancer or keepalived in front of several directors uses it
 //!   to stop sending clients to one that has nowhere to send them.
 
 use std::net::SocketAddr;
@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use crate::health::checker::HealthChecker;
 use crate::metrics::Metrics;
 use crate::state::sessions::Sessions;
-use crate::state::State;
+use crate::state::{State, StateMode};
 
 /// What the endpoints read.
 #[derive(Clone)]
@@ -38,9 +38,11 @@ impl MetricsContext {
         if let Err(e) = self.state.serving() {
             return Err(e.to_string());
         }
-        // In a cluster only the elected checker checks; the others take its verdicts.
-        if let Some(h) = self.health.as_ref().filter(|_| self.state.is_checker()) {
-            if !h.first_round_done() {
+        if let Some(h) = &self.health {
+            // A single director knows nothing of its backends before its own first checks.
+            // A cluster member routes by the cluster's verdicts (the elected checker's, in
+            // etcd) and runs no checks of its own unless elected: nothing to wait for.
+            if matches!(self.state.mode(), StateMode::Single) && !h.first_round_done() {
                 return Err("the first round of health checks is not done yet".into());
             }
         }

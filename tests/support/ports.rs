@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 
 /// `127.0.0.1:port`.
 pub fn local(port: u16) -> SocketAddr {
@@ -19,6 +19,18 @@ pub fn free_port() -> u16 {
 pub fn free_ports(n: usize) -> Vec<u16> {
     let held: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Ports free on `ip` a moment ago. On an address of its own (`127.X.Y.Z`, not 127.0.0.1,
+/// the source of every outgoing loopback connection), a port stays free while a server that
+/// was killed is down: no client's ephemeral port can take it before the restart.
+pub fn free_ports_on(ip: IpAddr, n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind((ip, 0)).unwrap())
         .collect();
     held.iter()
         .map(|l| l.local_addr().unwrap().port())

@@ -1,6 +1,6 @@
 //! A `director serve` process, as an operator runs it: started from a configuration file
-//! with listeners on fixed ports, waited for until it listens, signalled, reloaded, and killed
-//! on drop unless it has exited.
+//! with listeners on fixed ports, waited for until it listens, signalled, reloaded, killed
+//! with SIGKILL and started again on the same file, and killed on drop unless it has exited.
 
 #![allow(dead_code)]
 
@@ -47,38 +47,94 @@ pub struct Serve {
     stderr: PathBuf,
     /// Its configuration file (`dir/director.yaml`).
     pub config: PathBuf,
+    /// Variables added to its environment, again at every restart.
+    env: Vec<(String, String)>,
 }
 
 impl Serve {
     /// Writes `yaml` to `dir/director.yaml`, starts `director serve` on it (its log in
     /// `dir/serve.stderr`) and waits up to 20 s until `listening` accepts connections.
     pub fn start(dir: &Path, yaml: &str, listening: SocketAddr) -> Serve {
+        Self::start_with_env(dir, yaml, listening, &[])
+    }
+
+    /// [`Serve::start`] with `env` added to the process's environment.
+    pub fn start_with_env(
+        dir: &Path,
+        yaml: &str,
+        listening: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Serve {
+        let mut s = Serve::prepare(dir, yaml, env);
+        s.try_start(listening).unwrap_or_else(|e| panic!("{e}"));
+        s
+    }
+
+    /// Writes `yaml` to `dir/director.yaml` for a process with `env` added to its
+    /// environment, not started yet ([`Serve::try_start`]).
+    pub fn prepare(dir: &Path, yaml: &str, env: &[(&str, &str)]) -> Serve {
         let config = dir.join("director.yaml");
         fs::write(&config, yaml).unwrap();
-        let stderr = dir.join("serve.stderr");
+        Serve {
+            child: None,
+            stderr: dir.join("serve.stderr"),
+            config,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    /// Spawns the process on its configuration file (its log appended to, so that a
+    /// restart keeps what the previous run said) and waits until `listening` accepts
+    /// connections. `Err` with its log when it exits first; panics when it does not listen
+    /// within 20 s.
+    pub fn try_start(&mut self, listening: SocketAddr) -> Result<(), String> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr)
+            .unwrap();
         let child = Command::new(BIN)
-            .args(["serve", "-c", config.to_str().unwrap()])
+            .args(["serve", "-c", self.config.to_str().unwrap()])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&stderr).unwrap())
+            .stderr(log)
             .spawn()
             .expect("start director serve");
-        let mut s = Serve {
-            child: Some(child),
-            stderr,
-            config,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(listening).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "serve did not listen on {listening}:\n{}",
-                s.log()
+                self.log()
             );
-            assert!(s.running(), "serve exited:\n{}", s.log());
+            if !self.running() {
+                self.child = None;
+                return Err(format!("serve exited:\n{}", self.log()));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        s
+        Ok(())
+    }
+
+    /// Kills the process with SIGKILL (no clean stop: its sessions, lease and admin socket
+    /// are left as a crash leaves them) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again on the same configuration file and environment (after
+    /// [`Serve::kill`], or after it exited) and waits until `listening` accepts connections.
+    pub fn restart(&mut self, listening: SocketAddr) {
+        assert!(!self.running(), "serve still runs: kill it first");
+        self.try_start(listening).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// What it logged so far.
@@ -86,8 +142,11 @@ impl Serve {
         fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Whether the process runs (false once killed or exited).
     pub fn running(&mut self) -> bool {
-        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     /// `kill -SIG` to the process.

@@ -18,6 +18,18 @@ use crate::state::StateError;
 /// could neither start nor reload its replica after a broken watch. 1 GiB: some 13 million.
 const MAX_RANGE_ANSWER: usize = 1 << 30;
 
+/// The pause before a request that could not be sent is made again.
+const RESEND_PAUSE: Duration = Duration::from_millis(10);
+
+/// Whether a request failed before it was sent: no connection to the member the client
+/// picked (gRPC `Unavailable`, tonic's "tcp connect error"). Made again, it cannot be
+/// applied twice.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    const UNAVAILABLE: i32 = 14;
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if i32::from(s.code()) == UNAVAILABLE && s.message() == "tcp connect error")
+}
+
 /// A connected etcd client.
 #[derive(Clone)]
 pub struct Etcd {
@@ -91,14 +103,25 @@ impl Etcd {
     }
 
     /// Runs one request with the timeout, timing it under `op` (a name of
-    /// `metrics::ETCD_OPS`).
-    async fn timed<T>(
-        &self,
-        op: &'static str,
-        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StateError> {
+    /// `metrics::ETCD_OPS`). `request` makes the request; it is made again, within the
+    /// timeout, when it never left this process: the client balances requests over every
+    /// endpoint, and keeps picking a member that is down (its connection is refused at
+    /// once) beside the live ones.
+    async fn timed<T, F, R>(&self, op: &'static str, mut request: R) -> Result<T, StateError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+        R: FnMut() -> F,
+    {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, f).await;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let result = loop {
+            match tokio::time::timeout_at(deadline, request()).await {
+                Ok(Err(e)) if never_sent(&e) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(RESEND_PAUSE).await;
+                }
+                result => break result,
+            }
+        };
         self.metrics.etcd_request(op, started.elapsed());
         match result {
             Ok(Ok(v)) => Ok(v),
@@ -118,12 +141,14 @@ impl Etcd {
 
     /// Every key under `prefix`.
     pub async fn get_prefix(&self, prefix: &str) -> Result<GetResponse, StateError> {
-        let mut kv = self
-            .client
-            .kv_client()
-            .max_decoding_message_size(MAX_RANGE_ANSWER);
-        self.timed("get", kv.get(prefix, Some(GetOptions::new().with_prefix())))
-            .await
+        self.timed("get", || {
+            let mut kv = self
+                .client
+                .kv_client()
+                .max_decoding_message_size(MAX_RANGE_ANSWER);
+            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await
     }
 
     /// Up to `limit` keys from `from` (inclusive) to the end of `prefix`, as of `revision`
@@ -144,34 +169,48 @@ impl Etcd {
         if revision > 0 {
             options = options.with_revision(revision);
         }
-        let mut kv = self
-            .client
-            .kv_client()
-            .max_decoding_message_size(MAX_RANGE_ANSWER);
-        self.timed("get", kv.get(from, Some(options))).await
+        self.timed("get", || {
+            let mut kv = self
+                .client
+                .kv_client()
+                .max_decoding_message_size(MAX_RANGE_ANSWER);
+            let (from, options) = (from.clone(), options.clone());
+            async move { kv.get(from, Some(options)).await }
+        })
+        .await
     }
 
     /// One key.
     pub async fn get(&self, key: &str) -> Result<GetResponse, StateError> {
-        let mut kv = self.client.kv_client();
-        self.timed("get", kv.get(key, None)).await
+        self.timed("get", || {
+            let mut kv = self.client.kv_client();
+            async move { kv.get(key, None).await }
+        })
+        .await
     }
 
     /// Writes `value` at `key`, under `lease` if not 0. Returns the revision of the write.
     pub async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<i64, StateError> {
-        let mut kv = self.client.kv_client();
         let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-        let r = self.timed("put", kv.put(key, value, options)).await?;
+        let r = self
+            .timed("put", || {
+                let mut kv = self.client.kv_client();
+                let (value, options) = (value.clone(), options.clone());
+                async move { kv.put(key, value, options).await }
+            })
+            .await?;
         Ok(r.header().map_or(0, |h| h.revision()))
     }
 
     /// Deletes every key under `prefix`.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<(), StateError> {
-        let mut kv = self.client.kv_client();
-        self.timed(
-            "delete",
-            kv.delete(prefix, Some(DeleteOptions::new().with_prefix())),
-        )
+        self.timed("delete", || {
+            let mut kv = self.client.kv_client();
+            async move {
+                kv.delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                    .await
+            }
+        })
         .await
         .map(|_| ())
     }
@@ -183,38 +222,48 @@ impl Etcd {
         then: Vec<TxnOp>,
         otherwise: Vec<TxnOp>,
     ) -> Result<TxnResponse, StateError> {
-        let mut kv = self.client.kv_client();
         let txn = Txn::new().when(when).and_then(then).or_else(otherwise);
-        self.timed("txn", kv.txn(txn)).await
+        self.timed("txn", || {
+            let mut kv = self.client.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
     }
 
     /// Drops etcd's history of every key before `revision` (counted as a `delete`): without
     /// it every refresh write stays in etcd's database until its quota is full.
     pub async fn compact(&self, revision: i64) -> Result<(), StateError> {
-        let mut kv = self.client.kv_client();
-        self.timed("delete", kv.compact(revision, None))
-            .await
-            .map(|_| ())
+        self.timed("delete", || {
+            let mut kv = self.client.kv_client();
+            async move { kv.compact(revision, None).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// A new lease of `ttl`; returns its id.
     pub async fn grant(&self, ttl: Duration) -> Result<i64, StateError> {
-        let mut lease = self.client.lease_client();
         let r = self
-            .timed("lease_grant", lease.grant(ttl.as_secs() as i64, None))
+            .timed("lease_grant", || {
+                let mut lease = self.client.lease_client();
+                async move { lease.grant(ttl.as_secs() as i64, None).await }
+            })
             .await?;
         Ok(r.id())
     }
 
     /// Renews lease `id` once; returns the TTL etcd granted (0: the lease is gone).
     pub async fn keep_alive(&self, id: i64) -> Result<i64, StateError> {
-        let mut lease = self.client.lease_client();
-        self.timed("lease_keepalive", async move {
-            let (mut keeper, mut stream) = lease.keep_alive(id).await?;
-            keeper.keep_alive().await?;
-            match stream.message().await? {
-                Some(r) => Ok(r.ttl()),
-                None => Ok(0),
+        self.timed("lease_keepalive", || {
+            let mut lease = self.client.lease_client();
+            async move {
+                let (mut keeper, mut stream) = lease.keep_alive(id).await?;
+                keeper.keep_alive().await?;
+                match stream.message().await? {
+                    Some(r) => Ok(r.ttl()),
+                    None => Ok(0),
+                }
             }
         })
         .await
@@ -222,20 +271,25 @@ impl Etcd {
 
     /// Revokes lease `id` (a clean stop: the membership and election keys go at once).
     pub async fn revoke(&self, id: i64) -> Result<(), StateError> {
-        let mut lease = self.client.lease_client();
-        self.timed("lease_keepalive", lease.revoke(id))
-            .await
-            .map(|_| ())
+        self.timed("lease_keepalive", || {
+            let mut lease = self.client.lease_client();
+            async move { lease.revoke(id).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Watches every key under `prefix` from `revision` on.
     pub async fn watch(&self, prefix: &str, revision: i64) -> Result<WatchStream, StateError> {
-        let mut watch = self.client.watch_client();
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision)
             .with_progress_notify();
-        self.timed("watch", watch.watch(prefix, Some(options)))
-            .await
+        self.timed("watch", || {
+            let mut watch = self.client.watch_client();
+            let options = options.clone();
+            async move { watch.watch(prefix, Some(options)).await }
+        })
+        .await
     }
 }

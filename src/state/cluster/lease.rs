@@ -84,12 +84,17 @@ async fn acquire(state: &ClusterState) -> Option<Held> {
         return None;
     }
     let was_fenced = !i.serving.swap(true, Ordering::AcqRel);
+    state.acknowledge_moves_under_way();
     i.metrics.cluster_lease_up(true);
     i.metrics.cluster_fenced(false);
     campaign(state.clone()).await;
     if was_fenced {
         info!(director_id = %i.me, lease_ttl = ?ttl, "cluster: lease held: serving");
     }
+    // Moves of this director that nothing runs (begun before a crash and a restart under
+    // the same id, or not finished for an etcd error): finish them now, rather than leave
+    // their users' logins waiting until the next refresh round.
+    tokio::spawn(state.clone().finish_own_orphaned_moves());
     Some(Held {
         id,
         expires: sent + ttl,

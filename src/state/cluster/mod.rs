@@ -91,8 +91,10 @@ struct Inner {
     serving: AtomicBool,
     /// This director's sessions per user, for refreshes.
     usage: Mutex<HashMap<u32, Usage>>,
-    /// Moves this director runs: user hash -> move id.
-    own_moves: Mutex<HashMap<u32, String>>,
+    /// Moves this director runs, from before their mark is written until they are finished
+    /// or have failed: a mark of this director that is not here is one that nothing runs
+    /// (see [`ClusterState::orphaned`]).
+    own_moves: Mutex<OwnMoves>,
     /// Moves of others this director has acknowledged or is acknowledging.
     acking: Mutex<HashSet<String>>,
     move_counter: AtomicU64,
@@ -112,6 +114,23 @@ struct Inner {
 /// own. Unsafe (users end up on two backends); it exists so that the chaos test can prove
 /// that its oracle catches exactly that.
 pub const NO_ACKS_ENV: &str = "DIRECTOR_UNSAFE_NO_MOVE_ACKS";
+
+/// The moves this director runs.
+#[derive(Debug, Default)]
+struct OwnMoves {
+    /// (user hash, move id) of marks being written.
+    starting: HashSet<(u32, String)>,
+    /// The move id of each user whose mark is written, until the move is finished or failed.
+    running: HashMap<u32, String>,
+}
+
+impl OwnMoves {
+    /// Whether this director runs move `id` of user `hash`.
+    fn runs(&self, hash: u32, id: &str) -> bool {
+        self.running.get(&hash).is_some_and(|r| r == id)
+            || self.starting.contains(&(hash, id.to_owned()))
+    }
+}
 
 /// This director's use of one user's record.
 #[derive(Debug, Default, Clone, Copy)]
@@ -187,7 +206,7 @@ impl ClusterState {
             lease: AtomicI64::new(0),
             serving: AtomicBool::new(false),
             usage: Mutex::new(HashMap::new()),
-            own_moves: Mutex::new(HashMap::new()),
+            own_moves: Mutex::new(OwnMoves::default()),
             acking: Mutex::new(HashSet::new()),
             move_counter: AtomicU64::new(0),
             awaiting_acks: AtomicUsize::new(0),
@@ -513,6 +532,26 @@ impl ClusterState {
         i.local.replace(list, maintenance);
     }
 
+    /// Acknowledges every move of another director that the replica shows under way. The
+    /// lease holder calls it on taking a lease: a move seen while this director had none (at
+    /// its start, or while fenced) could not be acknowledged then, and its mover, counting
+    /// this director as a member again, would wait for it until `move_timeout`.
+    pub(super) fn acknowledge_moves_under_way(&self) {
+        let moves: Vec<(u32, String)> = {
+            let c = self.inner.replica.contents.lock().unwrap();
+            c.users
+                .iter()
+                .filter_map(|(hash, r)| {
+                    let m = r.value.moving.as_ref()?;
+                    (m.by != self.inner.me).then(|| (*hash, m.id.clone()))
+                })
+                .collect()
+        };
+        for (hash, move_id) in moves {
+            self.acknowledge(hash, move_id);
+        }
+    }
+
     /// Another director is moving user `hash`: ends this director's sessions of the user
     /// (logins of the user already wait: the replica shows the move), then acknowledges.
     fn acknowledge(&self, hash: u32, move_id: String) {
@@ -707,6 +746,7 @@ impl ClusterState {
                 continue;
             }
             self.refresh_once().await;
+            self.clone().finish_own_orphaned_moves().await;
         }
     }
 
@@ -782,21 +822,28 @@ impl ClusterState {
         format!("{}-{:x}-{n}", self.inner.me, self.inner.started_ms)
     }
 
-    /// Whether `director` holds a lease now.
-    fn is_member(&self, director: &str) -> bool {
-        self.inner
-            .replica
-            .contents
-            .lock()
-            .unwrap()
-            .members
-            .contains_key(director)
+    /// Whether nothing runs the move of user `hash` marked `m` any more: its director is not
+    /// a member (it died), or it is this director and this director does not run it (begun
+    /// before a crash and a restart under the same id, or its end failed on an etcd error).
+    /// Such a mark would hold the user's logins for ever; it is taken over.
+    fn orphaned(
+        &self,
+        members: &BTreeMap<String, Versioned<keys::MemberValue>>,
+        hash: u32,
+        m: &MoveMark,
+    ) -> bool {
+        if m.by == self.inner.me {
+            !self.inner.own_moves.lock().unwrap().runs(hash, &m.id)
+        } else {
+            !members.contains_key(&m.by)
+        }
     }
 
     async fn begin_move_inner(&self, hash: u32) -> Result<bool, StateError> {
         self.serving()?;
         for _ in 0..CAS_TRIES {
             let current = self.user(hash);
+            let mut taken_over = None;
             let id = self.move_id();
             let mark = Some(Box::new(MoveMark {
                 id: id.clone(),
@@ -805,12 +852,14 @@ impl ClusterState {
             let (expected, value) = match &current {
                 Some(rec) => {
                     if let Some(m) = &rec.value.moving {
-                        if self.is_member(&m.by) {
+                        let members = self.inner.replica.contents.lock().unwrap().members.clone();
+                        if !self.orphaned(&members, hash, m) {
                             return Ok(false);
                         }
-                        // Its director died mid-move: this move takes over (every live
-                        // director acknowledges again, under the new id).
-                        warn!(user_hash = hash, dead = %m.by, "cluster: taking over a move whose director is gone");
+                        // Nothing runs that move (its director died, or it is an unfinished
+                        // one of this director's): this move takes over (every live director
+                        // acknowledges again, under the new id).
+                        taken_over = Some(m.clone());
                     }
                     let mut v = rec.value.clone();
                     v.moving = mark;
@@ -826,23 +875,61 @@ impl ClusterState {
                     },
                 ),
             };
-            if self.cas_user(hash, expected, Some(&value)).await? {
-                self.inner.own_moves.lock().unwrap().insert(hash, id);
-                return Ok(true);
+            // Ours before the mark can be seen: a mark of ours not in `own_moves` is orphaned.
+            let own = (hash, id);
+            self.inner
+                .own_moves
+                .lock()
+                .unwrap()
+                .starting
+                .insert(own.clone());
+            let written = self.cas_user(hash, expected, Some(&value)).await;
+            {
+                let mut own_moves = self.inner.own_moves.lock().unwrap();
+                own_moves.starting.remove(&own);
+                if matches!(written, Ok(true)) {
+                    own_moves.running.insert(hash, own.1);
+                    if let Some(m) = taken_over {
+                        warn!(user_hash = hash, mover = %m.by, move_id = %m.id, "cluster: took over a move that nothing ran");
+                    }
+                    return Ok(true);
+                }
             }
+            // Not written, or written with the answer lost: then nothing runs the mark, and
+            // it is taken over as an orphan.
+            written?;
         }
         Err(unavailable("the user's record kept changing"))
     }
 
     async fn finish_move_inner(&self, hash: u32, to: Option<IpAddr>) -> Result<(), StateError> {
         let i = &self.inner;
-        let Some(id) = i.own_moves.lock().unwrap().remove(&hash) else {
+        let Some(id) = i.own_moves.lock().unwrap().running.get(&hash).cloned() else {
             return Err(unavailable("no move of this user was begun here"));
         };
+        // However it ends, this director no longer runs the move: if its mark stays (an
+        // etcd error), it is an orphan, taken over by the next round of the refresher.
+        let finished = self.finish_own_move(hash, &id, to).await;
+        let mut own_moves = i.own_moves.lock().unwrap();
+        if own_moves.running.get(&hash) == Some(&id) {
+            own_moves.running.remove(&hash);
+        }
+        finished
+    }
+
+    /// Waits for the acknowledgements of move `id` of user `hash`, then writes the record's
+    /// new backend `to` (or drops it).
+    async fn finish_own_move(
+        &self,
+        hash: u32,
+        id: &str,
+        to: Option<IpAddr>,
+    ) -> Result<(), StateError> {
+        let i = &self.inner;
         i.awaiting_acks.fetch_add(1, Ordering::Relaxed);
         i.metrics
             .cluster_moves_awaiting_acks(i.awaiting_acks.load(Ordering::Relaxed));
-        let waited = self.wait_for_acks(&id).await;
+        let waited = self.wait_for_acks(id).await;
         i.awaiting_acks.fetch_sub(1, Ordering::Relaxed);
         i.metrics
             .cluster_moves_awaiting_acks(i.awaiting_acks.load(Ordering::Relaxed));
@@ -854,7 +941,7 @@ impl ClusterState {
         let Some(rec) = self.user(hash) else {
             return Err(unavailable("the moved user's record vanished"));
         };
-        if rec.value.moving.as_ref().map(|m| m.id.as_str()) != Some(id.as_str()) {
+        if rec.value.moving.as_ref().map(|m| m.id.as_str()) != Some(id) {
             return Err(unavailable("another director took the move over"));
         }
         let key = i.keys.user(hash);
@@ -870,7 +957,7 @@ impl ClusterState {
             ),
             None => TxnOp::delete(key.clone(), None),
         };
-        let acks = TxnOp::delete(i.keys.acks(&id), Some(DeleteOptions::new().with_prefix()));
+        let acks = TxnOp::delete(i.keys.acks(id), Some(DeleteOptions::new().with_prefix()));
         let r = i
             .etcd
             .txn(
@@ -1005,30 +1092,16 @@ impl ClusterState {
         }
         let expire_ms = self.inner.user_expire.as_millis() as u64;
         let now = now_ms();
-        let (expired, orphaned): (Vec<_>, Vec<_>) = {
+        let expired: Vec<(u32, i64)> = {
             let c = self.inner.replica.contents.lock().unwrap();
-            let expired = c
-                .users
+            c.users
                 .iter()
                 .filter(|(_, r)| {
                     r.value.moving.is_none() && now.saturating_sub(r.value.refreshed) > expire_ms
                 })
                 .map(|(h, r)| (*h, r.mod_rev))
                 .take(1000)
-                .collect();
-            let orphaned = c
-                .users
-                .iter()
-                .filter(|(_, r)| {
-                    r.value
-                        .moving
-                        .as_ref()
-                        .is_some_and(|m| !c.members.contains_key(&m.by))
-                })
-                .map(|(h, _)| *h)
-                .take(100)
-                .collect();
-            (expired, orphaned)
+                .collect()
         };
         let mut n = 0;
         for (hash, rev) in expired {
@@ -1039,13 +1112,47 @@ impl ClusterState {
                 n += 1;
             }
         }
+        self.take_over_orphaned_moves(false).await?;
+        Ok(n)
+    }
+
+    /// Finishes moves that nothing runs any more ([`ClusterState::orphaned`]), each as a move
+    /// of its own that every live director acknowledges, dropping the record: the user's next
+    /// login goes where the ring says. `only_mine`: this director's own.
+    async fn take_over_orphaned_moves(&self, only_mine: bool) -> Result<(), StateError> {
+        let orphaned: Vec<u32> = {
+            let c = self.inner.replica.contents.lock().unwrap();
+            c.users
+                .iter()
+                .filter(|(hash, r)| {
+                    r.value.moving.as_ref().is_some_and(|m| {
+                        (!only_mine || m.by == self.inner.me)
+                            && self.orphaned(&c.members, **hash, m)
+                    })
+                })
+                .map(|(h, _)| *h)
+                .take(100)
+                .collect()
+        };
         for hash in orphaned {
             if self.begin_move_inner(hash).await? {
                 self.inner.sessions.kick_user(hash);
                 self.finish_move_inner(hash, None).await?;
+                info!(
+                    user_hash = hash,
+                    "cluster: finished a move that nothing ran (record dropped)"
+                );
             }
         }
-        Ok(n)
+        Ok(())
+    }
+
+    /// [`ClusterState::take_over_orphaned_moves`] of this director's own marks, logging a
+    /// failure (the next refresh round tries again).
+    pub(super) async fn finish_own_orphaned_moves(self) {
+        if let Err(e) = self.take_over_orphaned_moves(true).await {
+            warn!(error = %e, "cluster: a move of this director that nothing runs is not finished yet");
+        }
     }
 
     async fn set_health_inner(&self, ip: IpAddr, health: Health) -> Result<(), StateError> {
