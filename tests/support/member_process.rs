@@ -26,7 +26,7 @@ use super::serve::Serve;
 const PORTS: usize = 6;
 
 /// How many times a member is started before the test gives up ([`start`]).
-const STARTS: u32 = 3;
+const STARTS: u32 = 10;
 
 /// The last byte of the next member's address (`127.X.Y.100` and up).
 static NEXT_ADDRESS: AtomicU8 = AtomicU8::new(100);
@@ -139,9 +139,10 @@ impl MemberProcess {
 }
 
 /// Starts `serve` and waits until it listens on `imap`, again (at most [`STARTS`] times in
-/// all) when it exits first, as a service manager would: a member exits at start when etcd
-/// does not answer within `request_timeout` (1 s here), which a loaded machine's first etcd
-/// writes, or a dead etcd member the client still tries, can make it do.
+/// all, half a second apart) when it exits first, as a service manager would: a member
+/// exits at start when etcd does not answer within `request_timeout` (1 s here), or answers
+/// "no leader" while it elects one after a member was killed, or when a loaded machine's
+/// first etcd writes take longer.
 fn start(serve: &mut Serve, id: &str, imap: SocketAddr) {
     for attempt in 1..=STARTS {
         match serve.try_start(imap) {

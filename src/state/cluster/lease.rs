@@ -35,6 +35,9 @@ pub(super) async fn start(state: ClusterState) {
     tokio::spawn(keep(state, held));
 }
 
+/// The pause before a renewal is tried again after one that failed.
+const RENEW_AGAIN: Duration = Duration::from_millis(50);
+
 fn margin(ttl: Duration) -> Duration {
     (ttl / 5).max(Duration::from_secs(1))
 }
@@ -109,6 +112,10 @@ async fn keep(state: ClusterState, mut held: Option<Held>) {
     let ttl = i.cluster.lease_ttl;
     let every = (ttl / 4).max(Duration::from_millis(500));
     let mut backoff = Duration::from_millis(250);
+    // Until the next renewal: `every`, or at once after one that failed (a request lost
+    // to a dead etcd leader takes the whole request_timeout; waiting `every` more could
+    // leave no time before the fence).
+    let mut pause = every;
     loop {
         let Some(h) = held.as_mut() else {
             tokio::time::sleep(backoff).await;
@@ -119,7 +126,8 @@ async fn keep(state: ClusterState, mut held: Option<Held>) {
             }
             continue;
         };
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(pause).await;
+        pause = RENEW_AGAIN;
         let fence_at = tokio::time::Instant::from_std(h.expires - margin(ttl));
         let sent = Instant::now();
         let renewed = tokio::select! {
@@ -128,6 +136,7 @@ async fn keep(state: ClusterState, mut held: Option<Held>) {
         };
         match renewed {
             Some(Ok(granted)) if granted > 0 => {
+                pause = every;
                 h.expires = sent + Duration::from_secs(granted as u64);
                 let sessions = i.sessions.count() as u64;
                 if sessions != h.sessions {
