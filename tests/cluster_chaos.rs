@@ -37,9 +37,9 @@ const SEED_ENV: &str = "DIRECTOR_CHAOS_SEED";
 /// The users the clients log in as.
 const USERS: usize = 15;
 /// The membership lease of every director (`support::cluster::cluster_section`).
-const LEASE_TTL: Duration = Duration::from_secs(3);
+const LEASE_TTL: Duration = Duration::from_secs(5);
 /// How long director d3 stays cut off from etcd.
-const CUT_FOR: Duration = Duration::from_secs(6);
+const CUT_FOR: Duration = Duration::from_secs(8);
 
 /// The kinds of trouble the chaos makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -15,10 +15,11 @@ pub const FAST_HEALTH: &str =
     "health:\n  enabled: true\n  interval: 500ms\n  fast_interval: 200ms\n";
 
 /// The `cluster:` section of director `id` over `endpoints`, with a short lease (fencing
-/// and fail-over within seconds) and `extra` lines (indented by two) added.
+/// and fail-over within seconds, yet no fence when a loaded machine stalls etcd for a
+/// second) and `extra` lines (indented by two) added.
 pub fn cluster_section(endpoints: &[String], id: &str, extra: &str) -> String {
     format!(
-        "cluster:\n  director_id: {id}\n  lease_ttl: 3s\n  move_timeout: 8s\n{extra}  etcd:\n    endpoints: [{}]\n    connect_timeout: 1s\n    request_timeout: 1s\n",
+        "cluster:\n  director_id: {id}\n  lease_ttl: 5s\n  move_timeout: 12s\n{extra}  etcd:\n    endpoints: [{}]\n    connect_timeout: 1s\n    request_timeout: 2s\n",
         endpoints.join(", ")
     )
 }
