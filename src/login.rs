@@ -443,10 +443,11 @@ impl Login {
         &self,
         user: &str,
         verified: Option<&Verified>,
+        moves_until: Instant,
     ) -> Result<Option<Route>, LoginFailure> {
         let deadline = Instant::now() + SESSIONS_ELSEWHERE_WAIT;
         loop {
-            let route = self.route(user, verified).await?;
+            let route = self.route(user, verified, moves_until).await?;
             let ip = route.backend.ip;
             if self
                 .sessions
@@ -467,21 +468,22 @@ impl Login {
     /// waits for it (bounded), so that the login follows the new record.
     /// An auth service's `host` pins the user there, outside the ring; its `director_tag`
     /// picks the ring.
-    async fn route(&self, user: &str, verified: Option<&Verified>) -> Result<Route, LoginFailure> {
+    async fn route(
+        &self,
+        user: &str,
+        verified: Option<&Verified>,
+        deadline: Instant,
+    ) -> Result<Route, LoginFailure> {
         // In a cluster a record on a backend that no longer serves is a move to come (the
         // checker's or an admin's): wait for it before routing, rather than route alone.
         let hash = self.router.hash(user);
-        if self.router.state().is_moving(hash) {
-            let deadline = Instant::now() + MOVE_WAIT;
-            while self.router.state().is_moving(hash) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        while self.router.state().is_moving(hash) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let route = self.route_now(user, verified).await?;
         if !self.router.state().is_moving(route.user_hash) {
             return Ok(route);
         }
-        let deadline = Instant::now() + MOVE_WAIT;
         while self.router.state().is_moving(route.user_hash) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -680,12 +682,15 @@ impl Login {
         let unavailable = || LoginFailure::Unavailable {
             message: UNAVAILABLE_TEXT.into(),
         };
+        // Waits for moves of the user are bounded for the whole login, not per round, so that
+        // a move that lasts ends in a temporary failure before the client's timeout.
+        let moves_until = Instant::now() + MOVE_WAIT;
         'round: for round in 0..ROUNDS {
             // The invariant: a user is never served by two backends at once. If the user still
             // has sessions on another backend (its backend went down or into maintenance and
             // the move that ends them is on its way), wait for them to end; if they do not,
             // the client is told to come back later.
-            let Some(route) = self.route_where_bound(user, verified).await? else {
+            let Some(route) = self.route_where_bound(user, verified, moves_until).await? else {
                 warn!(session = %session_id, user = %shown_user,
                       "user still has sessions on another backend: login refused for now");
                 *refused = true;
