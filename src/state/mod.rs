@@ -116,6 +116,19 @@ pub fn done<'a, T: Send + 'a>(result: Result<T, StateError>) -> StateFuture<'a, 
     Box::pin(std::future::ready(result))
 }
 
+/// A live director, for `director status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemberStatus {
+    pub id: String,
+    pub address: String,
+    pub version: String,
+    /// Seconds since it took its lease.
+    pub lease_age_secs: u64,
+    pub sessions: u64,
+    /// Whether it runs the health checks.
+    pub checker: bool,
+}
+
 /// Where the state lives, for `director status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateMode {
@@ -250,7 +263,7 @@ pub trait State: Send + Sync {
     }
 
     /// The live directors of the cluster (none for a single director).
-    fn members(&self) -> Vec<crate::state::cluster::MemberStatus> {
+    fn members(&self) -> Vec<MemberStatus> {
         Vec::new()
     }
 }

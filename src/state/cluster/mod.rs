@@ -37,6 +37,7 @@ use crate::routing::sticky::StickyRecord;
 use crate::state::backend::{AdminState, Backend, Health};
 use crate::state::local::LocalState;
 use crate::state::sessions::Sessions;
+pub use crate::state::MemberStatus;
 use crate::state::{
     BackendSet, ChecksPause, Maintenance, State, StateError, StateFuture, StateMode,
 };
@@ -139,19 +140,6 @@ struct Usage {
     /// The last session ended since the record was last refreshed: refresh it once more
     /// so that its expiry counts from the end.
     ended: bool,
-}
-
-/// A live director, for `director status`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MemberStatus {
-    pub id: String,
-    pub address: String,
-    pub version: String,
-    /// Seconds since it took its lease.
-    pub lease_age_secs: u64,
-    pub sessions: u64,
-    /// Whether it runs the health checks.
-    pub checker: bool,
 }
 
 fn unavailable(what: impl std::fmt::Display) -> StateError {
