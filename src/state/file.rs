@@ -64,6 +64,46 @@ pub struct SavedPause {
     pub until: Option<u64>,
 }
 
+impl SavedMaintenance {
+    /// A maintenance as the file (and etcd) keeps it.
+    pub fn of(m: &Maintenance) -> Self {
+        SavedMaintenance {
+            previous_weight: m.previous_weight,
+            allowed_users: m.allowed_users.clone(),
+            since: unix_secs(m.since),
+            until: m.until.map(unix_secs_ceil),
+        }
+    }
+
+    /// The maintenance it keeps.
+    pub fn restore(&self) -> Maintenance {
+        Maintenance {
+            previous_weight: self.previous_weight,
+            allowed_users: self.allowed_users.clone(),
+            since: from_unix(self.since),
+            until: self.until.map(from_unix),
+        }
+    }
+}
+
+impl SavedPause {
+    /// A pause as the file (and etcd) keeps it.
+    pub fn of(p: ChecksPause) -> Self {
+        SavedPause {
+            since: unix_secs(p.since),
+            until: p.until.map(unix_secs_ceil),
+        }
+    }
+
+    /// The pause it keeps.
+    pub fn restore(&self) -> ChecksPause {
+        ChecksPause {
+            since: from_unix(self.since),
+            until: self.until.map(from_unix),
+        }
+    }
+}
+
 /// Seconds since the Unix epoch (0 for times before it).
 pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -96,21 +136,13 @@ pub fn snapshot(state: &dyn State) -> SavedState {
             weight: b.weight,
             tag: b.tag.clone(),
             admin: b.admin,
-            maintenance: maintenance.get(&b.ip).map(|m| SavedMaintenance {
-                previous_weight: m.previous_weight,
-                allowed_users: m.allowed_users.clone(),
-                since: unix_secs(m.since),
-                until: m.until.map(unix_secs_ceil),
-            }),
+            maintenance: maintenance.get(&b.ip).map(SavedMaintenance::of),
         })
         .collect();
     SavedState {
         version: VERSION,
         backends,
-        checks_pause: state.checks_pause().map(|p| SavedPause {
-            since: unix_secs(p.since),
-            until: p.until.map(unix_secs_ceil),
-        }),
+        checks_pause: state.checks_pause().map(SavedPause::of),
     }
 }
 
@@ -191,12 +223,8 @@ pub fn apply(
         };
         let mut maintenance = None;
         if let Some(m) = &b.maintenance {
-            let m = Maintenance {
-                previous_weight: m.previous_weight.min(crate::config::MAX_WEIGHT),
-                allowed_users: m.allowed_users.clone(),
-                since: from_unix(m.since),
-                until: m.until.map(from_unix),
-            };
+            let mut m = m.restore();
+            m.previous_weight = m.previous_weight.min(crate::config::MAX_WEIGHT);
             if m.until.is_some_and(|u| u <= now) {
                 info!(backend = %b.ip, "maintenance ended while the director was stopped");
                 backend.weight = m.previous_weight;
@@ -217,10 +245,7 @@ pub fn apply(
         state.upsert_backend(backend);
         state.set_maintenance(b.ip, maintenance);
     }
-    let pause = saved.checks_pause.as_ref().map(|p| ChecksPause {
-        since: from_unix(p.since),
-        until: p.until.map(from_unix),
-    });
+    let pause = saved.checks_pause.as_ref().map(SavedPause::restore);
     state.set_checks_pause(pause.filter(|p| p.until.is_none_or(|u| u > now)));
     info!(
         backends = saved.backends.len(),

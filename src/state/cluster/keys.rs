@@ -141,16 +141,8 @@ pub struct BackendValue {
     pub maintenance: Option<MaintenanceValue>,
 }
 
-/// A maintenance under way; times in [`unix_ms`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MaintenanceValue {
-    pub previous_weight: u32,
-    #[serde(default)]
-    pub allowed_users: Vec<String>,
-    pub since: u64,
-    #[serde(default)]
-    pub until: Option<u64>,
-}
+/// A maintenance under way: as the state file keeps it (times in seconds since the epoch).
+pub type MaintenanceValue = crate::state::file::SavedMaintenance;
 
 /// The checker's verdict on a backend (`health/<ip>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,13 +153,8 @@ pub struct HealthValue {
     pub at: u64,
 }
 
-/// A pause of the health checks (`checks_pause`); times in [`unix_ms`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PauseValue {
-    pub since: u64,
-    #[serde(default)]
-    pub until: Option<u64>,
-}
+/// A pause of the health checks (`checks_pause`): as the state file keeps it.
+pub type PauseValue = crate::state::file::SavedPause;
 
 /// A sticky record (`users/<hash>`): one per user with sessions or a recent one, so kept
 /// short.

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, EventType, TxnOp, TxnOpResponse};
 use tracing::{debug, info, warn};
@@ -44,8 +44,8 @@ use crate::state::{
 
 use self::etcd::Etcd;
 use self::keys::{
-    encode, now_ms, unix_ms, BackendValue, HealthValue, Keys, MaintenanceValue, MoveMark,
-    PauseValue, SuspectValue, UserValue,
+    encode, now_ms, BackendValue, HealthValue, Keys, MaintenanceValue, MoveMark, PauseValue,
+    SuspectValue, UserValue,
 };
 use self::replica::{Effect, Replica, Versioned};
 
@@ -447,10 +447,10 @@ impl ClusterState {
     fn act(&self, effect: Effect) {
         match effect {
             Effect::Backends => self.rebuild_backends(),
-            Effect::Pause(p) => self.inner.local.set_checks_pause(p.map(|p| ChecksPause {
-                since: from_ms(p.since),
-                until: p.until.map(from_ms),
-            })),
+            Effect::Pause(p) => self
+                .inner
+                .local
+                .set_checks_pause(p.as_ref().map(PauseValue::restore)),
             Effect::MoveStarted { hash, move_id } => self.acknowledge(hash, move_id),
             Effect::CheckerGone => {
                 if self.inner.serving.load(Ordering::Acquire) {
@@ -504,15 +504,7 @@ impl ClusterState {
                         .unwrap_or_else(|| Arc::new(config.settings_for_host(&v.host))),
                 });
                 if let Some(m) = &v.maintenance {
-                    maintenance.insert(
-                        *ip,
-                        Maintenance {
-                            previous_weight: m.previous_weight,
-                            allowed_users: m.allowed_users.clone(),
-                            since: from_ms(m.since),
-                            until: m.until.map(from_ms),
-                        },
-                    );
+                    maintenance.insert(*ip, m.restore());
                 }
             }
             (list, maintenance)
@@ -1224,10 +1216,7 @@ impl ClusterState {
         let key = i.keys.checks_pause();
         let revision = match pause {
             Some(p) => {
-                let v = PauseValue {
-                    since: unix_ms(p.since),
-                    until: p.until.map(unix_ms),
-                };
+                let v = PauseValue::of(p);
                 i.etcd.put(&key, encode(&v), 0).await?
             }
             None => {
@@ -1269,21 +1258,6 @@ impl ClusterState {
         {
             debug!(backend = %ip, error = %e, "cluster: cannot report a suspect backend");
         }
-    }
-}
-
-/// A time in [`unix_ms`] as a `SystemTime`.
-fn from_ms(ms: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
-}
-
-/// A [`Maintenance`] as etcd keeps it.
-fn maintenance_value(m: &Maintenance) -> MaintenanceValue {
-    MaintenanceValue {
-        previous_weight: m.previous_weight,
-        allowed_users: m.allowed_users.clone(),
-        since: unix_ms(m.since),
-        until: m.until.map(unix_ms),
     }
 }
 
@@ -1449,7 +1423,7 @@ impl State for ClusterState {
     }
 
     fn set_maintenance(&self, ip: IpAddr, maintenance: Option<Maintenance>) -> StateFuture<'_, ()> {
-        let value = maintenance.as_ref().map(maintenance_value);
+        let value = maintenance.as_ref().map(MaintenanceValue::of);
         Box::pin(self.update_backend(ip, move |b| {
             b.maintenance = value.clone();
             Ok(())
