@@ -438,6 +438,7 @@ fn a_pinned_user_lands_on_its_host_and_port_whatever_the_ring_says() {
             "service imap-login {{\n  inet_listener imap_alt {{\n    port = {ALT_IMAP_PORT}\n  }}\n}}\n\
              login_log_format_elements = user=<%u> method=%m rip=%r lip=%l lport=%{{real_lport}} mpid=%e %c session=<%{{session}}>\n"
         ),
+        ..PoolOptions::default()
     });
     let pinned = pool.backend(1);
     let elsewhere = |b: &Backend| b.ip != pinned.ip;

@@ -117,6 +117,7 @@ impl Site {
                            mpid=%e %c session=<%{session}> auth_user=<%{auth_user}>\n\
                            service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n"
                 .into(),
+            ..PoolOptions::default()
         });
         let separator = "auth_master_user_separator: \"*\"\n";
         let passthrough = TestDirector::start(&pool, &DirectorOptions::with_extra(separator));

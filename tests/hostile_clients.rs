@@ -248,6 +248,7 @@ fn hostile_logins_of_many_names_take_no_backend_down() {
         backends: 3,
         extra_config:
             "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n".into(),
+        ..PoolOptions::default()
     });
     let d = TestDirector::start_with_default_health(&pool, "");
     let answered = Arc::new(Mutex::new(Vec::new()));

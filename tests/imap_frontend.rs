@@ -27,6 +27,7 @@ fn pool(n: usize) -> Pool {
     Pool::start_with(PoolOptions {
         backends: n,
         extra_config: NO_AUTH_DELAY.into(),
+        ..PoolOptions::default()
     })
 }
 
@@ -574,6 +575,7 @@ fn logging_pool() -> Pool {
             + "protocol imap {\n  mail_plugins = $mail_plugins notify mail_log\n}\n\
                        plugin {\n  mail_log_events = delete undelete expunge copy \
                        mailbox_delete mailbox_rename mailbox_create\n}\n",
+        ..PoolOptions::default()
     })
 }
 

@@ -287,6 +287,7 @@ fn commands_pipelined_with_the_login_are_answered() {
         extra_config: "auth_failure_delay = 0\nservice anvil {\n  \
                        unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n"
             .into(),
+        ..PoolOptions::default()
     });
     let d = TestDirector::start(&pool, &DirectorOptions::default());
     let u = user(25);

@@ -112,6 +112,7 @@ fn wrong_password_is_an_auth_error_and_a_retry_succeeds() {
     let pool = Pool::start_with(PoolOptions {
         backends: 2,
         extra_config: NO_AUTH_PENALTY.into(),
+        ..PoolOptions::default()
     });
     let d = TestDirector::start(&pool, &DirectorOptions::default());
     let u = user(6);

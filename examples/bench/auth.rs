@@ -81,6 +81,7 @@ pub fn run() {
         extra_config:
             "service imap {\n  service_count = 0\n  client_limit = 500\n  process_limit = 100\n}\n"
                 .into(),
+        ..dovecot::PoolOptions::default()
     });
     let backend = pool.backend(0);
     let users: String = (1..=dovecot::USER_COUNT)

@@ -114,6 +114,7 @@ fn relay() {
             "service imap {\n  service_count = 0\n  client_limit = 500\n  process_limit = 100\n}\n\
                        service stats {\n  client_limit = 10000\n}\n"
                 .into(),
+        ..dovecot::PoolOptions::default()
     });
     let backend = pool.backend(0).imap();
     let port = ports::free_port();

@@ -1,5 +1,6 @@
-//! Real Dovecot 2.3 processes for tests: a [`Pool`] of backends sharing one Maildir store, and
-//! a [`RefDirector`], a real Dovecot director whose ring answers are the reference for ours.
+//! Real Dovecot processes for tests: a [`Pool`] of backends sharing one Maildir store, each
+//! running Dovecot 2.3 (this machine's) or 2.4 (Debian 13's, see [`dovecot24`]), and a
+//! [`RefDirector`], a real Dovecot 2.3 director whose ring answers are the reference for ours.
 //!
 //! Std only and self-contained: it is also included from examples with
 //! `#[path = "../tests/support/dovecot.rs"] mod dovecot;`.
@@ -57,6 +58,9 @@
 //!   `proxy=y nopassword=y port=%{if;%s;eq;imap;10143;%{if;%s;eq;pop3;10110;10024}}`.
 
 #![allow(dead_code)]
+
+#[path = "dovecot24.rs"]
+pub mod dovecot24;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -128,13 +132,61 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 /// Counter that makes every pool and director of this process use other addresses.
 static NEXT_BLOCK: AtomicU32 = AtomicU32::new(0);
 
+/// Which Dovecot a backend runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DovecotVersion {
+    /// Debian 12's 2.3.19, installed on this machine.
+    V2_3,
+    /// Debian 13's 2.4.1, in the chroot of [`dovecot24`].
+    V2_4,
+}
+
+impl std::fmt::Display for DovecotVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DovecotVersion::V2_3 => "2.3",
+            DovecotVersion::V2_4 => "2.4",
+        })
+    }
+}
+
+/// Set to `2.4` to start every backend whose version a test does not choose as a 2.4 one: a
+/// way to explore how an existing suite fares against 2.4 (tests that append 2.3 settings or
+/// expect 2.3's exact `ID` answer fail for those reasons). CI does not set it.
+pub const VERSION_ENV: &str = "DIRECTOR_TEST_DOVECOT";
+
+/// The version of backends a test does not choose: 2.3 unless [`VERSION_ENV`] says `2.4`.
+fn default_version() -> DovecotVersion {
+    if std::env::var(VERSION_ENV).is_ok_and(|v| v == "2.4") {
+        DovecotVersion::V2_4
+    } else {
+        DovecotVersion::V2_3
+    }
+}
+
 /// Options for [`Pool::start_with`].
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
     /// Number of backends (at most 250).
     pub backends: usize,
-    /// Extra configuration appended to every backend's `dovecot.conf`.
+    /// Extra configuration appended to every backend's 2.3 `dovecot.conf`.
     pub extra_config: String,
+    /// Which Dovecot backend `i` runs at first; backends past the end of the list run 2.3 (or
+    /// what [`VERSION_ENV`] says).
+    pub versions: Vec<DovecotVersion>,
+    /// Extra configuration appended to every backend's 2.4 config (2.4 syntax).
+    pub extra_config_24: String,
+}
+
+impl PoolOptions {
+    /// `n` backends, all running Dovecot 2.4.
+    pub fn v24(n: usize) -> PoolOptions {
+        PoolOptions {
+            backends: n,
+            versions: vec![DovecotVersion::V2_4; n],
+            ..PoolOptions::default()
+        }
+    }
 }
 
 impl Default for PoolOptions {
@@ -142,6 +194,8 @@ impl Default for PoolOptions {
         PoolOptions {
             backends: 2,
             extra_config: String::new(),
+            versions: Vec::new(),
+            extra_config_24: String::new(),
         }
     }
 }
@@ -175,8 +229,12 @@ pub struct Backend {
     pub name: String,
     /// Its own loopback address.
     pub ip: IpAddr,
-    /// Its own config file.
+    /// Its 2.3 config file.
     config: PathBuf,
+    /// Its 2.4 config file: the same users, store, addresses and names.
+    config24: PathBuf,
+    /// Which Dovecot it runs (or will run when started next).
+    version: Mutex<DovecotVersion>,
     /// Its directory (config, logs, base_dir, state_dir).
     dir: PathBuf,
     /// The running master, if any.
@@ -224,7 +282,8 @@ impl Pool {
             let bdir = dir.join(&name);
             fs::create_dir_all(bdir.join("state")).unwrap();
             let config = bdir.join("dovecot.conf");
-            let text = backend_config(&BackendConfig {
+            let config24 = bdir.join("dovecot24.conf");
+            let mut c = BackendConfig {
                 name: &name,
                 ip: *ip,
                 dir: &bdir,
@@ -232,12 +291,21 @@ impl Pool {
                 tls: &tls,
                 ids: &ids,
                 extra: &options.extra_config,
-            });
-            fs::write(&config, text).unwrap();
+            };
+            fs::write(&config, backend_config(&c)).unwrap();
+            c.extra = &options.extra_config_24;
+            fs::write(&config24, dovecot24::backend_config(&c)).unwrap();
+            let version = options
+                .versions
+                .get(i)
+                .copied()
+                .unwrap_or_else(default_version);
             backends.push(Backend {
                 name,
                 ip: *ip,
                 config,
+                config24,
+                version: Mutex::new(version),
                 dir: bdir,
                 master: Mutex::new(None),
             });
@@ -390,9 +458,38 @@ impl Backend {
         format!("{} ready.", self.name)
     }
 
-    /// Its config file.
+    /// The config file of the Dovecot it runs.
     pub fn config_path(&self) -> PathBuf {
-        self.config.clone()
+        match self.version() {
+            DovecotVersion::V2_3 => self.config.clone(),
+            DovecotVersion::V2_4 => self.config24.clone(),
+        }
+    }
+
+    /// Which Dovecot it runs (or runs when started next).
+    pub fn version(&self) -> DovecotVersion {
+        *self.version.lock().unwrap()
+    }
+
+    /// Makes it run `version` when started next, over the same store on the same address:
+    /// what an operator's upgrade of one backend does. Panics while it runs.
+    pub fn set_version(&self, version: DovecotVersion) {
+        assert!(
+            !self.is_running(),
+            "{} runs: stop it before changing its Dovecot",
+            self.name
+        );
+        *self.version.lock().unwrap() = version;
+    }
+
+    /// `doveadm` of the Dovecot it runs with `-c CONF` added: add the rest of the arguments.
+    pub fn doveadm_command(&self) -> Command {
+        let mut cmd = match self.version() {
+            DovecotVersion::V2_3 => Command::new("doveadm"),
+            DovecotVersion::V2_4 => dovecot24::command("doveadm"),
+        };
+        cmd.arg("-c").arg(self.config_path());
+        cmd
     }
 
     /// Its log file.
@@ -403,7 +500,7 @@ impl Backend {
     /// Runs `doveadm -c CONF ARGS...` against this backend (e.g. `who`) and returns its
     /// stdout; panics if it fails.
     pub fn doveadm(&self, args: &[&str]) -> String {
-        doveadm(&self.config, &self.name, args)
+        run_doveadm(self.doveadm_command(), &self.name, args)
     }
 
     /// How many connections `doveadm who` lists for `user` on this backend (one line per
@@ -508,7 +605,12 @@ impl Backend {
 
     /// Starts the master without waiting.
     fn spawn(&self) {
-        let child = spawn_dovecot(&self.config, &self.dir);
+        let child = match self.version() {
+            DovecotVersion::V2_3 => spawn_dovecot(&self.config, &self.dir),
+            DovecotVersion::V2_4 => {
+                spawn_with(dovecot24::command("dovecot"), &self.config24, &self.dir)
+            }
+        };
         *self.master.lock().unwrap() = Some(child);
     }
 
@@ -516,9 +618,9 @@ impl Backend {
     fn wait_ready(&self) {
         let expected = self.greeting();
         let started = Started {
-            who: format!("Dovecot {} ({})", self.name, self.ip),
+            who: format!("Dovecot {} {} ({})", self.version(), self.name, self.ip),
             awaited: format!("accept connections on {}", self.imap()),
-            config: &self.config,
+            config: &self.config_path(),
         };
         started.wait(
             || !self.is_running(),
@@ -627,7 +729,9 @@ impl RefDirector {
 
     /// Runs `doveadm -c CONF ARGS...` and returns its stdout; panics if it fails.
     pub fn doveadm(&self, args: &[&str]) -> String {
-        doveadm(&self.config, "the reference director", args)
+        let mut cmd = Command::new("doveadm");
+        cmd.arg("-c").arg(&self.config);
+        run_doveadm(cmd, "the reference director", args)
     }
 
     /// The `Hashed:` line of `doveadm director status USER`, through the doveadm command (slow:
@@ -1159,12 +1263,17 @@ const LOGIN_LIMITS: &str = "  service_count = 0\n  client_limit = 1000\n  proces
 
 /// A backend's login service for `proto` (`imap`, `pop3`) with its plain, implicit-TLS
 /// (`<proto>s`) and PROXY-header (`<proto>_haproxy`) listeners on `ports`, in that order.
-fn login_service(proto: &str, [plain, tls, haproxy]: [u16; 3]) -> String {
+fn login_service(proto: &str, ports: [u16; 3]) -> String {
+    login_service_with(proto, ports, LOGIN_LIMITS)
+}
+
+/// [`login_service`] with other limits (2.4 names one of them differently).
+fn login_service_with(proto: &str, [plain, tls, haproxy]: [u16; 3], limits: &str) -> String {
     format!(
         "service {proto}-login {{\n  inet_listener {proto} {{\n    port = {plain}\n  }}\n  \
          inet_listener {proto}s {{\n    port = {tls}\n    ssl = yes\n  }}\n  \
          inet_listener {proto}_haproxy {{\n    port = {haproxy}\n    haproxy = yes\n  }}\n\
-         {LOGIN_LIMITS}}}\n"
+         {limits}}}\n"
     )
 }
 
@@ -1306,15 +1415,10 @@ protocol lmtp {{
     out
 }
 
-/// Runs `doveadm -c CONFIG ARGS...` against the instance `who` and returns its stdout;
-/// panics if it fails.
-fn doveadm(config: &Path, who: &str, args: &[&str]) -> String {
-    let out = Command::new("doveadm")
-        .arg("-c")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run doveadm");
+/// Runs `cmd` (`doveadm -c CONFIG`) with `ARGS...` against the instance `who` and returns its
+/// stdout; panics if it fails.
+fn run_doveadm(mut cmd: Command, who: &str, args: &[&str]) -> String {
+    let out = cmd.args(args).output().expect("run doveadm");
     assert!(
         out.status.success(),
         "doveadm {args:?} on {who} failed: {}{}",
@@ -1326,13 +1430,17 @@ fn doveadm(config: &Path, who: &str, args: &[&str]) -> String {
 
 /// Starts `dovecot -F -c CONFIG`, its stderr appended to `dir/stderr.log`.
 pub fn spawn_dovecot(config: &Path, dir: &Path) -> Child {
+    spawn_with(Command::new("dovecot"), config, dir)
+}
+
+/// Starts `cmd` (a `dovecot`) with `-F -c CONFIG`, its stderr appended to `dir/stderr.log`.
+fn spawn_with(mut cmd: Command, config: &Path, dir: &Path) -> Child {
     let stderr = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("stderr.log"))
         .unwrap();
-    Command::new("dovecot")
-        .arg("-F")
+    cmd.arg("-F")
         .arg("-c")
         .arg(config)
         .stdin(Stdio::null())

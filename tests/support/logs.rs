@@ -4,7 +4,8 @@
 //!
 //! Dovecot 2.3 logs a login as
 //! `... imap-login: Info: Login: user=<user0001>, method=PLAIN, rip=192.0.2.55, lip=127.0.0.1,
-//! mpid=1234, TLS, session=<...>`.
+//! mpid=1234, TLS, session=<...>`; Dovecot 2.4 writes `Logged in: user=<...>` with the same
+//! fields.
 
 #![allow(dead_code)]
 
@@ -19,9 +20,12 @@ pub const LOG_WAIT: Duration = Duration::from_secs(5);
 /// The lines of `log` that record a successful login of `user` by `service` (`imap-login`,
 /// `pop3-login`).
 pub fn login_lines(log: &str, service: &str, user: &str) -> Vec<String> {
-    let needle = format!("Login: user=<{user}>");
+    let needles = [
+        format!("Login: user=<{user}>"),
+        format!("Logged in: user=<{user}>"),
+    ];
     log.lines()
-        .filter(|l| l.contains(&format!("{service}: ")) && l.contains(&needle))
+        .filter(|l| l.contains(&format!("{service}: ")) && needles.iter().any(|n| l.contains(n)))
         .map(str::to_owned)
         .collect()
 }

@@ -4,7 +4,7 @@
 //! backends at once.
 //!
 //! `doveadm -f tab who -1` (Dovecot 2.3.19) prints a header, then one line per connection:
-//! `username<TAB>proto<TAB>pid<TAB>ip`; with the pool's `service_count = 1` for imap, each
+//! `username<TAB>proto<TAB>pid<TAB>ip` (2.4 adds `<TAB>dest_ip`); with the pool's `service_count = 1` for imap, each
 //! session has a process, so a pid names a session. A backend that does not answer (killed,
 //! starting) counts as having none.
 //!
@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -153,9 +152,8 @@ pub fn poll(pool: &Pool) -> Snapshot {
 
 /// The (user, pid) of every logged-in connection of `b`; none if it does not answer.
 pub fn who(b: &Backend) -> Vec<(String, u32)> {
-    let Ok(out) = Command::new("doveadm")
-        .arg("-c")
-        .arg(b.config_path())
+    let Ok(out) = b
+        .doveadm_command()
         .args(["-f", "tab", "who", "-1"])
         .output()
     else {

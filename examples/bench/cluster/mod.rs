@@ -80,6 +80,7 @@ pub fn run() {
             "service imap {\n  service_count = 0\n  client_limit = 1000\n  process_limit = 100\n}\n\
              service stats {\n  client_limit = 10000\n}\n"
                 .into(),
+        ..PoolOptions::default()
     });
     add_users(&pool, USERS);
     // Mailboxes exist before any director sees a user, so that a first login through a
