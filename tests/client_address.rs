@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use support::client::{quote, Conn};
@@ -16,107 +15,20 @@ use support::director::{DirectorOptions, TestDirector};
 use support::director_log::{capture_director_log, wait_director_line};
 use support::dovecot::{user, Pool, PASSWORD};
 use support::logs::{field, wait_login};
+use support::proxied_logins::{
+    self, imap_via_proxy, options, v1_header, v2_header, ProxiedLogins, CLIENT_IP,
+};
 
-/// The client address the load balancer reports (TEST-NET-1: nothing real has it).
-const CLIENT_IP: &str = "192.0.2.55";
-const CLIENT_PORT: u16 = 40001;
-
-/// A PROXY v1 header from the client `192.0.2.55:40001` to `127.0.0.1:port`.
-fn v1_header(port: u16) -> Vec<u8> {
-    format!("PROXY TCP4 {CLIENT_IP} 127.0.0.1 {CLIENT_PORT} {port}\r\n").into_bytes()
-}
-
-/// The same as a binary PROXY v2 header (written out here by hand, from the spec).
-fn v2_header(port: u16) -> Vec<u8> {
-    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    h.push(0x21); // version 2, command PROXY
-    h.push(0x11); // AF_INET, STREAM
-    h.extend_from_slice(&12u16.to_be_bytes());
-    h.extend_from_slice(&CLIENT_IP.parse::<Ipv4Addr>().unwrap().octets());
-    h.extend_from_slice(&Ipv4Addr::LOCALHOST.octets());
-    h.extend_from_slice(&CLIENT_PORT.to_be_bytes());
-    h.extend_from_slice(&port.to_be_bytes());
-    h
-}
-
-/// Listeners expect a PROXY header, and the reported client may log in in plaintext.
-fn options(backend_extra: &str) -> DirectorOptions {
-    DirectorOptions {
-        proxy_protocol: true,
-        trusted_networks: vec!["127.0.0.0/8".into(), "192.0.2.0/24".into()],
-        backend_extra: backend_extra.into(),
-        ..DirectorOptions::default()
-    }
-}
-
-/// Sends `header`, then logs in over IMAP as `u` and checks the session works.
-fn imap_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
-    let mut c = Conn::connect(addr);
-    c.send(header);
-    let greeting = c.line();
-    assert!(greeting.starts_with("* OK"), "{greeting:?}");
-    c.imap_ok("a", &format!("LOGIN {} {}", quote(u), quote(PASSWORD)));
-    c.imap_ok("b", "SELECT INBOX");
-    c
-}
-
-/// Sends `header`, then logs in over POP3 as `u` and checks the session works.
-fn pop3_via_proxy(addr: SocketAddr, header: &[u8], u: &str) -> Conn {
-    let mut c = Conn::connect(addr);
-    c.send(header);
-    let greeting = c.line();
-    assert!(greeting.starts_with("+OK"), "{greeting:?}");
-    c.pop3_login_as(u, PASSWORD);
-    c.pop3_ok("STAT");
-    c
-}
-
-/// Logins through a director over a pool of two (see [`logins_via_proxy`]).
-struct ProxiedLogins<const N: usize> {
-    /// The sessions, in the order asked for.
-    sessions: [Conn; N],
-    /// The login lines of their backends, in the same order.
-    lines: [String; N],
-    _d: TestDirector,
-    _pool: Pool,
-}
-
-impl<const N: usize> ProxiedLogins<N> {
-    /// Every backend logged the client the PROXY header named ([`CLIENT_IP`]) as `rip=`;
-    /// returns the login lines.
-    fn assert_client_forwarded(&self) -> &[String; N] {
-        for line in &self.lines {
-            assert_eq!(field(line, "rip").as_deref(), Some(CLIENT_IP), "{line}");
-        }
-        &self.lines
-    }
-}
-
-/// Over a pool of two behind a director with [`options`]`(backend_extra)`: for each
-/// `(protocol, i, header)` of `logins`, logs in over `protocol` (`imap`, `pop3`) as `user(i)`
-/// after `header` (see [`imap_via_proxy`], [`pop3_via_proxy`]); then waits for the backends'
-/// login lines.
+/// Over a new pool of two: [`logins_via_proxy`] (the pool is dropped after the logins).
 fn logins_via_proxy<const N: usize>(
     backend_extra: &str,
     logins: [(&str, usize, Vec<u8>); N],
-) -> ProxiedLogins<N> {
-    let (pool, d) = TestDirector::start_with_pool(2, &options(backend_extra));
-    let logins = logins.map(|(protocol, i, header)| (protocol, user(i), header));
-    let sessions = logins
-        .each_ref()
-        .map(|(protocol, u, header)| match *protocol {
-            "imap" => imap_via_proxy(d.imap, header, u),
-            _ => pop3_via_proxy(d.pop3, header, u),
-        });
-    let lines = logins
-        .each_ref()
-        .map(|(protocol, u, _)| wait_login(d.home(&pool, u), &format!("{protocol}-login"), u));
-    ProxiedLogins {
-        sessions,
-        lines,
-        _d: d,
-        _pool: pool,
-    }
+) -> (ProxiedLogins<N>, Pool) {
+    let pool = Pool::start(2);
+    (
+        proxied_logins::logins_via_proxy(&pool, backend_extra, logins),
+        pool,
+    )
 }
 
 // --- What the director itself logs, to compare session ids. ---
@@ -135,7 +47,7 @@ fn director_session_id(u: &str) -> String {
 #[test]
 fn imap_id_forwards_the_proxy_v1_client_and_the_session_id() {
     capture_director_log();
-    let mut logins = logins_via_proxy("", [("imap", 40, v1_header(143))]);
+    let (mut logins, _pool) = logins_via_proxy("", [("imap", 40, v1_header(143))]);
     let line = &logins.assert_client_forwarded()[0];
     // x-connected-ip: the address the client connected to, as the header says.
     assert_eq!(field(line, "lip").as_deref(), Some("127.0.0.1"), "{line}");
@@ -148,7 +60,7 @@ fn imap_id_forwards_the_proxy_v1_client_and_the_session_id() {
 #[test]
 fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
     capture_director_log();
-    let mut logins = logins_via_proxy("", [("pop3", 41, v2_header(110))]);
+    let (mut logins, _pool) = logins_via_proxy("", [("pop3", 41, v2_header(110))]);
     let line = &logins.assert_client_forwarded()[0];
     let session = field(line, "session").expect("session= in the login line");
     assert_eq!(session, director_session_id(&user(41)), "{line}");
@@ -158,7 +70,7 @@ fn pop3_xclient_forwards_the_proxy_v2_client_and_the_session_id() {
 #[test]
 fn imap_v2_header_in_and_pop3_v1_header_in_with_forward_auto() {
     // The other pairings of header version and protocol.
-    let logins = logins_via_proxy(
+    let (logins, _pool) = logins_via_proxy(
         "",
         [("imap", 42, v2_header(143)), ("pop3", 43, v1_header(110))],
     );
@@ -167,7 +79,7 @@ fn imap_v2_header_in_and_pop3_v1_header_in_with_forward_auto() {
 
 #[test]
 fn proxy_v2_to_dovecot_haproxy_listeners() {
-    let mut logins = logins_via_proxy(
+    let (mut logins, _pool) = logins_via_proxy(
         "    forward: proxy_v2\n    ports: {imap: 11143, pop3: 11110}\n",
         [("imap", 44, v1_header(143)), ("pop3", 45, v2_header(110))],
     );
@@ -181,7 +93,7 @@ fn proxy_v2_to_dovecot_haproxy_listeners() {
 
 #[test]
 fn forward_none_keeps_the_client_address_from_the_backend() {
-    let logins = logins_via_proxy(
+    let (logins, _pool) = logins_via_proxy(
         "    forward: none\n",
         [("imap", 46, v1_header(143)), ("pop3", 47, v2_header(110))],
     );
@@ -259,7 +171,7 @@ fn malformed_proxy_header_closes_without_a_greeting() {
 #[test]
 fn forwarding_survives_starttls_to_the_backend() {
     // ID and XCLIENT are sent after STARTTLS/STLS, on the protected connection.
-    let logins = logins_via_proxy(
+    let (logins, _pool) = logins_via_proxy(
         "    tls: starttls\n",
         [("imap", 50, v1_header(143)), ("pop3", 51, v1_header(110))],
     );

@@ -4,33 +4,11 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::process::Command;
-
 use support::client::{base64, Conn};
-use support::command::run;
 use support::director::TestDirector;
 use support::dovecot::{user, PASSWORD};
-use support::logs::wait_logins;
-
-/// Runs sieve-connect against `addr` as `u` (`password` on fd 0); returns (success, output).
-fn sieve_connect_with(addr: SocketAddr, u: &str, password: &str, args: &[&str]) -> (bool, String) {
-    let out = run(
-        Command::new("sieve-connect")
-            .args(["--server", &addr.ip().to_string()])
-            .args(["--port", &addr.port().to_string()])
-            .args(["--user", u, "--passwordfd", "0", "--notlsverify"])
-            .args(args),
-        Some(format!("{password}\n").as_bytes()),
-    )
-    .expect("sieve-connect runs (installed by ./scripts/test)");
-    (out.ok, out.text())
-}
-
-/// [`sieve_connect_with`] the right password.
-fn sieve_connect(addr: SocketAddr, u: &str, args: &[&str]) -> (bool, String) {
-    sieve_connect_with(addr, u, PASSWORD, args)
-}
+use support::logs::{login_lines, wait_logins};
+use support::sieve_connect::{sieve_connect, sieve_connect_with};
 
 #[test]
 fn sieve_connect_uploads_lists_activates_and_fetches_through_the_director() {
@@ -82,11 +60,7 @@ fn sieve_connect_uploads_lists_activates_and_fetches_through_the_director() {
         "{out}"
     );
     for b in &pool.backends {
-        let logins = b
-            .log()
-            .lines()
-            .filter(|l| l.contains("managesieve-login: Info: Login:") && l.contains(&u))
-            .count();
+        let logins = login_lines(&b.log(), "managesieve-login", &u).len();
         if b.name == home.name {
             assert!(logins >= 4, "{} saw {logins} logins of {u}", b.name);
         } else {

@@ -6,11 +6,12 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use support::client::{curl, imap_append, imap_login, pop3_login, quote, Conn};
+use support::backend_tls::{login_both_ways, logins_are_tls, IMPLICIT_TLS, STARTTLS};
+use support::client::{curl, imap_append, quote, Conn};
 use support::command::openssl;
 use support::director::{ready, DirectorOptions, TestDirector};
 use support::dovecot::{user, Pool, PASSWORD};
-use support::logs::{login_lines, tls_flag, wait_login};
+use support::logs::{login_lines, tls_flag};
 
 /// A CA of our own that signed nothing the pool uses: backends cannot be verified with it.
 fn other_ca(dir: &Path) -> PathBuf {
@@ -159,42 +160,6 @@ fn clients_use_starttls_and_stls_where_plaintext_is_refused() {
         let (ok, _, err) = curl(&[url, "-u", &login]);
         assert!(!ok, "{url}: a plaintext login was accepted");
         assert!(!err.is_empty());
-    }
-}
-
-/// Logs in through the director over IMAP and POP3 as `u`, and returns the backend's login
-/// lines for both (IMAP first).
-fn login_both_ways(pool: &Pool, d: &TestDirector, u: &str) -> (String, String) {
-    let (mut imap, backend) = imap_login(d.imap, u, PASSWORD);
-    let home = pool
-        .by_ip(ready(d.router.route(u, "")).unwrap().backend.ip)
-        .unwrap();
-    assert_eq!(backend, home.name);
-    let r = imap.imap("s", "SELECT INBOX");
-    assert!(r.last().unwrap().starts_with("s OK"), "{r:?}");
-    let mut pop3 = pop3_login(d.pop3, u, PASSWORD);
-    let stat = pop3.pop3("STAT");
-    assert!(stat.starts_with("+OK"), "{stat}");
-    pop3.pop3_ok("QUIT");
-    imap.imap_ok("z", "LOGOUT");
-    (
-        wait_login(home, "imap-login", u),
-        wait_login(home, "pop3-login", u),
-    )
-}
-
-/// The backend settings of STARTTLS and of implicit TLS (on Dovecot's IMAPS and POP3S ports).
-const STARTTLS: &str = "    tls: starttls\n";
-const IMPLICIT_TLS: &str = "    tls: implicit\n    ports: {imap: 10993, pop3: 10995}\n";
-
-/// Through a director whose backends are configured with `backend_extra`, `users` log in over
-/// IMAP and POP3, and Dovecot logs every one of those logins as over TLS.
-fn logins_are_tls(pool: &Pool, backend_extra: &str, users: &[usize]) {
-    let d = TestDirector::start(pool, &DirectorOptions::with_backend_extra(backend_extra));
-    for u in users {
-        let (imap, pop3) = login_both_ways(pool, &d, &user(*u));
-        assert!(tls_flag(&imap), "IMAP login not over TLS: {imap}");
-        assert!(tls_flag(&pop3), "POP3 login not over TLS: {pop3}");
     }
 }
 
