@@ -328,3 +328,32 @@ fn failover_from_a_killed_2_4_backend_and_back() {
     let pool = Pool::start_with(PoolOptions::v24(3));
     health_checks::killed_backend_goes_down_and_comes_back(&pool);
 }
+
+#[test]
+fn a_2_4_backend_with_default_cleartext_rules_takes_the_directors_plaintext_logins() {
+    // 2.4's default `auth_allow_cleartext = no` (2.3: `disable_plaintext_auth = yes`) refuses a
+    // plaintext login without TLS, except from `login_trusted_networks`: the director's
+    // address there is all a backend needs for the director's logins without TLS.
+    let pool = Pool::start_with(PoolOptions {
+        extra_config_24: "auth_allow_cleartext = no\nlogin_trusted_networks = 127.0.0.1/32\n"
+            .into(),
+        ..PoolOptions::v24(1)
+    });
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    let u = user(95);
+    let (mut c, backend) = imap_login(d.imap, &u, PASSWORD);
+    assert_eq!(backend, pool.backend(0).name);
+    c.imap_ok("z", "LOGOUT");
+    let mut c = pop3_login(d.pop3, &u, PASSWORD);
+    c.pop3_ok("QUIT");
+    // The control: the same plaintext login straight from an untrusted address is refused.
+    let untrusted = "127.0.0.2".parse().unwrap();
+    let mut direct = Conn::connect_from(untrusted, pool.backend(0).imap());
+    let greeting = direct.line();
+    assert!(greeting.contains("LOGINDISABLED"), "{greeting}");
+    let reply = direct.imap("a", &format!("LOGIN {u} {PASSWORD}"));
+    assert!(
+        reply.last().is_some_and(|l| l.starts_with("a NO")),
+        "{reply:?}"
+    );
+}
