@@ -141,6 +141,27 @@ fn lmtp_routes_each_recipient_and_relays_a_backends_550() {
     by.dedup();
     assert!(by.len() > 1, "one backend delivered all: {by:?}");
 
+    // The sender's address reaches the 2.4 LMTP server (XCLIENT from login_trusted_networks):
+    // its Received header names the MTA's address, not the director's.
+    let u = user(47);
+    let (ok, out) = swaks::lmtp(
+        Target::Tcp(lmtp),
+        &[
+            "--local-interface",
+            "127.0.0.3",
+            "--to",
+            &format!("{u}@example.org"),
+            "--body",
+            "from 127.0.0.3",
+        ],
+    );
+    assert!(ok, "{out}");
+    let msg = pool.wait_for_message(&u, "from 127.0.0.3");
+    assert!(
+        msg.contains("[127.0.0.3]"),
+        "the MTA's address did not arrive:\n{msg}"
+    );
+
     // An unknown user: the backend's 550 reaches the sender, and the other recipient of the
     // same message is delivered.
     let u = user(46);
