@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use crate::auth_service::{AuthService, AuthServiceConfig, LOGIN_PORT};
 use crate::director_process::DirectorProcess;
 use crate::imap::Imap;
+use crate::measure::{clock_tick, cpu_ticks, load_average, ms, percentile};
 use crate::{dovecot, env, ports};
 
 /// Where a run's clients log in.
@@ -256,44 +257,9 @@ fn load(addr: SocketAddr, logins: usize, clients: usize) -> (Duration, Vec<Durat
     (start.elapsed(), latencies)
 }
 
-/// The `p`th percentile of sorted `v` (nearest rank).
-pub(crate) fn percentile(v: &[Duration], p: usize) -> Duration {
-    let rank = (v.len() * p).div_ceil(100).max(1);
-    v[rank - 1]
-}
-
-/// utime and stime of process `pid` (all its threads), in clock ticks.
-pub(crate) fn cpu_ticks(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
-    // The command name may hold spaces; the fields after it are fixed: state is field 3,
-    // utime 14, stime 15.
-    let after = &stat[stat.rfind(')').expect("(comm)") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    (fields[11].parse().unwrap(), fields[12].parse().unwrap())
-}
-
-/// One clock tick (`getconf CLK_TCK`, the unit of `/proc/PID/stat` times).
-pub(crate) fn clock_tick() -> Duration {
-    let hz: u64 = dovecot::command_stdout("getconf", &["CLK_TCK"])
-        .parse()
-        .expect("getconf CLK_TCK");
-    Duration::from_nanos(1_000_000_000 / hz)
-}
-
-pub(crate) fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 /// `f` of `cpu` in microseconds.
 fn cpu_micros(cpu: Option<Cpu>, f: fn(Cpu) -> Duration) -> Option<f64> {
     cpu.map(|c| f(c).as_secs_f64() * 1e6)
-}
-
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn shown(cpu: Option<Cpu>) -> String {

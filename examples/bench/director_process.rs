@@ -42,6 +42,27 @@ impl DirectorProcess {
         listening: SocketAddr,
         log: Option<&Path>,
     ) -> Result<DirectorProcess, String> {
+        Self::start_at(config, yaml, listening, log, "warn")
+    }
+
+    /// [`DirectorProcess::start`] logging at `level` (`RUST_LOG`) into `log`, as deployed.
+    pub fn start_logging(
+        config: &Path,
+        yaml: &str,
+        listening: SocketAddr,
+        log: &Path,
+        level: &str,
+    ) -> DirectorProcess {
+        Self::start_at(config, yaml, listening, Some(log), level).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn start_at(
+        config: &Path,
+        yaml: &str,
+        listening: SocketAddr,
+        log: Option<&Path>,
+        level: &str,
+    ) -> Result<DirectorProcess, String> {
         std::fs::write(config, yaml).unwrap();
         let bin = binary();
         let stderr = match log {
@@ -51,7 +72,7 @@ impl DirectorProcess {
         let child = Command::new(&bin)
             .args(["serve", "-c"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));

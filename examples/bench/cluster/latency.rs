@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use super::directors::{sample, Director, Membership};
 use super::{ms, timed_login, wait};
-use crate::auth::percentile;
 use crate::dovecot::Pool;
 use crate::env::env_or;
 use crate::etcd::EtcdCluster;
+use crate::measure::percentile;
 
 /// The logins of one kind through one director, over all rounds.
 #[derive(Default)]

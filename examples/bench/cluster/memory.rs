@@ -22,7 +22,7 @@ use super::wait;
 use crate::dovecot::Pool;
 use crate::env::env_or;
 use crate::etcd::EtcdCluster;
-use crate::rss_kib;
+use crate::measure::rss_kib;
 
 /// Puts per transaction: etcd's default `--max-txn-ops`.
 const PER_TXN: usize = 128;

@@ -36,9 +36,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::auth::load_average;
 use crate::dovecot::{self, Pool, PoolOptions};
 use crate::imap::Imap;
+use crate::measure::load_average;
 
 /// Users the figures may log in: `user0001`..`user2000`.
 pub const USERS: usize = 2000;

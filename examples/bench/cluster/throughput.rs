@@ -18,10 +18,10 @@ use std::net::SocketAddr;
 
 use super::directors::{Director, Membership};
 use super::load;
-use crate::auth::{clock_tick, cpu_ticks, percentile};
 use crate::dovecot::Pool;
 use crate::env::env_or;
 use crate::etcd::EtcdCluster;
+use crate::measure::{clock_tick, cpu_ticks, percentile};
 
 /// Users of this figure.
 const USERS: usize = 1000;
