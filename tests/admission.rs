@@ -426,3 +426,39 @@ fn a_flood_of_bad_headers_from_a_trusted_peer_makes_a_few_warn_lines() {
         "{first}"
     );
 }
+
+/// The listen backlog of the TCP socket listening on `addr`, as the kernel reports it (the
+/// Send-Q column of `ss -ltn` for a listening socket).
+fn listen_backlog(addr: std::net::SocketAddr) -> u32 {
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", addr.port())])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no listening socket on {addr} in {text:?}"))
+}
+
+#[test]
+fn listeners_take_the_systems_backlog_or_the_configured_one() {
+    // Rust's own bind asks for 128, which a reconnect storm after a restart overflows.
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pool = Pool::start(1);
+    let d = TestDirector::start(&pool, &DirectorOptions::default());
+    for addr in [d.imap, d.imaps, d.pop3, d.sieve] {
+        assert_eq!(listen_backlog(addr), somaxconn, "{addr}");
+    }
+    let d = TestDirector::start_yaml(&config_with_limits(
+        &pool,
+        &DirectorOptions::default(),
+        "  listen_backlog: 77\n",
+    ));
+    assert_eq!(listen_backlog(d.imap), 77);
+    assert_eq!(listen_backlog(d.pop3), 77);
+}

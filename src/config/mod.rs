@@ -432,6 +432,9 @@ pub struct Limits {
     pub max_preauth_per_ip: usize,
     /// After one side of a relayed session closes, how long the other may still send.
     pub close_linger: HumanDuration,
+    /// The listen backlog of every TCP listener (connections the kernel completes before the
+    /// director accepts them); `None`: the system's `net.core.somaxconn`, which also caps it.
+    pub listen_backlog: Option<u32>,
 }
 
 impl Default for Limits {
@@ -446,6 +449,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_preauth_per_ip: 100,
             close_linger: secs(10),
+            listen_backlog: None,
         }
     }
 }
@@ -782,6 +786,7 @@ impl Config {
             ("limits.max_bad_commands", l.max_bad_commands == 0),
             ("limits.max_connections", l.max_connections == 0),
             ("limits.max_preauth_per_ip", l.max_preauth_per_ip == 0),
+            ("limits.listen_backlog", l.listen_backlog == Some(0)),
         ];
         for (field, bad) in positive {
             if bad {
@@ -1050,6 +1055,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.listeners[0].max_connections, Some(50));
         assert_eq!(c.limits.max_preauth_per_ip, 100);
+        assert_eq!(c.limits.listen_backlog, None);
+        let e = error_of(&format!("{MINIMAL}limits: {{listen_backlog: 0}}\n"));
+        assert!(e.starts_with("limits.listen_backlog: is too small"), "{e}");
     }
 
     #[test]

@@ -95,11 +95,14 @@ pub async fn bind_listener(config: &Config, index: usize) -> Result<ListenSocket
     let i = index;
     let lc = &config.listeners[index];
     Ok(match (&lc.address, &lc.socket) {
-        (Some(address), _) => ListenSocket::Tcp(TcpListener::bind(address).await.map_err(|e| {
-            ConfigError(format!(
-                "listeners[{i}].address: cannot listen on {address}: {e}"
-            ))
-        })?),
+        (Some(address), _) => {
+            let backlog = config.limits.listen_backlog.unwrap_or_else(system_backlog);
+            ListenSocket::Tcp(listen_tcp(*address, backlog).map_err(|e| {
+                ConfigError(format!(
+                    "listeners[{i}].address: cannot listen on {address}: {e}"
+                ))
+            })?)
+        }
         (None, Some(path)) => ListenSocket::Unix(
             bind_unix(path).map_err(|e| {
                 ConfigError(format!(
@@ -111,6 +114,29 @@ pub async fn bind_listener(config: &Config, index: usize) -> Result<ListenSocket
         ),
         (None, None) => unreachable!("checked by Config::validate"),
     })
+}
+
+/// A TCP listener on `address` with `backlog` (the kernel caps it at `net.core.somaxconn`).
+/// Rust's own `bind` asks for 128: after a restart, a reconnect storm of thousands of clients
+/// overflows that queue, and the kernel drops SYNs that clients retransmit only after 1 s, 3 s...
+fn listen_tcp(address: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As Rust's own bind does: a restarted director must not wait for TIME_WAIT to clear.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(backlog)
+}
+
+/// The system's largest listen backlog (`net.core.somaxconn`; 4096 since Linux 5.4).
+pub fn system_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
 }
 
 /// Binds a unix socket for a local MTA: a stale socket file is replaced, the parent
