@@ -9,5 +9,6 @@ pub mod refusals;
 pub mod relay;
 pub mod resolve;
 pub mod shutdown;
+pub mod splice;
 pub mod stream;
 pub mod tls;

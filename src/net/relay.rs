@@ -3,7 +3,9 @@
 //! client has closed and the backend followed or lingered too long, or the session is kicked.
 //!
 //! Idle sessions are the common case (IMAP IDLE), so a direction holds a buffer only while it
-//! has bytes in flight: the buffer is dropped whenever a read finds nothing to read.
+//! has bytes in flight: the buffer is dropped whenever a read finds nothing to read. Between
+//! two plain TCP sockets the bytes are spliced instead (`splice`): moved by the kernel, never
+//! copied through a buffer here; the bytes read during login go out first the buffered way.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -12,6 +14,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::splice::{self, PlainTcp, Spliced};
 
 /// Size of a direction's buffer while data flows.
 const BUF_SIZE: usize = 16 * 1024;
@@ -77,27 +81,10 @@ impl Direction {
         }
     }
 
-    /// Copies while this direction is open and notes `closed` as the first end when its
-    /// reader reaches the end of stream; an error ends the relay.
-    fn poll_side<R, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        reader: &mut R,
-        writer: &mut W,
-        closed: RelayEnd,
-        first_end: &mut Option<RelayEnd>,
-    ) -> io::Result<()>
-    where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
-    {
-        if !self.done {
-            if let Poll::Ready(r) = self.poll_copy(cx, Pin::new(reader), Pin::new(writer)) {
-                r?;
-                first_end.get_or_insert(closed);
-            }
-        }
-        Ok(())
+    /// Whether nothing is in flight and nothing waits to be flushed: the moment a direction
+    /// may change how it copies.
+    fn idle(&self) -> bool {
+        self.buf.is_none() && !self.dirty && !self.eof
     }
 
     fn poll_copy<R, W>(
@@ -169,6 +156,98 @@ impl Direction {
     }
 }
 
+/// One direction of a relay: buffered, or spliced between two plain TCP sockets.
+enum Side {
+    /// Copied through a buffer; `splice` once idle when both sockets are plain TCP.
+    Buffered {
+        copy: Direction,
+        splice: bool,
+    },
+    Spliced(Spliced),
+}
+
+impl Side {
+    /// A direction that first sends `leftover`; spliced when `splice` (both plain TCP).
+    fn new(leftover: Vec<u8>, splice: bool) -> Side {
+        if splice && leftover.is_empty() {
+            Side::Spliced(Spliced::default())
+        } else {
+            Side::Buffered {
+                copy: Direction::new(leftover),
+                splice,
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        match self {
+            Side::Buffered { copy, .. } => copy.done,
+            Side::Spliced(s) => s.done,
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Side::Buffered { copy, .. } => copy.bytes,
+            Side::Spliced(s) => s.bytes,
+        }
+    }
+
+    /// Copies while this direction is open and notes `closed` as the first end when its
+    /// reader reaches the end of stream; an error ends the relay.
+    fn poll_side<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        closed: RelayEnd,
+        first_end: &mut Option<RelayEnd>,
+    ) -> io::Result<()>
+    where
+        R: AsyncRead + PlainTcp + Unpin + ?Sized,
+        W: AsyncWrite + PlainTcp + Unpin + ?Sized,
+    {
+        loop {
+            if self.done() {
+                return Ok(());
+            }
+            let polled = match self {
+                Side::Buffered { copy, splice } => {
+                    let p = copy.poll_copy(cx, Pin::new(&mut *reader), Pin::new(&mut *writer));
+                    if p.is_pending() && *splice && copy.idle() {
+                        // The login's leftovers are out: splice from now on.
+                        *self = Side::Spliced(Spliced::resumed(copy.bytes));
+                        continue;
+                    }
+                    p
+                }
+                Side::Spliced(s) => match (reader.plain_tcp(), writer.plain_tcp()) {
+                    (Some(r), Some(w)) => s.poll_copy(cx, r, w),
+                    _ => unreachable!("spliced only between plain TCP sockets"),
+                },
+            };
+            match polled {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Ok(())) => {
+                    first_end.get_or_insert(closed);
+                    return Ok(());
+                }
+                Poll::Ready(Err(e)) if splice::unavailable(&e) => {
+                    // No pipe to be had (or the kernel does not splice these sockets):
+                    // nothing is in flight, so copy this direction the buffered way.
+                    let mut copy = Direction::new(Vec::new());
+                    copy.bytes = self.bytes();
+                    *self = Side::Buffered {
+                        copy,
+                        splice: false,
+                    };
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+            }
+        }
+    }
+}
+
 /// Relays between `client` and `backend` until the session ends. `client_leftover` goes to
 /// the backend first and `backend_leftover` to the client first (bytes read during login).
 /// `kicked` completes when the session must end, with the line then written to the client.
@@ -182,11 +261,12 @@ pub async fn relay<'k, C, B>(
     linger: Duration,
 ) -> RelayStats
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: AsyncRead + AsyncWrite + PlainTcp + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + PlainTcp + Unpin + ?Sized,
 {
-    let mut up = Direction::new(client_leftover);
-    let mut down = Direction::new(backend_leftover);
+    let splice = client.plain_tcp().is_some() && backend.plain_tcp().is_some();
+    let mut up = Side::new(client_leftover, splice);
+    let mut down = Side::new(backend_leftover, splice);
     let mut first_end: Option<RelayEnd> = None;
     let mut error: Option<String> = None;
     tokio::pin!(kicked);
@@ -228,7 +308,7 @@ where
         // client still sends could be served, so the session is over (the client was sent
         // end of stream). Only a client that closes first gets `linger` to read the last
         // replies of its backend.
-        if down.done {
+        if down.done() {
             return Poll::Ready(None);
         }
         if first_end.is_some() && deadline.is_none() {
@@ -255,8 +335,8 @@ where
         first_end.unwrap_or(RelayEnd::ClientClosed)
     };
     RelayStats {
-        client_to_backend: up.bytes,
-        backend_to_client: down.bytes,
+        client_to_backend: up.bytes(),
+        backend_to_client: down.bytes(),
         end,
     }
 }
@@ -265,6 +345,12 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    impl PlainTcp for DuplexStream {
+        fn plain_tcp(&mut self) -> Option<&mut tokio::net::TcpStream> {
+            None
+        }
+    }
 
     #[tokio::test]
     async fn copies_both_ways_with_leftovers_and_ends_on_close() {

@@ -11,6 +11,24 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+impl super::splice::PlainTcp for ClientStream {
+    fn plain_tcp(&mut self) -> Option<&mut TcpStream> {
+        match self {
+            ClientStream::Plain(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl super::splice::PlainTcp for BackendStream {
+    fn plain_tcp(&mut self) -> Option<&mut TcpStream> {
+        match self {
+            BackendStream::Plain(s) => Some(s),
+            BackendStream::Tls(_) => None,
+        }
+    }
+}
+
 /// A client's connection to the director.
 pub enum ClientStream {
     Plain(TcpStream),
