@@ -182,7 +182,7 @@ impl Spliced {
                 self.release();
                 return Poll::Ready(Ok(()));
             }
-            if let Poll::Pending = src.poll_read_ready(cx)? {
+            if src.poll_read_ready(cx)?.is_pending() {
                 self.release();
                 return Poll::Pending;
             }
