@@ -74,3 +74,10 @@ impl AdminCli {
             .unwrap_or_else(|| panic!("{ip} not in status: {s}"))
     }
 }
+
+/// The configuration file is the CLI's own copy: removed with it.
+impl Drop for AdminCli {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}

@@ -35,8 +35,12 @@ pub struct CrowdReport {
     pub ok_by_director: Vec<usize>,
     /// Temporary refusals, by kind.
     pub temporary: BTreeMap<String, usize>,
+    /// Sessions per backend (as their `ID` answer named it, `?` when it did not).
+    pub ok_by_backend: BTreeMap<String, usize>,
     /// Sessions the director or backend ended during their hold.
     pub ended_early: usize,
+    /// Those sessions by how they ended: the `* BYE` line, or `closed without BYE`.
+    pub ended_by: BTreeMap<String, usize>,
     /// Wrong answers and stalled sessions, each with when, where and who.
     pub wrong: Vec<String>,
 }
@@ -119,10 +123,16 @@ fn client_round(
                 let mut r = report.lock().unwrap();
                 r.ok += 1;
                 r.ok_by_director[d] += 1;
+                *r.ok_by_backend.entry(session.backend.clone()).or_default() += 1;
             }
             match session.hold(hold) {
                 Held::Open => session.logout(),
-                Held::Ended => report.lock().unwrap().ended_early += 1,
+                Held::Ended => {
+                    let mut r = report.lock().unwrap();
+                    r.ended_early += 1;
+                    let how = session.bye.as_deref().unwrap_or("closed without BYE");
+                    *r.ended_by.entry(how.to_owned()).or_default() += 1;
+                }
                 Held::Stalled => report.lock().unwrap().wrong.push(format!(
                     "{:.1}s {user} via director {}: a NOOP of a held session got no answer (backend {})",
                     clock.elapsed().as_secs_f64(),

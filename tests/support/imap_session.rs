@@ -62,6 +62,9 @@ pub struct ImapSession {
     writer: TcpStream,
     /// The backend that serves it, as its `ID` answer names it (`backend2`), or `?`.
     pub backend: String,
+    /// The `* BYE` line that ended it (CRLF removed), if one came: tells a kick by the
+    /// director (`* BYE Disconnected by the director.`) from a backend shutting down.
+    pub bye: Option<String>,
     /// The next command tag's number.
     tag: u32,
 }
@@ -77,6 +80,7 @@ impl ImapSession {
             reader: BufReader::new(s.try_clone().unwrap()),
             writer: s,
             backend: "?".into(),
+            bye: None,
             tag: 0,
         };
         let greeting = session.line().map_err(Self::during_login)?;
@@ -108,6 +112,9 @@ impl ImapSession {
         // Logged in: from here on, the director may end the session any time.
         if session.send("b ID NIL\r\n").is_ok() {
             while let Ok(line) = session.line() {
+                if line.starts_with("* BYE") {
+                    session.bye = Some(line.trim_end().to_owned());
+                }
                 if let Some(i) = line.find("\"x-backend\" \"") {
                     session.backend = line[i + 13..].split('"').next().unwrap_or("?").into();
                 }
@@ -145,7 +152,10 @@ impl ImapSession {
         }
         loop {
             match self.line() {
-                Ok(line) if line.starts_with("* BYE") => return Held::Ended,
+                Ok(line) if line.starts_with("* BYE") => {
+                    self.bye = Some(line.trim_end().to_owned());
+                    return Held::Ended;
+                }
                 Ok(line) if line.starts_with(&format!("{tag} ")) => return Held::Open,
                 Ok(_) => {}
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
