@@ -850,9 +850,7 @@ fn a_move_left_by_a_killed_director_is_finished_when_it_restarts() {
     cut.cut();
     let mover = {
         let (cli, u, ip) = (
-            support::admin_cli::AdminCli {
-                config: d1.cli.config.clone(),
-            },
+            support::admin_cli::AdminCli::over(d1.cli.config.clone()),
             u.clone(),
             to.ip.to_string(),
         );
@@ -902,9 +900,7 @@ fn a_director_restarted_during_a_move_acknowledges_it() {
     d2.kill();
     let mover = {
         let (cli, u, ip) = (
-            support::admin_cli::AdminCli {
-                config: d1.cli.config.clone(),
-            },
+            support::admin_cli::AdminCli::over(d1.cli.config.clone()),
             u.clone(),
             to.ip.to_string(),
         );

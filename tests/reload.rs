@@ -337,9 +337,7 @@ fn sigterm_says_goodbye_gives_the_grace_and_exits_0() {
 
 /// `director status --json` of the running director: every backend's ip and health.
 fn backends(serve: &Serve) -> Vec<(String, String)> {
-    let cli = AdminCli {
-        config: serve.config.clone(),
-    };
+    let cli = AdminCli::over(serve.config.clone());
     cli.json(&["status"])["backends"]
         .as_array()
         .unwrap()

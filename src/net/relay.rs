@@ -250,26 +250,27 @@ impl Side {
 
 /// Relays between `client` and `backend` until the session ends. `client_leftover` goes to
 /// the backend first and `backend_leftover` to the client first (bytes read during login).
-/// `kicked` completes when the session must end, with the line then written to the client.
+/// `kicked` completes when the session must end, with the line then written to the client
+/// (pinned by the caller: held in the caller's state once, not copied into the relay's).
 /// After the client closes, the backend has `linger` to finish.
-pub async fn relay<'k, C, B>(
+pub async fn relay<'k, C, B, K>(
     client: &mut C,
     client_leftover: Vec<u8>,
     backend: &mut B,
     backend_leftover: Vec<u8>,
-    kicked: impl std::future::Future<Output = Kick<'k>>,
+    mut kicked: Pin<&mut K>,
     linger: Duration,
 ) -> RelayStats
 where
     C: AsyncRead + AsyncWrite + PlainTcp + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + PlainTcp + Unpin + ?Sized,
+    K: Future<Output = Kick<'k>> + ?Sized,
 {
     let splice = client.plain_tcp().is_some() && backend.plain_tcp().is_some();
     let mut up = Side::new(client_leftover, splice);
     let mut down = Side::new(backend_leftover, splice);
     let mut first_end: Option<RelayEnd> = None;
     let mut error: Option<String> = None;
-    tokio::pin!(kicked);
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let kick = poll_fn(|cx| {
         if let Poll::Ready(kick) = kicked.as_mut().poll(cx) {
@@ -362,7 +363,7 @@ mod tests {
                 b"a1 NOOP\r\n".to_vec(),
                 &mut backend_near,
                 b"* 1 EXISTS\r\n".to_vec(),
-                std::future::pending(),
+                std::pin::pin!(std::future::pending()),
                 Duration::from_secs(5),
             )
             .await
@@ -403,12 +404,12 @@ mod tests {
             Vec::new(),
             &mut backend_near,
             Vec::new(),
-            async {
+            std::pin::pin!(async {
                 Kick {
                     end: RelayEnd::Kicked,
                     message: b"* BYE kicked\r\n",
                 }
-            },
+            }),
             Duration::from_secs(5),
         )
         .await;
@@ -426,7 +427,7 @@ mod tests {
             Vec::new(),
             backend,
             Vec::new(),
-            std::future::pending(),
+            std::pin::pin!(std::future::pending()),
             Duration::from_secs(10),
         )
         .await

@@ -77,6 +77,11 @@ impl Shutdown {
     pub fn is_stopping(&self) -> bool {
         *self.phase.borrow() >= Phase::Draining
     }
+
+    /// Whether the grace is over: sessions must end now.
+    pub fn is_closing(&self) -> bool {
+        *self.phase.borrow() >= Phase::Closing
+    }
 }
 
 impl ShutdownTrigger {

@@ -24,7 +24,7 @@ use crate::protocol::decision::{ClientIdentity, Protocol};
 use crate::protocol::imap::frontend::Imap;
 use crate::protocol::lmtp::serve_connection_until;
 use crate::protocol::pop3::frontend::Pop3;
-use crate::protocol::preauth::{self, Established, FrontendContext, PreauthLimits};
+use crate::protocol::preauth::{self, BackendLink, Established, FrontendContext, PreauthLimits};
 use crate::protocol::sieve::frontend::ManageSieve;
 use crate::server::lmtp_recipients::DovecotRecipients;
 
@@ -239,24 +239,35 @@ impl Listener {
                 let _open = shared.metrics.connection(this.protocol);
                 match conn {
                     Accepted::Tcp(tcp) => this.handle(tcp, peer, &shared, &shutdown).await,
+                    // Boxed: a rare path whose state must not enlarge every session's task.
                     Accepted::Unix(unix) => {
-                        let mut client = ClientStream::Unix(unix);
-                        // A local MTA: no address to count, only the listener's own pool.
-                        let Some((_slot, _)) = this.admit(&mut client, None, &shared).await else {
-                            return;
-                        };
-                        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-                        let identity = ClientIdentity {
-                            client: unspecified,
-                            local: unspecified,
-                            session_id: new_session_id(),
-                            session_ext_id: None,
-                        };
-                        this.serve_lmtp(client, identity, &shared, &shutdown).await;
+                        Box::pin(this.serve_unix(unix, &shared, &shutdown)).await
                     }
                 }
             });
         }
+    }
+
+    /// Serves a connection of a local MTA on a unix-socket LMTP listener: no address to
+    /// count, only the listener's own pool.
+    async fn serve_unix(
+        &self,
+        unix: tokio::net::UnixStream,
+        shared: &ListenerShared,
+        shutdown: &Shutdown,
+    ) {
+        let mut client = ClientStream::Unix(unix);
+        let Some((_slot, _)) = self.admit(&mut client, None, shared).await else {
+            return;
+        };
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        let identity = ClientIdentity {
+            client: unspecified,
+            local: unspecified,
+            session_id: new_session_id(),
+            session_ext_id: None,
+        };
+        self.serve_lmtp(client, identity, shared, shutdown).await;
     }
 
     /// Takes this connection's places: one among its address's connections before login
@@ -298,15 +309,38 @@ impl Listener {
         }
     }
 
+    /// Serves a TCP connection: its pre-login part in a future of its own, boxed, so that the
+    /// memory of everything before login (the TLS handshake's state, the PROXY header, the
+    /// front end and the backend login with their buffers) is freed when the relay starts,
+    /// and an idle relayed session holds only what [`Listener::relay_session`] needs.
     async fn handle(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        shared: &ListenerShared,
+        shutdown: &Shutdown,
+    ) {
+        let started = Instant::now();
+        let Some((established, slot)) =
+            Box::pin(self.until_login(tcp, peer, shared, shutdown)).await
+        else {
+            return;
+        };
+        self.relay_session(established, slot, started, shared, shutdown)
+            .await;
+    }
+
+    /// Everything before a TCP connection is relayed: the logged-in session and the slot it
+    /// holds in this listener's pool, or `None` when it ended before (LMTP connections are
+    /// served here to their end).
+    async fn until_login(
         &self,
         mut tcp: TcpStream,
         peer: SocketAddr,
         shared: &ListenerShared,
         shutdown: &Shutdown,
-    ) {
+    ) -> Option<(Established, Slot)> {
         let _ = tcp.set_nodelay(true);
-        let started = Instant::now();
         let local = tcp.local_addr().unwrap_or(peer);
         let mut identity = ClientIdentity {
             client: peer,
@@ -329,7 +363,7 @@ impl Listener {
                         Some(peer.ip()),
                         Some(e.to_string()),
                     );
-                    return;
+                    return None;
                 }
             }
         }
@@ -344,23 +378,17 @@ impl Listener {
                     None,
                 );
                 let _ = crate::protocol::lmtp::refuse_connection(client, &shared.lmtp).await;
-                return;
+                return None;
             }
-            let Some((_slot, _per_ip)) = self
+            let (_slot, _per_ip) = self
                 .admit(&mut client, Some(identity.client.ip()), shared)
-                .await
-            else {
-                return;
-            };
+                .await?;
             self.serve_lmtp(client, identity, shared, shutdown).await;
-            return;
+            return None;
         }
-        let Some((mut slot, per_ip)) = self
+        let (mut slot, per_ip) = self
             .admit(&mut client, Some(identity.client.ip()), shared)
-            .await
-        else {
-            return;
-        };
+            .await?;
         let eviction = slot.eviction();
         if self.tls == ListenerTls::Implicit {
             let acceptor = shared.tls.as_ref().expect("checked by config");
@@ -370,14 +398,14 @@ impl Listener {
                     Ok(Ok(s)) => client = s,
                     Ok(Err(e)) => {
                         debug!(client = %identity.client, error = %e, "TLS handshake failed");
-                        return;
+                        return None;
                     }
-                    Err(_) => return,
+                    Err(_) => return None,
                 },
                 // Mid-handshake: no BYE can be said; just close.
                 _ = eviction.evicted() => {
                     shared.refused(self.protocol, RefusalReason::Evicted, Some(identity.client.ip()), None);
-                    return;
+                    return None;
                 }
             }
         }
@@ -402,7 +430,7 @@ impl Listener {
                     // Never passthrough by mistake: a listener that must authenticate and
                     // cannot takes nobody.
                     warn!(auth = %socket, "no auth service for this listener: connection closed");
-                    return;
+                    return None;
                 }
             },
         };
@@ -419,7 +447,7 @@ impl Listener {
             Protocol::Sieve => Box::pin(preauth::run::<ManageSieve, _>(client, ctx, &auth)).await,
             other => {
                 warn!("{other} listeners are not supported yet");
-                return;
+                return None;
             }
         };
         if eviction.is_evicted() && !matches!(result, Ok(Some(_))) {
@@ -432,19 +460,37 @@ impl Listener {
         }
         let established = match result {
             Ok(Some(e)) => e,
-            Ok(None) if ended_by_shutdown(shutdown, self.protocol, &identity) => return,
+            Ok(None) if ended_by_shutdown(shutdown, self.protocol, &identity) => return None,
             Ok(None) => {
                 debug!(session = %identity.session_id, client = %identity.client, "disconnected before login");
-                return;
+                return None;
             }
             Err(e) => {
                 debug!(session = %identity.session_id, client = %identity.client, error = %e, "pre-login I/O error");
-                return;
+                return None;
             }
         };
         // Logged in: no longer counted against its address, never dropped to make room.
         drop(per_ip);
         slot.logged_in();
+        Some((established, slot))
+    }
+
+    /// Relays a logged-in session until it ends, then logs how it went.
+    ///
+    /// Not an `async fn`: the login's result is taken apart before the future is made, so
+    /// the future holds each part once (an `async fn` keeps its whole argument beside the
+    /// parts taken out of it) and drops what the relay does not need (the backend's success
+    /// text, the client's forwarding details). This future is most of what an idle session
+    /// costs.
+    fn relay_session<'a>(
+        &'a self,
+        established: Established,
+        slot: Slot,
+        started: Instant,
+        shared: &'a ListenerShared,
+        shutdown: &'a Shutdown,
+    ) -> impl std::future::Future<Output = ()> + 'a {
         let Established {
             mut client,
             client_leftover,
@@ -452,7 +498,17 @@ impl Listener {
             username,
             identity,
         } = established;
-        let mut backend_stream = backend.stream;
+        let BackendLink {
+            stream: mut backend_stream,
+            leftover: backend_leftover,
+            session,
+            ..
+        } = backend;
+        let ClientIdentity {
+            client: client_addr,
+            session_id,
+            ..
+        } = identity;
         let (kick_message, shutdown_message): (&[u8], &[u8]) = match self.protocol {
             Protocol::Imap => (
                 b"* BYE Disconnected by the director.\r\n",
@@ -467,46 +523,63 @@ impl Listener {
                 b"-ERR Server shutting down.\r\n",
             ),
         };
-        let session = backend.session;
-        let stats = relay(
-            &mut client,
-            client_leftover,
-            &mut backend_stream,
-            backend.leftover,
-            async {
-                tokio::select! {
-                    _ = session.kicked() => Kick { end: RelayEnd::Kicked, message: kick_message },
-                    _ = shutdown.closing() => Kick { end: RelayEnd::Shutdown, message: shutdown_message },
-                }
-            },
-            shared.close_linger,
-        )
-        .await;
-        let backend_addr = session.info().backend;
-        // The user as routed and registered (a master login `user*master` is `user`'s
-        // session); the login as given is shown too when it differs.
-        let user = session.info().username.clone();
-        drop(session);
-        let login =
-            (username != user).then(|| tracing::field::display(crate::untrusted::shown(&username)));
-        shared.metrics.relayed(
-            self.protocol,
-            stats.client_to_backend,
-            stats.backend_to_client,
-        );
-        info!(
-            session = %identity.session_id,
-            protocol = %self.protocol,
-            user = %crate::untrusted::shown(&user),
-            login,
-            client = %identity.client,
-            backend = %backend_addr,
-            duration = ?started.elapsed(),
-            bytes_in = stats.client_to_backend,
-            bytes_out = stats.backend_to_client,
-            end = ?stats.end,
-            "session ended"
-        );
+        async move {
+            let _slot = slot;
+            // A session is kicked by an admin or a move, or by the stop once the grace is
+            // over (the server kicks every session then): the phase tells which.
+            let stats = {
+                let kicked = std::pin::pin!(async {
+                    if !shutdown.is_closing() {
+                        session.kicked().await;
+                    }
+                    if shutdown.is_closing() {
+                        Kick {
+                            end: RelayEnd::Shutdown,
+                            message: shutdown_message,
+                        }
+                    } else {
+                        Kick {
+                            end: RelayEnd::Kicked,
+                            message: kick_message,
+                        }
+                    }
+                });
+                relay(
+                    &mut client,
+                    client_leftover,
+                    &mut backend_stream,
+                    backend_leftover,
+                    kicked,
+                    shared.close_linger,
+                )
+                .await
+            };
+            let backend_addr = session.info().backend;
+            // The user as routed and registered (a master login `user*master` is `user`'s
+            // session); the login as given is shown too when it differs.
+            let user = session.info().username.clone();
+            drop(session);
+            let login = (username != user)
+                .then(|| tracing::field::display(crate::untrusted::shown(&username)));
+            shared.metrics.relayed(
+                self.protocol,
+                stats.client_to_backend,
+                stats.backend_to_client,
+            );
+            info!(
+                session = %session_id,
+                protocol = %self.protocol,
+                user = %crate::untrusted::shown(&user),
+                login,
+                client = %client_addr,
+                backend = %backend_addr,
+                duration = ?started.elapsed(),
+                bytes_in = stats.client_to_backend,
+                bytes_out = stats.backend_to_client,
+                end = ?stats.end,
+                "session ended"
+            );
+        }
     }
 }
 

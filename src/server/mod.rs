@@ -316,6 +316,10 @@ impl Director {
                 "shutdown grace over: closing the remaining sessions"
             );
             self.trigger.set(Phase::Closing);
+            // Relayed sessions wait only for their own kick (one small future each rather
+            // than a second one on the stop): at Closing every session is kicked, and a
+            // kicked relay tells a stop from a kick by the phase.
+            self.sessions.kick_all();
             if !self.trigger.all_done_within(CLOSE_WAIT).await {
                 warn!(
                     connections = self.trigger.live(),

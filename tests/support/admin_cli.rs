@@ -15,6 +15,8 @@ use super::serve::BIN;
 /// The CLI over one configuration file.
 pub struct AdminCli {
     pub config: PathBuf,
+    /// Whether the file is this CLI's own copy (made by [`AdminCli::of`]), removed with it.
+    owned: bool,
 }
 
 impl AdminCli {
@@ -27,7 +29,18 @@ impl AdminCli {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&config, &d.yaml).unwrap();
-        AdminCli { config }
+        AdminCli {
+            config,
+            owned: true,
+        }
+    }
+
+    /// The CLI over a director's own configuration file (left in place when dropped).
+    pub fn over(config: PathBuf) -> AdminCli {
+        AdminCli {
+            config,
+            owned: false,
+        }
     }
 
     /// Runs `director -c CONFIG ARGS...` with `stdin` as its input.
@@ -75,9 +88,11 @@ impl AdminCli {
     }
 }
 
-/// The configuration file is the CLI's own copy: removed with it.
+/// A copy made by [`AdminCli::of`] is removed with it.
 impl Drop for AdminCli {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
+        if self.owned {
+            let _ = std::fs::remove_file(&self.config);
+        }
     }
 }

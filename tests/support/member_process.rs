@@ -81,9 +81,7 @@ impl MemberProcess {
             id: id.to_owned(),
             imap,
             metrics: SocketAddr::new(ip, ports[PORTS - 1]),
-            cli: AdminCli {
-                config: serve.config.clone(),
-            },
+            cli: AdminCli::over(serve.config.clone()),
             serve,
         }
     }
