@@ -30,7 +30,7 @@ use support::imap_session::{ImapSession, Refusal};
 use support::member_process::MemberProcess;
 use support::rng::Rng;
 use support::serve::scratch;
-use support::who_oracle::{lasting_overlaps, poll, OracleReport, Snapshot, WhoOracle};
+use support::who_oracle::{lasting_overlaps, poll, Snapshot, WhoOracle};
 
 /// The environment variable that imposes a seed.
 const SEED_ENV: &str = "DIRECTOR_CHAOS_SEED";
@@ -636,16 +636,6 @@ fn crowd_summary(c: &CrowdReport) -> String {
     )
 }
 
-fn oracle_summary(o: &OracleReport) -> String {
-    format!(
-        "{} polls ({} with sessions, at most {} sessions at once), {} overlaps",
-        o.polls,
-        o.polls_with_sessions,
-        o.most_sessions,
-        o.overlaps.len()
-    )
-}
-
 #[test]
 fn no_user_is_on_two_backends_across_three_directors_under_chaos() {
     let seed = Rng::seed_from_env(SEED_ENV);
@@ -691,7 +681,7 @@ fn no_user_is_on_two_backends_across_three_directors_under_chaos() {
         chaos_took, chaos.done, chaos.admin_failures
     );
     eprintln!("clients: {}", crowd_summary(&crowd));
-    eprintln!("oracle: {}", oracle_summary(&oracle));
+    eprintln!("oracle: {}", oracle);
     eprintln!(
         "moves: {} held sessions ended, {} kept; cut: {:?}",
         chaos.sessions_ended_by_moves,
@@ -742,7 +732,7 @@ fn no_user_is_on_two_backends_across_three_directors_under_chaos() {
     assert!(
         oracle.polls_with_sessions >= 50,
         "the oracle hardly saw sessions: {}",
-        oracle_summary(&oracle)
+        oracle
     );
     assert!(
         chaos.sessions_ended_by_moves >= 1,
@@ -809,7 +799,7 @@ fn without_move_acks_the_oracle_finds_users_on_two_backends() {
         "seed {seed}; steps {:?}; clients: {}; oracle: {}",
         chaos.done,
         crowd_summary(&crowd),
-        oracle_summary(&oracle)
+        oracle
     );
     for o in &oracle.overlaps {
         eprintln!("overlap: {o}");

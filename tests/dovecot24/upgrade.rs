@@ -37,7 +37,7 @@ use crate::support::dovecot::{user, Backend, DovecotVersion, Pool, PoolOptions, 
 use crate::support::imap_session::ImapSession;
 use crate::support::rng::Rng;
 use crate::support::wait::wait_until;
-use crate::support::who_oracle::{OracleReport, WhoOracle};
+use crate::support::who_oracle::WhoOracle;
 
 /// Backends of the pool, all upgraded in turn.
 const BACKENDS: usize = 3;
@@ -156,16 +156,6 @@ fn crowd_summary(c: &CrowdReport) -> String {
         c.temporary_total(),
         c.temporary,
         c.wrong.len()
-    )
-}
-
-fn oracle_summary(o: &OracleReport) -> String {
-    format!(
-        "{} polls ({} with sessions, at most {} sessions at once), {} overlaps",
-        o.polls,
-        o.polls_with_sessions,
-        o.most_sessions,
-        o.overlaps.len()
     )
 }
 
@@ -295,7 +285,7 @@ fn rolling_upgrade_from_2_3_to_2_4_under_load_through_maintenance() {
         );
     }
     eprintln!("clients: {}", crowd_summary(&clients));
-    eprintln!("oracle: {}", oracle_summary(&oracle));
+    eprintln!("oracle: {}", oracle);
 
     assert!(
         clients.temporary_total() == 0 && clients.wrong.is_empty(),
@@ -321,7 +311,7 @@ fn rolling_upgrade_from_2_3_to_2_4_under_load_through_maintenance() {
     assert!(
         oracle.polls_with_sessions >= 10,
         "the oracle hardly saw sessions: {}",
-        oracle_summary(&oracle)
+        oracle
     );
     for s in &steps {
         assert!(

@@ -1277,6 +1277,16 @@ fn login_service_with(proto: &str, [plain, tls, haproxy]: [u16; 3], limits: &str
     )
 }
 
+/// The mail services of a backend, written alike in 2.3 and 2.4: LMTP on TCP, and imap and
+/// pop3 processes for many sessions.
+fn mail_services() -> String {
+    format!(
+        "service lmtp {{\n  inet_listener lmtp {{\n    port = {LMTP_PORT}\n  }}\n}}\n\
+         service imap {{\n  client_limit = 100\n  process_limit = 1000\n}}\n\
+         service pop3 {{\n  process_limit = 1000\n}}\n"
+    )
+}
+
 fn backend_config(c: &BackendConfig) -> String {
     let pool = c.pool_dir.display();
     let mut out = instance_settings(c.name, c.ip, c.dir, c.ids);
@@ -1328,19 +1338,7 @@ userdb {{
     port = {SIEVE_PORT}
   }}
 {LOGIN_LIMITS}}}
-service lmtp {{
-  inet_listener lmtp {{
-    port = {LMTP_PORT}
-  }}
-}}
-service imap {{
-  client_limit = 100
-  process_limit = 1000
-}}
-service pop3 {{
-  process_limit = 1000
-}}
-protocol lmtp {{
+{services}protocol lmtp {{
   mail_plugins = $mail_plugins sieve
 }}
 plugin {{
@@ -1351,6 +1349,7 @@ plugin {{
         key = c.tls.key.display(),
         imap_login = login_service("imap", [IMAP_PORT, IMAPS_PORT, IMAP_HAPROXY_PORT]),
         pop3_login = login_service("pop3", [POP3_PORT, POP3S_PORT, POP3_HAPROXY_PORT]),
+        services = mail_services(),
     );
     out.push_str(c.extra);
     out.push('\n');

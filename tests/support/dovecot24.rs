@@ -47,7 +47,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
 
-use super::{current_uid, login_service_with, BackendConfig, LMTP_PORT, SIEVE_PORT};
+use super::{current_uid, login_service_with, BackendConfig, SIEVE_PORT};
 use super::{IMAPS_PORT, IMAP_HAPROXY_PORT, IMAP_PORT, POP3S_PORT, POP3_HAPROXY_PORT, POP3_PORT};
 
 /// Where `scripts/install-deps` makes the Debian 13 root unless `$DIRECTOR_DOVECOT24_ROOT`
@@ -183,19 +183,7 @@ userdb users {{
     port = {SIEVE_PORT}
   }}
 {limits}}}
-service lmtp {{
-  inet_listener lmtp {{
-    port = {LMTP_PORT}
-  }}
-}}
-service imap {{
-  client_limit = 100
-  process_limit = 1000
-}}
-service pop3 {{
-  process_limit = 1000
-}}
-protocol lmtp {{
+{services}protocol lmtp {{
   mail_plugins {{
     sieve = yes
   }}
@@ -219,6 +207,7 @@ sieve_script personal {{
             LOGIN_LIMITS
         ),
         limits = LOGIN_LIMITS,
+        services = super::mail_services(),
     );
     out.push_str(c.extra);
     out.push('\n');

@@ -78,6 +78,20 @@ pub struct OracleReport {
     pub overlaps: Vec<Overlap>,
 }
 
+impl fmt::Display for OracleReport {
+    /// One line for a test's output: polls, load seen, overlaps.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} polls ({} with sessions, at most {} sessions at once), {} overlaps",
+            self.polls,
+            self.polls_with_sessions,
+            self.most_sessions,
+            self.overlaps.len()
+        )
+    }
+}
+
 /// The polling thread; [`WhoOracle::stop`] ends it and returns its report.
 pub struct WhoOracle {
     stop: Arc<AtomicBool>,
