@@ -1,5 +1,6 @@
 //! Debian's HAProxy as the benchmark's reference proxy: TCP mode, round robin over the same
-//! backends as the director, no health checks, no logging, run in the foreground (`-db`) as
+//! backends as the director, no health checks, no logging, `option splice-auto` (its bulk
+//! relay at its best: splice(2) when a transfer is large), run in the foreground (`-db`) as
 //! one process (its threads included in its `/proc/PID/stat`). It parses nothing and routes
 //! no user: the cost of a generic proxy that the director is measured against.
 
@@ -9,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Connections HAProxy takes: two descriptors each must fit in this machine's 20,000 per
-/// process (it refuses to start when it cannot raise its limit to what maxconn needs).
-pub const MAXCONN: usize = 9_800;
+/// process with its splice pipes (`maxpipes`) beside them (it refuses to start when it
+/// cannot raise its limit to what maxconn and maxpipes need).
+pub const MAXCONN: usize = 9_300;
 
 /// A running HAProxy; dropping it kills it.
 pub struct Haproxy {
@@ -29,8 +31,8 @@ impl Haproxy {
         std::fs::write(
             &config,
             format!(
-                "global\n  maxconn {MAXCONN}\n  ulimit-n 19900\n\
-                 defaults\n  mode tcp\n  maxconn {MAXCONN}\n  timeout connect 5s\n  \
+                "global\n  maxconn {MAXCONN}\n  maxpipes 256\n  ulimit-n 19900\n\
+                 defaults\n  mode tcp\n  option splice-auto\n  maxconn {MAXCONN}\n  timeout connect 5s\n  \
                  timeout client 1h\n  timeout server 1h\n\
                  listen imap\n  bind {listen}\n  balance roundrobin\n{servers}"
             ),
@@ -65,12 +67,17 @@ impl Haproxy {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Kills it and waits until it is gone (its port free again).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

@@ -5,6 +5,7 @@
 //! - No argument: the director beside HAProxy and direct connections in front of the same two
 //!   backends: logins/s, CPU per session, NOOP round trip, bulk relay, idle memory, listen
 //!   backlog, a reconnect storm; one table of ratios ([`versus`]).
+//! - `profile`: `perf record` of the director during logins, and the top of the report.
 //! - `auth`: logins through a Dovecot auth service (dovecot mode) against passthrough and
 //!   direct logins ([`auth`]).
 //! - `cluster`: what cluster mode costs (etcd in the login path, logins/s over two
@@ -41,6 +42,7 @@ fn main() {
         None => versus::run(),
         Some("auth") => auth::run(),
         Some("cluster") => cluster::run(),
+        Some("profile") => versus::profile(),
         Some(other) => {
             panic!("unknown benchmark {other:?}: none (director vs HAProxy vs direct), `auth` or `cluster`")
         }

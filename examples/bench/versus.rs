@@ -17,7 +17,9 @@
 //! - a large `FETCH` (`BENCH_MESSAGE_MB`, default 54 MB, `BENCH_FETCHES` times, default 10):
 //!   MB/s, and the proxy's CPU time per GB relayed;
 //! - RSS per idle relayed IMAP session (logged in, in `IDLE`) at `BENCH_IDLE` sessions
-//!   (default 9000), the RSS growth over the sessions; for the director also over TLS
+//!   (default 9000), the RSS growth over the sessions of a freshly started proxy (memory
+//!   freed by earlier figures would otherwise be reused and hide growth); for the director
+//!   also over TLS
 //!   (`BENCH_IDLE_TLS`, default 3000, implicit TLS from the client);
 //! - the listen backlog of the listening socket (`ss -ltn`, Send-Q);
 //! - a reconnect storm: `BENCH_STORM` clients (default 9000) connect within one second from
@@ -68,6 +70,11 @@ struct Setup {
     director_process: DirectorProcess,
     haproxy_process: Haproxy,
     tls: Arc<rustls::ClientConfig>,
+    /// What it takes to start the director and HAProxy again.
+    director_config: std::path::PathBuf,
+    director_yaml: String,
+    director_log: std::path::PathBuf,
+    dir: std::path::PathBuf,
 }
 
 impl Setup {
@@ -77,6 +84,28 @@ impl Setup {
             Target::Direct => self.backends.clone(),
             Target::Director => vec![self.director],
             Target::Haproxy => vec![self.haproxy],
+        }
+    }
+
+    /// Starts the proxy of `t` again: a fresh process for a memory figure that earlier
+    /// figures' allocations (freed but kept by the allocator) would blur.
+    fn restart(&mut self, t: Target) {
+        match t {
+            Target::Direct => {}
+            Target::Director => {
+                self.director_process.kill();
+                self.director_process = DirectorProcess::start_logging(
+                    &self.director_config,
+                    &self.director_yaml,
+                    self.director,
+                    &self.director_log,
+                    "info",
+                );
+            }
+            Target::Haproxy => {
+                self.haproxy_process.kill();
+                self.haproxy_process = Haproxy::start(&self.dir, self.haproxy, &self.backends);
+            }
         }
     }
 
@@ -106,50 +135,7 @@ pub fn run() {
     let n_idle_tls = env_or("BENCH_IDLE_TLS", 3000usize);
     let n_storm = env_or("BENCH_STORM", 9000usize);
 
-    let pool = Pool::start_with(dovecot::PoolOptions {
-        backends: 2,
-        extra_config: "service imap {\n  service_count = 0\n  client_limit = 1000\n  \
-                       process_limit = 100\n}\nservice stats {\n  client_limit = 20000\n}\n\
-                       service anvil {\n  client_limit = 20000\n}\n"
-            .into(),
-        ..dovecot::PoolOptions::default()
-    });
-    let backends: Vec<SocketAddr> = pool.backends.iter().map(|b| b.imap()).collect();
-    let (p1, p2, p3) = (ports::free_port(), ports::free_port(), ports::free_port());
-    let director: SocketAddr = format!("127.0.0.1:{p1}").parse().unwrap();
-    let director_tls: SocketAddr = format!("127.0.0.1:{p2}").parse().unwrap();
-    let haproxy: SocketAddr = format!("127.0.0.1:{p3}").parse().unwrap();
-    let mut yaml = format!(
-        "trusted_networks: [127.0.0.0/8]\ntls:\n  cert: {}\n  key: {}\n\
-         listeners:\n  - {{protocol: imap, address: {director}}}\n  \
-         - {{protocol: imap, address: {director_tls}, tls: implicit}}\n\
-         backend_defaults:\n  ports: {{imap: {}}}\nbackends:\n",
-        pool.tls.cert.display(),
-        pool.tls.key.display(),
-        dovecot::IMAP_PORT,
-    );
-    for b in &pool.backends {
-        yaml += &format!("  - host: {}\n", b.ip);
-    }
-    yaml += &format!("admin:\n  socket: {}/admin.sock\n", pool.dir().display());
-    let log = pool.dir().join("director.log");
-    let director_process = DirectorProcess::start_logging(
-        &pool.dir().join("director.yaml"),
-        &yaml,
-        director,
-        &log,
-        "info",
-    );
-    let haproxy_process = Haproxy::start(pool.dir(), haproxy, &backends);
-    let setup = Setup {
-        backends,
-        director,
-        director_tls,
-        haproxy,
-        director_process,
-        haproxy_process,
-        tls: client_tls(&pool.tls.ca),
-    };
+    let (_pool, mut setup) = start();
     println!(
         "# director vs HAProxy vs direct: 2 Dovecot backends, {rounds} rounds, load average {}",
         load_average()
@@ -219,11 +205,13 @@ pub fn run() {
         }
     }
     for t in [Target::Director, Target::Haproxy] {
+        setup.restart(t);
         let pid = setup.pid(t).unwrap();
         let kib = idle_kib(pid, setup.addrs(t)[0], n_idle, None);
         table.add(t, &format!("RSS per idle session at {n_idle} (KiB)"), kib);
         println!("{:<8} idle: {kib:.2} KiB per session", t.name());
     }
+    setup.restart(Target::Director);
     let kib = idle_kib(
         setup.director_process.pid(),
         setup.director_tls,
@@ -272,6 +260,170 @@ pub fn run() {
     }
     println!("load average at the end: {}", load_average());
     table.print();
+}
+
+/// The two backends, the director (logging at `info` to a file, as deployed) and HAProxy.
+fn start() -> (Pool, Setup) {
+    let pool = Pool::start_with(dovecot::PoolOptions {
+        backends: 2,
+        extra_config: "service imap {\n  service_count = 0\n  client_limit = 1000\n  \
+                       process_limit = 100\n}\nservice stats {\n  client_limit = 20000\n}\n\
+                       service anvil {\n  client_limit = 20000\n}\n"
+            .into(),
+        ..dovecot::PoolOptions::default()
+    });
+    let backends: Vec<SocketAddr> = pool.backends.iter().map(|b| b.imap()).collect();
+    let (p1, p2, p3) = (ports::free_port(), ports::free_port(), ports::free_port());
+    let director: SocketAddr = format!("127.0.0.1:{p1}").parse().unwrap();
+    let director_tls: SocketAddr = format!("127.0.0.1:{p2}").parse().unwrap();
+    let haproxy: SocketAddr = format!("127.0.0.1:{p3}").parse().unwrap();
+    let mut yaml = format!(
+        "trusted_networks: [127.0.0.0/8]\ntls:\n  cert: {}\n  key: {}\n\
+         listeners:\n  - {{protocol: imap, address: {director}}}\n  \
+         - {{protocol: imap, address: {director_tls}, tls: implicit}}\n\
+         backend_defaults:\n  ports: {{imap: {}}}\nbackends:\n",
+        pool.tls.cert.display(),
+        pool.tls.key.display(),
+        dovecot::IMAP_PORT,
+    );
+    for b in &pool.backends {
+        yaml += &format!("  - host: {}\n", b.ip);
+    }
+    yaml += &format!("admin:\n  socket: {}/admin.sock\n", pool.dir().display());
+    let log = pool.dir().join("director.log");
+    let director_config = pool.dir().join("director.yaml");
+    let director_process =
+        DirectorProcess::start_logging(&director_config, &yaml, director, &log, "info");
+    let haproxy_process = Haproxy::start(pool.dir(), haproxy, &backends);
+    let setup = Setup {
+        backends,
+        director,
+        director_tls,
+        haproxy,
+        director_process,
+        haproxy_process,
+        tls: client_tls(&pool.tls.ca),
+        director_config,
+        director_yaml: yaml,
+        director_log: log,
+        dir: pool.dir().to_owned(),
+    };
+    (pool, setup)
+}
+
+/// `scripts/bench profile`: where the director's CPU goes while 50 clients log in and out
+/// for `BENCH_SECONDS` (default 10): `perf record -g` of the director process, then the
+/// functions that took the most samples (`perf report`, self time). perf.data is left in
+/// `target/bench-profile/` for a closer look (`perf report -i ...`).
+pub fn profile() {
+    let secs = env_or("BENCH_SECONDS", 10u64);
+    let (_pool, setup) = start();
+    login_rate(
+        &setup.addrs(Target::Director),
+        4,
+        Duration::from_millis(500),
+    );
+    let out = std::path::Path::new("target/bench-profile");
+    std::fs::create_dir_all(out).unwrap();
+    let data = out.join("perf.data");
+    let mut perf = std::process::Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-o"])
+        .arg(&data)
+        .args(["-p", &setup.director_process.pid().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("perf (Debian: linux-perf) runs");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu(setup.director_process.pid());
+    let (n, wall) = login_rate(
+        &setup.addrs(Target::Director),
+        50,
+        Duration::from_secs(secs),
+    );
+    let used = cpu(setup.director_process.pid()) - before;
+    dovecot::signal(perf.id(), "INT");
+    let _ = perf.wait();
+    println!(
+        "# {n} logins in {:.1} s ({:.0}/s), director CPU {:.3} ms per session",
+        wall.as_secs_f64(),
+        n as f64 / wall.as_secs_f64(),
+        used.as_secs_f64() * 1e3 / n as f64
+    );
+    let report = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--no-children",
+            "--stdio",
+            "--sort",
+            "dso,symbol",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(&data)
+        .output()
+        .expect("perf report");
+    let text = String::from_utf8_lossy(&report.stdout);
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(60)
+    {
+        println!("{line}");
+    }
+    println!("# perf.data: {}", data.display());
+
+    // Syscalls per session, director and HAProxy alike (strace slows both down: read the
+    // counts, not the rates).
+    for t in [Target::Director, Target::Haproxy] {
+        let pid = setup.pid(t).unwrap();
+        let mut strace = std::process::Command::new("strace")
+            .args(["-c", "-f", "-q", "-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("strace runs (Debian: strace)");
+        std::thread::sleep(Duration::from_millis(500));
+        let (n, _) = login_rate(&setup.addrs(t), 10, Duration::from_secs(3));
+        dovecot::signal(strace.id(), "INT");
+        let mut text = String::new();
+        strace
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        let _ = strace.wait();
+        let mut total = 0u64;
+        let mut rows = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // % time, seconds, usecs/call, calls, [errors,] syscall
+            if f.len() >= 5 && f[0].parse::<f64>().is_ok() {
+                let calls: u64 = f[3].parse().unwrap_or(0);
+                let name = f[f.len() - 1];
+                if name == "total" {
+                    continue;
+                }
+                total += calls;
+                rows.push((calls, name.to_owned()));
+            }
+        }
+        rows.sort_by(|a, b| b.0.cmp(&a.0));
+        let per = |c: u64| c as f64 / n.max(1) as f64;
+        let top: Vec<String> = rows
+            .iter()
+            .take(12)
+            .map(|(c, name)| format!("{name} {:.1}", per(*c)))
+            .collect();
+        println!(
+            "# {}: {:.1} syscalls per session ({n} sessions): {}",
+            t.name(),
+            per(total),
+            top.join(", ")
+        );
+    }
 }
 
 /// Figures per target and row, in the order first added.
