@@ -410,7 +410,7 @@ pub fn profile() {
                 rows.push((calls, name.to_owned()));
             }
         }
-        rows.sort_by(|a, b| b.0.cmp(&a.0));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.0));
         let per = |c: u64| c as f64 / n.max(1) as f64;
         let top: Vec<String> = rows
             .iter()
