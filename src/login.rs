@@ -23,13 +23,14 @@
 //! its name for the user is what is routed, a `host` pins the user outside the ring, a
 //! `director_tag` picks the pool, and `port`, TLS and `proxy_timeout` apply to this login.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::auth::service::{AuthService, Exchange};
@@ -69,6 +70,27 @@ pub struct Login {
     /// The settings of a backend that an auth service names (`host`) and the configuration
     /// does not: `backend_defaults`.
     pub default_settings: Arc<BackendSettings>,
+    /// Turns for logins per backend (`max_logins_in_flight`), shared by every listener.
+    pub gates: LoginGates,
+}
+
+/// Per backend, how many logins may be under way at once: a semaphore per backend address
+/// and limit (a reload that changes the limit starts a new one). Shared by every listener's
+/// [`Login`].
+#[derive(Clone, Default)]
+pub struct LoginGates(Arc<Mutex<HashMap<(std::net::IpAddr, u32), Arc<Semaphore>>>>);
+
+impl LoginGates {
+    /// The gate of `backend`.
+    fn of(&self, backend: &Backend) -> Arc<Semaphore> {
+        let limit = backend.settings.max_logins_in_flight.max(1);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((backend.ip, limit))
+            .or_insert_with(|| Arc::new(Semaphore::new(limit as usize)))
+            .clone()
+    }
 }
 
 /// The authenticator of one listener: its auth service, if it has one, then the backend
@@ -156,6 +178,10 @@ enum Failed {
     /// Called off: the backend stopped serving, the user was moved or kicked, or another
     /// login of the user sent its credentials to another backend. Route again.
     Cancelled,
+    /// No turn among the backend's `max_logins_in_flight` logins within `login_timeout`:
+    /// nothing was sent, and nothing is concluded about its health (it is busy, not broken);
+    /// the client gets a temporary failure, and the user goes nowhere else.
+    Busy(u32),
 }
 
 impl Login {
@@ -170,6 +196,13 @@ impl Login {
     ) -> Result<BackendLoginResult, BackendError> {
         let settings = &backend.settings;
         let addr = backend.address(decision.protocol);
+        // Wait for a turn before anything reaches the backend: that wait is not the
+        // backend's doing, so none of its deadlines (nor the hung-backend watch) runs yet.
+        let gate = self.gates.of(backend);
+        let _turn = match tokio::time::timeout(settings.login_timeout, gate.acquire_owned()).await {
+            Ok(Ok(turn)) => turn,
+            _ => return Err(BackendError::Busy(settings.max_logins_in_flight)),
+        };
         let tcp =
             match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
                 Err(_) => {
@@ -404,6 +437,7 @@ fn classify(
         Ok(r) => Ok(r),
         Err(BackendError::Cancelled) => Err(Failed::Cancelled),
         Err(BackendError::Unsendable(why)) => Err(Failed::Unsendable(why)),
+        Err(BackendError::Busy(limit)) => Err(Failed::Busy(limit)),
         Err(e) if committed => Err(Failed::AfterCredentials(e)),
         Err(error) => {
             let code = match (&error, connected) {
@@ -741,7 +775,7 @@ impl Login {
                     Ok(BackendLoginResult::TempFailed { .. }) => {
                         Some(BackendLoginOutcome::Unavailable)
                     }
-                    Err(Failed::Unsendable(_) | Failed::Cancelled) => None,
+                    Err(Failed::Unsendable(_) | Failed::Cancelled | Failed::Busy(_)) => None,
                     Err(_) => Some(BackendLoginOutcome::Error),
                 };
                 if let Some(o) = outcome {
@@ -826,6 +860,11 @@ impl Login {
                         debug!(session = %session_id, user = %shown_user, backend = %addr,
                                "login called off: the user's backend changed; routing again");
                         continue 'round;
+                    }
+                    Err(Failed::Busy(limit)) => {
+                        warn!(session = %session_id, user = %shown_user, backend = %addr, max_logins_in_flight = limit,
+                              "no turn to log in on the backend within login_timeout: temporary failure");
+                        return Err(unavailable());
                     }
                     Err(Failed::BeforeCredentials { code, error }) => {
                         warn!(session = %session_id, user = %shown_user, backend = %addr, code = %code, error = %error,

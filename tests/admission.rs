@@ -462,3 +462,73 @@ fn listeners_take_the_systems_backlog_or_the_configured_one() {
     assert_eq!(listen_backlog(d.imap), 77);
     assert_eq!(listen_backlog(d.pop3), 77);
 }
+
+/// `n` IMAP logins through `addr` started at once (users taken in turn), each held until all
+/// are done; how many failed, with the first failure.
+fn logins_at_once(addr: std::net::SocketAddr, n: usize) -> (usize, Option<String>) {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut c = Conn::connect(addr);
+                c.socket()
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                let greeting = c.line();
+                let u = user(1 + i % 200);
+                let reply = c.imap("a", &format!("LOGIN {u} {PASSWORD}"));
+                let last = reply.last().cloned().unwrap_or_default();
+                let ok = greeting.starts_with("* OK") && last.starts_with("a OK");
+                (ok, format!("{greeting} / {last}"))
+            })
+        })
+        .collect();
+    let results: Vec<(bool, String)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let failed: Vec<&String> = results
+        .iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, r)| r)
+        .collect();
+    (failed.len(), failed.first().map(|s| s.to_string()))
+}
+
+#[test]
+fn a_login_storm_is_fed_to_a_backend_at_the_pace_of_its_login_processes() {
+    // Dovecot's default login service: one process per connection, and here only 6 of them
+    // (the default is 100). A burst beyond that is dropped by Dovecot's master; the director
+    // lets at most `max_logins_in_flight` logins at a time reach the backend, the rest wait.
+    let pool = Pool::start_with(support::dovecot::PoolOptions {
+        backends: 1,
+        extra_config: "service imap-login {\n  service_count = 1\n  client_limit = 1\n  \
+                       process_limit = 6\n}\nauth_failure_delay = 0\n"
+            .into(),
+        ..support::dovecot::PoolOptions::default()
+    });
+    let paced = |max: u32| {
+        let yaml = config_with_limits(
+            &pool,
+            &DirectorOptions::default(),
+            "  max_preauth_per_ip: 1000\n",
+        )
+        .replacen(
+            "backend_defaults:\n",
+            &format!("backend_defaults:\n  max_logins_in_flight: {max}\n"),
+            1,
+        );
+        TestDirector::start_yaml(&yaml)
+    };
+    let d = paced(3);
+    let (failed, first) = logins_at_once(d.imap, 120);
+    assert_eq!(failed, 0, "paced logins failed; first: {first:?}");
+    // The control: the same burst with more logins in flight than the backend has login
+    // processes.
+    let d = paced(1000);
+    let (failed, first) = logins_at_once(d.imap, 120);
+    println!("unpaced: {failed} of 120 failed; first: {first:?}");
+    assert!(
+        failed > 0,
+        "the backend took an unpaced burst: the test proves nothing"
+    );
+}

@@ -43,6 +43,7 @@ fn main() {
         Some("auth") => auth::run(),
         Some("cluster") => cluster::run(),
         Some("profile") => versus::profile(),
+        Some("storm") => versus::storm_only(),
         Some(other) => {
             panic!("unknown benchmark {other:?}: none (director vs HAProxy vs direct), `auth` or `cluster`")
         }

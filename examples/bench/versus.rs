@@ -264,12 +264,15 @@ pub fn run() {
 
 /// The two backends, the director (logging at `info` to a file, as deployed) and HAProxy.
 fn start() -> (Pool, Setup) {
+    // BENCH_BACKEND_EXTRA: Dovecot settings appended to the backends' (e.g. their login
+    // limits, to see a storm meet them).
     let pool = Pool::start_with(dovecot::PoolOptions {
         backends: 2,
         extra_config: "service imap {\n  service_count = 0\n  client_limit = 1000\n  \
                        process_limit = 100\n}\nservice stats {\n  client_limit = 20000\n}\n\
                        service anvil {\n  client_limit = 20000\n}\n"
-            .into(),
+            .to_owned()
+            + &std::env::var("BENCH_BACKEND_EXTRA").unwrap_or_default(),
         ..dovecot::PoolOptions::default()
     });
     let backends: Vec<SocketAddr> = pool.backends.iter().map(|b| b.imap()).collect();
@@ -281,10 +284,12 @@ fn start() -> (Pool, Setup) {
         "trusted_networks: [127.0.0.0/8]\ntls:\n  cert: {}\n  key: {}\n\
          listeners:\n  - {{protocol: imap, address: {director}}}\n  \
          - {{protocol: imap, address: {director_tls}, tls: implicit}}\n\
-         backend_defaults:\n  ports: {{imap: {}}}\nbackends:\n",
+         backend_defaults:\n  ports: {{imap: {}}}\n  max_logins_in_flight: {}\nbackends:\n",
         pool.tls.cert.display(),
         pool.tls.key.display(),
         dovecot::IMAP_PORT,
+        // BENCH_MAX_LOGINS: the director's max_logins_in_flight per backend.
+        env_or("BENCH_MAX_LOGINS", 40u32),
     );
     for b in &pool.backends {
         yaml += &format!("  - host: {}\n", b.ip);
@@ -309,6 +314,29 @@ fn start() -> (Pool, Setup) {
         dir: pool.dir().to_owned(),
     };
     (pool, setup)
+}
+
+/// `scripts/bench storm`: only the reconnect storm, for the three targets.
+pub fn storm_only() {
+    let n_storm = env_or("BENCH_STORM", 9000usize);
+    let (_pool, setup) = start();
+    for t in TARGETS {
+        let s = storm(&setup.addrs(t), n_storm, Duration::from_secs(1));
+        println!(
+            "{:<8} storm of {n_storm}: all greeted after {:.2} s, all logged in after {:.2} s, \
+             {} failed, SYN retransmits {}, listen overflows {}",
+            t.name(),
+            s.greeted.as_secs_f64(),
+            s.logged_in.as_secs_f64(),
+            s.failed,
+            s.syn_retransmits,
+            s.listen_overflows
+        );
+        if let Some(e) = &s.first_error {
+            println!("  first failure: {e}");
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
 }
 
 /// `scripts/bench profile`: where the director's CPU goes while 50 clients log in and out

@@ -516,6 +516,10 @@ pub struct BackendDefaults {
     pub greeting_timeout: HumanDuration,
     /// Time a backend has to answer the user's credentials.
     pub login_timeout: HumanDuration,
+    /// Logins under way to one backend at once (connect to its answer to the credentials);
+    /// more wait for their turn, up to `login_timeout`. A reconnect storm then reaches a
+    /// backend at the pace it logs users in instead of overrunning its login processes.
+    pub max_logins_in_flight: u32,
 }
 
 impl Default for BackendDefaults {
@@ -529,6 +533,7 @@ impl Default for BackendDefaults {
             connect_timeout: secs(5),
             greeting_timeout: secs(2),
             login_timeout: secs(30),
+            max_logins_in_flight: 40,
         }
     }
 }
@@ -571,6 +576,7 @@ pub struct BackendSettings {
     pub connect_timeout: Duration,
     pub greeting_timeout: Duration,
     pub login_timeout: Duration,
+    pub max_logins_in_flight: u32,
 }
 
 impl BackendSettings {
@@ -639,6 +645,7 @@ impl Config {
             connect_timeout: d.connect_timeout.into(),
             greeting_timeout: d.greeting_timeout.into(),
             login_timeout: d.login_timeout.into(),
+            max_logins_in_flight: d.max_logins_in_flight,
         }
     }
 
@@ -800,6 +807,12 @@ impl Config {
             return Err(err(
                 "backend_defaults.connect_timeout",
                 "must be longer than 0s",
+            ));
+        }
+        if self.backend_defaults.max_logins_in_flight == 0 {
+            return Err(err(
+                "backend_defaults.max_logins_in_flight",
+                "must be at least 1",
             ));
         }
         if self.backend_defaults.greeting_timeout.0.is_zero() {

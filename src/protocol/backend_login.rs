@@ -91,4 +91,8 @@ pub enum BackendError {
     /// [`BackendLoginRequest::commit`]), or while waiting for the backend (its user moved).
     #[error("login called off: the user's backend changed")]
     Cancelled,
+    /// No turn among the backend's logins in flight (`max_logins_in_flight`, the number) in
+    /// time: the backend was sent nothing.
+    #[error("no turn among the backend's {0} logins in flight")]
+    Busy(u32),
 }

@@ -188,6 +188,7 @@ pub fn outcome(result: LoginResult) -> Outcome {
         Err(BackendError::Timeout(_)) => Outcome::Timeout,
         Err(BackendError::Cancelled) => Outcome::Cancelled,
         Err(BackendError::Io(_)) => Outcome::Io,
+        Err(BackendError::Busy(_)) => unreachable!("backend logins never wait for a turn"),
     }
 }
 

@@ -93,6 +93,7 @@ fn listener_shared(
             metrics: login.metrics.clone(),
             master_user_separator: config.auth_master_user_separator.chars().next(),
             default_settings: Arc::new(config.settings_for_host("")),
+            gates: login.gates.clone(),
         },
         auth: auth_services.for_config(config, &login.metrics),
         lookups: auth_services.lookups_for_config(config, &login.metrics),
@@ -178,6 +179,7 @@ impl Director {
             metrics: metrics.clone(),
             master_user_separator: config.auth_master_user_separator.chars().next(),
             default_settings: Arc::new(config.settings_for_host("")),
+            gates: crate::login::LoginGates::default(),
         };
         let auth_services = auth_services::AuthServices::default();
         let per_ip = crate::net::admission::PerIpLimit::new(config.limits.max_preauth_per_ip);
