@@ -78,7 +78,10 @@ pub struct Login {
 /// and limit (a reload that changes the limit starts a new one). Shared by every listener's
 /// [`Login`].
 #[derive(Clone, Default)]
-pub struct LoginGates(Arc<Mutex<HashMap<(std::net::IpAddr, u32), Arc<Semaphore>>>>);
+pub struct LoginGates(Arc<Mutex<GateMap>>);
+
+/// A login gate per (backend address, `max_logins_in_flight`).
+type GateMap = HashMap<(std::net::IpAddr, u32), Arc<Semaphore>>;
 
 impl LoginGates {
     /// The gate of `backend`.
