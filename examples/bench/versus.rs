@@ -227,19 +227,7 @@ pub fn run() {
 
     for t in TARGETS {
         let s = storm(&setup.addrs(t), n_storm, Duration::from_secs(1));
-        println!(
-            "{:<8} storm of {n_storm}: all greeted after {:.2} s, all logged in after {:.2} s, \
-             {} failed, SYN retransmits {}, listen overflows {}",
-            t.name(),
-            s.greeted.as_secs_f64(),
-            s.logged_in.as_secs_f64(),
-            s.failed,
-            s.syn_retransmits,
-            s.listen_overflows
-        );
-        if let Some(e) = &s.first_error {
-            println!("  first failure: {e}");
-        }
+        s.print(t, n_storm);
         table.add(
             t,
             &format!("storm of {n_storm}: all logged in after (s)"),
@@ -322,19 +310,7 @@ pub fn storm_only() {
     let (_pool, setup) = start();
     for t in TARGETS {
         let s = storm(&setup.addrs(t), n_storm, Duration::from_secs(1));
-        println!(
-            "{:<8} storm of {n_storm}: all greeted after {:.2} s, all logged in after {:.2} s, \
-             {} failed, SYN retransmits {}, listen overflows {}",
-            t.name(),
-            s.greeted.as_secs_f64(),
-            s.logged_in.as_secs_f64(),
-            s.failed,
-            s.syn_retransmits,
-            s.listen_overflows
-        );
-        if let Some(e) = &s.first_error {
-            println!("  first failure: {e}");
-        }
+        s.print(t, n_storm);
         std::thread::sleep(Duration::from_secs(3));
     }
 }
@@ -658,6 +634,25 @@ struct Storm {
     first_error: Option<String>,
     syn_retransmits: u64,
     listen_overflows: u64,
+}
+
+impl Storm {
+    /// Prints what the storm of `n` clients to `t` saw, and its first failure.
+    fn print(&self, t: Target, n: usize) {
+        println!(
+            "{:<8} storm of {n}: all greeted after {:.2} s, all logged in after {:.2} s, \
+             {} failed, SYN retransmits {}, listen overflows {}",
+            t.name(),
+            self.greeted.as_secs_f64(),
+            self.logged_in.as_secs_f64(),
+            self.failed,
+            self.syn_retransmits,
+            self.listen_overflows
+        );
+        if let Some(e) = &self.first_error {
+            println!("  first failure: {e}");
+        }
+    }
 }
 
 /// `n` clients connect to `addrs` (in turn) spread evenly over `within`, from 150 client
