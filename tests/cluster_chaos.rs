@@ -817,6 +817,35 @@ fn without_move_acks_the_oracle_finds_users_on_two_backends() {
     );
 }
 
+/// What a user's record in etcd holds while a move of the user is under way.
+const MOVE_MARK: &str = "\"m\":";
+
+/// Every user record in etcd, as `etcdctl get` prints them.
+fn user_records(etcd: &EtcdCluster) -> String {
+    etcd.etcdctl(&["get", "--prefix", "/director/users/"])
+}
+
+/// Waits (10 s at most) until a record in etcd is marked as moving (`u`'s, in these tests).
+fn wait_for_a_move_mark(etcd: &EtcdCluster, u: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !user_records(etcd).contains(MOVE_MARK) {
+        assert!(Instant::now() < deadline, "{u} was never marked as moving");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `director move U IP` through `d`'s admin socket, on a thread of its own (it waits for
+/// the move's acknowledgements).
+fn move_in_background(
+    d: &MemberProcess,
+    u: &str,
+    ip: std::net::IpAddr,
+) -> std::thread::JoinHandle<support::command::Ran> {
+    let cli = support::admin_cli::AdminCli::over(d.cli.config.clone());
+    let (u, ip) = (u.to_owned(), ip.to_string());
+    std::thread::spawn(move || cli.run(&["move", &u, &ip], None))
+}
+
 /// Found by the chaos: a director SIGKILLed while its move waited for acknowledgements and
 /// restarted (same `director_id`) before its lease expired stayed a member, so nobody took
 /// its move over and the user's record stayed `moving`: every later login of the user
@@ -838,23 +867,8 @@ fn a_move_left_by_a_killed_director_is_finished_when_it_restarts() {
     // d2 cannot hear of the move: d1 waits for its acknowledgement (until d2's lease ends).
     let mut cut = etcd.partition();
     cut.cut();
-    let mover = {
-        let (cli, u, ip) = (
-            support::admin_cli::AdminCli::over(d1.cli.config.clone()),
-            u.clone(),
-            to.ip.to_string(),
-        );
-        std::thread::spawn(move || cli.run(&["move", &u, &ip], None))
-    };
-    let moving = || {
-        etcd.etcdctl(&["get", "--prefix", "/director/users/"])
-            .contains("\"m\":")
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !moving() {
-        assert!(Instant::now() < deadline, "d1 never marked {u} as moving");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mover = move_in_background(&d1, &u, to.ip);
+    wait_for_a_move_mark(&etcd, &u);
     d1.kill();
     d1.restart();
     let _ = mover.join();
@@ -864,10 +878,10 @@ fn a_move_left_by_a_killed_director_is_finished_when_it_restarts() {
         again.is_ok(),
         "{u} cannot log in after d1's restart: {:?}; records:\n{}",
         again.err(),
-        etcd.etcdctl(&["get", "--prefix", "/director/users/"])
+        user_records(&etcd)
     );
     assert!(
-        !moving(),
+        !user_records(&etcd).contains(MOVE_MARK),
         "the move is still marked after a login went through"
     );
 }
@@ -888,22 +902,8 @@ fn a_director_restarted_during_a_move_acknowledges_it() {
     let to = pool.backends.iter().find(|b| b.name != on).unwrap();
     // Killed, d2 keeps its membership until its lease expires: d1's move waits for it.
     d2.kill();
-    let mover = {
-        let (cli, u, ip) = (
-            support::admin_cli::AdminCli::over(d1.cli.config.clone()),
-            u.clone(),
-            to.ip.to_string(),
-        );
-        std::thread::spawn(move || cli.run(&["move", &u, &ip], None))
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !etcd
-        .etcdctl(&["get", "--prefix", "/director/users/"])
-        .contains("\"m\":")
-    {
-        assert!(Instant::now() < deadline, "d1 never marked {u} as moving");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mover = move_in_background(&d1, &u, to.ip);
+    wait_for_a_move_mark(&etcd, &u);
     d2.restart();
     let moved = mover.join().unwrap();
     assert!(moved.ok, "move: {}", moved.text());
