@@ -7,8 +7,8 @@ mod support;
 use support::client::{base64, Conn};
 use support::director::TestDirector;
 use support::dovecot::{user, PASSWORD};
-use support::logs::{login_lines, wait_logins};
-use support::sieve_connect::{sieve_connect, sieve_connect_with};
+use support::logs::{assert_logins_only_on, wait_logins};
+use support::sieve_connect::{assert_active, sieve_connect, sieve_connect_with};
 
 #[test]
 fn sieve_connect_uploads_lists_activates_and_fetches_through_the_director() {
@@ -52,21 +52,8 @@ fn sieve_connect_uploads_lists_activates_and_fetches_through_the_director() {
 
     // Every session went to the user's backend, and that backend sees the active script when
     // the client talks to it directly.
-    let (ok, out) = sieve_connect(home.sieve(), &u, &["--list"]);
-    assert!(ok, "direct list: {out}");
-    assert!(
-        out.lines()
-            .any(|l| l.contains("lists") && l.contains("ACTIVE")),
-        "{out}"
-    );
-    for b in &pool.backends {
-        let logins = login_lines(&b.log(), "managesieve-login", &u).len();
-        if b.name == home.name {
-            assert!(logins >= 4, "{} saw {logins} logins of {u}", b.name);
-        } else {
-            assert_eq!(logins, 0, "{} saw a login of {u}:\n{}", b.name, b.log());
-        }
-    }
+    assert_active(home.sieve(), &u, "lists");
+    assert_logins_only_on(&pool, home, "managesieve-login", &u, 4);
     // A wrong password is a failed login, not an error of the director.
     let (ok, _) = sieve_connect_with(d.sieve, &u, "wrong", &["--list"]);
     assert!(!ok);

@@ -13,9 +13,9 @@ use crate::support::dovecot::{
     user, DovecotVersion, Pool, PoolOptions, MASTER_PASSWORD, MASTER_USER, PASSWORD,
 };
 use crate::support::health_checks;
-use crate::support::logs::{field, login_lines, tls_flag, wait_login};
+use crate::support::logs::{assert_logins_only_on, field, login_lines, tls_flag, wait_login};
 use crate::support::proxied_logins::{logins_via_proxy, v1_header, v2_header};
-use crate::support::sieve_connect::{sieve_connect, sieve_connect_with};
+use crate::support::sieve_connect::{assert_active, sieve_connect, sieve_connect_with};
 use crate::support::swaks::{self, Target};
 
 /// Users `first..first + n` (the tests of this file take disjoint ranges: they run at once
@@ -206,21 +206,8 @@ fn managesieve_uploads_and_activates_on_the_users_backend() {
     let (ok, out) = sieve_connect(d.sieve, &u, &["--activate", "--remotesieve", "kept"]);
     assert!(ok, "activate: {out}");
     // The backend itself, asked directly, has the script active.
-    let (ok, out) = sieve_connect(home.sieve(), &u, &["--list"]);
-    assert!(ok, "direct list: {out}");
-    assert!(
-        out.lines()
-            .any(|l| l.contains("kept") && l.contains("ACTIVE")),
-        "{out}"
-    );
-    for b in &pool.backends {
-        let logins = login_lines(&b.log(), "managesieve-login", &u).len();
-        if b.name == home.name {
-            assert!(logins >= 3, "{} saw {logins} logins of {u}", b.name);
-        } else {
-            assert_eq!(logins, 0, "{} saw a login of {u}", b.name);
-        }
-    }
+    assert_active(home.sieve(), &u, "kept");
+    assert_logins_only_on(pool, home, "managesieve-login", &u, 3);
     let (ok, _) = sieve_connect_with(d.sieve, &u, "wrong", &["--list"]);
     assert!(!ok, "a wrong password logged in");
 }

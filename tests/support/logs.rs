@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use super::dovecot::Backend;
+use super::dovecot::{Backend, Pool};
 use super::wait::wait_until;
 
 /// How long a log line may take to appear.
@@ -28,6 +28,29 @@ pub fn login_lines(log: &str, service: &str, user: &str) -> Vec<String> {
         .filter(|l| l.contains(&format!("{service}: ")) && needles.iter().any(|n| l.contains(n)))
         .map(str::to_owned)
         .collect()
+}
+
+/// Every login of `user` by `service` went to `home`: it logged `at_least` of them, and no
+/// other backend of `pool` logged any.
+pub fn assert_logins_only_on(
+    pool: &Pool,
+    home: &Backend,
+    service: &str,
+    user: &str,
+    at_least: usize,
+) {
+    for b in &pool.backends {
+        let logins = login_lines(&b.log(), service, user).len();
+        if b.name == home.name {
+            assert!(
+                logins >= at_least,
+                "{} saw {logins} logins of {user}",
+                b.name
+            );
+        } else {
+            assert_eq!(logins, 0, "{} saw a login of {user}:\n{}", b.name, b.log());
+        }
+    }
 }
 
 /// Waits until `backend` has logged `n` logins of `user` by `service`, and returns them.

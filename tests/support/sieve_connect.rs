@@ -32,3 +32,14 @@ pub fn sieve_connect_with(
 pub fn sieve_connect(addr: SocketAddr, u: &str, args: &[&str]) -> (bool, String) {
     sieve_connect_with(addr, u, PASSWORD, args)
 }
+
+/// `addr` (a backend, asked directly) lists `script` of `u` as the active one.
+pub fn assert_active(addr: SocketAddr, u: &str, script: &str) {
+    let (ok, out) = sieve_connect(addr, u, &["--list"]);
+    assert!(ok, "list on {addr}: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains(script) && l.contains("ACTIVE")),
+        "{script} is not active on {addr}: {out}"
+    );
+}
