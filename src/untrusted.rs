@@ -44,9 +44,17 @@ impl fmt::Display for Shown<'_> {
         match self.text {
             ShownText::Str(s) => {
                 let cut = s.char_indices().nth(MAX_CHARS).map(|(i, _)| i);
-                for c in s[..cut.unwrap_or(s.len())].chars() {
-                    write_char(f, c)?;
+                let head = &s[..cut.unwrap_or(s.len())];
+                // Runs of characters that need no escape are written whole.
+                let mut plain = 0;
+                for (i, c) in head.char_indices() {
+                    if needs_escape(c) {
+                        f.write_str(&head[plain..i])?;
+                        write_char(f, c)?;
+                        plain = i + c.len_utf8();
+                    }
                 }
+                f.write_str(&head[plain..])?;
                 if let Some(at) = cut {
                     write!(f, "...(+{} bytes)", s.len() - at)?;
                 }
@@ -73,6 +81,11 @@ impl fmt::Debug for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "\"{self}\"")
     }
+}
+
+/// Whether `c` is written other than as itself.
+fn needs_escape(c: char) -> bool {
+    matches!(c, '\\' | '"') || c.is_control() || is_invisible(c)
 }
 
 fn write_char(f: &mut fmt::Formatter<'_>, c: char) -> fmt::Result {

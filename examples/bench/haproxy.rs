@@ -6,7 +6,7 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// Connections HAProxy takes: two descriptors each must fit in this machine's 20,000 per
@@ -39,7 +39,7 @@ impl Haproxy {
         )
         .unwrap();
         let log = std::fs::File::create(dir.join("haproxy.log")).unwrap();
-        let child = Command::new(binary())
+        let child = crate::measure::wrapped(binary())
             .arg("-db")
             .arg("-f")
             .arg(&config)
@@ -49,7 +49,8 @@ impl Haproxy {
             .spawn()
             .unwrap_or_else(|e| panic!("start haproxy (scripts/install-deps installs it): {e}"));
         let mut h = Haproxy { child };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: under valgrind (`scripts/bench callgrind`) it starts in seconds.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(listen).is_err() {
             if let Some(status) = h.child.try_wait().unwrap() {
                 let said = std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default();

@@ -1,11 +1,14 @@
 //! Benchmarks of the director against a direct connection to the same real Dovecot backend.
-//! Run with `./scripts/bench [auth|cluster]` (release build); it prints the figures for
+//! Run with `./scripts/bench [cpu|profile|callgrind|storm|auth|cluster]` (release build); it prints the figures for
 //! BENCHMARKS.md.
 //!
 //! - No argument: the director beside HAProxy and direct connections in front of the same two
 //!   backends: logins/s, CPU per session, NOOP round trip, bulk relay, idle memory, listen
 //!   backlog, a reconnect storm; one table of ratios ([`versus`]).
+//! - `cpu`: only logins/s and the proxy CPU per session, director beside HAProxy, 6 rounds.
 //! - `profile`: `perf record` of the director during logins, and the top of the report.
+//! - `callgrind`: user-space instructions per session, director and HAProxy (valgrind).
+//! - `storm`: only the reconnect storm.
 //! - `auth`: logins through a Dovecot auth service (dovecot mode) against passthrough and
 //!   direct logins ([`auth`]).
 //! - `cluster`: what cluster mode costs (etcd in the login path, logins/s over two
@@ -44,8 +47,10 @@ fn main() {
         Some("cluster") => cluster::run(),
         Some("profile") => versus::profile(),
         Some("storm") => versus::storm_only(),
+        Some("cpu") => versus::cpu_only(),
+        Some("callgrind") => versus::callgrind(),
         Some(other) => {
-            panic!("unknown benchmark {other:?}: none (director vs HAProxy vs direct), `auth` or `cluster`")
+            panic!("unknown benchmark {other:?}: none (director vs HAProxy vs direct), `cpu`, `profile`, `callgrind`, `storm`, `auth` or `cluster`")
         }
     }
 }

@@ -39,6 +39,24 @@ pub fn clock_tick() -> Duration {
     Duration::from_nanos(1_000_000_000 / hz)
 }
 
+/// Context switches of process `pid` so far, voluntary and not, over all its threads (each
+/// is a sleep and a wake-up: work a proxy does in the kernel besides its syscalls).
+pub fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -48,4 +66,20 @@ pub fn load_average() -> String {
 /// `d` in milliseconds.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// A command that runs `program`, under the tool `BENCH_WRAP` names if set (e.g.
+/// `valgrind --tool=callgrind`: [`crate::versus::callgrind`] sets it for the proxies it
+/// measures). The tool execs the program in place, so the child's pid is the program's.
+pub fn wrapped(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    match words.next() {
+        None => std::process::Command::new(program),
+        Some(tool) => {
+            let mut c = std::process::Command::new(tool);
+            c.args(words).arg(program);
+            c
+        }
+    }
 }

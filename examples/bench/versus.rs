@@ -38,7 +38,9 @@ use crate::director_process::DirectorProcess;
 use crate::dovecot::{self, Pool, PASSWORD};
 use crate::env::env_or;
 use crate::haproxy::Haproxy;
-use crate::measure::{clock_tick, cpu_ticks, load_average, ms, percentile, rss_kib};
+use crate::measure::{
+    clock_tick, context_switches, cpu_ticks, load_average, ms, percentile, rss_kib,
+};
 use crate::ports;
 
 /// Where a run's clients go.
@@ -148,32 +150,8 @@ pub fn run() {
 
     let mut table = Table::default();
     for round in 0..rounds {
-        let order: Vec<Target> = if round % 2 == 0 {
-            TARGETS.to_vec()
-        } else {
-            TARGETS.iter().rev().copied().collect()
-        };
-        for &t in &order {
-            for clients in [10, 50] {
-                let before = setup.pid(t).map(cpu);
-                let (n, wall) = login_rate(&setup.addrs(t), clients, Duration::from_secs(secs));
-                let rate = n as f64 / wall.as_secs_f64();
-                table.add(t, &format!("logins/s, {clients} clients"), rate);
-                if let (Some(pid), Some(before)) = (setup.pid(t), before) {
-                    let per = (cpu(pid) - before).as_secs_f64() * 1e3 / n as f64;
-                    table.add(
-                        t,
-                        &format!("proxy CPU per session, {clients} clients (ms)"),
-                        per,
-                    );
-                }
-                println!(
-                    "round {} {:<8} {clients} clients: {rate:.0} logins/s",
-                    round + 1,
-                    t.name()
-                );
-            }
-        }
+        let order = round_order(round);
+        login_figures(&setup, &mut table, round, &order, &[10, 50], secs);
         for &t in &order {
             let p50 = noop_p50(setup.addrs(t)[0], noops);
             table.add(t, "NOOP round trip p50 (ms)", ms(p50));
@@ -248,6 +226,150 @@ pub fn run() {
     }
     println!("load average at the end: {}", load_average());
     table.print();
+}
+
+/// Round `round`'s order of the targets: forwards, then backwards, so that a drift of the
+/// machine falls on all alike.
+fn round_order(round: usize) -> Vec<Target> {
+    if round % 2 == 0 {
+        TARGETS.to_vec()
+    } else {
+        TARGETS.iter().rev().copied().collect()
+    }
+}
+
+/// Logins/s with each of `clients` for each target of `order`, and the proxy's CPU time per
+/// session, into `table`.
+fn login_figures(
+    setup: &Setup,
+    table: &mut Table,
+    round: usize,
+    order: &[Target],
+    clients: &[usize],
+    secs: u64,
+) {
+    for &t in order {
+        for &clients in clients {
+            let before = setup.pid(t).map(|pid| (cpu(pid), context_switches(pid)));
+            let (n, wall) = login_rate(&setup.addrs(t), clients, Duration::from_secs(secs));
+            let rate = n as f64 / wall.as_secs_f64();
+            table.add(t, &format!("logins/s, {clients} clients"), rate);
+            if let (Some(pid), Some((cpu_before, switches_before))) = (setup.pid(t), before) {
+                let per = (cpu(pid) - cpu_before).as_secs_f64() * 1e3 / n as f64;
+                table.add(
+                    t,
+                    &format!("proxy CPU per session, {clients} clients (ms)"),
+                    per,
+                );
+                let switches = context_switches(pid) - switches_before;
+                table.add(
+                    t,
+                    &format!("proxy context switches per session, {clients} clients"),
+                    switches as f64 / n as f64,
+                );
+            }
+            println!(
+                "round {} {:<8} {clients} clients: {rate:.0} logins/s",
+                round + 1,
+                t.name()
+            );
+        }
+    }
+}
+
+/// `scripts/bench cpu`: only the logins and the proxy CPU per session with 50 clients,
+/// `BENCH_ROUNDS` rounds (default 6): the figure to watch while making logins cheaper.
+pub fn cpu_only() {
+    let rounds = env_or("BENCH_ROUNDS", 6usize);
+    let secs = env_or("BENCH_SECONDS", 4u64);
+    let (_pool, setup) = start();
+    for t in TARGETS {
+        login_rate(&setup.addrs(t), 4, Duration::from_millis(500));
+    }
+    let mut table = Table::default();
+    for round in 0..rounds {
+        login_figures(&setup, &mut table, round, &round_order(round), &[50], secs);
+    }
+    table.print();
+}
+
+/// `scripts/bench callgrind`: the instructions the director and HAProxy execute in user
+/// space per session (login + logout, 4 clients for `BENCH_SECONDS`, default 15), counted by
+/// valgrind's callgrind over the load only (`callgrind_control -z` before, `-d` after): a
+/// figure the machine's noise does not move, and where it goes (inclusive, top 45). Kernel
+/// work (the syscalls) is not counted: `scripts/bench profile` shows it.
+pub fn callgrind() {
+    let secs = env_or("BENCH_SECONDS", 15u64);
+    let out = std::path::Path::new("target/bench-profile");
+    std::fs::create_dir_all(out).unwrap();
+    let out = out.canonicalize().unwrap();
+    let (_pool, mut setup) = start();
+    std::env::set_var(
+        "BENCH_WRAP",
+        format!(
+            "valgrind --tool=callgrind --callgrind-out-file={}/callgrind.%p.out",
+            out.display()
+        ),
+    );
+    for t in [Target::Director, Target::Haproxy] {
+        setup.restart(t);
+        let pid = setup.pid(t).unwrap();
+        login_rate(&setup.addrs(t), 2, Duration::from_secs(2));
+        callgrind_control(&["-z", &pid.to_string()]);
+        let (n, _) = login_rate(&setup.addrs(t), 4, Duration::from_secs(secs));
+        callgrind_control(&["-d", &pid.to_string()]);
+        let dumps: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&format!("callgrind.{pid}.out."))
+            })
+            .collect();
+        let dump = dumps.iter().max().expect("callgrind wrote the dump");
+        let report = std::process::Command::new("callgrind_annotate")
+            .args(["--inclusive=yes", "--threshold=100"])
+            .arg(dump)
+            .output()
+            .expect("callgrind_annotate (Debian: valgrind)");
+        let text = String::from_utf8_lossy(&report.stdout);
+        let total: u64 = text
+            .lines()
+            .find(|l| l.contains("PROGRAM TOTALS"))
+            .and_then(|l| l.split_whitespace().next())
+            .map(|n| n.replace(',', "").parse().unwrap())
+            .expect("callgrind_annotate prints the program totals");
+        println!(
+            "# {}: {n} sessions, {:.0} user-space instructions per session ({})",
+            t.name(),
+            total as f64 / n as f64,
+            dump.display()
+        );
+        let mut listed = 0;
+        for line in text
+            .lines()
+            .skip_while(|l| !l.contains("file:function"))
+            .skip(2)
+        {
+            if line.trim().is_empty() || listed == 45 {
+                break;
+            }
+            println!("{}", line.chars().take(170).collect::<String>());
+            listed += 1;
+        }
+    }
+    std::env::remove_var("BENCH_WRAP");
+}
+
+fn callgrind_control(args: &[&str]) {
+    let status = std::process::Command::new("callgrind_control")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("callgrind_control (Debian: valgrind)");
+    assert!(status.success(), "callgrind_control {args:?} failed");
 }
 
 /// The two backends, the director (logging at `info` to a file, as deployed) and HAProxy.

@@ -100,14 +100,19 @@ impl Dialogue {
     ) -> Result<Vec<u8>, BackendError> {
         loop {
             if let Some(end) = frame(&self.buf)? {
-                return Ok(self.buf.drain(..end).collect());
+                // Usually the unit is all there is: handed over whole, nothing copied.
+                if end == self.buf.len() {
+                    return Ok(std::mem::take(&mut self.buf));
+                }
+                let rest = self.buf.split_off(end);
+                return Ok(std::mem::replace(&mut self.buf, rest));
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let n = self.stream.read(&mut chunk).await?;
+            // Read straight into the buffer's spare room (no zeroed chunk, no second copy).
+            self.buf.reserve(READ_CHUNK);
+            let n = self.stream.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return Err(BackendError::Closed);
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
@@ -120,7 +125,7 @@ impl Dialogue {
     ) -> Result<Vec<u8>, BackendError> {
         let mut line = self
             .read_unit(|buf| {
-                match buf.iter().take(max_line).position(|b| *b == b'\n') {
+                match memchr::memchr(b'\n', &buf[..buf.len().min(max_line)]) {
                     Some(lf) => Ok(Some(lf + 1)),
                     // Even if the next byte were LF, the line would be `max_line + 1` long.
                     None if buf.len() >= max_line => Err(BackendError::Protocol(format!(

@@ -1010,10 +1010,27 @@ pub(crate) use command_names;
 
 /// `text` with control characters replaced by spaces, safe to put in a reply line (a CR or LF
 /// would end the line and start another).
-pub(crate) fn printable(text: &str) -> String {
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    // Control characters are C0 and DEL (one byte) and C1 (0xC2 0x80-0x9F): text with none of
+    // those bytes is printable as it is, the usual case (a backend's capability list).
+    if !text.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
+        return std::borrow::Cow::Borrowed(text);
+    }
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+#[cfg(test)]
+#[test]
+fn printable_replaces_control_characters_only() {
+    assert!(matches!(
+        printable("Logged in"),
+        std::borrow::Cow::Borrowed("Logged in")
+    ));
+    assert_eq!(printable("a\r\nb\u{7f}c\u{85}d\te"), "a  b c d e");
+    // U+00A0 and U+00E9 share their first bytes with C1 and are kept.
+    assert_eq!(printable("x\u{a0}y\u{e9}"), "x\u{a0}y\u{e9}");
 }
 
 /// Fakes and helpers the front ends' tests share: an authenticator, the client's end of a

@@ -24,6 +24,8 @@ struct Point {
 #[derive(Debug, Clone, Default)]
 pub struct Ring {
     points: Vec<Point>,
+    /// How many distinct backends own points: where [`Ring::candidates`] may stop.
+    backends: usize,
 }
 
 /// Dovecot's `net_ip_cmp`: family first (IPv4 before IPv6), then the address bytes.
@@ -41,7 +43,9 @@ impl Ring {
     /// (up, not drained). Weight 0 adds no points.
     pub fn build(backends: impl IntoIterator<Item = (IpAddr, u32)>) -> Ring {
         let mut points = Vec::new();
+        let mut owners = 0;
         for (ip, weight) in backends {
+            owners += usize::from(weight > 0);
             let prefix = ip.to_string();
             for i in 0..weight {
                 let key = format!("{prefix}-{i}");
@@ -52,7 +56,10 @@ impl Ring {
             }
         }
         points.sort_by(|a, b| a.hash.cmp(&b.hash).then_with(|| ip_cmp(&a.ip, &b.ip)));
-        Ring { points }
+        Ring {
+            points,
+            backends: owners,
+        }
     }
 
     /// Whether no backend can take users.
@@ -95,11 +102,15 @@ impl Ring {
         let Some(start) = self.index(hash) else {
             return out;
         };
-        let n = self.points.len();
-        for k in 0..n {
-            let ip = self.points[(start + k) % n].ip;
-            if !out.contains(&ip) {
-                out.push(ip);
+        // In ring order from the user's point, wrapping round; done once every backend
+        // is listed (a login asks this: it must not walk every backend's hundred points).
+        let (wrapped, from_start) = self.points.split_at(start);
+        for p in from_start.iter().chain(wrapped) {
+            if !out.contains(&p.ip) {
+                out.push(p.ip);
+                if out.len() == self.backends {
+                    break;
+                }
             }
         }
         out

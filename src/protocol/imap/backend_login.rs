@@ -6,8 +6,6 @@
 //! PLAIN; for LOGIN, quoted strings only when they hold nothing to escape, literals otherwise.
 //! Tags: `C` capability, `S` STARTTLS, `I` ID, `L` login.
 
-use std::net::IpAddr;
-
 use crate::net::stream::BackendStream;
 use crate::protocol::backend_dialogue::Dialogue;
 use crate::protocol::backend_login::{
@@ -92,21 +90,26 @@ pub async fn login(
     Ok(outcome(conn, reply))
 }
 
-/// What the backend offers, from its greeting or `CAPABILITY`, upper-cased.
+/// What the backend offers, from its greeting or `CAPABILITY`: the lists as sent, looked up
+/// without regard to case (a login asks a handful of names: no list of strings is built).
 #[derive(Debug, Default)]
-struct Capabilities(Vec<String>);
+struct Capabilities(String);
 
 impl Capabilities {
     fn parse(list: &str) -> Self {
-        Capabilities(
-            list.split_ascii_whitespace()
-                .map(str::to_ascii_uppercase)
-                .collect(),
-        )
+        Capabilities(list.to_owned())
+    }
+
+    /// Adds a further list (a `CAPABILITY` reply may have several lines).
+    fn extend(&mut self, list: &str) {
+        self.0.push(' ');
+        self.0.push_str(list);
     }
 
     fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|c| c == name)
+        self.0
+            .split_ascii_whitespace()
+            .any(|c| c.eq_ignore_ascii_case(name))
     }
 }
 
@@ -129,7 +132,8 @@ struct Tagged {
 /// The next line, without its CRLF, as text (invalid UTF-8 replaced).
 async fn read_line(conn: &mut Dialogue) -> Result<String, BackendError> {
     let line = conn.read_line(MAX_LINE, "a reply line").await?;
-    Ok(String::from_utf8_lossy(&line).into_owned())
+    Ok(String::from_utf8(line)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 /// Reads up to the tagged reply with `tag`, passing over untagged lines and the replies of the
@@ -171,7 +175,7 @@ async fn capability(conn: &mut Dialogue) -> Result<Capabilities, BackendError> {
         loop {
             let line = read_line(c).await?;
             if let Some(("CAPABILITY", list)) = parse_untagged(&line) {
-                capabilities.0.extend(Capabilities::parse(list).0);
+                capabilities.extend(list);
             } else if line.starts_with("* ") {
                 continue;
             } else if is_tagged(&line, "C") {
@@ -283,47 +287,48 @@ fn is_quotable(b: u8) -> bool {
 /// `ID` with the client's identity, as Dovecot's proxy sends it, and the fields an auth
 /// service asked to forward (`x-forward-NAME`).
 fn id_command(identity: &ClientIdentity, forward: &[(String, String)]) -> String {
-    let ip = |ip: IpAddr| ip.to_canonical().to_string();
-    let fields = [
-        ("x-session-id", identity.session_id.clone()),
-        ("x-originating-ip", ip(identity.client.ip())),
-        ("x-originating-port", identity.client.port().to_string()),
-        ("x-connected-ip", ip(identity.local.ip())),
-        ("x-connected-port", identity.local.port().to_string()),
-    ];
-    let ext = identity
-        .session_ext_id
-        .as_ref()
-        .map(|id| ("x-session-ext-id", id.clone()));
-    let mut list: Vec<String> = fields
-        .iter()
-        .chain(ext.iter())
-        .map(|(key, value)| format!("\"{key}\" {}", quote(value)))
-        .collect();
-    for (name, value) in forward {
-        list.push(format!(
-            "{} {}",
-            quote(&format!("x-forward-{name}")),
-            quote(value)
-        ));
+    use std::fmt::Write;
+    let mut line = String::with_capacity(256);
+    line.push_str("I ID (\"x-session-id\" ");
+    push_quoted(&mut line, &identity.session_id);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        line,
+        " \"x-originating-ip\" \"{}\" \"x-originating-port\" \"{}\" \
+         \"x-connected-ip\" \"{}\" \"x-connected-port\" \"{}\"",
+        identity.client.ip().to_canonical(),
+        identity.client.port(),
+        identity.local.ip().to_canonical(),
+        identity.local.port(),
+    );
+    if let Some(id) = &identity.session_ext_id {
+        line.push_str(" \"x-session-ext-id\" ");
+        push_quoted(&mut line, id);
     }
-    format!("I ID ({})\r\n", list.join(" "))
+    for (name, value) in forward {
+        line.push(' ');
+        push_quoted(&mut line, &format!("x-forward-{name}"));
+        line.push(' ');
+        push_quoted(&mut line, value);
+    }
+    line.push_str(")\r\n");
+    line
 }
 
-/// A quoted string; characters that cannot be quoted are left out.
-fn quote(value: &str) -> String {
-    let mut quoted = String::from("\"");
+/// Appends `value` as a quoted string; characters that cannot be quoted are left out.
+fn push_quoted(out: &mut String, value: &str) {
+    out.reserve(value.len() + 2);
+    out.push('"');
     for c in value
         .chars()
         .filter(|c| c.is_ascii() && !c.is_ascii_control())
     {
         if c == '"' || c == '\\' {
-            quoted.push('\\');
+            out.push('\\');
         }
-        quoted.push(c);
+        out.push(c);
     }
-    quoted.push('"');
-    quoted
+    out.push('"');
 }
 
 fn is_tagged(line: &str, tag: &str) -> bool {

@@ -371,10 +371,10 @@ fn url_escaped(text: &str) -> String {
     out
 }
 
-fn printable_or(text: &str, default: &'static str) -> Cow<'static, str> {
+fn printable_or<'a>(text: &'a str, default: &'static str) -> Cow<'a, str> {
     match printable(text) {
         text if text.trim().is_empty() => Cow::Borrowed(default),
-        text => Cow::Owned(text),
+        text => text,
     }
 }
 
