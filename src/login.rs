@@ -835,7 +835,7 @@ impl Login {
                             self.sessions
                                 .register(decision.protocol, user, hash, addr, hook);
                         drop(pending);
-                        info!(session = %session_id, user = %shown_user, backend = %addr, reason = %route.reason, "logged in");
+                        info!(session = %session_id, user = %shown_user, backend = %crate::log_line::addr(addr), reason = %route.reason, "logged in");
                         return Ok(BackendLink {
                             stream,
                             success_text,

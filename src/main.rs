@@ -429,10 +429,10 @@ fn init_logs(format: LogFormat, level: &str) -> LogLevelHook {
             logs.init();
             hook!(handle)
         }
-        // Colours only on a terminal: in a log file or the journal they split `key=value`.
+        // No colours: in a log file or the journal they split `key=value`.
         LogFormat::Text => {
             let logs = logs
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .event_format(director::log_line::TextLine)
                 .with_filter_reloading();
             let handle = logs.reload_handle();
             logs.init();

@@ -83,6 +83,18 @@ impl fmt::Debug for Shown<'_> {
     }
 }
 
+/// Whether `bytes` (UTF-8) may hold a control character: C0 or DEL, or a C1 character (its
+/// first byte is 0xC2, which U+00A0-U+00BF share: those give a false "maybe"). No early exit,
+/// so that the compiler checks many bytes at once: text without any is the usual case, a
+/// reply or log line is checked whole, and the exact (slower) pass runs only on a "maybe".
+pub fn may_hold_controls(bytes: &[u8]) -> bool {
+    bytes.chunks(64).any(|chunk| {
+        chunk.iter().fold(false, |any, &b| {
+            any | (b < 0x20) | (b == 0x7f) | (b == 0xc2)
+        })
+    })
+}
+
 /// Whether `c` is written other than as itself.
 fn needs_escape(c: char) -> bool {
     matches!(c, '\\' | '"') || c.is_control() || is_invisible(c)
@@ -109,6 +121,22 @@ fn is_invisible(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_noticed_wherever_they_are() {
+        assert!(!may_hold_controls(
+            "plain text, ünïcode and ~".repeat(20).as_bytes()
+        ));
+        for control in [
+            "\n", "\r", "\t", "\u{1b}", "\u{7f}", "\u{85}", "\u{9f}", "\0",
+        ] {
+            for at in [0, 63, 64, 130] {
+                let mut text = "x".repeat(200);
+                text.insert_str(at, control);
+                assert!(may_hold_controls(text.as_bytes()), "{control:?} at {at}");
+            }
+        }
+    }
 
     #[test]
     fn control_characters_quotes_and_backslashes_are_escaped() {

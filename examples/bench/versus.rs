@@ -250,16 +250,26 @@ fn login_figures(
 ) {
     for &t in order {
         for &clients in clients {
-            let before = setup.pid(t).map(|pid| (cpu(pid), context_switches(pid)));
+            let before = setup
+                .pid(t)
+                .map(|pid| (cpu(pid), context_switches(pid), cpu_ticks(pid).1));
             let (n, wall) = login_rate(&setup.addrs(t), clients, Duration::from_secs(secs));
             let rate = n as f64 / wall.as_secs_f64();
             table.add(t, &format!("logins/s, {clients} clients"), rate);
-            if let (Some(pid), Some((cpu_before, switches_before))) = (setup.pid(t), before) {
+            if let (Some(pid), Some((cpu_before, switches_before, sys_before))) =
+                (setup.pid(t), before)
+            {
                 let per = (cpu(pid) - cpu_before).as_secs_f64() * 1e3 / n as f64;
                 table.add(
                     t,
                     &format!("proxy CPU per session, {clients} clients (ms)"),
                     per,
+                );
+                let sys = clock_tick() * (cpu_ticks(pid).1 - sys_before) as u32;
+                table.add(
+                    t,
+                    &format!("of which in the kernel, {clients} clients (ms)"),
+                    sys.as_secs_f64() * 1e3 / n as f64,
                 );
                 let switches = context_switches(pid) - switches_before;
                 table.add(

@@ -1011,9 +1011,8 @@ pub(crate) use command_names;
 /// `text` with control characters replaced by spaces, safe to put in a reply line (a CR or LF
 /// would end the line and start another).
 pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    // Control characters are C0 and DEL (one byte) and C1 (0xC2 0x80-0x9F): text with none of
-    // those bytes is printable as it is, the usual case (a backend's capability list).
-    if !text.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
+    // Usually nothing to replace (a backend's capability list): no copy then.
+    if !crate::untrusted::may_hold_controls(text.as_bytes()) {
         return std::borrow::Cow::Borrowed(text);
     }
     text.chars()

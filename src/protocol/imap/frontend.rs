@@ -86,7 +86,16 @@ impl Dialect for Imap {
             Reply::UnsupportedMechanism => "NO Unsupported authentication mechanism.",
             Reply::Aborted => "BAD Authentication aborted by client.",
             Reply::NotBase64 => "BAD Invalid base64 data in authentication response.",
-            Reply::LoggedIn(text) => return format!("{tag} OK {}\r\n", printable(text)),
+            Reply::LoggedIn(text) => {
+                // The backend's capability list, sent on every login: built without format!.
+                let text = printable(text);
+                let mut line = String::with_capacity(tag.len() + text.len() + 6);
+                line.push_str(tag);
+                line.push_str(" OK ");
+                line.push_str(&text);
+                line.push_str("\r\n");
+                return line;
+            }
             Reply::LoginFailed(message) => {
                 let message = printable_or(message, "Authentication failed.");
                 return format!("{tag} NO [AUTHENTICATIONFAILED] {message}\r\n");

@@ -1,0 +1,487 @@
+//! The text form of a log line (`log_format: text`): what tracing-subscriber's default
+//! formatter writes without colours, at a fraction of the cost, since a relayed session logs
+//! two lines and those lines were a fifth of the CPU a login cost in user space.
+//!
+//! ```text
+//! 2026-12-01T16:23:34.385744Z  INFO director::login: logged in session=d1a2 user=bob ...
+//! ```
+//!
+//! A line is built in a buffer of its thread, then written whole: the timestamp (UTC,
+//! microseconds) and level, the span scope if any (`name{fields}:`), the target, the message
+//! and the fields as `key=value` (strings and `?` values in their `Debug` form, `%` values as
+//! displayed). Control characters left in the line (a newline in an error text, an ESC) are
+//! escaped, so one event is always one line and nothing can colour or rewrite a terminal.
+//! Untrusted text arrives already cut and escaped ([`crate::untrusted`]).
+
+use std::cell::RefCell;
+use std::fmt::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The text formatter; give it to `tracing_subscriber::fmt().event_format(..)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TextLine;
+
+thread_local! {
+    /// The line being built, and its fields (formatted first: a `log` record's target is one
+    /// of them). Kept per thread so that a line costs no allocation.
+    static BUFFERS: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
+}
+
+/// A buffer grown past this by a huge line is given back rather than kept.
+const KEPT_CAPACITY: usize = 4096;
+
+impl<S, N> FormatEvent<S, N> for TextLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        BUFFERS.with(|buffers| {
+            let Ok(mut buffers) = buffers.try_borrow_mut() else {
+                // An event logged while formatting one (a Debug impl that logs).
+                let (mut line, mut fields) = (String::new(), String::new());
+                format_line(ctx, event, &mut line, &mut fields);
+                return writer.write_str(&line);
+            };
+            let (line, fields) = &mut *buffers;
+            line.clear();
+            fields.clear();
+            format_line(ctx, event, line, fields);
+            let result = writer.write_str(line);
+            for buffer in [line, fields] {
+                if buffer.capacity() > KEPT_CAPACITY {
+                    *buffer = String::new();
+                }
+            }
+            result
+        })
+    }
+}
+
+/// Writes the whole line for `event`, newline included, into `line` (`fields` is scratch).
+fn format_line<S, N>(
+    ctx: &FmtContext<'_, S, N>,
+    event: &Event<'_>,
+    line: &mut String,
+    fields: &mut String,
+) where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    let mut visitor = Fields {
+        out: fields,
+        first: true,
+        log_target: None,
+    };
+    event.record(&mut visitor);
+    let log_target = visitor.log_target.take();
+
+    push_timestamp(line, SystemTime::now());
+    line.push(' ');
+    line.push_str(level_name(event.metadata().level()));
+    line.push(' ');
+    if let Some(scope) = ctx.event_scope() {
+        let mut any = false;
+        for span in scope.from_root() {
+            line.push_str(span.metadata().name());
+            let ext = span.extensions();
+            if let Some(f) = ext.get::<FormattedFields<N>>() {
+                if !f.is_empty() {
+                    let _ = write!(line, "{{{f}}}");
+                }
+            }
+            line.push(':');
+            any = true;
+        }
+        if any {
+            line.push(' ');
+        }
+    }
+    line.push_str(log_target.as_deref().unwrap_or(event.metadata().target()));
+    line.push_str(": ");
+    push_escaped(line, fields);
+    line.push('\n');
+}
+
+/// The level as the default formatter pads it (five wide, right-aligned).
+fn level_name(level: &Level) -> &'static str {
+    match *level {
+        Level::TRACE => "TRACE",
+        Level::DEBUG => "DEBUG",
+        Level::INFO => " INFO",
+        Level::WARN => " WARN",
+        Level::ERROR => "ERROR",
+    }
+}
+
+/// Collects an event's fields as `key=value`, the message first and bare.
+struct Fields<'a> {
+    out: &'a mut String,
+    first: bool,
+    /// The original target of a record from the `log` crate (the event's own is `log`).
+    log_target: Option<String>,
+}
+
+impl Fields<'_> {
+    fn pad(&mut self) {
+        if !self.first {
+            self.out.push(' ');
+        }
+        self.first = false;
+    }
+
+    /// Starts a `key=` (a raw identifier's `r#` left out); false for the `log` crate's
+    /// metadata fields, which are not shown.
+    fn key(&mut self, field: &Field) -> bool {
+        let name = field.name();
+        if name.starts_with("log.") {
+            return false;
+        }
+        self.pad();
+        self.out.push_str(name.strip_prefix("r#").unwrap_or(name));
+        self.out.push('=');
+        true
+    }
+}
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            self.pad();
+            let _ = write!(self.out, "{value:?}");
+        } else if self.key(field) {
+            let _ = write!(self.out, "{value:?}");
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => {
+                self.pad();
+                self.out.push_str(value);
+            }
+            "log.target" => self.log_target = Some(value.to_owned()),
+            _ => {
+                if self.key(field) {
+                    let _ = write!(self.out, "{value:?}");
+                }
+            }
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.key(field) {
+            let _ = write!(self.out, "{value}");
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.key(field) {
+            let _ = write!(self.out, "{value}");
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.key(field) {
+            self.out.push_str(if value { "true" } else { "false" });
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if !self.key(field) {
+            return;
+        }
+        let _ = write!(self.out, "{value}");
+        let mut source = value.source();
+        if source.is_some() {
+            let _ = write!(self.out, " {}.sources=[", field.name());
+            let mut first = true;
+            while let Some(s) = source {
+                let _ = write!(self.out, "{}{s}", if first { "" } else { ", " });
+                first = false;
+                source = s.source();
+            }
+            self.out.push(']');
+        }
+    }
+}
+
+/// An address displayed as std displays it, IPv4 digits written by hand: each session logs
+/// and sends a few, and std's formatting cost a thousand instructions apiece.
+#[derive(Debug, Clone, Copy)]
+pub enum FastAddr {
+    Socket(SocketAddr),
+    Ip(IpAddr),
+}
+
+/// `addr` for a log line or a command (same text as its `Display`).
+pub fn addr(addr: SocketAddr) -> FastAddr {
+    FastAddr::Socket(addr)
+}
+
+/// `ip` for a log line or a command (same text as its `Display`).
+pub fn ip(ip: IpAddr) -> FastAddr {
+    FastAddr::Ip(ip)
+}
+
+impl fmt::Display for FastAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (v4, port) = match *self {
+            FastAddr::Socket(SocketAddr::V4(a)) => (*a.ip(), Some(a.port())),
+            FastAddr::Ip(IpAddr::V4(ip)) => (ip, None),
+            FastAddr::Socket(a) => return fmt::Display::fmt(&a, f),
+            FastAddr::Ip(ip) => return fmt::Display::fmt(&ip, f),
+        };
+        // "255.255.255.255:65535" is 21 bytes.
+        let mut out = Digits::default();
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                out.push(b'.');
+            }
+            out.number(u16::from(octet));
+        }
+        if let Some(port) = port {
+            out.push(b':');
+            out.number(port);
+        }
+        let (buf, len) = (out.buf, out.len);
+        // Digits, dots and a colon: ASCII.
+        f.write_str(std::str::from_utf8(&buf[..len]).map_err(|_| fmt::Error)?)
+    }
+}
+
+/// A dotted address being written.
+#[derive(Default)]
+struct Digits {
+    buf: [u8; 21],
+    len: usize,
+}
+
+impl Digits {
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn number(&mut self, value: u16) {
+        let mut digits = [0u8; 5];
+        let (mut n, mut v) = (0, value);
+        loop {
+            digits[n] = b'0' + (v % 10) as u8;
+            n += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for d in digits[..n].iter().rev() {
+            self.push(*d);
+        }
+    }
+}
+
+/// Appends `text` with control characters escaped (`\n`, `\r`, `\t`, else `\u{..}`): DEL,
+/// C0 and C1 never reach the log as themselves.
+fn push_escaped(out: &mut String, text: &str) {
+    // Most lines hold none.
+    if !crate::untrusted::may_hold_controls(text.as_bytes()) {
+        out.push_str(text);
+        return;
+    }
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+/// `2026-12-01T16:23:34.385744Z`: RFC 3339, UTC, microseconds (the default formatter's form).
+fn push_timestamp(out: &mut String, now: SystemTime) {
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_date((secs / 86_400) as i64);
+    let in_day = secs % 86_400;
+    let mut digits = |value: u64, width: usize, after: char| {
+        let mut buf = [b'0'; 20];
+        let mut v = value;
+        for slot in buf[..width].iter_mut().rev() {
+            *slot = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        // ASCII digits only.
+        out.push_str(std::str::from_utf8(&buf[..width]).unwrap_or("?"));
+        out.push(after);
+    };
+    digits(year.max(0) as u64, 4, '-');
+    digits(month, 2, '-');
+    digits(day, 2, 'T');
+    digits(in_day / 3600, 2, ':');
+    digits(in_day / 60 % 60, 2, ':');
+    digits(in_day % 60, 2, '.');
+    digits(u64::from(since.subsec_micros()), 6, 'Z');
+}
+
+/// Year, month and day of the day `days` after 1970-01-01 (proleptic Gregorian calendar;
+/// the well-known era arithmetic: 400-year eras of 146,097 days starting in March).
+fn civil_date(days: i64) -> (i64, u64, u64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u64;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// Lines written by a subscriber with [`TextLine`], as one string.
+    fn logged(f: impl FnOnce()) -> String {
+        logged_by(true, f)
+    }
+
+    /// Lines written with [`TextLine`] (`ours`) or tracing-subscriber's default formatter
+    /// without colours.
+    fn logged_by(ours: bool, f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let out = sink.0.clone();
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone());
+        if ours {
+            tracing::subscriber::with_default(builder.event_format(TextLine).finish(), f);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), f);
+        }
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_line_has_time_level_target_message_and_fields() {
+        let text = logged(|| {
+            let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+            tracing::info!(session = %"d1", backend = %ip, bytes = 42u64, ok = true,
+                reason = "sticky", took = ?Duration::from_millis(3), "logged in");
+        });
+        let (time, rest) = text.split_once(' ').unwrap();
+        assert_eq!(time.len(), "2026-12-01T16:23:34.385744Z".len(), "{text}");
+        assert!(time.ends_with('Z') && time.as_bytes()[10] == b'T', "{text}");
+        assert_eq!(
+            rest,
+            " INFO director::log_line::tests: logged in session=d1 backend=192.0.2.7 \
+             bytes=42 ok=true reason=\"sticky\" took=3ms\n"
+        );
+    }
+
+    #[test]
+    fn lines_read_as_the_default_formatter_s() {
+        let event = || {
+            let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+            let e = std::io::Error::other("refused");
+            tracing::info!(session = %"d1", backend = %ip, bytes = 42u64, r#type = -3i64,
+                reason = "a \"b\"", took = ?Duration::from_millis(3), "logged in");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "no message args {}",
+                7
+            );
+            tracing::error!(n = 1u64);
+        };
+        let without_time = |text: String| -> Vec<String> {
+            text.lines()
+                .map(|l| l.split_once(' ').unwrap().1.to_owned())
+                .collect()
+        };
+        assert_eq!(
+            without_time(logged_by(true, event)),
+            without_time(logged_by(false, event))
+        );
+    }
+
+    #[test]
+    fn one_event_is_one_line_whatever_its_text_holds() {
+        let text = logged(|| {
+            tracing::warn!(error = %"first\nsecond\u{1b}[31m\u{85}", "failed:\tagain");
+        });
+        assert_eq!(text.matches('\n').count(), 1, "{text}");
+        assert!(
+            text.ends_with(
+                "WARN director::log_line::tests: failed:\\tagain error=first\\nsecond\\u{1b}[31m\\u{85}\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn addresses_read_as_std_writes_them() {
+        for a in [
+            "0.0.0.0:0",
+            "127.0.0.1:143",
+            "255.255.255.255:65535",
+            "10.20.3.100:10143",
+            "[::1]:993",
+            "[2001:db8::7%3]:4190",
+            "[::ffff:198.51.100.1]:24",
+        ] {
+            let a: SocketAddr = a.parse().unwrap();
+            assert_eq!(addr(a).to_string(), a.to_string());
+            assert_eq!(ip(a.ip()).to_string(), a.ip().to_string());
+        }
+    }
+
+    #[test]
+    fn dates_are_the_calendar_s() {
+        for (days, date) in [
+            (0, (1970, 1, 1)),
+            (11_016, (2000, 2, 29)),
+            (20_788, (2026, 12, 1)),
+            (-1, (1969, 12, 31)),
+            (47_541, (2100, 3, 1)),
+        ] {
+            assert_eq!(civil_date(days), date, "day {days}");
+        }
+        let mut s = String::new();
+        push_timestamp(
+            &mut s,
+            UNIX_EPOCH + Duration::new(1_796_142_214, 385_744_123),
+        );
+        assert_eq!(s, "2026-12-01T16:23:34.385744Z");
+    }
+}
