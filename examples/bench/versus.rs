@@ -231,7 +231,7 @@ pub fn run() {
 /// Round `round`'s order of the targets: forwards, then backwards, so that a drift of the
 /// machine falls on all alike.
 fn round_order(round: usize) -> Vec<Target> {
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         TARGETS.to_vec()
     } else {
         TARGETS.iter().rev().copied().collect()
