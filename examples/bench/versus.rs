@@ -357,17 +357,14 @@ pub fn callgrind() {
             total as f64 / n as f64,
             dump.display()
         );
-        let mut listed = 0;
         for line in text
             .lines()
             .skip_while(|l| !l.contains("file:function"))
             .skip(2)
+            .take_while(|l| !l.trim().is_empty())
+            .take(45)
         {
-            if line.trim().is_empty() || listed == 45 {
-                break;
-            }
             println!("{}", line.chars().take(170).collect::<String>());
-            listed += 1;
         }
     }
     std::env::remove_var("BENCH_WRAP");
