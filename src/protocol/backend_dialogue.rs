@@ -100,12 +100,11 @@ impl Dialogue {
     ) -> Result<Vec<u8>, BackendError> {
         loop {
             if let Some(end) = frame(&self.buf)? {
-                // Usually the unit is all there is: handed over whole, nothing copied.
-                if end == self.buf.len() {
-                    return Ok(std::mem::take(&mut self.buf));
-                }
-                let rest = self.buf.split_off(end);
-                return Ok(std::mem::replace(&mut self.buf, rest));
+                // The unit in a vector of its size; the buffer (and its room) kept for the
+                // next reply.
+                let unit = self.buf[..end].to_vec();
+                self.buf.drain(..end);
+                return Ok(unit);
             }
             // Read straight into the buffer's spare room (no zeroed chunk, no second copy).
             self.buf.reserve(READ_CHUNK);
@@ -216,7 +215,12 @@ impl Dialogue {
         BackendLoginResult::LoggedIn {
             stream: self.stream,
             success_text,
-            leftover: self.buf,
+            // An empty buffer's room is not kept for the whole session.
+            leftover: if self.buf.is_empty() {
+                Vec::new()
+            } else {
+                self.buf
+            },
         }
     }
 }

@@ -47,10 +47,63 @@ struct Entry {
 /// Called when a session ends, with its info: lets the state refresh the sticky record.
 pub type EndHook = Arc<dyn Fn(&SessionInfo) + Send + Sync>;
 
+/// The sessions by id, and the ids of each user's: a login asks about its user's sessions
+/// (the invariant checks), which must not cost a walk over every idle session of the
+/// director.
+#[derive(Default)]
+struct Registry {
+    entries: HashMap<u64, Entry>,
+    by_user: HashMap<u32, Vec<u64>>,
+}
+
+impl Registry {
+    fn insert(&mut self, entry: Entry) {
+        self.by_user
+            .entry(entry.info.user_hash)
+            .or_default()
+            .push(entry.info.id);
+        self.entries.insert(entry.info.id, entry);
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(entry) = self.entries.remove(&id) else {
+            return;
+        };
+        let hash = entry.info.user_hash;
+        if let Some(ids) = self.by_user.get_mut(&hash) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                self.by_user.remove(&hash);
+            }
+        }
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut Entry> {
+        self.entries.get_mut(&id)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The sessions and logins of users with this hash.
+    fn of_user(&self, user_hash: u32) -> impl Iterator<Item = &Entry> {
+        self.by_user
+            .get(&user_hash)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.entries.get(id))
+    }
+}
+
 /// The registry of live sessions.
 #[derive(Clone, Default)]
 pub struct Sessions {
-    inner: Arc<Mutex<HashMap<u64, Entry>>>,
+    inner: Arc<Mutex<Registry>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -81,13 +134,10 @@ impl Sessions {
             committed: false,
         };
         let kick = Arc::new(Notify::new());
-        self.inner.lock().unwrap().insert(
-            id,
-            Entry {
-                info: info.clone(),
-                kick: kick.clone(),
-            },
-        );
+        self.inner.lock().unwrap().insert(Entry {
+            info: info.clone(),
+            kick: kick.clone(),
+        });
         SessionGuard {
             sessions: self.clone(),
             info,
@@ -108,7 +158,7 @@ impl Sessions {
     ) -> SessionGuard {
         let mut guard = self.register(protocol, username, user_hash, backend, None);
         guard.info.pending = true;
-        if let Some(e) = self.inner.lock().unwrap().get_mut(&guard.info.id) {
+        if let Some(e) = self.inner.lock().unwrap().get_mut(guard.info.id) {
             e.info.pending = true;
         }
         guard
@@ -152,16 +202,13 @@ impl Sessions {
     pub fn commit(&self, guard: &SessionGuard) -> bool {
         let mut map = self.inner.lock().unwrap();
         let me = &guard.info;
-        let elsewhere = map.values().any(|e| {
-            e.info.id != me.id
-                && e.info.user_hash == me.user_hash
-                && e.info.binds()
-                && e.info.backend.ip() != me.backend.ip()
+        let elsewhere = map.of_user(me.user_hash).any(|e| {
+            e.info.id != me.id && e.info.binds() && e.info.backend.ip() != me.backend.ip()
         });
         if elsewhere {
             return false;
         }
-        if let Some(e) = map.get_mut(&me.id) {
+        if let Some(e) = map.get_mut(me.id) {
             e.info.committed = true;
         }
         true
@@ -171,17 +218,15 @@ impl Sessions {
     /// backend (reservations that sent nothing yet are left out).
     pub fn count_user_bound(&self, user_hash: u32) -> usize {
         let map = self.inner.lock().unwrap();
-        map.values()
-            .filter(|e| e.info.user_hash == user_hash && e.info.binds())
-            .count()
+        map.of_user(user_hash).filter(|e| e.info.binds()).count()
     }
 
     /// The backend IPs that users with this hash have live sessions or committed logins on.
     pub fn bound_ips_of(&self, user_hash: u32) -> Vec<std::net::IpAddr> {
         let map = self.inner.lock().unwrap();
         let mut ips: Vec<std::net::IpAddr> = map
-            .values()
-            .filter(|e| e.info.user_hash == user_hash && e.info.binds())
+            .of_user(user_hash)
+            .filter(|e| e.info.binds())
             .map(|e| e.info.backend.ip())
             .collect();
         ips.sort();
@@ -192,17 +237,14 @@ impl Sessions {
     /// Live sessions of users with this hash.
     pub fn count_user(&self, user_hash: u32) -> usize {
         let map = self.inner.lock().unwrap();
-        map.values()
-            .filter(|e| e.info.user_hash == user_hash)
-            .count()
+        map.of_user(user_hash).count()
     }
 
     /// The backend IPs that users with this hash have live sessions on.
     pub fn backend_ips_of(&self, user_hash: u32) -> Vec<std::net::IpAddr> {
         let map = self.inner.lock().unwrap();
         let mut ips: Vec<std::net::IpAddr> = map
-            .values()
-            .filter(|e| e.info.user_hash == user_hash)
+            .of_user(user_hash)
             .map(|e| e.info.backend.ip())
             .collect();
         ips.sort();
@@ -236,10 +278,7 @@ impl Sessions {
     pub fn kick_user_on(&self, user_hash: u32, ip: std::net::IpAddr) -> usize {
         let map = self.inner.lock().unwrap();
         let mut n = 0;
-        for e in map
-            .values()
-            .filter(|e| e.info.user_hash == user_hash && e.info.backend.ip() == ip)
-        {
+        for e in map.of_user(user_hash).filter(|e| e.info.backend.ip() == ip) {
             e.kick.notify_one();
             n += 1;
         }
@@ -260,7 +299,7 @@ impl Sessions {
     pub fn kick_user(&self, user_hash: u32) -> usize {
         let map = self.inner.lock().unwrap();
         let mut n = 0;
-        for e in map.values().filter(|e| e.info.user_hash == user_hash) {
+        for e in map.of_user(user_hash) {
             e.kick.notify_one();
             n += 1;
         }
@@ -290,7 +329,7 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.sessions.inner.lock().unwrap().remove(&self.info.id);
+        self.sessions.inner.lock().unwrap().remove(self.info.id);
         if let Some(hook) = &self.on_end {
             hook(&self.info);
         }
@@ -318,6 +357,45 @@ mod tests {
         drop(g);
         assert_eq!(s.count_user(7), 0);
         assert_eq!(ended.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn each_user_s_sessions_are_found_among_many() {
+        let s = Sessions::new();
+        let x: SocketAddr = "127.0.0.2:143".parse().unwrap();
+        let y: SocketAddr = "127.0.0.3:143".parse().unwrap();
+        let mut guards: Vec<SessionGuard> = (0..3000u32)
+            .map(|i| {
+                s.register(
+                    Protocol::Imap,
+                    "u",
+                    i % 1000,
+                    if i % 2 == 0 { x } else { y },
+                    None,
+                )
+            })
+            .collect();
+        // User 4 has sessions 4, 1004, 2004: all on x.
+        assert_eq!(s.count_user(4), 3);
+        assert_eq!(s.backend_ips_of(4), vec![x.ip()]);
+        // User 5: 5, 1005, 2005 on y; 1006 (user 6) is on x.
+        assert_eq!(s.bound_ips_of(5), vec![y.ip()]);
+        assert_eq!(s.kick_user_on(5, x.ip()), 0);
+        assert_eq!(s.kick_user_on(5, y.ip()), 3);
+        guards.retain(|g| g.info().user_hash != 4);
+        assert_eq!(s.count_user(4), 0);
+        assert!(s.backend_ips_of(4).is_empty());
+        assert_eq!(s.count(), 2997);
+        let again = s.register(Protocol::Imap, "u", 4, y, None);
+        assert_eq!(s.backend_ips_of(4), vec![y.ip()]);
+        drop(again);
+        drop(guards);
+        assert_eq!(s.count(), 0);
+        assert_eq!(
+            s.inner.lock().unwrap().by_user.len(),
+            0,
+            "no user left indexed"
+        );
     }
 
     #[test]
