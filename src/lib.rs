@@ -10,7 +10,8 @@
 //! 1. `config` (YAML parsed only in `config::yaml`) is plain settings and imports nothing of
 //!    the crate; its values (`config::Protocol`, `config::network` address networks) are
 //!    what every layer passes around. `untrusted` shows client-chosen text in log lines
-//!    (truncated, escaped) and is a leaf too, as is `log_line`, the text form of a log line.
+//!    (truncated, escaped) and is a leaf too, as are `log_line`, the text form of a log line, and
+//!    `log_sink`, which writes log lines out in batches.
 //! 2. `metrics`: the one catalogue of Prometheus metrics (name, help, labels), depending on no
 //!    runtime module, so every layer above counts its events there.
 //! 3. `routing`: the stateless arithmetic of where users go, compatible with Dovecot's
@@ -73,6 +74,7 @@ pub mod config;
 pub mod fuzz_targets;
 pub mod health;
 pub mod log_line;
+pub mod log_sink;
 pub mod login;
 pub mod metrics;
 pub mod net;

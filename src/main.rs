@@ -304,6 +304,19 @@ fn import(config: &Config, file: &str, json: bool) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Log lines wait in a batch (src/log_sink.rs): written out before a panic's message and
+    // at every exit.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        director::log_sink::flush();
+        default_hook(info);
+    }));
+    let code = run();
+    director::log_sink::flush();
+    code
+}
+
+fn run() -> ExitCode {
     let cli = Cli::parse();
     let config = match load_config(&cli.config) {
         Ok(c) => c,
@@ -405,7 +418,7 @@ fn init_logs(format: LogFormat, level: &str) -> LogLevelHook {
     };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(director::log_sink::sink());
     macro_rules! hook {
         ($handle:expr) => {{
             let handle = $handle;
@@ -463,6 +476,7 @@ impl StopSignals {
                 _ = int.recv() => {},
             }
             tracing::warn!("second stop signal: exiting at once, open sessions cut");
+            director::log_sink::flush();
             std::process::exit(1);
         });
         StopSignals { first }
