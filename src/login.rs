@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,18 +82,59 @@ pub struct Login {
 pub struct LoginGates(Arc<Mutex<GateMap>>);
 
 /// A login gate per (backend address, `max_logins_in_flight`).
-type GateMap = HashMap<(std::net::IpAddr, u32), Arc<Semaphore>>;
+type GateMap = HashMap<(std::net::IpAddr, u32), Arc<Gate>>;
+
+/// One backend's turns, and how many logins wait for one now.
+struct Gate {
+    turns: Arc<Semaphore>,
+    limit: u32,
+    waiting: AtomicI64,
+}
+
+/// Counts a login as waiting for a turn while it lives.
+struct Waiting<'a>(&'a AtomicI64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl LoginGates {
     /// The gate of `backend`.
-    fn of(&self, backend: &Backend) -> Arc<Semaphore> {
+    fn of(&self, backend: &Backend) -> Arc<Gate> {
         let limit = backend.settings.max_logins_in_flight.max(1);
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry((backend.ip, limit))
-            .or_insert_with(|| Arc::new(Semaphore::new(limit as usize)))
+            .or_insert_with(|| {
+                Arc::new(Gate {
+                    turns: Arc::new(Semaphore::new(limit as usize)),
+                    limit,
+                    waiting: AtomicI64::new(0),
+                })
+            })
             .clone()
+    }
+
+    /// Logins waiting for a turn now, per backend address. Gates of addresses `keep` refuses
+    /// (removed backends) are dropped once nothing uses them.
+    pub fn waiting(
+        &self,
+        keep: impl Fn(std::net::IpAddr) -> bool,
+    ) -> HashMap<std::net::IpAddr, i64> {
+        let mut gates = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        gates.retain(|(ip, _), g| {
+            keep(*ip)
+                || g.waiting.load(Ordering::Relaxed) > 0
+                || g.turns.available_permits() < g.limit as usize
+        });
+        let mut out = HashMap::new();
+        for ((ip, _), g) in gates.iter() {
+            *out.entry(*ip).or_default() += g.waiting.load(Ordering::Relaxed);
+        }
+        out
     }
 }
 
@@ -202,9 +244,22 @@ impl Login {
         // Wait for a turn before anything reaches the backend: that wait is not the
         // backend's doing, so none of its deadlines (nor the hung-backend watch) runs yet.
         let gate = self.gates.of(backend);
-        let _turn = match tokio::time::timeout(settings.login_timeout, gate.acquire_owned()).await {
-            Ok(Ok(turn)) => turn,
-            _ => return Err(BackendError::Busy(settings.max_logins_in_flight)),
+        let _turn = match gate.turns.clone().try_acquire_owned() {
+            Ok(turn) => turn,
+            Err(_) => {
+                let _waiting = {
+                    gate.waiting.fetch_add(1, Ordering::Relaxed);
+                    Waiting(&gate.waiting)
+                };
+                let wait = gate.turns.clone().acquire_owned();
+                match tokio::time::timeout(settings.login_timeout, wait).await {
+                    Ok(Ok(turn)) => turn,
+                    _ => {
+                        self.metrics.login_turn_missed(backend);
+                        return Err(BackendError::Busy(settings.max_logins_in_flight));
+                    }
+                }
+            }
         };
         let tcp =
             match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {

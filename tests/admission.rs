@@ -532,3 +532,74 @@ fn a_login_storm_is_fed_to_a_backend_at_the_pace_of_its_login_processes() {
         "the backend took an unpaced burst: the test proves nothing"
     );
 }
+
+/// The value of the series `name{backend="ip",...}` in a metrics text, if present.
+fn backend_series(text: &str, name: &str, ip: IpAddr) -> Option<f64> {
+    let prefix = format!("{name}{{backend=\"{ip}\"");
+    text.lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn logins_waiting_for_a_turn_are_shown_and_those_that_get_none_are_counted() {
+    // One turn (max_logins_in_flight 1) at a backend that hangs: the first login takes the
+    // turn and waits for a greeting that never comes (login_timeout); the two others wait
+    // for the turn meanwhile, which the metrics show. When the first gives up, the second
+    // takes the turn; the third's own login_timeout ends while it still waits: it gets a
+    // temporary failure and is counted.
+    let pool = Pool::start(1);
+    let ip = pool.backends[0].ip;
+    let yaml = config_with_limits(
+        &pool,
+        &DirectorOptions {
+            login_timeout: "3s".into(),
+            ..DirectorOptions::with_extra("metrics:\n  address: 127.0.0.1:0\n")
+        },
+        "",
+    )
+    .replacen(
+        "backend_defaults:\n",
+        "backend_defaults:\n  max_logins_in_flight: 1\n",
+        1,
+    );
+    let d = TestDirector::start_yaml(&yaml);
+    let turns_missed = "director_backend_login_turns_missed_total";
+    let waiting = "director_backend_logins_waiting";
+    assert_eq!(backend_series(&metrics(&d), turns_missed, ip), Some(0.0));
+    assert_eq!(backend_series(&metrics(&d), waiting, ip), Some(0.0));
+    pool.backends[0].pause();
+    let addr = d.imap;
+    let logins: Vec<_> = (0..3)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = Conn::connect(addr);
+                c.socket()
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                c.line();
+                let reply = c.imap("a", &format!("LOGIN {} {PASSWORD}", user(1 + i)));
+                reply.last().cloned().unwrap_or_default()
+            })
+        })
+        .collect();
+    wait_until(
+        "two logins waiting for the turn",
+        Duration::from_secs(3),
+        || (backend_series(&metrics(&d), waiting, ip) == Some(2.0)).then_some(()),
+    );
+    let replies: Vec<String> = logins.into_iter().map(|t| t.join().unwrap()).collect();
+    pool.backends[0].resume();
+    let text = metrics(&d);
+    assert_eq!(
+        backend_series(&text, turns_missed, ip),
+        Some(1.0),
+        "{replies:?}"
+    );
+    assert_eq!(backend_series(&text, waiting, ip), Some(0.0));
+    assert!(
+        replies.iter().all(|r| r.starts_with("a NO [UNAVAILABLE]")),
+        "every login failed temporarily: {replies:?}"
+    );
+}

@@ -140,6 +140,14 @@ catalogue! {
     BACKEND_CONNECT_FAILURES_TOTAL: Counter "director_backend_connect_failures_total"
         ["backend", "tag"]
         "Connections to a backend for a login that failed or timed out.";
+    BACKEND_LOGINS_WAITING: Gauge "director_backend_logins_waiting"
+        ["backend", "tag"]
+        "Logins waiting for a turn to log in to a backend now (its max_logins_in_flight are \
+        all under way).";
+    BACKEND_LOGIN_TURNS_MISSED_TOTAL: Counter "director_backend_login_turns_missed_total"
+        ["backend", "tag"]
+        "Logins that found no turn to log in to a backend within its login_timeout \
+        (max_logins_in_flight) and were answered with a temporary failure.";
     STICKY_RECORDS: Gauge "director_sticky_records"
         []
         "Live sticky records (users bound to a backend).";
@@ -425,6 +433,8 @@ pub(crate) struct Inner {
     pub(crate) backend_sessions: IntGaugeVec,
     pub(crate) backend_logins_total: IntCounterVec,
     pub(crate) backend_connect_failures_total: IntCounterVec,
+    pub(crate) backend_logins_waiting: IntGaugeVec,
+    pub(crate) backend_login_turns_missed_total: IntCounterVec,
     pub(crate) sticky_records: IntGauge,
     pub(crate) moves_total: IntCounterVec,
     pub(crate) kicks_total: IntCounterVec,
@@ -528,6 +538,8 @@ impl Metrics {
             backend_sessions: gauge_vec(&r, &BACKEND_SESSIONS),
             backend_logins_total: counter_vec(&r, &BACKEND_LOGINS_TOTAL),
             backend_connect_failures_total: counter_vec(&r, &BACKEND_CONNECT_FAILURES_TOTAL),
+            backend_logins_waiting: gauge_vec(&r, &BACKEND_LOGINS_WAITING),
+            backend_login_turns_missed_total: counter_vec(&r, &BACKEND_LOGIN_TURNS_MISSED_TOTAL),
             sticky_records: gauge(&r, &STICKY_RECORDS),
             moves_total: counter_vec(&r, &MOVES_TOTAL),
             kicks_total: counter_vec(&r, &KICKS_TOTAL),
@@ -669,6 +681,15 @@ impl Metrics {
         let b = backend.into();
         self.inner
             .backend_connect_failures_total
+            .with_label_values(&[&b.ip.to_string(), b.tag])
+            .inc();
+    }
+
+    /// A login found no turn to log in to `backend` within its login timeout.
+    pub fn login_turn_missed<'a>(&self, backend: impl Into<BackendLabel<'a>>) {
+        let b = backend.into();
+        self.inner
+            .backend_login_turns_missed_total
             .with_label_values(&[&b.ip.to_string(), b.tag])
             .inc();
     }
@@ -936,7 +957,7 @@ mod tests {
         m.cluster_lease_lost();
         m.cluster_fenced(true);
         let state = crate::state::local::LocalState::new(Vec::new(), Duration::from_secs(60));
-        let text = m.render(&state, &Sessions::new(), None);
+        let text = m.render(&state, &Sessions::new(), None, None);
         for line in [
             "director_connections_total{protocol=\"imap\"} 1",
             "director_connections{protocol=\"imap\"} 0",

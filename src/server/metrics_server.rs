@@ -18,6 +18,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::health::checker::HealthChecker;
+use crate::login::LoginGates;
 use crate::metrics::Metrics;
 use crate::state::sessions::Sessions;
 use crate::state::{State, StateMode};
@@ -30,6 +31,8 @@ pub struct MetricsContext {
     pub sessions: Sessions,
     /// `None` when health checks are disabled.
     pub health: Option<HealthChecker>,
+    /// The listeners' login turns per backend (logins waiting for one).
+    pub gates: LoginGates,
 }
 
 impl MetricsContext {
@@ -92,7 +95,9 @@ impl MetricsServer {
 }
 
 async fn metrics(Extract(c): Extract<MetricsContext>) -> Response {
-    let text = c.metrics.render(&*c.state, &c.sessions, c.health.as_ref());
+    let text = c
+        .metrics
+        .render(&*c.state, &c.sessions, c.health.as_ref(), Some(&c.gates));
     (
         [(
             header::CONTENT_TYPE,

@@ -221,6 +221,7 @@ impl Director {
                         state: shared_state.clone(),
                         sessions: sessions.clone(),
                         health: health.clone(),
+                        gates: login.gates.clone(),
                     },
                 )
                 .await

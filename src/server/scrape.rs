@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::config::Protocol;
 use crate::health::checker::HealthChecker;
 use crate::health::probe::CheckCode;
+use crate::login::LoginGates;
 use crate::metrics::{Metrics, LOGIN_PROTOCOLS};
 use crate::state::backend::{AdminState, Health};
 use crate::state::sessions::Sessions;
@@ -18,7 +19,13 @@ use crate::state::State;
 impl Metrics {
     /// Sets the gauges that mirror state: backends (health, admin state, weight, records,
     /// sessions, last check), sticky records, checks paused. Series of removed backends go.
-    pub fn refresh(&self, state: &dyn State, sessions: &Sessions, health: Option<&HealthChecker>) {
+    pub fn refresh(
+        &self,
+        state: &dyn State,
+        sessions: &Sessions,
+        health: Option<&HealthChecker>,
+        gates: Option<&LoginGates>,
+    ) {
         let _one = self.inner.refresh.lock().unwrap();
         let i = &self.inner;
         let set = state.backends();
@@ -40,7 +47,11 @@ impl Metrics {
                     .collect()
             })
             .unwrap_or_default();
+        let waiting = gates
+            .map(|g| g.waiting(|ip| set.backends.contains_key(&ip)))
+            .unwrap_or_default();
         for g in [
+            &i.backend_logins_waiting,
             &i.backend_up,
             &i.backend_admin_state,
             &i.backend_weight,
@@ -62,6 +73,9 @@ impl Metrics {
                     .set((b.admin == s) as i64);
             }
             i.backend_weight.with_label_values(&l).set(b.weight as i64);
+            i.backend_logins_waiting
+                .with_label_values(&l)
+                .set(waiting.get(&b.ip).copied().unwrap_or(0));
             i.backend_users
                 .with_label_values(&l)
                 .set(users.get(&b.ip).copied().unwrap_or(0));
@@ -77,6 +91,7 @@ impl Metrics {
             }
             // Per-backend counters start at 0 so that they exist before the first event.
             i.backend_connect_failures_total.with_label_values(&l);
+            i.backend_login_turns_missed_total.with_label_values(&l);
             for p in LOGIN_PROTOCOLS {
                 i.backend_logins_total
                     .with_label_values(&[&ip, &b.tag, p.name(), "ok"]);
@@ -102,8 +117,9 @@ impl Metrics {
         state: &dyn State,
         sessions: &Sessions,
         health: Option<&HealthChecker>,
+        gates: Option<&LoginGates>,
     ) -> String {
-        self.refresh(state, sessions, health);
+        self.refresh(state, sessions, health, gates);
         self.text()
     }
 }
