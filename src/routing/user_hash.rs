@@ -138,7 +138,7 @@ impl UserHash {
                     };
                     if *lower {
                         // Dovecot lower-cases ASCII only (i_tolower).
-                        out.push_str(&value.to_ascii_lowercase());
+                        out.extend(value.chars().map(|c| c.to_ascii_lowercase()));
                     } else {
                         out.push_str(value);
                     }
