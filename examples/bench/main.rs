@@ -11,6 +11,8 @@
 //! - `cluster`: what cluster mode costs (etcd in the login path, logins/s over two
 //!   directors, a move across three, etcd writes of record refreshes, memory per record,
 //!   the checker's fail-over) ([`cluster`]).
+//! - `records`: 10 million sticky records in this process: RSS, route lookup, purge pause,
+//!   counting and paging ([`records`]).
 
 #[path = "../../tests/support/command.rs"]
 mod command;
@@ -35,6 +37,7 @@ mod director_process;
 mod haproxy;
 mod imap;
 mod measure;
+mod records;
 mod versus;
 
 fn main() {
@@ -44,8 +47,9 @@ fn main() {
         Some("cluster") => cluster::run(),
         Some("profile") => versus::profile(),
         Some("storm") => versus::storm_only(),
+        Some("records") => records::run(),
         Some(other) => {
-            panic!("unknown benchmark {other:?}: none (director vs HAProxy vs direct), `auth` or `cluster`")
+            panic!("unknown benchmark {other:?}: none (director vs HAProxy vs direct), `auth`, `cluster`, `profile`, `storm` or `records`")
         }
     }
 }
