@@ -14,16 +14,20 @@
 //!   the record alone (`record(hash)`);
 //! - the purge of the older half at a time when it has expired, while another thread looks
 //!   random users up and times each lookup: the longest lookup is the longest pause a login
-//!   saw;
-//! - what `status` and a Prometheus scrape cost at that size.
+//!   saw (the same looker-up for a second without a purge shows the pauses the machine
+//!   makes anyway); and the longest the purge held one shard's lock, timed by the table;
+//! - what `status` and a Prometheus scrape cost at that size (counting the records), and
+//!   `map` (its first page, and every page one after the other).
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use director::config::Config;
+use director::routing::sticky::SHARDS;
 use director::routing::user_hash::UserHash;
 use director::state::backend::{AdminState, Backend, Health};
 use director::state::local::LocalState;
@@ -159,6 +163,18 @@ impl Histogram {
     }
 }
 
+/// CPU time of the calling thread (a purge's wall time also counts the time it was not
+/// running: 2 shared cores).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -196,7 +212,7 @@ pub fn run() {
     }
     let fill = fill.elapsed();
     let after = rss_kib(pid);
-    let live = state.records(later).len();
+    let live = state.record_counts(later).total;
     println!(
         "fill: {:.1} s ({:.0} ns per record); live records {live}",
         fill.as_secs_f64(),
@@ -213,47 +229,97 @@ pub fn run() {
     // Lookups: random known users; the names are made beforehand (not timed).
     let mut rng = Rng(0x5EED);
     let names: Vec<String> = (0..lookups).map(|_| username(rng.below(n))).collect();
-    let mut route_ns = Vec::new();
-    let mut record_ns = Vec::new();
+    let hashes: Vec<u32> = names.iter().map(|u| router.hash(u)).collect();
+    let (mut route_ns, mut record_ns, mut hash_ns, mut table_ns) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let per = |start: Instant| start.elapsed().as_nanos() as f64 / lookups as f64;
     for _ in 0..runs {
         let start = Instant::now();
         for u in &names {
             let route = now_or_never(router.route(u, "")).expect("a route");
             std::hint::black_box(route);
         }
-        route_ns.push(start.elapsed().as_nanos() as f64 / lookups as f64);
-        let start = Instant::now();
+        route_ns.push(per(start));
         let now = Instant::now();
+        let start = Instant::now();
         for u in &names {
             let r = state.record(router.hash(u), now).expect("a record");
             std::hint::black_box(r);
         }
-        record_ns.push(start.elapsed().as_nanos() as f64 / lookups as f64);
+        record_ns.push(per(start));
+        let start = Instant::now();
+        for u in &names {
+            std::hint::black_box(router.hash(u));
+        }
+        hash_ns.push(per(start));
+        let start = Instant::now();
+        for h in &hashes {
+            std::hint::black_box(state.record(*h, now).expect("a record"));
+        }
+        table_ns.push(per(start));
+    }
+    for (what, ns) in [
+        ("route lookup (Router::route)", route_ns),
+        ("record lookup (hash + record)", record_ns),
+        ("  of which the user hash (MD5)", hash_ns),
+        ("  of which the table (record of a known hash)", table_ns),
+    ] {
+        println!(
+            "{what}: median {:.0} ns (runs: {:?})",
+            median(ns.clone()),
+            ns.iter().map(|x| x.round()).collect::<Vec<_>>()
+        );
+    }
+
+    // What status and a scrape read: counts, never a list.
+    let mut count_ms = Vec::new();
+    let mut counts = Default::default();
+    for _ in 0..runs {
+        let start = Instant::now();
+        counts = state.record_counts(later);
+        count_ms.push(start.elapsed().as_secs_f64() * 1e3);
     }
     println!(
-        "route lookup: median {:.0} ns (runs: {:?})",
-        median(route_ns.clone()),
-        route_ns.iter().map(|x| x.round()).collect::<Vec<_>>()
-    );
-    println!(
-        "record lookup (hash + record): median {:.0} ns (runs: {:?})",
-        median(record_ns.clone()),
-        record_ns.iter().map(|x| x.round()).collect::<Vec<_>>()
+        "count of live records ({}, {} backends): median {:.0} ms",
+        counts.total,
+        counts.by_backend.len(),
+        median(count_ms)
     );
 
-    // What status and a scrape read.
+    // `map`: the first page, then every page one after the other.
+    let everyone = |_: IpAddr| true;
     let start = Instant::now();
-    let counted = state.records(later).len();
+    let first = state.records_page(later, None, 1000, &everyone);
     println!(
-        "count of live records ({counted}): {:.0} ms",
+        "map: first page of {}: {:.2} ms",
+        first.records.len(),
         start.elapsed().as_secs_f64() * 1e3
     );
+    for limit in [1000, 100_000] {
+        let start = Instant::now();
+        let (mut pages, mut listed, mut after) = (0, 0, None);
+        loop {
+            let page = state.records_page(later, after, limit, &everyone);
+            pages += 1;
+            listed += page.records.len();
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        let took = start.elapsed();
+        println!(
+            "map: every page of {limit}: {pages} pages, {listed} records in {:.1} s ({:.2} ms per page)",
+            took.as_secs_f64(),
+            took.as_secs_f64() * 1e3 / pages as f64
+        );
+    }
 
-    // Purge of the older half, a looker-up timing every lookup meanwhile.
-    let stop = Arc::new(AtomicBool::new(false));
-    let hashes: Vec<u32> = names.iter().map(|u| router.hash(u)).collect();
-    let looker = {
-        let (state, stop) = (state.clone(), stop.clone());
+    // Purge of the older half, a looker-up timing every lookup meanwhile; and the same
+    // looker-up for a second without a purge, for the pauses the machine makes anyway.
+    let hashes = Arc::new(hashes);
+    let look = |stop: Arc<AtomicBool>| {
+        let (state, hashes) = (state.clone(), hashes.clone());
         std::thread::spawn(move || {
             let mut times = Histogram::new();
             let mut i = 0;
@@ -267,29 +333,43 @@ pub fn run() {
             times
         })
     };
-    std::thread::sleep(Duration::from_millis(200));
+    let stop = Arc::new(AtomicBool::new(false));
+    let quiet = look(stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let quiet = quiet.join().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let looker = look(stop.clone());
+    std::thread::sleep(Duration::from_millis(100));
     let start = Instant::now();
-    let purged = now_or_never(director::state::State::purge_expired(
-        &*state,
-        t0 + Duration::from_secs(20 * 60),
-    ))
-    .expect("purged");
+    let cpu = thread_cpu();
+    let purged = state.purge(t0 + Duration::from_secs(20 * 60));
+    let cpu = thread_cpu() - cpu;
     let purge = start.elapsed();
-    std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
     let times = looker.join().unwrap();
     println!(
-        "purge: {purged} expired records dropped in {:.0} ms",
-        purge.as_secs_f64() * 1e3
+        "purge: {} expired records dropped in {:.0} ms ({:.0} ms of CPU), {} shards: {:.0} µs each on average, longest hold of a shard's lock {:?}",
+        purged.records,
+        purge.as_secs_f64() * 1e3,
+        cpu.as_secs_f64() * 1e3,
+        SHARDS,
+        purge.as_secs_f64() * 1e6 / SHARDS as f64,
+        purged.longest_hold
     );
-    println!(
-        "lookups during the purge: {}, p50 < {:?}, p99.9 < {:?}, longest {:?}; over 1 ms: {}, over 10 ms: {}",
-        times.count,
-        times.below(0.5),
-        times.below(0.999),
-        times.longest,
-        times.over_1ms,
-        times.over_10ms,
-    );
+    for (what, times) in [
+        ("lookups during the purge", times),
+        ("lookups for 1 s without a purge", quiet),
+    ] {
+        println!(
+            "{what}: {}, p50 < {:?}, p99.9 < {:?}, longest {:?}; over 1 ms: {}, over 10 ms: {}",
+            times.count,
+            times.below(0.5),
+            times.below(0.999),
+            times.longest,
+            times.over_1ms,
+            times.over_10ms,
+        );
+    }
     println!("RSS after the purge: {:.0} MiB", mib(rss_kib(pid)));
 }

@@ -189,6 +189,21 @@ impl Sessions {
         ips
     }
 
+    /// The username of a live session of each of these user hashes that has one, found in
+    /// one pass over the sessions (`map`: names its table does not hold).
+    pub fn usernames_of(&self, hashes: &std::collections::HashSet<u32>) -> HashMap<u32, String> {
+        if hashes.is_empty() {
+            return HashMap::new();
+        }
+        let map = self.inner.lock().unwrap();
+        let mut out = HashMap::new();
+        for e in map.values().filter(|e| hashes.contains(&e.info.user_hash)) {
+            out.entry(e.info.user_hash)
+                .or_insert_with(|| e.info.username.clone());
+        }
+        out
+    }
+
     /// Live sessions of users with this hash.
     pub fn count_user(&self, user_hash: u32) -> usize {
         let map = self.inner.lock().unwrap();
