@@ -679,7 +679,7 @@ impl Login {
             user_hash: self.router.hash(user),
             backend,
             reason: RouteReason::Pinned,
-            fallbacks: Vec::new(),
+            fallbacks: Default::default(),
         })
     }
 }
@@ -790,14 +790,12 @@ impl Login {
             };
             let hash = route.user_hash;
             let last_round = round + 1 == ROUNDS;
-            let mut candidates = vec![for_user(&route.backend, verified, decision.protocol)];
-            candidates.extend(
-                route
-                    .fallbacks
-                    .iter()
-                    .map(|b| for_user(b, verified, decision.protocol)),
-            );
-            for (attempt, backend) in candidates.iter().enumerate() {
+            // Fallbacks are made ready only when reached: most logins never are.
+            let candidates = std::iter::once(&route.backend)
+                .chain(route.fallbacks.iter())
+                .map(|b| for_user(b, verified, decision.protocol));
+            for (attempt, backend) in candidates.enumerate() {
+                let backend = &backend;
                 let clustered = matches!(
                     self.router.state().mode(),
                     crate::state::StateMode::Cluster { .. }

@@ -67,8 +67,20 @@ enum Command {
     /// Every backend (address, tag, weight, admin state, health, last check, users,
     /// sessions), or one user (current and hashed backend, record expiry).
     Status { user: Option<String> },
-    /// Users with a sticky record, optionally only those of one backend.
-    Map { host: Option<String> },
+    /// Users with a sticky record, optionally only those of one backend, a page at a time
+    /// (1000 users unless `--limit`); the last line says how to get the next page.
+    Map {
+        host: Option<String>,
+        /// Start after this user hash: the `--after` that the previous page printed.
+        #[arg(long)]
+        after: Option<u32>,
+        /// Users per page, 1..100000 (default 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Every page, one after the other (with `--json`: one JSON object per page and line).
+        #[arg(long, conflicts_with = "after")]
+        all: bool,
+    },
     /// Add a backend (a name adds every address it resolves to), or set an existing one's
     /// weight and tag (`--tag TAG`, or `HOST@TAG` as Dovecot writes it). Nobody with a record
     /// moves.
@@ -139,7 +151,13 @@ impl Command {
             | Command::Import { .. } => return None,
             Command::Status { user: None } => AdminRequest::Status,
             Command::Status { user: Some(u) } => AdminRequest::UserStatus { user: u.clone() },
-            Command::Map { host } => AdminRequest::Map { host: host.clone() },
+            Command::Map {
+                host, after, limit, ..
+            } => AdminRequest::Map {
+                host: host.clone(),
+                after: *after,
+                limit: *limit,
+            },
             // `HOST@TAG`, as Dovecot's `doveadm director add` takes a tagged host.
             Command::Add { host, weight, tag } => match (host.split_once('@'), tag) {
                 (Some((bare, at_tag)), None) => AdminRequest::Add {
@@ -332,6 +350,18 @@ fn run() -> ExitCode {
     let log_level = init_logs(config.log_format, &config.log_level);
     if let Command::Import { file } = &cli.command {
         return import(&config, file, cli.json);
+    }
+    if let (Command::Map { all: true, .. }, Some(req)) = (&cli.command, cli.command.request()) {
+        return match client::map_all(&config.admin.socket, &req, cli.json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("director: {e}");
+                ExitCode::from(match e {
+                    client::ClientError::Connect { .. } => 2,
+                    client::ClientError::Refused(_) => 1,
+                })
+            }
+        };
     }
     if let Some(req) = cli.command.request() {
         return admin_verb(&config, &req, cli.json);

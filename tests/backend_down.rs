@@ -28,9 +28,16 @@ fn dead_backend_sends_a_new_user_to_the_next_in_ring_order_and_it_sticks() {
         .find(|u| ready(d.router.route(u, "")).unwrap().backend.ip == dead)
         .expect("another user on the same backend");
     let (ui, up) = (user(50), other);
-    let next_i = pool.by_ip(first.fallbacks[0].ip).unwrap();
+    let next_i = pool.by_ip(first.fallbacks.first().unwrap().ip).unwrap();
     let next_p = pool
-        .by_ip(ready(d.router.route(&up, "")).unwrap().fallbacks[0].ip)
+        .by_ip(
+            ready(d.router.route(&up, ""))
+                .unwrap()
+                .fallbacks
+                .first()
+                .unwrap()
+                .ip,
+        )
         .unwrap();
     let dead = pool.by_ip(dead).unwrap();
     dead.kill();
@@ -149,7 +156,7 @@ fn hung_backend_sends_a_new_user_to_the_next_in_ring_order() {
     let u = user(72);
     let route = ready(d.router.route(&u, "")).unwrap();
     let hung = pool.by_ip(route.backend.ip).unwrap();
-    let next = pool.by_ip(route.fallbacks[0].ip).unwrap();
+    let next = pool.by_ip(route.fallbacks.first().unwrap().ip).unwrap();
     hung.pause();
     let t = Instant::now();
     let (_c, backend) = imap_login(d.imap, &u, PASSWORD);

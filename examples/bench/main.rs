@@ -1,5 +1,5 @@
 //! Benchmarks of the director against a direct connection to the same real Dovecot backend.
-//! Run with `./scripts/bench [cpu|profile|callgrind|storm|auth|cluster]` (release build); it prints the figures for
+//! Run with `./scripts/bench [cpu|profile|callgrind|storm|records|auth|cluster]` (release build); it prints the figures for
 //! BENCHMARKS.md.
 //!
 //! - No argument: the director beside HAProxy and direct connections in front of the same two
@@ -14,6 +14,8 @@
 //! - `cluster`: what cluster mode costs (etcd in the login path, logins/s over two
 //!   directors, a move across three, etcd writes of record refreshes, memory per record,
 //!   the checker's fail-over) ([`cluster`]).
+//! - `records`: 10 million sticky records in this process: RSS, route lookup, purge pause,
+//!   counting and paging ([`records`]).
 
 #[path = "../../tests/support/command.rs"]
 mod command;
@@ -38,6 +40,7 @@ mod director_process;
 mod haproxy;
 mod imap;
 mod measure;
+mod records;
 mod versus;
 
 fn main() {
@@ -49,8 +52,9 @@ fn main() {
         Some("storm") => versus::storm_only(),
         Some("cpu") => versus::cpu_only(),
         Some("callgrind") => versus::callgrind(),
+        Some("records") => records::run(),
         Some(other) => {
-            panic!("unknown benchmark {other:?}: none (director vs HAProxy vs direct), `cpu`, `profile`, `callgrind`, `storm`, `auth` or `cluster`")
+            panic!("unknown benchmark {other:?}: none (director vs HAProxy vs direct), `cpu`, `profile`, `callgrind`, `storm`, `records`, `auth` or `cluster`")
         }
     }
 }

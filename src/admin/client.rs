@@ -132,21 +132,14 @@ pub fn print(req: &AdminRequest, value: &serde_json::Value, json: bool) -> Resul
                 (Some(_), Some(s)) => println!("Record:        expires in {s}s"),
             }
         }
-        AdminRequest::Map { .. } => {
+        AdminRequest::Map { host, limit, .. } => {
             let m: MapReply = serde_json::from_value(value.clone()).map_err(bad)?;
-            println!(
-                "{:<32} {:<10} {:<16} {:>8} {:>8}",
-                "user", "hash", "backend", "sessions", "expires"
-            );
-            for e in m.users {
-                println!(
-                    "{:<32} {:<10} {:<16} {:>8} {:>8}",
-                    e.user.unwrap_or_else(|| "?".into()),
-                    e.hash,
-                    e.backend.to_string(),
-                    e.sessions,
-                    e.expires_in_secs.map_or("-".into(), |s| format!("{s}s"))
-                );
+            print_map_header();
+            print_map_rows(&m);
+            if let Some(next) = m.next {
+                let host = host.as_ref().map(|h| format!(" {h}")).unwrap_or_default();
+                let limit = limit.map(|l| format!(" --limit {l}")).unwrap_or_default();
+                println!("next page: director map{host}{limit} --after {next} (or --all)");
             }
         }
         AdminRequest::Dump => {
@@ -183,6 +176,52 @@ pub fn print(req: &AdminRequest, value: &serde_json::Value, json: bool) -> Resul
         }
     }
     Ok(())
+}
+
+/// `director map --all`: asks for page after page of `req` (a [`AdminRequest::Map`]) and
+/// prints each as it comes, for people (one table) or as JSON (one object per page and line).
+pub fn map_all(socket: &Path, req: &AdminRequest, json: bool) -> Result<(), ClientError> {
+    let mut req = req.clone();
+    let mut first = true;
+    loop {
+        let value = call(socket, &req)?;
+        let page: MapReply = serde_json::from_value(value.clone()).map_err(|e| {
+            ClientError::Refused(format!("unexpected reply from the director: {e}"))
+        })?;
+        if json {
+            println!("{value}");
+        } else {
+            if first {
+                print_map_header();
+            }
+            print_map_rows(&page);
+        }
+        first = false;
+        match (&mut req, page.next) {
+            (AdminRequest::Map { after, .. }, Some(next)) => *after = Some(next),
+            _ => return Ok(()),
+        }
+    }
+}
+
+fn print_map_header() {
+    println!(
+        "{:<32} {:<10} {:<16} {:>8} {:>8}",
+        "user", "hash", "backend", "sessions", "expires"
+    );
+}
+
+fn print_map_rows(m: &MapReply) {
+    for e in &m.users {
+        println!(
+            "{:<32} {:<10} {:<16} {:>8} {:>8}",
+            e.user.as_deref().unwrap_or("?"),
+            e.hash,
+            e.backend.to_string(),
+            e.sessions,
+            e.expires_in_secs.map_or("-".into(), |s| format!("{s}s"))
+        );
+    }
 }
 
 fn when(unix: u64) -> String {

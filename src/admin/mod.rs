@@ -61,10 +61,16 @@ pub enum AdminRequest {
     UserStatus {
         user: String,
     },
-    /// Users with records, optionally of one backend.
+    /// Users with records, optionally of one backend, one page at a time: up to `limit`
+    /// (default [`MAP_PAGE`], at most [`MAP_PAGE_MAX`]) after the user hash `after` (the
+    /// previous page's `next`).
     Map {
         #[serde(default)]
         host: Option<String>,
+        #[serde(default)]
+        after: Option<u32>,
+        #[serde(default)]
+        limit: Option<usize>,
     },
     /// Adds a backend (every address of a name), or sets the weight/tag of an existing one.
     Add {
@@ -223,10 +229,21 @@ pub struct UserReply {
     pub expires_in_secs: Option<u64>,
 }
 
-/// The reply to `map`.
+/// Users a `map` page lists when no limit is given: a screenful for a small director, a
+/// reply of about 100 KB at most.
+pub const MAP_PAGE: usize = 1000;
+
+/// The largest page `map` gives: about 10 MB of JSON, under a second to make at 10 million
+/// records.
+pub const MAP_PAGE_MAX: usize = 100_000;
+
+/// The reply to `map`: one page.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MapReply {
     pub users: Vec<MapEntry>,
+    /// Where the next page starts (`after`); absent on the last page.
+    #[serde(default)]
+    pub next: Option<u32>,
 }
 
 /// One user with a record.
@@ -507,7 +524,9 @@ impl AdminContext {
             return match req {
                 AdminRequest::Status => Ok(json(self.status())),
                 AdminRequest::UserStatus { user } => Ok(json(self.user_status(&user))),
-                AdminRequest::Map { host } => Ok(json(self.map(host.as_deref()).await?)),
+                AdminRequest::Map { host, after, limit } => {
+                    Ok(json(self.map(host.as_deref(), after, limit).await?))
+                }
                 _ => Ok(json(self.dump())),
             };
         }
@@ -555,7 +574,8 @@ impl AdminContext {
         let now = Instant::now();
         let set = self.state.backends();
         let maintenance = self.state.maintenance();
-        let records = self.state.records(now);
+        // Counted shard by shard, never listed: status stays cheap at millions of records.
+        let records = self.state.record_counts(now);
         let checks = self
             .check_results
             .lock()
@@ -579,7 +599,7 @@ impl AdminContext {
                             latency_ms: latency.as_secs_f64() * 1000.0,
                         },
                     ),
-                    users: records.iter().filter(|(_, r)| r.backend == b.ip).count(),
+                    users: records.by_backend.get(&b.ip).copied().unwrap_or(0),
                     sessions: self.mover.sessions.count_backend_ip(b.ip),
                     maintenance: maintenance.get(&b.ip).map(maintenance_status),
                 })
@@ -590,7 +610,7 @@ impl AdminContext {
                 since: crate::state::file::unix_secs(p.since),
                 until: p.until.map(crate::state::file::unix_secs),
             }),
-            records: records.len(),
+            records: records.total,
             sessions: self.mover.sessions.list().len(),
             mode: match self.state.mode() {
                 StateMode::Single => "single".into(),
@@ -635,34 +655,53 @@ impl AdminContext {
         }
     }
 
-    async fn map(&self, host: Option<&str>) -> Result<MapReply, AdminError> {
+    /// One page of users with records. The state pages its records (never a list of them
+    /// all); usernames come with the records, and those it lacks from this director's live
+    /// sessions, found in one pass over them.
+    async fn map(
+        &self,
+        host: Option<&str>,
+        after: Option<u32>,
+        limit: Option<usize>,
+    ) -> Result<MapReply, AdminError> {
+        let limit = limit.unwrap_or(MAP_PAGE);
+        if !(1..=MAP_PAGE_MAX).contains(&limit) {
+            return Err(AdminError::bad(format!(
+                "limit {limit}: a page holds 1 to {MAP_PAGE_MAX} users"
+            )));
+        }
         let only = match host {
             Some(h) => Some(self.existing(h).await?),
             None => None,
         };
         let now = Instant::now();
-        let live: Vec<_> = self.mover.sessions.list();
-        let mut users: Vec<MapEntry> = self
-            .state
-            .records(now)
+        let page = self.state.records_page(now, after, limit, &|ip| {
+            only.as_ref().is_none_or(|ips| ips.contains(&ip))
+        });
+        let unnamed: HashSet<u32> = page
+            .records
+            .iter()
+            .filter(|r| r.username.is_none())
+            .map(|r| r.hash)
+            .collect();
+        let mut from_sessions = self.mover.sessions.usernames_of(&unnamed);
+        let expire = self.config.load().user_expire.into();
+        let mut users: Vec<MapEntry> = page
+            .records
             .into_iter()
-            .filter(|(_, r)| only.as_ref().is_none_or(|ips| ips.contains(&r.backend)))
-            .map(|(hash, r)| MapEntry {
-                hash,
-                user: live
-                    .iter()
-                    .find(|s| s.user_hash == hash)
-                    .map(|s| s.username.clone())
-                    .or_else(|| self.state.username(hash)),
-                backend: r.backend,
-                sessions: r.sessions,
-                expires_in_secs: r
-                    .expires_at(self.config.load().user_expire.into())
-                    .map(|t| secs_until(t, now)),
+            .map(|r| MapEntry {
+                hash: r.hash,
+                user: r.username.or_else(|| from_sessions.remove(&r.hash)),
+                backend: r.record.backend,
+                sessions: r.record.sessions,
+                expires_in_secs: r.record.expires_at(expire).map(|t| secs_until(t, now)),
             })
             .collect();
         users.sort_by(|a, b| (a.backend, &a.user, a.hash).cmp(&(b.backend, &b.user, b.hash)));
-        Ok(MapReply { users })
+        Ok(MapReply {
+            users,
+            next: page.next,
+        })
     }
 
     fn dump(&self) -> DumpReply {
@@ -1033,10 +1072,10 @@ impl AdminContext {
         let tag = set.get(ip).map(|b| b.tag.clone()).unwrap_or_default();
         let mut moves: Vec<(u32, Option<IpAddr>)> = self
             .state
-            .records(now)
+            .records_on(ip, now)
             .into_iter()
-            .filter(|(hash, rec)| rec.backend == ip && !allowed.contains(hash))
-            .map(|(hash, _)| (hash, set.ring(&tag).and_then(|ring| ring.lookup(hash))))
+            .filter(|hash| !allowed.contains(hash))
+            .map(|hash| (hash, set.ring(&tag).and_then(|ring| ring.lookup(hash))))
             .collect();
         moves.extend(
             allowed
@@ -1058,13 +1097,7 @@ impl AdminContext {
     async fn flush(&self, ip: IpAddr, force: bool, r: &mut ChangeReply) {
         let set = self.state.backends();
         let tag = set.get(ip).map(|b| b.tag.clone()).unwrap_or_default();
-        let users: Vec<u32> = self
-            .state
-            .records(Instant::now())
-            .into_iter()
-            .filter(|(_, rec)| rec.backend == ip)
-            .map(|(h, _)| h)
-            .collect();
+        let users: Vec<u32> = self.state.records_on(ip, Instant::now());
         let mut moves = Vec::new();
         for hash in users {
             if force {

@@ -18,13 +18,16 @@ use crate::routing::user_hash::md5_prefix;
 struct Point {
     hash: u32,
     ip: IpAddr,
+    /// The index of `ip` among the ring's backends, to tell backends apart cheaply.
+    backend: u32,
 }
 
 /// An immutable ring over the usable backends of one tag.
 #[derive(Debug, Clone, Default)]
 pub struct Ring {
     points: Vec<Point>,
-    /// How many distinct backends own points: where [`Ring::candidates`] may stop.
+    /// How many backends have points: [`Ring::candidates`] stops once it has them all
+    /// rather than walking every point (100 per backend by default) on every login.
     backends: usize,
 }
 
@@ -43,22 +46,28 @@ impl Ring {
     /// (up, not drained). Weight 0 adds no points.
     pub fn build(backends: impl IntoIterator<Item = (IpAddr, u32)>) -> Ring {
         let mut points = Vec::new();
-        let mut owners = 0;
+        let mut with_points: std::collections::HashMap<IpAddr, u32> = Default::default();
         for (ip, weight) in backends {
-            owners += usize::from(weight > 0);
+            if weight == 0 {
+                continue;
+            }
+            // Each backend has at least one point: their count fits in a u32.
+            let next = with_points.len() as u32;
+            let backend = *with_points.entry(ip).or_insert(next);
             let prefix = ip.to_string();
             for i in 0..weight {
                 let key = format!("{prefix}-{i}");
                 points.push(Point {
                     hash: md5_prefix(key.as_bytes()),
                     ip,
+                    backend,
                 });
             }
         }
         points.sort_by(|a, b| a.hash.cmp(&b.hash).then_with(|| ip_cmp(&a.ip, &b.ip)));
         Ring {
             points,
-            backends: owners,
+            backends: with_points.len(),
         }
     }
 
@@ -98,15 +107,15 @@ impl Ring {
     /// Every backend in ring order starting at the user's point, each once: the first is
     /// [`Ring::lookup`]'s answer, the rest are where to go if it cannot be reached.
     pub fn candidates(&self, hash: u32) -> Vec<IpAddr> {
-        let mut out: Vec<IpAddr> = Vec::new();
         let Some(start) = self.index(hash) else {
-            return out;
+            return Vec::new();
         };
-        // In ring order from the user's point, wrapping round; done once every backend
-        // is listed (a login asks this: it must not walk every backend's hundred points).
-        let (wrapped, from_start) = self.points.split_at(start);
-        for p in from_start.iter().chain(wrapped) {
-            if !out.contains(&p.ip) {
+        let mut out: Vec<IpAddr> = Vec::with_capacity(self.backends);
+        let mut seen = vec![false; self.backends];
+        let n = self.points.len();
+        for k in 0..n {
+            let p = &self.points[(start + k) % n];
+            if !std::mem::replace(&mut seen[p.backend as usize], true) {
                 out.push(p.ip);
                 if out.len() == self.backends {
                     break;
@@ -154,6 +163,27 @@ mod tests {
             let c = ring.candidates(hash);
             assert_eq!(c.len(), 3);
             assert_eq!(Some(c[0]), ring.lookup(hash));
+        }
+    }
+
+    #[test]
+    fn candidates_stop_early_with_the_same_answer_as_a_full_walk() {
+        let ring = Ring::build([
+            (ip("10.0.0.1"), 100),
+            (ip("10.0.0.2"), 1),
+            (ip("10.0.0.3"), 0),
+            (ip("10.0.0.4"), 300),
+        ]);
+        for hash in (0..2000u32).map(|i| i.wrapping_mul(2_654_435_761)) {
+            let start = ring.index(hash).unwrap();
+            let mut full: Vec<IpAddr> = Vec::new();
+            for k in 0..ring.points.len() {
+                let ip = ring.points[(start + k) % ring.points.len()].ip;
+                if !full.contains(&ip) {
+                    full.push(ip);
+                }
+            }
+            assert_eq!(ring.candidates(hash), full, "{hash}");
         }
     }
 

@@ -365,17 +365,25 @@ async fn janitor(state: ClusterState, mover: Mover) {
         }
         state.compact_history().await;
         let set = state.backends();
+        let now = Instant::now();
+        // Backends with records that do not serve them, then whether any of those records
+        // is not being moved: counted first, so that no list of every record is made.
         let stranded: std::collections::BTreeSet<std::net::IpAddr> = state
-            .records(Instant::now())
-            .into_iter()
-            .filter(|(hash, r)| {
-                !state.being_moved(*hash)
-                    && set.get(r.backend).is_none_or(|b| {
-                        !b.serves_existing()
-                            && b.admin != crate::state::backend::AdminState::Maintenance
-                    })
+            .record_counts(now)
+            .by_backend
+            .into_keys()
+            .filter(|ip| {
+                set.get(*ip).is_none_or(|b| {
+                    !b.serves_existing()
+                        && b.admin != crate::state::backend::AdminState::Maintenance
+                })
             })
-            .map(|(_, r)| r.backend)
+            .filter(|ip| {
+                state
+                    .records_on(*ip, now)
+                    .into_iter()
+                    .any(|hash| !state.being_moved(hash))
+            })
             .collect();
         stranded_since.retain(|ip, _| stranded.contains(ip));
         for ip in stranded {

@@ -30,11 +30,8 @@ impl Metrics {
         let i = &self.inner;
         let set = state.backends();
         let now = Instant::now();
-        let records = state.records(now);
-        let mut users: BTreeMap<IpAddr, i64> = BTreeMap::new();
-        for (_, r) in &records {
-            *users.entry(r.backend).or_default() += 1;
-        }
+        // Counted shard by shard: a scrape never lists the records.
+        let records = state.record_counts(now);
         let mut live: BTreeMap<(IpAddr, Protocol), i64> = BTreeMap::new();
         for s in sessions.list() {
             *live.entry((s.backend.ip(), s.protocol)).or_default() += 1;
@@ -78,7 +75,7 @@ impl Metrics {
                 .set(waiting.get(&b.ip).copied().unwrap_or(0));
             i.backend_users
                 .with_label_values(&l)
-                .set(users.get(&b.ip).copied().unwrap_or(0));
+                .set(records.by_backend.get(&b.ip).map_or(0, |n| *n as i64));
             for p in LOGIN_PROTOCOLS {
                 i.backend_sessions
                     .with_label_values(&[&ip, &b.tag, p.name()])
@@ -107,7 +104,7 @@ impl Metrics {
                 }
             }
         }
-        i.sticky_records.set(records.len() as i64);
+        i.sticky_records.set(records.total as i64);
         i.checks_paused.set(state.checks_pause().is_some() as i64);
     }
 

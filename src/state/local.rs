@@ -1,6 +1,6 @@
 //! The in-memory [`State`]: one director's backends and sticky records.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::config::MAX_WEIGHT;
-use crate::routing::sticky::{StickyRecord, StickyTable};
+use crate::routing::sticky::{Purged, RecordCounts, RecordPage, StickyRecord, StickyTable};
 use crate::state::backend::{AdminState, Backend, Health};
 use crate::state::{done, BackendSet, ChecksPause, Maintenance, State, StateError, StateFuture};
 
@@ -18,14 +18,13 @@ pub struct LocalState {
     backends: ArcSwap<BackendSet>,
     /// Serialises changes to the backend set (read-modify-swap).
     change: Mutex<()>,
-    sticky: Mutex<StickyTable>,
+    /// The records and the last username of each user; locks itself, shard by shard.
+    sticky: StickyTable,
     /// User hashes being moved (sessions being ended before the record changes).
     moving: Mutex<HashSet<u32>>,
     checks_pause: Mutex<Option<ChecksPause>>,
     /// Backends in maintenance; read on every login, so swapped whole like `backends`.
     maintenance: ArcSwap<BTreeMap<IpAddr, Maintenance>>,
-    /// The last username seen per user hash, for admin output; dropped with the record.
-    usernames: Mutex<HashMap<u32, String>>,
 }
 
 impl LocalState {
@@ -33,11 +32,10 @@ impl LocalState {
         LocalState {
             backends: ArcSwap::from_pointee(BackendSet::new(backends)),
             change: Mutex::new(()),
-            sticky: Mutex::new(StickyTable::new(user_expire)),
+            sticky: StickyTable::new(user_expire),
             moving: Mutex::new(HashSet::new()),
             checks_pause: Mutex::new(None),
             maintenance: ArcSwap::from_pointee(BTreeMap::new()),
-            usernames: Mutex::new(HashMap::new()),
         }
     }
 
@@ -125,46 +123,61 @@ impl LocalState {
     }
 
     pub fn record(&self, hash: u32, now: Instant) -> Option<StickyRecord> {
-        self.sticky.lock().unwrap().get(hash, now)
+        self.sticky.get(hash, now)
     }
 
     pub fn bind(&self, hash: u32, proposed: IpAddr, now: Instant) -> IpAddr {
-        self.sticky.lock().unwrap().bind(hash, proposed, now)
+        self.sticky.bind(hash, proposed, now)
     }
 
     pub fn rebind(&self, hash: u32, backend: IpAddr, now: Instant) {
-        self.sticky.lock().unwrap().set(hash, backend, now)
+        self.sticky.set(hash, backend, now)
     }
 
     pub fn session_started(&self, hash: u32, backend: IpAddr, now: Instant) {
-        self.sticky
-            .lock()
-            .unwrap()
-            .session_started(hash, backend, now)
+        self.sticky.session_started(hash, backend, now)
     }
 
     pub fn session_ended(&self, hash: u32, now: Instant) {
-        self.sticky.lock().unwrap().session_ended(hash, now)
+        self.sticky.session_ended(hash, now)
     }
 
-    pub fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)> {
-        self.sticky.lock().unwrap().live(now)
+    /// Drops expired records and usernames unused for `user_expire`, one shard at a time;
+    /// says how many records and the longest a shard was locked.
+    pub fn purge(&self, now: Instant) -> Purged {
+        self.sticky.purge(now)
     }
 
     pub fn purge_expired(&self, now: Instant) -> usize {
-        let mut sticky = self.sticky.lock().unwrap();
-        let n = sticky.purge(now);
-        if n > 0 {
-            self.usernames
-                .lock()
-                .unwrap()
-                .retain(|h, _| sticky.get(*h, now).is_some());
-        }
-        n
+        self.purge(now).records
+    }
+
+    /// Drops the usernames unused for `user_expire` whose hash `keep` refuses (a cluster
+    /// member: the records live in etcd, this table holds only their usernames).
+    pub fn forget_usernames(&self, now: Instant, keep: impl Fn(u32) -> bool) {
+        self.sticky.purge_keeping(now, keep);
     }
 
     pub fn remove_record(&self, hash: u32) {
-        self.sticky.lock().unwrap().remove(hash);
+        self.sticky.remove(hash);
+    }
+
+    pub fn record_counts(&self, now: Instant) -> RecordCounts {
+        self.sticky.counts(now)
+    }
+
+    pub fn records_on(&self, backend: IpAddr, now: Instant) -> Vec<u32> {
+        self.sticky.on(backend, now)
+    }
+
+    pub fn records_page(
+        &self,
+        now: Instant,
+        after: Option<u32>,
+        limit: usize,
+        wanted: &dyn Fn(IpAddr) -> bool,
+    ) -> RecordPage {
+        self.sticky.page(now, after, limit, wanted)
     }
 
     pub fn begin_move(&self, hash: u32) -> bool {
@@ -208,14 +221,11 @@ impl LocalState {
     }
 
     pub fn note_username(&self, hash: u32, username: &str) {
-        let mut names = self.usernames.lock().unwrap();
-        if names.get(&hash).map(String::as_str) != Some(username) {
-            names.insert(hash, username.to_owned());
-        }
+        self.sticky.note_username(hash, username, Instant::now())
     }
 
     pub fn username(&self, hash: u32) -> Option<String> {
-        self.usernames.lock().unwrap().get(&hash).cloned()
+        self.sticky.username(hash)
     }
 }
 
@@ -274,8 +284,26 @@ impl State for LocalState {
         LocalState::session_ended(self, hash, now)
     }
 
-    fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)> {
-        LocalState::records(self, now)
+    fn for_each_record(&self, now: Instant, f: &mut dyn FnMut(u32, StickyRecord)) {
+        self.sticky.for_each(now, f)
+    }
+
+    fn record_counts(&self, now: Instant) -> RecordCounts {
+        LocalState::record_counts(self, now)
+    }
+
+    fn records_on(&self, backend: IpAddr, now: Instant) -> Vec<u32> {
+        LocalState::records_on(self, backend, now)
+    }
+
+    fn records_page(
+        &self,
+        now: Instant,
+        after: Option<u32>,
+        limit: usize,
+        wanted: &dyn Fn(IpAddr) -> bool,
+    ) -> RecordPage {
+        LocalState::records_page(self, now, after, limit, wanted)
     }
 
     fn purge_expired(&self, now: Instant) -> StateFuture<'_, usize> {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::routing::ring::Ring;
-use crate::routing::sticky::StickyRecord;
+use crate::routing::sticky::{PagedRecord, RecordCounts, RecordPage, StickyRecord};
 use crate::state::backend::{AdminState, Backend, Health};
 
 /// An immutable view of the backends and their rings, rebuilt on every change and swapped in
@@ -197,8 +197,74 @@ pub trait State: Send + Sync {
     /// A session ended: the record's `user_expire` clock starts when none are left.
     fn session_ended(&self, hash: u32, now: Instant);
 
-    /// Every live record.
-    fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)>;
+    /// Calls `f` with every live record. `f` must not use the state (the local state holds
+    /// a lock of its table meanwhile). For what the methods below do not cover.
+    fn for_each_record(&self, now: Instant, f: &mut dyn FnMut(u32, StickyRecord));
+
+    /// How many live records there are, in all and per backend (status, scrapes): counted,
+    /// never listed.
+    fn record_counts(&self, now: Instant) -> RecordCounts {
+        let mut counts = RecordCounts::default();
+        self.for_each_record(now, &mut |_, r| {
+            counts.total += 1;
+            *counts.by_backend.entry(r.backend).or_default() += 1;
+        });
+        counts
+    }
+
+    /// The user hashes of the live records on `backend` (moving its users off).
+    fn records_on(&self, backend: IpAddr, now: Instant) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.for_each_record(now, &mut |h, r| {
+            if r.backend == backend {
+                out.push(h);
+            }
+        });
+        out
+    }
+
+    /// One page of `map`: up to `limit` live records whose backend `wanted` accepts, with
+    /// their usernames, starting after the record of hash `after`, and where the next page
+    /// starts. The order is the state's own and lasts as long as the process, so that pages
+    /// taken one after another list every record exactly once. By default, by hash (one pass
+    /// over the records per page: fine for a cluster's replica, which etcd keeps small).
+    fn records_page(
+        &self,
+        now: Instant,
+        after: Option<u32>,
+        limit: usize,
+        wanted: &dyn Fn(IpAddr) -> bool,
+    ) -> RecordPage {
+        let limit = limit.max(1);
+        let mut found: Vec<(u32, StickyRecord)> = Vec::new();
+        self.for_each_record(now, &mut |h, r| {
+            if after.is_none_or(|a| h > a) && wanted(r.backend) {
+                found.push((h, r));
+            }
+        });
+        let more = found.len() > limit;
+        if more {
+            found.select_nth_unstable_by_key(limit - 1, |(h, _)| *h);
+            found.truncate(limit);
+        }
+        found.sort_unstable_by_key(|(h, _)| *h);
+        let next = if more {
+            found.last().map(|(h, _)| *h)
+        } else {
+            None
+        };
+        RecordPage {
+            records: found
+                .into_iter()
+                .map(|(hash, record)| PagedRecord {
+                    hash,
+                    record,
+                    username: self.username(hash),
+                })
+                .collect(),
+            next,
+        }
+    }
 
     /// Drops expired records; returns how many.
     fn purge_expired(&self, now: Instant) -> StateFuture<'_, usize>;

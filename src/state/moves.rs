@@ -3,6 +3,7 @@
 //! two backends at once. Used by the admin verbs (`move`, `kick`, `flush`) and by the health
 //! checker and maintenance (evacuating a backend).
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -248,13 +249,8 @@ impl Mover {
         let now = Instant::now();
         let set = self.state.backends();
         let tag = set.get(from).map(|b| b.tag.clone()).unwrap_or_default();
-        let users: Vec<u32> = self
-            .state
-            .records(now)
-            .into_iter()
-            .filter(|(_, r)| r.backend == from)
-            .map(|(h, _)| h)
-            .collect();
+        let users: Vec<u32> = self.state.records_on(from, now);
+        let recorded: HashSet<u32> = users.iter().copied().collect();
         let mut total = MoveReport::default();
         // Users whose record already points elsewhere (routing re-points a record whose
         // backend no longer serves, when the user logs in again) but who still have sessions
@@ -263,7 +259,7 @@ impl Mover {
             .sessions
             .users_on(from)
             .into_iter()
-            .filter(|h| !users.contains(h))
+            .filter(|h| !recorded.contains(h))
             .collect();
         let targets: Vec<(u32, Option<IpAddr>)> = users
             .into_iter()

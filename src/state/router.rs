@@ -2,12 +2,13 @@
 //! the user's tag decides and a record is made. Routing never sees protocol syntax.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::routing::user_hash::UserHash;
 use crate::state::backend::Backend;
-use crate::state::State;
+use crate::state::{BackendSet, State};
 
 /// Where a user goes.
 #[derive(Debug, Clone)]
@@ -19,7 +20,38 @@ pub struct Route {
     pub reason: RouteReason,
     /// Other backends in ring order, for when `backend` cannot be reached and the user has
     /// no live session (so moving the user cannot put it on two backends).
-    pub fallbacks: Vec<Backend>,
+    pub fallbacks: Fallbacks,
+}
+
+/// The backends to try after a route's own, in ring order. Kept as addresses into the
+/// backends as they were at routing time and looked up only when a login gets that far:
+/// most logins never do, and cloning every backend on every login was most of a route's
+/// cost.
+#[derive(Debug, Clone, Default)]
+pub struct Fallbacks {
+    ips: Vec<IpAddr>,
+    set: Arc<BackendSet>,
+}
+
+impl Fallbacks {
+    /// The fallbacks, first to last.
+    pub fn iter(&self) -> impl Iterator<Item = &Backend> {
+        self.ips.iter().filter_map(|ip| self.set.get(*ip))
+    }
+
+    /// The first fallback.
+    pub fn first(&self) -> Option<&Backend> {
+        self.iter().next()
+    }
+
+    /// None left (an LMTP delivery goes to the route's backend or nowhere).
+    pub fn clear(&mut self) {
+        self.ips.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ips.is_empty()
+    }
 }
 
 /// Why a route chose its backend; the names appear in logs.
@@ -95,13 +127,10 @@ impl Router {
         if let Some(route) = self.maintenance_route(username, hash, &set, now).await? {
             return Ok(route);
         }
-        let candidates: Vec<Backend> = set
+        let candidates: Vec<IpAddr> = set
             .ring(tag)
             .map(|r| r.candidates(hash))
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|ip| set.get(ip).cloned())
-            .collect();
+            .unwrap_or_default();
         let recorded = self
             .state
             .record(hash, now)
@@ -118,6 +147,7 @@ impl Router {
             None => {
                 let first = candidates
                     .first()
+                    .and_then(|ip| set.get(*ip))
                     .ok_or_else(|| RouteError::NoBackend(tag.to_owned()))?;
                 let bound = self.state.bind(hash, first.ip, now).await?;
                 match set.get(bound).filter(|b| b.serves_existing()) {
@@ -135,15 +165,15 @@ impl Router {
                 }
             }
         };
-        let fallbacks = candidates
+        let ips = candidates
             .into_iter()
-            .filter(|b| b.ip != backend.ip)
+            .filter(|ip| *ip != backend.ip)
             .collect();
         Ok(Route {
             user_hash: hash,
             backend,
             reason,
-            fallbacks,
+            fallbacks: Fallbacks { ips, set },
         })
     }
 
@@ -180,7 +210,7 @@ impl Router {
             user_hash: hash,
             backend,
             reason: RouteReason::Maintenance,
-            fallbacks: Vec::new(),
+            fallbacks: Fallbacks::default(),
         }))
     }
 }

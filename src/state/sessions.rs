@@ -234,6 +234,16 @@ impl Sessions {
         ips
     }
 
+    /// The username of a live session of each of these user hashes that has one, found
+    /// through the index by user (`map`: names its table does not hold).
+    pub fn usernames_of(&self, hashes: &std::collections::HashSet<u32>) -> HashMap<u32, String> {
+        let map = self.inner.lock().unwrap();
+        hashes
+            .iter()
+            .filter_map(|h| Some((*h, map.of_user(*h).next()?.info.username.clone())))
+            .collect()
+    }
+
     /// Live sessions of users with this hash.
     pub fn count_user(&self, user_hash: u32) -> usize {
         let map = self.inner.lock().unwrap();

@@ -119,7 +119,7 @@ impl RecipientLookup for Scripted {
                     user_hash: self.router.hash(username),
                     backend: self.outside.clone(),
                     reason: RouteReason::Pinned,
-                    fallbacks: Vec::new(),
+                    fallbacks: Default::default(),
                 },
             },
             _ => self.router.lookup(username, identity).await,

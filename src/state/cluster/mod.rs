@@ -1358,7 +1358,7 @@ impl State for ClusterState {
         }
     }
 
-    fn records(&self, now: Instant) -> Vec<(u32, StickyRecord)> {
+    fn for_each_record(&self, now: Instant, f: &mut dyn FnMut(u32, StickyRecord)) {
         let hashes: Vec<u32> = self
             .inner
             .replica
@@ -1369,13 +1369,25 @@ impl State for ClusterState {
             .keys()
             .copied()
             .collect();
-        hashes
-            .into_iter()
-            .filter_map(|h| self.record(h, now).map(|r| (h, r)))
-            .collect()
+        for h in hashes {
+            if let Some(r) = self.record(h, now) {
+                f(h, r);
+            }
+        }
     }
 
-    fn purge_expired(&self, _now: Instant) -> StateFuture<'_, usize> {
+    /// Every member forgets the usernames it noted for records no longer in etcd (after
+    /// `user_expire`); the checker purges the records themselves.
+    fn purge_expired(&self, now: Instant) -> StateFuture<'_, usize> {
+        self.inner.local.forget_usernames(now, |h| {
+            self.inner
+                .replica
+                .contents
+                .lock()
+                .unwrap()
+                .users
+                .contains_key(&h)
+        });
         Box::pin(self.purge_inner())
     }
 
