@@ -295,7 +295,18 @@ impl Director {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                match state.purge_expired(Instant::now()).await {
+                // The local table purges when asked (one shard at a time, some 250 ms of work
+                // at ten million records): off the worker's other tasks where the runtime
+                // allows it, so that no connection on this worker waits for the pass.
+                let purge = || state.purge_expired(Instant::now());
+                let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread;
+                let purged = if multi_thread {
+                    tokio::task::block_in_place(purge)
+                } else {
+                    purge()
+                };
+                match purged.await {
                     Ok(0) => {}
                     Ok(n) => debug!(expired = n, "sticky records expired"),
                     Err(e) => debug!(error = %e, "sticky records not purged"),
