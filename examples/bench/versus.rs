@@ -433,6 +433,32 @@ fn start() -> (Pool, Setup) {
     (pool, setup)
 }
 
+/// `scripts/bench fetch`: only the large `FETCH` (MB/s and the proxy CPU per GB), the three
+/// targets in turn for `BENCH_ROUNDS` rounds (default 4).
+pub fn fetch_only() {
+    let rounds = env_or("BENCH_ROUNDS", 4usize);
+    let mb = env_or("BENCH_MESSAGE_MB", 54usize);
+    let fetches = env_or("BENCH_FETCHES", 10usize);
+    let (_pool, setup) = start();
+    let user = dovecot::user(150);
+    let size = mb * 1_000_000;
+    append_message(setup.backends[0], &user, size);
+    let mut table = Table::default();
+    for round in 0..rounds {
+        for t in round_order(round) {
+            let before = setup.pid(t).map(cpu);
+            let wall = fetch(setup.addrs(t)[0], &user, size, fetches);
+            let bytes = (size * fetches) as f64;
+            table.add(t, "FETCH MB/s", bytes / 1e6 / wall.as_secs_f64());
+            if let (Some(pid), Some(before)) = (setup.pid(t), before) {
+                let per_gb = (cpu(pid) - before).as_secs_f64() / (bytes / 1e9);
+                table.add(t, "proxy CPU per GB relayed (s)", per_gb);
+            }
+        }
+    }
+    table.print();
+}
+
 /// `scripts/bench storm`: only the reconnect storm, for the three targets.
 pub fn storm_only() {
     let n_storm = env_or("BENCH_STORM", 9000usize);
