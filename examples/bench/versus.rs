@@ -158,23 +158,7 @@ pub fn run() {
         }
     }
 
-    // A large message, appended directly; every backend reads the shared store.
-    let user = dovecot::user(150);
-    let size = mb * 1_000_000;
-    append_message(setup.backends[0], &user, size);
-    for round in 0..rounds {
-        for t in TARGETS {
-            let before = setup.pid(t).map(cpu);
-            let wall = fetch(setup.addrs(t)[0], &user, size, fetches);
-            let bytes = (size * fetches) as f64;
-            table.add(t, "FETCH MB/s", bytes / 1e6 / wall.as_secs_f64());
-            if let (Some(pid), Some(before)) = (setup.pid(t), before) {
-                let per_gb = (cpu(pid) - before).as_secs_f64() / (bytes / 1e9);
-                table.add(t, "proxy CPU per GB relayed (s)", per_gb);
-            }
-            println!("round {} {:<8} FETCH done", round + 1, t.name());
-        }
-    }
+    fetch_figures(&setup, &mut table, rounds, mb, fetches);
 
     for t in [Target::Director, Target::Haproxy] {
         let port = setup.addrs(t)[0].port();
@@ -440,10 +424,18 @@ pub fn fetch_only() {
     let mb = env_or("BENCH_MESSAGE_MB", 54usize);
     let fetches = env_or("BENCH_FETCHES", 10usize);
     let (_pool, setup) = start();
+    let mut table = Table::default();
+    fetch_figures(&setup, &mut table, rounds, mb, fetches);
+    table.print();
+}
+
+/// A message of `mb` MB appended directly (every backend reads the shared store), then
+/// fetched `fetches` times through each target in turn, `rounds` rounds: MB/s and the proxy's
+/// CPU time per GB relayed, into `table`.
+fn fetch_figures(setup: &Setup, table: &mut Table, rounds: usize, mb: usize, fetches: usize) {
     let user = dovecot::user(150);
     let size = mb * 1_000_000;
     append_message(setup.backends[0], &user, size);
-    let mut table = Table::default();
     for round in 0..rounds {
         for t in round_order(round) {
             let before = setup.pid(t).map(cpu);
@@ -454,9 +446,9 @@ pub fn fetch_only() {
                 let per_gb = (cpu(pid) - before).as_secs_f64() / (bytes / 1e9);
                 table.add(t, "proxy CPU per GB relayed (s)", per_gb);
             }
+            println!("round {} {:<8} FETCH done", round + 1, t.name());
         }
     }
-    table.print();
 }
 
 /// `scripts/bench storm`: only the reconnect storm, for the three targets.
