@@ -22,10 +22,12 @@ pub const MAX_DELAY: Duration = Duration::from_millis(50);
 /// Bytes that make a batch worth writing before its delay is up.
 pub const FLUSH_BYTES: usize = 32 * 1024;
 
-/// The lines not yet written, and since when the oldest has waited.
+/// The lines not yet written, since when the oldest has waited, and where they go (behind
+/// the same lock, so that batches keep their order).
 struct Pending {
     buf: Vec<u8>,
     since: Option<Instant>,
+    out: Box<dyn Write + Send>,
 }
 
 /// A log sink: the process's writes to stderr ([`sink`]).
@@ -33,7 +35,6 @@ pub struct LogSink {
     pending: Mutex<Pending>,
     /// Wakes the flusher when a batch starts.
     started: Condvar,
-    out: Mutex<Box<dyn Write + Send>>,
 }
 
 /// The process's sink; the first call starts its flusher thread.
@@ -58,9 +59,9 @@ impl LogSink {
             pending: Mutex::new(Pending {
                 buf: Vec::new(),
                 since: None,
+                out,
             }),
             started: Condvar::new(),
-            out: Mutex::new(out),
         }
     }
 
@@ -77,7 +78,7 @@ impl LogSink {
         p.buf.extend_from_slice(line);
         let overdue = p.since.is_some_and(|t| t.elapsed() >= MAX_DELAY);
         if urgent || overdue || p.buf.len() >= FLUSH_BYTES {
-            self.write_out(&mut p);
+            write_out(&mut p);
         } else if p.since.is_none() {
             p.since = Some(Instant::now());
             self.started.notify_one();
@@ -85,22 +86,7 @@ impl LogSink {
     }
 
     pub fn flush(&self) {
-        self.write_out(&mut self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-    }
-
-    /// Writes the waiting lines out (under the pending lock, so batches keep their order).
-    /// A failed write is dropped: there is nowhere else to say so.
-    fn write_out(&self, p: &mut Pending) {
-        if !p.buf.is_empty() {
-            let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = out.write_all(&p.buf);
-            let _ = out.flush();
-            p.buf.clear();
-            if p.buf.capacity() > 4 * FLUSH_BYTES {
-                p.buf.shrink_to(FLUSH_BYTES);
-            }
-        }
-        p.since = None;
+        write_out(&mut self.pending.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Writes each batch out when its delay is up; sleeps while there is none.
@@ -114,7 +100,7 @@ impl LogSink {
                 Some(since) => {
                     let left = MAX_DELAY.saturating_sub(since.elapsed());
                     if left.is_zero() {
-                        self.write_out(&mut p);
+                        write_out(&mut p);
                     } else {
                         p = self
                             .started
@@ -126,6 +112,19 @@ impl LogSink {
             }
         }
     }
+}
+
+/// Writes the waiting lines out. A failed write is dropped: there is nowhere else to say so.
+fn write_out(p: &mut Pending) {
+    if !p.buf.is_empty() {
+        let _ = p.out.write_all(&p.buf);
+        let _ = p.out.flush();
+        p.buf.clear();
+        if p.buf.capacity() > 4 * FLUSH_BYTES {
+            p.buf.shrink_to(FLUSH_BYTES);
+        }
+    }
+    p.since = None;
 }
 
 /// What tracing-subscriber writes one event's line to.
