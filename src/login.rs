@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::auth::service::{AuthService, Exchange};
@@ -175,7 +175,10 @@ impl Authenticator for ListenerAuth<'_> {
     }
 
     async fn login(&self, decision: &Decision) -> Result<BackendLink, LoginFailure> {
-        self.login.login(decision).await
+        // Boxed: the backend login is the largest part of a connection's future, and the
+        // front end's dialogue would otherwise carry (and copy at each await) its kilobytes
+        // from the first byte of the connection, not only while it logs in.
+        Box::pin(self.login.login(decision)).await
     }
 }
 
@@ -205,6 +208,17 @@ impl Progress {
     }
 }
 
+/// The phase of one backend login, for its deadline.
+#[derive(Clone, Copy)]
+enum Phase {
+    /// Connecting: `connect_timeout`.
+    Connect,
+    /// Connected, before the credentials go out: `greeting_timeout`.
+    Greeting,
+    /// The credentials went out: `login_timeout`.
+    Answer,
+}
+
 /// Why one backend login gave no answer to pass on to the client.
 #[derive(Debug)]
 enum Failed {
@@ -231,7 +245,8 @@ enum Failed {
 
 impl Login {
     /// Connects to `backend` and logs in, telling `progress` when it connects and when the
-    /// credentials go out (`commit` says whether they may).
+    /// credentials go out (`commit` says whether they may). Sets no deadline: the watch
+    /// around it ([`Login::attempt`]) applies them all.
     async fn try_backend(
         &self,
         backend: &Backend,
@@ -241,38 +256,13 @@ impl Login {
     ) -> Result<BackendLoginResult, BackendError> {
         let settings = &backend.settings;
         let addr = backend.address(decision.protocol);
-        // Wait for a turn before anything reaches the backend: that wait is not the
-        // backend's doing, so none of its deadlines (nor the hung-backend watch) runs yet.
-        let gate = self.gates.of(backend);
-        let _turn = match gate.turns.clone().try_acquire_owned() {
-            Ok(turn) => turn,
-            Err(_) => {
-                let _waiting = {
-                    gate.waiting.fetch_add(1, Ordering::Relaxed);
-                    Waiting(&gate.waiting)
-                };
-                let wait = gate.turns.clone().acquire_owned();
-                match tokio::time::timeout(settings.login_timeout, wait).await {
-                    Ok(Ok(turn)) => turn,
-                    _ => {
-                        self.metrics.login_turn_missed(backend);
-                        return Err(BackendError::Busy(settings.max_logins_in_flight));
-                    }
-                }
+        let tcp = match TcpStream::connect(addr).await {
+            Err(e) => {
+                self.metrics.backend_connect_failure(backend);
+                return Err(e.into());
             }
+            Ok(tcp) => tcp,
         };
-        let tcp =
-            match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
-                Err(_) => {
-                    self.metrics.backend_connect_failure(backend);
-                    return Err(BackendError::Timeout(settings.connect_timeout));
-                }
-                Ok(Err(e)) => {
-                    self.metrics.backend_connect_failure(backend);
-                    return Err(e.into());
-                }
-                Ok(Ok(tcp)) => tcp,
-            };
         progress.connected();
         let _ = tcp.set_nodelay(true);
         let mut tcp = tcp;
@@ -325,7 +315,7 @@ impl Login {
             forward: settings.forward,
             forward_fields,
             starttls,
-            reply_timeout: settings.login_timeout,
+            reply_timeout: None,
             commit: &commit,
         };
         match decision.protocol {
@@ -338,12 +328,44 @@ impl Login {
         }
     }
 
+    /// A turn to log in on `backend` (its `max_logins_in_flight`), held until the login ends.
+    /// Waiting for one is not the backend's doing, so none of its deadlines (nor the
+    /// hung-backend watch) runs yet; a kick of `pending` calls the wait off.
+    async fn turn(
+        &self,
+        backend: &Backend,
+        pending: &SessionGuard,
+    ) -> Result<OwnedSemaphorePermit, Failed> {
+        let gate = self.gates.of(backend);
+        if let Ok(turn) = gate.turns.clone().try_acquire_owned() {
+            return Ok(turn);
+        }
+        let _waiting = {
+            gate.waiting.fetch_add(1, Ordering::Relaxed);
+            Waiting(&gate.waiting)
+        };
+        let settings = &backend.settings;
+        tokio::select! {
+            turn = tokio::time::timeout(settings.login_timeout, gate.turns.clone().acquire_owned()) => {
+                match turn {
+                    Ok(Ok(turn)) => Ok(turn),
+                    _ => {
+                        self.metrics.login_turn_missed(backend);
+                        Err(Failed::Busy(settings.max_logins_in_flight))
+                    }
+                }
+            }
+            _ = pending.kicked() => Err(Failed::Cancelled),
+        }
+    }
+
     /// One login on `backend`, watched: each phase has its deadline (connecting:
     /// `connect_timeout`; greeting, TLS and capabilities: `greeting_timeout` from the
     /// connection; the answer to the credentials: `login_timeout` from sending them, however
     /// slowly the backend trickles bytes), a kick of the reservation `pending` (a move of the
     /// user, the backend taken down) calls it off at once, and a backend that keeps the login
-    /// waiting longer than the checker's `fast_interval` is checked at once.
+    /// waiting longer than the checker's `fast_interval` is checked at once. One timer serves
+    /// them all (a login is a handful of round trips: timers are a fair part of its cost).
     ///
     /// The credentials go out only if `backend` still serves this login, the user's record
     /// still points there (or, for a `failover` from `primary`, still to `primary`), no move of
@@ -356,6 +378,7 @@ impl Login {
         decision: &Decision,
         pending: &SessionGuard,
     ) -> Result<BackendLoginResult, Failed> {
+        let _turn = self.turn(backend, pending).await?;
         let hash = route.user_hash;
         let primary = route.backend.ip;
         let progress = Progress::default();
@@ -377,30 +400,38 @@ impl Login {
             }
             self.sessions.commit(pending)
         };
-        let login = self.try_backend(backend, decision, &progress, &commit);
-        tokio::pin!(login);
         let settings = &backend.settings;
         let slow_after = self.health.as_ref().map(|h| h.fast_interval());
+        let connecting = Instant::now();
+        let login = self.try_backend(backend, decision, &progress, &commit);
+        tokio::pin!(login);
+        let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(
+            connecting + settings.connect_timeout,
+        ));
+        tokio::pin!(timer);
         let mut suspected = false;
-        let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
         loop {
             let (connected, committed) = progress.get();
-            let (deadline, waiting_since) = match (connected, committed) {
-                (_, Some(at)) => (
-                    tokio::time::Instant::from_std(at + settings.login_timeout),
-                    Some(at),
-                ),
-                (Some(at), None) => (
-                    tokio::time::Instant::from_std(at + settings.greeting_timeout),
-                    Some(at),
-                ),
-                // Connecting is bounded by `connect_timeout` inside `try_backend`.
-                (None, None) => (far(), None),
+            let (phase, deadline) = match (connected, committed) {
+                (_, Some(at)) => (Phase::Answer, at + settings.login_timeout),
+                (Some(at), None) => (Phase::Greeting, at + settings.greeting_timeout),
+                (None, None) => (Phase::Connect, connecting + settings.connect_timeout),
             };
-            let slow_at = match (waiting_since, slow_after) {
-                (Some(at), Some(after)) if !suspected => tokio::time::Instant::from_std(at + after),
-                _ => far(),
+            // The hung-backend watch runs from the connection on, once per login.
+            let slow_at = match (committed.or(connected), slow_after) {
+                (Some(at), Some(after)) if !suspected => Some(at + after),
+                _ => None,
             };
+            let slow = slow_at.is_some_and(|at| at < deadline);
+            let wake = if slow {
+                slow_at.unwrap_or(deadline)
+            } else {
+                deadline
+            };
+            let wake = tokio::time::Instant::from_std(wake);
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
             tokio::select! {
                 biased;
                 result = &mut login => {
@@ -408,18 +439,26 @@ impl Login {
                 }
                 _ = pending.kicked() => return Err(Failed::Cancelled),
                 _ = progress.changed.notified() => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(match committed {
-                        Some(_) => Failed::AfterCredentials(BackendError::Timeout(settings.login_timeout)),
-                        None => Failed::BeforeCredentials {
+                _ = &mut timer => {
+                    if slow {
+                        suspected = true;
+                        self.suspect(backend, CheckCode::ResponseTimeout, "a login is waiting for it");
+                        continue;
+                    }
+                    return Err(match phase {
+                        Phase::Answer => Failed::AfterCredentials(BackendError::Timeout(settings.login_timeout)),
+                        Phase::Greeting => Failed::BeforeCredentials {
                             code: CheckCode::ResponseTimeout,
                             error: BackendError::Timeout(settings.greeting_timeout),
                         },
+                        Phase::Connect => {
+                            self.metrics.backend_connect_failure(backend);
+                            Failed::BeforeCredentials {
+                                code: CheckCode::ConnectTimeout,
+                                error: BackendError::Timeout(settings.connect_timeout),
+                            }
+                        }
                     });
-                }
-                _ = tokio::time::sleep_until(slow_at) => {
-                    suspected = true;
-                    self.suspect(backend, CheckCode::ResponseTimeout, "a login is waiting for it");
                 }
             }
         }
@@ -495,7 +534,6 @@ fn classify(
         Ok(r) => Ok(r),
         Err(BackendError::Cancelled) => Err(Failed::Cancelled),
         Err(BackendError::Unsendable(why)) => Err(Failed::Unsendable(why)),
-        Err(BackendError::Busy(limit)) => Err(Failed::Busy(limit)),
         Err(e) if committed => Err(Failed::AfterCredentials(e)),
         Err(error) => {
             let code = match (&error, connected) {
@@ -609,7 +647,8 @@ impl Login {
             });
         }
         if let Some(v) = verified.filter(|v| v.host.is_some() || v.hostip.is_some()) {
-            return self.pinned(user, v).await;
+            // Boxed: DNS resolution makes a large future, and few logins are pinned.
+            return Box::pin(self.pinned(user, v)).await;
         }
         let tag = verified.and_then(|v| v.tag.as_deref()).unwrap_or_default();
         self.router.route(user, tag).await.map_err(|e| {

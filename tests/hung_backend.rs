@@ -2,10 +2,11 @@
 //! settings, users of a backend that stops answering are served elsewhere within a few
 //! seconds, no client sees an error, and no login waits longer than the connect timeout.
 //!
-//! Three ways of hanging: a real Dovecot frozen with SIGSTOP (the kernel accepts connections,
-//! nothing answers), and scripted fakes for what a real backend cannot do on purpose: greet and
-//! then never answer, greet and hang at LOGIN (a hung auth process: only checks that log in
-//! can find it), and trickle its greeting a byte a second.
+//! Four ways of hanging: a real Dovecot frozen with SIGSTOP (the kernel accepts connections,
+//! nothing answers), a listener whose accept queue is full (connects hang: the kernel drops
+//! the SYNs), and scripted fakes for what a real backend cannot do on purpose: greet and then
+//! never answer, greet and hang at LOGIN (a hung auth process: only checks that log in can
+//! find it), and trickle its greeting a byte a second.
 //!
 //! The figures printed here (time from the hang until every user was served elsewhere, the
 //! slowest login) are recorded in BENCHMARKS.md ("Hung backend"); the assertions use generous
@@ -290,4 +291,45 @@ fn a_backend_that_hangs_at_login_costs_seconds_when_checks_log_in() {
 #[test]
 fn a_backend_that_trickles_its_greeting_costs_seconds() {
     fake_hangs(Misbehaviour::Trickle, false);
+}
+
+/// A backend whose connects hang (its accept queue is full, so the kernel drops every SYN, as
+/// it is for a backend host that vanished from the network): a login waits at most
+/// `connect_timeout` on it, then goes on to the next backend in ring order, and the checker
+/// takes it down.
+#[test]
+fn a_backend_whose_connects_hang_costs_the_connect_timeout() {
+    use std::os::fd::AsRawFd;
+    let pool = Pool::start(2);
+    let d = director(&pool, false);
+    let fake_ip = pool.spare_ip(251);
+    let listener = TcpListener::bind((fake_ip, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // A backlog of 0 holds one connection, which is never accepted: later SYNs are dropped.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let _fillers: Vec<TcpStream> = (0..2)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok())
+        .collect();
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
+        "a connect to the full listener should hang"
+    );
+    let fake = d.backend_like(pool.backend(0).ip, fake_ip, Some(addr.port()));
+    let users = {
+        d.state.upsert_backend(fake);
+        users_of(&d, fake_ip, 3)
+    };
+    let outcomes = logins_across_a_hang(&d, &users, "fake", Duration::from_secs(8), || {});
+    let slowest = outcomes.iter().map(|o| o.slowest).max().unwrap();
+    assert!(
+        slowest < CONNECT_TIMEOUT + Duration::from_secs(5),
+        "slowest login {slowest:?}"
+    );
+    wait_until("fake down", BOUND, || {
+        (d.state.backends().get(fake_ip).unwrap().health == Health::Down).then_some(())
+    });
+    println!(
+        "the checker's verdict: {:?}",
+        d.health.as_ref().unwrap().last_result(fake_ip)
+    );
 }

@@ -44,7 +44,7 @@ async fn try_login(
         forward: Forward::Auto,
         forward_fields: &[],
         starttls,
-        reply_timeout: Duration::from_secs(20),
+        reply_timeout: Some(Duration::from_secs(20)),
         commit: &director::protocol::backend_login::always_commit,
     };
     login(BackendStream::Plain(tcp), &req).await.unwrap()

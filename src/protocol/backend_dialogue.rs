@@ -2,7 +2,7 @@
 //! (`imap`, `pop3`, `sieve` `::backend_login`) differ in their dialogue, not in how they read
 //! a backend: here a reply is read whole into a buffer, or the backend is found closed, timed
 //! out, or broken (a reply over the protocol's limits); each exchange runs under the request's
-//! `reply_timeout`; and STARTTLS refuses bytes that came before the handshake.
+//! `reply_timeout` (if it has one); and STARTTLS refuses bytes that came before the handshake.
 //!
 //! Also here, the steps that POP3 and ManageSieve take alike, as Dovecot's proxies do:
 //! STARTTLS by the protocol's command name, `XCLIENT` with the client's address, and the SASL
@@ -45,8 +45,8 @@ pub struct Dialogue {
     stream: BackendStream,
     buf: Vec<u8>,
     /// Time allowed for each exchange: a command and its reply, a reply the backend sends
-    /// unasked, a TLS handshake.
-    reply_timeout: Duration,
+    /// unasked, a TLS handshake. `None`: the caller bounds the whole dialogue.
+    reply_timeout: Option<Duration>,
 }
 
 impl Dialogue {
@@ -59,15 +59,17 @@ impl Dialogue {
         }
     }
 
-    /// Runs `step` (writes and/or reads) under the reply timeout.
+    /// Runs `step` (writes and/or reads) under the reply timeout, if there is one.
     pub async fn timed<T>(
         &mut self,
         step: impl AsyncFnOnce(&mut Self) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        let limit = self.reply_timeout;
-        tokio::time::timeout(limit, step(self))
-            .await
-            .map_err(|_| BackendError::Timeout(limit))?
+        match self.reply_timeout {
+            Some(limit) => tokio::time::timeout(limit, step(self))
+                .await
+                .map_err(|_| BackendError::Timeout(limit))?,
+            None => step(self).await,
+        }
     }
 
     /// Sends `line` (CRLF included) and reads its reply with `reply`, under the reply timeout.
@@ -158,9 +160,12 @@ impl Dialogue {
             reply_timeout,
         } = self;
         let handshake = stream.start_tls(&starttls.connector, starttls.server_name.clone());
-        let stream = tokio::time::timeout(reply_timeout, handshake)
-            .await
-            .map_err(|_| BackendError::Timeout(reply_timeout))??;
+        let stream = match reply_timeout {
+            Some(limit) => tokio::time::timeout(limit, handshake)
+                .await
+                .map_err(|_| BackendError::Timeout(limit))??,
+            None => handshake.await?,
+        };
         Ok(Dialogue {
             stream,
             buf,

@@ -30,8 +30,10 @@ pub struct BackendLoginRequest<'a> {
     pub forward_fields: &'a [(String, String)],
     /// `Some`: issue STARTTLS/STLS after the greeting and fail if the backend does not offer it.
     pub starttls: Option<StartTls>,
-    /// Time allowed for each reply from the backend.
-    pub reply_timeout: Duration,
+    /// Time allowed for each reply from the backend. `None`: the caller bounds the whole
+    /// login (the director's logins do: `greeting_timeout` until the credentials go out,
+    /// `login_timeout` for their answer), and the dialogue sets no timer of its own.
+    pub reply_timeout: Option<Duration>,
     /// Called right before the first byte of the user's credentials is written. `false` calls
     /// the login off ([`BackendError::Cancelled`]): the backend has then seen nothing of the
     /// user, so the caller may still send the user elsewhere. Everything that fails after a
@@ -91,8 +93,4 @@ pub enum BackendError {
     /// [`BackendLoginRequest::commit`]), or while waiting for the backend (its user moved).
     #[error("login called off: the user's backend changed")]
     Cancelled,
-    /// No turn among the backend's logins in flight (`max_logins_in_flight`, the number) in
-    /// time: the backend was sent nothing.
-    #[error("no turn among the backend's {0} logins in flight")]
-    Busy(u32),
 }

@@ -140,7 +140,7 @@ impl Attempt {
             forward: self.forward,
             forward_fields: &[],
             starttls: self.starttls.clone(),
-            reply_timeout: Duration::from_secs(5),
+            reply_timeout: Some(Duration::from_secs(5)),
             commit: &always_commit,
         }
     }
@@ -188,7 +188,6 @@ pub fn outcome(result: LoginResult) -> Outcome {
         Err(BackendError::Timeout(_)) => Outcome::Timeout,
         Err(BackendError::Cancelled) => Outcome::Cancelled,
         Err(BackendError::Io(_)) => Outcome::Io,
-        Err(BackendError::Busy(_)) => unreachable!("backend logins never wait for a turn"),
     }
 }
 

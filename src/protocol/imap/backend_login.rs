@@ -22,7 +22,7 @@ const TEMPORARY_CODES: &[&str] = &["UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT"]
 
 /// Logs in to the IMAP backend on `stream` (connected; implicit TLS and any PROXY header
 /// already done) with the request's credentials. Each reply must come within
-/// `req.reply_timeout`.
+/// `req.reply_timeout` (if set).
 pub async fn login(
     stream: BackendStream,
     req: &BackendLoginRequest<'_>,

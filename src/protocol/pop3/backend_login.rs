@@ -17,7 +17,8 @@ use crate::protocol::backend_login::{
 use crate::protocol::decision::Credentials;
 
 /// Logs in to a POP3 backend. `stream` is connected, with implicit TLS and any PROXY header
-/// already done. Each reply must come within `req.reply_timeout`.
+/// already done. Each reply must come within
+/// `req.reply_timeout` (if set).
 pub async fn login(
     stream: BackendStream,
     req: &BackendLoginRequest<'_>,

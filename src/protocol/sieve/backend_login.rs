@@ -25,7 +25,8 @@ use crate::protocol::decision::Credentials;
 const MAX_LITERAL: usize = 65536;
 
 /// Logs in to a ManageSieve backend. `stream` is connected, with implicit TLS and any PROXY
-/// header already done. Each reply must come within `req.reply_timeout`.
+/// header already done. Each reply must come within
+/// `req.reply_timeout` (if set).
 pub async fn login(
     stream: BackendStream,
     req: &BackendLoginRequest<'_>,
