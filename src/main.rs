@@ -17,6 +17,13 @@ use director::server::reload::LogLevelHook;
 use director::server::Director;
 use std::sync::Arc;
 
+/// mimalloc rather than glibc's malloc: a login makes some sixty small allocations (task,
+/// socket registrations, buffers, strings), and glibc spent a sixth of the login's user-space
+/// instructions on them, aligned ones (tokio's tasks and I/O registrations) most of all
+/// (BENCHMARKS.md, `scripts/bench callgrind`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Where the configuration is looked for when `-c` is not given.
 const DEFAULT_CONFIG: &str = "/etc/director/config.yaml";
 

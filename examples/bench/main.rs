@@ -1,11 +1,12 @@
 //! Benchmarks of the director against a direct connection to the same real Dovecot backend.
-//! Run with `./scripts/bench [cpu|fetch|profile|callgrind|storm|records|auth|cluster]` (release build); it prints the figures for
+//! Run with `./scripts/bench [cpu|idle|fetch|profile|callgrind|storm|records|auth|cluster]` (release build); it prints the figures for
 //! BENCHMARKS.md.
 //!
 //! - No argument: the director beside HAProxy and direct connections in front of the same two
 //!   backends: logins/s, CPU per session, NOOP round trip, bulk relay, idle memory, listen
 //!   backlog, a reconnect storm; one table of ratios ([`versus`]).
 //! - `cpu`: only logins/s and the proxy CPU per session, director beside HAProxy, 6 rounds.
+//! - `idle`: only the RSS per idle session (director and HAProxy; the director over TLS).
 //! - `fetch`: only the large FETCH (bulk relay), the three targets in turn, 4 rounds.
 //! - `profile`: `perf record` of the director during logins, and the top of the report.
 //! - `callgrind`: user-space instructions per session, director and HAProxy (valgrind).
@@ -52,11 +53,12 @@ fn main() {
         Some("profile") => versus::profile(),
         Some("storm") => versus::storm_only(),
         Some("cpu") => versus::cpu_only(),
+        Some("idle") => versus::idle_only(),
         Some("callgrind") => versus::callgrind(),
         Some("records") => records::run(),
         Some("fetch") => versus::fetch_only(),
         Some(other) => {
-            panic!("unknown benchmark {other:?}: none (director vs HAProxy vs direct), `cpu`, `fetch`, `profile`, `callgrind`, `storm`, `records`, `auth` or `cluster`")
+            panic!("unknown benchmark {other:?}: none (director vs HAProxy vs direct), `cpu`, `idle`, `fetch`, `profile`, `callgrind`, `storm`, `records`, `auth` or `cluster`")
         }
     }
 }

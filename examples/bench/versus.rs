@@ -166,26 +166,7 @@ pub fn run() {
             table.add(t, "listen backlog", b as f64);
         }
     }
-    for t in [Target::Director, Target::Haproxy] {
-        setup.restart(t);
-        let pid = setup.pid(t).unwrap();
-        let kib = idle_kib(pid, setup.addrs(t)[0], n_idle, None);
-        table.add(t, &format!("RSS per idle session at {n_idle} (KiB)"), kib);
-        println!("{:<8} idle: {kib:.2} KiB per session", t.name());
-    }
-    setup.restart(Target::Director);
-    let kib = idle_kib(
-        setup.director_process.pid(),
-        setup.director_tls,
-        n_idle_tls,
-        Some(setup.tls.clone()),
-    );
-    table.add(
-        Target::Director,
-        &format!("RSS per idle TLS session at {n_idle_tls} (KiB)"),
-        kib,
-    );
-    println!("director idle TLS: {kib:.2} KiB per session");
+    idle_figures(&mut setup, &mut table, n_idle, n_idle_tls);
 
     for t in TARGETS {
         let s = storm(&setup.addrs(t), n_storm, Duration::from_secs(1));
@@ -273,6 +254,42 @@ fn login_figures(
 
 /// `scripts/bench cpu`: only the logins and the proxy CPU per session with 50 clients,
 /// `BENCH_ROUNDS` rounds (default 6): the figure to watch while making logins cheaper.
+/// `scripts/bench idle`: only the RSS per idle session (director and HAProxy, plain; the
+/// director over TLS), each in a fresh process.
+pub fn idle_only() {
+    let n_idle = env_or("BENCH_IDLE", 9000usize);
+    let n_idle_tls = env_or("BENCH_IDLE_TLS", 3000usize);
+    let (_pool, mut setup) = start();
+    let mut table = Table::default();
+    idle_figures(&mut setup, &mut table, n_idle, n_idle_tls);
+    table.print();
+}
+
+/// RSS per idle session at `n_idle` sessions (director and HAProxy) and per idle TLS session
+/// at `n_idle_tls` (director), each target restarted first.
+fn idle_figures(setup: &mut Setup, table: &mut Table, n_idle: usize, n_idle_tls: usize) {
+    for t in [Target::Director, Target::Haproxy] {
+        setup.restart(t);
+        let pid = setup.pid(t).unwrap();
+        let kib = idle_kib(pid, setup.addrs(t)[0], n_idle, None);
+        table.add(t, &format!("RSS per idle session at {n_idle} (KiB)"), kib);
+        println!("{:<8} idle: {kib:.2} KiB per session", t.name());
+    }
+    setup.restart(Target::Director);
+    let kib = idle_kib(
+        setup.director_process.pid(),
+        setup.director_tls,
+        n_idle_tls,
+        Some(setup.tls.clone()),
+    );
+    table.add(
+        Target::Director,
+        &format!("RSS per idle TLS session at {n_idle_tls} (KiB)"),
+        kib,
+    );
+    println!("director idle TLS: {kib:.2} KiB per session");
+}
+
 pub fn cpu_only() {
     let rounds = env_or("BENCH_ROUNDS", 6usize);
     let secs = env_or("BENCH_SECONDS", 4u64);

@@ -324,10 +324,12 @@ where
     .await;
     let end = if let Some(kick) = kick {
         use tokio::io::AsyncWriteExt;
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        // Boxed: the goodbye is rare, and its future inline would make every idle session's
+        // state larger.
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), async {
             let _ = client.write_all(kick.message).await;
             let _ = client.flush().await;
-        })
+        }))
         .await;
         kick.end
     } else if let Some(e) = error {

@@ -49,7 +49,10 @@ impl ClientStream {
     pub async fn start_tls(self, acceptor: &TlsAcceptor) -> io::Result<ClientStream> {
         match self {
             ClientStream::Plain(tcp) => {
-                Ok(ClientStream::Tls(Box::new(acceptor.accept(tcp).await?)))
+                // The handshake's future is boxed: it is large, and it would otherwise swell
+                // every future that may run it (moved by value at each await).
+                let stream = Box::pin(acceptor.accept(tcp)).await?;
+                Ok(ClientStream::Tls(Box::new(stream)))
             }
             _ => Err(io::Error::other(
                 "TLS is already active or impossible on this connection",
@@ -77,9 +80,11 @@ impl BackendStream {
         server_name: ServerName<'static>,
     ) -> io::Result<BackendStream> {
         match self {
-            BackendStream::Plain(tcp) => Ok(BackendStream::Tls(Box::new(
-                connector.connect(server_name, tcp).await?,
-            ))),
+            BackendStream::Plain(tcp) => {
+                // Boxed, as on the client side: a large future most logins never run.
+                let stream = Box::pin(connector.connect(server_name, tcp)).await?;
+                Ok(BackendStream::Tls(Box::new(stream)))
+            }
             BackendStream::Tls(_) => Err(io::Error::other("TLS is already active")),
         }
     }

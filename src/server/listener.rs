@@ -524,7 +524,9 @@ impl Listener {
             ),
         };
         async move {
-            let _slot = slot;
+            // Held until the session ends (borrowed, not moved: a moved capture would be
+            // kept twice in the task's state).
+            let _slot = &slot;
             // A session is kicked by an admin or a move, or by the stop once the grace is
             // over (the server kicks every session then): the phase tells which.
             let stats = {
