@@ -10,8 +10,9 @@
 //! 1. `config` (YAML parsed only in `config::yaml`) is plain settings and imports nothing of
 //!    the crate; its values (`config::Protocol`, `config::network` address networks) are
 //!    what every layer passes around. `untrusted` shows client-chosen text in log lines
-//!    (truncated, escaped) and is a leaf too, as are `log_line`, the text form of a log line, and
-//!    `log_sink`, which writes log lines out in batches.
+//!    (truncated, escaped) and is a leaf too, as are `addr_text` (an address as text, written on the stack),
+//!    `log_line`, the text form of a log line, and `log_sink`, which writes log lines out in
+//!    batches.
 //! 2. `metrics`: the one catalogue of Prometheus metrics (name, help, labels), depending on no
 //!    runtime module, so every layer above counts its events there.
 //! 3. `routing`: the stateless arithmetic of where users go, compatible with Dovecot's
@@ -65,6 +66,7 @@
 //! `fuzz_targets` drives every pre-login parser for the fuzzers in `fuzz/` and for
 //! `tests/fuzz_corpus.rs`.
 
+pub mod addr_text;
 pub mod admin;
 pub mod auth;
 pub mod config;

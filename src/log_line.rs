@@ -13,9 +13,8 @@
 //! escaped, so one event is always one line and nothing can colour or rewrite a terminal.
 //! Untrusted text arrives already cut and escaped ([`crate::untrusted`]).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write};
-use std::net::{IpAddr, SocketAddr};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
@@ -218,80 +217,6 @@ impl Visit for Fields<'_> {
     }
 }
 
-/// An address displayed as std displays it, IPv4 digits written by hand: each session logs
-/// and sends a few, and std's formatting cost a thousand instructions apiece.
-#[derive(Debug, Clone, Copy)]
-pub enum FastAddr {
-    Socket(SocketAddr),
-    Ip(IpAddr),
-}
-
-/// `addr` for a log line or a command (same text as its `Display`).
-pub fn addr(addr: SocketAddr) -> FastAddr {
-    FastAddr::Socket(addr)
-}
-
-/// `ip` for a log line or a command (same text as its `Display`).
-pub fn ip(ip: IpAddr) -> FastAddr {
-    FastAddr::Ip(ip)
-}
-
-impl fmt::Display for FastAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (v4, port) = match *self {
-            FastAddr::Socket(SocketAddr::V4(a)) => (*a.ip(), Some(a.port())),
-            FastAddr::Ip(IpAddr::V4(ip)) => (ip, None),
-            FastAddr::Socket(a) => return fmt::Display::fmt(&a, f),
-            FastAddr::Ip(ip) => return fmt::Display::fmt(&ip, f),
-        };
-        // "255.255.255.255:65535" is 21 bytes.
-        let mut out = Digits::default();
-        for (i, octet) in v4.octets().into_iter().enumerate() {
-            if i > 0 {
-                out.push(b'.');
-            }
-            out.number(u16::from(octet));
-        }
-        if let Some(port) = port {
-            out.push(b':');
-            out.number(port);
-        }
-        let (buf, len) = (out.buf, out.len);
-        // Digits, dots and a colon: ASCII.
-        f.write_str(std::str::from_utf8(&buf[..len]).map_err(|_| fmt::Error)?)
-    }
-}
-
-/// A dotted address being written.
-#[derive(Default)]
-struct Digits {
-    buf: [u8; 21],
-    len: usize,
-}
-
-impl Digits {
-    fn push(&mut self, b: u8) {
-        self.buf[self.len] = b;
-        self.len += 1;
-    }
-
-    fn number(&mut self, value: u16) {
-        let mut digits = [0u8; 5];
-        let (mut n, mut v) = (0, value);
-        loop {
-            digits[n] = b'0' + (v % 10) as u8;
-            n += 1;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        for d in digits[..n].iter().rev() {
-            self.push(*d);
-        }
-    }
-}
-
 /// Appends `text` with control characters escaped (`\n`, `\r`, `\t`, else `\u{..}`): DEL,
 /// C0 and C1 never reach the log as themselves.
 fn push_escaped(out: &mut String, text: &str) {
@@ -314,29 +239,51 @@ fn push_escaped(out: &mut String, text: &str) {
 }
 
 /// `2026-12-01T16:23:34.385744Z`: RFC 3339, UTC, microseconds (the default formatter's form).
+/// The text up to the second is kept per thread and made again only when the second changes.
 fn push_timestamp(out: &mut String, now: SystemTime) {
+    thread_local! {
+        /// The second last written, and its text (`2026-12-01T16:23:34.`).
+        static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+    }
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
+    let mut text = [0u8; 27];
+    let prefix = SECOND.with(|second| match second.get() {
+        (s, prefix) if s == secs => prefix,
+        _ => {
+            let prefix = second_text(secs);
+            second.set((secs, prefix));
+            prefix
+        }
+    });
+    text[..20].copy_from_slice(&prefix);
+    put_digits(&mut text[20..26], u64::from(since.subsec_micros()));
+    text[26] = b'Z';
+    // ASCII digits and punctuation only.
+    out.push_str(std::str::from_utf8(&text).unwrap_or("?"));
+}
+
+/// `2026-12-01T16:23:34.` for `secs` after the epoch.
+fn second_text(secs: u64) -> [u8; 20] {
     let (year, month, day) = civil_date((secs / 86_400) as i64);
     let in_day = secs % 86_400;
-    let mut digits = |value: u64, width: usize, after: char| {
-        let mut buf = [b'0'; 20];
-        let mut v = value;
-        for slot in buf[..width].iter_mut().rev() {
-            *slot = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-        // ASCII digits only.
-        out.push_str(std::str::from_utf8(&buf[..width]).unwrap_or("?"));
-        out.push(after);
-    };
-    digits(year.max(0) as u64, 4, '-');
-    digits(month, 2, '-');
-    digits(day, 2, 'T');
-    digits(in_day / 3600, 2, ':');
-    digits(in_day / 60 % 60, 2, ':');
-    digits(in_day % 60, 2, '.');
-    digits(u64::from(since.subsec_micros()), 6, 'Z');
+    let mut text = *b"0000-00-00T00:00:00.";
+    put_digits(&mut text[0..4], year.max(0) as u64);
+    put_digits(&mut text[5..7], month);
+    put_digits(&mut text[8..10], day);
+    put_digits(&mut text[11..13], in_day / 3600);
+    put_digits(&mut text[14..16], in_day / 60 % 60);
+    put_digits(&mut text[17..19], in_day % 60);
+    text
+}
+
+/// Writes `value` in decimal into all of `slot`, zero-padded (its last digits if too long).
+fn put_digits(slot: &mut [u8], value: u64) {
+    let mut v = value;
+    for digit in slot.iter_mut().rev() {
+        *digit = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
 }
 
 /// Year, month and day of the day `days` after 1970-01-01 (proleptic Gregorian calendar;
@@ -450,23 +397,6 @@ mod tests {
     }
 
     #[test]
-    fn addresses_read_as_std_writes_them() {
-        for a in [
-            "0.0.0.0:0",
-            "127.0.0.1:143",
-            "255.255.255.255:65535",
-            "10.20.3.100:10143",
-            "[::1]:993",
-            "[2001:db8::7%3]:4190",
-            "[::ffff:198.51.100.1]:24",
-        ] {
-            let a: SocketAddr = a.parse().unwrap();
-            assert_eq!(addr(a).to_string(), a.to_string());
-            assert_eq!(ip(a.ip()).to_string(), a.ip().to_string());
-        }
-    }
-
-    #[test]
     fn dates_are_the_calendar_s() {
         for (days, date) in [
             (0, (1970, 1, 1)),
@@ -483,5 +413,28 @@ mod tests {
             UNIX_EPOCH + Duration::new(1_796_142_214, 385_744_123),
         );
         assert_eq!(s, "2026-12-01T16:23:34.385744Z");
+        // The second's text is kept: the same second again, then the next ones.
+        for (at, text) in [
+            (
+                Duration::new(1_796_142_214, 5_000),
+                "2026-12-01T16:23:34.000005Z",
+            ),
+            (
+                Duration::new(1_796_142_215, 0),
+                "2026-12-01T16:23:35.000000Z",
+            ),
+            (
+                Duration::new(1_796_169_599, 999_999_999),
+                "2026-12-01T23:59:59.999999Z",
+            ),
+            (
+                Duration::new(1_796_169_600, 1_000),
+                "2026-12-02T00:00:00.000001Z",
+            ),
+        ] {
+            let mut s = String::new();
+            push_timestamp(&mut s, UNIX_EPOCH + at);
+            assert_eq!(s, text);
+        }
     }
 }

@@ -672,7 +672,12 @@ impl Metrics {
         let b = backend.into();
         self.inner
             .backend_logins_total
-            .with_label_values(&[&b.ip.to_string(), b.tag, protocol.name(), o.name()])
+            .with_label_values(&[
+                crate::addr_text::ip(b.ip).as_str(),
+                b.tag,
+                protocol.name(),
+                o.name(),
+            ])
             .inc();
     }
 
@@ -681,7 +686,7 @@ impl Metrics {
         let b = backend.into();
         self.inner
             .backend_connect_failures_total
-            .with_label_values(&[&b.ip.to_string(), b.tag])
+            .with_label_values(&[crate::addr_text::ip(b.ip).as_str(), b.tag])
             .inc();
     }
 
@@ -690,7 +695,7 @@ impl Metrics {
         let b = backend.into();
         self.inner
             .backend_login_turns_missed_total
-            .with_label_values(&[&b.ip.to_string(), b.tag])
+            .with_label_values(&[crate::addr_text::ip(b.ip).as_str(), b.tag])
             .inc();
     }
 
@@ -729,7 +734,7 @@ impl Metrics {
         let b = backend.into();
         self.inner
             .backend_health_transitions_total
-            .with_label_values(&[&b.ip.to_string(), b.tag, to])
+            .with_label_values(&[crate::addr_text::ip(b.ip).as_str(), b.tag, to])
             .inc();
     }
 

@@ -296,9 +296,9 @@ fn id_command(identity: &ClientIdentity, forward: &[(String, String)]) -> String
         line,
         " \"x-originating-ip\" \"{}\" \"x-originating-port\" \"{}\" \
          \"x-connected-ip\" \"{}\" \"x-connected-port\" \"{}\"",
-        crate::log_line::ip(identity.client.ip().to_canonical()),
+        crate::addr_text::ip(identity.client.ip().to_canonical()),
         identity.client.port(),
-        crate::log_line::ip(identity.local.ip().to_canonical()),
+        crate::addr_text::ip(identity.local.ip().to_canonical()),
         identity.local.port(),
     );
     if let Some(id) = &identity.session_ext_id {
