@@ -610,14 +610,14 @@ impl Login {
         while self.router.state().is_moving(hash) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let route = self.route_now(user, verified).await?;
+        let route = self.route_now(user, hash, verified).await?;
         if !self.router.state().is_moving(route.user_hash) {
             return Ok(route);
         }
         while self.router.state().is_moving(route.user_hash) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.route_now(user, verified).await
+        self.route_now(user, hash, verified).await
     }
 
     /// Where a user an auth service looked up goes for `protocol` (an LMTP recipient): routed
@@ -628,15 +628,18 @@ impl Login {
         verified: &Verified,
         protocol: Protocol,
     ) -> Result<Route, LoginFailure> {
-        let mut route = self.route_now(&verified.user, Some(verified)).await?;
+        let hash = self.router.hash(&verified.user);
+        let mut route = self.route_now(&verified.user, hash, Some(verified)).await?;
         route.backend = for_user(&route.backend, Some(verified), protocol);
         route.fallbacks.clear();
         Ok(route)
     }
 
+    /// Routes `user` (hashed: `hash`) once.
     async fn route_now(
         &self,
         user: &str,
+        hash: u32,
         verified: Option<&Verified>,
     ) -> Result<Route, LoginFailure> {
         // A cluster member cut off from etcd starts no backend session, pinned or not.
@@ -648,28 +651,31 @@ impl Login {
         }
         if let Some(v) = verified.filter(|v| v.host.is_some() || v.hostip.is_some()) {
             // Boxed: DNS resolution makes a large future, and few logins are pinned.
-            return Box::pin(self.pinned(user, v)).await;
+            return Box::pin(self.pinned(user, hash, v)).await;
         }
         let tag = verified.and_then(|v| v.tag.as_deref()).unwrap_or_default();
-        self.router.route(user, tag).await.map_err(|e| {
-            warn!(user = %crate::untrusted::shown(user), error = %e, "no backend for login");
-            let message = match e {
-                crate::state::router::RouteError::NoBackend(tag) if !tag.is_empty() => {
-                    format!(
-                        "{UNAVAILABLE_TEXT} (no server of pool {} is up)",
-                        crate::untrusted::shown(&tag)
-                    )
-                }
-                _ => UNAVAILABLE_TEXT.into(),
-            };
-            LoginFailure::Unavailable { message }
-        })
+        self.router
+            .route_hashed(user, hash, tag)
+            .await
+            .map_err(|e| {
+                warn!(user = %crate::untrusted::shown(user), error = %e, "no backend for login");
+                let message = match e {
+                    crate::state::router::RouteError::NoBackend(tag) if !tag.is_empty() => {
+                        format!(
+                            "{UNAVAILABLE_TEXT} (no server of pool {} is up)",
+                            crate::untrusted::shown(&tag)
+                        )
+                    }
+                    _ => UNAVAILABLE_TEXT.into(),
+                };
+                LoginFailure::Unavailable { message }
+            })
     }
 
     /// The route to the backend an auth service named for the user (`host`, `hostip`). A
     /// configured backend is used with its settings and state (one that is down or in
     /// maintenance takes nobody); another address gets `backend_defaults`.
-    async fn pinned(&self, user: &str, v: &Verified) -> Result<Route, LoginFailure> {
+    async fn pinned(&self, user: &str, hash: u32, v: &Verified) -> Result<Route, LoginFailure> {
         let shown_user = crate::untrusted::shown(user);
         let host = v.host.clone().unwrap_or_default();
         let ip = match v.hostip {
@@ -705,9 +711,9 @@ impl Login {
                 settings.tls_server_name = name.clone();
                 Backend {
                     ip,
-                    host: name,
+                    host: name.into(),
                     weight: 0,
-                    tag: String::new(),
+                    tag: "".into(),
                     admin: crate::state::backend::AdminState::Up,
                     health: crate::state::backend::Health::Up,
                     settings: Arc::new(settings),
@@ -715,7 +721,7 @@ impl Login {
             }
         };
         Ok(Route {
-            user_hash: self.router.hash(user),
+            user_hash: hash,
             backend,
             reason: RouteReason::Pinned,
             fallbacks: Default::default(),
@@ -927,7 +933,7 @@ impl Login {
                             self.sessions
                                 .register(decision.protocol, user, hash, addr, hook);
                         drop(pending);
-                        info!(session = %session_id, user = %shown_user, backend = %crate::log_line::addr(addr), reason = %route.reason, "logged in");
+                        info!(session = %session_id, user = %shown_user, backend = %crate::addr_text::socket(addr), reason = %route.reason, "logged in");
                         return Ok(BackendLink {
                             stream,
                             success_text,

@@ -361,7 +361,7 @@ fn admin_state_survives_a_restart_and_dump_reimports() {
     );
     assert_eq!(set.get(pool.backend(1).ip).unwrap().weight, 0);
     assert_eq!(set.get(pool.backend(2).ip).unwrap().weight, 55);
-    assert_eq!(set.get(pool.backend(3).ip).unwrap().tag, "vip");
+    assert_eq!(&*set.get(pool.backend(3).ip).unwrap().tag, "vip");
     assert!(d.state.maintenance()[&pool.backend(1).ip].allows(&tester));
     assert!(d.state.checks_pause().is_some());
     let (_c, name) = imap_login(d.imap, &tester, PASSWORD);
@@ -534,7 +534,7 @@ fn import_of_a_real_dovecot_director_dump() {
     assert_eq!(set.get(ips[1]).unwrap().weight, 100);
     assert_eq!(set.get(ips[1]).unwrap().admin, AdminState::Down);
     assert_eq!(set.get(ips[2]).unwrap().weight, 30);
-    assert_eq!(set.get(ips[2]).unwrap().tag, "vip");
+    assert_eq!(&*set.get(ips[2]).unwrap().tag, "vip");
 }
 
 #[test]

@@ -156,7 +156,7 @@ impl TestLmtp {
         settings.ports.lmtp = Some(addr.port());
         self.state.upsert_backend(DirBackend {
             ip: addr.ip(),
-            host: addr.ip().to_string(),
+            host: addr.ip().to_string().into(),
             settings: Arc::new(settings),
             ..template
         });

@@ -25,9 +25,9 @@ fn pool_backend(pool: &Pool, i: usize, weight: u32) -> Backend {
     let ip = pool.backend(i).ip;
     Backend {
         ip,
-        host: ip.to_string(),
+        host: ip.to_string().into(),
         weight,
-        tag: String::new(),
+        tag: "".into(),
         admin: AdminState::Up,
         health: Health::Up,
         settings: Arc::new(config.backend_settings(i)),

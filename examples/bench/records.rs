@@ -108,9 +108,9 @@ fn backends(n: usize) -> Vec<Backend> {
     (0..n)
         .map(|i| Backend {
             ip: format!("10.0.0.{}", i + 1).parse().unwrap(),
-            host: format!("10.0.0.{}", i + 1),
+            host: format!("10.0.0.{}", i + 1).into(),
             weight: 100,
-            tag: String::new(),
+            tag: "".into(),
             admin: AdminState::Up,
             health: Health::Up,
             settings: Arc::new(cfg.backend_settings(i)),

@@ -588,8 +588,8 @@ impl AdminContext {
                 .values()
                 .map(|b| BackendStatus {
                     ip: b.ip,
-                    host: b.host.clone(),
-                    tag: b.tag.clone(),
+                    host: b.host.to_string(),
+                    tag: b.tag.to_string(),
                     weight: b.weight,
                     admin: b.admin,
                     health: b.health,
@@ -956,7 +956,7 @@ impl AdminContext {
                             .get(*ip)
                             .cloned()
                             .unwrap_or_else(|| existing.clone());
-                        b.tag = t.clone();
+                        b.tag = t.as_str().into();
                         self.state.upsert_backend(b).await.map_err(state_err)?;
                     }
                 }
@@ -964,9 +964,9 @@ impl AdminContext {
                     .state
                     .upsert_backend(Backend {
                         ip: *ip,
-                        host: host.to_owned(),
+                        host: host.into(),
                         weight: weight.unwrap_or(100),
-                        tag: tag.clone().unwrap_or_default(),
+                        tag: tag.as_deref().unwrap_or_default().into(),
                         admin: AdminState::Up,
                         health: Health::Up,
                         settings: Arc::new(self.config.load().settings_for_host(host)),

@@ -49,7 +49,8 @@ impl ClientKey {
 pub struct PerIpLimit {
     /// `limits.max_preauth_per_ip`; a reload changes it (the counts stay).
     max: std::sync::atomic::AtomicUsize,
-    counts: Mutex<HashMap<ClientKey, usize>>,
+    /// Hashed with foldhash, randomly keyed (clients choose their addresses, within reason).
+    counts: Mutex<HashMap<ClientKey, usize, foldhash::fast::RandomState>>,
 }
 
 impl PerIpLimit {
@@ -57,7 +58,7 @@ impl PerIpLimit {
     pub fn new(max: usize) -> Arc<PerIpLimit> {
         Arc::new(PerIpLimit {
             max: std::sync::atomic::AtomicUsize::new(max),
-            counts: Mutex::new(HashMap::new()),
+            counts: Mutex::new(HashMap::default()),
         })
     }
 

@@ -45,9 +45,9 @@ pub async fn resolve_backends(config: &Config) -> Result<Vec<Backend>, ConfigErr
             }
             out.push(Backend {
                 ip,
-                host: b.host.clone(),
+                host: b.host.as_str().into(),
                 weight: b.weight,
-                tag: b.tag.clone(),
+                tag: b.tag.as_str().into(),
                 admin: AdminState::Up,
                 health: Health::Up,
                 settings: settings.clone(),

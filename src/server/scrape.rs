@@ -60,13 +60,13 @@ impl Metrics {
         }
         for b in set.backends.values() {
             let ip = b.ip.to_string();
-            let l = [ip.as_str(), b.tag.as_str()];
+            let l = [ip.as_str(), &b.tag[..]];
             i.backend_up
                 .with_label_values(&l)
                 .set((b.health == Health::Up) as i64);
             for s in [AdminState::Up, AdminState::Down, AdminState::Maintenance] {
                 i.backend_admin_state
-                    .with_label_values(&[&ip, &b.tag, s.name()])
+                    .with_label_values(&[ip.as_str(), &b.tag[..], s.name()])
                     .set((b.admin == s) as i64);
             }
             i.backend_weight.with_label_values(&l).set(b.weight as i64);
@@ -78,29 +78,36 @@ impl Metrics {
                 .set(records.by_backend.get(&b.ip).map_or(0, |n| *n as i64));
             for p in LOGIN_PROTOCOLS {
                 i.backend_sessions
-                    .with_label_values(&[&ip, &b.tag, p.name()])
+                    .with_label_values(&[ip.as_str(), &b.tag[..], p.name()])
                     .set(live.get(&(b.ip, p)).copied().unwrap_or(0));
             }
             if let Some(code) = last.get(&b.ip) {
                 i.backend_last_check
-                    .with_label_values(&[&ip, &b.tag, code.name()])
+                    .with_label_values(&[ip.as_str(), &b.tag[..], code.name()])
                     .set(1);
             }
             // Per-backend counters start at 0 so that they exist before the first event.
             i.backend_connect_failures_total.with_label_values(&l);
             i.backend_login_turns_missed_total.with_label_values(&l);
             for p in LOGIN_PROTOCOLS {
-                i.backend_logins_total
-                    .with_label_values(&[&ip, &b.tag, p.name(), "ok"]);
+                i.backend_logins_total.with_label_values(&[
+                    ip.as_str(),
+                    &b.tag[..],
+                    p.name(),
+                    "ok",
+                ]);
             }
             if health.is_some() {
                 i.backend_check_results_total
-                    .with_label_values(&[&ip, &b.tag, "ok"]);
+                    .with_label_values(&[ip.as_str(), &b.tag[..], "ok"]);
                 i.backend_check_duration
-                    .with_label_values(&[&ip, &b.tag, "ok"]);
+                    .with_label_values(&[ip.as_str(), &b.tag[..], "ok"]);
                 for to in [Health::Up, Health::Down] {
-                    i.backend_health_transitions_total
-                        .with_label_values(&[&ip, &b.tag, to.name()]);
+                    i.backend_health_transitions_total.with_label_values(&[
+                        ip.as_str(),
+                        &b.tag[..],
+                        to.name(),
+                    ]);
                 }
             }
         }

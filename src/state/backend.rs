@@ -54,11 +54,12 @@ impl Health {
 pub struct Backend {
     pub ip: IpAddr,
     /// The name as configured (a DNS name or the IP), for people and TLS server names.
-    pub host: String,
+    /// Shared, like the tag: a route hands out a copy of its backend at every login.
+    pub host: Arc<str>,
     /// Points on the ring (Dovecot's vhost count). 0: no new users, existing ones stay.
     pub weight: u32,
     /// The pool this backend belongs to; users of a tag only go to backends of that tag.
-    pub tag: String,
+    pub tag: Arc<str>,
     pub admin: AdminState,
     pub health: Health,
     /// Ports, TLS and forwarding.

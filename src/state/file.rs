@@ -131,10 +131,10 @@ pub fn snapshot(state: &dyn State) -> SavedState {
         .backends
         .values()
         .map(|b| SavedBackend {
-            host: b.host.clone(),
+            host: b.host.to_string(),
             ip: b.ip,
             weight: b.weight,
-            tag: b.tag.clone(),
+            tag: b.tag.to_string(),
             admin: b.admin,
             maintenance: maintenance.get(&b.ip).map(SavedMaintenance::of),
         })
@@ -214,9 +214,9 @@ pub fn apply(
     for b in &saved.backends {
         let mut backend = Backend {
             ip: b.ip,
-            host: b.host.clone(),
+            host: b.host.as_str().into(),
             weight: b.weight.min(crate::config::MAX_WEIGHT),
-            tag: b.tag.clone(),
+            tag: b.tag.as_str().into(),
             admin: b.admin,
             health: Health::Up,
             settings: Arc::new(config.settings_for_host(&b.host)),
@@ -278,9 +278,9 @@ mod tests {
         let backends = (0..config.backends.len())
             .map(|i| Backend {
                 ip: config.backends[i].host.parse().unwrap(),
-                host: config.backends[i].host.clone(),
+                host: config.backends[i].host.as_str().into(),
                 weight: 100,
-                tag: String::new(),
+                tag: "".into(),
                 admin: AdminState::Up,
                 health: Health::Up,
                 settings: Arc::new(config.backend_settings(i)),

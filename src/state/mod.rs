@@ -38,7 +38,7 @@ impl BackendSet {
         let backends: BTreeMap<IpAddr, Backend> = backends.into_iter().map(|b| (b.ip, b)).collect();
         let mut by_tag: BTreeMap<String, Vec<(IpAddr, u32)>> = BTreeMap::new();
         for b in backends.values() {
-            let points = by_tag.entry(b.tag.clone()).or_default();
+            let points = by_tag.entry(b.tag.to_string()).or_default();
             if b.takes_new_users() {
                 points.push((b.ip, b.weight));
             }

@@ -119,8 +119,17 @@ impl Router {
 
     /// Where `username` (of `tag`, "" for untagged) goes now, binding it if it had no record.
     pub async fn route(&self, username: &str, tag: &str) -> Result<Route, RouteError> {
+        self.route_hashed(username, self.hash(username), tag).await
+    }
+
+    /// [`Router::route`] for a caller that has hashed the user already ([`Router::hash`]).
+    pub async fn route_hashed(
+        &self,
+        username: &str,
+        hash: u32,
+        tag: &str,
+    ) -> Result<Route, RouteError> {
         let now = Instant::now();
-        let hash = self.hash(username);
         self.state.serving()?;
         self.state.note_username(hash, username);
         let set = self.state.backends();
@@ -233,7 +242,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             host: ip.into(),
             weight,
-            tag: String::new(),
+            tag: "".into(),
             admin: AdminState::Up,
             health: Health::Up,
             settings: Arc::new(cfg.backend_settings(0)),

@@ -281,7 +281,7 @@ impl TestDirector {
         }
         DirBackend {
             ip,
-            host: ip.to_string(),
+            host: ip.to_string().into(),
             settings: Arc::new(settings),
             ..template
         }

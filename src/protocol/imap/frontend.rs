@@ -65,11 +65,15 @@ impl Dialect for Imap {
     }
 
     fn greeting(s: &Session<Self>) -> String {
-        format!(
-            "* OK [CAPABILITY {}] {}\r\n",
-            capabilities(s),
-            printable(&s.ctx.greeting)
-        )
+        // One per connection: written into one string, without format!.
+        let text = printable(&s.ctx.greeting);
+        let mut line = String::with_capacity(192 + text.len());
+        line.push_str("* OK [CAPABILITY ");
+        push_capabilities(s, &mut line);
+        line.push_str("] ");
+        line.push_str(&text);
+        line.push_str("\r\n");
+        line
     }
 
     fn bye(text: &str) -> String {
@@ -261,7 +265,14 @@ impl Dialect for Imap {
 
 /// The capabilities for this connection.
 fn capabilities(s: &Session<Imap>) -> String {
-    let mut caps = BASE_CAPABILITIES.to_owned();
+    let mut caps = String::with_capacity(192);
+    push_capabilities(s, &mut caps);
+    caps
+}
+
+/// Appends the pre-login capabilities to `caps`.
+fn push_capabilities(s: &Session<Imap>, caps: &mut String) {
+    caps.push_str(BASE_CAPABILITIES);
     if s.offers_starttls() {
         caps.push_str(" STARTTLS");
     }
@@ -272,7 +283,6 @@ fn capabilities(s: &Session<Imap>) -> String {
     if !s.plaintext_allowed() {
         caps.push_str(" LOGINDISABLED");
     }
-    caps
 }
 
 /// Answers a parse error. [`Flow::Close`]: close the connection.

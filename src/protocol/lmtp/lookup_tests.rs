@@ -55,9 +55,9 @@ impl FakeBackend {
         let config = Config::parse(&yaml).unwrap();
         Backend {
             ip: self.addr.ip(),
-            host: self.addr.ip().to_string(),
+            host: self.addr.ip().to_string().into(),
             weight: 100,
-            tag: String::new(),
+            tag: "".into(),
             admin: AdminState::Up,
             health: Health::Up,
             settings: Arc::new(config.backend_settings(0)),

@@ -22,7 +22,9 @@ mod clock;
 mod shard;
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -97,7 +99,8 @@ pub struct Purged {
 #[derive(Debug)]
 pub struct StickyTable {
     shards: Box<[Mutex<Shard>]>,
-    /// The random key of the shard choice and of the shards' hash tables.
+    /// The random key of the shard choice and of the shards' hash tables (foldhash: a
+    /// login hashes a user several times, and SipHash cost ~110 instructions a time).
     keys: RandomState,
     backends: Backends,
     clock: Clock,
@@ -110,7 +113,7 @@ impl StickyTable {
     pub fn new(expire: Duration) -> Self {
         StickyTable {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            keys: RandomState::new(),
+            keys: RandomState::default(),
             backends: Backends::default(),
             clock: Clock::new(),
             expire,

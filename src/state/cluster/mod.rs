@@ -317,9 +317,9 @@ impl ClusterState {
         for b in configured {
             let key = i.keys.backend(b.ip);
             let value = BackendValue {
-                host: b.host.clone(),
+                host: b.host.to_string(),
                 weight: b.weight,
-                tag: b.tag.clone(),
+                tag: b.tag.to_string(),
                 admin: b.admin,
                 maintenance: None,
             };
@@ -493,9 +493,9 @@ impl ClusterState {
                 let v = &b.value;
                 list.push(Backend {
                     ip: *ip,
-                    host: v.host.clone(),
+                    host: v.host.as_str().into(),
                     weight: v.weight,
-                    tag: v.tag.clone(),
+                    tag: v.tag.as_str().into(),
                     admin: v.admin,
                     health: c.health.get(ip).copied().unwrap_or(Health::Up),
                     settings: settings
@@ -1174,9 +1174,9 @@ impl ClusterState {
             .get(&backend.ip)
             .and_then(|b| b.value.maintenance.clone());
         let value = BackendValue {
-            host: backend.host.clone(),
+            host: backend.host.to_string(),
             weight: backend.weight,
-            tag: backend.tag.clone(),
+            tag: backend.tag.to_string(),
             admin: backend.admin,
             maintenance,
         };
