@@ -33,6 +33,13 @@ pub fn socket(addr: SocketAddr) -> AddrText {
     text
 }
 
+/// The text of a port (`143`).
+pub fn port(port: u16) -> AddrText {
+    let mut text = AddrText::empty();
+    text.number(port);
+    text
+}
+
 /// The text of an IP address (`127.0.0.1`, `::1`).
 pub fn ip(ip: IpAddr) -> AddrText {
     let mut text = AddrText::empty();
@@ -136,6 +143,7 @@ mod tests {
             assert_eq!(socket(a).as_str(), a.to_string());
             assert_eq!(socket(a).to_string(), a.to_string());
             assert_eq!(ip(a.ip()).as_str(), a.ip().to_string());
+            assert_eq!(port(a.port()).as_str(), a.port().to_string());
         }
         let longest: IpAddr = "::ffff:255.255.255.255".parse().unwrap();
         assert_eq!(ip(longest).as_str(), longest.to_string());

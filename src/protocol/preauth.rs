@@ -13,11 +13,13 @@
 
 use std::future::Future;
 use std::io;
+use std::pin::pin;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 
+use crate::net::flagged_wait::FlaggedWait;
 use crate::net::stream::{BackendStream, ClientStream};
 use crate::protocol::decision::{ClientIdentity, Credentials, Decision, Protocol, Verified};
 use crate::protocol::sasl::{self, SaslError};
@@ -450,6 +452,11 @@ pub(crate) async fn run<D: Dialect, A: Authenticator>(
     let shutdown = ctx.shutdown.clone();
     let eviction = ctx.eviction.clone();
     let mut session = Session::<D>::new(client, ctx);
+    // Polled at each of the connection's wake-ups (a login is some ten): checked by their
+    // flags between, not re-registered (net::flagged_wait).
+    let (draining, evicted) = (pin!(shutdown.draining()), pin!(eviction.evicted()));
+    let draining = FlaggedWait::new(|| shutdown.is_stopping(), draining);
+    let evicted = FlaggedWait::new(|| eviction.is_evicted(), evicted);
     tokio::select! {
         r = tokio::time::timeout(timeout, session.dialogue(auth)) => match r {
             Ok(result) => result,
@@ -459,11 +466,11 @@ pub(crate) async fn run<D: Dialect, A: Authenticator>(
                 Ok(None)
             }
         },
-        _ = shutdown.draining() => {
+        _ = draining => {
             session.bye("Server shutting down.").await;
             Ok(None)
         }
-        _ = eviction.evicted() => {
+        _ = evicted => {
             let text = format!("{}{}", D::EVICTED_CODE, crate::net::admission::EVICTED_TEXT);
             session.bye(&text).await;
             Ok(None)

@@ -57,6 +57,11 @@ pub fn encode_plain(credentials: &Credentials) -> String {
     STANDARD.encode(plain_response(credentials))
 }
 
+/// Appends [`encode_plain`]'s text to `out`.
+pub fn push_plain(credentials: &Credentials, out: &mut String) {
+    STANDARD.encode_string(plain_response(credentials), out);
+}
+
 /// Credentials as a PLAIN response, before base64: `[authzid] NUL authcid NUL password`,
 /// the authorization identity only when it differs from the authentication identity.
 pub fn plain_response(credentials: &Credentials) -> Vec<u8> {
@@ -91,6 +96,9 @@ mod tests {
             parse_plain(&decode_base64(enc.as_bytes()).unwrap()).unwrap(),
             c2
         );
+        let mut line = String::from("L AUTHENTICATE PLAIN ");
+        push_plain(&c2, &mut line);
+        assert_eq!(line, format!("L AUTHENTICATE PLAIN {enc}"));
         assert!(parse_plain(b"\0alice\0p\0w").is_err());
         let _ = c;
         let m = parse_plain(b"bob\0master\0pw").unwrap();

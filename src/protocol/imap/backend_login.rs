@@ -47,7 +47,7 @@ pub async fn login(
     let mut capabilities = capabilities.unwrap_or_default();
 
     if let Some(starttls) = &req.starttls {
-        if !capabilities.has("STARTTLS") {
+        if !capabilities.has(Cap::StartTls) {
             return Err(BackendError::Protocol(
                 "the backend does not offer STARTTLS, which is configured for it".into(),
             ));
@@ -66,7 +66,7 @@ pub async fn login(
 
     let mut parts = login_command(&capabilities, req.credentials)?.into_iter();
     let mut first = Vec::new();
-    if req.forward == Forward::Auto && capabilities.has("ID") {
+    if req.forward == Forward::Auto && capabilities.has(Cap::Id) {
         // Pipelined with the login: its replies are skipped while waiting for the login's.
         first.extend_from_slice(id_command(req.identity, req.forward_fields).as_bytes());
     }
@@ -90,26 +90,64 @@ pub async fn login(
     Ok(outcome(conn, reply))
 }
 
-/// What the backend offers, from its greeting or `CAPABILITY`: the lists as sent, looked up
-/// without regard to case (a login asks a handful of names: no list of strings is built).
-#[derive(Debug, Default)]
-struct Capabilities(String);
+/// What the backend offers, from its greeting or `CAPABILITY`: of the names a login asks
+/// about ([`Cap`]), which the lists hold (without regard to case), found in one pass.
+#[derive(Debug, Default, Clone, Copy)]
+struct Capabilities(u8);
+
+/// The capabilities a login asks about.
+#[derive(Debug, Clone, Copy)]
+enum Cap {
+    StartTls,
+    Id,
+    AuthPlain,
+    SaslIr,
+    LoginDisabled,
+    LiteralPlus,
+}
+
+impl Cap {
+    const ALL: [Cap; 6] = [
+        Cap::StartTls,
+        Cap::Id,
+        Cap::AuthPlain,
+        Cap::SaslIr,
+        Cap::LoginDisabled,
+        Cap::LiteralPlus,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Cap::StartTls => "STARTTLS",
+            Cap::Id => "ID",
+            Cap::AuthPlain => "AUTH=PLAIN",
+            Cap::SaslIr => "SASL-IR",
+            Cap::LoginDisabled => "LOGINDISABLED",
+            Cap::LiteralPlus => "LITERAL+",
+        }
+    }
+}
 
 impl Capabilities {
     fn parse(list: &str) -> Self {
-        Capabilities(list.to_owned())
+        let mut c = Capabilities::default();
+        c.extend(list);
+        c
     }
 
     /// Adds a further list (a `CAPABILITY` reply may have several lines).
     fn extend(&mut self, list: &str) {
-        self.0.push(' ');
-        self.0.push_str(list);
+        for word in list.split_ascii_whitespace() {
+            for cap in Cap::ALL {
+                if word.eq_ignore_ascii_case(cap.name()) {
+                    self.0 |= 1 << cap as u8;
+                }
+            }
+        }
     }
 
-    fn has(&self, name: &str) -> bool {
-        self.0
-            .split_ascii_whitespace()
-            .any(|c| c.eq_ignore_ascii_case(name))
+    fn has(&self, cap: Cap) -> bool {
+        self.0 & (1 << cap as u8) != 0
     }
 }
 
@@ -231,18 +269,20 @@ fn login_command(
             "a NUL byte cannot be sent in an IMAP login".into(),
         ));
     }
-    if capabilities.has("AUTH=PLAIN") {
-        let response = sasl::encode_plain(credentials);
-        return Ok(if capabilities.has("SASL-IR") {
-            vec![format!("L AUTHENTICATE PLAIN {response}\r\n").into_bytes()]
+    if capabilities.has(Cap::AuthPlain) {
+        return Ok(if capabilities.has(Cap::SaslIr) {
+            let mut line = String::with_capacity(64);
+            line.push_str("L AUTHENTICATE PLAIN ");
+            sasl::push_plain(credentials, &mut line);
+            line.push_str("\r\n");
+            vec![line.into_bytes()]
         } else {
-            vec![
-                b"L AUTHENTICATE PLAIN\r\n".to_vec(),
-                format!("{response}\r\n").into_bytes(),
-            ]
+            let mut response = sasl::encode_plain(credentials);
+            response.push_str("\r\n");
+            vec![b"L AUTHENTICATE PLAIN\r\n".to_vec(), response.into_bytes()]
         });
     }
-    if capabilities.has("LOGINDISABLED") {
+    if capabilities.has(Cap::LoginDisabled) {
         return Err(BackendError::Protocol(
             "the backend disables LOGIN and offers no AUTH=PLAIN: configure STARTTLS to it, or \
              add the director to its login_trusted_networks"
@@ -254,7 +294,7 @@ fn login_command(
             "a master-user login needs AUTH=PLAIN on the backend".into(),
         ));
     }
-    let literal_plus = capabilities.has("LITERAL+");
+    let literal_plus = capabilities.has(Cap::LiteralPlus);
     let mut parts = Vec::new();
     let mut current = b"L LOGIN".to_vec();
     for value in [
@@ -287,20 +327,23 @@ fn is_quotable(b: u8) -> bool {
 /// `ID` with the client's identity, as Dovecot's proxy sends it, and the fields an auth
 /// service asked to forward (`x-forward-NAME`).
 fn id_command(identity: &ClientIdentity, forward: &[(String, String)]) -> String {
-    use std::fmt::Write;
+    use crate::addr_text::{ip, port};
     let mut line = String::with_capacity(256);
     line.push_str("I ID (\"x-session-id\" ");
     push_quoted(&mut line, &identity.session_id);
-    // Writing to a String cannot fail.
-    let _ = write!(
-        line,
-        " \"x-originating-ip\" \"{}\" \"x-originating-port\" \"{}\" \
-         \"x-connected-ip\" \"{}\" \"x-connected-port\" \"{}\"",
-        crate::addr_text::ip(identity.client.ip().to_canonical()),
-        identity.client.port(),
-        crate::addr_text::ip(identity.local.ip().to_canonical()),
-        identity.local.port(),
-    );
+    // One per login: pieces pushed, not formatted.
+    for (name, value) in [
+        ("x-originating-ip", ip(identity.client.ip().to_canonical())),
+        ("x-originating-port", port(identity.client.port())),
+        ("x-connected-ip", ip(identity.local.ip().to_canonical())),
+        ("x-connected-port", port(identity.local.port())),
+    ] {
+        line.push_str(" \"");
+        line.push_str(name);
+        line.push_str("\" \"");
+        line.push_str(value.as_str());
+        line.push('"');
+    }
     if let Some(id) = &identity.session_ext_id {
         line.push_str(" \"x-session-ext-id\" ");
         push_quoted(&mut line, id);
@@ -453,6 +496,18 @@ mod tests {
 
     const DOVECOT_GREETING: &str = "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE \
                                     IDLE LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n";
+
+    #[test]
+    fn capabilities_are_found_in_any_case_and_over_several_lists() {
+        let mut c = Capabilities::parse("IMAP4rev1 sasl-ir auth=plain ID");
+        assert!(c.has(Cap::SaslIr) && c.has(Cap::AuthPlain) && c.has(Cap::Id));
+        assert!(!c.has(Cap::StartTls) && !c.has(Cap::LiteralPlus));
+        assert!(!c.has(Cap::LoginDisabled));
+        c.extend("LITERAL+\tSTARTTLS  LOGINDISABLED");
+        assert!(c.has(Cap::LiteralPlus) && c.has(Cap::StartTls) && c.has(Cap::LoginDisabled));
+        let near = Capabilities::parse("AUTH=PLAINX IDS XSTARTTLS SASL-IR+ AUTH=PLAIN=");
+        assert!(Cap::ALL.iter().all(|cap| !near.has(*cap)), "{near:?}");
+    }
 
     #[tokio::test]
     async fn authenticate_plain_with_initial_response_and_leftover() {
