@@ -11,6 +11,7 @@
 //!    the crate; its values (`config::Protocol`, `config::network` address networks) are
 //!    what every layer passes around. `untrusted` shows client-chosen text in log lines
 //!    (truncated, escaped) and is a leaf too, as are `addr_text` (an address as text, written on the stack),
+//!    `flagged_wait` (a wait for an event that raises a flag, cheap to poll again),
 //!    `log_line`, the text form of a log line, and `log_sink`, which writes log lines out in
 //!    batches.
 //! 2. `metrics`: the one catalogue of Prometheus metrics (name, help, labels), depending on no
@@ -70,6 +71,7 @@ pub mod addr_text;
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod flagged_wait;
 /// Property checks of the pre-login parsers, shared by the cargo-fuzz crate in `fuzz/` and
 /// the corpus replay test `tests/fuzz_corpus.rs`; not an API.
 #[doc(hidden)]

@@ -410,6 +410,7 @@ impl Login {
         ));
         tokio::pin!(timer);
         let mut suspected = false;
+        let mut kicked = std::pin::pin!(pending.kicked());
         loop {
             let (connected, committed) = progress.get();
             let (phase, deadline) = match (connected, committed) {
@@ -437,7 +438,7 @@ impl Login {
                 result = &mut login => {
                     return classify(result, connected.is_some(), progress.get().1.is_some());
                 }
-                _ = pending.kicked() => return Err(Failed::Cancelled),
+                _ = &mut kicked => return Err(Failed::Cancelled),
                 _ = progress.changed.notified() => {}
                 _ = &mut timer => {
                     if slow {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 
-use crate::net::flagged_wait::FlaggedWait;
+use crate::flagged_wait::FlaggedWait;
 use crate::net::stream::{BackendStream, ClientStream};
 use crate::protocol::decision::{ClientIdentity, Credentials, Decision, Protocol, Verified};
 use crate::protocol::sasl::{self, SaslError};
@@ -453,7 +453,7 @@ pub(crate) async fn run<D: Dialect, A: Authenticator>(
     let eviction = ctx.eviction.clone();
     let mut session = Session::<D>::new(client, ctx);
     // Polled at each of the connection's wake-ups (a login is some ten): checked by their
-    // flags between, not re-registered (net::flagged_wait).
+    // flags between, not re-registered (crate::flagged_wait).
     let (draining, evicted) = (pin!(shutdown.draining()), pin!(eviction.evicted()));
     let draining = FlaggedWait::new(|| shutdown.is_stopping(), draining);
     let evicted = FlaggedWait::new(|| eviction.is_evicted(), evicted);

@@ -235,7 +235,9 @@ impl Listener {
             }
             let this = this.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move {
+            // Boxed: the connection's future (a kilobyte and more) is then moved into the
+            // task as a pointer, not copied at each of the spawn's steps.
+            tokio::spawn(Box::pin(async move {
                 let _open = shared.metrics.connection(this.protocol);
                 match conn {
                     Accepted::Tcp(tcp) => this.handle(tcp, peer, &shared, &shutdown).await,
@@ -244,7 +246,7 @@ impl Listener {
                         Box::pin(this.serve_unix(unix, &shared, &shutdown)).await
                     }
                 }
-            });
+            }));
         }
     }
 

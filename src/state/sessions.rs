@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
 use crate::config::Protocol;
+use crate::flagged_wait::FlaggedWait;
 
 /// What is known about one live session.
 #[derive(Debug, Clone)]
@@ -40,8 +41,23 @@ impl SessionInfo {
 
 struct Entry {
     info: SessionInfo,
-    /// Woken to end the session (kick, move).
-    kick: Arc<Notify>,
+    /// Fired to end the session (kick, move).
+    kick: Arc<Kick>,
+}
+
+/// A session's kick: the flag, raised first (a waiter checks it between polls:
+/// [`crate::flagged_wait`]), and the wake-up, which keeps a permit for a waiter to come.
+#[derive(Default)]
+struct Kick {
+    kicked: AtomicBool,
+    notify: Notify,
+}
+
+impl Kick {
+    fn fire(&self) {
+        self.kicked.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
 }
 
 /// Called when a session ends, with its info: lets the state refresh the sticky record.
@@ -137,7 +153,7 @@ impl Sessions {
             pending: false,
             committed: false,
         };
-        let kick = Arc::new(Notify::new());
+        let kick = Arc::new(Kick::default());
         self.inner.lock().unwrap().insert(Entry {
             info: info.clone(),
             kick: kick.clone(),
@@ -293,7 +309,7 @@ impl Sessions {
         let map = self.inner.lock().unwrap();
         let mut n = 0;
         for e in map.of_user(user_hash).filter(|e| e.info.backend.ip() == ip) {
-            e.kick.notify_one();
+            e.kick.fire();
             n += 1;
         }
         n
@@ -304,7 +320,7 @@ impl Sessions {
     pub fn kick_all(&self) -> usize {
         let map = self.inner.lock().unwrap();
         for e in map.values() {
-            e.kick.notify_one();
+            e.kick.fire();
         }
         map.len()
     }
@@ -314,7 +330,7 @@ impl Sessions {
         let map = self.inner.lock().unwrap();
         let mut n = 0;
         for e in map.of_user(user_hash) {
-            e.kick.notify_one();
+            e.kick.fire();
             n += 1;
         }
         n
@@ -325,7 +341,7 @@ impl Sessions {
 pub struct SessionGuard {
     sessions: Sessions,
     info: SessionInfo,
-    kick: Arc<Notify>,
+    kick: Arc<Kick>,
     on_end: Option<EndHook>,
 }
 
@@ -335,9 +351,11 @@ impl SessionGuard {
     }
 
     /// Completes when the session is kicked. A kick that came before this is awaited still
-    /// counts (`Notify` keeps one permit).
+    /// counts (`Notify` keeps one permit). Cheap to poll again: until the kick, its flag is
+    /// all a poll checks.
     pub async fn kicked(&self) {
-        self.kick.notified().await
+        let notified = std::pin::pin!(self.kick.notify.notified());
+        FlaggedWait::new(|| self.kick.kicked.load(Ordering::SeqCst), notified).await
     }
 }
 

@@ -1,4 +1,5 @@
-//! A wait for an event that also sets a flag (the stop, an eviction), cheap to poll again.
+//! A wait for an event that also sets a flag (the stop, an eviction, a session's kick),
+//! cheap to poll again.
 //!
 //! A task polls every branch of its `select!` each time it wakes, and a login wakes its
 //! connection's task some ten times; a registered wait (a `Notify`, a `watch`) takes a lock
