@@ -107,6 +107,7 @@ enum Cap {
 }
 
 impl Cap {
+    #[cfg(test)]
     const ALL: [Cap; 6] = [
         Cap::StartTls,
         Cap::Id,
