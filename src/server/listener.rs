@@ -577,7 +577,7 @@ impl Listener {
                 login,
                 client = %crate::addr_text::socket(client_addr),
                 backend = %crate::addr_text::socket(backend_addr),
-                duration = ?started.elapsed(),
+                duration = %crate::log_line::elapsed(started.elapsed()),
                 bytes_in = stats.client_to_backend,
                 bytes_out = stats.backend_to_client,
                 end = ?stats.end,
