@@ -1,5 +1,5 @@
 //! A wait for an event that also sets a flag (the stop, an eviction, a session's kick),
-//! cheap to poll again.
+//! cheap to poll again, and [`Signal`], such an event that fires once.
 //!
 //! A task polls every branch of its `select!` each time it wakes, and a login wakes its
 //! connection's task some ten times; a registered wait (a `Notify`, a `watch`) takes a lock
@@ -8,8 +8,41 @@
 //! check.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
+
+use tokio::sync::Notify;
+
+/// An event that fires once (a connection evicted, a session kicked) and stays fired: every
+/// wait on it ends, whether it began before or after. Its flag is raised before the waiters
+/// wake, and a wait checks the flag between polls ([`FlaggedWait`]).
+#[derive(Default)]
+pub struct Signal {
+    fired: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    /// Completes once the signal has fired (at once if it has).
+    pub async fn fired(&self) {
+        // Taken before the flag is read: a fire in between still wakes it.
+        let notified = pin!(self.notify.notified());
+        if self.is_fired() {
+            return;
+        }
+        FlaggedWait::new(|| self.is_fired(), notified).await
+    }
+}
 
 /// `wait`, polled only when `flag()` is up or the waker changed since its last poll. The
 /// event must raise the flag before it wakes the waiters, so that a wake-up it causes finds
@@ -94,6 +127,29 @@ mod tests {
         done.store(true, Ordering::SeqCst);
         assert!(Pin::new(&mut wait).poll(&mut cx).is_ready());
         assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_signal_ends_the_waits_before_and_after_it_fires() {
+        let signal = Arc::new(Signal::default());
+        let before: Vec<_> = (0..3)
+            .map(|_| {
+                let s = signal.clone();
+                tokio::spawn(async move { s.fired().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(!signal.is_fired());
+        signal.fire();
+        for w in before {
+            tokio::time::timeout(std::time::Duration::from_secs(5), w)
+                .await
+                .expect("a wait from before the fire ended")
+                .unwrap();
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(5), signal.fired())
+            .await
+            .expect("a wait from after the fire ends at once");
     }
 
     #[test]

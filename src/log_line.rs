@@ -242,22 +242,8 @@ impl fmt::Display for Elapsed {
         };
         // "18446744073709551615.999999999µs" fits.
         let mut text = [0u8; 40];
-        let mut digits = [0u8; 20];
-        let mut n = 0;
-        let mut v = whole;
-        loop {
-            digits[n] = b'0' + (v % 10) as u8;
-            n += 1;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        let mut len = 0;
-        for d in digits[..n].iter().rev() {
-            text[len] = *d;
-            len += 1;
-        }
+        let mut len = whole.checked_ilog10().map_or(1, |l| l as usize + 1);
+        put_digits(&mut text[..len], whole);
         if part > 0 {
             let mut fraction = [b'0'; 9];
             put_digits(&mut fraction[..width], u64::from(part));

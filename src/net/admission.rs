@@ -17,12 +17,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
-
 use crate::config::Protocol;
+use crate::flagged_wait::Signal;
 
 /// The key a client address is counted under: IPv4 as it is (IPv4-mapped IPv6 too), IPv6 by
 /// its /64 prefix.
@@ -111,29 +110,12 @@ impl Drop for PerIpGuard {
 /// What a connection learns when it is chosen to make room. Clones wait for the same event.
 /// The default never fires (a connection that cannot be dropped, or a test's front end).
 #[derive(Clone, Default)]
-pub struct Eviction(Option<Arc<EvictionSignal>>);
-
-/// The flag and the wake-up behind an [`Eviction`].
-#[derive(Default)]
-pub struct EvictionSignal {
-    evicted: AtomicBool,
-    notify: Notify,
-}
-
-impl EvictionSignal {
-    fn fire(&self) {
-        self.evicted.store(true, Ordering::SeqCst);
-        // A stored permit: the one waiter wakes even if it starts waiting later.
-        self.notify.notify_one();
-    }
-}
+pub struct Eviction(Option<Arc<Signal>>);
 
 impl Eviction {
     /// Whether the connection was chosen to make room.
     pub fn is_evicted(&self) -> bool {
-        self.0
-            .as_ref()
-            .is_some_and(|s| s.evicted.load(Ordering::SeqCst))
+        self.0.as_ref().is_some_and(|s| s.is_fired())
     }
 
     /// Completes when the connection is chosen to make room; never for the default.
@@ -141,9 +123,7 @@ impl Eviction {
         let Some(s) = &self.0 else {
             return std::future::pending().await;
         };
-        while !s.evicted.load(Ordering::SeqCst) {
-            s.notify.notified().await;
-        }
+        s.fired().await
     }
 }
 
@@ -162,7 +142,7 @@ struct PoolInner {
     /// already promised to the newcomers that displaced them.
     leaving: usize,
     /// Connections before login, oldest first (by admission order).
-    preauth: BTreeMap<u64, Arc<EvictionSignal>>,
+    preauth: BTreeMap<u64, Arc<Signal>>,
     /// The next admission number.
     next: u64,
 }
@@ -212,7 +192,7 @@ impl ConnectionPool {
         let seq = p.next;
         p.next += 1;
         let signal = if droppable {
-            let s = Arc::new(EvictionSignal::default());
+            let s = Arc::new(Signal::default());
             p.preauth.insert(seq, s.clone());
             Some(s)
         } else {
@@ -253,7 +233,7 @@ pub struct Slot {
     pool: Arc<ConnectionPool>,
     seq: u64,
     phase: Phase,
-    signal: Option<Arc<EvictionSignal>>,
+    signal: Option<Arc<Signal>>,
 }
 
 impl Slot {

@@ -3,14 +3,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::Notify;
-
 use crate::config::Protocol;
-use crate::flagged_wait::FlaggedWait;
+use crate::flagged_wait::Signal;
 
 /// What is known about one live session.
 #[derive(Debug, Clone)]
@@ -42,22 +40,7 @@ impl SessionInfo {
 struct Entry {
     info: SessionInfo,
     /// Fired to end the session (kick, move).
-    kick: Arc<Kick>,
-}
-
-/// A session's kick: the flag, raised first (a waiter checks it between polls:
-/// [`crate::flagged_wait`]), and the wake-up, which keeps a permit for a waiter to come.
-#[derive(Default)]
-struct Kick {
-    kicked: AtomicBool,
-    notify: Notify,
-}
-
-impl Kick {
-    fn fire(&self) {
-        self.kicked.store(true, Ordering::SeqCst);
-        self.notify.notify_one();
-    }
+    kick: Arc<Signal>,
 }
 
 /// Called when a session ends, with its info: lets the state refresh the sticky record.
@@ -153,7 +136,7 @@ impl Sessions {
             pending: false,
             committed: false,
         };
-        let kick = Arc::new(Kick::default());
+        let kick = Arc::new(Signal::default());
         self.inner.lock().unwrap().insert(Entry {
             info: info.clone(),
             kick: kick.clone(),
@@ -341,7 +324,7 @@ impl Sessions {
 pub struct SessionGuard {
     sessions: Sessions,
     info: SessionInfo,
-    kick: Arc<Kick>,
+    kick: Arc<Signal>,
     on_end: Option<EndHook>,
 }
 
@@ -350,12 +333,10 @@ impl SessionGuard {
         &self.info
     }
 
-    /// Completes when the session is kicked. A kick that came before this is awaited still
-    /// counts (`Notify` keeps one permit). Cheap to poll again: until the kick, its flag is
-    /// all a poll checks.
+    /// Completes when the session is kicked, also for a kick that came before (a kicked
+    /// session stays kicked). Cheap to poll again: until the kick, a poll checks a flag.
     pub async fn kicked(&self) {
-        let notified = std::pin::pin!(self.kick.notify.notified());
-        FlaggedWait::new(|| self.kick.kicked.load(Ordering::SeqCst), notified).await
+        self.kick.fired().await
     }
 }
 
