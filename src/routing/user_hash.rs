@@ -124,12 +124,12 @@ impl UserHash {
         &self.template
     }
 
-    /// The string that is hashed for `username`.
-    pub fn expand(&self, username: &str) -> String {
-        let mut out = String::with_capacity(username.len());
+    /// Calls `f` with the pieces of the string that is hashed for `username`, in order, without
+    /// building it.
+    fn pieces(&self, username: &str, mut f: impl FnMut(&[u8])) {
         for part in &self.parts {
             match part {
-                Part::Literal(s) => out.push_str(s),
+                Part::Literal(s) => f(s.as_bytes()),
                 Part::Var { var, lower } => {
                     let value = match var {
                         Var::User => username,
@@ -137,20 +137,36 @@ impl UserHash {
                         Var::Domain => username.split_once('@').map_or("", |(_, d)| d),
                     };
                     if *lower {
-                        // Dovecot lower-cases ASCII only (i_tolower).
-                        out.extend(value.chars().map(|c| c.to_ascii_lowercase()));
+                        // Dovecot lower-cases ASCII only (i_tolower); a piece at a time on
+                        // the stack.
+                        let mut buf = [0u8; 64];
+                        for chunk in value.as_bytes().chunks(buf.len()) {
+                            let buf = &mut buf[..chunk.len()];
+                            buf.copy_from_slice(chunk);
+                            buf.make_ascii_lowercase();
+                            f(buf);
+                        }
                     } else {
-                        out.push_str(value);
+                        f(value.as_bytes());
                     }
                 }
             }
         }
-        out
+    }
+
+    /// The string that is hashed for `username`.
+    pub fn expand(&self, username: &str) -> String {
+        let mut out = Vec::with_capacity(username.len());
+        self.pieces(username, |p| out.extend_from_slice(p));
+        // Only ASCII bytes were changed: still the UTF-8 it was.
+        String::from_utf8(out).expect("ASCII lower-casing keeps UTF-8")
     }
 
     /// The user's hash: never 0.
     pub fn hash(&self, username: &str) -> u32 {
-        md5_prefix(self.expand(username).as_bytes()).max(1)
+        let mut md5 = Md5::new();
+        self.pieces(username, |p| md5.update(p));
+        prefix(&md5.finalize()).max(1)
     }
 }
 
@@ -162,7 +178,11 @@ impl Default for UserHash {
 
 /// The first four bytes of MD5(`data`), big-endian. Also used for ring points.
 pub fn md5_prefix(data: &[u8]) -> u32 {
-    let digest = Md5::digest(data);
+    prefix(&Md5::digest(data))
+}
+
+/// The first four bytes of a digest, big-endian.
+fn prefix(digest: &[u8]) -> u32 {
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
@@ -192,6 +212,24 @@ mod tests {
     fn hash_is_md5_prefix() {
         // MD5("user") = ee11cbb19052e40b07aac0ca060c23ee
         assert_eq!(UserHash::default().hash("USER"), 0xee11cbb1);
+    }
+
+    #[test]
+    fn hash_is_of_the_expanded_string_at_every_length() {
+        // Lower-casing goes through a 64-byte buffer: names across its edge hash as a whole.
+        for template in ["%Lu", "%u", "x%Ln-%d", "%{L:domain}"] {
+            let h = UserHash::new(template).unwrap();
+            for len in [0, 1, 63, 64, 65, 128, 200] {
+                let user = format!("{}@Ex{}.ORG", "Aé".repeat(len / 3), "B".repeat(len));
+                let expanded = h.expand(&user);
+                assert_eq!(
+                    h.hash(&user),
+                    md5_prefix(expanded.as_bytes()).max(1),
+                    "{template} {len}"
+                );
+            }
+        }
+        assert_eq!(UserHash::new("%Lu").unwrap().expand("ÀÉ.Bob"), "ÀÉ.bob");
     }
 
     #[test]
