@@ -152,7 +152,8 @@ impl Shard {
     }
 
     /// Remembers `name` as the username of `hash`, making a slot without record at tick
-    /// `now` if there is none. A slot without record lives on from `now`.
+    /// `now` if there is none. A slot without record lives on from `now`. Returns the slot
+    /// (a copy: its record, for the caller to read under the same lock).
     pub fn note(
         &mut self,
         keyed: u64,
@@ -160,7 +161,7 @@ impl Shard {
         name: &str,
         now: u64,
         rehash: impl Fn(&Slot) -> u64,
-    ) {
+    ) -> Slot {
         let Shard { slots, names, dead } = self;
         let slot = slots
             .entry(keyed, |s| s.hash == hash, rehash)
@@ -172,18 +173,18 @@ impl Shard {
         let (at, len) = (slot.name_at as usize, usize::from(slot.name_len));
         let sum = name_sum(name.as_bytes());
         if len == name.len() && slot.name_sum == sum {
-            return;
+            return *slot;
         }
         slot.name_sum = sum;
         if len == name.len() {
             // Same length (a change of case): written over the old one.
             names[at..at + len].copy_from_slice(name.as_bytes());
-            return;
+            return *slot;
         }
         *dead += len;
         slot.name_len = 0;
         if name.len() > MAX_NAME || names.len() + name.len() > u32::MAX as usize {
-            return;
+            return *slot;
         }
         if names.capacity() - names.len() < name.len() {
             // Grown by a quarter, not doubled: the arena is most of a shard's memory.
@@ -192,9 +193,11 @@ impl Shard {
         slot.name_at = names.len() as u32;
         slot.name_len = name.len() as u16;
         names.extend_from_slice(name.as_bytes());
+        let noted = *slot;
         if *dead >= MIN_COMPACTION && *dead * 2 > names.len() {
             self.compact();
         }
+        noted
     }
 
     /// Keeps only the slots `keep` accepts; returns the dropped ones' count. The arena is
@@ -239,20 +242,41 @@ impl Shard {
         (self.names.len(), self.dead)
     }
 
-    /// Rewrites the arena with only the names slots point to.
+    /// Moves the names slots point to down over the dead bytes, in place: a purge compacts
+    /// thousands of shards in one pass, and a fresh arena for each (new memory, faulted in
+    /// under the shard's lock, the old one kept by the allocator) made the pass's longest lock
+    /// hold milliseconds long and left RSS higher after it than before.
     fn compact(&mut self) {
-        let live = self.names.len() - self.dead;
-        let mut names = Vec::with_capacity(live + live / 8);
-        for s in self.slots.iter_mut() {
-            if s.name_len == 0 {
-                continue;
-            }
-            let from = s.name_at as usize;
-            s.name_at = names.len() as u32;
-            names.extend_from_slice(&self.names[from..from + usize::from(s.name_len)]);
+        // The live names in arena order: each moves down to the end of the one before it, so
+        // a copy never overwrites a name still to be moved. Then `moved` holds (old place,
+        // new place) pairs, still in arena order, for the slots to look theirs up.
+        let mut moved: Vec<(u32, u32)> = self
+            .slots
+            .iter()
+            .filter(|s| s.name_len > 0)
+            .map(|s| (s.name_at, u32::from(s.name_len)))
+            .collect();
+        moved.sort_unstable();
+        let mut end = 0usize;
+        for (at, len) in moved.iter_mut() {
+            let (from, n) = (*at as usize, *len as usize);
+            self.names.copy_within(from..from + n, end);
+            // `end` stays below the old arena's length, which fits in a u32.
+            *len = end as u32;
+            end += n;
         }
-        self.names = names;
+        for s in self.slots.iter_mut().filter(|s| s.name_len > 0) {
+            let i = moved
+                .binary_search_by_key(&s.name_at, |(at, _)| *at)
+                .expect("every live name was moved");
+            s.name_at = moved[i].1;
+        }
+        self.names.truncate(end);
         self.dead = 0;
+        // Shrunk by the rule the slots' table follows: only when mostly empty.
+        if self.names.len() * 4 < self.names.capacity() {
+            self.names.shrink_to(self.names.len() * 2);
+        }
     }
 }
 
