@@ -224,6 +224,10 @@ impl LocalState {
         self.sticky.note_username(hash, username, Instant::now())
     }
 
+    pub fn noted_record(&self, hash: u32, username: &str, now: Instant) -> Option<StickyRecord> {
+        self.sticky.noted_get(hash, username, now)
+    }
+
     pub fn username(&self, hash: u32) -> Option<String> {
         self.sticky.username(hash)
     }
@@ -352,6 +356,10 @@ impl State for LocalState {
 
     fn note_username(&self, hash: u32, username: &str) {
         LocalState::note_username(self, hash, username)
+    }
+
+    fn noted_record(&self, hash: u32, username: &str, now: Instant) -> Option<StickyRecord> {
+        LocalState::noted_record(self, hash, username, now)
     }
 
     fn username(&self, hash: u32) -> Option<String> {

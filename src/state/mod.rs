@@ -28,8 +28,9 @@ use crate::state::backend::{AdminState, Backend, Health};
 pub struct BackendSet {
     /// Every backend, by IP.
     pub backends: BTreeMap<IpAddr, Backend>,
-    /// One ring per tag, over the backends of that tag that take new users.
-    pub rings: BTreeMap<String, Ring>,
+    /// One ring per tag, over the backends of that tag that take new users, by tag (a route
+    /// keeps a ring's place here, not a copy of its tag).
+    rings: Vec<(String, Ring)>,
 }
 
 impl BackendSet {
@@ -56,7 +57,21 @@ impl BackendSet {
 
     /// The ring for `tag` (empty if no backend has that tag).
     pub fn ring(&self, tag: &str) -> Option<&Ring> {
-        self.rings.get(tag)
+        self.ring_at(self.ring_place(tag)?)
+    }
+
+    /// Where the ring for `tag` is, for [`BackendSet::ring_at`].
+    pub fn ring_place(&self, tag: &str) -> Option<usize> {
+        // A few tags at most, and most sites have only the untagged one: found without a
+        // call to compare bytes when the lengths tell.
+        self.rings
+            .iter()
+            .position(|(t, _)| t.len() == tag.len() && (tag.is_empty() || t == tag))
+    }
+
+    /// The ring at a place [`BackendSet::ring_place`] gave.
+    pub fn ring_at(&self, place: usize) -> Option<&Ring> {
+        self.rings.get(place).map(|(_, r)| r)
     }
 }
 
@@ -301,6 +316,13 @@ pub trait State: Send + Sync {
 
     /// Remembers the username behind a user hash, for admin output (records hold hashes).
     fn note_username(&self, _hash: u32, _username: &str) {}
+
+    /// [`State::note_username`], then [`State::record`]: what every login does first, in one
+    /// step where the two live in one table.
+    fn noted_record(&self, hash: u32, username: &str, now: Instant) -> Option<StickyRecord> {
+        self.note_username(hash, username);
+        self.record(hash, now)
+    }
 
     /// The last username seen for a user hash, if it is remembered.
     fn username(&self, _hash: u32) -> Option<String> {

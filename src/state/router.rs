@@ -23,20 +23,31 @@ pub struct Route {
     pub fallbacks: Fallbacks,
 }
 
-/// The backends to try after a route's own, in ring order. Kept as addresses into the
-/// backends as they were at routing time and looked up only when a login gets that far:
-/// most logins never do, and cloning every backend on every login was most of a route's
-/// cost.
+/// The backends to try after a route's own, in ring order. Only where to find them is kept
+/// (the ring's place in the backends as they were at routing time, and the user's hash):
+/// the order is walked when a login gets that far, and most logins never do.
 #[derive(Debug, Clone, Default)]
 pub struct Fallbacks {
-    ips: Vec<IpAddr>,
     set: Arc<BackendSet>,
+    /// The ring's place in `set`; `None`: no fallbacks.
+    ring: Option<usize>,
+    hash: u32,
+    /// The route's own backend, not a fallback.
+    skip: Option<IpAddr>,
 }
 
 impl Fallbacks {
     /// The fallbacks, first to last.
     pub fn iter(&self) -> impl Iterator<Item = &Backend> {
-        self.ips.iter().filter_map(|ip| self.set.get(*ip))
+        let order = self
+            .ring
+            .and_then(|place| self.set.ring_at(place))
+            .map(|ring| ring.candidates(self.hash))
+            .unwrap_or_default();
+        order
+            .into_iter()
+            .filter(|ip| Some(*ip) != self.skip)
+            .filter_map(|ip| self.set.get(ip))
     }
 
     /// The first fallback.
@@ -46,11 +57,11 @@ impl Fallbacks {
 
     /// None left (an LMTP delivery goes to the route's backend or nowhere).
     pub fn clear(&mut self) {
-        self.ips.clear();
+        self.ring = None;
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ips.is_empty()
+        self.first().is_none()
     }
 }
 
@@ -131,18 +142,13 @@ impl Router {
     ) -> Result<Route, RouteError> {
         let now = Instant::now();
         self.state.serving()?;
-        self.state.note_username(hash, username);
+        let recorded = self.state.noted_record(hash, username, now);
         let set = self.state.backends();
         if let Some(route) = self.maintenance_route(username, hash, &set, now).await? {
             return Ok(route);
         }
-        let candidates: Vec<IpAddr> = set
-            .ring(tag)
-            .map(|r| r.candidates(hash))
-            .unwrap_or_default();
-        let recorded = self
-            .state
-            .record(hash, now)
+        let ring = set.ring_place(tag);
+        let recorded = recorded
             .and_then(|r| set.get(r.backend))
             .filter(|b| b.serves_existing())
             .cloned();
@@ -154,9 +160,10 @@ impl Router {
                 (b, RouteReason::Sticky)
             }
             None => {
-                let first = candidates
-                    .first()
-                    .and_then(|ip| set.get(*ip))
+                let first = ring
+                    .and_then(|place| set.ring_at(place))
+                    .and_then(|r| r.lookup(hash))
+                    .and_then(|ip| set.get(ip))
                     .ok_or_else(|| RouteError::NoBackend(tag.to_owned()))?;
                 let bound = self.state.bind(hash, first.ip, now).await?;
                 match set.get(bound).filter(|b| b.serves_existing()) {
@@ -174,15 +181,17 @@ impl Router {
                 }
             }
         };
-        let ips = candidates
-            .into_iter()
-            .filter(|ip| *ip != backend.ip)
-            .collect();
+        let skip = Some(backend.ip);
         Ok(Route {
             user_hash: hash,
             backend,
             reason,
-            fallbacks: Fallbacks { ips, set },
+            fallbacks: Fallbacks {
+                set,
+                ring,
+                hash,
+                skip,
+            },
         })
     }
 
@@ -309,5 +318,35 @@ mod tests {
             route(&r, "bob").unwrap_err(),
             RouteError::NoBackend(String::new())
         );
+    }
+
+    #[test]
+    fn fallbacks_are_the_ring_order_without_the_route_backend() {
+        let (r, state) = router(vec![
+            backend("10.0.0.1", 100),
+            backend("10.0.0.2", 100),
+            backend("10.0.0.3", 100),
+        ]);
+        let hash = r.hash("alice");
+        let order = state.backends().ring("").unwrap().candidates(hash);
+        let ips = |route: &Route| -> Vec<IpAddr> { route.fallbacks.iter().map(|b| b.ip).collect() };
+        let first = route(&r, "alice").unwrap();
+        assert_eq!(
+            (first.backend.ip, first.reason),
+            (order[0], RouteReason::Ring)
+        );
+        assert_eq!(ips(&first), order[1..]);
+        // A record on the ring's last: the fallbacks are the other two, in ring order.
+        state.rebind(hash, order[2], Instant::now());
+        let sticky = route(&r, "alice").unwrap();
+        assert_eq!(
+            (sticky.backend.ip, sticky.reason),
+            (order[2], RouteReason::Sticky)
+        );
+        assert_eq!(ips(&sticky), order[..2]);
+        assert_eq!(sticky.fallbacks.first().map(|b| b.ip), Some(order[0]));
+        let mut cleared = sticky.clone();
+        cleared.fallbacks.clear();
+        assert!(cleared.fallbacks.is_empty() && !sticky.fallbacks.is_empty());
     }
 }

@@ -245,6 +245,16 @@ impl StickyTable {
         shard.note(keyed, hash, username, now, self.rehash());
     }
 
+    /// [`StickyTable::note_username`] and then [`StickyTable::get`], under one lock: a
+    /// login's first step (one look into the table, not two).
+    pub fn noted_get(&self, hash: u32, username: &str, now: Instant) -> Option<StickyRecord> {
+        let now = self.clock.tick(now);
+        let (keyed, i) = self.locate(hash);
+        let mut shard = self.shards[i].lock().unwrap();
+        let slot = shard.note(keyed, hash, username, now, self.rehash());
+        self.alive(&slot, now).then(|| self.record(&slot))
+    }
+
     /// The last username seen for `hash`, if remembered.
     pub fn username(&self, hash: u32) -> Option<String> {
         let (keyed, i) = self.locate(hash);
