@@ -45,6 +45,11 @@ mod measure;
 mod records;
 mod versus;
 
+/// The director's allocator (src/main.rs), so that `records` measures the table as the
+/// director holds it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     match std::env::args().nth(1).as_deref() {
         None => versus::run(),

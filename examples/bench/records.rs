@@ -9,9 +9,12 @@
 //! Figures:
 //! - RSS (`VmRSS`) before and after the fill, and per record;
 //! - ns per route lookup: [`Router::route`] of random known users (the login's path: hash,
-//!   username noted, maintenance, ring candidates, record), `BENCH_RECORDS_LOOKUPS` each run
+//!   username noted and record read under one lock, maintenance, the ring's place for the
+//!   fallbacks), `BENCH_RECORDS_LOOKUPS` each run
 //!   (default 1,000,000), median of `BENCH_RECORDS_RUNS` runs (default 5); and the same for
-//!   the record alone (`record(hash)`);
+//!   the record alone (`record(hash)`). The table is held as the director holds it (its
+//!   allocator, mimalloc, which asks for transparent huge pages: a random read of the table
+//!   misses the TLB far less than with 4 KiB pages);
 //! - the purge of the older half at a time when it has expired, while another thread looks
 //!   random users up and times each lookup: the longest lookup is the longest pause a login
 //!   saw (the same looker-up for a second without a purge shows the pauses the machine
