@@ -98,6 +98,12 @@ impl ListenSocket {
         }
     }
 
+    /// The local address of every connection it accepts: its bound address unless that is
+    /// a wildcard (`0.0.0.0`, `::`), where each connection has its own.
+    pub fn fixed_local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr().filter(|a| !a.ip().is_unspecified())
+    }
+
     /// Where it listens, for logs.
     pub fn describe(&self) -> String {
         match self {
@@ -132,6 +138,9 @@ pub struct Listener {
     pub allow_from: Vec<Network>,
     /// Where it listens ([`ListenSocket::describe`]), for logs.
     pub name: String,
+    /// The local address of every connection it accepts, when it listens on one address
+    /// ([`ListenSocket::fixed_local_addr`]); `None`: asked of each connection.
+    pub local: Option<SocketAddr>,
     /// This listener's own connection slots (`max_connections`).
     pub pool: Arc<ConnectionPool>,
     /// The auth service's socket (`auth.mode: dovecot`); `None`: passthrough.
@@ -342,8 +351,11 @@ impl Listener {
         shared: &ListenerShared,
         shutdown: &Shutdown,
     ) -> Option<(Established, Slot)> {
-        let _ = tcp.set_nodelay(true);
-        let local = tcp.local_addr().unwrap_or(peer);
+        // TCP_NODELAY comes from the listening socket (`prepare::listen_tcp`).
+        let local = match self.local {
+            Some(local) => local,
+            None => tcp.local_addr().unwrap_or(peer),
+        };
         let mut identity = ClientIdentity {
             client: peer,
             local,

@@ -127,6 +127,8 @@ fn listen_tcp(address: std::net::SocketAddr, backlog: u32) -> std::io::Result<Tc
     };
     // As Rust's own bind does: a restarted director must not wait for TIME_WAIT to clear.
     socket.set_reuseaddr(true)?;
+    // Accepted connections inherit it on Linux (a test checks): no setsockopt per connection.
+    socket.set_nodelay(true)?;
     socket.bind(address)?;
     socket.listen(backlog)
 }
@@ -230,5 +232,25 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Accepted connections get TCP_NODELAY from the listening socket and, on a listener of
+    /// one address, its address as their local one: neither is asked per connection.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_and_the_bound_address() {
+        use crate::server::listener::ListenSocket;
+        let listener = listen_tcp("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let socket = ListenSocket::Tcp(listener);
+        let bound = socket.fixed_local_addr().expect("one address");
+        let client = tokio::net::TcpStream::connect(bound).await.unwrap();
+        let ListenSocket::Tcp(listener) = &socket else {
+            unreachable!()
+        };
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY not inherited");
+        assert!(!client.nodelay().unwrap());
+        assert_eq!(accepted.local_addr().unwrap(), bound);
+        let wildcard = ListenSocket::Tcp(listen_tcp("0.0.0.0:0".parse().unwrap(), 16).unwrap());
+        assert_eq!(wildcard.fixed_local_addr(), None);
     }
 }

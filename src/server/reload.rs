@@ -109,6 +109,7 @@ impl RunningListener {
             proxy_protocol: self.entry.proxy_protocol,
             allow_from: self.entry.allow_from.clone(),
             name: self.socket.describe(),
+            local: self.socket.fixed_local_addr(),
             pool: self.pool.clone(),
             auth_socket: self
                 .entry
