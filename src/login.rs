@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -256,7 +255,7 @@ impl Login {
     ) -> Result<BackendLoginResult, BackendError> {
         let settings = &backend.settings;
         let addr = backend.address(decision.protocol);
-        let tcp = match TcpStream::connect(addr).await {
+        let mut tcp = match crate::net::connect::connect(addr).await {
             Err(e) => {
                 self.metrics.backend_connect_failure(backend);
                 return Err(e.into());
@@ -264,8 +263,6 @@ impl Login {
             Ok(tcp) => tcp,
         };
         progress.connected();
-        let _ = tcp.set_nodelay(true);
-        let mut tcp = tcp;
         if settings.forward == Forward::ProxyV2 {
             let header = crate::protocol::proxy_protocol::encode_v2(
                 decision.identity.client,
