@@ -3,6 +3,12 @@
 //! into the director's memory (HAProxy does the same). TLS sessions cannot: their bytes must
 //! be decrypted here, so they keep the buffered copy of `relay`.
 //!
+//! A burst starts with one read of up to 16 KiB through a buffer on the stack, written straight
+//! on: most of a session's traffic is short commands and replies, and for those two `splice`
+//! calls through a pipe cost the kernel more than a copy does (HAProxy splices only what
+//! would fill its buffer, for the same reason). A read that fills the buffer is a bulk
+//! transfer, and the rest of that burst is spliced.
+//!
 //! A direction holds a pipe (two descriptors, a 64 KiB kernel buffer) only while it has bytes
 //! in flight, as the buffered copy holds its buffer: idle sessions hold none. Pipes that come
 //! back empty are kept in a small pool for the next burst. When no pipe can be had (the
@@ -26,6 +32,12 @@ pub trait PlainTcp {
 
 /// Most bytes one `splice` call moves: what a default pipe holds.
 const CHUNK: usize = 64 * 1024;
+
+/// A read of at most this many bytes at the start of a burst goes through a buffer on the
+/// stack (`recv`, then `send`): commands and their replies are mostly short, and for a few
+/// bytes two `splice` calls through a pipe cost the kernel more than a copy does. A read that
+/// fills it is a bulk transfer: the rest of the burst is spliced.
+const SMALL: usize = 16 * 1024;
 
 /// Empty pipes kept for reuse; more are closed when they come back.
 const POOL_MAX: usize = 128;
@@ -91,6 +103,17 @@ pub fn unavailable(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<Unavailable>())
 }
 
+/// `recv(from)` into `buf`, non-blocking; the bytes read, now initialised at its start.
+fn recv(from: RawFd, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length; recv initialises what it reports.
+    let n = unsafe { libc::recv(from, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// `splice(from, to, len)`, non-blocking; the bytes moved.
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain descriptors and no offsets (both are pipes or sockets).
@@ -122,6 +145,12 @@ pub struct Spliced {
     eof: bool,
     /// The destination was shut down after `eof`: this direction is finished.
     pub done: bool,
+    /// The burst under way filled a [`SMALL`] read: its bytes are spliced until the source
+    /// has nothing more to read.
+    bulk: bool,
+    /// Bytes of a [`SMALL`] read that the destination did not take at once (held only
+    /// until it does).
+    rest: Option<Box<[u8]>>,
     /// Bytes written to the destination.
     pub bytes: u64,
 }
@@ -158,6 +187,19 @@ impl Spliced {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
+            while let Some(rest) = &self.rest {
+                ready!(dst.poll_write_ready(cx))?;
+                match dst.try_write(rest) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        self.bytes += n as u64;
+                        self.rest = (n < rest.len()).then(|| rest[n..].into());
+                    }
+                    // Readiness was cleared: the next poll_write_ready waits.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
             while self.in_pipe > 0 {
                 ready!(dst.poll_write_ready(cx))?;
                 let pipe = self
@@ -184,7 +226,12 @@ impl Spliced {
             }
             if src.poll_read_ready(cx)?.is_pending() {
                 self.release();
+                self.bulk = false;
                 return Poll::Pending;
+            }
+            if !self.bulk {
+                self.copy_small(src, dst)?;
+                continue;
             }
             if self.pipe.is_none() {
                 self.pipe = Some(Pipe::take()?);
@@ -203,6 +250,37 @@ impl Spliced {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+
+    /// Reads at most [`SMALL`] bytes from `src` and writes them to `dst`; what `dst` does not
+    /// take at once is kept in [`Spliced::rest`] until it does. A full read starts the
+    /// splicing of the burst. A read that would block clears `src`'s readiness (the caller
+    /// waits for the next).
+    fn copy_small(&mut self, src: &mut TcpStream, dst: &mut TcpStream) -> io::Result<()> {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); SMALL];
+        let from = src.as_raw_fd();
+        let n = match src.try_io(Interest::READABLE, || recv(from, &mut buf)) {
+            Ok(0) => {
+                self.eof = true;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // SAFETY: recv initialised the first `n` bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+        self.bulk = n == SMALL;
+        let written = match dst.try_write(bytes) {
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        self.bytes += written as u64;
+        if written < n {
+            self.rest = Some(bytes[written..].into());
+        }
+        Ok(())
     }
 
     /// Gives an empty pipe back to the pool.
@@ -278,6 +356,63 @@ mod tests {
         copy_once(&mut s, &mut src, &mut dst).await;
         assert!(s.pipe.is_none(), "an idle direction still holds its pipe");
         assert!(!s.done);
+    }
+
+    /// Shrinks a socket's kernel buffer (`SO_SNDBUF` or `SO_RCVBUF`).
+    fn shrink(sock: &TcpStream, option: libc::c_int) {
+        let size: libc::c_int = 4096;
+        // SAFETY: a valid socket and an int option of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "setsockopt");
+    }
+
+    #[tokio::test]
+    async fn short_reads_that_the_destination_cannot_take_are_kept_until_it_can() {
+        let (mut sender, mut src) = pair().await;
+        let (mut dst, mut receiver) = pair().await;
+        shrink(&dst, libc::SO_SNDBUF);
+        shrink(&receiver, libc::SO_RCVBUF);
+        let mut s = Spliced::default();
+        let mut sent = Vec::new();
+        // Short messages (copied, not spliced) while nobody reads at the far end: the
+        // destination fills up and a read's bytes wait in `rest`.
+        for i in 0..400u32 {
+            let msg: Vec<u8> = (0..1000u32).map(|j| ((i * 7 + j) % 251) as u8).collect();
+            sender.write_all(&msg).await.unwrap();
+            sent.extend_from_slice(&msg);
+            // Until this message went out or was kept back.
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+                copy_once(&mut s, &mut src, &mut dst).await;
+                if s.rest.is_some() || s.bytes == sent.len() as u64 {
+                    break;
+                }
+            }
+            if s.rest.is_some() {
+                break;
+            }
+        }
+        assert!(s.rest.is_some(), "the destination never pushed back");
+        sender.shutdown().await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            receiver.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        std::future::poll_fn(|cx| s.poll_copy(cx, &mut src, &mut dst))
+            .await
+            .unwrap();
+        assert!(s.rest.is_none() && s.done);
+        assert_eq!(s.bytes, sent.len() as u64);
+        assert_eq!(reader.await.unwrap(), sent);
     }
 
     async fn copy_once(s: &mut Spliced, src: &mut TcpStream, dst: &mut TcpStream) {
