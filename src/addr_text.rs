@@ -16,6 +16,24 @@ pub struct AddrText {
 /// The longest text: `[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255%4294967295]:65535`.
 const MAX_LEN: usize = 64;
 
+/// The decimal digits of every octet (left-aligned) and how many there are.
+const OCTETS: [([u8; 3], u8); 256] = {
+    let mut table = [([0u8; 3], 0u8); 256];
+    let mut i = 0;
+    while i < 256 {
+        let (h, t, o) = ((i / 100) as u8, (i / 10 % 10) as u8, (i % 10) as u8);
+        table[i] = if i >= 100 {
+            ([b'0' + h, b'0' + t, b'0' + o], 3)
+        } else if i >= 10 {
+            ([b'0' + t, b'0' + o, 0], 2)
+        } else {
+            ([b'0' + o, 0, 0], 1)
+        };
+        i += 1;
+    }
+    table
+};
+
 /// The text of a socket address (`127.0.0.1:143`, `[::1]:993`).
 pub fn socket(addr: SocketAddr) -> AddrText {
     let mut text = AddrText::empty();
@@ -72,12 +90,20 @@ impl AddrText {
     }
 
     fn ipv4(&mut self, v4: Ipv4Addr) {
+        // At most 15 bytes, three digits written for every octet and the unused ones
+        // written over by what follows.
+        let mut at = usize::from(self.len);
+        assert!(at + 16 <= MAX_LEN, "an IPv4 address comes first");
         for (i, octet) in v4.octets().into_iter().enumerate() {
             if i > 0 {
-                self.push(b'.');
+                self.buf[at] = b'.';
+                at += 1;
             }
-            self.number(u16::from(octet));
+            let (digits, n) = OCTETS[usize::from(octet)];
+            self.buf[at..at + 3].copy_from_slice(&digits);
+            at += usize::from(n);
         }
+        self.len = at as u8;
     }
 
     fn number(&mut self, value: u16) {
@@ -147,5 +173,10 @@ mod tests {
         }
         let longest: IpAddr = "::ffff:255.255.255.255".parse().unwrap();
         assert_eq!(ip(longest).as_str(), longest.to_string());
+        // Every octet, in every place.
+        for o in 0..=255u8 {
+            let a = SocketAddr::from(([o, 255 - o, o / 3, 9], u16::from(o) * 257));
+            assert_eq!(socket(a).as_str(), a.to_string());
+        }
     }
 }

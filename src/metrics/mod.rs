@@ -457,6 +457,25 @@ pub(crate) struct Inner {
     pub(crate) cluster_lease_lost_total: IntCounter,
     /// Scrapes reset and refill the state gauges: one at a time.
     pub(crate) refresh: Mutex<()>,
+    /// Each protocol's series, by `Protocol as usize`, found once: a session updates seven,
+    /// and a lookup by label values hashes the values every time.
+    by_protocol: Vec<ProtocolSeries>,
+}
+
+/// One protocol's series of [`Inner`].
+struct ProtocolSeries {
+    connections_total: IntCounter,
+    connections: IntGauge,
+    /// For protocols that log in (not LMTP).
+    login: Option<LoginSeries>,
+}
+
+/// A login protocol's series: results by `LoginResult as usize`.
+struct LoginSeries {
+    results: Vec<IntCounter>,
+    duration: prometheus::Histogram,
+    bytes_in: IntCounter,
+    bytes_out: IntCounter,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -521,7 +540,7 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let inner = Inner {
+        let mut inner = Inner {
             connections_total: counter_vec(&r, &CONNECTIONS_TOTAL),
             connections: gauge_vec(&r, &CONNECTIONS),
             logins_total: counter_vec(&r, &LOGINS_TOTAL),
@@ -561,7 +580,31 @@ impl Metrics {
             cluster_lease_lost_total: counter(&r, &CLUSTER_LEASE_LOST_TOTAL),
             registry: r,
             refresh: Mutex::new(()),
+            by_protocol: Vec::new(),
         };
+        for (i, p) in ALL_PROTOCOLS.into_iter().enumerate() {
+            debug_assert_eq!(p as usize, i, "ALL_PROTOCOLS in declaration order");
+            let login = LOGIN_PROTOCOLS.contains(&p).then(|| LoginSeries {
+                results: LoginResult::ALL
+                    .iter()
+                    .enumerate()
+                    .map(|(j, r)| {
+                        debug_assert_eq!(*r as usize, j, "LoginResult::ALL in declaration order");
+                        inner.logins_total.with_label_values(&[p.name(), r.name()])
+                    })
+                    .collect(),
+                duration: inner.login_duration.with_label_values(&[p.name()]),
+                bytes_in: inner.relay_bytes_total.with_label_values(&[p.name(), "in"]),
+                bytes_out: inner
+                    .relay_bytes_total
+                    .with_label_values(&[p.name(), "out"]),
+            });
+            inner.by_protocol.push(ProtocolSeries {
+                connections_total: inner.connections_total.with_label_values(&[p.name()]),
+                connections: inner.connections.with_label_values(&[p.name()]),
+                login,
+            });
+        }
         for p in ALL_PROTOCOLS {
             inner.connections_total.with_label_values(&[p.name()]);
             inner.connections.with_label_values(&[p.name()]);
@@ -617,11 +660,9 @@ impl Metrics {
 
     /// A client connection was accepted; it counts as open until the guard is dropped.
     pub fn connection(&self, protocol: Protocol) -> ConnectionGuard {
-        self.inner
-            .connections_total
-            .with_label_values(&[protocol.name()])
-            .inc();
-        let gauge = self.inner.connections.with_label_values(&[protocol.name()]);
+        let series = &self.inner.by_protocol[protocol as usize];
+        series.connections_total.inc();
+        let gauge = series.connections.clone();
         gauge.inc();
         ConnectionGuard(gauge)
     }
@@ -652,6 +693,11 @@ impl Metrics {
     }
 
     pub fn login(&self, protocol: Protocol, result: LoginResult, elapsed: Duration) {
+        if let Some(series) = &self.inner.by_protocol[protocol as usize].login {
+            series.results[result as usize].inc();
+            series.duration.observe(elapsed.as_secs_f64());
+            return;
+        }
         self.inner
             .logins_total
             .with_label_values(&[protocol.name(), result.name()])
@@ -701,6 +747,11 @@ impl Metrics {
 
     /// A relayed session ended after these many bytes each way.
     pub fn relayed(&self, protocol: Protocol, client_to_backend: u64, backend_to_client: u64) {
+        if let Some(series) = &self.inner.by_protocol[protocol as usize].login {
+            series.bytes_in.inc_by(client_to_backend);
+            series.bytes_out.inc_by(backend_to_client);
+            return;
+        }
         let c = &self.inner.relay_bytes_total;
         c.with_label_values(&[protocol.name(), "in"])
             .inc_by(client_to_backend);

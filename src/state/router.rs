@@ -37,17 +37,20 @@ pub struct Fallbacks {
 }
 
 impl Fallbacks {
-    /// The fallbacks, first to last.
+    /// The fallbacks, first to last. The ring is walked when the first one is asked for, not
+    /// before (a login chains them behind its backend and most never get there).
     pub fn iter(&self) -> impl Iterator<Item = &Backend> {
-        let order = self
-            .ring
-            .and_then(|place| self.set.ring_at(place))
-            .map(|ring| ring.candidates(self.hash))
-            .unwrap_or_default();
-        order
-            .into_iter()
-            .filter(|ip| Some(*ip) != self.skip)
-            .filter_map(|ip| self.set.get(ip))
+        std::iter::once(()).flat_map(move |()| {
+            let order = self
+                .ring
+                .and_then(|place| self.set.ring_at(place))
+                .map(|ring| ring.candidates(self.hash))
+                .unwrap_or_default();
+            order
+                .into_iter()
+                .filter(move |ip| Some(*ip) != self.skip)
+                .filter_map(move |ip| self.set.get(ip))
+        })
     }
 
     /// The first fallback.
