@@ -15,6 +15,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
@@ -217,6 +218,109 @@ impl Visit for Fields<'_> {
     }
 }
 
+/// Whether [`Direct`] lines may go straight to the process's log sink: the text format
+/// writes there ([`allow_direct`]).
+static DIRECT: AtomicBool = AtomicBool::new(false);
+
+/// Lets [`Direct`] lines be written: called where the text format is installed with the
+/// process's log sink as its writer (the binary's `init_logs`), never otherwise.
+pub fn allow_direct() {
+    DIRECT.store(true, Ordering::Relaxed);
+}
+
+/// Whether a line may be written [`Direct`]. The caller asks `tracing::enabled!` for its
+/// level as well, at its own call site: the filter (`log_level`, `RUST_LOG`) still decides.
+pub fn direct() -> bool {
+    DIRECT.load(Ordering::Relaxed)
+}
+
+/// A text line built and written without tracing's dispatch, for the lines every session
+/// logs (logged in, session ended): tracing spent ~400 instructions a field on them, a tenth
+/// of a login's user-space work. The text is what [`TextLine`] writes for the same event
+/// (the message, then `key=value` fields: [`Direct::text`] for what `%value` writes,
+/// [`Direct::debug`] for `?value`, [`Direct::u64`] for a number), which each such line's
+/// tests check against the `tracing` event written in its `else` branch. No span scope is
+/// written: the director opens none.
+pub struct Direct {
+    line: String,
+    /// Where the message starts: what follows is escaped when the line is finished.
+    fields: usize,
+    urgent: bool,
+}
+
+impl Direct {
+    /// A line at `level` from `target` (the caller's `module_path!()`), with its message.
+    pub fn new(level: Level, target: &str, message: &str) -> Direct {
+        let mut line = String::with_capacity(256);
+        push_timestamp(&mut line, SystemTime::now());
+        line.push(' ');
+        line.push_str(level_name(&level));
+        line.push(' ');
+        line.push_str(target);
+        line.push_str(": ");
+        let fields = line.len();
+        line.push_str(message);
+        Direct {
+            line,
+            fields,
+            urgent: matches!(level, Level::WARN | Level::ERROR),
+        }
+    }
+
+    fn key(&mut self, key: &str) -> &mut String {
+        self.line.push(' ');
+        self.line.push_str(key);
+        self.line.push('=');
+        &mut self.line
+    }
+
+    /// `key=value`, as `key = %value` writes a value displayed as this text.
+    pub fn text(&mut self, key: &str, value: &str) -> &mut Self {
+        self.key(key).push_str(value);
+        self
+    }
+
+    /// `key=value` for a displayed value (`key = %value`).
+    pub fn display(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
+        let _ = write!(self.key(key), "{value}");
+        self
+    }
+
+    /// `key=value` for a debugged value (`key = ?value`).
+    pub fn debug(&mut self, key: &str, value: impl fmt::Debug) -> &mut Self {
+        let _ = write!(self.key(key), "{value:?}");
+        self
+    }
+
+    /// `key=value` for a number (`key = value`).
+    pub fn u64(&mut self, key: &str, value: u64) -> &mut Self {
+        let mut digits = [0u8; 20];
+        let len = value.checked_ilog10().map_or(1, |l| l as usize + 1);
+        put_digits(&mut digits[..len], value);
+        // ASCII digits.
+        self.key(key)
+            .push_str(std::str::from_utf8(&digits[..len]).unwrap_or("?"));
+        self
+    }
+
+    /// The finished line: control characters in the message and fields escaped, as
+    /// [`TextLine`] escapes them, and the newline.
+    pub fn finish(mut self) -> String {
+        if crate::untrusted::may_hold_controls(&self.line.as_bytes()[self.fields..]) {
+            let fields = self.line.split_off(self.fields);
+            push_escaped(&mut self.line, &fields);
+        }
+        self.line.push('\n');
+        self.line
+    }
+
+    /// Writes the line to the process's log sink ([`crate::log_sink`]).
+    pub fn write(self) {
+        let urgent = self.urgent;
+        crate::log_sink::take_line(self.finish().as_bytes(), urgent);
+    }
+}
+
 /// A duration as a log field: `duration = %log_line::elapsed(d)` writes what `?d` writes
 /// (`1.5s`, `12.000341ms`, `870µs`, `15ns`: the largest unit under which it is at least 1,
 /// every non-zero decimal), at a tenth of the cost of `Duration`'s `Debug`.
@@ -347,20 +451,29 @@ fn civil_date(days: i64) -> (i64, u64, u64) {
     (year, month, day)
 }
 
+/// For tests: the lines a subscriber with [`TextLine`] writes for the events `f` logs.
+#[cfg(test)]
+pub(crate) fn logged(f: impl FnOnce()) -> String {
+    tests::logged_by(true, f)
+}
+
+/// For tests: `text`'s lines without their timestamps.
+#[cfg(test)]
+pub(crate) fn without_time(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split_once(' ').map_or(l, |(_, rest)| rest).to_owned())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    /// Lines written by a subscriber with [`TextLine`], as one string.
-    fn logged(f: impl FnOnce()) -> String {
-        logged_by(true, f)
-    }
-
     /// Lines written with [`TextLine`] (`ours`) or tracing-subscriber's default formatter
     /// without colours.
-    fn logged_by(ours: bool, f: impl FnOnce()) -> String {
+    pub(super) fn logged_by(ours: bool, f: impl FnOnce()) -> String {
         #[derive(Clone, Default)]
         struct Sink(Arc<Mutex<Vec<u8>>>);
         impl std::io::Write for Sink {
@@ -417,14 +530,9 @@ mod tests {
             );
             tracing::error!(n = 1u64);
         };
-        let without_time = |text: String| -> Vec<String> {
-            text.lines()
-                .map(|l| l.split_once(' ').unwrap().1.to_owned())
-                .collect()
-        };
         assert_eq!(
-            without_time(logged_by(true, event)),
-            without_time(logged_by(false, event))
+            without_time(&logged_by(true, event)),
+            without_time(&logged_by(false, event))
         );
     }
 

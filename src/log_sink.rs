@@ -47,6 +47,12 @@ pub fn sink() -> &'static LogSink {
     })
 }
 
+/// Takes a whole formatted line for the process's sink: written now when `urgent` (a
+/// warning or an error), else batched (`crate::log_line::Direct`).
+pub fn take_line(line: &[u8], urgent: bool) {
+    sink().take(line, urgent);
+}
+
 /// Writes out every line logged so far.
 pub fn flush() {
     sink().flush();

@@ -727,6 +727,32 @@ impl Login {
     }
 }
 
+/// Logs a login's success at `info`: written directly in the text format
+/// ([`crate::log_line::Direct`]: every session logs this line), else through tracing, with
+/// the same text.
+fn logged_in(session: &str, user: &str, backend: SocketAddr, reason: RouteReason) {
+    if crate::log_line::direct() && tracing::enabled!(tracing::Level::INFO) {
+        logged_in_line(session, user, backend, reason).write();
+        return;
+    }
+    info!(session = %session, user = %crate::untrusted::shown(user),
+          backend = %crate::addr_text::socket(backend), reason = %reason, "logged in");
+}
+
+fn logged_in_line(
+    session: &str,
+    user: &str,
+    backend: SocketAddr,
+    reason: RouteReason,
+) -> crate::log_line::Direct {
+    let mut line = crate::log_line::Direct::new(tracing::Level::INFO, module_path!(), "logged in");
+    line.text("session", session)
+        .display("user", crate::untrusted::shown(user))
+        .text("backend", crate::addr_text::socket(backend).as_str())
+        .text("reason", reason.name());
+    line
+}
+
 /// The address of a host an auth service named: an IP literal, or the first address of a
 /// name (bounded: a login does not wait long on DNS).
 async fn resolve_host(host: &str) -> Result<std::net::IpAddr, String> {
@@ -931,7 +957,7 @@ impl Login {
                             self.sessions
                                 .register(decision.protocol, user, hash, addr, hook);
                         drop(pending);
-                        info!(session = %session_id, user = %shown_user, backend = %crate::addr_text::socket(addr), reason = %route.reason, "logged in");
+                        logged_in(session_id, user, addr, route.reason);
                         return Ok(BackendLink {
                             stream,
                             success_text,
@@ -991,5 +1017,30 @@ impl Login {
             break;
         }
         Err(unavailable())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The line written directly is the line tracing writes.
+    #[test]
+    fn logged_in_reads_the_same_written_directly() {
+        use crate::log_line::{logged, without_time};
+        for (user, backend, reason) in [
+            ("bob@example.org", "10.0.0.1:143", RouteReason::Sticky),
+            (
+                "evil\u{1b}]0;x\u{7}\"\\",
+                "[2001:db8::2]:993",
+                RouteReason::Pinned,
+            ),
+            (&*"long".repeat(40), "127.0.0.2:110", RouteReason::Ring),
+        ] {
+            let backend: SocketAddr = backend.parse().unwrap();
+            let traced = logged(|| logged_in("feedc0de00000001", user, backend, reason));
+            let direct = logged_in_line("feedc0de00000001", user, backend, reason).finish();
+            assert_eq!(without_time(&direct), without_time(&traced));
+        }
     }
 }

@@ -486,6 +486,8 @@ fn init_logs(format: LogFormat, level: &str) -> LogLevelHook {
                 .with_filter_reloading();
             let handle = logs.reload_handle();
             logs.init();
+            // The same text and the same sink: a session's two lines may skip tracing.
+            director::log_line::allow_direct();
             hook!(handle)
         }
     }

@@ -42,6 +42,14 @@ pub fn shown_bytes(bytes: &[u8]) -> Shown<'_> {
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.text {
+            // Most names: short printable ASCII, written as they are.
+            ShownText::Str(s)
+                if s.len() <= MAX_CHARS
+                    && s.bytes()
+                        .all(|b| (0x20..0x7f).contains(&b) && b != b'\\' && b != b'"') =>
+            {
+                f.write_str(s)
+            }
             ShownText::Str(s) => {
                 let cut = s.char_indices().nth(MAX_CHARS).map(|(i, _)| i);
                 let head = &s[..cut.unwrap_or(s.len())];

@@ -575,27 +575,82 @@ impl Listener {
             // session); the login as given is shown too when it differs.
             let user = session.info().username.clone();
             drop(session);
-            let login = (username != user)
-                .then(|| tracing::field::display(crate::untrusted::shown(&username)));
             shared.metrics.relayed(
                 self.protocol,
                 stats.client_to_backend,
                 stats.backend_to_client,
             );
-            info!(
-                session = %session_id,
-                protocol = %self.protocol,
-                user = %crate::untrusted::shown(&user),
-                login,
-                client = %crate::addr_text::socket(client_addr),
-                backend = %crate::addr_text::socket(backend_addr),
-                duration = %crate::log_line::elapsed(started.elapsed()),
-                bytes_in = stats.client_to_backend,
-                bytes_out = stats.backend_to_client,
-                end = ?stats.end,
-                "session ended"
-            );
+            SessionEnded {
+                session: &session_id,
+                protocol: self.protocol,
+                user: &user,
+                login: (username != user).then_some(username.as_str()),
+                client: client_addr,
+                backend: backend_addr,
+                duration: started.elapsed(),
+                stats: &stats,
+            }
+            .log();
         }
+    }
+}
+
+/// The line a relayed session ends with.
+struct SessionEnded<'a> {
+    session: &'a str,
+    protocol: Protocol,
+    /// The user as routed.
+    user: &'a str,
+    /// The login as the client gave it, when it differs from `user` (a master login).
+    login: Option<&'a str>,
+    client: SocketAddr,
+    backend: SocketAddr,
+    duration: Duration,
+    stats: &'a crate::net::relay::RelayStats,
+}
+
+impl SessionEnded<'_> {
+    /// Logs it at `info`: written directly in the text format ([`crate::log_line::Direct`]:
+    /// every session logs this line), else through tracing, with the same text.
+    fn log(&self) {
+        if crate::log_line::direct() && tracing::enabled!(tracing::Level::INFO) {
+            self.direct().write();
+            return;
+        }
+        let shown = crate::untrusted::shown;
+        let login = self.login.map(|l| tracing::field::display(shown(l)));
+        info!(
+            session = %self.session,
+            protocol = %self.protocol,
+            user = %shown(self.user),
+            login,
+            client = %crate::addr_text::socket(self.client),
+            backend = %crate::addr_text::socket(self.backend),
+            duration = %crate::log_line::elapsed(self.duration),
+            bytes_in = self.stats.client_to_backend,
+            bytes_out = self.stats.backend_to_client,
+            end = ?self.stats.end,
+            "session ended"
+        );
+    }
+
+    fn direct(&self) -> crate::log_line::Direct {
+        let shown = crate::untrusted::shown;
+        let mut line =
+            crate::log_line::Direct::new(tracing::Level::INFO, module_path!(), "session ended");
+        line.text("session", self.session)
+            .text("protocol", self.protocol.name())
+            .display("user", shown(self.user));
+        if let Some(login) = self.login {
+            line.display("login", shown(login));
+        }
+        line.text("client", crate::addr_text::socket(self.client).as_str())
+            .text("backend", crate::addr_text::socket(self.backend).as_str())
+            .display("duration", crate::log_line::elapsed(self.duration))
+            .u64("bytes_in", self.stats.client_to_backend)
+            .u64("bytes_out", self.stats.backend_to_client)
+            .debug("end", &self.stats.end);
+        line
     }
 }
 
@@ -668,5 +723,50 @@ mod tests {
         assert_eq!(distinct.len(), ids.len());
         // The first half is the process's, the second counts.
         assert_eq!(ids[0][..8], ids[999][..8]);
+    }
+
+    /// The line written directly is the line tracing writes, for every kind of field: a
+    /// master login, a hostile username, an error with a newline, IPv6.
+    #[test]
+    fn session_ended_reads_the_same_written_directly() {
+        use crate::log_line::{logged, without_time};
+        use crate::net::relay::RelayStats;
+        let ends = [
+            RelayEnd::ClientClosed,
+            RelayEnd::Error("backend: reset\nby \"peer\"".into()),
+        ];
+        for (i, end) in ends.into_iter().enumerate() {
+            let stats = RelayStats {
+                client_to_backend: 17,
+                backend_to_client: 123_456_789_012,
+                end,
+            };
+            let long = "x".repeat(200);
+            let users = [
+                ("bob@example.org", None),
+                ("alice", Some("alice*master")),
+                ("bad\u{1b}[2J\"user\\", Some(long.as_str())),
+            ];
+            for (user, login) in users {
+                let ended = SessionEnded {
+                    session: "0123456789abcdef",
+                    protocol: Protocol::Sieve,
+                    user,
+                    login,
+                    client: if i == 0 {
+                        "192.0.2.1:50000".parse().unwrap()
+                    } else {
+                        "[2001:db8::1]:4190".parse().unwrap()
+                    },
+                    backend: "10.0.0.255:4190".parse().unwrap(),
+                    duration: Duration::from_micros(1_500_123),
+                    stats: &stats,
+                };
+                let traced = logged(|| ended.log());
+                let direct = ended.direct().finish();
+                assert_eq!(without_time(&direct), without_time(&traced));
+                assert_eq!(direct.lines().count(), 1, "{direct}");
+            }
+        }
     }
 }

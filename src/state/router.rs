@@ -81,14 +81,20 @@ pub enum RouteReason {
     Pinned,
 }
 
-impl fmt::Display for RouteReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl RouteReason {
+    pub fn name(self) -> &'static str {
+        match self {
             RouteReason::Sticky => "sticky",
             RouteReason::Ring => "ring",
             RouteReason::Maintenance => "maintenance",
             RouteReason::Pinned => "pinned",
-        })
+        }
+    }
+}
+
+impl fmt::Display for RouteReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
