@@ -688,7 +688,9 @@ impl<D: Dialect> Session<D> {
         auth: &A,
     ) -> io::Result<Flow> {
         if self.offered.is_some() {
-            return self.authenticate_at_service(mechanism, initial, auth).await;
+            // Boxed: the auth service's exchange would double the size of every session's
+            // pre-login future (memory moved at each call), and passthrough never runs it.
+            return Box::pin(self.authenticate_at_service(mechanism, initial, auth)).await;
         }
         if !self.plaintext_allowed() {
             self.answer(Reply::PlaintextDisallowed).await?;
@@ -869,6 +871,16 @@ impl<D: Dialect> Session<D> {
         if self.offered.is_none() {
             return self.login_as(credentials, None, auth).await;
         }
+        // Boxed, as in `authenticate`.
+        Box::pin(self.login_at_service(credentials, auth)).await
+    }
+
+    /// [`Session::login`] with an auth service: the credentials as SASL PLAIN.
+    async fn login_at_service<A: Authenticator>(
+        &mut self,
+        credentials: Credentials,
+        auth: &A,
+    ) -> io::Result<Flow> {
         let plain = sasl::plain_response(&credentials);
         let client = self.sasl_client();
         let step = auth.sasl_start("PLAIN", Some(&plain), &client).await;
