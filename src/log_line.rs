@@ -280,6 +280,15 @@ impl Direct {
         self
     }
 
+    /// `key=value` for untrusted text, as `key = %untrusted::shown(value)` writes it.
+    pub fn shown(&mut self, key: &str, value: &str) -> &mut Self {
+        if crate::untrusted::is_plain(value) {
+            self.text(key, value)
+        } else {
+            self.display(key, crate::untrusted::shown(value))
+        }
+    }
+
     /// `key=value` for a displayed value (`key = %value`).
     pub fn display(&mut self, key: &str, value: impl fmt::Display) -> &mut Self {
         let _ = write!(self.key(key), "{value}");

@@ -747,7 +747,7 @@ fn logged_in_line(
 ) -> crate::log_line::Direct {
     let mut line = crate::log_line::Direct::new(tracing::Level::INFO, module_path!(), "logged in");
     line.text("session", session)
-        .display("user", crate::untrusted::shown(user))
+        .shown("user", user)
         .text("backend", crate::addr_text::socket(backend).as_str())
         .text("reason", reason.name());
     line

@@ -25,6 +25,15 @@ enum ShownText<'a> {
     Bytes(&'a [u8]),
 }
 
+/// Whether [`shown`] writes `text` as it is: short printable ASCII with no quote nor
+/// backslash (most names).
+pub fn is_plain(text: &str) -> bool {
+    text.len() <= MAX_CHARS
+        && text
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'\\' && b != b'"')
+}
+
 /// `text`, truncated and escaped for a log line.
 pub fn shown(text: &str) -> Shown<'_> {
     Shown {
@@ -43,13 +52,7 @@ impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.text {
             // Most names: short printable ASCII, written as they are.
-            ShownText::Str(s)
-                if s.len() <= MAX_CHARS
-                    && s.bytes()
-                        .all(|b| (0x20..0x7f).contains(&b) && b != b'\\' && b != b'"') =>
-            {
-                f.write_str(s)
-            }
+            ShownText::Str(s) if is_plain(s) => f.write_str(s),
             ShownText::Str(s) => {
                 let cut = s.char_indices().nth(MAX_CHARS).map(|(i, _)| i);
                 let head = &s[..cut.unwrap_or(s.len())];

@@ -124,23 +124,53 @@ impl Dialogue {
         max_line: usize,
         what: &str,
     ) -> Result<Vec<u8>, BackendError> {
-        let mut line = self
-            .read_unit(|buf| {
-                match memchr::memchr(b'\n', &buf[..buf.len().min(max_line)]) {
-                    Some(lf) => Ok(Some(lf + 1)),
-                    // Even if the next byte were LF, the line would be `max_line + 1` long.
-                    None if buf.len() >= max_line => Err(BackendError::Protocol(format!(
-                        "{what} longer than {max_line} bytes"
-                    ))),
-                    None => Ok(None),
+        self.read_line_where(max_line, what, |_| true).await
+    }
+
+    /// The next line that `wanted` takes, as [`Dialogue::read_line`] reads it; the lines
+    /// before it (each within `max_line`) are passed over where they lie in the buffer,
+    /// neither copied out nor checked as text: a login's backend sends several that it
+    /// does not need (untagged data, the replies of pipelined commands).
+    pub async fn read_line_where(
+        &mut self,
+        max_line: usize,
+        what: &str,
+        mut wanted: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, BackendError> {
+        // Where the lines not yet passed over start.
+        let mut start = 0;
+        loop {
+            let rest = &self.buf[start..];
+            match memchr::memchr(b'\n', &rest[..rest.len().min(max_line)]) {
+                Some(lf) => {
+                    let end = start + lf + 1;
+                    let line = &self.buf[start..end - 1];
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    if wanted(line) {
+                        let line = line.to_vec();
+                        self.buf.drain(..end);
+                        return Ok(line);
+                    }
+                    start = end;
                 }
-            })
-            .await?;
-        line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
+                // Even if the next byte were LF, the line would be `max_line + 1` long.
+                None if rest.len() >= max_line => {
+                    return Err(BackendError::Protocol(format!(
+                        "{what} longer than {max_line} bytes"
+                    )))
+                }
+                None => {
+                    self.buf.drain(..start);
+                    start = 0;
+                    // Read straight into the buffer's spare room (no zeroed chunk, no second
+                    // copy).
+                    self.buf.reserve(READ_CHUNK);
+                    if self.stream.read_buf(&mut self.buf).await? == 0 {
+                        return Err(BackendError::Closed);
+                    }
+                }
+            }
         }
-        Ok(line)
     }
 
     /// Switches to TLS once the backend has agreed to STARTTLS. Bytes it sent after agreeing

@@ -65,7 +65,12 @@ pub fn push_plain(credentials: &Credentials, out: &mut String) {
 /// Credentials as a PLAIN response, before base64: `[authzid] NUL authcid NUL password`,
 /// the authorization identity only when it differs from the authentication identity.
 pub fn plain_response(credentials: &Credentials) -> Vec<u8> {
-    let mut raw = Vec::new();
+    let mut raw = Vec::with_capacity(
+        credentials.username.len()
+            + credentials.auth_username.len()
+            + credentials.password.expose().len()
+            + 2,
+    );
     if credentials.username != credentials.auth_username {
         raw.extend_from_slice(credentials.username.as_bytes());
     }

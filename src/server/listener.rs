@@ -635,14 +635,13 @@ impl SessionEnded<'_> {
     }
 
     fn direct(&self) -> crate::log_line::Direct {
-        let shown = crate::untrusted::shown;
         let mut line =
             crate::log_line::Direct::new(tracing::Level::INFO, module_path!(), "session ended");
         line.text("session", self.session)
             .text("protocol", self.protocol.name())
-            .display("user", shown(self.user));
+            .shown("user", self.user);
         if let Some(login) = self.login {
-            line.display("login", shown(login));
+            line.shown("login", login);
         }
         line.text("client", crate::addr_text::socket(self.client).as_str())
             .text("backend", crate::addr_text::socket(self.backend).as_str())

@@ -6,6 +6,8 @@
 //! PLAIN; for LOGIN, quoted strings only when they hold nothing to escape, literals otherwise.
 //! Tags: `C` capability, `S` STARTTLS, `I` ID, `L` login.
 
+use std::cell::RefCell;
+
 use crate::net::stream::BackendStream;
 use crate::protocol::backend_dialogue::Dialogue;
 use crate::protocol::backend_login::{
@@ -130,10 +132,36 @@ impl Cap {
 }
 
 impl Capabilities {
+    /// What `list` holds. The backends of a pool greet alike, and every login reads a
+    /// greeting: the list last read on this thread is kept with what it holds, and a list
+    /// that is the same is not read again.
     fn parse(list: &str) -> Self {
-        let mut c = Capabilities::default();
-        c.extend(list);
-        c
+        thread_local! {
+            static LAST: RefCell<(String, Capabilities)> =
+                const { RefCell::new((String::new(), Capabilities(0))) };
+        }
+        /// Longer lists are read each time (no backend sends such).
+        const KEPT_MAX: usize = 2048;
+        let read = || {
+            let mut c = Capabilities::default();
+            c.extend(list);
+            c
+        };
+        LAST.with(|last| {
+            let Ok(mut last) = last.try_borrow_mut() else {
+                return read();
+            };
+            if last.0 != list {
+                let c = read();
+                if list.len() <= KEPT_MAX {
+                    last.0.clear();
+                    last.0.push_str(list);
+                    last.1 = c;
+                }
+                return c;
+            }
+            last.1
+        })
     }
 
     /// Adds a further list (a `CAPABILITY` reply may have several lines).
@@ -186,41 +214,46 @@ struct Tagged {
 
 /// The next line, without its CRLF, as text (invalid UTF-8 replaced).
 async fn read_line(conn: &mut Dialogue) -> Result<String, BackendError> {
-    let line = conn.read_line(MAX_LINE, "a reply line").await?;
+    text(conn.read_line(MAX_LINE, "a reply line").await?)
+}
+
+/// A line read as text (invalid UTF-8 replaced).
+fn text(line: Vec<u8>) -> Result<String, BackendError> {
     Ok(String::from_utf8(line)
         .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
+/// The next line that is neither untagged (`* `) nor a reply to the pipelined ID (`I `):
+/// those are passed over without being copied out of the buffer.
+async fn next_reply(conn: &mut Dialogue) -> Result<String, BackendError> {
+    text(
+        conn.read_line_where(MAX_LINE, "a reply line", |l| {
+            !(l.starts_with(b"* ") || l.starts_with(b"I "))
+        })
+        .await?,
+    )
 }
 
 /// Reads up to the tagged reply with `tag`, passing over untagged lines and the replies of the
 /// pipelined ID.
 async fn tagged(conn: &mut Dialogue, tag: &str) -> Result<Tagged, BackendError> {
-    loop {
-        let line = read_line(conn).await?;
-        if line.starts_with("* ") || is_tagged(&line, "I") {
-            continue;
-        }
-        if is_tagged(&line, tag) {
-            return parse_tagged(line);
-        }
-        return Err(unexpected("reply", &line));
+    let line = next_reply(conn).await?;
+    if is_tagged(&line, tag) {
+        return parse_tagged(line);
     }
+    Err(unexpected("reply", &line))
 }
 
 /// Waits for a `+` continuation. `Some`: the login's tagged reply came instead.
 async fn continuation(conn: &mut Dialogue) -> Result<Option<Tagged>, BackendError> {
-    loop {
-        let line = read_line(conn).await?;
-        if line == "+" || line.starts_with("+ ") {
-            return Ok(None);
-        }
-        if line.starts_with("* ") || is_tagged(&line, "I") {
-            continue;
-        }
-        if is_tagged(&line, "L") {
-            return parse_tagged(line).map(Some);
-        }
-        return Err(unexpected("reply", &line));
+    let line = next_reply(conn).await?;
+    if line == "+" || line.starts_with("+ ") {
+        return Ok(None);
     }
+    if is_tagged(&line, "L") {
+        return parse_tagged(line).map(Some);
+    }
+    Err(unexpected("reply", &line))
 }
 
 /// Sends `C CAPABILITY` and collects the untagged CAPABILITY lines.
@@ -379,6 +412,15 @@ fn id_command(identity: &ClientIdentity, forward: &[(String, String)]) -> String
 fn push_quoted(out: &mut String, value: &str) {
     out.reserve(value.len() + 2);
     out.push('"');
+    // Mostly nothing to leave out or escape (a session id, an address, a username).
+    if value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(value);
+        out.push('"');
+        return;
+    }
     for c in value
         .chars()
         .filter(|c| c.is_ascii() && !c.is_ascii_control())
@@ -528,6 +570,18 @@ mod tests {
             .all(|cap| Capabilities::parse(&all).has(*cap)));
         let near = Capabilities::parse("AUTH=PLAINX IDS XSTARTTLS SASL-IR+ AUTH=PLAIN=");
         assert!(Cap::ALL.iter().all(|cap| !near.has(*cap)), "{near:?}");
+        // The same list again (kept from the last one read), then another.
+        for _ in 0..2 {
+            let again = Capabilities::parse("IMAP4rev1 sasl-ir auth=plain ID");
+            assert!(again.has(Cap::SaslIr) && again.has(Cap::AuthPlain) && again.has(Cap::Id));
+            assert!(!again.has(Cap::StartTls) && !again.has(Cap::LoginDisabled));
+            let other = Capabilities::parse("IMAP4rev1 STARTTLS LOGINDISABLED");
+            assert!(other.has(Cap::StartTls) && other.has(Cap::LoginDisabled));
+            assert!(!other.has(Cap::SaslIr) && !other.has(Cap::Id));
+        }
+        let long = format!("{} STARTTLS", "X ".repeat(2000));
+        assert!(Capabilities::parse(&long).has(Cap::StartTls));
+        assert!(!Capabilities::parse("IMAP4rev1").has(Cap::StartTls));
     }
 
     #[tokio::test]
@@ -645,6 +699,50 @@ mod tests {
             let backend = scripted(DOVECOT_GREETING, &[(auth.as_str(), reply)]).await;
             let (outcome, _) = run(backend, alice(), Forward::None).await;
             assert_eq!(outcome, want, "reply {reply:?}");
+        }
+    }
+
+    #[test]
+    fn quoted_strings_escape_quotes_and_leave_out_what_cannot_be_quoted() {
+        for (value, quoted) in [
+            ("0123456789abcdef", "\"0123456789abcdef\""),
+            ("", "\"\""),
+            (" ~!", "\" ~!\""),
+            ("a\"b\\c", "\"a\\\"b\\\\c\""),
+            ("tab\there\u{7f}\r\n", "\"tabhere\""),
+            ("caf\u{e9}", "\"caf\""),
+        ] {
+            let mut out = String::from("x ");
+            push_quoted(&mut out, value);
+            assert_eq!(out, format!("x {quoted}"), "{value:?}");
+        }
+    }
+
+    /// Untagged lines and the ID's replies before the login's reply are passed over, each
+    /// still bounded by the line limit; a line that is none of these is an error.
+    #[tokio::test]
+    async fn replies_before_the_login_reply_are_passed_over_within_the_line_limit() {
+        let auth = format!("L AUTHENTICATE PLAIN {}", plain(&alice()));
+        let many = format!(
+            "* ID NIL\r\nI OK ID completed.\r\n* {}\r\n* \u{ff}\n* OK [ALERT] hi\r\nL OK Logged in\r\n* 1 EXISTS\r\n",
+            "x".repeat(MAX_LINE - 5)
+        );
+        let backend = scripted(DOVECOT_GREETING, &[(auth.as_str(), many.as_str())]).await;
+        let (outcome, _) = run(backend, alice(), Forward::None).await;
+        assert_eq!(
+            outcome,
+            Outcome::LoggedIn {
+                text: "Logged in".into(),
+                leftover: b"* 1 EXISTS\r\n".to_vec(),
+            }
+        );
+        for reply in [
+            format!("* {}\r\nL OK Logged in\r\n", "x".repeat(MAX_LINE)),
+            "I OK ID completed.\r\nX OK what\r\nL OK Logged in\r\n".to_owned(),
+        ] {
+            let backend = scripted(DOVECOT_GREETING, &[(auth.as_str(), reply.as_str())]).await;
+            let (outcome, _) = run(backend, alice(), Forward::None).await;
+            assert_eq!(outcome, Outcome::Protocol, "{:.40}", reply);
         }
     }
 
