@@ -108,13 +108,18 @@ impl Dialogue {
                 self.buf.drain(..end);
                 return Ok(unit);
             }
-            // Read straight into the buffer's spare room (no zeroed chunk, no second copy).
-            self.buf.reserve(READ_CHUNK);
-            let n = self.stream.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                return Err(BackendError::Closed);
-            }
+            self.fill().await?;
         }
+    }
+
+    /// Reads what the backend sent next onto the end of the buffer: straight into its spare
+    /// room (no zeroed chunk, no second copy). The backend closing is an error.
+    async fn fill(&mut self) -> Result<(), BackendError> {
+        self.buf.reserve(READ_CHUNK);
+        if self.stream.read_buf(&mut self.buf).await? == 0 {
+            return Err(BackendError::Closed);
+        }
+        Ok(())
     }
 
     /// The next line, without its line end (LF, or CRLF). A line longer than `max_line`
@@ -162,12 +167,7 @@ impl Dialogue {
                 None => {
                     self.buf.drain(..start);
                     start = 0;
-                    // Read straight into the buffer's spare room (no zeroed chunk, no second
-                    // copy).
-                    self.buf.reserve(READ_CHUNK);
-                    if self.stream.read_buf(&mut self.buf).await? == 0 {
-                        return Err(BackendError::Closed);
-                    }
+                    self.fill().await?;
                 }
             }
         }
