@@ -953,10 +953,7 @@ impl Login {
                                 state.session_ended(info.user_hash, Instant::now())
                             }) as EndHook
                         });
-                        let session =
-                            self.sessions
-                                .register(decision.protocol, user, hash, addr, hook);
-                        drop(pending);
+                        let session = pending.into_session(hook);
                         logged_in(session_id, user, addr, route.reason);
                         return Ok(BackendLink {
                             stream,

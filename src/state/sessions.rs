@@ -125,6 +125,32 @@ impl Sessions {
         backend: SocketAddr,
         on_end: Option<EndHook>,
     ) -> SessionGuard {
+        self.enter(protocol, username, user_hash, backend, on_end, false)
+    }
+
+    /// Reserves `backend` for a login of this user that is under way: like
+    /// [`Sessions::register`] for the invariant checks (`count_user`, `backend_ips_of`,
+    /// `users_on`), but left out of [`Sessions::list`] and [`Sessions::count_backend_ip`].
+    /// A login that succeeds turns it into its session ([`SessionGuard::into_session`]).
+    pub fn reserve(
+        &self,
+        protocol: Protocol,
+        username: &str,
+        user_hash: u32,
+        backend: SocketAddr,
+    ) -> SessionGuard {
+        self.enter(protocol, username, user_hash, backend, None, true)
+    }
+
+    fn enter(
+        &self,
+        protocol: Protocol,
+        username: &str,
+        user_hash: u32,
+        backend: SocketAddr,
+        on_end: Option<EndHook>,
+        pending: bool,
+    ) -> SessionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let info = SessionInfo {
             id,
@@ -133,7 +159,7 @@ impl Sessions {
             user_hash,
             backend,
             started: Instant::now(),
-            pending: false,
+            pending,
             committed: false,
         };
         let kick = Arc::new(Signal::default());
@@ -147,24 +173,6 @@ impl Sessions {
             kick,
             on_end,
         }
-    }
-
-    /// Reserves `backend` for a login of this user that is under way: like
-    /// [`Sessions::register`] for the invariant checks (`count_user`, `backend_ips_of`,
-    /// `users_on`), but left out of [`Sessions::list`] and [`Sessions::count_backend_ip`].
-    pub fn reserve(
-        &self,
-        protocol: Protocol,
-        username: &str,
-        user_hash: u32,
-        backend: SocketAddr,
-    ) -> SessionGuard {
-        let mut guard = self.register(protocol, username, user_hash, backend, None);
-        guard.info.pending = true;
-        if let Some(e) = self.inner.lock().unwrap().get_mut(guard.info.id) {
-            e.info.pending = true;
-        }
-        guard
     }
 
     /// All live sessions (not logins under way).
@@ -338,6 +346,23 @@ impl SessionGuard {
     pub async fn kicked(&self) {
         self.kick.fired().await
     }
+
+    /// The login this reservation ([`Sessions::reserve`]) held is done: its entry becomes
+    /// the live session, started now, with `on_end` called when it ends. Its id and its kick
+    /// are kept: a kick that reached the login (a move of the user) ends the session.
+    pub fn into_session(mut self, on_end: Option<EndHook>) -> SessionGuard {
+        let started = Instant::now();
+        if let Some(e) = self.sessions.inner.lock().unwrap().get_mut(self.info.id) {
+            e.info.pending = false;
+            e.info.committed = false;
+            e.info.started = started;
+        }
+        self.info.pending = false;
+        self.info.committed = false;
+        self.info.started = started;
+        self.on_end = on_end;
+        self
+    }
 }
 
 impl Drop for SessionGuard {
@@ -352,6 +377,7 @@ impl Drop for SessionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn register_kick_and_drop() {
@@ -424,6 +450,45 @@ mod tests {
         assert_eq!(s.list_with_pending().len(), 1);
         drop(r);
         assert_eq!(s.count_user(9), 0);
+    }
+
+    /// A login's reservation becomes its session in place: listed, counted on its backend,
+    /// its end hook called once; a kick that reached the login ends the session.
+    #[tokio::test]
+    async fn a_reservation_becomes_the_session_and_keeps_a_kick() {
+        let s = Sessions::new();
+        let addr: SocketAddr = "127.0.0.2:143".parse().unwrap();
+        let ended = Arc::new(AtomicU64::new(0));
+        let hook = |ended: &Arc<AtomicU64>| -> EndHook {
+            let ended = ended.clone();
+            Arc::new(move |_| {
+                ended.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let r = s.reserve(Protocol::Imap, "bob", 9, addr);
+        assert!(s.commit(&r));
+        let id = r.info().id;
+        let session = r.into_session(Some(hook(&ended)));
+        let listed = s.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].id, listed[0].pending), (id, false));
+        assert!(!session.info().pending);
+        assert_eq!(s.count_backend_ip(addr.ip()), 1);
+        assert_eq!(s.count_user(9), 1);
+        // Not kicked: its kick wait is still pending.
+        let kicked = tokio::time::timeout(Duration::from_millis(50), session.kicked()).await;
+        assert!(kicked.is_err());
+        drop(session);
+        assert_eq!((s.count_user(9), ended.load(Ordering::SeqCst)), (0, 1));
+        // A kick during the login reaches the session it becomes.
+        let r = s.reserve(Protocol::Imap, "bob", 9, addr);
+        assert_eq!(s.kick_user(9), 1);
+        let session = r.into_session(Some(hook(&ended)));
+        tokio::time::timeout(Duration::from_secs(5), session.kicked())
+            .await
+            .expect("the login's kick ends its session");
+        drop(session);
+        assert_eq!((s.count_user(9), ended.load(Ordering::SeqCst)), (0, 2));
     }
 
     #[test]
