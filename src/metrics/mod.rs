@@ -605,24 +605,12 @@ impl Metrics {
                 login,
             });
         }
+        // Connections, logins and relayed bytes exist from the start through `by_protocol`.
         for p in ALL_PROTOCOLS {
-            inner.connections_total.with_label_values(&[p.name()]);
-            inner.connections.with_label_values(&[p.name()]);
             for reason in REFUSAL_REASONS {
                 inner
                     .connections_refused_total
                     .with_label_values(&[p.name(), reason]);
-            }
-        }
-        for p in LOGIN_PROTOCOLS {
-            for result in LoginResult::ALL {
-                inner
-                    .logins_total
-                    .with_label_values(&[p.name(), result.name()]);
-            }
-            inner.login_duration.with_label_values(&[p.name()]);
-            for d in ["in", "out"] {
-                inner.relay_bytes_total.with_label_values(&[p.name(), d]);
             }
         }
         for result in AuthResult::ALL {

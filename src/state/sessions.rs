@@ -115,41 +115,17 @@ impl Sessions {
         Self::default()
     }
 
-    /// Registers a session; it stays registered until the returned guard is dropped, which
-    /// then calls `on_end` (if any).
-    pub fn register(
-        &self,
-        protocol: Protocol,
-        username: &str,
-        user_hash: u32,
-        backend: SocketAddr,
-        on_end: Option<EndHook>,
-    ) -> SessionGuard {
-        self.enter(protocol, username, user_hash, backend, on_end, false)
-    }
-
-    /// Reserves `backend` for a login of this user that is under way: like
-    /// [`Sessions::register`] for the invariant checks (`count_user`, `backend_ips_of`,
-    /// `users_on`), but left out of [`Sessions::list`] and [`Sessions::count_backend_ip`].
-    /// A login that succeeds turns it into its session ([`SessionGuard::into_session`]).
+    /// Reserves `backend` for a login of this user that is under way: it counts for the
+    /// invariant checks (`count_user`, `backend_ips_of`, `users_on`) but is left out of
+    /// [`Sessions::list`] and [`Sessions::count_backend_ip`]. A login that succeeds turns it
+    /// into its session ([`SessionGuard::into_session`]); it stays registered until the
+    /// guard is dropped, which then calls the session's `on_end` (if any).
     pub fn reserve(
         &self,
         protocol: Protocol,
         username: &str,
         user_hash: u32,
         backend: SocketAddr,
-    ) -> SessionGuard {
-        self.enter(protocol, username, user_hash, backend, None, true)
-    }
-
-    fn enter(
-        &self,
-        protocol: Protocol,
-        username: &str,
-        user_hash: u32,
-        backend: SocketAddr,
-        on_end: Option<EndHook>,
-        pending: bool,
     ) -> SessionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let info = SessionInfo {
@@ -159,7 +135,7 @@ impl Sessions {
             user_hash,
             backend,
             started: Instant::now(),
-            pending,
+            pending: true,
             committed: false,
         };
         let kick = Arc::new(Signal::default());
@@ -171,8 +147,22 @@ impl Sessions {
             sessions: self.clone(),
             info,
             kick,
-            on_end,
+            on_end: None,
         }
+    }
+
+    /// For tests: a live session at once (a reservation made its session).
+    #[cfg(test)]
+    pub fn register(
+        &self,
+        protocol: Protocol,
+        username: &str,
+        user_hash: u32,
+        backend: SocketAddr,
+        on_end: Option<EndHook>,
+    ) -> SessionGuard {
+        self.reserve(protocol, username, user_hash, backend)
+            .into_session(on_end)
     }
 
     /// All live sessions (not logins under way).

@@ -214,24 +214,23 @@ struct Tagged {
 
 /// The next line, without its CRLF, as text (invalid UTF-8 replaced).
 async fn read_line(conn: &mut Dialogue) -> Result<String, BackendError> {
-    text(conn.read_line(MAX_LINE, "a reply line").await?)
+    Ok(text(conn.read_line(MAX_LINE, "a reply line").await?))
 }
 
 /// A line read as text (invalid UTF-8 replaced).
-fn text(line: Vec<u8>) -> Result<String, BackendError> {
-    Ok(String::from_utf8(line)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+fn text(line: Vec<u8>) -> String {
+    String::from_utf8(line).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// The next line that is neither untagged (`* `) nor a reply to the pipelined ID (`I `):
 /// those are passed over without being copied out of the buffer.
 async fn next_reply(conn: &mut Dialogue) -> Result<String, BackendError> {
-    text(
-        conn.read_line_where(MAX_LINE, "a reply line", |l| {
+    let line = conn
+        .read_line_where(MAX_LINE, "a reply line", |l| {
             !(l.starts_with(b"* ") || l.starts_with(b"I "))
         })
-        .await?,
-    )
+        .await?;
+    Ok(text(line))
 }
 
 /// Reads up to the tagged reply with `tag`, passing over untagged lines and the replies of the
